@@ -1,0 +1,1 @@
+"""AiiDA plugins of polmodel: data types, CalcJobs, parsers."""

@@ -1,0 +1,1 @@
+"""AiiDA workchains of polmodel."""
