@@ -6,6 +6,7 @@ node's repository, with searchable attributes. A dataset's history is a chain of
 import io
 
 from aiida import orm
+from aiida.engine import calcfunction
 
 FRAMES_FILENAME = "frames.xyz"
 
@@ -38,7 +39,8 @@ class FramesData(orm.Data):
         return self.base.attributes.get("species")
 
     @property
-    def fields(self):
+    def efields(self):
+        """The field (V/Å) of every frame. (Not `fields`: aiida-core reserves that name for QueryBuilder fields.)"""
         return self.base.attributes.get("fields")
 
     @property
@@ -58,3 +60,147 @@ class FramesData(orm.Data):
         """Write the extxyz file to `path` (for the `polmodel` executables)."""
         with open(path, "wb") as handle:
             handle.write(self.base.repository.get_object_content(FRAMES_FILENAME, mode="rb"))
+
+    @classmethod
+    def concatenate(cls, frame_sets, **kwargs):
+        """One set holding the frames of `frame_sets` in order.
+
+        The extxyz texts are joined as they are (no parse/write round trip), so no label can be lost or rounded.
+        """
+        frame_sets = list(frame_sets)
+        content = b""
+        for frame_set in frame_sets:
+            text = frame_set.base.repository.get_object_content(FRAMES_FILENAME, mode="rb")
+            if text.strip():
+                content += text if text.endswith(b"\n") else text + b"\n"
+        node = cls(**kwargs)
+        node.base.repository.put_object_from_bytes(content, FRAMES_FILENAME)
+        node.base.attributes.set("count", sum(frame_set.count for frame_set in frame_sets))
+        node.base.attributes.set("species", sorted({s for frame_set in frame_sets for s in frame_set.species}))
+        node.base.attributes.set("fields", [field for frame_set in frame_sets for field in frame_set.efields])
+        node.base.attributes.set("sources", sorted({s for frame_set in frame_sets for s in frame_set.sources}))
+        return node
+
+
+@calcfunction
+def merge_frames(**frame_sets):
+    """Merge labelled-frame sets into one (inputs in sorted key order), keeping the provenance of every set."""
+    return FramesData.concatenate(frame_sets[key] for key in sorted(frame_sets))
+
+
+MODEL_FILENAME = "model.pt"
+
+
+class ModelHashError(ValueError):
+    """The model file in a `ModelData` node does not match the sha256 recorded when the node was made."""
+
+
+def _sha256_of_bytes(content):
+    import hashlib
+
+    return hashlib.sha256(content).hexdigest()
+
+
+def describe_model(model_or_ensemble):
+    """The searchable facts of a loaded `PolModel` / `PolEnsemble`: kind, species, cutoff, hyperparameters, size."""
+    members = getattr(model_or_ensemble, "members", None)
+    if members is not None:
+        first = members[0]
+        return {
+            "kind": "ensemble",
+            "ensemble_size": len(members),
+            "species": list(first.species),
+            "cutoff": float(first.cutoff),
+            "hyperparameters": dict(first.hyperparameters),
+        }
+    return {
+        "kind": "model",
+        "ensemble_size": 1,
+        "species": list(model_or_ensemble.species),
+        "cutoff": float(model_or_ensemble.cutoff),
+        "hyperparameters": dict(model_or_ensemble.hyperparameters),
+    }
+
+
+class ModelData(orm.Data):
+    """A trained model or ensemble file (`polmodel.serialization` format) with its facts as attributes.
+
+    The sha256 of the file is recorded at creation; `verify()` recomputes it before every use, so a file that
+    changed underneath the provenance graph is refused rather than silently used.
+    """
+
+    @classmethod
+    def from_file(cls, path, metrics=None, **kwargs):
+        """Build the node from a model file; the file is loaded once to read (and validate) its facts."""
+        from polmodel.serialization import load
+
+        with open(path, "rb") as handle:
+            content = handle.read()
+        facts = describe_model(load(path))
+        node = cls(**kwargs)
+        node.base.repository.put_object_from_bytes(content, MODEL_FILENAME)
+        for key, value in facts.items():
+            node.base.attributes.set(key, value)
+        node.base.attributes.set("sha256", _sha256_of_bytes(content))
+        node.base.attributes.set("metrics", dict(metrics or {}))
+        return node
+
+    @property
+    def kind(self):
+        return self.base.attributes.get("kind")
+
+    @property
+    def ensemble_size(self):
+        return self.base.attributes.get("ensemble_size")
+
+    @property
+    def species(self):
+        return self.base.attributes.get("species")
+
+    @property
+    def cutoff(self):
+        return self.base.attributes.get("cutoff")
+
+    @property
+    def hyperparameters(self):
+        return self.base.attributes.get("hyperparameters")
+
+    @property
+    def metrics(self):
+        return self.base.attributes.get("metrics", {})
+
+    @property
+    def sha256(self):
+        return self.base.attributes.get("sha256")
+
+    def get_content(self):
+        """The model file's bytes, after checking them against the recorded sha256."""
+        content = self.base.repository.get_object_content(MODEL_FILENAME, mode="rb")
+        actual = _sha256_of_bytes(content)
+        if actual != self.sha256:
+            raise ModelHashError(
+                f"model file of ModelData<{self.pk or 'unstored'}> has sha256 {actual}, but {self.sha256} was recorded "
+                "when the node was created: the file is corrupt or was replaced; refusing to use it"
+            )
+        return content
+
+    def verify(self):
+        """Raise `ModelHashError` unless the stored file still has the recorded sha256."""
+        self.get_content()
+        return self.sha256
+
+    def write(self, path):
+        """Write the verified model file to `path`."""
+        with open(path, "wb") as handle:
+            handle.write(self.get_content())
+
+    def load(self):
+        """The verified model / ensemble as a torch module (`polmodel.serialization.load`)."""
+        import tempfile
+
+        from polmodel.serialization import load
+
+        with tempfile.TemporaryDirectory() as tmpdir:
+            path = f"{tmpdir}/{MODEL_FILENAME}"
+            self.write(path)
+            return load(path)

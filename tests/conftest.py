@@ -4,4 +4,5 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-pytest_plugins = []
+pytest_plugins = ["fixtures_aiida"]
+pytest_plugins.append("fixtures_al")

@@ -1,0 +1,150 @@
+"""ASE calculator for a `PolModel` or `PolEnsemble` at a homogeneous electric field.
+
+The energy is the electric enthalpy E(R, h, ε) (it includes -ΩP·ε), so under a field forces and stress are its
+derivatives at fixed field and MD conserves enthalpy + kinetic energy. Energy, forces, stress, dipole and
+polarization come from one backward pass and are always computed together; Born charges and polarizability
+need second derivatives and are computed only when asked for (`calculate(properties=[...])` or the getters),
+so `get_forces` never pays for them.
+"""
+import copy
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from polmodel import keys
+from polmodel.fields import validate_field_vector
+
+_BASE_PROPERTIES = ["energy", "free_energy", "forces", "stress", "dipole", "polarization"]
+_SECOND_ORDER = {"born_effective_charges": "born_charges", "polarizability": "polarizability",
+                 "dielectric_tensor": "polarizability"}
+_ENSEMBLE_SPREAD = ["energy_std", "forces_std", "dipole_std", "polarization_std", "born_effective_charges_std",
+                    "polarizability_std"]
+# response-dict key -> ASE property name (per graph quantities lose their leading batch axis)
+_PER_GRAPH = {keys.ENERGY: "energy", keys.DIPOLE: "dipole", keys.POLARIZATION: "polarization",
+              keys.POLARIZABILITY: "polarizability", keys.DIELECTRIC: "dielectric_tensor"}
+_PER_ATOM = {keys.FORCES: "forces", keys.BORN_CHARGES: "born_effective_charges"}
+
+
+def _load_model(model_or_path):
+    if isinstance(model_or_path, torch.nn.Module):
+        return model_or_path
+    from polmodel.serialization import load
+    return load(model_or_path)
+
+
+class PolCalculator(Calculator):
+    """ASE calculator around a polmodel model or ensemble.
+
+    model_or_ensemble_or_path: a `PolModel`, a `PolEnsemble`, or the path of a file written by
+    `polmodel.serialization.save`. efield: (3,) V/Å, changed later with `calc.set(efield=...)` (which
+    discards cached results). dtype: run the model in this torch dtype (a copy is converted; the caller's
+    model is untouched); default the model's own. device: torch device, default the model's.
+
+    Properties: energy (= free_energy, electric enthalpy, eV), forces, stress (periodic cells only, Voigt,
+    eV/Å³), dipole (ΩP, e·Å), polarization (e/Å², periodic only), born_effective_charges (N,3,3),
+    polarizability (3,3), dielectric_tensor (ε∞, periodic only). An ensemble gives the mean under these
+    names and the population std over members under <name>_std.
+    """
+
+    default_parameters = {"efield": (0.0, 0.0, 0.0)}
+
+    def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None, **kwargs):
+        super().__init__(efield=tuple(validate_field_vector(efield, "efield").tolist()), **kwargs)
+        model = _load_model(model_or_ensemble_or_path)
+        parameter = next(model.parameters(), None)
+        model_dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
+        model_device = parameter.device if parameter is not None else torch.device("cpu")
+        self.dtype = dtype or model_dtype
+        self.device = torch.device(device) if device is not None else model_device
+        if self.dtype != model_dtype or self.device != model_device:
+            model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        self.model = model.eval()
+        self.is_ensemble = hasattr(model, "members")
+        self.species = list(model.species)
+        self.cutoff = float(model.cutoff)
+        self.implemented_properties = (_BASE_PROPERTIES + list(_SECOND_ORDER)
+                                       + (_ENSEMBLE_SPREAD if self.is_ensemble else []))
+        # The field the cached results were computed at (it can differ from the parameter after
+        # `set_field_for_next_positions`).
+        self.results_efield = None
+
+    @property
+    def efield(self):
+        return np.array(self.parameters["efield"], dtype=float)
+
+    def set(self, **kwargs):
+        if "efield" in kwargs:
+            kwargs["efield"] = tuple(validate_field_vector(kwargs["efield"], "efield").tolist())
+        changed = super().set(**kwargs)
+        if changed:
+            self.reset()  # every result depends on the field (ASE's base class keeps results by default)
+        return changed
+
+    def set_field_for_next_positions(self, efield):
+        """Set the field for the next evaluation at new positions, keeping the cached results.
+
+        For time-dependent fields in MD: the cached results belong to the current positions and the field at
+        their time (`results_efield`); the integrator's next force call is at moved positions, hence at a later
+        time, and uses the new field. A plain `set(efield=...)` would throw the cache away and make the
+        integrator recompute the current forces at the wrong field.
+        """
+        self.parameters["efield"] = tuple(validate_field_vector(efield, "efield").tolist())
+
+    def reset(self):
+        super().reset()
+        self.results_efield = None
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        if name in _ENSEMBLE_SPREAD and not self.is_ensemble:
+            raise PropertyNotImplementedError(f"{name!r} is the spread of an ensemble; this calculator holds a "
+                                              "single model")
+        return super().get_property(name, atoms, allow_calculation)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        from polmodel.data import atoms_to_graph  # deferred: keeps `import polmodel.calculator` light
+
+        atoms = self.atoms
+        periodic = bool(np.all(atoms.pbc))
+        if not periodic and np.any(atoms.pbc):
+            raise ValueError(f"PolCalculator supports fully periodic or fully open cells, got pbc={atoms.pbc}")
+        requested = set(properties)
+        for name in ("stress", "polarization", "dielectric_tensor", "polarization_std"):
+            if name in requested and not periodic:
+                raise PropertyNotImplementedError(f"{name!r} needs a periodic cell (a volume); these atoms have "
+                                                  f"pbc={atoms.pbc.tolist()}")
+        flags = {"stress": periodic,
+                 "born_charges": bool(requested & {"born_effective_charges", "born_effective_charges_std"}),
+                 "polarizability": bool(requested & {"polarizability", "dielectric_tensor",
+                                                     "polarizability_std"})}
+        efield = self.efield
+        if self.results and self.results_efield is not None and not np.array_equal(efield, self.results_efield):
+            self.results = {}  # cached first-order results were at another field
+        data = atoms_to_graph(atoms, self.species, self.cutoff, efield=efield, dtype=self.dtype)
+        data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                for key, value in data.items()}
+        if self.is_ensemble:
+            from polmodel.ensemble import ensemble_response
+            response = ensemble_response(self.model, data, **flags)
+        else:
+            from polmodel.response import compute_response
+            response = compute_response(self.model, data, **flags)
+        self.results.update(self._to_results(response))
+        self.results_efield = efield
+
+    def _to_results(self, response):
+        results = {}
+        for suffix in ("", "_std"):
+            for key, name in _PER_GRAPH.items():
+                if key + suffix in response:
+                    value = response[key + suffix].detach().cpu().double().numpy()[0]
+                    results[name + suffix] = float(value) if value.ndim == 0 else value
+            for key, name in _PER_ATOM.items():
+                if key + suffix in response:
+                    results[name + suffix] = response[key + suffix].detach().cpu().double().numpy()
+        if keys.STRESS in response:
+            results["stress"] = full_3x3_to_voigt_6_stress(response[keys.STRESS].detach().cpu().double().numpy()[0])
+        results["free_energy"] = results["energy"]
+        return results

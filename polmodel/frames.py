@@ -1,0 +1,209 @@
+"""Labelled frames (DESIGN.md "The labelled-frame format"): read, write, validate, and read single labels.
+
+A frame is an `ase.Atoms` whose labels live in `info` (energy, efield, stress (3, 3), dipole,
+polarization_quantum (3, 3), polarizability (3, 3), source) and `arrays` (forces (N, 3),
+born_effective_charges (N, 9), row-major [a, b]). A missing label is absent, never zero-filled.
+
+ASE's extxyz reader moves the labels it recognises (energy, forces, stress, dipole, born_effective_charges)
+into a SinglePointCalculator and turns the stress into Voigt order; `normalize_frame` puts them back where
+DESIGN.md says they live, so every label is read through the accessors below whatever produced the Atoms.
+"""
+import io
+import os
+import re
+
+import numpy as np
+
+# label name -> (where it lives, shape with "N" for the number of atoms)
+INFO_LABELS = {
+    "energy": (),
+    "efield": (3,),
+    "stress": (3, 3),
+    "dipole": (3,),
+    "polarization_quantum": (3, 3),
+    "polarizability": (3, 3),
+}
+ARRAY_LABELS = {
+    "forces": ("N", 3),
+    "born_effective_charges": ("N", 9),
+}
+# ASE extxyz also knows these as calculator results; we do not use them but must not lose them either.
+_OTHER_CALCULATOR_RESULTS = ("free_energy", "polarization", "dielectric_tensor", "charges")
+
+
+class FrameError(ValueError):
+    """A frame or frames file that does not follow the DESIGN.md labelled-frame format."""
+
+
+# --- label accessors (None when the label is absent) ---------------------------------------------------------
+def frame_energy(atoms):
+    value = atoms.info.get("energy")
+    return None if value is None else float(value)
+
+
+def frame_efield(atoms):
+    """The frame's homogeneous field in V/Å; a frame without `efield` is at zero field."""
+    value = atoms.info.get("efield")
+    return np.zeros(3) if value is None else np.asarray(value, dtype=float).reshape(3)
+
+
+def frame_stress(atoms):
+    value = atoms.info.get("stress")
+    return None if value is None else np.asarray(value, dtype=float).reshape(3, 3)
+
+
+def frame_dipole(atoms):
+    value = atoms.info.get("dipole")
+    return None if value is None else np.asarray(value, dtype=float).reshape(3)
+
+
+def frame_polarization_quantum(atoms):
+    value = atoms.info.get("polarization_quantum")
+    return None if value is None else np.asarray(value, dtype=float).reshape(3, 3)
+
+
+def frame_polarizability(atoms):
+    value = atoms.info.get("polarizability")
+    return None if value is None else np.asarray(value, dtype=float).reshape(3, 3)
+
+
+def frame_forces(atoms):
+    value = atoms.arrays.get("forces")
+    return None if value is None else np.asarray(value, dtype=float).reshape(len(atoms), 3)
+
+
+def frame_born_charges(atoms):
+    """Born effective charges as (N, 3, 3) [i, a, b] = ∂F_ib/∂ε_a, or None."""
+    value = atoms.arrays.get("born_effective_charges")
+    return None if value is None else np.asarray(value, dtype=float).reshape(len(atoms), 3, 3)
+
+
+def frame_source(atoms):
+    value = atoms.info.get("source")
+    return None if value is None else str(value)
+
+
+# --- normalisation and validation ----------------------------------------------------------------------------
+def _where(index):
+    return "frame" if index is None else f"frame {index}"
+
+
+def _as_label_array(value, name, shape, index):
+    try:
+        array = np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as error:
+        raise FrameError(f"{_where(index)}: label {name!r} is not numeric ({value!r})") from error
+    if name == "stress" and array.shape == (6,):
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        array = voigt_6_to_full_3x3_stress(array)
+    if name in ("stress", "polarization_quantum", "polarizability") and array.shape == (9,):
+        array = array.reshape(3, 3)
+    if name == "born_effective_charges" and array.ndim == 3 and array.shape[1:] == (3, 3):
+        array = array.reshape(len(array), 9)
+    if array.shape != shape:
+        raise FrameError(f"{_where(index)}: label {name!r} has shape {array.shape}, expected {shape}")
+    if not np.all(np.isfinite(array)):
+        raise FrameError(f"{_where(index)}: label {name!r} contains NaN or infinite values")
+    return array
+
+
+def normalize_frame(atoms, index=None):
+    """Return a validated copy of `atoms` with every label in `info`/`arrays` as DESIGN.md specifies.
+
+    Accepts the Atoms that `ase.io.read` returns (labels inside a SinglePointCalculator, stress in Voigt order)
+    as well as Atoms built in memory. Raises `FrameError` naming the frame and the label for a wrong shape,
+    a non-finite value, missing or non-finite positions, or a singular polarization quantum.
+    """
+    frame = atoms.copy()  # Atoms.copy drops the calculator, keeps info and arrays
+    results = dict(atoms.calc.results) if atoms.calc is not None else {}
+    for name in list(INFO_LABELS) + list(ARRAY_LABELS) + list(_OTHER_CALCULATOR_RESULTS):
+        if name in results and name not in frame.info and name not in frame.arrays:
+            if name in ARRAY_LABELS or name == "charges":
+                frame.arrays[name] = np.asarray(results[name], dtype=float).reshape(len(frame), -1)
+            else:
+                frame.info[name] = results[name]
+
+    positions = frame.arrays.get("positions")
+    if positions is None or positions.shape != (len(frame), 3):
+        raise FrameError(f"{_where(index)}: missing or malformed positions")
+    if len(frame) == 0:
+        raise FrameError(f"{_where(index)}: has no atoms")
+    if not np.all(np.isfinite(positions)):
+        raise FrameError(f"{_where(index)}: positions contain NaN or infinite values")
+    if not np.all(np.isfinite(frame.cell.array)):
+        raise FrameError(f"{_where(index)}: cell contains NaN or infinite values")
+    if frame.pbc.any() and abs(frame.cell.volume) < 1e-8:
+        raise FrameError(f"{_where(index)}: periodic frame with a zero-volume cell")
+
+    for name, shape in INFO_LABELS.items():
+        if name in frame.info:
+            array = _as_label_array(frame.info[name], name, shape, index)
+            frame.info[name] = float(array) if shape == () else array
+    for name, (_, width) in ARRAY_LABELS.items():
+        if name in frame.arrays:
+            frame.arrays[name] = _as_label_array(frame.arrays[name], name, (len(frame), width), index)
+    if "stress" in frame.info and not frame.pbc.all():
+        raise FrameError(f"{_where(index)}: stress label on a frame that is not periodic in all directions")
+    quantum = frame.info.get("polarization_quantum")
+    if quantum is not None and abs(np.linalg.det(quantum)) < 1e-10:
+        raise FrameError(f"{_where(index)}: polarization_quantum is singular (its rows must span space)")
+    if "source" in frame.info:
+        frame.info["source"] = str(frame.info["source"])
+    return frame
+
+
+def normalize_frames(frames):
+    """`normalize_frame` on every frame; errors name the frame's position in the list."""
+    return [normalize_frame(atoms, index) for index, atoms in enumerate(frames)]
+
+
+# --- files ---------------------------------------------------------------------------------------------------
+def read_frames(path):
+    """Read labelled frames from an extended-XYZ file, validated (raises `FrameError` with the reason)."""
+    import ase.io
+
+    if not os.path.exists(path):
+        raise FrameError(f"frames file {path!s} does not exist")
+    with open(path) as handle:
+        text = handle.read()
+    if not text.strip():
+        raise FrameError(f"frames file {path!s} is empty")
+    _check_position_columns(text, path)
+    try:
+        frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
+    except Exception as error:  # ASE raises a zoo of types for corrupt files; one clear error for the caller
+        raise FrameError(f"frames file {path!s} is not valid extended XYZ: {error}") from error
+    try:
+        return normalize_frames(frames)
+    except FrameError as error:
+        raise FrameError(f"{path!s}: {error}") from error
+
+
+def _check_position_columns(text, path):
+    """ASE fills absent positions with zeros; a frame whose Properties lack `pos` must fail instead."""
+    lines = text.splitlines()
+    line, frame = 0, 0
+    while line < len(lines):
+        if not lines[line].strip():
+            line += 1
+            continue
+        try:
+            natoms = int(lines[line].split()[0])
+        except ValueError:
+            return  # not an atom count: let the extxyz reader report the corruption
+        comment = lines[line + 1] if line + 1 < len(lines) else ""
+        match = re.search(r"properties=(\S+)", comment, flags=re.IGNORECASE)
+        if match and not re.search(r"(^|:)pos:R:3(:|$)", match.group(1), flags=re.IGNORECASE):
+            raise FrameError(f"frames file {path!s}: frame {frame} has no positions (Properties={match.group(1)})")
+        line += natoms + 2
+        frame += 1
+
+
+def write_frames(path, frames):
+    """Write labelled frames as extended XYZ with the labels in `info`/`arrays` (validated first)."""
+    import ase.io
+
+    frames = normalize_frames(frames)
+    ase.io.write(path, frames, format="extxyz", write_results=False)
+

@@ -1,0 +1,228 @@
+"""Molecular dynamics under a (time-dependent) homogeneous field, on ASE's integrators.
+
+The calculator's energy is the electric enthalpy, so NVE at a static field conserves enthalpy + kinetic energy.
+For a time-dependent field the field of every force evaluation is the protocol's value at the time of the
+positions being evaluated: before step n → n+1 the calculator is told the field at t_{n+1}, while the cached
+forces at t_n (computed at ε(t_n)) stay valid for the first half kick.
+
+Output: an extended-XYZ trajectory, one frame every `interval` steps (frame 0 is the start), each frame's info
+holding time_fs, step, efield, energy (enthalpy, eV), kinetic_energy, temperature, dipole, polarization (periodic
+cells), and for ensembles energy_std, polarization_std, max_force_std, max_born_charge_std (with born_spread),
+arrays forces and forces_std. Next to it `<trajectory>.restart.npz` keeps the last frame's exact state
+(extxyz rounds positions to 1e-8 Å) plus thermostat and random-number state, so a restarted run reproduces
+the uninterrupted one.
+"""
+import json
+import os
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase import units as ase_units
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
+# Trajectory info keys that ASE's extxyz reader moves into a SinglePointCalculator; `read_trajectory` moves
+# them back so the analysis sees one flat record per frame.
+_CALCULATOR_KEYS = ("energy", "free_energy", "dipole", "polarization", "stress")
+
+
+def checkpoint_path(trajectory_path):
+    return Path(f"{trajectory_path}.restart.npz")
+
+
+def read_trajectory(path, index=":"):
+    """Frames of a `run_md` trajectory with every per-frame quantity in `atoms.info` / `atoms.arrays`."""
+    frames = ase.io.read(path, index=index, format="extxyz")
+    if not isinstance(frames, list):
+        frames = [frames]
+    for atoms in frames:
+        if atoms.calc is not None:
+            for key, value in atoms.calc.results.items():
+                if key == "forces":
+                    atoms.arrays["forces"] = np.array(value)
+                elif key in _CALCULATOR_KEYS:
+                    atoms.info[key] = value
+            atoms.calc = None
+    return frames
+
+
+def _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng, pressure_GPa):
+    from ase.md.langevin import Langevin
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
+    from ase.md.nvtberendsen import NVTBerendsen
+    from ase.md.verlet import VelocityVerlet
+
+    dt = timestep_fs * ase_units.fs
+    relaxation_time = (1.0 / friction) * ase_units.fs  # friction is 1/fs
+    if thermostat == "nve":
+        return VelocityVerlet(atoms, timestep=dt)
+    if thermostat == "langevin":
+        return Langevin(atoms, timestep=dt, temperature_K=temperature_K, friction=friction / ase_units.fs,
+                        fixcm=False, rng=rng)
+    if thermostat == "nose-hoover":
+        return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature_K, tdamp=relaxation_time)
+    if thermostat == "berendsen":
+        return NVTBerendsen(atoms, timestep=dt, temperature_K=temperature_K, taut=relaxation_time)
+    if thermostat == "npt":
+        return IsotropicMTKNPT(atoms, timestep=dt, temperature_K=temperature_K,
+                               pressure_au=pressure_GPa * ase_units.GPa, tdamp=relaxation_time,
+                               pdamp=10.0 * relaxation_time)
+    raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
+
+
+def _thermostat_state(dynamics):
+    thermostat = getattr(dynamics, "_thermostat", None)
+    if thermostat is None:
+        return {}
+    return {"eta": thermostat._eta.tolist(), "p_eta": thermostat._p_eta.tolist()}
+
+
+def _restore_thermostat_state(dynamics, state):
+    thermostat = getattr(dynamics, "_thermostat", None)
+    if thermostat is not None and state:
+        thermostat._eta = np.array(state["eta"])
+        thermostat._p_eta = np.array(state["p_eta"])
+
+
+def _frame(atoms, calculator, step, time_fs, born_spread):
+    """A copy of `atoms` (positions, momenta) with this step's results in info/arrays."""
+    energy = atoms.get_potential_energy()
+    forces = atoms.get_forces()
+    # a fresh Atoms: labels carried by the starting structure (a DFT frame's info/arrays) do not belong here
+    frame = Atoms(numbers=atoms.numbers, positions=atoms.get_positions(), cell=atoms.cell, pbc=atoms.pbc,
+                  momenta=atoms.get_momenta())
+    info = {"time_fs": float(time_fs), "step": int(step),
+            "efield": np.array(calculator.results_efield, dtype=float),
+            "energy": float(energy), "kinetic_energy": float(atoms.get_kinetic_energy()),
+            "temperature": float(atoms.get_temperature()),
+            "dipole": np.array(calculator.get_property("dipole", atoms))}
+    if np.all(atoms.pbc):
+        info["polarization"] = np.array(calculator.get_property("polarization", atoms))
+    frame.arrays["forces"] = np.array(forces)
+    if calculator.is_ensemble:
+        info["energy_std"] = float(calculator.get_property("energy_std", atoms))
+        forces_std = np.array(calculator.get_property("forces_std", atoms))
+        frame.arrays["forces_std"] = forces_std
+        info["max_force_std"] = float(np.linalg.norm(forces_std, axis=1).max())
+        if np.all(atoms.pbc):
+            info["polarization_std"] = np.array(calculator.get_property("polarization_std", atoms))
+        if born_spread:
+            born_std = np.array(calculator.get_property("born_effective_charges_std", atoms))
+            info["max_born_charge_std"] = float(np.linalg.norm(born_std.reshape(len(atoms), 9), axis=1).max())
+    frame.info = info
+    return frame
+
+
+def _write_checkpoint(path, atoms, step, time_fs, dynamics, rng):
+    state = {"thermostat": _thermostat_state(dynamics), "rng": rng.bit_generator.state}
+    temporary = Path(f"{path}.tmp.npz")
+    np.savez(temporary, step=step, time_fs=time_fs, positions=atoms.get_positions(),
+             momenta=atoms.get_momenta(), cell=np.array(atoms.cell), state=json.dumps(state))
+    os.replace(temporary, path)
+
+
+def _resume(atoms, trajectory_path, timestep_fs):
+    """Put the last frame's state on `atoms`; returns (step, extra state dict)."""
+    frames = read_trajectory(trajectory_path, index=-1)
+    last = frames[-1]
+    if len(last) != len(atoms) or np.any(last.numbers != atoms.numbers):
+        raise ValueError(f"cannot restart from {trajectory_path}: its atoms ({last.get_chemical_formula()}) are "
+                         f"not the starting structure's ({atoms.get_chemical_formula()})")
+    step = int(last.info["step"])
+    if not np.isclose(float(last.info["time_fs"]), step * timestep_fs):
+        raise ValueError(f"cannot restart from {trajectory_path}: its last frame is step {step} at "
+                         f"{last.info['time_fs']} fs, which does not match a {timestep_fs} fs timestep")
+    positions, momenta, cell, state = last.get_positions(), last.get_momenta(), np.array(last.cell), {}
+    checkpoint = checkpoint_path(trajectory_path)
+    if checkpoint.exists():
+        with np.load(checkpoint) as saved:
+            if int(saved["step"]) == step:
+                positions, momenta, cell = saved["positions"], saved["momenta"], saved["cell"]
+                state = json.loads(str(saved["state"]))
+    atoms.set_cell(cell, scale_atoms=False)
+    atoms.set_positions(positions)
+    atoms.set_momenta(momenta)
+    return step, state
+
+
+def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300.0, thermostat="nve",
+           friction=0.01, interval=10, trajectory_path="md.xyz", born_spread=False, restart=True, progress=True,
+           seed=0, pressure_GPa=0.0):
+    """Run MD of `atoms` with `calculator` (a PolCalculator) under the field protocol `protocol`.
+
+    steps: the total length of the run in steps; a restarted run continues from the trajectory's last frame
+    up to the same total. timestep_fs: fs. temperature_K: thermostat target, and the Maxwell–Boltzmann
+    temperature for the initial velocities when `atoms` has none. thermostat: one of THERMOSTATS.
+    friction: 1/fs, the Langevin friction or the inverse relaxation time of the other thermostats (the NPT
+    barostat relaxes 10× slower). interval: write a frame every `interval` steps.
+    born_spread: also record the ensemble spread of the Born charges (costs a second-derivative pass per frame).
+    restart: continue an existing trajectory (False: overwrite it). seed: initial velocities and Langevin noise.
+    Returns the final atoms (a copy without calculator).
+    """
+    if thermostat not in THERMOSTATS:
+        raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps}")
+    if int(interval) != interval or interval < 1:
+        raise ValueError(f"interval must be a positive integer, got {interval}")
+    if not timestep_fs > 0:
+        raise ValueError(f"timestep_fs must be positive, got {timestep_fs}")
+    if thermostat != "nve" and not (temperature_K > 0 and friction > 0):
+        raise ValueError(f"the {thermostat} thermostat needs a positive temperature and friction")
+    if born_spread and not calculator.is_ensemble:
+        raise ValueError("born_spread needs an ensemble calculator (it is the spread over members)")
+    steps, interval = int(steps), int(interval)
+    trajectory_path = Path(trajectory_path)
+    checkpoint = checkpoint_path(trajectory_path)
+    atoms = atoms.copy()
+    rng = np.random.default_rng(seed)
+
+    resuming = restart and trajectory_path.exists() and trajectory_path.stat().st_size > 0
+    if resuming:
+        step, state = _resume(atoms, trajectory_path, timestep_fs)
+        if "rng" in state:
+            rng.bit_generator.state = state["rng"]
+    else:
+        for path in (trajectory_path, checkpoint):
+            if path.exists():
+                path.unlink()
+        step, state = 0, {}
+        if not np.any(atoms.get_momenta()) and temperature_K > 0:
+            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+            Stationary(atoms)
+
+    # time is step × timestep throughout, so a restarted run evaluates the protocol at bit-identical times
+    time_fs = step * timestep_fs
+    atoms.calc = calculator
+    calculator.set(efield=protocol(time_fs))
+    dynamics = _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng, pressure_GPa)
+    _restore_thermostat_state(dynamics, state.get("thermostat"))
+
+    if not resuming:
+        ase.io.write(trajectory_path, _frame(atoms, calculator, step, time_fs, born_spread), format="extxyz")
+        _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)
+
+    remaining = max(steps - step, 0)
+    bar = None
+    if progress and remaining:
+        from tqdm import tqdm
+        bar = tqdm(total=remaining, desc="md", unit="step")
+    for _ in range(remaining):
+        calculator.set_field_for_next_positions(protocol((step + 1) * timestep_fs))
+        dynamics.step()
+        step += 1
+        time_fs = step * timestep_fs
+        if step % interval == 0:
+            frame = _frame(atoms, calculator, step, time_fs, born_spread)
+            ase.io.write(trajectory_path, frame, format="extxyz", append=True)
+            _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(T=f"{atoms.get_temperature():.0f}K", refresh=False)
+    if bar is not None:
+        bar.close()
+    final = atoms.copy()
+    final.calc = None
+    return final

@@ -1,0 +1,235 @@
+"""The field-aware equivariant energy model E(R, cell, ε).
+
+Message passing in the spirit of NequIP/MACE, kept small: species one-hot → scalar features; per edge, spherical
+harmonics of r_ij times a learned radial function (Bessel basis × polynomial cutoff envelope → MLP) weight a
+"uvu" tensor product with the sender's features; messages are summed over neighbours, normalized by a constant
+average neighbour count, and mixed by linears and a gate with a residual connection.
+
+The homogeneous field ε (V/Å) enters every layer as the unnormalized spherical harmonics Y¹(ε), Y²(ε) (and the
+invariant |ε|²), i.e. as polynomials of ε, coupled to the node features by a per-atom tensor product. A term
+ε·v_i(R) in the energy is then available from the first layer (v_i a local polar vector), which is what Born
+charges need, and ε ⊗ ε terms give the polarizability. Because the field is always coupled (also at ε = 0),
+the cost of E + F + P at finite field is the cost of E + F at zero field.
+
+Edge vectors are computed inside `forward` from POSITIONS, CELL and EDGE_CELL_SHIFT, so the energy is
+differentiable w.r.t. positions, cell (strain) and field; see polmodel/response.py for the derivatives.
+"""
+import math
+
+import torch
+
+# e3nn 0.4.4 reads its Wigner constants with a bare torch.load, which torch >= 2.6 refuses (weights_only
+# default) unless the builtin `slice` is allowed; slice carries no code, so allowing it is safe.
+torch.serialization.add_safe_globals([slice])
+
+from e3nn import o3  # noqa: E402
+from e3nn.nn import FullyConnectedNet, Gate  # noqa: E402
+
+from polmodel import keys  # noqa: E402
+
+DEFAULT_HYPERPARAMETERS = {
+    "num_features": 32,          # channels per irrep l = 0..lmax
+    "lmax": 2,                   # of the edge spherical harmonics and of the node features
+    "num_layers": 2,
+    "num_radial": 8,             # Bessel functions
+    "radial_hidden": 64,         # width of the radial MLP
+    "readout_hidden": 16,        # width of the per-atom energy MLP
+    "polynomial_degree": 6,      # of the smooth cutoff envelope
+    "avg_num_neighbors": None,   # None: estimated from the cutoff at a typical solid density
+}
+# Atoms per Å³ of a typical oxide; only used to guess avg_num_neighbors when none is given.
+_TYPICAL_NUMBER_DENSITY = 0.07
+
+
+def _natural_irreps(multiplicity, lmax):
+    """multiplicity × (0e + 1o + 2e + ...): the parities a polar vector's spherical harmonics produce."""
+    return o3.Irreps([(multiplicity, (l, (-1) ** l)) for l in range(lmax + 1)])
+
+
+def _uvu_paths(irreps_in1, irreps_in2, allowed):
+    """Output irreps and instructions of a 'uvu' tensor product restricted to the irreps in `allowed`."""
+    irreps_out, instructions = [], []
+    for i1, (mul, ir1) in enumerate(irreps_in1):
+        for i2, (_, ir2) in enumerate(irreps_in2):
+            for ir_out in ir1 * ir2:
+                if ir_out in allowed:
+                    instructions.append((i1, i2, len(irreps_out), "uvu", True))
+                    irreps_out.append((mul, ir_out))
+    return o3.Irreps(irreps_out), instructions
+
+
+class BesselBasis(torch.nn.Module):
+    """sqrt(2/rc) sin(nπr/rc)/r, n = 1..num_radial, times a polynomial envelope that goes smoothly to 0 at rc."""
+
+    def __init__(self, cutoff, num_radial, polynomial_degree):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.p = float(polynomial_degree)
+        self.register_buffer("frequencies", math.pi / self.cutoff * torch.arange(1, num_radial + 1,
+                                                                                  dtype=torch.get_default_dtype()))
+
+    def envelope(self, r):
+        x = r / self.cutoff
+        p = self.p
+        value = (1.0 - (p + 1.0) * (p + 2.0) / 2.0 * x ** p + p * (p + 2.0) * x ** (p + 1.0)
+                 - p * (p + 1.0) / 2.0 * x ** (p + 2.0))
+        return value * (x < 1.0)
+
+    def forward(self, r):
+        r = r.unsqueeze(-1)
+        bessel = math.sqrt(2.0 / self.cutoff) * torch.sin(self.frequencies * r) / r
+        return bessel * self.envelope(r)
+
+
+class InteractionBlock(torch.nn.Module):
+    """One message-passing layer with field coupling; `irreps_out` = the hidden irreps."""
+
+    def __init__(self, irreps_in, irreps_hidden, irreps_sh, irreps_field, num_radial, radial_hidden):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_hidden)
+        allowed = {ir for _, ir in self.irreps_out}
+
+        self.linear_up = o3.Linear(self.irreps_in, self.irreps_in)
+        irreps_message, instructions = _uvu_paths(self.irreps_in, irreps_sh, allowed)
+        self.edge_tp = o3.TensorProduct(self.irreps_in, irreps_sh, irreps_message, instructions,
+                                        shared_weights=False, internal_weights=False)
+        self.radial = FullyConnectedNet([num_radial, radial_hidden, self.edge_tp.weight_numel],
+                                        torch.nn.functional.silu)
+        self.linear_message = o3.Linear(irreps_message, self.irreps_out)
+
+        scalars = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l == 0])
+        gated = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l > 0])
+        gates = o3.Irreps(f"{gated.num_irreps}x0e")
+        self.gate = Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
+
+        irreps_field_out, field_instructions = _uvu_paths(self.irreps_out, irreps_field, allowed)
+        self.field_tp = o3.TensorProduct(self.irreps_out, irreps_field, irreps_field_out, field_instructions,
+                                         shared_weights=True, internal_weights=True)
+        self.linear_field = o3.Linear(irreps_field_out, self.gate.irreps_in)
+        self.linear_mix = o3.Linear(self.irreps_out, self.gate.irreps_in)
+        self.self_connection = o3.Linear(self.irreps_in, self.gate.irreps_in)
+        self.residual = self.irreps_in == self.irreps_out
+
+    def forward(self, node_features, node_field, edge_sh, edge_radial, edge_index, avg_num_neighbors):
+        receivers, senders = edge_index[0], edge_index[1]
+        weights = self.radial(edge_radial)
+        messages = self.edge_tp(self.linear_up(node_features)[senders], edge_sh, weights)
+        aggregated = torch.zeros(node_features.shape[0], messages.shape[1], dtype=messages.dtype,
+                                 device=messages.device).index_add(0, receivers, messages)
+        mixed = self.linear_message(aggregated / avg_num_neighbors)
+        pre_gate = (self.linear_mix(mixed) + self.linear_field(self.field_tp(mixed, node_field))
+                    + self.self_connection(node_features))
+        out = self.gate(pre_gate)
+        return out + node_features if self.residual else out
+
+
+class PolModel(torch.nn.Module):
+    """E(R, cell, ε): the electric enthalpy of each graph in a batch (keys in polmodel/keys.py).
+
+    `PolModel(species, cutoff, **hyperparameters)`; the defaults are in DEFAULT_HYPERPARAMETERS.
+    `.hyperparameters` holds the keyword arguments (JSON-able), so `PolModel(m.species, m.cutoff,
+    **m.hyperparameters)` rebuilds the architecture; energy scale and reference energies are buffers and travel
+    with the state dict.
+    """
+
+    def __init__(self, species, cutoff, **hyperparameters):
+        super().__init__()
+        unknown = set(hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
+        if unknown:
+            raise TypeError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")
+        species = [str(symbol) for symbol in species]
+        if not species or len(set(species)) != len(species):
+            raise ValueError(f"species must be a non-empty list of distinct symbols, got {species}")
+        if not float(cutoff) > 0:
+            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        hp = {**DEFAULT_HYPERPARAMETERS, **hyperparameters}
+        if hp["avg_num_neighbors"] is None:
+            hp["avg_num_neighbors"] = 4.0 / 3.0 * math.pi * float(cutoff) ** 3 * _TYPICAL_NUMBER_DENSITY
+        hp = {name: (float(value) if name == "avg_num_neighbors" else int(value)) for name, value in hp.items()}
+        self.species = species
+        self.cutoff = float(cutoff)
+        self.hyperparameters = hp
+
+        f, lmax = hp["num_features"], hp["lmax"]
+        self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
+        # |ε|² (0e), Y¹(ε) (1o), Y²(ε) (2e): polynomials of degree 2, 1, 2 in the field
+        self.irreps_field = o3.Irreps("0e + 1o + 2e")
+        irreps_hidden = _natural_irreps(f, lmax)
+
+        self.embedding = o3.Linear(o3.Irreps(f"{len(species)}x0e"), o3.Irreps(f"{f}x0e"))
+        self.radial_basis = BesselBasis(cutoff, hp["num_radial"], hp["polynomial_degree"])
+        layers = []
+        irreps_in = o3.Irreps(f"{f}x0e")
+        for _ in range(hp["num_layers"]):
+            layers.append(InteractionBlock(irreps_in, irreps_hidden, self.irreps_sh, self.irreps_field,
+                                           hp["num_radial"], hp["radial_hidden"]))
+            irreps_in = irreps_hidden
+        self.layers = torch.nn.ModuleList(layers)
+        self.readout_in = o3.Linear(irreps_in, o3.Irreps(f"{hp['readout_hidden']}x0e"))
+        self.readout_out = o3.Linear(o3.Irreps(f"{hp['readout_hidden']}x0e"), o3.Irreps("0e"))
+
+        self.register_buffer("energy_scale", torch.ones((), dtype=torch.get_default_dtype()))
+        self.register_buffer("reference_energies", torch.zeros(len(species), dtype=torch.get_default_dtype()))
+
+    # --- scales -------------------------------------------------------------------------------------------------
+    def set_energy_scale(self, scale):
+        """Multiply the learned per-atom energy by `scale` (eV), e.g. the force RMS of the training set."""
+        self.energy_scale.fill_(float(scale))
+
+    def set_reference_energies(self, energies):
+        """Per-species constant energies (dict symbol -> eV) added to each atom; species not given stay 0."""
+        unknown = set(energies) - set(self.species)
+        if unknown:
+            raise ValueError(f"reference energies for species {sorted(unknown)} not in the model's {self.species}")
+        values = torch.tensor([float(energies.get(symbol, 0.0)) for symbol in self.species])
+        self.reference_energies.copy_(values.to(self.reference_energies))
+
+    def set_avg_num_neighbors(self, value):
+        """The constant that normalizes the neighbour sum (e.g. polmodel.data.average_num_neighbors(graphs))."""
+        if not float(value) > 0:
+            raise ValueError(f"avg_num_neighbors must be positive, got {value}")
+        self.hyperparameters["avg_num_neighbors"] = float(value)
+
+    # --- energy -------------------------------------------------------------------------------------------------
+    def edge_vectors(self, data):
+        """r_ij = r_j - r_i + S @ cell[batch[i]] (differentiable w.r.t. positions and cell)."""
+        positions, cell = data[keys.POSITIONS], data[keys.CELL]
+        receivers, senders = data[keys.EDGE_INDEX][0], data[keys.EDGE_INDEX][1]
+        edge_cell = cell[data[keys.BATCH][receivers]]
+        shift = torch.einsum("ek,ekl->el", data[keys.EDGE_CELL_SHIFT], edge_cell)
+        return positions[senders] - positions[receivers] + shift
+
+    def forward(self, data):
+        """Return a shallow copy of `data` with ATOMIC_ENERGY (N,) and ENERGY (G,) added."""
+        batch = data[keys.BATCH]
+        num_graphs = data[keys.CELL].shape[0]
+        species_index = data[keys.SPECIES_INDEX]
+
+        vectors = self.edge_vectors(data)
+        lengths = torch.linalg.norm(vectors, dim=-1)
+        edge_sh = o3.spherical_harmonics(self.irreps_sh, vectors, normalize=True, normalization="component")
+        edge_radial = self.radial_basis(lengths)
+
+        efield = data[keys.EFIELD]
+        field_features = torch.cat([
+            (efield * efield).sum(-1, keepdim=True),
+            o3.spherical_harmonics([1, 2], efield, normalize=False, normalization="component"),
+        ], dim=-1)
+        node_field = field_features[batch]
+
+        one_hot = torch.nn.functional.one_hot(species_index, len(self.species)).to(vectors.dtype)
+        features = self.embedding(one_hot)
+        avg = self.hyperparameters["avg_num_neighbors"]
+        for layer in self.layers:
+            features = layer(features, node_field, edge_sh, edge_radial, data[keys.EDGE_INDEX], avg)
+
+        hidden = torch.nn.functional.silu(self.readout_in(features))
+        atomic_energy = (self.energy_scale * self.readout_out(hidden).squeeze(-1)
+                         + self.reference_energies[species_index])
+        energy = torch.zeros(num_graphs, dtype=atomic_energy.dtype, device=atomic_energy.device)
+        energy = energy.index_add(0, batch, atomic_energy)
+        out = dict(data)
+        out[keys.ATOMIC_ENERGY] = atomic_energy
+        out[keys.ENERGY] = energy
+        return out

@@ -1,0 +1,48 @@
+"""Neighbour lists (vesin, linear scaling) in the edge convention of polmodel/keys.py.
+
+An edge (i, j, S) says that atom j, translated by the integer lattice shift S, lies within the cutoff of atom i:
+r_ij = r_j - r_i + S @ cell. Periodic images of an atom itself are edges (small cells need them); the atom at
+zero shift is not. Edges come sorted by receiver, then sender, then shift.
+"""
+import numpy as np
+import vesin
+
+
+def neighbor_list(positions, cell, pbc, cutoff):
+    """Full neighbour list within `cutoff` (Å).
+
+    positions (N, 3) Å, cell (3, 3) Å with rows as lattice vectors (zeros allowed for open boundaries),
+    pbc (3,) bool. Returns (edge_index (2, E) int64 [receiver i, sender j], cell_shift (E, 3) float64).
+    """
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    cell = np.ascontiguousarray(cell, dtype=np.float64)
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise ValueError(f"positions must have shape (N, 3), got {positions.shape}")
+    if cell.shape != (3, 3):
+        raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
+    if not cutoff > 0:
+        raise ValueError(f"cutoff must be positive, got {cutoff}")
+    if not np.all(np.isfinite(positions)):
+        raise ValueError("positions contain NaN or infinite values")
+    if pbc.any():
+        periodic_vectors = cell[pbc]
+        if np.linalg.matrix_rank(periodic_vectors) < len(periodic_vectors):
+            raise ValueError(f"cell {cell.tolist()} is degenerate along its periodic directions (pbc={pbc.tolist()})")
+        if not pbc.all() and abs(np.linalg.det(cell)) < 1e-12:
+            raise ValueError("a partially periodic structure needs a non-degenerate cell "
+                             "(give the non-periodic directions a vacuum vector)")
+    if len(positions) == 0:
+        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.float64)
+
+    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    receivers, senders, shifts = calculator.compute(points=positions, box=cell, periodic=pbc.tolist(),
+                                                    quantities="ijS")
+    receivers = receivers.astype(np.int64)
+    senders = senders.astype(np.int64)
+    shifts = shifts.astype(np.float64)
+    not_self = (receivers != senders) | np.any(shifts != 0, axis=1)
+    receivers, senders, shifts = receivers[not_self], senders[not_self], shifts[not_self]
+    # receiver-major order: deterministic, and the neighbour sum (index_add over receivers) is faster on it
+    order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], senders, receivers))
+    return np.stack([receivers[order], senders[order]]), shifts[order]

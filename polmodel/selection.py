@@ -1,0 +1,188 @@
+"""Choosing the frames of an exploration that are worth a DFT label (DESIGN.md "Uncertainty and selection").
+
+Pure numpy + ASE. A frame is
+- *accurate* when its largest atomic force deviation is below the lower trust level and its polarization and
+  Born-charge spreads are below their thresholds: the ensemble already agrees there;
+- *failed* when its force deviation is at or above the upper trust level: the structure is unphysical or far
+  outside the data, and a label there would only teach the model about a place MD should never go (DP-GEN);
+- a *candidate* otherwise.
+Candidates are deduplicated with a structural fingerprint (smoothed, per species-pair histograms of interatomic
+distances, which are invariant to rotations, translations and permutations of like atoms), most uncertain first,
+and at most `max_candidates` are kept.
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
+
+
+@dataclass(frozen=True)
+class SelectionCriteria:
+    """Trust levels and limits; forces in eV/Å, polarization in e/Å², Born charges in e, distances in Å."""
+
+    force_lower: float = 0.05
+    force_upper: float = 0.5
+    polarization_threshold: float | None = None
+    born_charge_threshold: float | None = None
+    max_candidates: int = 10
+    similarity_tolerance: float = 0.05
+    fingerprint_cutoff: float = 5.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.force_lower < self.force_upper:
+            raise ValueError(
+                f"trust levels need 0 <= force_lower < force_upper, got {self.force_lower}, {self.force_upper}"
+            )
+        for name in ("polarization_threshold", "born_charge_threshold"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+        if self.max_candidates < 0:
+            raise ValueError(f"max_candidates must be >= 0, got {self.max_candidates}")
+        if self.similarity_tolerance < 0 or self.fingerprint_cutoff <= 0:
+            raise ValueError("similarity_tolerance must be >= 0 and fingerprint_cutoff > 0")
+
+    @classmethod
+    def from_dict(cls, values):
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown selection parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _spread_norm(spread, count):
+    """Per-frame scalar of a spread given as (T,) or (T, 3); None stays None."""
+    if spread is None:
+        return None
+    spread = np.asarray(spread, dtype=float)
+    if spread.ndim == 2:
+        spread = np.linalg.norm(spread, axis=1)
+    if spread.shape != (count,):
+        raise ValueError(f"spread has shape {spread.shape}, expected ({count},) or ({count}, 3)")
+    return spread
+
+
+def classify(max_force_std, criteria, polarization_std=None, born_charge_std=None):
+    """Per-frame labels ACCURATE / CANDIDATE / FAILED (numpy array of str)."""
+    force = np.asarray(max_force_std, dtype=float)
+    if force.ndim != 1:
+        raise ValueError(f"max_force_std must be one value per frame, got shape {force.shape}")
+    if not np.all(np.isfinite(force)):
+        raise ValueError("max_force_std contains non-finite values")
+    polarization = _spread_norm(polarization_std, len(force))
+    born = _spread_norm(born_charge_std, len(force))
+
+    uncertain = force >= criteria.force_lower
+    if polarization is not None and criteria.polarization_threshold is not None:
+        uncertain |= polarization > criteria.polarization_threshold
+    if born is not None and criteria.born_charge_threshold is not None:
+        uncertain |= born > criteria.born_charge_threshold
+    labels = np.full(len(force), ACCURATE, dtype=object)
+    labels[uncertain] = CANDIDATE
+    labels[force >= criteria.force_upper] = FAILED
+    return labels
+
+
+def fingerprint(atoms, cutoff=5.0, bins=50, width=0.1):
+    """Per species-pair, Gaussian-smoothed histograms of interatomic distances up to `cutoff`, per atom.
+
+    Returns a dict {(species_a, species_b): (bins,) array}. Periodic images are included (ASE neighbour list).
+    """
+    from ase.neighborlist import neighbor_list
+
+    symbols = np.array(atoms.get_chemical_symbols())
+    species = sorted(set(symbols))
+    centres = np.linspace(0.0, cutoff, bins)
+    first, second, distances = neighbor_list("ijd", atoms, cutoff)
+    result = {}
+    for index, a in enumerate(species):
+        for b in species[index:]:
+            mask = (symbols[first] == a) & (symbols[second] == b)
+            d = distances[mask]
+            histogram = np.exp(-0.5 * ((centres[None, :] - d[:, None]) / width) ** 2).sum(axis=0)
+            result[(a, b)] = histogram / max(len(atoms), 1)
+    return result
+
+
+def fingerprint_distance(first, second):
+    """Root-mean-square difference of two fingerprints (a missing pair counts as zeros)."""
+    keys = sorted(set(first) | set(second))
+    if not keys:
+        return 0.0
+    size = len(next(iter(first.values() if first else second.values())))
+    total = 0.0
+    for key in keys:
+        a = first.get(key, np.zeros(size))
+        b = second.get(key, np.zeros(size))
+        total += float(np.sum((a - b) ** 2))
+    return float(np.sqrt(total / (len(keys) * size)))
+
+
+def remove_near_duplicates(frames, order, tolerance, cutoff=5.0, limit=None):
+    """Indices (from `order`, in that order) of frames kept greedily: one is kept when its fingerprint differs
+    from every kept frame by more than `tolerance`; stops after `limit` frames.
+
+    Frames with different chemical formulae are never duplicates of each other.
+    """
+    kept, kept_prints = [], []
+    for index in order:
+        if limit is not None and len(kept) >= limit:
+            break
+        atoms = frames[index]
+        formula = atoms.get_chemical_formula()
+        current = fingerprint(atoms, cutoff=cutoff)
+        duplicate = any(
+            formula == other_formula and fingerprint_distance(current, other) <= tolerance
+            for other_formula, other in kept_prints
+        )
+        if not duplicate:
+            kept.append(int(index))
+            kept_prints.append((formula, current))
+    return kept
+
+
+def select_candidates(frames, max_force_std, criteria, polarization_std=None, born_charge_std=None):
+    """Classify `frames`, deduplicate the candidates and keep at most `criteria.max_candidates`.
+
+    Returns (selected indices, statistics dict). The fractions refer to all frames: `candidate_fraction` is the
+    share between the trust levels (or above a P / Z* threshold), `failed_fraction` the share above the upper
+    trust level, and `accurate_fraction` (DP-GEN's accurate ratio) the rest.
+    """
+    if len(frames) != len(max_force_std):
+        raise ValueError(f"{len(frames)} frames but {len(max_force_std)} force spreads")
+    labels = classify(max_force_std, criteria, polarization_std, born_charge_std)
+    force = np.asarray(max_force_std, dtype=float)
+    candidates = np.flatnonzero(labels == CANDIDATE)
+    # Most uncertain first, so that the cap and the deduplication keep the frames the ensemble disagrees on most.
+    order = candidates[np.argsort(-force[candidates], kind="stable")]
+    selected = remove_near_duplicates(
+        frames, order, criteria.similarity_tolerance, criteria.fingerprint_cutoff, limit=criteria.max_candidates
+    )
+    total = len(frames)
+    counts = {label: int(np.sum(labels == label)) for label in (ACCURATE, CANDIDATE, FAILED)}
+    statistics = {
+        "num_frames": total,
+        "num_accurate": counts[ACCURATE],
+        "num_candidates": counts[CANDIDATE],
+        "num_failed": counts[FAILED],
+        "num_selected": len(selected),
+        "accurate_fraction": counts[ACCURATE] / total if total else 0.0,
+        "candidate_fraction": counts[CANDIDATE] / total if total else 0.0,
+        "failed_fraction": counts[FAILED] / total if total else 0.0,
+        "max_force_std_max": float(force.max()) if total else 0.0,
+        "max_force_std_mean": float(force.mean()) if total else 0.0,
+        "criteria": criteria.as_dict(),
+    }
+    return selected, statistics
+
+
+def is_converged(statistics, threshold):
+    """DP-GEN's criterion: converged when the untrusted share (candidates + failed) is below `threshold`."""
+    if statistics["num_frames"] == 0:
+        return False
+    return statistics["candidate_fraction"] + statistics["failed_fraction"] < threshold

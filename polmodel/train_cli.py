@@ -1,0 +1,95 @@
+"""Train a model (or an ensemble) on labelled frames and write it, its validation metrics and parity plots.
+
+`polmodel train FRAMES.xyz --output model.pt [--ensemble K] [--bootstrap] [--seed S] [--epochs N]
+[--hyperparameters JSON_FILE_OR_STRING] [--metrics metrics.json] [--plots DIR] [--validation-fraction F]
+[--quiet]`. The hyperparameters JSON may hold PolModel hyperparameters (num_features, lmax, ...) and any
+TrainingConfig option (cutoff, learning_rate, batch_size, loss_weights, ...); the command-line flags win.
+"""
+import json
+import os
+import sys
+
+
+def add_arguments(parser):
+    parser.add_argument("frames", help="labelled frames, extended XYZ (DESIGN.md format)")
+    parser.add_argument("--output", required=True, help="model file to write (polmodel format)")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="K", help="number of members (default 1)")
+    parser.add_argument("--bootstrap", action="store_true", help="train each member on a bootstrap resample")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the split and of the first member")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
+    parser.add_argument("--hyperparameters", default=None, metavar="JSON_FILE_OR_STRING",
+                        help="model hyperparameters and training options as a JSON file or string")
+    parser.add_argument("--metrics", default=None, help="write validation metrics to this JSON file")
+    parser.add_argument("--plots", default=None, metavar="DIR", help="write parity plots (PNG) to this folder")
+    parser.add_argument("--validation-fraction", type=float, default=None, help="fraction held out (default 0.1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_options(text):
+    """A JSON object from a file path or an inline string; a clear error for anything else."""
+    if text is None:
+        return {}
+    source = text
+    if os.path.exists(text):
+        with open(text) as handle:
+            source = handle.read()
+    try:
+        options = json.loads(source)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--hyperparameters is neither a JSON file nor a JSON string: {error}") from error
+    if not isinstance(options, dict):
+        raise ValueError("--hyperparameters must be a JSON object")
+    return options
+
+
+def build_config(args):
+    """TrainingConfig from --hyperparameters (model keys go to `hyperparameters`) and the command-line flags."""
+    from polmodel.model import DEFAULT_HYPERPARAMETERS
+    from polmodel.train import TrainingConfig
+
+    options = load_options(args.hyperparameters)
+    model_options = {name: options.pop(name) for name in list(options) if name in DEFAULT_HYPERPARAMETERS}
+    options["hyperparameters"] = {**options.get("hyperparameters", {}), **model_options}
+    for flag, name in (("seed", "seed"), ("epochs", "epochs"), ("validation_fraction", "validation_fraction")):
+        if getattr(args, flag) is not None:
+            options[name] = getattr(args, flag)
+    options["quiet"] = bool(args.quiet or options.get("quiet", False))
+    return TrainingConfig.from_dict(options)
+
+
+def run(args):
+    from polmodel import serialization
+    from polmodel.frames import read_frames
+    from polmodel.plots import write_parity_plots
+    from polmodel.train import predict_pairs, split_frames, train_ensemble
+
+    try:
+        config = build_config(args)
+        frames = read_frames(args.frames)
+    except ValueError as error:
+        print(f"polmodel train: {error}", file=sys.stderr)
+        return 2
+    if args.ensemble < 1:
+        print("polmodel train: --ensemble must be >= 1", file=sys.stderr)
+        return 2
+
+    model, metrics = train_ensemble(frames, config, size=args.ensemble, bootstrap=args.bootstrap)
+    if args.ensemble == 1:
+        model = model.members[0]
+    serialization.save(model, args.output)
+    metrics["config"] = config.as_dict()
+    metrics["model_file"] = os.path.abspath(args.output)
+    metrics["model_sha256"] = serialization.file_sha256(args.output)
+
+    if args.plots:
+        train_frames, valid_frames = split_frames(frames, config.validation_fraction, config.seed)
+        pairs = predict_pairs(model, valid_frames or train_frames)
+        metrics["plots"] = [os.path.abspath(p) for p in write_parity_plots(pairs, args.plots)]
+    if args.metrics:
+        with open(args.metrics, "w") as handle:
+            json.dump(metrics, handle, indent=2)
+    if not args.quiet:
+        summary = ", ".join(f"{q} MAE {m['mae']:.3g} {m['unit']}" for q, m in metrics["validation"].items())
+        print(f"wrote {args.output} ({metrics['num_train']} train / {metrics['num_validation']} validation frames): "
+              f"{summary}")
+    return 0

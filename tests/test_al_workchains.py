@@ -1,0 +1,352 @@
+"""Workchain logic with fake children (aiida-quantumespresso style): every branch of the outlines, no pw.x, no daemon.
+
+The workchain is instantiated, its context filled with finished fake child nodes, and its outline steps called one
+by one; submissions are intercepted, so each test runs in well under a second.
+"""
+import json
+
+import numpy as np
+import pytest
+from aiida import orm
+from aiida.engine import ToContext
+
+from fixtures_al import batio3_atoms
+
+pytestmark = pytest.mark.aiida
+
+FIELDS = [{"kind": "static", "vector": [0.0, 0.0, 0.01]}, {"kind": "cosine", "amplitude": 0.02, "period_fs": 50.0,
+                                                           "axis": [0, 0, 1]}]
+MD_PARAMETERS = {"steps": 20, "timestep": 1.0, "thermostat": "langevin", "interval": 5}
+
+
+class SubmitRecorder:
+    """Stands in for `WorkChain.submit`: records (process class or builder, inputs) and returns a placeholder."""
+
+    def __init__(self, generate_fake_child):
+        self.calls = []
+        self._fake = generate_fake_child
+
+    def __call__(self, process, inputs=None, **kwargs):
+        self.calls.append((process, dict(inputs or {}, **kwargs)))
+        return self._fake()
+
+
+@pytest.fixture
+def structures(aiida_profile):
+    return {f"s{index}": orm.StructureData(ase=batio3_atoms(0.05, seed=index)) for index in range(2)}
+
+
+@pytest.fixture
+def explore_inputs(generate_fake_model_data, polmodel_code, structures):
+    def factory(**overrides):
+        inputs = {
+            "model": generate_fake_model_data(),
+            "structures": structures,
+            "md": {"code": polmodel_code},
+            "parameters": orm.Dict(MD_PARAMETERS),
+            "fields": orm.List(FIELDS),
+            "temperatures": orm.List([100.0, 300.0]),
+            "selection": orm.Dict({"force_lower": 0.05, "force_upper": 0.5, "max_candidates": 3}),
+        }
+        inputs.update(overrides)
+        return inputs
+
+    return factory
+
+
+@pytest.fixture
+def al_inputs(polmodel_code, generate_code, structures):
+    def factory(**overrides):
+        inputs = {
+            "structures": structures,
+            "label": {"code": generate_code("pw"), "protocol": orm.Str("fast")},
+            "train": {"train": {"code": polmodel_code, "parameters": orm.Dict({"epochs": 2})},
+                      "ensemble_size": orm.Int(2)},
+            "explore": {
+                "md": {"code": polmodel_code},
+                "parameters": orm.Dict(MD_PARAMETERS),
+                "fields": orm.List(FIELDS[:1]),
+                "temperatures": orm.List([300.0]),
+            },
+            "candidate_fraction_threshold": orm.Float(0.1),
+            "max_iterations": orm.Int(3),
+        }
+        inputs.update(overrides)
+        return inputs
+
+    return factory
+
+
+def fake_trajectory(force_std, seed=0):
+    """A stored TrajectoryData as MdParser makes it, with the given per-frame max_force_std."""
+    from polmodel.plugins.parsers import parse_trajectory_frames, trajectory_node
+
+    frames = []
+    for index, spread in enumerate(force_std):
+        atoms = batio3_atoms(0.02 + 0.05 * index, seed=seed * 100 + index)
+        atoms.info.update(step=index * 5, time_fs=index * 5.0, efield=[0, 0, 0.01], energy=-1.0, max_force_std=spread,
+                          polarization=[0, 0, 0.1], polarization_std=[0, 0, 0.001])
+        frames.append(atoms)
+    return trajectory_node(parse_trajectory_frames(frames)).store()
+
+
+# --------------------------------------------------------------------------------------------- explore
+def test_explore_submits_one_md_per_structure_field_temperature(generate_workchain, explore_inputs,
+                                                                 generate_fake_child):
+    process = generate_workchain("polmodel.explore", explore_inputs())
+    assert process.validate_inputs() is None
+    recorder = SubmitRecorder(generate_fake_child)
+    process.submit = recorder
+    result = process.run_md()
+    assert isinstance(result, ToContext)
+    assert len(recorder.calls) == 2 * 2 * 2
+    parameters = [inputs["parameters"].get_dict() for _, inputs in recorder.calls]
+    assert {p["temperature"] for p in parameters} == {100.0, 300.0}
+    assert sorted(p["seed"] for p in parameters) == list(range(8))  # every run its own seed
+    assert all(p["steps"] == 20 for p in parameters)
+    assert sorted(json.dumps(p["field"], sort_keys=True) for p in parameters) == sorted(
+        json.dumps(f, sort_keys=True) for f in FIELDS for _ in range(4))
+
+
+def test_explore_refuses_unknown_species(generate_workchain, explore_inputs, generate_fake_model_data):
+    process = generate_workchain("polmodel.explore", explore_inputs(model=generate_fake_model_data(species=("Ba", "O"))))
+    exit_code = process.validate_inputs()
+    assert exit_code.status == process.exit_codes.ERROR_UNKNOWN_SPECIES.status
+    assert "Ti" in exit_code.message
+
+
+def test_explore_refuses_single_model(generate_workchain, explore_inputs, generate_fake_model_data):
+    process = generate_workchain("polmodel.explore", explore_inputs(model=generate_fake_model_data(ensemble_size=1)))
+    assert process.validate_inputs().status == process.exit_codes.ERROR_NOT_AN_ENSEMBLE.status
+
+
+def test_explore_refuses_negative_period(generate_workchain, explore_inputs):
+    bad = [{"kind": "cosine", "amplitude": 0.02, "period_fs": -5.0, "axis": [0, 0, 1]}]
+    process = generate_workchain("polmodel.explore", explore_inputs(fields=orm.List(bad)))
+    exit_code = process.validate_inputs()
+    assert exit_code.status == process.exit_codes.ERROR_INVALID_PARAMETERS.status
+    assert "period" in exit_code.message
+
+
+def test_explore_skips_failed_md_and_selects(generate_workchain, explore_inputs, generate_fake_child):
+    process = generate_workchain("polmodel.explore", explore_inputs(temperatures=orm.List([300.0])))
+    keys = [f"md_{key}" for key, *_ in process.md_runs()]
+    assert len(keys) == 4
+    spreads = [[0.01, 0.2, 0.3], [0.01, 0.01, 0.9], [0.25, 0.01, 0.01]]
+    for index, key in enumerate(keys[:3]):
+        process.ctx[key] = generate_fake_child({"trajectory": fake_trajectory(spreads[index], seed=index)})
+    process.ctx[keys[3]] = generate_fake_child(exit_status=310)
+    assert process.inspect_md() is None
+    assert len(process.ctx.trajectories) == 3
+    process.select()
+    statistics = process.ctx.statistics.get_dict()
+    assert statistics["num_frames"] == 9
+    assert (statistics["num_accurate"], statistics["num_candidates"], statistics["num_failed"]) == (5, 3, 1)
+    assert statistics["num_selected"] == 3
+    candidates = process.ctx.candidates
+    assert candidates.count == 3
+    origins = [atoms.info["origin"] for atoms in candidates.get_atoms()]
+    # most uncertain first: 0.3 (run 0, frame 2), 0.25 (run 2, frame 0), 0.2 (run 0, frame 1)
+    uuids = [process.ctx.trajectories[key].uuid for key in sorted(process.ctx.trajectories)]
+    assert origins == [f"{uuids[0]}:2", f"{uuids[2]}:0", f"{uuids[0]}:1"]
+    process.results()
+
+
+def test_explore_all_md_failed(generate_workchain, explore_inputs, generate_fake_child):
+    process = generate_workchain("polmodel.explore", explore_inputs())
+    for key, *_ in process.md_runs():
+        process.ctx[f"md_{key}"] = generate_fake_child(exit_status=300)
+    assert process.inspect_md().status == process.exit_codes.ERROR_ALL_MD_FAILED.status
+
+
+# --------------------------------------------------------------------------------------------- train_ensemble
+def test_train_ensemble_refuses_empty_set(generate_workchain, polmodel_code):
+    from polmodel.plugins.data import FramesData
+
+    inputs = {"frames": FramesData.from_atoms([]).store(), "train": {"code": polmodel_code}}
+    process = generate_workchain("polmodel.train_ensemble", inputs)
+    process.setup()
+    assert process.validate_frames().status == process.exit_codes.ERROR_NO_FRAMES.status
+
+
+def test_train_ensemble_passes_size_and_retries_with_new_seed(generate_workchain, polmodel_code,
+                                                               generate_frames_data, generate_fake_child):
+    inputs = {"frames": generate_frames_data(4), "train": {"code": polmodel_code,
+                                                           "parameters": orm.Dict({"epochs": 3, "seed": 7})},
+              "ensemble_size": orm.Int(3)}
+    process = generate_workchain("polmodel.train_ensemble", inputs)
+    process.setup()
+    assert process.validate_frames() is None
+    assert process.ctx.inputs["parameters"].get_dict() == {"epochs": 3, "seed": 7, "ensemble_size": 3}
+    process.handle_crashed_training(generate_fake_child(exit_status=300))
+    assert process.ctx.inputs["parameters"]["seed"] == 1007
+
+
+# --------------------------------------------------------------------------------------------- active learning
+def test_al_refuses_no_structures(generate_workchain, al_inputs):
+    process = generate_workchain("polmodel.active_learning", al_inputs(structures={}))
+    assert process.setup().status == process.exit_codes.ERROR_NO_STRUCTURES.status
+
+
+def test_al_initial_labels_failed_label_skipped(generate_workchain, al_inputs, generate_fake_child,
+                                                generate_frames_data):
+    process = generate_workchain("polmodel.active_learning", al_inputs())
+    process.setup()
+    assert process.should_label_initial()
+    recorder = SubmitRecorder(generate_fake_child)
+    process.submit = recorder
+    process.label_builder = lambda structure: type("Builder", (), {"metadata": type("M", (), {})()})()
+    result = process.run_initial_labels()
+    assert len(recorder.calls) == 2
+    assert process.ctx.label_keys == ["label_initial_s0", "label_initial_s1"]
+    assert isinstance(result, ToContext)
+
+    good = generate_frames_data(count=3)
+    process.ctx["label_initial_s0"] = generate_fake_child({"frames": good})
+    process.ctx["label_initial_s1"] = generate_fake_child(exit_status=401)
+    process.inspect_labels()
+    assert process.ctx.dataset.count == 3
+    assert process.check_initial_set() is None
+    # the failed label is in the report, not fatal
+    reports = [log.message for log in orm.Log.collection.get_logs_for(process.node)]
+    assert any("label_initial_s1" in message and "skipped" in message for message in reports)
+
+
+def test_al_every_initial_label_failed(generate_workchain, al_inputs, generate_fake_child):
+    process = generate_workchain("polmodel.active_learning", al_inputs())
+    process.setup()
+    process.ctx.label_keys = ["label_initial_s0"]
+    process.ctx["label_initial_s0"] = generate_fake_child(exit_status=401)
+    process.inspect_labels()
+    exit_code = process.check_initial_set()
+    assert exit_code.status == process.exit_codes.ERROR_EMPTY_INITIAL_SET.status
+
+
+def test_al_empty_initial_frames(generate_workchain, al_inputs):
+    from polmodel.plugins.data import FramesData
+
+    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=FramesData.from_atoms([]).store()))
+    process.setup()
+    assert not process.should_label_initial()
+    exit_code = process.check_initial_set()
+    assert exit_code.status == process.exit_codes.ERROR_EMPTY_INITIAL_SET.status
+    assert "no frames" in exit_code.message
+
+
+def test_al_unknown_species_in_exploration_structures(generate_workchain, al_inputs, generate_frames_data):
+    from ase import Atoms
+
+    strange = {"s9": orm.StructureData(ase=Atoms("PbTiO3", positions=batio3_atoms().positions, cell=np.eye(3) * 4,
+                                                 pbc=True))}
+    process = generate_workchain("polmodel.active_learning",
+                                 al_inputs(structures=strange, initial_frames=generate_frames_data(2)))
+    process.setup()
+    exit_code = process.check_initial_set()
+    assert exit_code.status == process.exit_codes.ERROR_UNKNOWN_SPECIES.status
+    assert "Pb" in exit_code.message
+
+
+def iterate_once(process, generate_fake_child, generate_fake_model_data, statistics):
+    """Run train -> inspect_train -> explore -> inspect_explore of one iteration with fake children."""
+    recorder = SubmitRecorder(generate_fake_child)
+    process.submit = recorder
+    process.run_train()
+    metrics = orm.Dict({"validation": {"energy": {"mae": 0.01, "rmse": 0.02}, "forces": {"mae": 0.1, "rmse": 0.2}}})
+    process.ctx.train = generate_fake_child({"model": generate_fake_model_data(), "metrics": metrics})
+    assert process.inspect_train() is None
+    process.run_explore()
+    candidates_count = statistics.pop("_candidates", 2)
+    from polmodel.plugins.data import FramesData
+
+    candidates = FramesData.from_atoms([batio3_atoms(0.1, seed=50 + i) for i in range(candidates_count)])
+    process.ctx.explore = generate_fake_child({"candidates": candidates, "statistics": orm.Dict(statistics)})
+    assert process.inspect_explore() is None
+    return recorder
+
+
+def stats(candidate_fraction, failed_fraction=0.0, selected=2):
+    return {"num_frames": 100, "candidate_fraction": candidate_fraction, "failed_fraction": failed_fraction,
+            "accurate_fraction": 1 - candidate_fraction - failed_fraction, "num_selected": selected,
+            "_candidates": selected}
+
+
+def test_al_loop_labels_candidates_then_converges(generate_workchain, al_inputs, generate_frames_data,
+                                                 generate_fake_child, generate_fake_model_data):
+    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process.setup()
+    assert process.check_initial_set() is None
+    assert process.should_iterate()
+
+    recorder = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.4))
+    train_inputs = recorder.calls[0][1]
+    assert train_inputs["frames"].count == 4
+    assert train_inputs["train"]["parameters"]["seed"] == 100
+    assert train_inputs["ensemble_size"].value == 2
+    assert set(recorder.calls[1][1]["structures"]) == {"s0", "s1"}
+    record = process.ctx.summaries["iteration_01"].get_dict()
+    assert record["dataset_size"] == 4 and record["candidate_fraction"] == 0.4 and not record["converged"]
+    assert record["validation"]["forces"]["mae"] == 0.1
+    assert process.should_label_candidates()
+
+    # label the two candidates: one succeeds, one fails and is skipped
+    process.label_builder = lambda structure: type("Builder", (), {"metadata": type("M", (), {})()})()
+    process.run_candidate_labels()
+    assert process.ctx.label_keys == ["label_iter01_structure_000", "label_iter01_structure_001"]
+    process.ctx["label_iter01_structure_000"] = generate_fake_child({"frames": generate_frames_data(3, seed=9)})
+    process.ctx["label_iter01_structure_001"] = generate_fake_child(exit_status=402)
+    process.inspect_labels()
+    assert process.ctx.dataset.count == 7
+    assert process.should_iterate()
+
+    iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.02, 0.01))
+    assert process.ctx.converged
+    assert not process.should_label_candidates()
+    assert not process.should_iterate()
+    process.results()
+    outputs = process.outputs
+    assert {"model", "dataset", "learning_curve", "iterations"} <= set(outputs)
+    assert set(outputs["iterations"]) == {"iteration_01", "iteration_02"}
+    assert outputs["dataset"].count == 7
+    curve = outputs["learning_curve"].get_dict()
+    assert [row["dataset_size"] for row in curve["iterations"]] == [4, 7]
+    assert [row["converged"] for row in curve["iterations"]] == [False, True]
+
+
+def test_al_stops_at_max_iterations_without_labelling(generate_workchain, al_inputs, generate_frames_data,
+                                                     generate_fake_child, generate_fake_model_data):
+    process = generate_workchain("polmodel.active_learning",
+                                 al_inputs(initial_frames=generate_frames_data(4), max_iterations=orm.Int(1)))
+    process.setup()
+    iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.5))
+    assert not process.ctx.converged
+    assert not process.should_label_candidates()  # the last iteration's candidates would never be trained on
+    assert not process.should_iterate()
+
+
+def test_al_no_candidates_selected_skips_labelling(generate_workchain, al_inputs, generate_frames_data,
+                                                   generate_fake_child, generate_fake_model_data):
+    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process.setup()
+    iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.0, 0.5, selected=0))
+    assert not process.ctx.converged
+    assert not process.should_label_candidates()
+    assert process.should_iterate()
+
+
+def test_al_training_failure_is_an_exit_code(generate_workchain, al_inputs, generate_frames_data,
+                                             generate_fake_child):
+    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process.setup()
+    process.submit = SubmitRecorder(generate_fake_child)
+    process.run_train()
+    process.ctx.train = generate_fake_child(exit_status=401)
+    assert process.inspect_train().status == process.exit_codes.ERROR_TRAINING_FAILED.status
+
+
+def test_al_exploration_failure_is_an_exit_code(generate_workchain, al_inputs, generate_frames_data,
+                                                generate_fake_child):
+    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process.setup()
+    process.ctx.iteration = 1
+    process.ctx.explore = generate_fake_child(exit_status=402)
+    assert process.inspect_explore().status == process.exit_codes.ERROR_EXPLORATION_FAILED.status

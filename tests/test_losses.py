@@ -1,0 +1,89 @@
+"""The weighted loss: masks for missing labels, the folded dipole, and gradients that reach the weights."""
+import numpy as np
+import pytest
+import torch
+
+from polmodel import keys
+from polmodel.data import atoms_to_graph, collate
+from polmodel.losses import LossWeights, TargetBatch, paired_values, predict, weighted_loss
+from polmodel.model import PolModel
+from toy_potential import make_toy_frames
+
+TINY = dict(num_features=8, num_layers=1, radial_hidden=8, readout_hidden=8, lmax=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return PolModel(["Cl", "Na"], 5.0, **TINY).to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return make_toy_frames(3, seed=5, branch_shift_fraction=0.0, response_fraction=1.0)
+
+
+def _loss(model, frames, weights=LossWeights()):
+    data = collate([atoms_to_graph(f, model.species, model.cutoff, dtype=torch.float64) for f in frames])
+    targets = TargetBatch(frames)
+    return weighted_loss(paired_values(predict(model, data, targets, training=True), targets), weights)
+
+
+def test_dipole_loss_is_the_same_on_any_branch_and_changes_off_the_quantum_lattice(model, frames):
+    _, reference = _loss(model, frames)
+    rng = np.random.default_rng(0)
+    shifted = [f.copy() for f in frames]
+    for frame in shifted:
+        frame.info["dipole"] = frame.info["dipole"] + rng.integers(-3, 4, size=3) @ frame.info["polarization_quantum"]
+    _, on_other_branch = _loss(model, shifted)
+    assert float(on_other_branch[keys.DIPOLE]) == pytest.approx(float(reference[keys.DIPOLE]), rel=1e-12, abs=0)
+    for name in reference:
+        assert float(on_other_branch[name]) == pytest.approx(float(reference[name]), rel=1e-12, abs=0)
+    moved = [f.copy() for f in frames]
+    for frame in moved:
+        frame.info["dipole"] = frame.info["dipole"] + 0.3 * frame.info["polarization_quantum"][0]
+    _, off_lattice = _loss(model, moved)
+    assert abs(float(off_lattice[keys.DIPOLE]) - float(reference[keys.DIPOLE])) > 1e-3
+
+
+def test_missing_labels_are_skipped_and_absent_quantities_contribute_nothing(model, frames):
+    zero_field = [f for f in frames if not np.any(f.info["efield"])]
+    _, full_terms = _loss(model, zero_field)
+    assert set(full_terms) == {keys.ENERGY, keys.FORCES, keys.STRESS, keys.DIPOLE, keys.BORN_CHARGES,
+                               keys.POLARIZABILITY}
+    stripped = [f.copy() for f in zero_field]
+    for frame in stripped:
+        del frame.info["stress"], frame.info["polarizability"]
+        del frame.arrays["born_effective_charges"]
+    total, terms = _loss(model, stripped)
+    assert set(terms) == {keys.ENERGY, keys.FORCES, keys.DIPOLE}
+    assert torch.isfinite(total)
+    # a label missing on one frame only: the term equals the term over the frames that have it
+    partial = [f.copy() for f in zero_field]
+    del partial[0].arrays["born_effective_charges"]
+    _, partial_terms = _loss(model, partial)
+    _, rest_terms = _loss(model, zero_field[1:])
+    assert float(partial_terms[keys.BORN_CHARGES]) == pytest.approx(float(rest_terms[keys.BORN_CHARGES]), rel=1e-10)
+    assert float(partial_terms[keys.BORN_CHARGES]) != pytest.approx(float(full_terms[keys.BORN_CHARGES]), rel=1e-6)
+
+
+def test_weights_scale_their_terms_and_gradients_reach_the_parameters(model, frames):
+    weights = LossWeights(energy=0.0, forces=0.0, stress=0.0, dipole=0.0, born_effective_charges=2.0,
+                          polarizability=0.0)
+    total, terms = _loss(model, frames, weights)
+    assert float(total) == pytest.approx(2.0 * float(terms[keys.BORN_CHARGES]), rel=1e-12)
+    model.zero_grad()
+    total.backward()
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    assert norms and float(sum(norms)) > 0
+    model.zero_grad()
+
+
+def test_a_batch_without_labels_is_an_error(model, frames):
+    bare = [f.copy() for f in frames[:1]]
+    for key in ("energy", "dipole", "stress", "polarizability"):
+        bare[0].info.pop(key, None)
+    for key in ("forces", "born_effective_charges"):
+        bare[0].arrays.pop(key, None)
+    with pytest.raises(ValueError, match="no labels"):
+        _loss(model, bare)

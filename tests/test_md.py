@@ -1,0 +1,172 @@
+"""MD under field: energy conservation, the field acts, time-dependent fields, exact restart, CLI."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from polmodel.calculator import PolCalculator
+from polmodel.fields import CosineField, StaticField
+from polmodel.md import checkpoint_path, read_trajectory, run_md
+from polmodel.model import PolModel
+
+warnings.filterwarnings("ignore", category=UserWarning)
+SPECIES = ["Ba", "Ti", "O"]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = PolModel(SPECIES, 4.0, num_features=8, lmax=1, num_layers=1)
+    model.set_energy_scale(5.0)
+    return model.to(torch.float64)
+
+
+def batio3(rattle=0.05):
+    atoms = Atoms("BaTiO3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5),
+                                              (0, 0.5, 0.5)], cell=np.eye(3) * 4.0, pbc=True)
+    atoms.rattle(rattle, seed=3)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def series(frames, key):
+    return np.array([frame.info[key] for frame in frames])
+
+
+def test_nve_under_static_field_conserves_enthalpy_plus_kinetic_energy(model, tmp_path):
+    field = np.array([0.0, 0.02, 0.05])
+    runs = {}
+    for name, vector in (("field", field), ("zero", np.zeros(3))):
+        path = tmp_path / f"{name}.xyz"
+        run_md(batio3(), PolCalculator(model), StaticField(vector), steps=240, timestep_fs=0.5,
+               temperature_K=600.0, thermostat="nve", interval=4, trajectory_path=path, progress=False, seed=7)
+        runs[name] = read_trajectory(path)
+    frames = runs["field"]
+    assert len(frames) == 61 and series(frames, "step").tolist() == list(range(0, 241, 4))
+    np.testing.assert_allclose(series(frames, "time_fs"), np.arange(0, 120.5, 2.0))
+    np.testing.assert_allclose(series(frames, "efield"), np.tile(field, (61, 1)))
+    kinetic = series(frames, "kinetic_energy")
+    total = series(frames, "energy") + kinetic
+    assert kinetic.std() > 1e-3, "the atoms must actually move and exchange energy"
+    assert total.std() < 2e-3 * kinetic.std()
+    assert abs(total[-1] - total[0]) < 5e-3 * kinetic.std()
+    # the field is not ignored: same start, same velocities, different dynamics and enthalpy
+    zero = runs["zero"]
+    np.testing.assert_allclose(zero[0].get_momenta(), frames[0].get_momenta())
+    dipole_0 = series(zero, "dipole")[0]
+    assert series(frames, "energy")[0] - series(zero, "energy")[0] == pytest.approx(
+        -dipole_0 @ field, rel=0.05, abs=1e-6)
+    assert np.abs(series(frames, "dipole") - series(zero, "dipole")).max() > 1e-3
+    assert np.abs(frames[-1].positions - zero[-1].positions).max() > 1e-4
+    np.testing.assert_allclose(series(frames, "polarization"), series(frames, "dipole") / frames[0].get_volume())
+
+
+def test_time_dependent_field_is_evaluated_at_the_positions_time(model, tmp_path):
+    protocol = CosineField(amplitude=0.05, period_fs=20.0, axis=(0, 0, 1))
+    path = tmp_path / "cosine.xyz"
+    run_md(batio3(), PolCalculator(model), protocol, steps=30, timestep_fs=1.0, temperature_K=300.0,
+           thermostat="nve", interval=3, trajectory_path=path, progress=False)
+    frames = read_trajectory(path)
+    expected = np.array([protocol(time) for time in series(frames, "time_fs")])
+    np.testing.assert_allclose(series(frames, "efield"), expected, atol=1e-14)
+    # the recorded enthalpy is the one at that field: recompute it from scratch
+    calc = PolCalculator(model)
+    for frame in frames[1::4]:
+        calc.set(efield=frame.info["efield"])
+        assert calc.get_potential_energy(frame.copy()) == pytest.approx(frame.info["energy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("thermostat", ["nve", "langevin", "nose-hoover"])
+def test_restart_reproduces_an_uninterrupted_run(model, tmp_path, thermostat):
+    protocol = CosineField(amplitude=0.03, period_fs=30.0, axis=(1, 0, 1))
+    options = dict(timestep_fs=1.0, temperature_K=500.0, thermostat=thermostat, friction=0.05, interval=5,
+                   progress=False, seed=11)
+    straight = run_md(batio3(), PolCalculator(model), protocol, steps=40, trajectory_path=tmp_path / "a.xyz",
+                      **options)
+    run_md(batio3(), PolCalculator(model), protocol, steps=20, trajectory_path=tmp_path / "b.xyz", **options)
+    assert len(read_trajectory(tmp_path / "b.xyz")) == 5
+    resumed = run_md(batio3(), PolCalculator(model), protocol, steps=40, trajectory_path=tmp_path / "b.xyz",
+                     **options)
+    np.testing.assert_array_equal(resumed.positions, straight.positions)
+    np.testing.assert_array_equal(resumed.get_momenta(), straight.get_momenta())
+    assert (tmp_path / "a.xyz").read_text() == (tmp_path / "b.xyz").read_text()
+    frames = read_trajectory(tmp_path / "b.xyz")
+    assert series(frames, "step").tolist() == [0, 5, 10, 15, 20, 25, 30, 35, 40]
+    # running again to the same length adds nothing
+    run_md(batio3(), PolCalculator(model), protocol, steps=40, trajectory_path=tmp_path / "b.xyz", **options)
+    assert len(read_trajectory(tmp_path / "b.xyz")) == 9
+    assert checkpoint_path(tmp_path / "b.xyz").exists()
+
+
+def test_restart_from_trajectory_without_checkpoint_and_overwrite(model, tmp_path):
+    path = tmp_path / "t.xyz"
+    options = dict(timestep_fs=1.0, temperature_K=300.0, interval=2, progress=False)
+    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.01)), steps=4, trajectory_path=path, **options)
+    checkpoint_path(path).unlink()
+    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.01)), steps=8, trajectory_path=path, **options)
+    assert series(read_trajectory(path), "step").tolist() == [0, 2, 4, 6, 8]
+    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.01)), steps=2, trajectory_path=path,
+           restart=False, **options)
+    assert series(read_trajectory(path), "step").tolist() == [0, 2]
+    with pytest.raises(ValueError, match="timestep"):
+        run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.01)), steps=8, trajectory_path=path,
+               **{**options, "timestep_fs": 0.7})
+
+
+def test_bad_md_input(model, tmp_path):
+    calc = PolCalculator(model)
+    with pytest.raises(ValueError, match="thermostat"):
+        run_md(batio3(), calc, StaticField((0, 0, 0)), steps=2, timestep_fs=1, thermostat="andersen",
+               trajectory_path=tmp_path / "x.xyz", progress=False)
+    with pytest.raises(ValueError, match="ensemble"):
+        run_md(batio3(), calc, StaticField((0, 0, 0)), steps=2, timestep_fs=1, born_spread=True,
+               trajectory_path=tmp_path / "x.xyz", progress=False)
+    with pytest.raises(ValueError, match="interval"):
+        run_md(batio3(), calc, StaticField((0, 0, 0)), steps=2, timestep_fs=1, interval=0,
+               trajectory_path=tmp_path / "x.xyz", progress=False)
+
+
+def test_ensemble_md_records_uncertainty(tmp_path):
+    from polmodel.ensemble import PolEnsemble
+    ensemble = PolEnsemble([tiny_model(seed) for seed in (1, 2)])
+    path = tmp_path / "ens.xyz"
+    run_md(batio3(), PolCalculator(ensemble), StaticField((0, 0, 0.02)), steps=4, timestep_fs=1.0,
+           temperature_K=300.0, thermostat="langevin", interval=2, trajectory_path=path, born_spread=True,
+           progress=False)
+    frames = read_trajectory(path)
+    for frame in frames:
+        forces_std = frame.arrays["forces_std"]
+        assert forces_std.shape == (5, 3)
+        assert frame.info["max_force_std"] == pytest.approx(np.linalg.norm(forces_std, axis=1).max())
+        assert frame.info["max_born_charge_std"] > 0
+        assert frame.info["polarization_std"].shape == (3,)
+        assert frame.info["energy_std"] > 0
+
+
+def test_md_and_analyze_command_line(model, tmp_path):
+    from polmodel.cli import main
+    from polmodel.serialization import save
+    model_path, structure, trajectory = tmp_path / "m.pt", tmp_path / "start.xyz", tmp_path / "traj.xyz"
+    save(model, model_path)
+    batio3().write(structure)
+    field = json.dumps({"kind": "cosine", "amplitude": 0.05, "period_fs": 20.0, "axis": [0, 0, 1]})
+    main(["md", "--model", str(model_path), "--structure", str(structure), "--output", str(trajectory),
+          "--steps", "40", "--timestep", "1", "--temperature", "300", "--thermostat", "langevin",
+          "--field", field, "--interval", "1", "--quiet"])
+    frames = read_trajectory(trajectory)
+    assert len(frames) == 41
+    for analysis in ("hysteresis", "ir", "dielectric"):
+        main(["analyze", analysis, str(trajectory), "--output", str(tmp_path / analysis)])
+        report = json.loads((tmp_path / f"{analysis}.json").read_text())
+        assert (tmp_path / f"{analysis}.png").read_bytes()[:4] == b"\x89PNG"
+        assert report["frames"] == 41
+    assert np.isfinite(report["epsilon_static_isotropic"])
+    with pytest.raises(SystemExit, match="field"):
+        main(["md", "--model", str(model_path), "--structure", str(structure), "--output", str(trajectory),
+              "--steps", "2", "--field", '{"kind": "cosine", "amplitude": 0.1, "period_fs": -1, "axis": [0,0,1]}'])

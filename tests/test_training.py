@@ -1,0 +1,98 @@
+"""Training on toy frames: reference fit, validation error going down, seeds, early stopping, ensembles, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from polmodel.train import (FrameSet, TrainingConfig, _epoch_loss, bootstrap_sample, evaluate, fit_energy_scale,
+                            fit_reference_energies, initialize_model, split_frames, train_model)
+from toy_potential import make_toy_frames
+
+TINY = dict(num_features=8, num_layers=1, radial_hidden=16, readout_hidden=8, lmax=1)
+QUANTITIES = ("energy", "forces", "stress", "dipole", "born_effective_charges", "polarizability")
+
+
+def _config(**overrides):
+    options = dict(hyperparameters=TINY, epochs=2, batch_size=8, learning_rate=1e-2, quiet=True, seed=0)
+    options.update(overrides)
+    return TrainingConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def small_frames():
+    return make_toy_frames(3, seed=21)
+
+
+def test_reference_energies_are_the_least_squares_fit_of_composition_to_energy():
+    rng = np.random.default_rng(0)
+    truth = {"Na": -1.3, "Cl": -2.1}
+    frames = []
+    for _ in range(6):
+        symbols = list(rng.choice(["Na", "Cl"], size=rng.integers(2, 6)))
+        atoms = Atoms(symbols, positions=rng.uniform(0, 6, (len(symbols), 3)), cell=6 * np.eye(3), pbc=True)
+        atoms.info["energy"] = sum(truth[s] for s in symbols)
+        atoms.arrays["forces"] = np.full((len(atoms), 3), 0.2)
+        frames.append(atoms)
+    # a finite-field frame with a wildly different enthalpy must not enter the fit
+    field_frame = frames[0].copy()
+    field_frame.info.update(energy=100.0, efield=np.array([0.1, 0.0, 0.0]))
+    fitted = fit_reference_energies(frames + [field_frame], ["Cl", "Na"])
+    assert fitted == pytest.approx(truth, abs=1e-10)
+    assert fit_energy_scale(frames, fitted) == pytest.approx(0.2)
+
+
+def test_split_and_bootstrap_are_seeded_and_disjoint():
+    frames = list(range(20))
+    train, valid = split_frames(frames, 0.25, seed=3)
+    assert len(valid) == 5 and sorted(train + valid) == frames
+    assert split_frames(frames, 0.25, seed=3) == (train, valid)
+    assert split_frames(frames, 0.25, seed=4) != (train, valid)
+    sample = bootstrap_sample(train, seed=1)
+    assert len(sample) == len(train) and set(sample) <= set(train) and len(set(sample)) < len(train)
+    assert split_frames(frames[:2], 0.01, seed=0)[1]  # a non-zero fraction always holds out a frame
+
+
+def test_config_rejects_bad_options():
+    with pytest.raises(ValueError, match="scheduler"):
+        TrainingConfig(scheduler="sometimes")
+    with pytest.raises(ValueError, match="unknown training options"):
+        TrainingConfig.from_dict({"learning_rat": 0.1})
+    assert TrainingConfig.from_dict(TrainingConfig(seed=5).as_dict()) == TrainingConfig(seed=5)
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_differs(small_frames):
+    train, valid = small_frames[:8], small_frames[8:]
+    first, history = train_model(train, valid, _config(seed=0))
+    second, _ = train_model(train, valid, _config(seed=0))
+    other, _ = train_model(train, valid, _config(seed=1))
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    assert any(not torch.equal(t, other.state_dict()[n]) for n, t in first.state_dict().items()
+               if t.dtype.is_floating_point and t.numel() > 1)
+    # the model handed back carries the best validation weights of the run
+    valid_set = FrameSet(valid, first.species, first.cutoff, torch.float32)
+    assert _epoch_loss(first, valid_set, _config().loss_weights, 8) == pytest.approx(history["best_valid_loss"],
+                                                                                  rel=1e-6)
+    assert history["best_valid_loss"] == min(e["valid_loss"] for e in history["epochs"])
+
+
+def test_time_limit_stops_training(small_frames):
+    _, history = train_model(small_frames[:4], small_frames[4:6], _config(epochs=50, max_time_s=0.0))
+    assert history["stopped"] == "max_time_s" and len(history["epochs"]) == 1
+
+
+@pytest.mark.slow
+def test_training_lowers_the_validation_error_of_every_quantity():
+    train = make_toy_frames(10, seed=0)
+    valid = make_toy_frames(3, seed=1)
+    config = _config(epochs=12)
+    before = evaluate(initialize_model(train, config), valid)
+    model, history = train_model(train, valid, config)
+    after = evaluate(model, valid)
+    assert set(before) == set(after) == set(QUANTITIES)
+    for quantity in QUANTITIES:
+        assert after[quantity]["mae"] < 0.9 * before[quantity]["mae"], (quantity, before[quantity], after[quantity])
+        assert after[quantity]["count"] == before[quantity]["count"] > 0
+    assert history["epochs"][-1]["train_loss"] < history["epochs"][0]["train_loss"]

@@ -1,0 +1,467 @@
+"""`FieldResponseWorkChain` (`polmodel.dft.field_response`): DFT labels of one structure at zero and finite field.
+
+Zero-field scf (E, F, stress, band edges) → Berry-phase nscf along the three lattice vectors (P and its quantum) and
+`lelfield` scf at ±ε along x, y, z (F and the cell dipole at each field), all in parallel → calcfunctions derive Z*,
+α, ε∞, P, the acoustic-sum-rule residual and the seven labelled frames. Every pw.x run is a `PwBaseWorkChain`, so
+walltime / killed runs are restarted there; this chain handles what is specific to fields: metals are refused before
+any field run, a field above the Zener limit is halved before it is applied, and a field run that does not converge
+halves the field and reruns all six (bounded), then exits with a clear code.
+"""
+import math
+import pathlib
+
+import numpy as np
+from aiida import orm
+from aiida.common import AttributeDict
+from aiida.engine import ToContext, WorkChain, if_, while_
+from aiida.plugins import CalculationFactory, WorkflowFactory
+from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
+
+from polmodel import units
+
+from . import response_functions
+from .response_functions import FIELD_LABELS
+
+PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
+PwCalculation = CalculationFactory("quantumespresso.pw")
+
+PARSER_NAME = "polmodel.pw"
+MIN_INTERATOMIC_DISTANCE = 0.5  # Å; closer atoms are an input error, not a structure pw.x should try
+EMPTY_BANDS = 4  # empty bands in the zero-field scf, enough to see the lowest unoccupied level
+# Keys that belong to one kind of run only; removed from the shared scf parameters before each run is built.
+_RUN_SPECIFIC = {
+    "CONTROL": ("calculation", "lelfield", "lberry", "gdir", "nppstr", "nberrycyc", "tstress", "tprnfor"),
+    "SYSTEM": ("nbnd",),
+    "ELECTRONS": ("efield_cart", "efield_phase", "startingwfc", "startingpot"),
+}
+
+
+# --- input validation (pure, reused by the DFPT chain) -----------------------------------------------------------
+
+
+def validate_structure(structure, _=None):
+    """Refuse structures with overlapping atoms or without full periodicity."""
+    if not all(structure.pbc):
+        return "the structure must be periodic in all three directions for Berry-phase polarization"
+    atoms = structure.get_ase()
+    if len(atoms) > 1:
+        distances = atoms.get_all_distances(mic=True)
+        np.fill_diagonal(distances, np.inf)
+        closest = float(distances.min())
+        if closest < MIN_INTERATOMIC_DISTANCE:
+            i, j = np.unravel_index(np.argmin(distances), distances.shape)
+            return (
+                f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {closest:.3f} Å apart "
+                f"(< {MIN_INTERATOMIC_DISTANCE} Å): overlapping atoms"
+            )
+    return None
+
+
+def validate_pw_code(code, _=None):
+    """The code must run pw.x through the `quantumespresso.pw` plugin."""
+    plugin = code.default_calc_job_plugin if code is not None else None
+    if plugin != "quantumespresso.pw":
+        return f"code `{code.full_label}` runs `{plugin}`, but `quantumespresso.pw` (pw.x) is needed"
+    return None
+
+
+def validate_pseudos(structure, pseudos):
+    """Every kind needs a pseudopotential whose element matches."""
+    missing = sorted(set(structure.get_kind_names()) - set(pseudos))
+    if missing:
+        return f"no pseudopotential for kind(s) {', '.join(missing)}"
+    for kind in structure.kinds:
+        element = getattr(pseudos[kind.name], "element", None)
+        if element is not None and element != kind.symbol:
+            return f"pseudopotential for kind `{kind.name}` is for element {element}, not {kind.symbol}"
+    return None
+
+
+def validate_inputs(inputs, _):
+    """Validate the whole input namespace: structure, code, pseudopotentials, field, settings."""
+    structure = inputs["structure"]
+    for message in (
+        validate_structure(structure),
+        validate_pw_code(inputs["scf"]["pw"]["code"]),
+        validate_pseudos(structure, inputs["scf"]["pw"].get("pseudos", {})),
+    ):
+        if message:
+            return message
+    if inputs["field_magnitude"].value <= 0:
+        return "`field_magnitude` must be positive"
+    parameters = inputs["scf"]["pw"]["parameters"].get_dict()
+    if parameters.get("SYSTEM", {}).get("occupations", "fixed") != "fixed":
+        return "Berry-phase and finite-field runs need `occupations='fixed'` (insulators only)"
+    if parameters.get("SYSTEM", {}).get("nspin", 1) != 1:
+        return "only spin-unpolarized insulators are supported"
+    settings = inputs["scf"]["pw"].get("settings")
+    cmdline = settings.get_dict().get("cmdline", []) if settings is not None else []
+    for flag in ("-nk", "-npools", "-npool"):
+        if flag in cmdline and int(cmdline[cmdline.index(flag) + 1]) != 1:
+            return "k-point pools are not supported by pw.x's Berry-phase and finite-field code"
+    return None
+
+
+def number_of_electrons(structure, pseudos):
+    """Valence electrons of the cell from the pseudopotentials' z_valence."""
+    return sum(float(pseudos[site.kind_name].z_valence) for site in structure.sites)
+
+
+def zener_field_limit(band_gap, cell, mesh):
+    """Largest field (V/Å) before Zener tunnelling across a Berry string: E_gap / (e · max_i N_i |a_i|)."""
+    lengths = np.linalg.norm(np.asarray(cell, dtype=float), axis=1) * np.asarray(mesh)
+    return band_gap / float(lengths.max())
+
+
+class FieldResponseWorkChain(ProtocolMixin, WorkChain):
+    """Born charges, polarizability, ε∞, polarization and labelled frames of an insulator from pw.x."""
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input("structure", valid_type=orm.StructureData, help="The insulator to label.")
+        spec.expose_inputs(
+            PwBaseWorkChain,
+            namespace="scf",
+            exclude=("clean_workdir", "pw.structure", "pw.parent_folder"),
+            namespace_options={"help": "Shared settings of every pw.x run (cutoffs, k-points, pseudos, options)."},
+        )
+        spec.input("field_magnitude", valid_type=orm.Float, help="|ε| of the finite-field runs, V/Å.")
+        spec.input(
+            "max_field_halvings", valid_type=orm.Int, default=lambda: orm.Int(3),
+            help="How often the field may be halved (Zener limit or unconverged field runs) before giving up.",
+        )
+        spec.input(
+            "min_band_gap", valid_type=orm.Float, default=lambda: orm.Float(0.1),
+            help="Cells with a smaller zero-field gap (eV) are refused as metallic or nearly metallic.",
+        )
+        spec.input(
+            "zener_margin", valid_type=orm.Float, default=lambda: orm.Float(0.5),
+            help="Fraction of the estimated Zener limit E_gap/(e·L_string) that the field may reach.",
+        )
+        spec.input("clean_workdir", valid_type=orm.Bool, default=lambda: orm.Bool(False))
+        spec.inputs.validator = validate_inputs
+
+        spec.outline(
+            cls.setup,
+            cls.run_zero_field,
+            cls.inspect_zero_field,
+            cls.run_berry_phases,
+            while_(cls.should_run_field_runs)(
+                cls.run_field_runs,
+                cls.inspect_field_runs,
+            ),
+            cls.inspect_berry_phases,
+            cls.results,
+        )
+
+        spec.output("born_effective_charges", valid_type=orm.ArrayData, help="Z* (N, 3, 3) e, [i, a, b] = ∂F_ib/∂ε_a.")
+        spec.output("polarizability", valid_type=orm.ArrayData, help="α (3, 3) e·Å²/V, clamped ions.")
+        spec.output("dielectric_tensor", valid_type=orm.ArrayData, help="ε∞ (3, 3).")
+        spec.output(
+            "polarization", valid_type=orm.ArrayData,
+            help="`polarization` (3,) e/Å², `polarization_quantum` (3, 3) e·Å, `dipole` (3,) e·Å at zero field.",
+        )
+        spec.output("asr_residual", valid_type=orm.Float, help="max |Σ_i Z*_i| (e).")
+        spec.output("frames", valid_type=orm.Data, help="Seven labelled frames (polmodel.frames).")
+        spec.output("field_magnitude", valid_type=orm.Float, help="|ε| actually used (V/Å), after any halving.")
+
+        # 400s: the zero-field ground state
+        spec.exit_code(401, "ERROR_ZERO_FIELD_SCF_FAILED", message="The zero-field scf PwBaseWorkChain failed.")
+        spec.exit_code(
+            402, "ERROR_NOT_AN_INSULATOR",
+            message="The cell is metallic or nearly metallic (gap {gap} eV < {minimum} eV): no Berry phase for metals.",
+        )
+        spec.exit_code(403, "ERROR_BAND_EDGES_MISSING", message="pw.x reported no lowest unoccupied level.")
+        spec.exit_code(
+            404, "ERROR_ODD_ELECTRON_COUNT",
+            message="{count} valence electrons cannot fill spin-degenerate bands: metal or open shell, refused.",
+        )
+        # 410s: finite-field and Berry-phase runs
+        spec.exit_code(
+            411, "ERROR_ZENER_LIMIT",
+            message="The field stays above the Zener limit ({limit:.4g} V/Å) after the allowed halvings.",
+        )
+        spec.exit_code(
+            412, "ERROR_FIELD_RUNS_NOT_CONVERGED",
+            message="Finite-field runs did not converge even after halving the field {count} times.",
+        )
+        spec.exit_code(413, "ERROR_FIELD_RUN_FAILED", message="A finite-field run failed: {details}.")
+        spec.exit_code(414, "ERROR_BERRY_PHASE_FAILED", message="A Berry-phase nscf run failed: {details}.")
+        # 420s: derived quantities
+        spec.exit_code(421, "ERROR_MISSING_LABELS", message="A finished pw.x run lacks parsed labels: {details}.")
+
+    # --- protocols -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def get_protocol_filepath(cls):
+        return pathlib.Path(__file__).parent / "protocols" / "field_response.yaml"
+
+    @classmethod
+    def get_builder_from_protocol(cls, code, structure, protocol=None, overrides=None, pseudo_family=None, options=None):
+        """A builder for `structure` at `protocol` ('fast' | 'balanced' | 'stringent'), see protocols/*.yaml.
+
+        Cutoffs are the family's recommended ones times the protocol's `cutoff_factor`; `overrides` is merged last.
+        """
+        from aiida_pseudo.groups.family import PseudoPotentialFamily
+        from aiida_pseudo.groups.mixins import RecommendedCutoffMixin
+
+        if isinstance(code, str):
+            code = orm.load_code(code)
+        message = validate_pw_code(code) or validate_structure(structure)
+        if message:
+            raise ValueError(message)
+
+        inputs = cls.get_protocol_inputs(protocol, overrides)
+        meta = inputs.pop("meta_parameters")
+        if pseudo_family is None:
+            from polmodel.plugins.pseudos import DEFAULT_PSEUDO_FAMILY
+
+            pseudo_family = DEFAULT_PSEUDO_FAMILY
+        family = orm.QueryBuilder().append(PseudoPotentialFamily, filters={"label": pseudo_family}).first(flat=True)
+        if family is None:
+            raise ValueError(f"pseudopotential family `{pseudo_family}` is not installed (see `make setup`)")
+        try:
+            pseudos = family.get_pseudos(structure=structure)
+        except ValueError as exception:
+            raise ValueError(f"family `{pseudo_family}` lacks a pseudopotential: {exception}") from exception
+
+        parameters = inputs["scf"]["pw"]["parameters"]
+        system = parameters.setdefault("SYSTEM", {})
+        if "ecutwfc" not in system:
+            if not isinstance(family, RecommendedCutoffMixin):
+                raise ValueError(f"family `{pseudo_family}` recommends no cutoffs: give ecutwfc/ecutrho in overrides")
+            ecutwfc, ecutrho = family.get_recommended_cutoffs(structure=structure, unit="Ry")
+            system["ecutwfc"] = math.ceil(ecutwfc * meta["cutoff_factor"])
+            system["ecutrho"] = math.ceil(ecutrho * meta["cutoff_factor"])
+        parameters.setdefault("ELECTRONS", {}).setdefault("conv_thr", meta["conv_thr_per_atom"] * len(structure.sites))
+
+        builder = cls.get_builder()
+        builder.structure = structure
+        builder.field_magnitude = orm.Float(inputs["field_magnitude"])
+        builder.min_band_gap = orm.Float(inputs["min_band_gap"])
+        builder.max_field_halvings = orm.Int(inputs["max_field_halvings"])
+        builder.clean_workdir = orm.Bool(inputs["clean_workdir"])
+        builder.scf.kpoints_distance = orm.Float(inputs["scf"]["kpoints_distance"])
+        builder.scf.max_iterations = orm.Int(inputs["scf"]["max_iterations"])
+        builder.scf.pw.code = code
+        builder.scf.pw.pseudos = pseudos
+        builder.scf.pw.parameters = orm.Dict(parameters)
+        metadata_options = recursive_merge(inputs["scf"]["pw"]["metadata"]["options"], options or {})
+        builder.scf.pw.metadata.options = metadata_options
+        return builder
+
+    # --- outline ---------------------------------------------------------------------------------------------------
+
+    def setup(self):
+        """Fix one explicit k-mesh for every run (Berry strings and the Zener limit depend on it)."""
+        from aiida_quantumespresso.calculations.functions.create_kpoints_from_distance import (
+            create_kpoints_from_distance,
+        )
+
+        scf = self.inputs.scf
+        if "kpoints" in scf:
+            kpoints = scf.kpoints
+        else:
+            kpoints = create_kpoints_from_distance(
+                self.inputs.structure, scf.kpoints_distance, scf.get("kpoints_force_parity", orm.Bool(False))
+            )
+        try:
+            mesh, offset = kpoints.get_kpoints_mesh()
+        except AttributeError:
+            mesh, offset = None, None
+        self.ctx.kpoints = kpoints
+        self.ctx.mesh = mesh
+        self.ctx.field_magnitude = self.inputs.field_magnitude.value
+        self.ctx.field_halvings = 0
+        self.ctx.run_field = True
+        self.ctx.pw_parameters = self.inputs.scf.pw.parameters.get_dict()
+        for namelist, keys in _RUN_SPECIFIC.items():
+            for key in keys:
+                self.ctx.pw_parameters.get(namelist, {}).pop(key, None)
+
+    def _base_inputs(self, parameters, label):
+        """PwBaseWorkChain inputs sharing the scf namespace, with `parameters` and the polmodel parser."""
+        inputs = AttributeDict(self.exposed_inputs(PwBaseWorkChain, namespace="scf"))
+        inputs.pw = AttributeDict(inputs.pw)
+        for name in ("kpoints", "kpoints_distance", "kpoints_force_parity"):
+            inputs.pop(name, None)
+        inputs.kpoints = self.ctx.kpoints
+        inputs.pw.structure = self.inputs.structure
+        inputs.pw.parameters = orm.Dict(parameters)
+        metadata = AttributeDict(inputs.pw.get("metadata", {}))
+        metadata.options = dict(metadata.get("options", {}), parser_name=PARSER_NAME)
+        inputs.pw.metadata = metadata
+        inputs.metadata = {"call_link_label": label}
+        return inputs
+
+    def _parameters(self, control=None, system=None, electrons=None):
+        parameters = {namelist: dict(values) for namelist, values in self.ctx.pw_parameters.items()}
+        for namelist, values in (("CONTROL", control), ("SYSTEM", system), ("ELECTRONS", electrons)):
+            parameters.setdefault(namelist, {}).update(values or {})
+        parameters["SYSTEM"]["occupations"] = "fixed"
+        return parameters
+
+    def run_zero_field(self):
+        """Zero-field scf: energy, forces, stress, and a few empty bands to measure the gap."""
+        n_electrons = number_of_electrons(self.inputs.structure, self.inputs.scf.pw.pseudos)
+        if abs(n_electrons - round(n_electrons)) > 1e-6 or round(n_electrons) % 2:
+            return self.exit_codes.ERROR_ODD_ELECTRON_COUNT.format(count=n_electrons)
+        self.ctx.occupied_bands = int(math.ceil(n_electrons / 2))
+        parameters = self._parameters(
+            control={"calculation": "scf", "tprnfor": True, "tstress": True},
+            system={"nbnd": self.ctx.occupied_bands + EMPTY_BANDS},
+        )
+        inputs = self._base_inputs(parameters, "zero_field")
+        node = self.submit(PwBaseWorkChain, **inputs)
+        self.report(f"launching zero-field scf PwBaseWorkChain<{node.pk}>")
+        return ToContext(zero_field=node)
+
+    def inspect_zero_field(self):
+        """Refuse metals and near-metals; halve a field above the Zener limit until it fits (bounded)."""
+        workchain = self.ctx.zero_field
+        if not workchain.is_finished_ok:
+            return self.exit_codes.ERROR_ZERO_FIELD_SCF_FAILED
+        edges = workchain.outputs.output_parameters.get("band_edges") or {}
+        if edges.get("lowest_unoccupied_level") is None:
+            return self.exit_codes.ERROR_BAND_EDGES_MISSING
+        gap = edges["lowest_unoccupied_level"] - edges["highest_occupied_level"]
+        self.ctx.band_gap = gap
+        if gap < self.inputs.min_band_gap.value:
+            return self.exit_codes.ERROR_NOT_AN_INSULATOR.format(gap=f"{gap:.3f}", minimum=self.inputs.min_band_gap.value)
+
+        if self.ctx.mesh is not None:
+            limit = self.inputs.zener_margin.value * zener_field_limit(gap, self.inputs.structure.cell, self.ctx.mesh)
+            while self.ctx.field_magnitude > limit:
+                if self.ctx.field_halvings >= self.inputs.max_field_halvings.value:
+                    return self.exit_codes.ERROR_ZENER_LIMIT.format(limit=limit)
+                self.ctx.field_magnitude /= 2
+                self.ctx.field_halvings += 1
+                self.report(f"field above {limit:.4g} V/Å (Zener margin, gap {gap:.3f} eV): halved to "
+                            f"{self.ctx.field_magnitude:.4g} V/Å")
+
+    def run_berry_phases(self):
+        """nscf Berry phase along each lattice vector, strings as dense as the scf mesh (pw.x needs nscf in 6.7)."""
+        for gdir in (1, 2, 3):
+            nppstr = (self.ctx.mesh[gdir - 1] if self.ctx.mesh is not None else 4) + 1
+            parameters = self._parameters(control={"calculation": "nscf", "lberry": True, "gdir": gdir, "nppstr": nppstr})
+            inputs = self._base_inputs(parameters, f"berry_phase_{gdir}")
+            inputs.pw.parent_folder = self.ctx.zero_field.outputs.remote_folder
+            node = self.submit(PwBaseWorkChain, **inputs)
+            self.report(f"launching Berry-phase nscf gdir={gdir} PwBaseWorkChain<{node.pk}>")
+            self.to_context(**{f"berry_phase_{gdir}": node})
+
+    def should_run_field_runs(self):
+        return self.ctx.run_field
+
+    def run_field_runs(self):
+        """lelfield scf at ±ε along x, y and z (from scratch: each run stands on its own)."""
+        nberrycyc = self.ctx.pw_parameters.get("CONTROL", {}).get("nberrycyc", 3)
+        for label in FIELD_LABELS:
+            field = response_functions.field_vector(label, self.ctx.field_magnitude)
+            parameters = self._parameters(
+                control={"calculation": "scf", "lelfield": True, "nberrycyc": nberrycyc, "tprnfor": True},
+                electrons={"efield_cart": units.field_v_per_angstrom_to_ry(field).tolist()},
+            )
+            node = self.submit(PwBaseWorkChain, **self._base_inputs(parameters, f"field_{label}"))
+            self.report(f"launching field {label} ({self.ctx.field_magnitude:.4g} V/Å) PwBaseWorkChain<{node.pk}>")
+            self.to_context(**{f"field_{label}": node})
+
+    def inspect_field_runs(self):
+        """Accept the six runs, or halve the field after an electronic breakdown and rerun them (bounded)."""
+        self.ctx.run_field = False
+        failed = [label for label in FIELD_LABELS if not self.ctx[f"field_{label}"].is_finished_ok]
+        if not failed:
+            return None
+        if not all(self._is_field_breakdown(self.ctx[f"field_{label}"]) for label in failed):
+            details = ", ".join(f"{label}: exit {self.ctx[f'field_{label}'].exit_status}" for label in failed)
+            return self.exit_codes.ERROR_FIELD_RUN_FAILED.format(details=details)
+        return self.handle_field_breakdown(failed)
+
+    def handle_field_breakdown(self, failed):
+        """Strategy: SCF divergence under field is Zener breakdown or a too-strong perturbation; halve |ε| and rerun
+        all six runs (central differences need one |ε|), at most `max_field_halvings` times in total."""
+        if self.ctx.field_halvings >= self.inputs.max_field_halvings.value:
+            return self.exit_codes.ERROR_FIELD_RUNS_NOT_CONVERGED.format(count=self.ctx.field_halvings)
+        self.ctx.field_magnitude /= 2
+        self.ctx.field_halvings += 1
+        self.ctx.run_field = True
+        self.report(f"field runs {', '.join(failed)} did not converge: field halved to {self.ctx.field_magnitude:.4g} V/Å")
+        return None
+
+    @staticmethod
+    def _is_field_breakdown(workchain):
+        """Whether a failed field run failed in its electronic self-consistency (not a setup or code error)."""
+        breakdown = {
+            PwCalculation.exit_codes.ERROR_ELECTRONIC_CONVERGENCE_NOT_REACHED.status,
+            PwCalculation.exit_codes.ERROR_EIGENVECTOR_CONVERGENCE.status,
+            PwCalculation.exit_codes.ERROR_BROYDEN_FACTORIZATION.status,
+        }
+        if workchain.exit_status == PwBaseWorkChain.exit_codes.ERROR_MAXIMUM_ITERATIONS_EXCEEDED.status:
+            return True
+        calculations = [child for child in workchain.called if child.process_type == PwCalculation.build_process_type()]
+        return bool(calculations) and calculations[-1].exit_status in breakdown
+
+    def inspect_berry_phases(self):
+        for gdir in (1, 2, 3):
+            workchain = self.ctx[f"berry_phase_{gdir}"]
+            if not workchain.is_finished_ok:
+                return self.exit_codes.ERROR_BERRY_PHASE_FAILED.format(
+                    details=f"gdir={gdir}, exit {workchain.exit_status}"
+                )
+            if "berry_phase" not in workchain.outputs.output_parameters.get_dict():
+                return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no Berry phase in gdir={gdir}")
+        return None
+
+    def results(self):
+        """Derive everything through calcfunctions and attach the outputs."""
+        for label in FIELD_LABELS:
+            if "finite_field" not in self.ctx[f"field_{label}"].outputs.output_parameters.get_dict():
+                return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no finite-field dipole in {label}")
+
+        polarization = response_functions.compute_polarization(
+            self.inputs.structure,
+            **{f"gdir_{gdir}": self.ctx[f"berry_phase_{gdir}"].outputs.output_parameters for gdir in (1, 2, 3)},
+            metadata={"call_link_label": "compute_polarization"},
+        )
+        field_magnitude = orm.Float(self.ctx.field_magnitude)
+        field_outputs = {}
+        for label in FIELD_LABELS:
+            outputs = self.ctx[f"field_{label}"].outputs
+            field_outputs[f"parameters_{label}"] = outputs.output_parameters
+            field_outputs[f"trajectory_{label}"] = outputs.output_trajectory
+        response = response_functions.compute_field_response(
+            self.inputs.structure, polarization, field_magnitude, **field_outputs,
+            metadata={"call_link_label": "compute_field_response"},
+        )
+        zero = self.ctx.zero_field.outputs
+        frames = response_functions.build_frames(
+            self.inputs.structure, polarization, response["born_effective_charges"], response["polarizability"],
+            parameters_zero_field=zero.output_parameters, trajectory_zero_field=zero.output_trajectory,
+            **field_outputs,
+            metadata={"call_link_label": "build_frames"},
+        )
+        self.out("polarization", polarization)
+        self.out_many(response)
+        self.out("frames", frames)
+        self.out("field_magnitude", field_magnitude)
+        self.report(
+            f"ASR residual {response['asr_residual'].value:.4f} e; ε∞ diagonal "
+            f"{np.diag(response['dielectric_tensor'].get_array('dielectric_tensor')).round(3).tolist()}"
+        )
+
+    def on_terminated(self):
+        """Clean the remote folders of all pw.x runs if `clean_workdir` is set."""
+        super().on_terminated()
+        if not self.inputs.clean_workdir.value:
+            return
+        cleaned = []
+        for called in self.node.called_descendants:
+            if isinstance(called, orm.CalcJobNode):
+                try:
+                    called.outputs.remote_folder._clean()
+                    cleaned.append(str(called.pk))
+                except (OSError, KeyError, AttributeError):
+                    pass
+        if cleaned:
+            self.report(f"cleaned remote folders of calculations: {' '.join(cleaned)}")

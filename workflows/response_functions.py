@@ -1,0 +1,184 @@
+"""calcfunctions that turn pw.x outputs into polarization, Born charges, polarizability, ε∞ and labelled frames.
+
+Every derived number of `FieldResponseWorkChain` is made here, so provenance leads from each output back to the
+pw.x runs it came from. The arithmetic lives in pure numpy functions (tested without AiiDA); the calcfunctions
+only unpack nodes, call them and pack the results.
+
+Conventions: DESIGN.md. Inputs are the `output_parameters` written by `polmodel.pw` (`PolPwParser`): `berry_phase`
+(dipole and quantum in e·Å), `finite_field` (dipole in e·Å, field in V/Å), `energy` (eV); forces come from
+`output_trajectory` (eV/Å), stress from it too (GPa, pw.x sign).
+"""
+import numpy as np
+from aiida import orm
+from aiida.engine import calcfunction
+
+from polmodel import units
+
+# Field runs are labelled <axis>_<sign>; this order is the order of the six finite-field frames.
+FIELD_LABELS = ("x_plus", "x_minus", "y_plus", "y_minus", "z_plus", "z_minus")
+GPA_IN_EV_PER_ANGSTROM3 = 1.0 / 160.21766208
+
+
+# --- pure functions ------------------------------------------------------------------------------------------
+
+
+def field_vector(label, magnitude):
+    """Field (3,) in V/Å of the run labelled `label` (e.g. 'y_minus') at `magnitude` V/Å."""
+    axis, sign = label.split("_")
+    vector = np.zeros(3)
+    vector["xyz".index(axis)] = magnitude if sign == "plus" else -magnitude
+    return vector
+
+
+def fold_onto_branch(dipole, reference, quantum):
+    """`dipole` moved by whole quanta to the branch of `reference`: minimum image of the difference.
+
+    `quantum` (3, 3) has the quantum vectors as rows; the difference is expressed in that basis, the nearest
+    integers are removed, and the result is added back to `reference`.
+    """
+    dipole, reference, quantum = (np.asarray(x, dtype=float) for x in (dipole, reference, quantum))
+    coefficients = np.linalg.solve(quantum.T, dipole - reference)
+    return reference + (coefficients - np.round(coefficients)) @ quantum
+
+
+def born_charges_from_forces(forces_plus, forces_minus, magnitude):
+    """Z*[i, a, b] = ∂F_ib/∂ε_a (e) by central differences.
+
+    `forces_plus[a]`, `forces_minus[a]` (N, 3) eV/Å at +ε and −ε along Cartesian axis a; `magnitude` V/Å.
+    """
+    plus, minus = np.asarray(forces_plus, dtype=float), np.asarray(forces_minus, dtype=float)
+    return np.transpose((plus - minus) / (2.0 * magnitude), (1, 0, 2))
+
+
+def polarizability_from_dipoles(dipoles_plus, dipoles_minus, magnitude):
+    """α[a, b] = ∂d_a/∂ε_b (e·Å²/V) by central differences, symmetrized.
+
+    `dipoles_plus[b]`, `dipoles_minus[b]` (3,) e·Å at ±ε along axis b, on one branch. Returns (α_sym, α_raw).
+    """
+    raw = ((np.asarray(dipoles_plus) - np.asarray(dipoles_minus)) / (2.0 * magnitude)).T
+    return 0.5 * (raw + raw.T), raw
+
+
+def dielectric_from_polarizability(polarizability, volume):
+    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³."""
+    return np.eye(3) + np.asarray(polarizability) / (units.EPSILON0_E_PER_V_ANGSTROM * volume)
+
+
+def acoustic_sum_rule_residual(born_charges):
+    """Largest |Σ_i Z*[i, a, b]| over a, b (e): zero for an exact translation-invariant response."""
+    return float(np.abs(np.asarray(born_charges).sum(axis=0)).max())
+
+
+def stress_from_pw(stress_gpa):
+    """pw.x stress (GPa, pw.x sign) → eV/Å³ in ASE's sign ((1/Ω) ∂E/∂strain: positive when expanding costs energy)."""
+    return -np.asarray(stress_gpa, dtype=float) * GPA_IN_EV_PER_ANGSTROM3
+
+
+# --- calcfunctions ---------------------------------------------------------------------------------------------
+
+
+def _last(trajectory, name):
+    return np.asarray(trajectory.get_array(name))[-1]
+
+
+@calcfunction
+def compute_polarization(structure, **berry_parameters):
+    """Zero-field cell dipole, polarization and quantum from the three Berry-phase nscf runs (gdir = 1, 2, 3).
+
+    Returns ArrayData with `polarization` (3,) e/Å², `polarization_quantum` (3, 3) e·Å (rows f·e·R_i, as pw.x
+    reports them) and `dipole` (3,) e·Å (the branch pw.x reported).
+    """
+    dipole = np.zeros(3)
+    quantum = np.zeros((3, 3))
+    for parameters in berry_parameters.values():
+        berry = parameters["berry_phase"]
+        dipole += np.asarray(berry["dipole"])
+        quantum[berry["gdir"] - 1] = berry["quantum"]
+    if np.any(np.linalg.norm(quantum, axis=1) == 0):
+        raise ValueError("the Berry-phase runs do not cover the three lattice directions")
+    volume = structure.get_cell_volume()
+    result = orm.ArrayData()
+    result.set_array("polarization", dipole / volume)
+    result.set_array("polarization_quantum", quantum)
+    result.set_array("dipole", dipole)
+    return result
+
+
+@calcfunction
+def compute_field_response(structure, polarization, field_magnitude, **field_outputs):
+    """Born charges, polarizability, ε∞ and the acoustic-sum-rule residual from the six ±ε runs.
+
+    `field_outputs` holds `parameters_<label>` (output_parameters) and `trajectory_<label>` (output_trajectory)
+    for every label in FIELD_LABELS. Dipoles are folded onto the zero-field Berry branch before differencing.
+    """
+    magnitude = field_magnitude.value
+    reference = polarization.get_array("dipole")
+    quantum = polarization.get_array("polarization_quantum")
+
+    forces = {label: _last(field_outputs[f"trajectory_{label}"], "forces") for label in FIELD_LABELS}
+    dipoles = {
+        label: fold_onto_branch(field_outputs[f"parameters_{label}"]["finite_field"]["dipole"], reference, quantum)
+        for label in FIELD_LABELS
+    }
+    axes = "xyz"
+    born = born_charges_from_forces(
+        [forces[f"{a}_plus"] for a in axes], [forces[f"{a}_minus"] for a in axes], magnitude
+    )
+    alpha, alpha_raw = polarizability_from_dipoles(
+        [dipoles[f"{a}_plus"] for a in axes], [dipoles[f"{a}_minus"] for a in axes], magnitude
+    )
+    dielectric = dielectric_from_polarizability(alpha, structure.get_cell_volume())
+
+    born_node = orm.ArrayData()
+    born_node.set_array("born_effective_charges", born)
+    alpha_node = orm.ArrayData()
+    alpha_node.set_array("polarizability", alpha)
+    alpha_node.set_array("polarizability_unsymmetrized", alpha_raw)
+    dielectric_node = orm.ArrayData()
+    dielectric_node.set_array("dielectric_tensor", dielectric)
+    return {
+        "born_effective_charges": born_node,
+        "polarizability": alpha_node,
+        "dielectric_tensor": dielectric_node,
+        "asr_residual": orm.Float(acoustic_sum_rule_residual(born)),
+    }
+
+
+@calcfunction
+def build_frames(structure, polarization, born_effective_charges, polarizability, **pw_outputs):
+    """The seven labelled frames (DESIGN.md) of one structure: zero field, then ±ε along x, y, z.
+
+    `pw_outputs` holds `parameters_<label>` and `trajectory_<label>` for 'zero_field' and every FIELD_LABELS
+    entry. `info['source']` is the UUID of the pw.x calculation that produced each frame's labels.
+    """
+    from polmodel.plugins.data import FramesData
+
+    reference = polarization.get_array("dipole")
+    quantum = polarization.get_array("polarization_quantum")
+    frames = []
+
+    def new_frame(label):
+        parameters = pw_outputs[f"parameters_{label}"]
+        trajectory = pw_outputs[f"trajectory_{label}"]
+        atoms = structure.get_ase()
+        atoms.info["energy"] = float(parameters["energy"])
+        atoms.arrays["forces"] = _last(trajectory, "forces")
+        atoms.info["polarization_quantum"] = quantum.copy()
+        atoms.info["source"] = parameters.creator.uuid
+        return atoms, parameters, trajectory
+
+    atoms, _, trajectory = new_frame("zero_field")
+    atoms.info["efield"] = np.zeros(3)
+    atoms.info["stress"] = stress_from_pw(_last(trajectory, "stress"))
+    atoms.info["dipole"] = reference.copy()
+    atoms.info["polarizability"] = polarizability.get_array("polarizability")
+    atoms.arrays["born_effective_charges"] = born_effective_charges.get_array("born_effective_charges").reshape(-1, 9)
+    frames.append(atoms)
+
+    for label in FIELD_LABELS:
+        atoms, parameters, _ = new_frame(label)
+        atoms.info["efield"] = np.asarray(parameters["finite_field"]["efield"])
+        atoms.info["dipole"] = fold_onto_branch(parameters["finite_field"]["dipole"], reference, quantum)
+        frames.append(atoms)
+
+    return FramesData.from_atoms(frames)
