@@ -62,7 +62,7 @@ class PeakMemory:
     def _sample(self):
         while self.running:
             self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.002)
+            time.sleep(0.005)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -75,19 +75,42 @@ class PeakMemory:
             self.mib = (self.peak - self.baseline) / 2 ** 20
 
 
-def timed(function, repeats, device):
-    """(median seconds, peak MiB of the first timed call) of `function()` after one warm-up call."""
-    function()
-    times, memory = [], None
-    for index in range(repeats):
+def _release_freed_memory():
+    """Return freed heap pages to the OS so that a call's resident-memory peak is measured from a clean baseline."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _cpu_clock():
+    # With one torch thread all work (autograd included) runs on the calling thread; its CPU time excludes the
+    # memory sampler thread and other processes. With more threads, the process's CPU time is the best proxy.
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
+
+
+def timed(function, repeats, device, warm_up=True):
+    """Medians (wall seconds, CPU seconds of this process) and the largest peak MiB over `repeats` calls.
+
+    CPU time is what the table reports: on a shared machine it is far less sensitive to other processes
+    than wall time (with one torch thread the two agree on an idle machine)."""
+    if warm_up:
+        function()
+    walls, cpus, memory = [], [], 0.0
+    for _ in range(repeats):
+        _release_freed_memory()
         with PeakMemory(device) as meter:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), _cpu_clock()
             function()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        memory = meter.mib if memory is None else max(memory, meter.mib)
-    return statistics.median(times), memory
+            walls.append(time.perf_counter() - wall)
+            cpus.append(_cpu_clock() - cpu)
+        memory = max(memory, meter.mib)
+    return statistics.median(walls), statistics.median(cpus), memory
 
 
 def build_mace(hyperparameters, cutoff, device):
@@ -139,6 +162,8 @@ def main(argv=None):
     parser.add_argument("--field", type=float, default=0.01, help="finite field along z, V/Å")
     parser.add_argument("--second-order-max-atoms", type=int, default=None,
                         help="skip (c) and (d) above this size (default: no limit)")
+    parser.add_argument("--warm-up-max-atoms", type=int, default=5000,
+                        help="one untimed warm-up call per mode below this size (default 5000)")
     parser.add_argument("--fit-min-atoms", type=int, default=1000)
     parser.add_argument("--no-mace", action="store_true")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -171,18 +196,19 @@ def main(argv=None):
         atoms = batio3_supercell(repeat)
         n = len(atoms)
         row = {"atoms": n}
-        row["a_s"], row["a_mib"] = timed(lambda: zero_field.calculate(atoms, ["energy", "forces"]),
-                                         args.repeats, device)
-        row["b_s"], row["b_mib"] = timed(lambda: finite_field.calculate(atoms, list(base)), args.repeats, device)
+        warm = n < args.warm_up_max_atoms
+        clock = 1 if device.type == "cpu" else 0  # CPU seconds on CPU, wall seconds on GPU
+        measure = lambda function: (lambda r: (r[clock], r[2], r[0]))(timed(function, args.repeats, device, warm))  # noqa: E731,E501
+        row["a_s"], row["a_mib"], row["a_wall_s"] = measure(lambda: zero_field.calculate(atoms, ["energy", "forces"]))
+        row["b_s"], row["b_mib"], _ = measure(lambda: finite_field.calculate(atoms, list(base)))
         second_order = args.second_order_max_atoms is None or n <= args.second_order_max_atoms
         if second_order:
-            row["c_s"], row["c_mib"] = timed(
-                lambda: finite_field.calculate(atoms, [*base, "born_effective_charges"]), args.repeats, device)
-            row["d_s"], row["d_mib"] = timed(
-                lambda: finite_field.calculate(atoms, [*base, "polarizability"]), args.repeats, device)
+            row["c_s"], row["c_mib"], _ = measure(
+                lambda: finite_field.calculate(atoms, [*base, "born_effective_charges"]))
+            row["d_s"], row["d_mib"], _ = measure(lambda: finite_field.calculate(atoms, [*base, "polarizability"]))
         if mace is not None:
-            row["mace_s"], row["mace_mib"] = timed(lambda: mace_energy_forces(mace, atoms, args.cutoff, device),
-                                                   args.repeats, device)
+            row["mace_s"], row["mace_mib"], row["mace_wall_s"] = measure(
+                lambda: mace_energy_forces(mace, atoms, args.cutoff, device))
         rows.append(row)
         print(_format_row(row), flush=True)
         repeat = _next_repeat(repeat, device)
@@ -211,18 +237,21 @@ def _format_row(row):
 def _table(rows, args):
     header = (f"{'atoms':>8} {'a E+F ms':>10} {'b +P ms':>10} {'c +Z* ms':>10} {'d +α ms':>10} {'MACE ms':>10} "
               f"{'b/a':>6} {'c/b':>6} {'d/b':>6} {'a/MACE':>7} {'atom-step/s':>12} {'mem a MiB':>10} "
-              f"{'mem c MiB':>10} {'mem MACE':>9}")
+              f"{'mem c MiB':>10} {'mem MACE':>9} {'wall a ms':>10} {'wall MACE':>10}")
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = lambda x, y: f"{row[x + '_s'] / row[y + '_s']:6.2f}" if x + "_s" in row and y + "_s" in row else f"{'-':>6}"  # noqa: E731,E501
         mem = lambda key, width: f"{row[key]:{width}.0f}" if key in row else f"{'-':>{width}}"  # noqa: E731
         lines.append(f"{_format_row(row)} {ratio('b', 'a')} {ratio('c', 'b')} {ratio('d', 'b')} "
                      f"{ratio('a', 'mace'):>7} {row['atoms'] / row['a_s']:12.0f} {mem('a_mib', 10)} "
-                     f"{mem('c_mib', 10)} {mem('mace_mib', 9)}")
+                     f"{mem('c_mib', 10)} {mem('mace_mib', 9)} {row['a_wall_s'] * 1e3:10.1f} "
+                     f"{row['mace_wall_s'] * 1e3 if 'mace_wall_s' in row else float('nan'):10.1f}")
     lines.append("a: E+F at zero field; b: E+F+P at ε = (0, 0, %g) V/Å; c: b + Born charges; d: b + polarizability;"
                  % args.field)
-    lines.append("MACE: E+F, same neighbour list; times are medians of %d calls after a warm-up; atom-step/s "
-                 "from (a); memory is the peak above the pre-call baseline" % args.repeats)
+    lines.append("MACE: E+F, same neighbour list. Times: medians of %d calls (after a warm-up below %d atoms), "
+                 "CPU time of the computing thread on CPU (wall time on GPU); 'wall' columns are wall-clock medians. "
+                 "atom-step/s from (a); memory: peak above the pre-call baseline" % (args.repeats,
+                                                                                   args.warm_up_max_atoms))
     large = [row for row in rows if row["atoms"] >= args.fit_min_atoms]
     for key, name in (("a", "polmodel E+F"), ("b", "polmodel E+F+P"), ("c", "polmodel +Z*"),
                       ("mace", "MACE E+F")):

@@ -10,7 +10,7 @@ from aiida import orm
 from aiida.common import datastructures
 from aiida.engine import CalcJob
 
-from polmodel.plugins.data import FramesData, ModelData
+from polmodel.plugins.data import FRAMES_FILENAME, FramesData, ModelData
 
 TRAIN_PARAMETER_TYPES = {
     "ensemble_size": int,
@@ -173,7 +173,8 @@ class TrainCalculation(_PolmodelCalculation):
 
     def prepare_for_submission(self, folder):
         parameters = self.inputs.parameters.get_dict() if "parameters" in self.inputs else {}
-        self.inputs.frames.write(folder.get_abs_path(self._FRAMES))
+        with folder.open(self._FRAMES, "wb") as handle:
+            handle.write(self.inputs.frames.base.repository.get_object_content(FRAMES_FILENAME, mode="rb"))
         cmdline = [
             "train", self._FRAMES, "--output", self._MODEL, "--metrics", self._METRICS, "--plots", self._PLOTS, "--quiet",
         ]
@@ -230,9 +231,11 @@ class MdCalculation(_PolmodelCalculation):
         from ase.io import write
 
         parameters = self.inputs.parameters.get_dict()
-        # verify() before the file leaves the repository: a replaced or corrupt model never reaches a run.
-        self.inputs.model.verify()
-        self.inputs.model.write(folder.get_abs_path(self._MODEL))
+        # get_content() checks the sha256 before the file leaves the repository: a replaced or corrupt model
+        # never reaches a run.
+        content = self.inputs.model.get_content()
+        with folder.open(self._MODEL, "wb") as handle:
+            handle.write(content)
         handle = io.StringIO()
         write(handle, self.inputs.structure.get_ase(), format="extxyz")
         with folder.open(self._STRUCTURE, "w") as stream:

@@ -54,6 +54,12 @@ RECIPES = {
         PseudopotentialRecipe("Al", "norm-conserving", 30.0, 120.0, ("3s2 3p1", "3s1 3p2", "3s2 3p0", "3s1 3p1")),
         PseudopotentialRecipe("As", "norm-conserving", 40.0, 160.0, ("4s2 4p3", "4s1 4p4", "4s2 4p2", "4s2 4p1")),
         PseudopotentialRecipe("Si", "norm-conserving", 30.0, 120.0, ("3s2 3p2", "3s1 3p3", "3s2 3p1", "3s1 3p2")),
+        PseudopotentialRecipe(
+            "Ba", "ultrasoft", 35.0, 280.0, ("5s2 5p6 5d0 6s2", "5s2 5p6 5d1 6s1", "5s2 5p6 5d0 6s1", "5s2 5p6 5d0 6s0")
+        ),
+        PseudopotentialRecipe(
+            "Ti", "ultrasoft", 40.0, 320.0, ("3s2 3p6 3d2 4s2", "3s2 3p6 3d3 4s1", "3s2 3p6 3d2 4s1", "3s2 3p6 3d1 4s1")
+        ),
         PseudopotentialRecipe("O", "norm-conserving", 70.0, 280.0, ("2s2 2p4", "2s1 2p5", "2s2 2p3", "2s2 2p3.5")),
     )
 }

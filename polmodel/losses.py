@@ -67,13 +67,13 @@ class TargetBatch:
         per_atom = {keys.FORCES: frame_forces, keys.BORN_CHARGES: frame_born_charges}
         self.values, self.index = {}, {}
         for quantity, accessor in per_graph.items():
-            labelled = [(g, accessor(frame)) for g, frame in enumerate(frames) if accessor(frame) is not None]
+            labelled = [(g, value) for g, value in enumerate(map(accessor, frames)) if value is not None]
             if labelled:
                 self.index[quantity] = torch.tensor([g for g, _ in labelled], dtype=torch.long)
                 self.values[quantity] = torch.tensor(np.array([v for _, v in labelled], dtype=float), dtype=dtype)
         for quantity, accessor in per_atom.items():
-            labelled = [(offset, accessor(frame)) for offset, frame in zip(atom_offsets, frames)
-                        if accessor(frame) is not None]
+            labelled = [(offset, value) for offset, value in zip(atom_offsets, map(accessor, frames))
+                        if value is not None]
             if labelled:
                 self.index[quantity] = torch.cat([torch.arange(offset, offset + len(v)) for offset, v in labelled])
                 self.values[quantity] = torch.tensor(np.concatenate([v for _, v in labelled]), dtype=dtype)

@@ -200,6 +200,7 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     dynamics = _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng, pressure_GPa)
     _restore_thermostat_state(dynamics, state.get("thermostat"))
 
+    atoms.get_forces()  # cache the starting forces at the starting field before the protocol moves on
     if not resuming:
         ase.io.write(trajectory_path, _frame(atoms, calculator, step, time_fs, born_spread), format="extxyz")
         _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)

@@ -14,6 +14,7 @@ the cost of E + F + P at finite field is the cost of E + F at zero field.
 Edge vectors are computed inside `forward` from POSITIONS, CELL and EDGE_CELL_SHIFT, so the energy is
 differentiable w.r.t. positions, cell (strain) and field; see polmodel/response.py for the derivatives.
 """
+import contextlib
 import math
 
 import torch
@@ -22,6 +23,7 @@ import torch
 # default) unless the builtin `slice` is allowed; slice carries no code, so allowing it is safe.
 torch.serialization.add_safe_globals([slice])
 
+import e3nn  # noqa: E402
 from e3nn import o3  # noqa: E402
 from e3nn.nn import FullyConnectedNet, Gate  # noqa: E402
 
@@ -56,6 +58,22 @@ def _uvu_paths(irreps_in1, irreps_in2, allowed):
                     instructions.append((i1, i2, len(irreps_out), "uvu", True))
                     irreps_out.append((mul, ir_out))
     return o3.Irreps(irreps_out), instructions
+
+
+@contextlib.contextmanager
+def _plain_fx_codegen():
+    """Build e3nn modules as plain torch.fx code instead of TorchScript.
+
+    TorchScript's profiling executor re-optimizes a module after its first calls, which changes the rounding of
+    double-backward results (Born charges) from call to call; plain fx code gives bit-reproducible outputs, so a
+    saved and reloaded model answers exactly as the original. The e3nn default is restored afterwards.
+    """
+    saved = e3nn.get_optimization_defaults()
+    e3nn.set_optimization_defaults(jit_script_fx=False)
+    try:
+        yield
+    finally:
+        e3nn.set_optimization_defaults(**saved)
 
 
 class BesselBasis(torch.nn.Module):
@@ -135,6 +153,10 @@ class PolModel(torch.nn.Module):
 
     def __init__(self, species, cutoff, **hyperparameters):
         super().__init__()
+        with _plain_fx_codegen():
+            self._build(species, cutoff, hyperparameters)
+
+    def _build(self, species, cutoff, hyperparameters):
         unknown = set(hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
         if unknown:
             raise TypeError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")

@@ -199,6 +199,8 @@ def train_model(train_frames, valid_frames, config, species=None):
     valid_frames = normalize_frames(valid_frames or [])
     if not train_frames:
         raise ValueError("no training frames")
+    if not any(TargetBatch([frame]).values for frame in train_frames):
+        raise ValueError("none of the training frames carries a label (energy, forces, stress, dipole, Z*, α)")
     species = list(config.species or species or _frames_species(train_frames + valid_frames))
     dtype = DTYPES[config.dtype]
     model = initialize_model(train_frames, config, species)

@@ -73,7 +73,11 @@ def run(args):
         print("polmodel train: --ensemble must be >= 1", file=sys.stderr)
         return 2
 
-    model, metrics = train_ensemble(frames, config, size=args.ensemble, bootstrap=args.bootstrap)
+    try:
+        model, metrics = train_ensemble(frames, config, size=args.ensemble, bootstrap=args.bootstrap)
+    except ValueError as error:  # e.g. frames without any label, a model option PolModel rejects
+        print(f"polmodel train: {error}", file=sys.stderr)
+        return 2
     if args.ensemble == 1:
         model = model.members[0]
     serialization.save(model, args.output)

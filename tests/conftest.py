@@ -6,3 +6,4 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 pytest_plugins = ["fixtures_aiida"]
 pytest_plugins.append("fixtures_al")
+pytest_plugins.append("fixtures_workflows")

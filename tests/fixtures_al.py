@@ -97,12 +97,15 @@ def tiny_model_file(tmp_path_factory):
 
 
 #: Hyperparameters of a model small enough for tests (seconds of training, sub-second MD steps).
-TINY_HYPERPARAMETERS = {}
+TINY_HYPERPARAMETERS = {"num_features": 4, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
+                        "readout_hidden": 4}
+#: `polmodel train --hyperparameters` of tests: the tiny model plus a short, small-batch training.
+TINY_TRAINING = {**TINY_HYPERPARAMETERS, "cutoff": 4.0, "batch_size": 4}
 
 
 @pytest.fixture
-def generate_calc_job(aiida_profile, tmp_path):
-    """Factory `generate_calc_job(entry_point, inputs) -> (Folder, CalcInfo)`: runs prepare_for_submission only."""
+def generate_al_calc_job(aiida_profile, tmp_path):
+    """Factory `generate_al_calc_job(entry_point, inputs) -> (Folder, CalcInfo)`: runs prepare_for_submission only."""
 
     def factory(entry_point_name, inputs):
         from aiida.common.folders import Folder
@@ -110,6 +113,7 @@ def generate_calc_job(aiida_profile, tmp_path):
         from aiida.manage.manager import get_manager
         from aiida.plugins import CalculationFactory
 
+        (tmp_path / "sandbox").mkdir(exist_ok=True)
         folder = Folder(str(tmp_path / "sandbox"))
         process = instantiate_process(get_manager().get_runner(), CalculationFactory(entry_point_name), **inputs)
         return folder, process.prepare_for_submission(folder)
@@ -118,8 +122,8 @@ def generate_calc_job(aiida_profile, tmp_path):
 
 
 @pytest.fixture
-def generate_workchain(aiida_profile):
-    """Factory `generate_workchain(entry_point, inputs) -> WorkChain instance` whose steps a test calls directly."""
+def generate_al_workchain(aiida_profile):
+    """Factory `generate_al_workchain(entry_point, inputs) -> WorkChain instance` whose steps a test calls directly."""
 
     def factory(entry_point_name, inputs):
         from aiida.engine.utils import instantiate_process
@@ -155,3 +159,82 @@ def generate_fake_child(aiida_profile):
         return node
 
     return factory
+
+
+@pytest.fixture
+def generate_calc_job_node(aiida_localhost):
+    """Factory: a stored CalcJobNode of `entry_point` whose `retrieved` FolderData holds the files of `directory`
+    (only the names in `names`, when given): what a parser sees after a real run."""
+
+    def factory(entry_point_name, directory, names=None):
+        import pathlib
+
+        from aiida import orm
+        from aiida.common.links import LinkType
+        from aiida.plugins.entry_point import format_entry_point_string
+
+        node = orm.CalcJobNode(computer=aiida_localhost,
+                               process_type=format_entry_point_string("aiida.calculations", entry_point_name))
+        node.set_option("resources", {"num_machines": 1, "num_mpiprocs_per_machine": 1})
+        node.store()
+        retrieved = orm.FolderData()
+        directory = pathlib.Path(directory)
+        for path in sorted(directory.rglob("*")):
+            relative = path.relative_to(directory).as_posix()
+            if path.is_file() and (names is None or relative.split("/")[0] in names):
+                retrieved.base.repository.put_object_from_file(str(path), relative)
+        retrieved.base.links.add_incoming(node, link_type=LinkType.CREATE, link_label="retrieved")
+        retrieved.store()
+        return node
+
+    return factory
+
+
+def run_polmodel(arguments, cwd, timeout=600):
+    """Run the real `polmodel` executable of this environment; return the CompletedProcess (check=True)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    executable = pathlib.Path(sys.executable).parent / "polmodel"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return subprocess.run([str(executable), *arguments], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=True)
+
+
+@pytest.fixture(scope="session")
+def real_train_run(tmp_path_factory):
+    """A directory in which the real `polmodel train` trained a 2-member ensemble on 6 labelled frames, with the
+    command-line TrainCalculation writes (metrics.json, plots/, model.pt)."""
+    import json
+
+    from ase.io import write
+
+    directory = tmp_path_factory.mktemp("train_run")
+    write(directory / "frames.xyz", labelled_frames(6, seed=3), format="extxyz")
+    (directory / "hyperparameters.json").write_text(json.dumps(TINY_TRAINING))
+    run_polmodel(["train", "frames.xyz", "--output", "model.pt", "--metrics", "metrics.json", "--plots", "plots",
+                  "--quiet", "--ensemble", "2", "--seed", "1", "--epochs", "2", "--hyperparameters",
+                  "hyperparameters.json"], cwd=directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def real_md_run(real_train_run, tmp_path_factory):
+    """A directory in which the real `polmodel md` ran 6 steps of ensemble MD under a cosine field."""
+    import json
+    import shutil
+
+    from ase.io import write
+
+    directory = tmp_path_factory.mktemp("md_run")
+    shutil.copy(real_train_run / "model.pt", directory / "model.pt")
+    write(directory / "structure.xyz", batio3_atoms(0.05, seed=1), format="extxyz")
+    (directory / "field.json").write_text(json.dumps({"kind": "cosine", "amplitude": 0.05, "period_fs": 10.0,
+                                                      "axis": [0, 0, 1]}))
+    run_polmodel(["md", "--model", "model.pt", "--structure", "structure.xyz", "--output", "trajectory.xyz",
+                  "--steps", "6", "--timestep", "1.0", "--temperature", "300", "--thermostat", "langevin",
+                  "--field", "field.json", "--interval", "2", "--born-spread", "--seed", "3", "--quiet"],
+                 cwd=directory)
+    return directory

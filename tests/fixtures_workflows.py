@@ -149,3 +149,31 @@ def generate_fake_pw_base(aiida_profile):
         return node
 
     return factory
+
+
+DEBIAN_PSEUDO_DIRECTORY = pathlib.Path("/usr/share/espresso/pseudo")
+#: Debian's LDA pseudopotentials for AlAs (norm-conserving, soft): cheap enough for CI-sized pw.x/ph.x runs.
+ALAS_LDA_PSEUDOS = {"Al": "Al.pz-vbc.UPF", "As": "As.pz-bhs.UPF"}
+ALAS_LDA_FAMILY = "polmodel-tests/debian/LDA/AlAs"
+ALAS_LDA_CUTOFFS_RY = (20.0, 80.0)
+
+
+@pytest.fixture
+def alas_lda_family(aiida_profile, tmp_path):
+    """aiida-pseudo family of Debian's Al/As LDA UPFs with 20/80 Ry recommended cutoffs (get-or-create)."""
+    import shutil
+
+    from aiida.plugins import DataFactory, GroupFactory
+
+    family_class = GroupFactory("pseudo.family.cutoffs")
+    existing = family_class.collection.find(filters={"label": ALAS_LDA_FAMILY})
+    if existing:
+        return existing[0]
+    for name in ALAS_LDA_PSEUDOS.values():
+        if not (DEBIAN_PSEUDO_DIRECTORY / name).is_file():
+            pytest.skip(f"Debian pseudopotential {name} is not installed")
+        shutil.copy(DEBIAN_PSEUDO_DIRECTORY / name, tmp_path / name)
+    family = family_class.create_from_folder(tmp_path, ALAS_LDA_FAMILY, pseudo_type=DataFactory("pseudo.upf"))
+    wfc, rho = ALAS_LDA_CUTOFFS_RY
+    family.set_cutoffs({element: {"cutoff_wfc": wfc, "cutoff_rho": rho} for element in ALAS_LDA_PSEUDOS}, "normal", unit="Ry")
+    return family

@@ -91,9 +91,9 @@ def fake_trajectory(force_std, seed=0):
 
 
 # --------------------------------------------------------------------------------------------- explore
-def test_explore_submits_one_md_per_structure_field_temperature(generate_workchain, explore_inputs,
+def test_explore_submits_one_md_per_structure_field_temperature(generate_al_workchain, explore_inputs,
                                                                  generate_fake_child):
-    process = generate_workchain("polmodel.explore", explore_inputs())
+    process = generate_al_workchain("polmodel.explore", explore_inputs())
     assert process.validate_inputs() is None
     recorder = SubmitRecorder(generate_fake_child)
     process.submit = recorder
@@ -108,28 +108,28 @@ def test_explore_submits_one_md_per_structure_field_temperature(generate_workcha
         json.dumps(f, sort_keys=True) for f in FIELDS for _ in range(4))
 
 
-def test_explore_refuses_unknown_species(generate_workchain, explore_inputs, generate_fake_model_data):
-    process = generate_workchain("polmodel.explore", explore_inputs(model=generate_fake_model_data(species=("Ba", "O"))))
+def test_explore_refuses_unknown_species(generate_al_workchain, explore_inputs, generate_fake_model_data):
+    process = generate_al_workchain("polmodel.explore", explore_inputs(model=generate_fake_model_data(species=("Ba", "O"))))
     exit_code = process.validate_inputs()
     assert exit_code.status == process.exit_codes.ERROR_UNKNOWN_SPECIES.status
     assert "Ti" in exit_code.message
 
 
-def test_explore_refuses_single_model(generate_workchain, explore_inputs, generate_fake_model_data):
-    process = generate_workchain("polmodel.explore", explore_inputs(model=generate_fake_model_data(ensemble_size=1)))
+def test_explore_refuses_single_model(generate_al_workchain, explore_inputs, generate_fake_model_data):
+    process = generate_al_workchain("polmodel.explore", explore_inputs(model=generate_fake_model_data(ensemble_size=1)))
     assert process.validate_inputs().status == process.exit_codes.ERROR_NOT_AN_ENSEMBLE.status
 
 
-def test_explore_refuses_negative_period(generate_workchain, explore_inputs):
+def test_explore_refuses_negative_period(generate_al_workchain, explore_inputs):
     bad = [{"kind": "cosine", "amplitude": 0.02, "period_fs": -5.0, "axis": [0, 0, 1]}]
-    process = generate_workchain("polmodel.explore", explore_inputs(fields=orm.List(bad)))
+    process = generate_al_workchain("polmodel.explore", explore_inputs(fields=orm.List(bad)))
     exit_code = process.validate_inputs()
     assert exit_code.status == process.exit_codes.ERROR_INVALID_PARAMETERS.status
     assert "period" in exit_code.message
 
 
-def test_explore_skips_failed_md_and_selects(generate_workchain, explore_inputs, generate_fake_child):
-    process = generate_workchain("polmodel.explore", explore_inputs(temperatures=orm.List([300.0])))
+def test_explore_skips_failed_md_and_selects(generate_al_workchain, explore_inputs, generate_fake_child):
+    process = generate_al_workchain("polmodel.explore", explore_inputs(temperatures=orm.List([300.0])))
     keys = [f"md_{key}" for key, *_ in process.md_runs()]
     assert len(keys) == 4
     spreads = [[0.01, 0.2, 0.3], [0.01, 0.01, 0.9], [0.25, 0.01, 0.01]]
@@ -152,29 +152,29 @@ def test_explore_skips_failed_md_and_selects(generate_workchain, explore_inputs,
     process.results()
 
 
-def test_explore_all_md_failed(generate_workchain, explore_inputs, generate_fake_child):
-    process = generate_workchain("polmodel.explore", explore_inputs())
+def test_explore_all_md_failed(generate_al_workchain, explore_inputs, generate_fake_child):
+    process = generate_al_workchain("polmodel.explore", explore_inputs())
     for key, *_ in process.md_runs():
         process.ctx[f"md_{key}"] = generate_fake_child(exit_status=300)
     assert process.inspect_md().status == process.exit_codes.ERROR_ALL_MD_FAILED.status
 
 
 # --------------------------------------------------------------------------------------------- train_ensemble
-def test_train_ensemble_refuses_empty_set(generate_workchain, polmodel_code):
+def test_train_ensemble_refuses_empty_set(generate_al_workchain, polmodel_code):
     from polmodel.plugins.data import FramesData
 
     inputs = {"frames": FramesData.from_atoms([]).store(), "train": {"code": polmodel_code}}
-    process = generate_workchain("polmodel.train_ensemble", inputs)
+    process = generate_al_workchain("polmodel.train_ensemble", inputs)
     process.setup()
     assert process.validate_frames().status == process.exit_codes.ERROR_NO_FRAMES.status
 
 
-def test_train_ensemble_passes_size_and_retries_with_new_seed(generate_workchain, polmodel_code,
+def test_train_ensemble_passes_size_and_retries_with_new_seed(generate_al_workchain, polmodel_code,
                                                                generate_frames_data, generate_fake_child):
     inputs = {"frames": generate_frames_data(4), "train": {"code": polmodel_code,
                                                            "parameters": orm.Dict({"epochs": 3, "seed": 7})},
               "ensemble_size": orm.Int(3)}
-    process = generate_workchain("polmodel.train_ensemble", inputs)
+    process = generate_al_workchain("polmodel.train_ensemble", inputs)
     process.setup()
     assert process.validate_frames() is None
     assert process.ctx.inputs["parameters"].get_dict() == {"epochs": 3, "seed": 7, "ensemble_size": 3}
@@ -183,14 +183,14 @@ def test_train_ensemble_passes_size_and_retries_with_new_seed(generate_workchain
 
 
 # --------------------------------------------------------------------------------------------- active learning
-def test_al_refuses_no_structures(generate_workchain, al_inputs):
-    process = generate_workchain("polmodel.active_learning", al_inputs(structures={}))
+def test_al_refuses_no_structures(generate_al_workchain, al_inputs):
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(structures={}))
     assert process.setup().status == process.exit_codes.ERROR_NO_STRUCTURES.status
 
 
-def test_al_initial_labels_failed_label_skipped(generate_workchain, al_inputs, generate_fake_child,
+def test_al_initial_labels_failed_label_skipped(generate_al_workchain, al_inputs, generate_fake_child,
                                                 generate_frames_data):
-    process = generate_workchain("polmodel.active_learning", al_inputs())
+    process = generate_al_workchain("polmodel.active_learning", al_inputs())
     process.setup()
     assert process.should_label_initial()
     recorder = SubmitRecorder(generate_fake_child)
@@ -212,8 +212,8 @@ def test_al_initial_labels_failed_label_skipped(generate_workchain, al_inputs, g
     assert any("label_initial_s1" in message and "skipped" in message for message in reports)
 
 
-def test_al_every_initial_label_failed(generate_workchain, al_inputs, generate_fake_child):
-    process = generate_workchain("polmodel.active_learning", al_inputs())
+def test_al_every_initial_label_failed(generate_al_workchain, al_inputs, generate_fake_child):
+    process = generate_al_workchain("polmodel.active_learning", al_inputs())
     process.setup()
     process.ctx.label_keys = ["label_initial_s0"]
     process.ctx["label_initial_s0"] = generate_fake_child(exit_status=401)
@@ -222,10 +222,10 @@ def test_al_every_initial_label_failed(generate_workchain, al_inputs, generate_f
     assert exit_code.status == process.exit_codes.ERROR_EMPTY_INITIAL_SET.status
 
 
-def test_al_empty_initial_frames(generate_workchain, al_inputs):
+def test_al_empty_initial_frames(generate_al_workchain, al_inputs):
     from polmodel.plugins.data import FramesData
 
-    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=FramesData.from_atoms([]).store()))
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(initial_frames=FramesData.from_atoms([]).store()))
     process.setup()
     assert not process.should_label_initial()
     exit_code = process.check_initial_set()
@@ -233,12 +233,12 @@ def test_al_empty_initial_frames(generate_workchain, al_inputs):
     assert "no frames" in exit_code.message
 
 
-def test_al_unknown_species_in_exploration_structures(generate_workchain, al_inputs, generate_frames_data):
+def test_al_unknown_species_in_exploration_structures(generate_al_workchain, al_inputs, generate_frames_data):
     from ase import Atoms
 
     strange = {"s9": orm.StructureData(ase=Atoms("PbTiO3", positions=batio3_atoms().positions, cell=np.eye(3) * 4,
                                                  pbc=True))}
-    process = generate_workchain("polmodel.active_learning",
+    process = generate_al_workchain("polmodel.active_learning",
                                  al_inputs(structures=strange, initial_frames=generate_frames_data(2)))
     process.setup()
     exit_code = process.check_initial_set()
@@ -270,9 +270,9 @@ def stats(candidate_fraction, failed_fraction=0.0, selected=2):
             "_candidates": selected}
 
 
-def test_al_loop_labels_candidates_then_converges(generate_workchain, al_inputs, generate_frames_data,
+def test_al_loop_labels_candidates_then_converges(generate_al_workchain, al_inputs, generate_frames_data,
                                                  generate_fake_child, generate_fake_model_data):
-    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
     process.setup()
     assert process.check_initial_set() is None
     assert process.should_iterate()
@@ -312,9 +312,9 @@ def test_al_loop_labels_candidates_then_converges(generate_workchain, al_inputs,
     assert [row["converged"] for row in curve["iterations"]] == [False, True]
 
 
-def test_al_stops_at_max_iterations_without_labelling(generate_workchain, al_inputs, generate_frames_data,
+def test_al_stops_at_max_iterations_without_labelling(generate_al_workchain, al_inputs, generate_frames_data,
                                                      generate_fake_child, generate_fake_model_data):
-    process = generate_workchain("polmodel.active_learning",
+    process = generate_al_workchain("polmodel.active_learning",
                                  al_inputs(initial_frames=generate_frames_data(4), max_iterations=orm.Int(1)))
     process.setup()
     iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.5))
@@ -323,9 +323,9 @@ def test_al_stops_at_max_iterations_without_labelling(generate_workchain, al_inp
     assert not process.should_iterate()
 
 
-def test_al_no_candidates_selected_skips_labelling(generate_workchain, al_inputs, generate_frames_data,
+def test_al_no_candidates_selected_skips_labelling(generate_al_workchain, al_inputs, generate_frames_data,
                                                    generate_fake_child, generate_fake_model_data):
-    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
     process.setup()
     iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.0, 0.5, selected=0))
     assert not process.ctx.converged
@@ -333,9 +333,9 @@ def test_al_no_candidates_selected_skips_labelling(generate_workchain, al_inputs
     assert process.should_iterate()
 
 
-def test_al_training_failure_is_an_exit_code(generate_workchain, al_inputs, generate_frames_data,
+def test_al_training_failure_is_an_exit_code(generate_al_workchain, al_inputs, generate_frames_data,
                                              generate_fake_child):
-    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
     process.setup()
     process.submit = SubmitRecorder(generate_fake_child)
     process.run_train()
@@ -343,9 +343,9 @@ def test_al_training_failure_is_an_exit_code(generate_workchain, al_inputs, gene
     assert process.inspect_train().status == process.exit_codes.ERROR_TRAINING_FAILED.status
 
 
-def test_al_exploration_failure_is_an_exit_code(generate_workchain, al_inputs, generate_frames_data,
+def test_al_exploration_failure_is_an_exit_code(generate_al_workchain, al_inputs, generate_frames_data,
                                                 generate_fake_child):
-    process = generate_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
     process.setup()
     process.ctx.iteration = 1
     process.ctx.explore = generate_fake_child(exit_status=402)

@@ -78,6 +78,12 @@ def test_same_seed_gives_identical_weights_and_another_seed_differs(small_frames
     assert history["best_valid_loss"] == min(e["valid_loss"] for e in history["epochs"])
 
 
+def test_frames_without_any_label_are_refused(small_frames):
+    bare = [Atoms(f.get_chemical_symbols(), positions=f.positions, cell=f.cell, pbc=True) for f in small_frames[:3]]
+    with pytest.raises(ValueError, match="none of the training frames carries a label"):
+        train_model(bare, [], _config())
+
+
 def test_time_limit_stops_training(small_frames):
     _, history = train_model(small_frames[:4], small_frames[4:6], _config(epochs=50, max_time_s=0.0))
     assert history["stopped"] == "max_time_s" and len(history["epochs"]) == 1
@@ -96,3 +102,59 @@ def test_training_lowers_the_validation_error_of_every_quantity():
         assert after[quantity]["mae"] < 0.9 * before[quantity]["mae"], (quantity, before[quantity], after[quantity])
         assert after[quantity]["count"] == before[quantity]["count"] > 0
     assert history["epochs"][-1]["train_loss"] < history["epochs"][0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_cli_trains_an_ensemble_and_writes_model_metrics_and_plots(tmp_path, capsys):
+    from polmodel import PolEnsemble, load
+    from polmodel.cli import main
+    from polmodel.frames import write_frames
+
+    frames_path = tmp_path / "frames.xyz"
+    write_frames(frames_path, make_toy_frames(3, seed=4))
+    options = json.dumps({**TINY, "batch_size": 8, "learning_rate": 0.01, "cutoff": 4.5})
+    output, metrics_path, plots = tmp_path / "ensemble.pt", tmp_path / "metrics.json", tmp_path / "plots"
+    code = main(["train", str(frames_path), "--output", str(output), "--ensemble", "2", "--bootstrap", "--seed", "3",
+                 "--epochs", "2", "--hyperparameters", options, "--metrics", str(metrics_path), "--plots", str(plots),
+                 "--validation-fraction", "0.25"])
+    assert code == 0
+    ensemble = load(output)
+    assert isinstance(ensemble, PolEnsemble) and len(ensemble) == 2
+    assert ensemble.cutoff == 4.5 and ensemble.members[0].hyperparameters["num_features"] == TINY["num_features"]
+    # members differ (seeds 3 and 4), and the file holds the trained weights, not fresh ones
+    first, second = (dict(m.state_dict()) for m in ensemble.members)
+    assert any(not torch.equal(first[n], second[n]) for n in first if first[n].dtype.is_floating_point)
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["num_train"] == 9 and metrics["num_validation"] == 3
+    assert [m["seed"] for m in metrics["members"]] == [3, 4]
+    for quantity in ("energy", "forces", "dipole"):
+        for block in [metrics["validation"]] + [m["validation"] for m in metrics["members"]]:
+            assert block[quantity]["mae"] >= 0 and block[quantity]["rmse"] >= block[quantity]["mae"]
+            assert block[quantity]["count"] > 0
+    assert metrics["config"]["epochs"] == 2 and metrics["config"]["hyperparameters"]["num_layers"] == 1
+    pngs = sorted(p.name for p in plots.iterdir())
+    assert {"energy_parity.png", "forces_parity.png", "dipole_parity.png"} <= set(pngs)
+    for name in pngs:
+        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the metrics describe the saved ensemble: re-evaluating the loaded file on the same split reproduces them
+    from polmodel.train import split_frames
+    from polmodel.frames import read_frames
+
+    _, valid = split_frames(read_frames(frames_path), 0.25, 3)
+    again = evaluate(ensemble, valid)
+    assert again["forces"]["mae"] == pytest.approx(metrics["validation"]["forces"]["mae"], rel=1e-5)
+
+
+def test_cli_rejects_bad_input_with_a_message(tmp_path, capsys):
+    from polmodel.cli import main
+
+    (tmp_path / "bad.xyz").write_text("2\nProperties=species:S:1:pos:R:3\nNa 0 0 0\n")
+    assert main(["train", str(tmp_path / "bad.xyz"), "--output", str(tmp_path / "m.pt")]) == 2
+    assert "not valid extended XYZ" in capsys.readouterr().err
+    write_path = tmp_path / "ok.xyz"
+    from polmodel.frames import write_frames
+
+    write_frames(write_path, make_toy_frames(1, seed=0))
+    assert main(["train", str(write_path), "--output", str(tmp_path / "m.pt"), "--hyperparameters", "{oops"]) == 2
+    assert "neither a JSON file nor a JSON string" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()

@@ -1,0 +1,49 @@
+"""Ask the AiiDA provenance graph about models and frames (`polmodel provenance pw-runs|models|learning-curve`).
+
+Examples:
+    polmodel provenance pw-runs 1234              # which pw.x runs fed model 1234
+    polmodel provenance models --frames 567       # which models were trained on FramesData 567
+    polmodel provenance models --source UUID      # ... on the frames labelled by node UUID (frame info 'source')
+    polmodel provenance learning-curve 890        # the iterations of active-learning loop 890
+"""
+import sys
+
+
+def add_arguments(parser):
+    parser.add_argument("--profile", default=None, help="AiiDA profile (default: the default profile)")
+    sub = parser.add_subparsers(dest="question", required=True)
+    pw_runs = sub.add_parser("pw-runs", help="the pw.x calculations whose outputs fed a model")
+    pw_runs.add_argument("model", help="pk or UUID of a ModelData")
+    models = sub.add_parser("models", help="the models trained on a frame set or on one source's frames")
+    which = models.add_mutually_exclusive_group(required=True)
+    which.add_argument("--frames", help="pk or UUID of a FramesData")
+    which.add_argument("--source", help="UUID in a frame's info['source'] (the node that produced the label)")
+    curve = sub.add_parser("learning-curve", help="dataset size, validation errors, candidate fraction per iteration")
+    curve.add_argument("workchain", help="pk or UUID of an ActiveLearningWorkChain")
+
+
+def run(args):
+    # AiiDA is imported here only: `import polmodel` and the other sub-commands never need it.
+    from aiida import load_profile
+    from aiida.common.exceptions import MultipleObjectsError, NotExistent
+
+    load_profile(args.profile, allow_switch=True)
+    from polmodel.workflows import provenance
+
+    try:
+        if args.question == "pw-runs":
+            nodes = provenance.pw_runs_for_model(args.model)
+            print(f"{len(nodes)} pw.x calculation(s) fed ModelData {args.model}:")
+            print(provenance.format_calculations(nodes))
+        elif args.question == "models":
+            models = (provenance.models_trained_by(args.frames) if args.frames
+                      else provenance.models_trained_by_source(args.source))
+            print(f"{len(models)} model(s) trained on it:")
+            for model in models:
+                print(f"{model.pk:>6}  {model.uuid}  {model.kind} x{model.ensemble_size}  {model.ctime:%Y-%m-%d %H:%M}")
+        else:
+            print(provenance.format_learning_curve(provenance.learning_curve(args.workchain)))
+    except (NotExistent, MultipleObjectsError, TypeError) as error:
+        print(f"polmodel provenance: {error}", file=sys.stderr)
+        return 2
+    return 0

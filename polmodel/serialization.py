@@ -1,0 +1,134 @@
+"""Model and ensemble files: torch.save of a plain dictionary, read back with torch.load(weights_only=True).
+
+Layout (format_version 1):
+    format "polmodel", format_version 1, kind "model" | "ensemble", polmodel_version,
+    species [str], cutoff float,
+    hyperparameters [dict] and state_dicts [dict of tensors], one entry per member (a model is one member),
+    content_hash: sha256 over the JSON of (kind, species, cutoff, hyperparameters) and every state-dict
+    tensor (name, dtype, shape, bytes) in sorted name order.
+Nothing in the file is code, so loading never executes anything; the hash catches altered weights.
+"""
+import hashlib
+import json
+import os
+
+import torch
+
+import polmodel
+from polmodel.ensemble import PolEnsemble
+from polmodel.model import PolModel
+
+FORMAT = "polmodel"
+FORMAT_VERSION = 1
+_REQUIRED = ("kind", "species", "cutoff", "hyperparameters", "state_dicts", "content_hash")
+
+
+class ModelFileError(ValueError):
+    """A file that is not a readable, intact polmodel model file."""
+
+
+def file_sha256(path):
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(kind, species, cutoff, hyperparameters, state_dicts):
+    """sha256 of the architecture description and the weights (independent of torch's container format)."""
+    digest = hashlib.sha256()
+    header = {"kind": kind, "species": list(species), "cutoff": float(cutoff), "hyperparameters": hyperparameters}
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    for state_dict in state_dicts:
+        for name in sorted(state_dict):
+            tensor = state_dict[name].detach().cpu().contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _members(model_or_ensemble):
+    if isinstance(model_or_ensemble, PolEnsemble):
+        return "ensemble", list(model_or_ensemble.members)
+    if isinstance(model_or_ensemble, PolModel):
+        return "model", [model_or_ensemble]
+    raise TypeError(f"can only save a PolModel or PolEnsemble, got {type(model_or_ensemble).__name__}")
+
+
+def save(model_or_ensemble, path):
+    """Write a model or an ensemble to `path`."""
+    kind, members = _members(model_or_ensemble)
+    species, cutoff = members[0].species, members[0].cutoff
+    hyperparameters = [dict(member.hyperparameters) for member in members]
+    state_dicts = [{name: tensor.detach().cpu().clone() for name, tensor in member.state_dict().items()}
+                   for member in members]
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "polmodel_version": polmodel.__version__,
+        "species": list(species),
+        "cutoff": float(cutoff),
+        "hyperparameters": hyperparameters,
+        "state_dicts": state_dicts,
+        "content_hash": content_hash(kind, species, cutoff, hyperparameters, state_dicts),
+    }
+    torch.save(payload, os.fspath(path))
+
+
+def _read_payload(path):
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for unreadable files
+        raise ModelFileError(f"{path}: not a readable polmodel file (torch.load failed: "
+                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: a torch file, but not a polmodel model file (no format '{FORMAT}')")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: unsupported polmodel format_version {payload.get('format_version')!r} "
+                             f"(this polmodel reads version {FORMAT_VERSION})")
+    missing = [name for name in _REQUIRED if name not in payload]
+    if missing:
+        raise ModelFileError(f"{path}: polmodel file lacks {', '.join(missing)}")
+    if payload["kind"] not in ("model", "ensemble"):
+        raise ModelFileError(f"{path}: unknown kind {payload['kind']!r} (expected 'model' or 'ensemble')")
+    hyperparameters, state_dicts = payload["hyperparameters"], payload["state_dicts"]
+    if (not isinstance(hyperparameters, list) or not isinstance(state_dicts, list)
+            or len(hyperparameters) != len(state_dicts) or not state_dicts
+            or (payload["kind"] == "model" and len(state_dicts) != 1)):
+        raise ModelFileError(f"{path}: inconsistent member lists in polmodel file")
+    try:
+        expected = content_hash(payload["kind"], payload["species"], payload["cutoff"], hyperparameters, state_dicts)
+    except Exception as error:
+        raise ModelFileError(f"{path}: malformed polmodel file ({error})") from error
+    if expected != payload["content_hash"]:
+        raise ModelFileError(f"{path}: content hash mismatch (stored {payload['content_hash'][:12]}…, "
+                             f"computed {expected[:12]}…): the weights or settings were altered or corrupted")
+    return payload
+
+
+def _build_member(path, species, cutoff, hyperparameters, state_dict):
+    try:
+        model = PolModel(species, cutoff, **hyperparameters)
+        dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
+        if len(dtypes) == 1:
+            model = model.to(dtypes.pop())
+        model.load_state_dict(state_dict, strict=True)
+    except Exception as error:
+        raise ModelFileError(f"{path}: the stored weights do not fit the stored architecture ({error})") from error
+    return model
+
+
+def load(path):
+    """Read a file written by `save`; returns a PolModel or a PolEnsemble (ModelFileError if unusable)."""
+    path = os.fspath(path)
+    payload = _read_payload(path)
+    members = [_build_member(path, payload["species"], payload["cutoff"], hyperparameters, state_dict)
+               for hyperparameters, state_dict in zip(payload["hyperparameters"], payload["state_dicts"])]
+    if payload["kind"] == "model":
+        return members[0]
+    return PolEnsemble(members)

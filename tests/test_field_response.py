@@ -1,0 +1,279 @@
+"""FieldResponseWorkChain: input validation, handlers and branches with fake children (aiida-quantumespresso style),
+the derivation functions, and one real end-to-end run on zincblende AlAs checked against ph.x and pw.x's energies."""
+import numpy as np
+import pytest
+
+from polmodel import units
+from polmodel.workflows import response_functions as rf
+
+pytestmark = pytest.mark.aiida
+
+
+# --- pure derivation functions ---------------------------------------------------------------------------------
+
+
+def test_fold_onto_branch_removes_whole_quanta_in_a_hexagonal_basis():
+    quantum = np.array([[3.98, 0.0, 0.0], [-1.99, 3.44678, 0.0], [0.0, 0.0, 6.55]])
+    reference = np.array([0.1, -0.2, 0.3])
+    shifted = reference + np.array([0.01, 0.02, -0.03]) + np.array([2, -1, 3]) @ quantum
+    assert rf.fold_onto_branch(shifted, reference, quantum) == pytest.approx(reference + [0.01, 0.02, -0.03])
+
+
+def test_born_charges_index_order_is_force_derivative_by_field():
+    # Atom 0 feels F_y = 2 ε_x: Z*[0, x, y] = 2, everything else zero.
+    magnitude = 0.01
+    zero = np.zeros((2, 3))
+    plus = [zero.copy(), zero.copy(), zero.copy()]
+    minus = [zero.copy(), zero.copy(), zero.copy()]
+    plus[0][0, 1], minus[0][0, 1] = 2 * magnitude, -2 * magnitude
+    born = rf.born_charges_from_forces(plus, minus, magnitude)
+    expected = np.zeros((2, 3, 3))
+    expected[0, 0, 1] = 2.0
+    assert born == pytest.approx(expected)
+    assert rf.acoustic_sum_rule_residual(born) == pytest.approx(2.0)
+
+
+def test_polarizability_and_dielectric_from_dipoles():
+    alpha = np.array([[1.0, 0.1, 0.0], [0.1, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    magnitude = 0.02
+    plus = [alpha[:, b] * magnitude for b in range(3)]
+    minus = [-alpha[:, b] * magnitude for b in range(3)]
+    symmetric, raw = rf.polarizability_from_dipoles(plus, minus, magnitude)
+    assert raw == pytest.approx(alpha) and symmetric == pytest.approx(alpha)
+    volume = 50.0
+    dielectric = rf.dielectric_from_polarizability(alpha, volume)
+    assert dielectric[2, 2] == pytest.approx(1 + 3.0 / (units.EPSILON0_E_PER_V_ANGSTROM * volume))
+
+
+def test_zener_limit():
+    from polmodel.workflows.field_response import zener_field_limit
+
+    cell = np.eye(3) * 4.0
+    assert zener_field_limit(2.0, cell, [4, 4, 5]) == pytest.approx(2.0 / 20.0)
+
+
+# --- validation of inputs -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def field_response_inputs(alas_structure, pw_code, alas_lda_family):
+    """Valid inputs of a FieldResponseWorkChain on AlAs (not run by the tests that use them directly)."""
+    from aiida import orm
+
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    def factory(structure=None, code=None, overrides=None):
+        builder = FieldResponseWorkChain.get_builder_from_protocol(
+            code or pw_code, structure or alas_structure, protocol="fast", pseudo_family=alas_lda_family.label,
+            overrides=overrides or {"scf": {"kpoints_distance": 0.5}},
+        )
+        return builder
+
+    return factory
+
+
+def _validate(builder):
+    from polmodel.workflows.field_response import validate_inputs
+
+    inputs = builder._inputs(prune=True)
+    return validate_inputs(inputs, None)
+
+
+def test_valid_inputs_pass(field_response_inputs):
+    builder = field_response_inputs()
+    assert _validate(builder) is None
+    parameters = builder.scf.pw.parameters.get_dict()
+    assert parameters["SYSTEM"]["occupations"] == "fixed"
+    assert parameters["SYSTEM"]["ecutwfc"] > 0 and parameters["ELECTRONS"]["conv_thr"] > 0
+    assert builder.field_magnitude.value == pytest.approx(0.0364)
+
+
+def test_overlapping_atoms_refused(field_response_inputs, alas_structure):
+    from aiida import orm
+
+    structure = orm.StructureData(cell=alas_structure.cell)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")
+    structure.append_atom(position=(0.2, 0.0, 0.0), symbols="As")
+    with pytest.raises(ValueError, match="overlapping atoms"):
+        field_response_inputs(structure=structure)
+    builder = field_response_inputs()
+    builder.structure = structure
+    assert "overlapping atoms" in _validate(builder)
+
+
+def test_missing_pseudopotential_refused(field_response_inputs, alas_structure):
+    from aiida import orm
+
+    builder = field_response_inputs()
+    builder.scf.pw.pseudos = {"Al": builder.scf.pw.pseudos["Al"]}
+    assert "no pseudopotential for kind(s) As" in _validate(builder)
+    # A family that lacks an element says so when the builder is made.
+    structure = orm.StructureData(cell=alas_structure.cell)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")
+    structure.append_atom(position=(1.4, 1.4, 1.4), symbols="Ga")
+    with pytest.raises(ValueError, match="lacks a pseudopotential"):
+        field_response_inputs(structure=structure)
+
+
+def test_wrong_code_refused(field_response_inputs, ph_code):
+    with pytest.raises(ValueError, match="quantumespresso.pw"):
+        field_response_inputs(code=ph_code)
+    builder = field_response_inputs()
+    builder.scf.pw.code = ph_code
+    assert "quantumespresso.pw" in _validate(builder)
+
+
+def test_smearing_refused(field_response_inputs):
+    builder = field_response_inputs(overrides={"scf": {"pw": {"parameters": {"SYSTEM": {"occupations": "smearing"}}}}})
+    assert "occupations='fixed'" in _validate(builder)
+
+
+# --- handlers and branches with fake children ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def started_workchain(field_response_inputs, generate_workchain):
+    """A FieldResponseWorkChain on AlAs after `setup`, ready for fake children."""
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    def factory(field_magnitude=0.0364, max_field_halvings=3):
+        from aiida import orm
+
+        builder = field_response_inputs()
+        builder.field_magnitude = orm.Float(field_magnitude)
+        builder.max_field_halvings = orm.Int(max_field_halvings)
+        process = generate_workchain(FieldResponseWorkChain, builder._inputs(prune=True))
+        process.setup()
+        return process
+
+    return factory
+
+
+def _zero_field(generate_fake_pw_base, homo, lumo):
+    return generate_fake_pw_base(
+        output_parameters={"band_edges": {"highest_occupied_level": homo, "lowest_unoccupied_level": lumo}}
+    )
+
+
+def test_metal_refused_before_field_runs(started_workchain, generate_fake_pw_base):
+    process = started_workchain()
+    process.ctx.zero_field = _zero_field(generate_fake_pw_base, 6.1, 6.05)  # bands overlap: a metal
+    result = process.inspect_zero_field()
+    assert result.status == process.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    assert "metallic" in result.message
+
+
+def test_missing_band_edges_is_an_error(started_workchain, generate_fake_pw_base):
+    process = started_workchain()
+    process.ctx.zero_field = generate_fake_pw_base(output_parameters={})
+    assert process.inspect_zero_field().status == process.exit_codes.ERROR_BAND_EDGES_MISSING.status
+
+
+def test_failed_zero_field_scf(started_workchain, generate_fake_pw_base):
+    process = started_workchain()
+    process.ctx.zero_field = generate_fake_pw_base(exit_status=300)
+    assert process.inspect_zero_field().status == process.exit_codes.ERROR_ZERO_FIELD_SCF_FAILED.status
+
+
+def test_insulator_keeps_a_field_below_the_zener_limit(started_workchain, generate_fake_pw_base):
+    process = started_workchain(field_magnitude=0.0364)
+    process.ctx.zero_field = _zero_field(generate_fake_pw_base, 4.6, 6.0)
+    assert process.inspect_zero_field() is None
+    assert process.ctx.field_magnitude == pytest.approx(0.0364)
+
+
+def test_field_above_zener_limit_is_halved(started_workchain, generate_fake_pw_base):
+    from polmodel.workflows.field_response import zener_field_limit
+
+    process = started_workchain(field_magnitude=0.2)
+    process.ctx.zero_field = _zero_field(generate_fake_pw_base, 4.6, 6.0)
+    assert process.inspect_zero_field() is None
+    limit = 0.5 * zener_field_limit(1.4, process.inputs.structure.cell, process.ctx.mesh)
+    assert process.ctx.field_magnitude <= limit < 2 * process.ctx.field_magnitude
+    assert process.ctx.field_halvings >= 1
+
+
+def test_zener_exit_when_halvings_run_out(started_workchain, generate_fake_pw_base):
+    process = started_workchain(field_magnitude=0.2, max_field_halvings=2)
+    process.ctx.zero_field = _zero_field(generate_fake_pw_base, 4.6, 4.75)  # gap 0.15 eV: insulating, tiny limit
+    result = process.inspect_zero_field()
+    assert result.status == process.exit_codes.ERROR_ZENER_LIMIT.status
+
+
+def _set_field_children(process, generate_fake_pw_base, failing, **failure):
+    for label in rf.FIELD_LABELS:
+        process.ctx[f"field_{label}"] = generate_fake_pw_base(**failure) if label in failing else generate_fake_pw_base()
+
+
+def test_unconverged_field_run_halves_field_and_reruns_all(started_workchain, generate_fake_pw_base):
+    process = started_workchain(field_magnitude=0.0364)
+    _set_field_children(process, generate_fake_pw_base, {"z_plus"}, exit_status=401, calculation_exit_status=410)
+    assert process.inspect_field_runs() is None
+    assert process.ctx.field_magnitude == pytest.approx(0.0182)
+    assert process.should_run_field_runs()  # all six are rerun at the halved field
+
+
+def test_field_breakdown_exit_after_bounded_halvings(started_workchain, generate_fake_pw_base):
+    process = started_workchain(field_magnitude=0.0364, max_field_halvings=1)
+    _set_field_children(process, generate_fake_pw_base, {"x_minus"}, exit_status=300, calculation_exit_status=410)
+    assert process.inspect_field_runs() is None
+    _set_field_children(process, generate_fake_pw_base, {"x_minus"}, exit_status=300, calculation_exit_status=410)
+    result = process.inspect_field_runs()
+    assert result.status == process.exit_codes.ERROR_FIELD_RUNS_NOT_CONVERGED.status
+
+
+def test_other_field_failures_are_not_retried(started_workchain, generate_fake_pw_base):
+    process = started_workchain()
+    _set_field_children(process, generate_fake_pw_base, {"y_plus"}, exit_status=300, calculation_exit_status=305)
+    result = process.inspect_field_runs()
+    assert result.status == process.exit_codes.ERROR_FIELD_RUN_FAILED.status
+    assert "y_plus" in result.message
+
+
+def test_all_field_runs_ok(started_workchain, generate_fake_pw_base):
+    process = started_workchain()
+    _set_field_children(process, generate_fake_pw_base, set())
+    assert process.inspect_field_runs() is None
+    assert not process.should_run_field_runs()
+
+
+# --- one real end-to-end run ------------------------------------------------------------------------------------------
+
+E2E_KPOINTS_DISTANCE = 0.5   # 4x4x4 for AlAs
+E2E_OPTIONS = {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 2}, "max_wallclock_seconds": 1800}
+
+
+@pytest.fixture(scope="module")
+def alas_results(request):
+    """Field-response and DFPT chains run once on AlAs (LDA, 20 Ry, same settings), shared by the e2e checks."""
+    return {}
+
+
+@pytest.mark.dft
+def test_alas_end_to_end_against_ph_and_own_energies(alas_structure, pw_code, ph_code, alas_lda_family):
+    from aiida.engine import run_get_node
+
+    from polmodel.workflows.dfpt import DfptWorkChain
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    overrides = {"scf": {"kpoints_distance": E2E_KPOINTS_DISTANCE}}
+    builder = FieldResponseWorkChain.get_builder_from_protocol(
+        pw_code, alas_structure, protocol="fast", overrides=overrides, pseudo_family=alas_lda_family.label,
+        options=E2E_OPTIONS,
+    )
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+
+    dfpt_builder = DfptWorkChain.get_builder_from_field_response(builder, ph_code)
+    dfpt_results, dfpt_node = run_get_node(dfpt_builder)
+    assert dfpt_node.is_finished_ok, (dfpt_node.exit_status, dfpt_node.exit_message)
+
+    born = results["born_effective_charges"].get_array("born_effective_charges")
+    dielectric = results["dielectric_tensor"].get_array("dielectric_tensor")
+    born_ph = dfpt_results["born_effective_charges"].get_array("born_effective_charges")
+    dielectric_ph = dfpt_results["dielectric_tensor"].get_array("dielectric_tensor")
+    print("FF Z*", np.round(born, 4).tolist(), "eps", np.round(dielectric, 4).tolist(), "asr", results["asr_residual"].value)
+    print("PH Z*", np.round(born_ph, 4).tolist(), "eps", np.round(dielectric_ph, 4).tolist(), "asr", dfpt_results["asr_residual"].value)
+    assert results["asr_residual"].value < 0.05
+    assert np.abs(born - born_ph).max() < 0.05
+    assert np.diag(dielectric) == pytest.approx(np.diag(dielectric_ph), rel=0.02)

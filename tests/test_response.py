@@ -1,0 +1,92 @@
+"""The model's forces, stress, dipole, Z* and α are exact derivatives of its own energy, and transform correctly."""
+import numpy as np
+import pytest
+import torch
+
+from mixins_model import (ResponseConsistencyMixin, TEST_FIELD, distorted_perovskite, make_test_model,
+                          model_response, open_molecule, structure)  # noqa: F401  (structure is a fixture)
+from polmodel import keys
+from polmodel.data import atoms_to_graph, collate
+from polmodel.response import compute_response
+
+MODEL = make_test_model()
+
+
+class TestPolModelResponse(ResponseConsistencyMixin):
+    def response(self, atoms, efield, born_charges=False, polarizability=False):
+        return model_response(MODEL, atoms, efield, born_charges, polarizability)
+
+
+def test_field_changes_the_response():
+    """The field coupling is live: a polar cell has a dipole at zero field, α and Z* are not zero, and the dipole
+    follows the field to first order as ΩP(ε) ≈ ΩP(0) + α ε."""
+    atoms = distorted_perovskite()
+    zero = model_response(MODEL, atoms, np.zeros(3), born_charges=True, polarizability=True)
+    assert np.linalg.norm(zero[keys.DIPOLE]) > 1e-2
+    assert np.abs(zero[keys.POLARIZABILITY]).max() > 1e-2
+    assert np.abs(zero[keys.BORN_CHARGES]).max() > 1e-2
+    assert np.all(np.linalg.eigvalsh(zero[keys.DIELECTRIC]) != 1.0)
+    field = np.array([1e-4, -2e-4, 1.5e-4])
+    small = model_response(MODEL, atoms, field)
+    linear = zero[keys.DIPOLE] + zero[keys.POLARIZABILITY] @ field
+    assert np.abs(small[keys.DIPOLE] - linear).max() < 1e-6 * np.abs(zero[keys.DIPOLE]).max()
+    assert not np.allclose(small[keys.ENERGY], zero[keys.ENERGY], rtol=0, atol=1e-12)
+
+
+def test_open_boundaries_have_dipole_but_no_stress_or_polarization():
+    result = model_response(MODEL, open_molecule(), TEST_FIELD, polarizability=True)
+    assert keys.STRESS not in result and keys.POLARIZATION not in result and keys.VIRIAL not in result
+    assert result[keys.DIPOLE].shape == (3,)
+    assert np.all(np.isnan(result[keys.DIELECTRIC]))
+
+
+def test_batched_frames_match_separate_calls():
+    frames = [(distorted_perovskite(seed=0), TEST_FIELD), (open_molecule(), -TEST_FIELD),
+              (distorted_perovskite(seed=5).repeat((2, 1, 1)), np.array([0.0, 0.02, 0.0]))]
+    graphs = [atoms_to_graph(atoms, MODEL.species, MODEL.cutoff, efield=field, dtype=torch.float64)
+              for atoms, field in frames]
+    batched = compute_response(MODEL, collate(graphs), born_charges=True, polarizability=True)
+    start = 0
+    for index, (atoms, field) in enumerate(frames):
+        alone = model_response(MODEL, atoms, field, born_charges=True, polarizability=True)
+        atoms_slice = slice(start, start + len(atoms))
+        start += len(atoms)
+        for name in (keys.FORCES, keys.BORN_CHARGES, keys.ATOMIC_ENERGY):
+            np.testing.assert_allclose(batched[name][atoms_slice].numpy(), alone[name], rtol=0, atol=1e-11)
+        for name in (keys.ENERGY, keys.DIPOLE, keys.POLARIZABILITY):
+            np.testing.assert_allclose(batched[name][index].numpy(), alone[name], rtol=0, atol=1e-11)
+        if all(atoms.pbc):
+            for name in (keys.STRESS, keys.POLARIZATION, keys.DIELECTRIC):
+                np.testing.assert_allclose(batched[name][index].numpy(), alone[name], rtol=0, atol=1e-11)
+        else:
+            assert torch.isnan(batched[keys.STRESS][index]).all()
+            assert torch.isnan(batched[keys.POLARIZATION][index]).all()
+
+
+def test_training_mode_keeps_graph_for_derivative_losses():
+    graph = atoms_to_graph(distorted_perovskite(), MODEL.species, MODEL.cutoff, efield=TEST_FIELD,
+                           dtype=torch.float64)
+    result = compute_response(MODEL, graph, born_charges=True, polarizability=True, training=True)
+    loss = sum(result[name].square().sum() for name in (keys.FORCES, keys.STRESS, keys.DIPOLE, keys.BORN_CHARGES,
+                                                        keys.POLARIZABILITY))
+    MODEL.zero_grad()
+    loss.backward()
+    gradients = [p.grad for p in MODEL.parameters() if p.grad is not None]
+    assert gradients and any(g.abs().max() > 0 for g in gradients)
+    MODEL.zero_grad()
+
+
+def test_inference_results_are_detached():
+    graph = atoms_to_graph(distorted_perovskite(), MODEL.species, MODEL.cutoff, dtype=torch.float64)
+    result = compute_response(MODEL, graph, born_charges=True)
+    assert not any(value.requires_grad for value in result.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_response_dtype_follows_model(dtype):
+    model = make_test_model(dtype=dtype)
+    graph = atoms_to_graph(distorted_perovskite(), model.species, model.cutoff, efield=TEST_FIELD, dtype=dtype)
+    result = compute_response(model, graph, born_charges=True, polarizability=True)
+    assert all(value.dtype == dtype for value in result.values())
+    reference = model_response(MODEL, distorted_perovskite(), TEST_FIELD, born_charges=True)
+    np.testing.assert_allclose(result[keys.FORCES].double().numpy(), reference[keys.FORCES], atol=1e-4)

@@ -1,0 +1,148 @@
+"""Model/ensemble files: bit-identical round trips, clear errors for anything that is not an intact model file."""
+import numpy as np
+import pytest
+import torch
+
+from mixins_model import TEST_FIELD, distorted_perovskite, make_test_model, model_response, open_molecule
+from polmodel import keys
+from polmodel.data import atoms_to_graph, collate
+from polmodel.ensemble import PolEnsemble, ensemble_response
+from polmodel.response import compute_response
+from polmodel.serialization import FORMAT_VERSION, ModelFileError, file_sha256, load, save
+
+
+def _outputs(model, atoms):
+    return model_response(model, atoms, TEST_FIELD, born_charges=True, polarizability=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_round_trip_is_bit_identical(tmp_path, dtype):
+    model = make_test_model(seed=3, dtype=dtype)
+    model.set_reference_energies({"Ba": -12.5, "Ti": -3.25, "O": -1.0})
+    model.set_avg_num_neighbors(17.25)
+    path = tmp_path / "model.pt"
+    save(model, path)
+    loaded = load(path)
+    assert type(loaded).__name__ == "PolModel"
+    assert loaded.species == model.species and loaded.cutoff == model.cutoff
+    assert loaded.hyperparameters == model.hyperparameters
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    for atoms in (distorted_perovskite(), open_molecule()):
+        before, after = _outputs(model, atoms), _outputs(loaded, atoms)
+        assert before.keys() == after.keys()
+        for name in before:
+            assert np.array_equal(before[name], after[name], equal_nan=True), name
+    assert len(file_sha256(path)) == 64
+
+
+def test_polmodel_load_is_exported(tmp_path):
+    import polmodel
+
+    save(make_test_model(), tmp_path / "m.pt")
+    assert polmodel.load(tmp_path / "m.pt").species == ["Ba", "Ti", "O"]
+
+
+def test_ensemble_round_trip_and_statistics(tmp_path):
+    members = [make_test_model(seed=seed) for seed in range(3)]
+    ensemble = PolEnsemble(members)
+    path = tmp_path / "ensemble.pt"
+    save(ensemble, path)
+    loaded = load(path)
+    assert isinstance(loaded, PolEnsemble) and len(loaded) == 3
+
+    graph = collate([atoms_to_graph(distorted_perovskite(), ensemble.species, ensemble.cutoff, efield=TEST_FIELD,
+                                    dtype=torch.float64)])
+    flags = dict(born_charges=True, polarizability=True)
+    result = ensemble_response(loaded, graph, **flags)
+    singles = [compute_response(member, graph, **flags) for member in members]
+    for name in (keys.ENERGY, keys.FORCES, keys.DIPOLE, keys.POLARIZATION, keys.BORN_CHARGES, keys.POLARIZABILITY):
+        stacked = torch.stack([single[name] for single in singles])
+        torch.testing.assert_close(result[name], stacked.mean(0), rtol=0, atol=1e-12)
+        torch.testing.assert_close(result[f"{name}_std"], stacked.std(0, unbiased=False), rtol=0, atol=1e-12)
+        assert result[f"{name}_std"].abs().max() > 0, "different members disagree"
+    torch.testing.assert_close(result[keys.STRESS], torch.stack([s[keys.STRESS] for s in singles]).mean(0))
+    assert torch.allclose(loaded(graph)[keys.ENERGY], result[keys.ENERGY], atol=1e-12)
+
+
+def test_ensemble_members_must_agree():
+    with pytest.raises(ValueError, match="cutoff"):
+        PolEnsemble([make_test_model(cutoff=4.0), make_test_model(cutoff=4.5)])
+    with pytest.raises(ValueError, match="species"):
+        PolEnsemble([make_test_model(species=("Ba", "Ti", "O")), make_test_model(species=("Ti", "O"))])
+    with pytest.raises(ValueError, match="at least one"):
+        PolEnsemble([])
+
+
+# --- corrupt and foreign files -------------------------------------------------------------------------------------------
+@pytest.fixture
+def saved_model(tmp_path):
+    path = tmp_path / "model.pt"
+    save(make_test_model(seed=6, dtype=torch.float32), path)
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not a file"):
+        load(tmp_path / "nothing.pt")
+    with pytest.raises(ModelFileError, match="not a file"):
+        load(tmp_path)
+
+
+def test_truncated_file(saved_model):
+    data = saved_model.read_bytes()
+    saved_model.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="not a readable polmodel file"):
+        load(saved_model)
+
+
+def test_random_bytes(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelFileError, match="not a readable polmodel file"):
+        load(path)
+
+
+@pytest.mark.parametrize("foreign", [{"weights": torch.ones(3)}, [torch.zeros(2)], {"format": "nequip"}])
+def test_foreign_torch_file(tmp_path, foreign):
+    path = tmp_path / "foreign.pt"
+    torch.save(foreign, path)
+    with pytest.raises(ModelFileError, match="not a polmodel model file"):
+        load(path)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    """A file that would run code when unpickled is refused (weights_only loading), not executed."""
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "polmodel", "payload": np.random.default_rng(0)}, path)
+    with pytest.raises(ModelFileError, match="torch.load failed"):
+        load(path)
+
+
+def test_unknown_format_version(saved_model):
+    payload = torch.load(saved_model, weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, saved_model)
+    with pytest.raises(ModelFileError, match="format_version"):
+        load(saved_model)
+
+
+def test_tampered_weight_fails_the_hash(saved_model):
+    payload = torch.load(saved_model, weights_only=True)
+    name = next(name for name in payload["state_dicts"][0] if name.endswith("edge_tp.weight") or "radial" in name)
+    payload["state_dicts"][0][name].view(-1)[0] += 1e-3
+    torch.save(payload, saved_model)
+    with pytest.raises(ModelFileError, match="content hash mismatch"):
+        load(saved_model)
+
+
+def test_tampered_hyperparameters_fail_the_hash(saved_model):
+    payload = torch.load(saved_model, weights_only=True)
+    payload["cutoff"] = 6.0
+    torch.save(payload, saved_model)
+    with pytest.raises(ModelFileError, match="content hash mismatch"):
+        load(saved_model)
+
+
+def test_save_rejects_other_objects(tmp_path):
+    with pytest.raises(TypeError, match="PolModel or PolEnsemble"):
+        save(torch.nn.Linear(2, 2), tmp_path / "x.pt")

@@ -1,0 +1,326 @@
+"""The embedded demo (`make demo`): active learning of cubic BaTiO3 on this machine, then a report folder.
+
+    python -m polmodel.workflows.demo [--profile polmodel] [--report report] [--new]
+
+On the profile made by `make setup` (core.sqlite_dos + ZeroMQ broker, `pw@localhost`, `polmodel@localhost`, the
+ld1.x pseudopotential family) it starts the daemon if needed, submits the `polmodel.active_learning` loop (or
+finds the one a previous run submitted: interrupting this script never stops the loop, and re-running it follows
+the same loop again), prints the loop's progress, and finally writes ./report: the learning curve, the parity
+plots of the last training (E, F, P, Z*), the model's Born charges against DFT, and a P–E loop of the final
+model under a cyclic field (one more MdCalculation, so the loop is in the provenance graph too).
+
+The parameters below are sized for about 45 minutes on 2 cores: 5-atom cells, 'fast' DFT with a 3x3x3 k-point
+grid (Born charges to a few tenths of e, DESIGN.md), an ensemble of 3 small models, short MD under 3 fields at
+2 temperatures, at most 3 new DFT labels per iteration and at most 3 iterations.
+"""
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+DEMO_EXTRA = "polmodel_demo"          # node extra that marks the demo's loop (value: DEMO_VERSION)
+DEMO_VERSION = 1
+PE_LOOP_EXTRA = "polmodel_demo_pe_loop"
+LATTICE = 4.00                        # Å, cubic BaTiO3 (DESIGN.md's reference cell)
+
+DEMO = {
+    "displacements": [0.0, 0.04],     # Å: the ideal cell and one randomly displaced copy
+    "label": {"protocol": "fast", "overrides": {"scf": {"kpoints_distance": 0.6}}},
+    "ensemble_size": 3,
+    "train": {"epochs": 150, "validation_fraction": 0.15,
+              "hyperparameters": {"num_features": 8, "lmax": 2, "num_layers": 1, "num_radial": 6, "radial_hidden": 16,
+                                  "readout_hidden": 8, "cutoff": 4.5, "batch_size": 4, "max_time_s": 180.0}},
+    "md": {"steps": 300, "timestep": 2.0, "thermostat": "langevin", "interval": 10, "born_spread": True,
+           "friction": 0.02},
+    "fields": [{"kind": "static", "vector": [0.0, 0.0, 0.0]},
+               {"kind": "static", "vector": [0.0, 0.0, 0.05]},
+               {"kind": "cosine", "amplitude": 0.1, "period_fs": 300.0, "axis": [0, 0, 1]}],
+    "temperatures": [100.0, 300.0],
+    "selection": {"force_lower": 0.05, "force_upper": 0.6, "polarization_threshold": 0.002,
+                  "born_charge_threshold": 0.3, "max_candidates": 3, "similarity_tolerance": 0.02},
+    "candidate_fraction_threshold": 0.1,
+    "max_iterations": 3,
+    "pe_loop": {"steps": 1500, "timestep": 2.0, "thermostat": "langevin", "interval": 5, "temperature": 50.0,
+                "friction": 0.02, "field": {"kind": "cosine", "amplitude": 0.2, "period_fs": 1000.0,
+                                            "axis": [0, 0, 1]}},
+}
+
+
+def say(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def batio3_structures():
+    from aiida import orm
+    from ase import Atoms
+
+    structures = {}
+    rng = np.random.default_rng(1)
+    for index, displacement in enumerate(DEMO["displacements"]):
+        atoms = Atoms("BaTiO3", cell=np.eye(3) * LATTICE, pbc=True,
+                      scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+        atoms.positions += rng.normal(scale=displacement, size=atoms.positions.shape)
+        structures[f"batio3_{index}"] = orm.StructureData(ase=atoms)
+    return structures
+
+
+def demo_inputs():
+    """Inputs of the demo's ActiveLearningWorkChain (codes and family as `make setup` registers them)."""
+    from aiida import orm
+
+    from polmodel.plugins.pseudos import DEFAULT_PSEUDO_FAMILY
+
+    polmodel_code = orm.load_code("polmodel@localhost")
+    return {
+        "structures": batio3_structures(),
+        "label": {
+            "code": orm.load_code("pw@localhost"),
+            "protocol": orm.Str(DEMO["label"]["protocol"]),
+            "overrides": orm.Dict(DEMO["label"]["overrides"]),
+            "pseudo_family": orm.Str(DEFAULT_PSEUDO_FAMILY),
+        },
+        "train": {"train": {"code": polmodel_code, "parameters": orm.Dict(DEMO["train"])},
+                  "ensemble_size": orm.Int(DEMO["ensemble_size"])},
+        "explore": {"md": {"code": polmodel_code}, "parameters": orm.Dict(DEMO["md"]),
+                    "fields": orm.List(DEMO["fields"]), "temperatures": orm.List(DEMO["temperatures"]),
+                    "selection": orm.Dict(DEMO["selection"])},
+        "candidate_fraction_threshold": orm.Float(DEMO["candidate_fraction_threshold"]),
+        "max_iterations": orm.Int(DEMO["max_iterations"]),
+        "metadata": {"label": "polmodel demo: BaTiO3 active learning"},
+    }
+
+
+def find_demo_loop():
+    """The most recent loop this demo submitted, or None."""
+    from aiida import orm
+
+    builder = orm.QueryBuilder()
+    builder.append(orm.WorkChainNode, filters={f"extras.{DEMO_EXTRA}": DEMO_VERSION}, tag="loop")
+    builder.order_by({"loop": {"ctime": "desc"}})
+    return builder.first(flat=True)
+
+
+def ensure_daemon():
+    from aiida.engine.daemon.client import get_daemon_client
+
+    client = get_daemon_client()
+    if not client.is_daemon_running:
+        say("starting the AiiDA daemon (1 worker)")
+        client.start_daemon(number_workers=1)
+    return client
+
+
+def follow(node, poll_seconds):
+    """Print the loop's new report lines (its own and its children's) until it terminates."""
+    from aiida import orm
+
+    seen = set()
+    started = time.time()
+    while True:
+        node = orm.load_node(node.pk)
+        pks = [node.pk] + [child.pk for child in node.called_descendants]
+        builder = orm.QueryBuilder().append(orm.Log, filters={"dbnode_id": {"in": pks}, "levelname": "REPORT"},
+                                            project=["id", "time", "message", "dbnode_id"], tag="log")
+        builder.order_by({"log": {"id": "asc"}})
+        for log_id, logged_at, message, dbnode in builder.all():
+            if log_id not in seen:
+                seen.add(log_id)
+                print(f"  {logged_at:%H:%M:%S} <{dbnode}> {message}", flush=True)
+        if node.is_terminated:
+            say(f"loop {node.pk} {node.process_state.value} (exit status {node.exit_status}) after "
+                f"{(time.time() - started) / 60:.1f} min of following")
+            return node
+        time.sleep(poll_seconds)
+
+
+def submit_pe_loop(model, structure):
+    """The P–E loop MdCalculation of the final model (found again through its extra)."""
+    from aiida import orm
+    from aiida.engine import submit
+
+    from polmodel.plugins.calculations import MdCalculation
+
+    builder = orm.QueryBuilder().append(orm.CalcJobNode, filters={f"extras.{PE_LOOP_EXTRA}": model.uuid})
+    existing = builder.first(flat=True)
+    if existing is not None and not (existing.is_terminated and not existing.is_finished_ok):
+        return existing
+    node = submit(MdCalculation, model=model, structure=structure, parameters=orm.Dict(DEMO["pe_loop"]),
+                  code=orm.load_code("polmodel@localhost"), metadata={"label": "P-E loop of the final model"})
+    node.base.extras.set(PE_LOOP_EXTRA, model.uuid)
+    return node
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_learning_curve(loop, directory):
+    from polmodel.workflows.provenance import format_learning_curve, learning_curve
+
+    records = learning_curve(loop)
+    (directory / "learning_curve.txt").write_text(format_learning_curve(records) + "\n")
+    (directory / "learning_curve.json").write_text(json.dumps(records, indent=2))
+    if not records:
+        return
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    iterations = [record["iteration"] for record in records]
+    for quantity in ("energy", "forces", "polarization", "born_effective_charges"):
+        values = [record["validation"].get(quantity, {}).get("mae", np.nan) for record in records]
+        if np.any(np.isfinite(values)):
+            left.semilogy(iterations, values, "o-", label=quantity)
+    left.set_xlabel("iteration")
+    left.set_ylabel("validation MAE (eV, eV/Å, e/Å², e)")
+    left.legend(fontsize=7)
+    right.plot(iterations, [record["candidate_fraction"] for record in records], "o-", label="candidates")
+    right.plot(iterations, [record["failed_fraction"] for record in records], "s-", label="failed")
+    right.axhline(records[-1]["threshold"], color="grey", ls=":", label="threshold")
+    right.set_xlabel("iteration")
+    right.set_ylabel("fraction of explored frames")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(directory / "learning_curve.png", dpi=120)
+    plt.close(figure)
+
+
+def copy_parity_plots(model, directory):
+    training = model.creator
+    if training is None or "plots" not in training.outputs:
+        return []
+    plots = training.outputs.plots
+    names = plots.base.repository.list_object_names()
+    for name in names:
+        (directory / f"parity_{name}").write_bytes(plots.base.repository.get_object_content(name, mode="rb"))
+    return names
+
+
+def write_born_charges_against_dft(model, dataset, directory):
+    """Model Z* (ensemble mean) against the DFT Z* of every labelled frame that has them."""
+    from polmodel.calculator import PolCalculator
+    from polmodel.frames import frame_born_charges, frame_efield
+
+    calculator = PolCalculator(model.load())
+    rows, dft_all, model_all = [], [], []
+    for atoms in dataset.get_atoms():
+        reference = frame_born_charges(atoms)
+        efield = frame_efield(atoms)
+        if reference is None or (efield is not None and np.any(np.asarray(efield) != 0)):
+            continue
+        probe = atoms.copy()
+        probe.calc = calculator
+        predicted = np.asarray(calculator.get_property("born_effective_charges", probe)).reshape(len(atoms), 3, 3)
+        dft_all.append(reference.reshape(-1))
+        model_all.append(predicted.reshape(-1))
+        for index, symbol in enumerate(atoms.get_chemical_symbols()):
+            rows.append((symbol, index, np.trace(reference[index]) / 3, np.trace(predicted[index]) / 3))
+    lines = [f"{'atom':>6} {'index':>5} {'Z*_DFT (trace/3)':>18} {'Z*_model':>10}"]
+    lines += [f"{symbol:>6} {index:>5} {dft:18.3f} {pred:10.3f}" for symbol, index, dft, pred in rows]
+    if dft_all:
+        dft_all, model_all = np.concatenate(dft_all), np.concatenate(model_all)
+        lines.append(f"MAE over all components: {np.mean(np.abs(dft_all - model_all)):.3f} e "
+                     f"({len(dft_all)} components)")
+        plt = _pyplot()
+        figure, ax = plt.subplots(figsize=(4.2, 4))
+        ax.plot(dft_all, model_all, ".", ms=4)
+        limits = [min(dft_all.min(), model_all.min()) - 0.5, max(dft_all.max(), model_all.max()) + 0.5]
+        ax.plot(limits, limits, "k--", lw=0.7)
+        ax.set_xlabel("Z* DFT (e)")
+        ax.set_ylabel("Z* model (e)")
+        ax.set_title("Born charges, zero-field frames")
+        figure.tight_layout()
+        figure.savefig(directory / "born_charges_vs_dft.png", dpi=120)
+        plt.close(figure)
+    (directory / "born_charges_vs_dft.txt").write_text("\n".join(lines) + "\n")
+
+
+def write_pe_loop(md_node, directory):
+    from polmodel.analysis import hysteresis_loop, plot_hysteresis
+
+    if not md_node.is_finished_ok:
+        (directory / "pe_loop.txt").write_text(f"P-E loop MD {md_node.pk} failed: exit {md_node.exit_status}\n")
+        return
+    trajectory = md_node.outputs.trajectory
+    loop = hysteresis_loop(trajectory.get_array("efield"), trajectory.get_array("polarization"))
+    plot_hysteresis(loop, directory / "pe_loop.png")
+    summary = {key: value for key, value in loop.items() if key not in ("field", "polarization")}
+    (directory / "pe_loop.json").write_text(json.dumps(summary, indent=2))
+
+
+def write_report(loop, pe_node, directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    model, dataset = loop.outputs.model, loop.outputs.dataset
+    write_learning_curve(loop, directory)
+    plots = copy_parity_plots(model, directory)
+    write_born_charges_against_dft(model, dataset, directory)
+    write_pe_loop(pe_node, directory)
+    (directory / "README.txt").write_text(
+        f"polmodel demo report\n"
+        f"active-learning loop: {loop.pk} ({loop.uuid}), exit status {loop.exit_status}\n"
+        f"final model: ModelData {model.pk} ({model.kind}, {model.ensemble_size} members, sha256 {model.sha256})\n"
+        f"dataset: FramesData {dataset.pk}, {dataset.count} frames\n"
+        f"P-E loop MD: {pe_node.pk}\n"
+        f"parity plots: {', '.join(plots) or 'none'}\n"
+        f"provenance: polmodel provenance pw-runs {model.pk};  verdi node graph generate {model.pk}\n")
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m polmodel.workflows.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="polmodel", help="AiiDA profile (default: polmodel, made by make setup)")
+    parser.add_argument("--report", default="report", help="report folder (default: ./report)")
+    parser.add_argument("--new", action="store_true", help="submit a new loop even if one exists")
+    parser.add_argument("--poll", type=float, default=15.0, help="seconds between progress checks")
+    args = parser.parse_args(argv)
+
+    from aiida import load_profile
+    from aiida.common.exceptions import ProfileConfigurationError
+
+    try:
+        load_profile(args.profile)
+    except ProfileConfigurationError as error:
+        print(f"demo: profile `{args.profile}` not found ({error}); run `make setup` first", file=sys.stderr)
+        return 2
+    from aiida.engine import submit
+
+    from polmodel.workflows.active_learning import ActiveLearningWorkChain
+
+    started = time.time()
+    ensure_daemon()
+    loop = None if args.new else find_demo_loop()
+    if loop is not None and loop.is_terminated and not loop.is_finished_ok:
+        say(f"the previous demo loop {loop.pk} ended with exit status {loop.exit_status}: "
+            f"{loop.exit_message}; submitting a new one (see `verdi process report {loop.pk}`)")
+        loop = None
+    if loop is None:
+        loop = submit(ActiveLearningWorkChain, **demo_inputs())
+        loop.base.extras.set(DEMO_EXTRA, DEMO_VERSION)
+        say(f"submitted the active-learning loop: ActiveLearningWorkChain<{loop.pk}>")
+    else:
+        say(f"continuing the demo loop ActiveLearningWorkChain<{loop.pk}> ({loop.process_state.value})")
+    say("progress below; Ctrl-C stops following only (the daemon keeps working; re-run to follow again)")
+    loop = follow(loop, args.poll)
+    if not loop.is_finished_ok:
+        print(f"demo: the loop failed: {loop.exit_message}; see `verdi process report {loop.pk}`", file=sys.stderr)
+        return 1
+
+    structure = next(iter(sorted(loop.inputs.structures.items())))[1]
+    pe_node = submit_pe_loop(loop.outputs.model, structure)
+    say(f"P-E loop of the final model: MdCalculation<{pe_node.pk}>")
+    pe_node = follow(pe_node, min(args.poll, 5.0))
+    report = pathlib.Path(args.report).resolve()
+    write_report(loop, pe_node, report)
+    say(f"report written to {report} ({(time.time() - started) / 60:.1f} min in this run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
