@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from polmodel import keys
 from polmodel.data import atoms_to_graph, average_num_neighbors, collate
 from polmodel.frames import frame_efield, frame_energy, frame_forces, normalize_frames
 from polmodel.losses import QUANTITIES, QUANTITY_UNITS, LossWeights, TargetBatch, paired_values, predict, \

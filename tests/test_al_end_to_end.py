@@ -3,10 +3,12 @@ submitted to a running daemon (ZeroMQ broker), then the provenance questions ans
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from aiida import orm
+from aiida.common.links import LinkType
 
 from fixtures_al import TINY_TRAINING
 
@@ -51,13 +53,57 @@ def al_loop_inputs(alas_structure, pw_code, polmodel_code, pseudo_family):
     return factory
 
 
-def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, aiida_profile, tmp_path):
+def interrupt_daemon_mid_loop(loop, daemon_client, timeout=300):
+    """Stop the daemon while a pw.x job of the loop is running (or after `timeout` s), wait, then start it again."""
+    from aiida.engine import ProcessState
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        running_jobs = [node for node in orm.load_node(loop.pk).called_descendants
+                        if isinstance(node, orm.CalcJobNode) and node.process_state == ProcessState.WAITING
+                        and node.get_scheduler_state() is not None and node.get_scheduler_state().value == "running"]
+        if running_jobs:
+            break
+        time.sleep(1.0)
+    daemon_client.stop_daemon(wait=True)
+    assert not daemon_client.is_daemon_running
+    time.sleep(3.0)
+    assert not orm.load_node(loop.pk).is_terminated, "the loop finished before the daemon could be interrupted"
+    daemon_client.start_daemon()
+    return len(running_jobs) if time.time() < deadline else 0
+
+
+def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, started_daemon_client, aiida_profile,
+                                         tmp_path):
+    """Submit, stop the daemon mid-loop and start it again, then check the loop and ask the provenance questions."""
+    from aiida.engine import submit
+
     from polmodel.workflows.active_learning import ActiveLearningWorkChain
     from polmodel.workflows.provenance import learning_curve, models_trained_by, pw_runs_for_model
 
-    node = submit_and_await(ActiveLearningWorkChain, timeout=900, **al_loop_inputs())
+    started = time.time()
+    loop = submit(ActiveLearningWorkChain, **al_loop_inputs())
+    interrupt_daemon_mid_loop(loop, started_daemon_client)
+    node = submit_and_await(loop, timeout=900)
+    durations = sorted(((child.mtime - child.ctime).total_seconds(), child.process_label, child.pk)
+                       for child in node.called_descendants)
+    print(f"loop took {time.time() - started:.0f} s; slowest children: {durations[-5:]}")
     assert node.is_finished_ok, (node.exit_status, node.exit_message,
                                  [log.message for log in orm.Log.collection.get_logs_for(node)])
+
+    # nothing lost, nothing duplicated by the interruption
+    descendants = node.called_descendants
+    assert all(child.is_terminated for child in descendants)
+    assert not [child.pk for child in descendants if child.is_excepted or child.is_killed]
+    labels = [child.process_label for child in node.called]
+    assert labels.count("TrainEnsembleWorkChain") == 1 and labels.count("ExploreWorkChain") == 1
+    assert labels.count("FieldResponseWorkChain") == 1
+    for parent in [node, *[child for child in descendants if isinstance(child, orm.WorkflowNode)]]:
+        call_labels = [link.link_label for link in parent.base.links.get_outgoing(
+            link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK)).all()]
+        duplicated = {label for label in call_labels if call_labels.count(label) > 1 and label != "CALL"}
+        assert not duplicated, f"{parent.process_label}<{parent.pk}> called {duplicated} twice"
+
     model = node.outputs.model
     dataset = node.outputs.dataset
     assert model.kind == "ensemble" and model.ensemble_size == 2
@@ -88,3 +134,19 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, aiid
                     "-d", "0", "-O", str(output), str(model.pk)], check=True, capture_output=True, timeout=300)
     drawn = {int(pk) for pk in re.findall(r"\bN(\d+)\s*\[", output.read_text())}
     assert model.pk in drawn and {run.pk for run in pw_runs} <= drawn
+
+    # the demo's report writers on this loop (the demo itself runs BaTiO3 on the `polmodel` profile)
+    from polmodel.workflows import demo
+
+    report = tmp_path / "report"
+    report.mkdir()
+    demo.write_learning_curve(node, report)
+    assert (report / "learning_curve.png").is_file()
+    assert "frames" in (report / "learning_curve.txt").read_text()
+    assert demo.copy_parity_plots(model, report)
+    demo.write_born_charges_against_dft(model, dataset, report)
+    table = (report / "born_charges_vs_dft.txt").read_text()
+    assert "Al" in table and "As" in table and "MAE over all components" in table
+    md_node = next(child for child in node.called_descendants if child.process_label == "MdCalculation")
+    demo.write_pe_loop(md_node, report)
+    assert (report / "pe_loop.png").is_file()

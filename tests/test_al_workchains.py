@@ -350,3 +350,18 @@ def test_al_exploration_failure_is_an_exit_code(generate_al_workchain, al_inputs
     process.ctx.iteration = 1
     process.ctx.explore = generate_fake_child(exit_status=402)
     assert process.inspect_explore().status == process.exit_codes.ERROR_EXPLORATION_FAILED.status
+
+
+# --------------------------------------------------------------------------------------------- demo
+def test_demo_inputs_are_valid_and_the_loop_is_found_again(generate_al_workchain, polmodel_code, generate_code):
+    """The demo's inputs pass the loop's spec, and a re-run finds the submitted loop through its extra."""
+    from polmodel.workflows import demo
+
+    generate_code("pw")
+    inputs = demo.demo_inputs()
+    assert len(inputs["structures"]) == len(demo.DEMO["displacements"])
+    process = generate_al_workchain("polmodel.active_learning", inputs)
+    assert process.setup() is None
+    assert demo.find_demo_loop() is None
+    process.node.base.extras.set(demo.DEMO_EXTRA, demo.DEMO_VERSION)
+    assert demo.find_demo_loop().pk == process.node.pk

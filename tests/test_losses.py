@@ -7,6 +7,7 @@ from polmodel import keys
 from polmodel.data import atoms_to_graph, collate
 from polmodel.losses import LossWeights, TargetBatch, paired_values, predict, weighted_loss
 from polmodel.model import PolModel
+from polmodel.polarization import fold_dipole_difference
 from toy_potential import make_toy_frames
 
 TINY = dict(num_features=8, num_layers=1, radial_hidden=8, readout_hidden=8, lmax=1)
@@ -87,3 +88,33 @@ def test_a_batch_without_labels_is_an_error(model, frames):
         bare[0].arrays.pop(key, None)
     with pytest.raises(ValueError, match="no labels"):
         _loss(model, bare)
+
+
+def test_terms_equal_the_mean_squared_errors_computed_by_hand(model, frames):
+    from polmodel.response import compute_response
+
+    data = collate([atoms_to_graph(f, model.species, model.cutoff, dtype=torch.float64) for f in frames])
+    _, terms = _loss(model, frames)
+    out = compute_response(model, data, stress=True, born_charges=True, polarizability=True)
+    n = np.array([len(f) for f in frames], dtype=float)
+    energy = np.array([f.info["energy"] for f in frames])
+    expected = {keys.ENERGY: np.mean(((out[keys.ENERGY].numpy() - energy) / n) ** 2),
+                keys.FORCES: np.mean((out[keys.FORCES].numpy()
+                                      - np.concatenate([f.arrays["forces"] for f in frames])) ** 2)}
+    dipole_errors = []
+    for g, frame in enumerate(frames):
+        delta = out[keys.DIPOLE][g].numpy() - frame.info["dipole"]
+        dipole_errors.append(fold_dipole_difference(delta, frame.info["polarization_quantum"]) / len(frame))
+    expected[keys.DIPOLE] = np.mean(np.square(dipole_errors))
+    has_stress = [g for g, f in enumerate(frames) if "stress" in f.info]
+    expected[keys.STRESS] = np.mean([(out[keys.STRESS][g].numpy() - frames[g].info["stress"]) ** 2 for g in has_stress])
+    has_response = [g for g, f in enumerate(frames) if "polarizability" in f.info]
+    expected[keys.POLARIZABILITY] = np.mean([((out[keys.POLARIZABILITY][g].numpy() - frames[g].info["polarizability"])
+                                              / len(frames[g])) ** 2 for g in has_response])
+    offsets = np.concatenate([[0], np.cumsum(n).astype(int)])
+    expected[keys.BORN_CHARGES] = np.mean([
+        (out[keys.BORN_CHARGES][offsets[g]:offsets[g + 1]].numpy()
+         - frames[g].arrays["born_effective_charges"].reshape(-1, 3, 3)) ** 2 for g in has_response])
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-10), name

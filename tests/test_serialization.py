@@ -12,6 +12,9 @@ from polmodel.serialization import FORMAT_VERSION, ModelFileError, file_sha256, 
 
 
 def _outputs(model, atoms):
+    # In float32 the very first double-backward of a process-fresh model can differ from all later calls in the
+    # last bit (MKL's first-call kernel choice); later calls are reproducible, so compare those.
+    model_response(model, atoms, TEST_FIELD, born_charges=True, polarizability=True)
     return model_response(model, atoms, TEST_FIELD, born_charges=True, polarizability=True)
 
 
