@@ -153,7 +153,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-atoms", type=int, default=None,
                         help="largest supercell (default 20,480 on CPU, 10^6 on GPU)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per size and mode (median)")
+    parser.add_argument("--repeat-sizes", default=None,
+                        help="comma-separated supercell repeats n (5n³ atoms) instead of the default ladder")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--cutoff", type=float, default=5.0)
     parser.add_argument("--features", type=int, default=32)
@@ -191,8 +193,10 @@ def main(argv=None):
         print(mace_note)
 
     base = ("energy", "forces", "dipole", "polarization")
-    rows, repeat = [], 2
-    while len(batio3_supercell(repeat)) <= max_atoms:
+    rows = []
+    repeats = [int(n) for n in args.repeat_sizes.split(",")] if args.repeat_sizes else supercell_repeats(
+        max_atoms, device)
+    for repeat in repeats:
         atoms = batio3_supercell(repeat)
         n = len(atoms)
         row = {"atoms": n}
@@ -211,7 +215,6 @@ def main(argv=None):
                 lambda: mace_energy_forces(mace, atoms, args.cutoff, device))
         rows.append(row)
         print(_format_row(row), flush=True)
-        repeat = _next_repeat(repeat, device)
     print()
     print(_table(rows, args))
     if args.json:
@@ -220,11 +223,10 @@ def main(argv=None):
                       indent=1)
 
 
-def _next_repeat(repeat, device):
-    """Roughly ×2.5 in atoms per size: 40, 135, 320, 1080, 2560, 8640, 20480, ... atoms."""
-    if repeat < 4:
-        return repeat + 1
-    return repeat + max(2, repeat // 2) if device.type == "cpu" else int(repeat * 1.35) + 1
+def supercell_repeats(max_atoms, device):
+    """Supercell repeats n (5n³ atoms): 40, 135, 320, 1080, 2560, 8640, 20480 atoms, and on GPU on to ~10^6."""
+    ladder = [2, 3, 4, 6, 8, 12, 16] + ([24, 32, 40, 50, 59] if device.type == "cuda" else [24, 32])
+    return [n for n in ladder if 5 * n ** 3 <= max_atoms]
 
 
 def _format_row(row):

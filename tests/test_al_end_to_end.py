@@ -66,6 +66,9 @@ def interrupt_daemon_mid_loop(loop, daemon_client, timeout=300):
             break
         time.sleep(1.0)
     daemon_client.stop_daemon(wait=True)
+    stop_deadline = time.time() + 60
+    while daemon_client.is_daemon_running and time.time() < stop_deadline:  # the pid file can lag under load
+        time.sleep(1.0)
     assert not daemon_client.is_daemon_running
     time.sleep(3.0)
     assert not orm.load_node(loop.pk).is_terminated, "the loop finished before the daemon could be interrupted"
@@ -74,7 +77,7 @@ def interrupt_daemon_mid_loop(loop, daemon_client, timeout=300):
 
 
 def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, started_daemon_client, aiida_profile,
-                                         tmp_path):
+                                         tmp_path, capsys):
     """Submit, stop the daemon mid-loop and start it again, then check the loop and ask the provenance questions."""
     from aiida.engine import submit
 
@@ -83,7 +86,8 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, star
 
     started = time.time()
     loop = submit(ActiveLearningWorkChain, **al_loop_inputs())
-    interrupt_daemon_mid_loop(loop, started_daemon_client)
+    interrupted_jobs = interrupt_daemon_mid_loop(loop, started_daemon_client)
+    print(f"daemon stopped and restarted while {interrupted_jobs} pw.x/polmodel job(s) were running")
     node = submit_and_await(loop, timeout=900)
     durations = sorted(((child.mtime - child.ctime).total_seconds(), child.process_label, child.pk)
                        for child in node.called_descendants)
@@ -126,6 +130,16 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, star
         out.uuid for run in pw_runs for out in run.base.links.get_outgoing().all_nodes()}
     # which models the labels trained
     assert [m.pk for m in models_trained_by(dataset)] == [model.pk]
+
+    # the same questions through the command line
+    from polmodel.cli import main
+
+    assert main(["provenance", "--profile", aiida_profile.name, "pw-runs", str(model.pk)]) == 0
+    assert main(["provenance", "--profile", aiida_profile.name, "models", "--source", sorted(dataset.sources)[0]]) == 0
+    assert main(["provenance", "--profile", aiida_profile.name, "learning-curve", str(node.pk)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(pw_runs)} pw.x calculation(s)" in printed and "1 model(s)" in printed
+    assert printed.strip().splitlines()[-1].split()[:2] == ["1", "7"]
 
     # `verdi node graph generate` on the model draws the chain back to the pw.x runs
     output = tmp_path / "model.dot"

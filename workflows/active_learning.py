@@ -74,6 +74,8 @@ class ActiveLearningWorkChain(WorkChain):
         spec.input("label.protocol", valid_type=orm.Str, default=lambda: orm.Str("fast"))
         spec.input("label.overrides", valid_type=orm.Dict, required=False)
         spec.input("label.pseudo_family", valid_type=orm.Str, required=False)
+        spec.input("label.options", valid_type=orm.Dict, required=False,
+                   help="CalcJob options of the pw.x runs (resources, queue, wallclock) on the chosen computer.")
         spec.expose_inputs(TrainEnsembleWorkChain, namespace="train", exclude=("frames",))
         spec.expose_inputs(ExploreWorkChain, namespace="explore", exclude=("model", "structures"))
         spec.input("candidate_fraction_threshold", valid_type=orm.Float, default=lambda: orm.Float(0.05))
@@ -127,6 +129,8 @@ class ActiveLearningWorkChain(WorkChain):
             kwargs["overrides"] = label.overrides.get_dict()
         if "pseudo_family" in label:
             kwargs["pseudo_family"] = label.pseudo_family.value
+        if "options" in label:
+            kwargs["options"] = label.options.get_dict()
         return FieldResponseWorkChain.get_builder_from_protocol(label.code, structure, **kwargs)
 
     def submit_labels(self, structures, prefix):

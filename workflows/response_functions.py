@@ -41,6 +41,15 @@ def fold_onto_branch(dipole, reference, quantum):
     return reference + (coefficients - np.round(coefficients)) @ quantum
 
 
+def common_branch(berry_dipole, field_dipole, quantum):
+    """The zero-field Berry dipole moved onto the branch of pw.x's finite-field dipoles.
+
+    pw.x's enthalpy under `lelfield` is E_0 − ε·d with d on the branch of its unwrapped ionic dipole Σ Z_i r_i;
+    labelling every frame on that branch keeps energies and dipoles consistent (d = −∂E/∂ε across frames).
+    """
+    return fold_onto_branch(berry_dipole, field_dipole, quantum)
+
+
 def born_charges_from_forces(forces_plus, forces_minus, magnitude):
     """Z*[i, a, b] = ∂F_ib/∂ε_a (e) by central differences.
 
@@ -109,11 +118,12 @@ def compute_field_response(structure, polarization, field_magnitude, **field_out
     """Born charges, polarizability, ε∞ and the acoustic-sum-rule residual from the six ±ε runs.
 
     `field_outputs` holds `parameters_<label>` (output_parameters) and `trajectory_<label>` (output_trajectory)
-    for every label in FIELD_LABELS. Dipoles are folded onto the zero-field Berry branch before differencing.
+    for every label in FIELD_LABELS. Dipoles are folded onto one branch (`common_branch`) before differencing.
     """
     magnitude = field_magnitude.value
-    reference = polarization.get_array("dipole")
     quantum = polarization.get_array("polarization_quantum")
+    first_field = field_outputs[f"parameters_{FIELD_LABELS[0]}"]["finite_field"]["dipole"]
+    reference = common_branch(polarization.get_array("dipole"), first_field, quantum)
 
     forces = {label: _last(field_outputs[f"trajectory_{label}"], "forces") for label in FIELD_LABELS}
     dipoles = {
@@ -149,12 +159,14 @@ def build_frames(structure, polarization, born_effective_charges, polarizability
     """The seven labelled frames (DESIGN.md) of one structure: zero field, then ±ε along x, y, z.
 
     `pw_outputs` holds `parameters_<label>` and `trajectory_<label>` for 'zero_field' and every FIELD_LABELS
-    entry. `info['source']` is the UUID of the pw.x calculation that produced each frame's labels.
+    entry. `info['source']` is the UUID of the pw.x calculation that produced each frame's labels. All seven dipoles
+    lie on one branch, the one of pw.x's enthalpies (`common_branch`), so d = −ΔE/Δε holds between frames.
     """
     from polmodel.plugins.data import FramesData
 
-    reference = polarization.get_array("dipole")
     quantum = polarization.get_array("polarization_quantum")
+    first_field = pw_outputs[f"parameters_{FIELD_LABELS[0]}"]["finite_field"]["dipole"]
+    reference = common_branch(polarization.get_array("dipole"), first_field, quantum)
     frames = []
 
     def new_frame(label):
