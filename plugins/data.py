@@ -47,14 +47,24 @@ class FramesData(orm.Data):
     def sources(self):
         return self.base.attributes.get("sources")
 
-    def get_atoms(self):
-        """The frames as a list of `ase.Atoms`."""
+    def get_atoms(self, normalize=True):
+        """The frames as a list of `ase.Atoms`.
+
+        With `normalize` (default) every label sits in `info` / `arrays` as DESIGN.md specifies
+        (`polmodel.frames.normalize_frames`); ASE's extxyz reader alone would move energy, forces, stress, dipole
+        and Born charges into a SinglePointCalculator.
+        """
         import ase.io
 
         text = self.base.repository.get_object_content(FRAMES_FILENAME, mode="r")
         if not text.strip():
             return []
-        return ase.io.read(io.StringIO(text), index=":", format="extxyz")
+        frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
+        if normalize:
+            from polmodel.frames import normalize_frames
+
+            frames = normalize_frames(frames)
+        return frames
 
     def write(self, path):
         """Write the extxyz file to `path` (for the `polmodel` executables)."""

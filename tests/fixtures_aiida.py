@@ -157,11 +157,22 @@ def polmodel_code(generate_code):
 
 
 @pytest.fixture(scope="session")
-def pseudopotential_files(tmp_path_factory) -> dict:
-    """``{element: Path}`` of the project's pseudopotentials, generated once per session with ld1.x."""
+def pseudopotential_directory(tmp_path_factory) -> pathlib.Path:
+    """Directory holding the project's pseudopotentials, generated once per session with ld1.x (with the
+    transferability report ``transferability.json``, see ``polmodel.plugins.pseudos.read_transferability_report``)."""
     from polmodel.plugins.pseudos import generate_pseudopotentials
 
-    return generate_pseudopotentials(tmp_path_factory.mktemp("pseudos"))
+    directory = tmp_path_factory.mktemp("pseudos")
+    generate_pseudopotentials(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def pseudopotential_files(pseudopotential_directory) -> dict:
+    """``{element: Path}`` of the project's generated UPF files."""
+    from polmodel.plugins.pseudos import read_transferability_report
+
+    return {element: pathlib.Path(entry["path"]) for element, entry in read_transferability_report(pseudopotential_directory).items()}
 
 
 @pytest.fixture

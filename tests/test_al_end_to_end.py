@@ -87,11 +87,13 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, star
     started = time.time()
     loop = submit(ActiveLearningWorkChain, **al_loop_inputs())
     interrupted_jobs = interrupt_daemon_mid_loop(loop, started_daemon_client)
-    print(f"daemon stopped and restarted while {interrupted_jobs} pw.x/polmodel job(s) were running")
+    with capsys.disabled():
+        print(f"daemon stopped and restarted while {interrupted_jobs} pw.x/polmodel job(s) were running")
     node = submit_and_await(loop, timeout=900)
     durations = sorted(((child.mtime - child.ctime).total_seconds(), child.process_label, child.pk)
                        for child in node.called_descendants)
-    print(f"loop took {time.time() - started:.0f} s; slowest children: {durations[-5:]}")
+    with capsys.disabled():
+        print(f"loop took {time.time() - started:.0f} s; slowest children: {durations[-5:]}")
     assert node.is_finished_ok, (node.exit_status, node.exit_message,
                                  [log.message for log in orm.Log.collection.get_logs_for(node)])
 

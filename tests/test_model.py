@@ -140,12 +140,16 @@ def test_constructor_rejects_bad_settings():
         PolModel(["Ba", "Ba"], 4.0)
     with pytest.raises(ValueError, match="cutoff"):
         PolModel(["Ba"], -1.0)
+    with pytest.raises(ValueError, match="num_layers"):
+        PolModel(["Ba"], 4.0, num_layers=0)
 
 
 def test_default_model_is_float32_and_casts_to_float64():
     model = PolModel(["Ba", "Ti", "O"], 4.0)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.hyperparameters["num_features"] == 32 and model.hyperparameters["lmax"] == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        PolModel(["Ba"], 4.0, feature_lmax=0)
     assert model.hyperparameters["avg_num_neighbors"] > 0
     graph = atoms_to_graph(distorted_perovskite(), model.species, model.cutoff)
     assert model(graph)[keys.ENERGY].dtype == torch.float32
@@ -185,3 +189,22 @@ def test_energy_is_smooth_at_the_cutoff():
     assert np.abs(outside[keys.FORCES]).max() == 0.0
     near = model_response(model, dimer(0.8 * rc), np.zeros(3))
     assert np.abs(near[keys.FORCES]).max() > 1e-4, "the pair does interact inside the cutoff"
+
+
+@pytest.mark.parametrize("settings", [dict(feature_lmax=2), dict(lmax=3, num_layers=3), dict(lmax=1, num_layers=1)])
+def test_other_architectures_stay_equivariant(settings):
+    from mixins_model import random_rotation, rotate
+
+    model = make_test_model(seed=9, **settings)
+    atoms, rotation = distorted_perovskite(seed=2), random_rotation(seed=11)
+    before = model_response(model, atoms, TEST_FIELD, born_charges=True, polarizability=True)
+    after = model_response(model, rotate(atoms, rotation), rotation @ TEST_FIELD, born_charges=True,
+                           polarizability=True)
+    np.testing.assert_allclose(after[keys.ENERGY], before[keys.ENERGY], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(after[keys.FORCES], before[keys.FORCES] @ rotation.T, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(after[keys.STRESS], rotation @ before[keys.STRESS] @ rotation.T, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(after[keys.BORN_CHARGES], rotation @ before[keys.BORN_CHARGES] @ rotation.T,
+                               rtol=0, atol=1e-10)
+    np.testing.assert_allclose(after[keys.POLARIZABILITY], rotation @ before[keys.POLARIZABILITY] @ rotation.T,
+                               rtol=0, atol=1e-10)
+    assert np.abs(before[keys.BORN_CHARGES]).max() > 1e-3

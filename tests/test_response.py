@@ -124,3 +124,16 @@ def test_model_can_learn_born_charges_and_polarizability():
     born_trace = np.einsum("iaa->i", result[keys.BORN_CHARGES][:5].numpy()) / 3
     np.testing.assert_allclose(born_trace, [2.0, 4.0, -2.0, -2.0, -2.0], atol=0.75)   # from ~0.01 at start
     np.testing.assert_allclose(result[keys.POLARIZABILITY][0].numpy(), alpha * np.eye(3), atol=0.4)
+
+
+def test_isolated_atom_is_polarizable_but_has_no_dipole():
+    """Without neighbours an atom still couples to the field: isotropic α, and by symmetry no dipole or Z*."""
+    from ase import Atoms
+
+    result = model_response(MODEL, Atoms("Ti", positions=[[0.0, 0.0, 0.0]]), np.zeros(3), born_charges=True,
+                            polarizability=True)
+    alpha = result[keys.POLARIZABILITY]
+    assert abs(alpha[0, 0]) > 1e-3
+    np.testing.assert_allclose(alpha, alpha[0, 0] * np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(result[keys.DIPOLE], 0.0, atol=1e-14)
+    np.testing.assert_allclose(result[keys.BORN_CHARGES], 0.0, atol=1e-14)

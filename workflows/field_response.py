@@ -276,6 +276,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         self.ctx.field_halvings = 0
         self.ctx.run_field = True
         self.ctx.pw_parameters = self.inputs.scf.pw.parameters.get_dict()
+        self.ctx.nberrycyc = self.ctx.pw_parameters.get("CONTROL", {}).get("nberrycyc", 3)
         for namelist, keys in _RUN_SPECIFIC.items():
             for key in keys:
                 self.ctx.pw_parameters.get(namelist, {}).pop(key, None)
@@ -356,7 +357,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
 
     def run_field_runs(self):
         """lelfield scf at ±ε along x, y and z (from scratch: each run stands on its own)."""
-        nberrycyc = self.ctx.pw_parameters.get("CONTROL", {}).get("nberrycyc", 3)
+        nberrycyc = self.ctx.nberrycyc
         for label in FIELD_LABELS:
             field = response_functions.field_vector(label, self.ctx.field_magnitude)
             parameters = self._parameters(
