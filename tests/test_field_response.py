@@ -45,6 +45,16 @@ def test_polarizability_and_dielectric_from_dipoles():
     assert dielectric[2, 2] == pytest.approx(1 + 3.0 / (units.EPSILON0_E_PER_V_ANGSTROM * volume))
 
 
+def test_stress_conversion_follows_ase_sign():
+    """pw.x printed P = -26.19 kbar for this AlAs cell (a cell that wants to shrink); ASE's stress is then positive,
+    as ase.io.espresso reads it (-σ_pw.x)."""
+    import ase.units
+
+    stress = rf.stress_from_pw(np.eye(3) * -2.619)  # GPa, pw.x sign
+    assert stress == pytest.approx(np.eye(3) * 2.619 * ase.units.GPa, rel=1e-6)
+    assert stress[0, 0] > 0
+
+
 def test_zener_limit():
     from polmodel.workflows.field_response import zener_field_limit
 
@@ -302,8 +312,9 @@ def test_alas_end_to_end_through_the_daemon(alas_structure, pw_code, ph_code, al
     assert len(frames) == 7
     zero = frames[0]
     assert zero.info["efield"] == pytest.approx(np.zeros(3)) and zero.info["stress"].shape == (3, 3)
-    assert zero.arrays["born_effective_charges"].reshape(2, 3, 3) == pytest.approx(born)
-    assert zero.info["polarizability"] == pytest.approx(alpha)
+    # extxyz keeps 8 decimals: compare to that precision.
+    assert zero.arrays["born_effective_charges"].reshape(2, 3, 3) == pytest.approx(born, abs=1e-6)
+    assert zero.info["polarizability"] == pytest.approx(alpha, abs=1e-6)
     from aiida import orm
 
     for frame in frames:
@@ -317,9 +328,9 @@ def test_alas_end_to_end_through_the_daemon(alas_structure, pw_code, ph_code, al
         plus, minus = frames[1 + 2 * axis], frames[2 + 2 * axis]
         assert plus.info["efield"][axis] == pytest.approx(magnitude)
         central = 0.5 * (plus.info["dipole"] + minus.info["dipole"])[axis]
-        assert central == pytest.approx(-(plus.info["energy"] - minus.info["energy"]) / (2 * magnitude), rel=1e-5)
+        assert central == pytest.approx(-(plus.info["energy"] - minus.info["energy"]) / (2 * magnitude), rel=1e-4)
         # α from the frames' dipoles is the polarizability output (one branch for all frames).
-        assert (plus.info["dipole"] - minus.info["dipole"])[axis] / (2 * magnitude) == pytest.approx(alpha[axis, axis], rel=1e-6)
+        assert (plus.info["dipole"] - minus.info["dipole"])[axis] / (2 * magnitude) == pytest.approx(alpha[axis, axis], rel=1e-4)
 
     # ph.x on the same structure and settings.
     dfpt_builder = DfptWorkChain.get_builder_from_field_response(builder, ph_code)

@@ -75,8 +75,8 @@ def test_generated_upf_files_parse_with_aiida_pseudo(aiida_profile, pseudopotent
         assert upf.element == element
         assert upf.z_valence == pytest.approx(EXPECTED_VALENCE[element])
         header = path.read_text()
-        kind = 'pseudo_type="US"' if RECIPES[element].kind == "ultrasoft" else 'pseudo_type="NC"'
-        assert kind in header, f"{element}: expected {kind}"
+        ultrasoft = 'is_ultrasoft="true"' if RECIPES[element].kind == "ultrasoft" else 'is_ultrasoft="false"'
+        assert ultrasoft in header, f"{element}: expected {ultrasoft}"
         assert 'functional="' in header and "PBE" in header.split('functional="')[1].split('"')[0]
 
 

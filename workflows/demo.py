@@ -9,10 +9,12 @@ the same loop again), prints the loop's progress, and finally writes ./report: t
 plots of the last training (E, F, P, Z*), the model's Born charges against DFT, and a P–E loop of the final
 model under a cyclic field (one more MdCalculation, so the loop is in the provenance graph too).
 
-The parameters below are sized for about 45 minutes on 2 cores: 5-atom cells, 'fast' DFT with a 3x3x3 k-point
-grid and 75 % cutoffs (Born charges to a few tenths of e, DESIGN.md), an ensemble of 3 small models (at most a
-minute of training per member), 200-step MD under 2 field protocols at 2 temperatures from both cells, at most 2 new DFT labels per iteration and at most 3 iterations: 2 + 2 + 2
-field-response labels of about 10 pw.x runs each.
+The parameters below are sized for about 45 minutes on 2 cores, DFT being most of it: 5-atom cells, 'fast' DFT
+with a 3x3x3 k-point grid and 75 % cutoffs (Born charges to a few tenths of e, DESIGN.md); one finite-field pw.x
+run of this cell took 139 s of CPU here, so one field-response label (zero field, Berry phases, 6 fields) is
+about 15 CPU-minutes and the loop affords 4 of them: 2 initial cells + 2 candidates, i.e. 2 iterations. An
+ensemble of 3 small models (at most a minute of training per member), 150-step MD under 2 field protocols at 2
+temperatures from both cells, at most 2 new DFT labels per iteration.
 """
 import argparse
 import json
@@ -35,11 +37,11 @@ DEMO = {
                                                 "meta_parameters": {"cutoff_factor": 0.75}}},
     "ensemble_size": 3,
     # Measured on this 2-core machine (loaded): 3 members x 20 epochs on 14 frames took 34 s, so each member is
-    # capped at 60 s of training; 300 MD steps with Born-charge spreads took 71 s, so MD is 200 steps.
+    # capped at 60 s of training; 300 MD steps with Born-charge spreads took 71 s, so MD is 150 steps.
     "train": {"epochs": 80, "validation_fraction": 0.15,
               "hyperparameters": {"num_features": 8, "lmax": 2, "num_layers": 1, "num_radial": 6, "radial_hidden": 16,
                                   "readout_hidden": 8, "cutoff": 4.5, "batch_size": 4, "max_time_s": 60.0}},
-    "md": {"steps": 200, "timestep": 2.0, "thermostat": "langevin", "interval": 10, "born_spread": True,
+    "md": {"steps": 150, "timestep": 2.0, "thermostat": "langevin", "interval": 10, "born_spread": True,
            "friction": 0.02},
     "fields": [{"kind": "static", "vector": [0.0, 0.0, 0.05]},
                {"kind": "cosine", "amplitude": 0.1, "period_fs": 200.0, "axis": [0, 0, 1]}],
@@ -47,7 +49,7 @@ DEMO = {
     "selection": {"force_lower": 0.05, "force_upper": 0.6, "polarization_threshold": 0.002,
                   "born_charge_threshold": 0.3, "max_candidates": 2, "similarity_tolerance": 0.02},
     "candidate_fraction_threshold": 0.1,
-    "max_iterations": 3,
+    "max_iterations": 2,
     "pe_loop": {"steps": 1000, "timestep": 2.0, "thermostat": "langevin", "interval": 5, "temperature": 50.0,
                 "friction": 0.02, "field": {"kind": "cosine", "amplitude": 0.2, "period_fs": 1000.0,
                                             "axis": [0, 0, 1]}},
