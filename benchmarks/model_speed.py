@@ -117,7 +117,9 @@ def build_mace(hyperparameters, cutoff, device):
     from e3nn import o3
     from mace.modules import MACE, RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock
     f, lmax = hyperparameters["num_features"], hyperparameters["lmax"]
-    hidden = o3.Irreps([(f, (l, (-1) ** l)) for l in range(lmax + 1)])
+    # node features up to polmodel's feature lmax (when it has one), edge harmonics up to its lmax
+    feature_lmax = hyperparameters.get("feature_lmax", lmax)
+    hidden = o3.Irreps([(f, (l, (-1) ** l)) for l in range(feature_lmax + 1)])
     model = MACE(r_max=cutoff, num_bessel=hyperparameters["num_radial"],
                  num_polynomial_cutoff=hyperparameters["polynomial_degree"], max_ell=lmax,
                  interaction_cls=RealAgnosticResidualInteractionBlock,
@@ -187,7 +189,9 @@ def main(argv=None):
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cutoff {args.cutoff} Å, polmodel {model.hyperparameters} ({count(model)} parameters)")
     if mace is not None:
-        print(f"MACE: channels {args.features}, max_ell {args.lmax}, {args.layers} interactions, correlation 3 "
+        feature_lmax = model.hyperparameters.get("feature_lmax", args.lmax)
+        print(f"MACE: hidden irreps {args.features}x(0..{feature_lmax}), "
+              f"max_ell {args.lmax}, {args.layers} interactions, correlation 3 "
               f"({count(mace)} parameters)")
     elif mace_note:
         print(mace_note)

@@ -1,5 +1,5 @@
 """FieldResponseWorkChain: input validation, handlers and branches with fake children (aiida-quantumespresso style),
-the derivation functions, and one real end-to-end run on zincblende AlAs checked against ph.x and pw.x's energies."""
+the derivation functions, and one real end-to-end run on rocksalt MgO checked against ph.x and pw.x's energies."""
 import numpy as np
 import pytest
 
@@ -259,64 +259,113 @@ def test_all_field_runs_ok(started_workchain, generate_fake_pw_base):
 
 # --- one real end-to-end run ------------------------------------------------------------------------------------------
 
-# Zincblende AlAs, Debian LDA pseudopotentials at 20 Ry, Γ-centred 4x4x4: about a minute of pw.x per chain on an idle
-# two-core machine. Measured at these settings (see the report in the closing note):
-#   finite field: Z*(Al) 2.20, ε∞ 7.22;  ph.x: Z*(Al) 1.92, Z*(As) -3.37 (ASR residual 1.45 e), ε∞ 15.24.
-#   6x6x6: finite field Z*(Al) 2.195, ε∞ 8.02;  ph.x Z*(Al) 2.12, ε∞ 10.80.  Shifted 4x4x4 ph.x: 2.17 / 9.60.
-# The two methods converge from opposite sides (discretized Berry strings underestimate α, Γ-centred DFPT
-# overestimates it), so the 2 % / 0.05 e agreement of the issue needs meshes far beyond a CI budget; this test checks
-# what must hold at any mesh and bounds the gap to ph.x by what was measured.
-E2E_OVERRIDES = {"scf": {"kpoints_distance": 0.5, "pw": {"parameters": {"CONTROL": {"nberrycyc": 1}}}}}
+#: Rocksalt MgO with Debian's LDA pseudopotentials (norm-conserving Mg, ultrasoft O): a wide-gap polar insulator whose
+#: finite-field response converges with k-points far faster than small-gap AlAs's (ε∞ 7.2 vs ph.x 15.2 at 4x4x4).
+MGO_LDA_PSEUDOS = {"Mg": "Mg.pz-n-vbc.UPF", "O": "O.pz-rrkjus.UPF"}
+MGO_LDA_FAMILY = "polmodel-tests/debian/LDA/MgO"
+MGO_LDA_CUTOFFS_RY = (30.0, 240.0)
+MGO_LATTICE_ANGSTROM = 4.21
+
+# Measured by hand (pw.x/ph.x 6.7, these pseudopotentials and cutoffs, field 0.001 Ry a.u., conv_thr 1e-11, Γ-centred):
+#   mesh   finite field ε∞  Z*(Mg)     ph.x ε∞  Z*(Mg)  Z*(O)   (ph.x ASR residual)   cpu per field run
+#   4x4x4       2.769       1.913        3.274   1.925  -1.993   (0.068)              4 s
+#   6x6x6       2.926       1.908        3.106   1.932  -1.904   (0.028)              16 s
+#   8x8x8       2.994       1.907        3.094   1.932  -1.900   (0.033)              30 s
+#   10x10x10    3.029       1.906        3.095   1.932  -1.900   (0.033)              75 s
+# Z* agrees with ph.x within the issue's 0.05 e from 6x6x6 on. ε∞ does not reach the issue's 2 % at a CI-sized mesh:
+# the discretized Berry strings of lelfield underestimate α by ~c/N^2 (fit to 6/8/10: c ≈ 5.6, extrapolated
+# ε∞ ≈ 3.08, within 0.5 % of ph.x's converged 3.09), while ph.x's analytic dψ/dk is converged at 8x8x8. 2 % needs
+# ~12x12x12 (~130 s cpu per field run, seven runs). LiF (ld1.x LDA TM pseudopotentials, 60 Ry) behaves alike:
+# 9.7 % at 4x4x4, 4.0 % at 6x6x6, extrapolated within 0.5 %. This test therefore checks Z* at the issue's tolerance
+# and ε∞ against the measured, explained 1/N^2 gap (6x6x6: 5.8 %), from below.
+MGO_E2E_OVERRIDES = {
+    "scf": {"kpoints_distance": 0.5,  # |b| = 2π√3/a = 2.585 / Å: a 6x6x6 mesh
+            "pw": {"parameters": {"CONTROL": {"nberrycyc": 1}, "ELECTRONS": {"conv_thr": 1.0e-10}}}},
+}
 # Nine pw.x runs go in parallel; one rank each avoids MPI ranks spinning against each other on two cores.
 E2E_OPTIONS = {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1}, "withmpi": False,
                "max_wallclock_seconds": 1800}
 
 
+@pytest.fixture
+def mgo_structure(aiida_profile):
+    from aiida import orm
+
+    a = MGO_LATTICE_ANGSTROM
+    structure = orm.StructureData(cell=[[0, a / 2, a / 2], [a / 2, 0, a / 2], [a / 2, a / 2, 0]])
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Mg")
+    structure.append_atom(position=(a / 2, 0.0, 0.0), symbols="O")
+    return structure
+
+
+@pytest.fixture
+def mgo_lda_family(aiida_profile, tmp_path):
+    """aiida-pseudo family of Debian's Mg/O LDA UPFs with 30/240 Ry recommended cutoffs (get-or-create)."""
+    import pathlib
+    import shutil
+
+    from aiida.plugins import DataFactory, GroupFactory
+
+    family_class = GroupFactory("pseudo.family.cutoffs")
+    existing = family_class.collection.find(filters={"label": MGO_LDA_FAMILY})
+    if existing:
+        return existing[0]
+    directory = pathlib.Path("/usr/share/espresso/pseudo")
+    for name in MGO_LDA_PSEUDOS.values():
+        if not (directory / name).is_file():
+            pytest.skip(f"Debian pseudopotential {name} is not installed")
+        shutil.copy(directory / name, tmp_path / name)
+    family = family_class.create_from_folder(tmp_path, MGO_LDA_FAMILY, pseudo_type=DataFactory("pseudo.upf"))
+    wfc, rho = MGO_LDA_CUTOFFS_RY
+    family.set_cutoffs({element: {"cutoff_wfc": wfc, "cutoff_rho": rho} for element in MGO_LDA_PSEUDOS}, "normal", unit="Ry")
+    return family
+
+
 @pytest.mark.dft
 @pytest.mark.daemon
-def test_alas_end_to_end_through_the_daemon(alas_structure, pw_code, ph_code, alas_lda_family, submit_and_await):
+def test_mgo_end_to_end_through_the_daemon(mgo_structure, pw_code, ph_code, mgo_lda_family, submit_and_await):
+    from aiida import orm
     from aiida.engine import run_get_node
 
     from polmodel.workflows.dfpt import DfptWorkChain
     from polmodel.workflows.field_response import FieldResponseWorkChain
 
     builder = FieldResponseWorkChain.get_builder_from_protocol(
-        pw_code, alas_structure, protocol="fast", overrides=E2E_OVERRIDES, pseudo_family=alas_lda_family.label,
+        pw_code, mgo_structure, protocol="fast", overrides=MGO_E2E_OVERRIDES, pseudo_family=mgo_lda_family.label,
         options=E2E_OPTIONS,
     )
     node = submit_and_await(builder, timeout=1500)
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
     outputs = node.outputs
+    frames = outputs.frames.get_atoms()
+    assert orm.load_node(frames[0].info["source"]).inputs.kpoints.get_kpoints_mesh()[0] == [6, 6, 6]
 
     born = outputs.born_effective_charges.get_array("born_effective_charges")
     dielectric = outputs.dielectric_tensor.get_array("dielectric_tensor")
     alpha = outputs.polarizability.get_array("polarizability")
     assert born.shape == (2, 3, 3) and dielectric.shape == (3, 3)
-    # Cubic symmetry: isotropic tensors; Al is the cation.
+    # Cubic symmetry: isotropic tensors; Mg is the cation.
     assert born[0] == pytest.approx(born[0, 0, 0] * np.eye(3), abs=0.02)
-    # Off-diagonal ~0.06 (1 %): unsymmetrized Berry strings of a Γ-centred mesh, measured.
-    assert dielectric == pytest.approx(dielectric[0, 0] * np.eye(3), abs=0.1)
-    assert 1.5 < born[0, 0, 0] < 3.0
+    assert dielectric == pytest.approx(dielectric[0, 0] * np.eye(3), abs=0.05)
+    assert 1.5 < born[0, 0, 0] < 2.5
+    # Two atoms: pw.x removes the net force, so the finite-field residual vanishes by construction (ph.x's does not).
     assert outputs.asr_residual.value < 0.05
     assert np.all(np.linalg.eigvalsh(dielectric) > 1)
 
-    # Polarization: quantum rows are lattice vectors (odd valence charges: mod 1), P = dipole / Ω.
+    # Polarization: even valence charges (Mg 2, O 6) and no spin: the quantum is 2 e times the lattice vectors.
     polarization = outputs.polarization
     quantum = polarization.get_array("polarization_quantum")
-    assert quantum == pytest.approx(np.array(alas_structure.cell), abs=1e-6)
-    volume = alas_structure.get_cell_volume()
+    assert quantum == pytest.approx(2 * np.array(mgo_structure.cell), abs=1e-6)
+    volume = mgo_structure.get_cell_volume()
     assert polarization.get_array("polarization") == pytest.approx(polarization.get_array("dipole") / volume)
 
     # Frames: seven, DESIGN.md labels, each traced to its pw.x run.
-    frames = outputs.frames.get_atoms()
     assert len(frames) == 7
     zero = frames[0]
     assert zero.info["efield"] == pytest.approx(np.zeros(3)) and zero.info["stress"].shape == (3, 3)
     # extxyz keeps 8 decimals: compare to that precision.
     assert zero.arrays["born_effective_charges"].reshape(2, 3, 3) == pytest.approx(born, abs=1e-6)
     assert zero.info["polarizability"] == pytest.approx(alpha, abs=1e-6)
-    from aiida import orm
-
     for frame in frames:
         source = orm.load_node(frame.info["source"])
         assert source.process_type.endswith("quantumespresso.pw") and source.is_finished_ok
@@ -338,9 +387,13 @@ def test_alas_end_to_end_through_the_daemon(alas_structure, pw_code, ph_code, al
     assert dfpt_node.is_finished_ok, (dfpt_node.exit_status, dfpt_node.exit_message)
     born_ph = dfpt_results["born_effective_charges"].get_array("born_effective_charges")
     dielectric_ph = dfpt_results["dielectric_tensor"].get_array("dielectric_tensor")
-    print(f"AlAs 4x4x4 finite field: Z*(Al) {born[0, 0, 0]:.4f} Z*(As) {born[1, 0, 0]:.4f} eps {dielectric[0, 0]:.4f} "
-          f"ASR {outputs.asr_residual.value:.4f}; ph.x: Z*(Al) {born_ph[0, 0, 0]:.4f} Z*(As) {born_ph[1, 0, 0]:.4f} "
+    print(f"MgO 6x6x6 finite field: Z*(Mg) {born[0, 0, 0]:.4f} Z*(O) {born[1, 0, 0]:.4f} eps {dielectric[0, 0]:.4f} "
+          f"ASR {outputs.asr_residual.value:.4f}; ph.x: Z*(Mg) {born_ph[0, 0, 0]:.4f} Z*(O) {born_ph[1, 0, 0]:.4f} "
           f"eps {dielectric_ph[0, 0]:.4f} ASR {dfpt_results['asr_residual'].value:.4f}")
-    assert np.sign(born_ph[:, 0, 0]) == pytest.approx(np.sign(born[:, 0, 0]))
-    assert abs(born[0, 0, 0] - born_ph[0, 0, 0]) < 0.4          # measured 0.28 at this mesh
-    assert dielectric[0, 0] < dielectric_ph[0, 0]              # opposite-side convergence, measured 7.2 vs 15.2
+    # The issue's Born-charge tolerance, every atom and every component (measured by hand: 0.024 e for Mg).
+    assert born == pytest.approx(born_ph, abs=0.05)
+    assert dfpt_results["asr_residual"].value < 0.05
+    # ε∞: finite field below ph.x by the Berry-string discretization (measured 5.8 % at 6x6x6, see the table above).
+    assert dielectric_ph == pytest.approx(dielectric_ph[0, 0] * np.eye(3), abs=1e-3)
+    relative_gap = (dielectric_ph[0, 0] - dielectric[0, 0]) / dielectric_ph[0, 0]
+    assert 0.0 < relative_gap < 0.07
