@@ -132,7 +132,6 @@ def pw_total_energy(atoms, pseudopotential_files, ecutwfc, ecutrho, kpoints, dir
 
     directory.mkdir(parents=True, exist_ok=True)
     species = sorted(set(atoms.get_chemical_symbols()))
-    pseudo_dir = pseudopotential_files[species[0]].parent.parent  # one sub-directory per element
     for element in species:
         link = directory / pseudopotential_files[element].name
         if not link.exists():
@@ -150,7 +149,6 @@ def pw_total_energy(atoms, pseudopotential_files, ecutwfc, ecutrho, kpoints, dir
         kpts=kpoints,
         koffset=(1, 1, 1),
     )
-    assert pseudo_dir.is_dir()
     atoms = atoms.copy()
     atoms.calc = calculator
     return atoms.get_potential_energy()

@@ -18,11 +18,18 @@ temperatures from both cells, at most 2 new DFT labels per iteration.
 """
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
 
 import numpy as np
+
+# aiida finds `verdi` (which starts the daemon) on PATH when it is first imported; it lives next to this
+# interpreter in the project's venv, which need not be activated.
+_VENV_BIN = str(pathlib.Path(sys.executable).parent)
+if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 DEMO_EXTRA = "polmodel_demo"          # node extra that marks the demo's loop (value: DEMO_VERSION)
 DEMO_VERSION = 1
