@@ -4,6 +4,4 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-pytest_plugins = ["fixtures_aiida"]
-pytest_plugins.append("fixtures_al")
-pytest_plugins.append("fixtures_workflows")
+pytest_plugins = ["fixtures_aiida", "fixtures_workflows", "fixtures_al"]
