@@ -24,6 +24,14 @@ def pseudopotential_files(tmp_path_factory):
 
 
 @pytest.fixture
+def pseudo_family(aiida_profile, pseudopotential_files):
+    """A family of its own label: the session's full family must not be pre-empted by this two-element one."""
+    from polmodel.plugins.pseudos import DEFAULT_PSEUDO_FAMILY, install_pseudo_family
+
+    return install_pseudo_family(pseudopotential_files, label=f"{DEFAULT_PSEUDO_FAMILY}/AlAs-only")
+
+
+@pytest.fixture
 def al_loop_inputs(alas_structure, pw_code, polmodel_code, pseudo_family):
     def factory(max_iterations=1):
         return {

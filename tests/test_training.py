@@ -93,13 +93,14 @@ def test_time_limit_stops_training(small_frames):
 def test_training_lowers_the_validation_error_of_every_quantity():
     train = make_toy_frames(10, seed=0)
     valid = make_toy_frames(3, seed=1)
-    config = _config(epochs=12)
+    # 25 epochs: measured ratios trained/untrained were E 0.11, F 0.27, stress 0.46, ΩP 0.08, Z* 0.09, α 0.13
+    config = _config(epochs=25)
     before = evaluate(initialize_model(train, config), valid)
     model, history = train_model(train, valid, config)
     after = evaluate(model, valid)
     assert set(before) == set(after) == set(QUANTITIES)
     for quantity in QUANTITIES:
-        assert after[quantity]["mae"] < 0.9 * before[quantity]["mae"], (quantity, before[quantity], after[quantity])
+        assert after[quantity]["mae"] < 0.75 * before[quantity]["mae"], (quantity, before[quantity], after[quantity])
         assert after[quantity]["count"] == before[quantity]["count"] > 0
     assert history["epochs"][-1]["train_loss"] < history["epochs"][0]["train_loss"]
 
