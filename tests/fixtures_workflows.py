@@ -159,21 +159,35 @@ ALAS_LDA_CUTOFFS_RY = (20.0, 80.0)
 
 
 @pytest.fixture
-def alas_lda_family(aiida_profile, tmp_path):
-    """aiida-pseudo family of Debian's Al/As LDA UPFs with 20/80 Ry recommended cutoffs (get-or-create)."""
+def generate_debian_pseudo_family(aiida_profile, tmp_path):
+    """Factory: get-or-create an aiida-pseudo family `label` of Debian UPFs `{element: filename}` with cutoffs (Ry).
+
+    Skips the test when one of the files is not installed.
+    """
     import shutil
 
     from aiida.plugins import DataFactory, GroupFactory
 
-    family_class = GroupFactory("pseudo.family.cutoffs")
-    existing = family_class.collection.find(filters={"label": ALAS_LDA_FAMILY})
-    if existing:
-        return existing[0]
-    for name in ALAS_LDA_PSEUDOS.values():
-        if not (DEBIAN_PSEUDO_DIRECTORY / name).is_file():
-            pytest.skip(f"Debian pseudopotential {name} is not installed")
-        shutil.copy(DEBIAN_PSEUDO_DIRECTORY / name, tmp_path / name)
-    family = family_class.create_from_folder(tmp_path, ALAS_LDA_FAMILY, pseudo_type=DataFactory("pseudo.upf"))
-    wfc, rho = ALAS_LDA_CUTOFFS_RY
-    family.set_cutoffs({element: {"cutoff_wfc": wfc, "cutoff_rho": rho} for element in ALAS_LDA_PSEUDOS}, "normal", unit="Ry")
-    return family
+    def factory(label, pseudos, cutoffs_ry):
+        family_class = GroupFactory("pseudo.family.cutoffs")
+        existing = family_class.collection.find(filters={"label": label})
+        if existing:
+            return existing[0]
+        folder = tmp_path / label.replace("/", "_")
+        folder.mkdir()
+        for name in pseudos.values():
+            if not (DEBIAN_PSEUDO_DIRECTORY / name).is_file():
+                pytest.skip(f"Debian pseudopotential {name} is not installed")
+            shutil.copy(DEBIAN_PSEUDO_DIRECTORY / name, folder / name)
+        family = family_class.create_from_folder(folder, label, pseudo_type=DataFactory("pseudo.upf"))
+        wfc, rho = cutoffs_ry
+        family.set_cutoffs({element: {"cutoff_wfc": wfc, "cutoff_rho": rho} for element in pseudos}, "normal", unit="Ry")
+        return family
+
+    return factory
+
+
+@pytest.fixture
+def alas_lda_family(generate_debian_pseudo_family):
+    """aiida-pseudo family of Debian's Al/As LDA UPFs with 20/80 Ry recommended cutoffs (get-or-create)."""
+    return generate_debian_pseudo_family(ALAS_LDA_FAMILY, ALAS_LDA_PSEUDOS, ALAS_LDA_CUTOFFS_RY)

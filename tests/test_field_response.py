@@ -299,26 +299,9 @@ def mgo_structure(aiida_profile):
 
 
 @pytest.fixture
-def mgo_lda_family(aiida_profile, tmp_path):
+def mgo_lda_family(generate_debian_pseudo_family):
     """aiida-pseudo family of Debian's Mg/O LDA UPFs with 30/240 Ry recommended cutoffs (get-or-create)."""
-    import pathlib
-    import shutil
-
-    from aiida.plugins import DataFactory, GroupFactory
-
-    family_class = GroupFactory("pseudo.family.cutoffs")
-    existing = family_class.collection.find(filters={"label": MGO_LDA_FAMILY})
-    if existing:
-        return existing[0]
-    directory = pathlib.Path("/usr/share/espresso/pseudo")
-    for name in MGO_LDA_PSEUDOS.values():
-        if not (directory / name).is_file():
-            pytest.skip(f"Debian pseudopotential {name} is not installed")
-        shutil.copy(directory / name, tmp_path / name)
-    family = family_class.create_from_folder(tmp_path, MGO_LDA_FAMILY, pseudo_type=DataFactory("pseudo.upf"))
-    wfc, rho = MGO_LDA_CUTOFFS_RY
-    family.set_cutoffs({element: {"cutoff_wfc": wfc, "cutoff_rho": rho} for element in MGO_LDA_PSEUDOS}, "normal", unit="Ry")
-    return family
+    return generate_debian_pseudo_family(MGO_LDA_FAMILY, MGO_LDA_PSEUDOS, MGO_LDA_CUTOFFS_RY)
 
 
 @pytest.mark.dft

@@ -12,7 +12,7 @@ from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, calcfunction
 from aiida.plugins import WorkflowFactory
 
-from .field_response import _RUN_SPECIFIC, validate_pseudos, validate_pw_code, validate_structure
+from .field_response import _RUN_SPECIFIC, validate_ground_state_inputs
 from .response_functions import acoustic_sum_rule_residual
 
 PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
@@ -54,26 +54,17 @@ def extract_dfpt_tensors(structure, retrieved):
     born = parse_ph_born_charges(stdout, len(structure.sites))
     if dielectric is None or born is None:
         raise ValueError("ph.x output holds no dielectric tensor or effective charges")
-    born_node = orm.ArrayData()
-    born_node.set_array("born_effective_charges", born)
-    dielectric_node = orm.ArrayData()
-    dielectric_node.set_array("dielectric_tensor", dielectric)
     return {
-        "born_effective_charges": born_node,
-        "dielectric_tensor": dielectric_node,
+        "born_effective_charges": orm.ArrayData({"born_effective_charges": born}),
+        "dielectric_tensor": orm.ArrayData({"dielectric_tensor": dielectric}),
         "asr_residual": orm.Float(acoustic_sum_rule_residual(born)),
     }
 
 
 def validate_inputs(inputs, _):
-    structure = inputs["structure"]
-    for message in (
-        validate_structure(structure),
-        validate_pw_code(inputs["scf"]["pw"]["code"]),
-        validate_pseudos(structure, inputs["scf"]["pw"].get("pseudos", {})),
-    ):
-        if message:
-            return message
+    message = validate_ground_state_inputs(inputs)
+    if message:
+        return message
     ph_code = inputs["ph"]["ph"]["code"]
     if ph_code.default_calc_job_plugin != "quantumespresso.ph":
         return f"code `{ph_code.full_label}` runs `{ph_code.default_calc_job_plugin}`, but `quantumespresso.ph` is needed"

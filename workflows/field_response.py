@@ -77,8 +77,8 @@ def validate_pseudos(structure, pseudos):
     return None
 
 
-def validate_inputs(inputs, _):
-    """Validate the whole input namespace: structure, code, pseudopotentials, field, settings."""
+def validate_ground_state_inputs(inputs):
+    """The checks every pw.x-based response workchain shares: structure, pw code, pseudopotentials."""
     structure = inputs["structure"]
     for message in (
         validate_structure(structure),
@@ -87,6 +87,14 @@ def validate_inputs(inputs, _):
     ):
         if message:
             return message
+    return None
+
+
+def validate_inputs(inputs, _):
+    """Validate the whole input namespace: structure, code, pseudopotentials, field, settings."""
+    message = validate_ground_state_inputs(inputs)
+    if message:
+        return message
     if inputs["field_magnitude"].value <= 0:
         return "`field_magnitude` must be positive"
     parameters = inputs["scf"]["pw"]["parameters"].get_dict()

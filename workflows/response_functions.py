@@ -106,11 +106,7 @@ def compute_polarization(structure, **berry_parameters):
     if np.any(np.linalg.norm(quantum, axis=1) == 0):
         raise ValueError("the Berry-phase runs do not cover the three lattice directions")
     volume = structure.get_cell_volume()
-    result = orm.ArrayData()
-    result.set_array("polarization", dipole / volume)
-    result.set_array("polarization_quantum", quantum)
-    result.set_array("dipole", dipole)
-    return result
+    return orm.ArrayData({"polarization": dipole / volume, "polarization_quantum": quantum, "dipole": dipole})
 
 
 @calcfunction
@@ -139,17 +135,10 @@ def compute_field_response(structure, polarization, field_magnitude, **field_out
     )
     dielectric = dielectric_from_polarizability(alpha, structure.get_cell_volume())
 
-    born_node = orm.ArrayData()
-    born_node.set_array("born_effective_charges", born)
-    alpha_node = orm.ArrayData()
-    alpha_node.set_array("polarizability", alpha)
-    alpha_node.set_array("polarizability_unsymmetrized", alpha_raw)
-    dielectric_node = orm.ArrayData()
-    dielectric_node.set_array("dielectric_tensor", dielectric)
     return {
-        "born_effective_charges": born_node,
-        "polarizability": alpha_node,
-        "dielectric_tensor": dielectric_node,
+        "born_effective_charges": orm.ArrayData({"born_effective_charges": born}),
+        "polarizability": orm.ArrayData({"polarizability": alpha, "polarizability_unsymmetrized": alpha_raw}),
+        "dielectric_tensor": orm.ArrayData({"dielectric_tensor": dielectric}),
         "asr_residual": orm.Float(acoustic_sum_rule_residual(born)),
     }
 
