@@ -13,7 +13,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 setup: setup-system setup-python setup-aiida
 
 setup-system:
-	@command -v pw.x >/dev/null && command -v ld1.x >/dev/null && command -v ph.x >/dev/null && command -v mpirun >/dev/null \
+	@command -v pw.x >/dev/null && command -v ld1.x >/dev/null && command -v ph.x >/dev/null && command -v mpirun >/dev/null && command -v dot >/dev/null \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); }
 
 $(VENV)/.installed: pyproject.toml
