@@ -2,10 +2,14 @@
 
 Zero-field scf (E, F, stress, band edges) → Berry-phase nscf along the three lattice vectors (P and its quantum) and
 `lelfield` scf at ±ε along x, y, z (F and the cell dipole at each field), all in parallel → calcfunctions derive Z*,
-α, ε∞, P, the acoustic-sum-rule residual and the seven labelled frames. Every pw.x run is a `PwBaseWorkChain`, so
-walltime / killed runs are restarted there; this chain handles what is specific to fields: metals are refused before
-any field run, a field above the Zener limit is halved before it is applied, and a field run that does not converge
-halves the field and reruns all six (bounded), then exits with a clear code.
+α, ε∞, P, the acoustic-sum-rule residual and the seven labelled frames. With `string_extrapolation_scale` the six
+field runs are repeated on a coarser k-mesh and α, ε∞ are Richardson-extrapolated to infinitely dense Berry strings
+(lelfield's discretized dψ/dk makes α converge only as 1/N²; Born charges converge far faster and are not).
+
+Every pw.x run is a `PwBaseWorkChain`, so walltime / killed runs are restarted there; this chain handles what is
+specific to fields: metals are refused before any field run, a field above the Zener limit is halved before it is
+applied, and a field run that does not converge halves the field and reruns all of them (bounded), then exits with
+a clear code.
 """
 import math
 import pathlib
@@ -97,6 +101,12 @@ def validate_inputs(inputs, _):
         return message
     if inputs["field_magnitude"].value <= 0:
         return "`field_magnitude` must be positive"
+    if "string_extrapolation_scale" in inputs:
+        if not 0 < inputs["string_extrapolation_scale"].value < 1:
+            return "`string_extrapolation_scale` must lie strictly between 0 and 1"
+        kpoints = inputs["scf"].get("kpoints")
+        if kpoints is not None and "mesh" not in kpoints.base.attributes.keys():
+            return "`string_extrapolation_scale` needs a k-point mesh (or `kpoints_distance`), not an explicit list"
     parameters = inputs["scf"]["pw"]["parameters"].get_dict()
     if parameters.get("SYSTEM", {}).get("occupations", "fixed") != "fixed":
         return "Berry-phase and finite-field runs need `occupations='fixed'` (insulators only)"
@@ -147,6 +157,11 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             "zener_margin", valid_type=orm.Float, default=lambda: orm.Float(0.5),
             help="Fraction of the estimated Zener limit E_gap/(e·L_string) that the field may reach.",
         )
+        spec.input(
+            "string_extrapolation_scale", valid_type=orm.Float, required=False,
+            help="If given (0 < s < 1), the field runs are repeated on the k-mesh scaled by s and α, ε∞ are "
+                 "extrapolated to dense Berry strings (about 1.5x the cost of the field runs for s = 0.75).",
+        )
         spec.input("clean_workdir", valid_type=orm.Bool, default=lambda: orm.Bool(False))
         spec.inputs.validator = validate_inputs
 
@@ -164,7 +179,11 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         )
 
         spec.output("born_effective_charges", valid_type=orm.ArrayData, help="Z* (N, 3, 3) e, [i, a, b] = ∂F_ib/∂ε_a.")
-        spec.output("polarizability", valid_type=orm.ArrayData, help="α (3, 3) e·Å²/V, clamped ions.")
+        spec.output(
+            "polarizability", valid_type=orm.ArrayData,
+            help="α (3, 3) e·Å²/V, clamped ions (extrapolated to dense strings with `string_extrapolation_scale`, "
+                 "the two meshes' values beside it).",
+        )
         spec.output("dielectric_tensor", valid_type=orm.ArrayData, help="ε∞ (3, 3).")
         spec.output(
             "polarization", valid_type=orm.ArrayData,
@@ -196,6 +215,10 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         )
         spec.exit_code(413, "ERROR_FIELD_RUN_FAILED", message="A finite-field run failed: {details}.")
         spec.exit_code(414, "ERROR_BERRY_PHASE_FAILED", message="A Berry-phase nscf run failed: {details}.")
+        spec.exit_code(
+            415, "ERROR_MESH_TOO_COARSE_TO_EXTRAPOLATE",
+            message="The k-mesh {mesh} scaled by {scale} is not coarser: no string extrapolation possible.",
+        )
         # 420s: derived quantities
         spec.exit_code(421, "ERROR_MISSING_LABELS", message="A finished pw.x run lacks parsed labels: {details}.")
 
@@ -250,6 +273,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         builder.min_band_gap = orm.Float(inputs["min_band_gap"])
         builder.max_field_halvings = orm.Int(inputs["max_field_halvings"])
         builder.clean_workdir = orm.Bool(inputs["clean_workdir"])
+        if inputs.get("string_extrapolation_scale"):
+            builder.string_extrapolation_scale = orm.Float(inputs["string_extrapolation_scale"])
         builder.scf.kpoints_distance = orm.Float(inputs["scf"]["kpoints_distance"])
         builder.scf.max_iterations = orm.Int(inputs["scf"]["max_iterations"])
         builder.scf.pw.code = code
@@ -262,7 +287,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
     # --- outline ---------------------------------------------------------------------------------------------------
 
     def setup(self):
-        """Fix one explicit k-mesh for every run (Berry strings and the Zener limit depend on it)."""
+        """Fix one explicit k-mesh for every run (Berry strings and the Zener limit depend on it), and the coarser
+        mesh of the string extrapolation if one is asked for."""
         from aiida_quantumespresso.calculations.functions.create_kpoints_from_distance import (
             create_kpoints_from_distance,
         )
@@ -280,6 +306,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             mesh, offset = None, None
         self.ctx.kpoints = kpoints
         self.ctx.mesh = mesh
+        # field-run context prefix -> k-points: the dense mesh always, the coarse one for the string extrapolation
+        self.ctx.field_kpoints = {"field": kpoints}
         self.ctx.field_magnitude = self.inputs.field_magnitude.value
         self.ctx.field_halvings = 0
         self.ctx.run_field = True
@@ -289,13 +317,25 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             for key in keys:
                 self.ctx.pw_parameters.get(namelist, {}).pop(key, None)
 
-    def _base_inputs(self, parameters, label):
-        """PwBaseWorkChain inputs sharing the scf namespace, with `parameters` and the polmodel parser."""
+        if "string_extrapolation_scale" in self.inputs:
+            scale = self.inputs.string_extrapolation_scale.value
+            mesh_coarse = response_functions.coarse_mesh(mesh, scale)
+            if response_functions.string_density_error(mesh_coarse) <= response_functions.string_density_error(mesh):
+                return self.exit_codes.ERROR_MESH_TOO_COARSE_TO_EXTRAPOLATE.format(mesh=mesh, scale=scale)
+            coarse = orm.KpointsData()
+            coarse.set_kpoints_mesh(mesh_coarse, offset)
+            self.ctx.field_kpoints["coarse_field"] = coarse
+            self.ctx.mesh_coarse = mesh_coarse
+        return None
+
+    def _base_inputs(self, parameters, label, kpoints=None):
+        """PwBaseWorkChain inputs sharing the scf namespace, with `parameters`, the polmodel parser and the fixed
+        k-mesh (or `kpoints`)."""
         inputs = AttributeDict(self.exposed_inputs(PwBaseWorkChain, namespace="scf"))
         inputs.pw = AttributeDict(inputs.pw)
         for name in ("kpoints", "kpoints_distance", "kpoints_force_parity"):
             inputs.pop(name, None)
-        inputs.kpoints = self.ctx.kpoints
+        inputs.kpoints = kpoints if kpoints is not None else self.ctx.kpoints
         inputs.pw.structure = self.inputs.structure
         inputs.pw.parameters = orm.Dict(parameters)
         metadata = AttributeDict(inputs.pw.get("metadata", {}))
@@ -363,33 +403,39 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
     def should_run_field_runs(self):
         return self.ctx.run_field
 
+    def _field_run_keys(self):
+        """Context keys of all field runs: `field_<label>` and, when extrapolating, `coarse_field_<label>`."""
+        return [f"{prefix}_{label}" for prefix in self.ctx.field_kpoints for label in FIELD_LABELS]
+
     def run_field_runs(self):
-        """lelfield scf at ±ε along x, y and z (from scratch: each run stands on its own)."""
+        """lelfield scf at ±ε along x, y and z on each mesh (from scratch: each run stands on its own)."""
         nberrycyc = self.ctx.nberrycyc
-        for label in FIELD_LABELS:
-            field = response_functions.field_vector(label, self.ctx.field_magnitude)
-            parameters = self._parameters(
-                control={"calculation": "scf", "lelfield": True, "nberrycyc": nberrycyc, "tprnfor": True},
-                electrons={"efield_cart": units.field_v_per_angstrom_to_ry(field).tolist()},
-            )
-            node = self.submit(PwBaseWorkChain, **self._base_inputs(parameters, f"field_{label}"))
-            self.report(f"launching field {label} ({self.ctx.field_magnitude:.4g} V/Å) PwBaseWorkChain<{node.pk}>")
-            self.to_context(**{f"field_{label}": node})
+        for prefix, kpoints in self.ctx.field_kpoints.items():
+            for label in FIELD_LABELS:
+                field = response_functions.field_vector(label, self.ctx.field_magnitude)
+                parameters = self._parameters(
+                    control={"calculation": "scf", "lelfield": True, "nberrycyc": nberrycyc, "tprnfor": True},
+                    electrons={"efield_cart": units.field_v_per_angstrom_to_ry(field).tolist()},
+                )
+                key = f"{prefix}_{label}"
+                node = self.submit(PwBaseWorkChain, **self._base_inputs(parameters, key, kpoints))
+                self.report(f"launching {key} ({self.ctx.field_magnitude:.4g} V/Å) PwBaseWorkChain<{node.pk}>")
+                self.to_context(**{key: node})
 
     def inspect_field_runs(self):
-        """Accept the six runs, or halve the field after an electronic breakdown and rerun them (bounded)."""
+        """Accept the field runs, or halve the field after an electronic breakdown and rerun them (bounded)."""
         self.ctx.run_field = False
-        failed = [label for label in FIELD_LABELS if not self.ctx[f"field_{label}"].is_finished_ok]
+        failed = [key for key in self._field_run_keys() if not self.ctx[key].is_finished_ok]
         if not failed:
             return None
-        if not all(self._is_field_breakdown(self.ctx[f"field_{label}"]) for label in failed):
-            details = ", ".join(f"{label}: exit {self.ctx[f'field_{label}'].exit_status}" for label in failed)
+        if not all(self._is_field_breakdown(self.ctx[key]) for key in failed):
+            details = ", ".join(f"{key}: exit {self.ctx[key].exit_status}" for key in failed)
             return self.exit_codes.ERROR_FIELD_RUN_FAILED.format(details=details)
         return self.handle_field_breakdown(failed)
 
     def handle_field_breakdown(self, failed):
         """Strategy: SCF divergence under field is Zener breakdown or a too-strong perturbation; halve |ε| and rerun
-        all six runs (central differences need one |ε|), at most `max_field_halvings` times in total."""
+        all field runs (central differences need one |ε|), at most `max_field_halvings` times in total."""
         if self.ctx.field_halvings >= self.inputs.max_field_halvings.value:
             return self.exit_codes.ERROR_FIELD_RUNS_NOT_CONVERGED.format(count=self.ctx.field_halvings)
         self.ctx.field_magnitude /= 2
@@ -424,9 +470,9 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
 
     def results(self):
         """Derive everything through calcfunctions and attach the outputs."""
-        for label in FIELD_LABELS:
-            if "finite_field" not in self.ctx[f"field_{label}"].outputs.output_parameters.get_dict():
-                return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no finite-field dipole in {label}")
+        for key in self._field_run_keys():
+            if "finite_field" not in self.ctx[key].outputs.output_parameters.get_dict():
+                return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no finite-field dipole in {key}")
 
         polarization = response_functions.compute_polarization(
             self.inputs.structure,
@@ -434,15 +480,13 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             metadata={"call_link_label": "compute_polarization"},
         )
         field_magnitude = orm.Float(self.ctx.field_magnitude)
-        field_outputs = {}
-        for label in FIELD_LABELS:
-            outputs = self.ctx[f"field_{label}"].outputs
-            field_outputs[f"parameters_{label}"] = outputs.output_parameters
-            field_outputs[f"trajectory_{label}"] = outputs.output_trajectory
+        field_outputs = self._field_outputs("field")
         response = response_functions.compute_field_response(
             self.inputs.structure, polarization, field_magnitude, **field_outputs,
             metadata={"call_link_label": "compute_field_response"},
         )
+        if "coarse_field" in self.ctx.field_kpoints:
+            response.update(self._extrapolate_polarizability(polarization, field_magnitude, response))
         zero = self.ctx.zero_field.outputs
         frames = response_functions.build_frames(
             self.inputs.structure, polarization, response["born_effective_charges"], response["polarizability"],
@@ -458,6 +502,32 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             f"ASR residual {response['asr_residual'].value:.4f} e; ε∞ diagonal "
             f"{np.diag(response['dielectric_tensor'].get_array('dielectric_tensor')).round(3).tolist()}"
         )
+
+    def _field_outputs(self, prefix):
+        """`parameters_<label>` and `trajectory_<label>` of the field runs `<prefix>_<label>`, for the calcfunctions."""
+        outputs = {}
+        for label in FIELD_LABELS:
+            run = self.ctx[f"{prefix}_{label}"].outputs
+            outputs[f"parameters_{label}"] = run.output_parameters
+            outputs[f"trajectory_{label}"] = run.output_trajectory
+        return outputs
+
+    def _extrapolate_polarizability(self, polarization, field_magnitude, dense):
+        """α and ε∞ from the dense- and coarse-mesh field runs, extrapolated to dense Berry strings."""
+        coarse = response_functions.compute_field_response(
+            self.inputs.structure, polarization, field_magnitude, **self._field_outputs("coarse_field"),
+            metadata={"call_link_label": "compute_field_response_coarse_mesh"},
+        )
+        extrapolated = response_functions.extrapolate_polarizability(
+            self.inputs.structure, dense["polarizability"], coarse["polarizability"],
+            orm.List(list(self.ctx.mesh)), orm.List(list(self.ctx.mesh_coarse)),
+            metadata={"call_link_label": "extrapolate_polarizability"},
+        )
+        diagonal = {name: np.diag(outputs["dielectric_tensor"].get_array("dielectric_tensor")).round(3).tolist()
+                    for name, outputs in (("dense", dense), ("coarse", coarse), ("extrapolated", extrapolated))}
+        self.report(f"ε∞ diagonal {diagonal['dense']} on {self.ctx.mesh}, {diagonal['coarse']} on "
+                    f"{self.ctx.mesh_coarse}: {diagonal['extrapolated']} extrapolated to dense Berry strings")
+        return extrapolated
 
     def on_terminated(self):
         """Clean the remote folders of all pw.x runs if `clean_workdir` is set."""

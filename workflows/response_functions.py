@@ -73,6 +73,31 @@ def dielectric_from_polarizability(polarizability, volume):
     return np.eye(3) + np.asarray(polarizability) / (units.EPSILON0_E_PER_V_ANGSTROM * volume)
 
 
+def string_density_error(mesh):
+    """Σ_i 1/N_i²: the discretization error of Berry-string derivatives of a mesh is proportional to it (O(Δk²))."""
+    return float(sum(1.0 / float(n) ** 2 for n in mesh))
+
+
+def extrapolate_to_dense_strings(value_dense, value_coarse, mesh_dense, mesh_coarse):
+    """Richardson extrapolation of a finite-field response to infinitely dense Berry strings.
+
+    pw.x's `lelfield` couples the field through a finite-difference dψ/dk along the strings, so a polarizability
+    computed on an N-point string is low by ~c/N² (measured on MgO: ε∞ 2.77, 2.93, 2.99, 3.03 at 4, 6, 8, 10 k per
+    direction, ph.x 3.09). Two meshes give the limit: value = value_∞ − c·h with h = Σ_i 1/N_i², exact when the
+    coarse mesh is a uniform scaling of the dense one.
+    """
+    h_dense, h_coarse = string_density_error(mesh_dense), string_density_error(mesh_coarse)
+    if not h_coarse > h_dense:
+        raise ValueError(f"the coarse mesh {list(mesh_coarse)} is not coarser than {list(mesh_dense)}")
+    value_dense, value_coarse = np.asarray(value_dense, dtype=float), np.asarray(value_coarse, dtype=float)
+    return (h_coarse * value_dense - h_dense * value_coarse) / (h_coarse - h_dense)
+
+
+def coarse_mesh(mesh, scale):
+    """The mesh scaled by `scale` (< 1) for the string extrapolation, at least 2 points per direction."""
+    return [max(2, int(round(scale * n))) for n in mesh]
+
+
 def acoustic_sum_rule_residual(born_charges):
     """Largest |Σ_i Z*[i, a, b]| over a, b (e): zero for an exact translation-invariant response."""
     return float(np.abs(np.asarray(born_charges).sum(axis=0)).max())
@@ -140,6 +165,26 @@ def compute_field_response(structure, polarization, field_magnitude, **field_out
         "polarizability": orm.ArrayData({"polarizability": alpha, "polarizability_unsymmetrized": alpha_raw}),
         "dielectric_tensor": orm.ArrayData({"dielectric_tensor": dielectric}),
         "asr_residual": orm.Float(acoustic_sum_rule_residual(born)),
+    }
+
+
+@calcfunction
+def extrapolate_polarizability(structure, polarizability_dense, polarizability_coarse, mesh_dense, mesh_coarse):
+    """α and ε∞ extrapolated to infinitely dense Berry strings from two meshes (`extrapolate_to_dense_strings`).
+
+    Returns `polarizability` (arrays `polarizability` (3, 3) e·Å²/V extrapolated, `polarizability_dense_mesh`,
+    `polarizability_coarse_mesh`, `meshes` (2, 3): dense then coarse) and `dielectric_tensor`.
+    """
+    dense = polarizability_dense.get_array("polarizability")
+    coarse = polarizability_coarse.get_array("polarizability")
+    alpha = extrapolate_to_dense_strings(dense, coarse, mesh_dense.get_list(), mesh_coarse.get_list())
+    return {
+        "polarizability": orm.ArrayData({
+            "polarizability": alpha, "polarizability_dense_mesh": dense, "polarizability_coarse_mesh": coarse,
+            "meshes": np.array([mesh_dense.get_list(), mesh_coarse.get_list()]),
+        }),
+        "dielectric_tensor": orm.ArrayData(
+            {"dielectric_tensor": dielectric_from_polarizability(alpha, structure.get_cell_volume())}),
     }
 
 
