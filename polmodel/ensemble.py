@@ -2,7 +2,8 @@
 import torch
 
 from polmodel import keys
-from polmodel.response import compute_response
+from polmodel.polarization import fold_dipole_difference
+from polmodel.response import compute_response, periodic_graphs
 
 # quantities whose member spread is reported as `<key>_std`
 SPREAD_KEYS = (keys.ENERGY, keys.FORCES, keys.DIPOLE, keys.POLARIZATION, keys.BORN_CHARGES, keys.POLARIZABILITY)
@@ -44,16 +45,39 @@ class PolEnsemble(torch.nn.Module):
         return out
 
 
+def onto_first_member_branch(dipoles, cell, periodic):
+    """Member dipoles (K, G, 3) moved by whole e·R_i onto the branch of member 0 (periodic graphs only).
+
+    Members are trained against folded dipoles, so each may settle on another branch of the multivalued ΩP; any
+    branch change is an integer combination of e·R_i (the true quantum f·e·R_i is a multiple of it), so folding the
+    differences to member 0 on the e·R_i lattice aligns them without knowing f. Genuine disagreements are far
+    smaller than e·|R_i|/2.
+    """
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).expand_as(cell)
+    lattice = torch.where(periodic.view(-1, 1, 1), cell, eye)
+    aligned = dipoles[0] + fold_dipole_difference(dipoles - dipoles[0], lattice)
+    return torch.where(periodic.view(1, -1, 1), aligned, dipoles)
+
+
 def ensemble_response(ensemble, data, **flags):
     """compute_response of every member; mean under the standard keys, population std as `<key>_std`.
 
-    `flags` are those of polmodel.response.compute_response.
+    Dipoles and polarizations are averaged on one branch (`onto_first_member_branch`). `flags` are those of
+    polmodel.response.compute_response.
     """
     responses = [compute_response(member, data, **flags) for member in ensemble.members]
+    stacked = {name: torch.stack([response[name] for response in responses]) for name in responses[0]}
+    periodic = periodic_graphs(data)
+    if bool(periodic.any()):
+        dipoles = onto_first_member_branch(stacked[keys.DIPOLE], data[keys.CELL], periodic)
+        stacked[keys.DIPOLE] = dipoles
+        if keys.POLARIZATION in stacked:
+            volume = torch.where(periodic, torch.linalg.det(data[keys.CELL]).abs(), torch.ones(()).to(dipoles))
+            stacked[keys.POLARIZATION] = torch.where(periodic.view(1, -1, 1), dipoles / volume.view(1, -1, 1),
+                                                     stacked[keys.POLARIZATION])
     result = {}
-    for name in responses[0]:
-        stacked = torch.stack([response[name] for response in responses])
-        result[name] = stacked.mean(dim=0)
+    for name, values in stacked.items():
+        result[name] = values.mean(dim=0)
         if name in SPREAD_KEYS:
-            result[f"{name}_std"] = stacked.std(dim=0, unbiased=False)
+            result[f"{name}_std"] = values.std(dim=0, unbiased=False)
     return result

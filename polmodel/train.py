@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from polmodel.data import atoms_to_graph, average_num_neighbors, collate
+from polmodel.devices import resolve_device, to_device
 from polmodel.frames import frame_efield, frame_energy, frame_forces, normalize_frames
 from polmodel.losses import QUANTITIES, QUANTITY_UNITS, LossWeights, TargetBatch, paired_values, predict, \
     weighted_loss
@@ -46,6 +47,7 @@ class TrainingConfig:
     validation_fraction: float = 0.1
     seed: int = 0
     dtype: str = "float32"
+    device: str = "cpu"                        # cpu, cuda, cuda:N or auto (polmodel.devices)
     max_time_s: float = None                   # wall-clock limit of one model's training
     quiet: bool = False
 
@@ -76,15 +78,38 @@ class TrainingConfig:
 
 
 # --- preparation ---------------------------------------------------------------------------------------------
+def structure_key(frame):
+    """Frames of one structure (same species, cell and positions, at any field) share this key."""
+    rounded = [np.round(np.asarray(array, dtype=float), 6) + 0.0 for array in (frame.cell.array, frame.positions)]
+    return (tuple(int(z) for z in frame.numbers),) + tuple(array.tobytes() for array in rounded)
+
+
 def split_frames(frames, validation_fraction, seed):
-    """Random (train, validation) split; at least one validation frame when the fraction is non-zero."""
+    """Seeded (train, validation) split by structure: all frames of one structure (e.g. the zero-field and ±ε frames
+    of one DFT label) land on the same side, so validation measures unseen structures, not unseen fields.
+
+    Whole structures are drawn in random order until the validation set holds `validation_fraction` of the frames;
+    at least one structure is held out when the fraction is non-zero, and at least one is kept for training. With a
+    single structure the split falls back to frames (there is no other way to validate).
+    """
     frames = list(frames)
-    order = np.random.default_rng(seed).permutation(len(frames))
-    num_valid = int(round(validation_fraction * len(frames)))
-    if validation_fraction > 0 and len(frames) >= 2:
-        num_valid = min(max(num_valid, 1), len(frames) - 1)
-    valid = [frames[i] for i in sorted(order[:num_valid])]
-    train = [frames[i] for i in sorted(order[num_valid:])]
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for index, frame in enumerate(frames):
+        groups.setdefault(structure_key(frame), []).append(index)
+    groups = list(groups.values())
+    if len(groups) == 1:
+        groups = [[index] for index in groups[0]]
+    wanted = validation_fraction * len(frames)
+    valid_indices = []
+    if validation_fraction > 0 and len(groups) >= 2:
+        for position, group in enumerate(rng.permutation(len(groups))):
+            if position == len(groups) - 1 or (valid_indices and len(valid_indices) + 0.5 * len(groups[group]) > wanted):
+                break
+            valid_indices.extend(groups[group])
+    held_out = set(valid_indices)
+    valid = [frame for index, frame in enumerate(frames) if index in held_out]
+    train = [frame for index, frame in enumerate(frames) if index not in held_out]
     return train, valid
 
 
@@ -164,11 +189,11 @@ def initialize_model(train_frames, config, species=None):
 
 
 # --- one model -----------------------------------------------------------------------------------------------
-def _epoch_loss(model, frame_set, weights, batch_size):
+def _epoch_loss(model, frame_set, weights, batch_size, device):
     """Validation loss: frame-weighted mean of the batch losses (no parameter update)."""
     total, count = 0.0, 0
     for data, targets in frame_set.batches(batch_size):
-        loss, _ = weighted_loss(paired_values(predict(model, data, targets), targets), weights)
+        loss, _ = weighted_loss(paired_values(predict(model, to_device(data, device), targets), targets), weights)
         total += float(loss) * len(targets.num_atoms)
         count += len(targets.num_atoms)
     return total / count
@@ -202,7 +227,8 @@ def train_model(train_frames, valid_frames, config, species=None):
         raise ValueError("none of the training frames carries a label (energy, forces, stress, dipole, Z*, α)")
     species = list(config.species or species or _frames_species(train_frames + valid_frames))
     dtype = DTYPES[config.dtype]
-    model = initialize_model(train_frames, config, species)
+    device = resolve_device(config.device)
+    model = initialize_model(train_frames, config, species).to(device)
     train_set = FrameSet(train_frames, species, config.cutoff, dtype)
     valid_set = FrameSet(valid_frames, species, config.cutoff, dtype) if valid_frames else None
 
@@ -221,7 +247,8 @@ def train_model(train_frames, valid_frames, config, species=None):
         train_total, train_count = 0.0, 0
         for data, targets in train_set.batches(config.batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = weighted_loss(paired_values(predict(model, data, targets, training=True), targets), weights)
+            prediction = predict(model, to_device(data, device), targets, training=True)
+            loss, _ = weighted_loss(paired_values(prediction, targets), weights)
             loss.backward()
             if config.gradient_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
@@ -230,7 +257,7 @@ def train_model(train_frames, valid_frames, config, species=None):
             train_count += len(targets.num_atoms)
         model.eval()
         train_loss = train_total / train_count
-        valid_loss = _epoch_loss(model, valid_set, weights, config.batch_size) if valid_set else train_loss
+        valid_loss = _epoch_loss(model, valid_set, weights, config.batch_size, device) if valid_set else train_loss
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(valid_loss)
         elif scheduler is not None:
@@ -260,6 +287,10 @@ def _model_dtype(model_or_ensemble):
     return next(model_or_ensemble.parameters()).dtype
 
 
+def _model_device(model_or_ensemble):
+    return next(model_or_ensemble.parameters()).device
+
+
 def _ensemble_members(model_or_ensemble):
     from polmodel.model import PolModel
 
@@ -276,7 +307,9 @@ def predict_pairs(model_or_ensemble, frames, batch_size=16):
     reference = members[0] if members else model_or_ensemble
     frame_set = FrameSet(frames, reference.species, reference.cutoff, _model_dtype(model_or_ensemble))
     collected = {}
+    device = _model_device(model_or_ensemble)
     for data, targets in frame_set.batches(batch_size):
+        data = to_device(data, device)
         if members:
             from polmodel.ensemble import ensemble_response
 

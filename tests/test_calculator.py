@@ -167,6 +167,39 @@ def test_ensemble_mean_and_std_equal_members():
     assert calc.get_property("forces_std", atoms).max() > 1e-4
 
 
+class BranchShifted(torch.nn.Module):
+    """A member whose dipole is its base model's plus whole quanta 2e·(n @ R): its energy gains −ε·(n @ 2R)."""
+
+    def __init__(self, base, integers):
+        super().__init__()
+        self.base = base
+        self.integers = torch.tensor(integers, dtype=torch.float64)
+        self.species, self.cutoff = base.species, base.cutoff
+
+    def forward(self, data):
+        out = self.base(data)
+        shift = 2.0 * torch.einsum("i,gij->gj", self.integers.to(data[keys.CELL]), data[keys.CELL])
+        out[keys.ENERGY] = out[keys.ENERGY] - (data[keys.EFIELD] * shift).sum(-1)
+        return out
+
+
+def test_ensemble_averages_member_dipoles_on_one_branch():
+    from polmodel.ensemble import PolEnsemble
+
+    first, second = tiny_model(1), tiny_model(2)
+    atoms = batio3()
+    aligned = PolCalculator(PolEnsemble([first, second]), efield=FIELD)
+    shifted = PolCalculator(PolEnsemble([first, BranchShifted(second, [1, 0, -2])]), efield=FIELD)
+    single = PolCalculator(BranchShifted(second, [1, 0, -2]), efield=FIELD)
+    # the shifted member alone really is on another branch (by 2e·(R_1 − 2R_3), several e·Å)
+    offset = single.get_property("dipole", atoms.copy()) - PolCalculator(second, efield=FIELD).get_property(
+        "dipole", atoms.copy())
+    assert offset == pytest.approx(2.0 * (atoms.cell[0] - 2 * atoms.cell[2]), abs=1e-8)
+    for name in ("dipole", "polarization", "dipole_std", "polarization_std", "forces", "born_effective_charges"):
+        np.testing.assert_allclose(shifted.get_property(name, atoms.copy()), aligned.get_property(name, atoms.copy()),
+                                   atol=1e-8, err_msg=name)
+
+
 def test_calculator_loads_a_saved_model_file(model, tmp_path):
     from polmodel.serialization import save
     path = tmp_path / "model.pt"

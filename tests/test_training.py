@@ -43,15 +43,42 @@ def test_reference_energies_are_the_least_squares_fit_of_composition_to_energy()
     assert fit_energy_scale(frames, fitted) == pytest.approx(0.2)
 
 
-def test_split_and_bootstrap_are_seeded_and_disjoint():
-    frames = list(range(20))
-    train, valid = split_frames(frames, 0.25, seed=3)
-    assert len(valid) == 5 and sorted(train + valid) == frames
-    assert split_frames(frames, 0.25, seed=3) == (train, valid)
-    assert split_frames(frames, 0.25, seed=4) != (train, valid)
+def _frames_of_structures(num_structures, fields_per_structure):
+    """NaCl frames: `fields_per_structure` fields on each of `num_structures` distinct geometries."""
+    frames = []
+    for structure in range(num_structures):
+        for field_index in range(fields_per_structure):
+            atoms = Atoms("NaCl", positions=[[0, 0, 0], [2.8 + 0.01 * structure, 0, 0]], cell=np.eye(3) * 5.6, pbc=True)
+            atoms.info["efield"] = np.array([0.01 * field_index, 0.0, 0.0])
+            frames.append(atoms)
+    return frames
+
+
+def test_split_keeps_the_frames_of_one_structure_together_and_is_seeded():
+    from polmodel.train import structure_key
+
+    frames = _frames_of_structures(10, 7)
+    train, valid = split_frames(frames, 0.2, seed=3)
+    assert len(valid) == 14 and len(train) == 56
+    assert not {structure_key(f) for f in train} & {structure_key(f) for f in valid}
+    assert len({structure_key(f) for f in valid}) == 2
+    again = split_frames(frames, 0.2, seed=3)
+    assert [id(f) for f in again[1]] == [id(f) for f in valid]
+    assert [id(f) for f in split_frames(frames, 0.2, seed=4)[1]] != [id(f) for f in valid]
+    # a non-zero fraction holds out a whole structure, and one structure always stays for training
+    train, valid = split_frames(frames[:14], 0.01, seed=0)
+    assert len(valid) == 7 and len(train) == 7
+    # one structure only: frames are split instead
+    train, valid = split_frames(frames[:7], 0.3, seed=0)
+    assert len(valid) == 2 and len(train) == 5
+    assert split_frames(frames, 0.0, seed=0) == (frames, [])
+
+
+def test_bootstrap_is_seeded_and_resamples():
+    train = list(range(15))
     sample = bootstrap_sample(train, seed=1)
     assert len(sample) == len(train) and set(sample) <= set(train) and len(set(sample)) < len(train)
-    assert split_frames(frames[:2], 0.01, seed=0)[1]  # a non-zero fraction always holds out a frame
+    assert bootstrap_sample(train, seed=1) == sample
 
 
 def test_config_rejects_bad_options():
@@ -126,7 +153,7 @@ def test_cli_trains_an_ensemble_and_writes_model_metrics_and_plots(tmp_path, cap
     first, second = (dict(m.state_dict()) for m in ensemble.members)
     assert any(not torch.equal(first[n], second[n]) for n in first if first[n].dtype.is_floating_point)
     metrics = json.loads(metrics_path.read_text())
-    assert metrics["num_train"] == 9 and metrics["num_validation"] == 3
+    assert metrics["num_train"] == 8 and metrics["num_validation"] == 4  # one of three structures (4 frames each)
     assert [m["seed"] for m in metrics["members"]] == [3, 4]
     for quantity in ("energy", "forces", "dipole"):
         for block in [metrics["validation"]] + [m["validation"] for m in metrics["members"]]:
