@@ -5,6 +5,7 @@ plugins run on `localhost` and on a SLURM computer with a GPU (only the code and
 """
 import io
 import json
+import re
 
 from aiida import orm
 from aiida.common import datastructures
@@ -19,6 +20,7 @@ TRAIN_PARAMETER_TYPES = {
     "hyperparameters": dict,
     "bootstrap": bool,
     "validation_fraction": float,
+    "device": str,
 }
 MD_PARAMETER_TYPES = {
     "steps": int,
@@ -30,9 +32,19 @@ MD_PARAMETER_TYPES = {
     "born_spread": bool,
     "seed": int,
     "friction": float,
+    "device": str,
 }
 MD_REQUIRED = ("steps", "timestep", "temperature", "field")
 THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
+# torch device of the run on the computer that executes it (checked there: a GPU is only known on that machine)
+DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+
+
+def _check_device(parameters, label):
+    device = parameters.get("device")
+    if device is not None and not DEVICE_PATTERN.match(device):
+        return f"{label}: `device` must be cpu, cuda, cuda:N or auto, got {device!r}"
+    return None
 
 
 def _check_types(parameters, types, label):
@@ -63,6 +75,9 @@ def validate_train_parameters(node, _):
     for key in ("ensemble_size", "epochs"):
         if key in parameters and parameters[key] < 1:
             return f"TrainCalculation parameters: `{key}` must be >= 1, got {parameters[key]}"
+    message = _check_device(parameters, "TrainCalculation parameters")
+    if message:
+        return message
     fraction = parameters.get("validation_fraction")
     if fraction is not None and not 0.0 <= fraction < 1.0:
         return f"TrainCalculation parameters: `validation_fraction` must be in [0, 1), got {fraction}"
@@ -90,6 +105,9 @@ def validate_md_parameters(node, _):
             return f"MdCalculation parameters: `{key}` must be positive, got {parameters[key]}"
     if parameters.get("interval", 1) < 1:
         return f"MdCalculation parameters: `interval` must be >= 1, got {parameters['interval']}"
+    message = _check_device(parameters, "MdCalculation parameters")
+    if message:
+        return message
     if parameters["temperature"] < 0:
         return f"MdCalculation parameters: `temperature` must be >= 0 K, got {parameters['temperature']}"
     thermostat = parameters.get("thermostat", "langevin")
@@ -182,7 +200,8 @@ class TrainCalculation(_PolmodelCalculation):
             cmdline += ["--ensemble", str(parameters["ensemble_size"])]
         if parameters.get("bootstrap"):
             cmdline.append("--bootstrap")
-        for key, flag in (("seed", "--seed"), ("epochs", "--epochs"), ("validation_fraction", "--validation-fraction")):
+        for key, flag in (("seed", "--seed"), ("epochs", "--epochs"), ("validation_fraction", "--validation-fraction"),
+                          ("device", "--device")):
             if key in parameters:
                 cmdline += [flag, str(parameters[key])]
         if parameters.get("hyperparameters"):
@@ -258,10 +277,9 @@ class MdCalculation(_PolmodelCalculation):
         ]
         if parameters.get("born_spread"):
             cmdline.append("--born-spread")
-        if "seed" in parameters:
-            cmdline += ["--seed", str(parameters["seed"])]
-        if "friction" in parameters:
-            cmdline += ["--friction", str(parameters["friction"])]
+        for key, flag in (("seed", "--seed"), ("friction", "--friction"), ("device", "--device")):
+            if key in parameters:
+                cmdline += [flag, str(parameters[key])]
 
         calcinfo = datastructures.CalcInfo()
         calcinfo.codes_info = [self._code_info(cmdline)]

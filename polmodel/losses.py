@@ -109,24 +109,26 @@ def paired_values(prediction, targets):
     for quantity in (keys.ENERGY, keys.FORCES, keys.STRESS, keys.BORN_CHARGES, keys.POLARIZABILITY):
         if quantity not in targets:
             continue
-        index = targets.index[quantity]
+        index = targets.index[quantity].to(prediction[quantity].device)
         predicted = prediction[quantity][index]
-        label = targets.values[quantity].to(predicted.dtype)
+        label = targets.values[quantity].to(predicted)
         if quantity in (keys.ENERGY, keys.POLARIZABILITY):
-            atoms = targets.num_atoms[index].to(predicted.dtype).view(-1, *([1] * (predicted.dim() - 1)))
+            atoms = targets.num_atoms.to(predicted.device)[index].to(predicted.dtype).view(
+                -1, *([1] * (predicted.dim() - 1)))
             predicted, label = predicted / atoms, label / atoms
         pairs[quantity] = (label, predicted)
     if keys.DIPOLE in targets:
-        index = targets.index[keys.DIPOLE]
+        device = prediction[keys.DIPOLE].device
+        index = targets.index[keys.DIPOLE].to(device)
         predicted = prediction[keys.DIPOLE][index]
-        label = targets.values[keys.DIPOLE]
+        label = targets.values[keys.DIPOLE].to(device)
         with torch.no_grad():
             # float64: a label many quanta away keeps its digits when the branch is subtracted
             difference = predicted.detach().to(torch.float64) - label
-            folded = fold_dipole_difference(difference, targets.dipole_quantum)
-            folded = torch.where(targets.dipole_folded.unsqueeze(-1), folded, difference)
+            folded = fold_dipole_difference(difference, targets.dipole_quantum.to(device))
+            folded = torch.where(targets.dipole_folded.to(device).unsqueeze(-1), folded, difference)
             label_on_branch = (label + (difference - folded)).to(predicted.dtype)
-        atoms = targets.num_atoms[index].to(predicted.dtype).unsqueeze(-1)
+        atoms = targets.num_atoms.to(device)[index].to(predicted.dtype).unsqueeze(-1)
         pairs[keys.DIPOLE] = (label_on_branch / atoms, predicted / atoms)
     return pairs
 

@@ -29,6 +29,7 @@ def add_arguments(parser):
                         help="record the ensemble spread of the Born charges in every frame")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                         help="run the model in this precision (default: as saved)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--no-restart", action="store_true", help="overwrite --output instead of continuing it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -39,6 +40,7 @@ def run(args):
     import torch
 
     from polmodel.calculator import PolCalculator
+    from polmodel.devices import resolve_device
     from polmodel.fields import field_protocol_from_json
     from polmodel.md import run_md
 
@@ -46,9 +48,13 @@ def run(args):
         protocol = field_protocol_from_json(args.field)
     except ValueError as error:
         sys.exit(f"polmodel md: bad --field: {error}")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        sys.exit(f"polmodel md: {error}")
     atoms = ase.io.read(args.structure, index=-1)
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
-    calculator = PolCalculator(args.model, efield=protocol(0.0), dtype=dtype)
+    calculator = PolCalculator(args.model, efield=protocol(0.0), dtype=dtype, device=device)
     final = run_md(atoms, calculator, protocol, steps=args.steps, timestep_fs=args.timestep,
                    temperature_K=args.temperature, thermostat=args.thermostat, friction=args.friction,
                    interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,

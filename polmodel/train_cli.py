@@ -22,6 +22,7 @@ def add_arguments(parser):
     parser.add_argument("--metrics", default=None, help="write validation metrics to this JSON file")
     parser.add_argument("--plots", default=None, metavar="DIR", help="write parity plots (PNG) to this folder")
     parser.add_argument("--validation-fraction", type=float, default=None, help="fraction held out (default 0.1)")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -50,7 +51,8 @@ def build_config(args):
     options = load_options(args.hyperparameters)
     model_options = {name: options.pop(name) for name in list(options) if name in DEFAULT_HYPERPARAMETERS}
     options["hyperparameters"] = {**options.get("hyperparameters", {}), **model_options}
-    for flag, name in (("seed", "seed"), ("epochs", "epochs"), ("validation_fraction", "validation_fraction")):
+    for flag, name in (("seed", "seed"), ("epochs", "epochs"), ("validation_fraction", "validation_fraction"),
+                       ("device", "device")):
         if getattr(args, flag) is not None:
             options[name] = getattr(args, flag)
     options["quiet"] = bool(args.quiet or options.get("quiet", False))
@@ -59,12 +61,14 @@ def build_config(args):
 
 def run(args):
     from polmodel import serialization
+    from polmodel.devices import resolve_device
     from polmodel.frames import read_frames
     from polmodel.plots import write_parity_plots
     from polmodel.train import predict_pairs, split_frames, train_ensemble
 
     try:
         config = build_config(args)
+        resolve_device(config.device)
         frames = read_frames(args.frames)
     except ValueError as error:
         print(f"polmodel train: {error}", file=sys.stderr)

@@ -24,7 +24,7 @@ def md_inputs(model, code, **parameters):
 # --------------------------------------------------------------------------------------------- prepare_for_submission
 def test_train_prepare_for_submission(generate_al_calc_job, generate_frames_data, polmodel_code):
     parameters = {"ensemble_size": 3, "seed": 4, "epochs": 20, "bootstrap": True, "validation_fraction": 0.2,
-                  "hyperparameters": {"num_layers": 1}}
+                  "hyperparameters": {"num_layers": 1}, "device": "cuda"}
     frames = generate_frames_data(count=3)
     folder, calcinfo = generate_al_calc_job("polmodel.train", {"frames": frames, "parameters": orm.Dict(parameters),
                                                             "code": polmodel_code})
@@ -32,7 +32,7 @@ def test_train_prepare_for_submission(generate_al_calc_job, generate_frames_data
     assert codeinfo.cmdline_params == [
         "train", "frames.xyz", "--output", "model.pt", "--metrics", "metrics.json", "--plots", "plots", "--quiet",
         "--ensemble", "3", "--bootstrap", "--seed", "4", "--epochs", "20", "--validation-fraction", "0.2",
-        "--hyperparameters", "hyperparameters.json",
+        "--device", "cuda", "--hyperparameters", "hyperparameters.json",
     ]
     assert sorted(folder.get_content_list()) == ["frames.xyz", "hyperparameters.json"]
     with folder.open("hyperparameters.json") as handle:
@@ -56,6 +56,7 @@ def test_train_minimal_command_line(generate_al_calc_job, generate_frames_data, 
     ({"epochs": 2.5}, "integer"),
     ({"learning_rat": 0.1}, "unknown parameter"),
     ({"validation_fraction": 1.5}, "validation_fraction"),
+    ({"device": "gpu0"}, "cpu, cuda, cuda:N or auto"),
 ])
 def test_train_bad_parameters(generate_al_calc_job, generate_frames_data, polmodel_code, parameters, message):
     with pytest.raises(ValueError, match=message):
@@ -72,11 +73,13 @@ def test_train_refuses_empty_frames(generate_al_calc_job, polmodel_code):
 
 def test_md_prepare_for_submission(generate_al_calc_job, generate_fake_model_data, polmodel_code):
     model = generate_fake_model_data()
-    folder, calcinfo = generate_al_calc_job("polmodel.md", md_inputs(model, polmodel_code, friction=0.02))
+    folder, calcinfo = generate_al_calc_job("polmodel.md", md_inputs(model, polmodel_code, friction=0.02,
+                                                                                device="cuda:1"))
     assert calcinfo.codes_info[0].cmdline_params == [
         "md", "--model", "model.pt", "--structure", "structure.xyz", "--output", "trajectory.xyz", "--steps", "100",
         "--timestep", "2.0", "--temperature", "300.0", "--thermostat", "langevin", "--field", "field.json",
         "--interval", "10", "--quiet", "--born-spread", "--seed", "5", "--friction", "0.02",
+        "--device", "cuda:1",
     ]
     assert sorted(folder.get_content_list()) == ["field.json", "model.pt", "structure.xyz"]
     with folder.open("model.pt", "rb") as handle:
@@ -106,6 +109,7 @@ def test_md_hash_mismatch_is_refused_before_the_run(generate_al_calc_job, genera
     ({"steps": -1}, "steps"),
     ({"thermostat": "andersen"}, "thermostat"),
     ({"temperature": -5.0}, "temperature"),
+    ({"device": "tpu"}, "device"),
 ])
 def test_md_bad_parameters_fail_at_submission(generate_al_calc_job, generate_fake_model_data, polmodel_code,
                                               parameters, message):
