@@ -24,6 +24,10 @@ SETUP_PROFILES_DIRECTORY = pathlib.Path(__file__).resolve().parent.parent / "set
 PROFILE_NAME = "polmodel"
 COMPUTER_LABEL = "localhost"
 CODE_FILES = {"pw": "code_pw.yaml", "ph": "code_ph.yaml", "polmodel": "code_polmodel.yaml"}
+#: Seconds between scheduler polls of ``localhost``. aiida's 0.1 s default for a local computer kept the daemon
+#: worker at 93 % of a core with twelve pw.x jobs running (a `ps` and a storage commit per job per poll), i.e. half
+#: of a two-core machine; jobs here last seconds to minutes, so a 2 s poll costs nothing and frees that core.
+JOB_POLL_INTERVAL_S = 2.0
 
 
 class BootstrapError(RuntimeError):
@@ -72,6 +76,18 @@ def ensure_profile(report) -> None:
     load_profile(PROFILE_NAME, allow_switch=True)
 
 
+def localhost_setting(key: str):
+    """A setting of ``localhost`` as ``computer_localhost.yaml`` has it (e.g. ``prepend_text``, ``mpirun_command``)."""
+    import yaml
+
+    return yaml.safe_load(pathlib.Path(_setup_file("computer_localhost.yaml")).read_text())[key]
+
+
+def localhost_prepend_text() -> str:
+    """The job prelude of ``localhost``: one thread per rank, machine-wide job slots."""
+    return localhost_setting("prepend_text")
+
+
 def ensure_computer(report) -> None:
     """Set up and configure the ``localhost`` computer."""
     from aiida import orm
@@ -90,6 +106,18 @@ def ensure_computer(report) -> None:
             "--config", _setup_file("computer_localhost_configure.yaml"),
         )
         report(f"configured computer `{COMPUTER_LABEL}`")
+    # computers made by an earlier version of this script get today's settings
+    prepend_text = localhost_prepend_text()
+    if computer.get_prepend_text() != prepend_text:
+        computer.set_prepend_text(prepend_text)
+        report(f"computer `{COMPUTER_LABEL}`: prepend text (threads, job slots) from computer_localhost.yaml")
+    mpirun_command = localhost_setting("mpirun_command").split()
+    if computer.get_mpirun_command() != mpirun_command:
+        computer.set_mpirun_command(mpirun_command)
+        report(f"computer `{COMPUTER_LABEL}`: mpirun command {' '.join(mpirun_command)}")
+    if computer.get_minimum_job_poll_interval() != JOB_POLL_INTERVAL_S:
+        computer.set_minimum_job_poll_interval(JOB_POLL_INTERVAL_S)
+        report(f"computer `{COMPUTER_LABEL}`: scheduler poll interval {JOB_POLL_INTERVAL_S} s")
 
 
 def ensure_codes(report) -> None:

@@ -29,6 +29,7 @@ import pytest
 if shutil.which("verdi") is None:
     os.environ["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
 
+from polmodel.plugins.bootstrap import localhost_prepend_text  # noqa: E402
 from aiida.tools.pytest_fixtures import (  # noqa: E402,F401  (re-exported as fixtures of this plugin)
     aiida_code,
     aiida_code_installed,
@@ -48,8 +49,8 @@ from aiida.tools.pytest_fixtures import (  # noqa: E402,F401  (re-exported as fi
 
 #: Label of the computer the fixtures and the embedded profile use.
 LOCALHOST_LABEL = "localhost"
-#: ``mpirun`` in containers often runs as root; Open MPI refuses that without the flag.
-MPIRUN_COMMAND = ["mpirun", "--allow-run-as-root", "-np", "{tot_num_mpiprocs}"]
+#: ``mpirun`` as computer_localhost.yaml has it: root needs the flag; one-rank jobs must not all be pinned to core 0.
+MPIRUN_COMMAND = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", "{tot_num_mpiprocs}"]
 #: Executables of the codes, keyed by the code label.
 CODE_EXECUTABLES = {
     "pw": ("/usr/bin/pw.x", "quantumespresso.pw"),
@@ -100,9 +101,10 @@ def aiida_localhost(aiida_profile, aiida_work_directory):
         ).store()
         computer.set_mpirun_command(MPIRUN_COMMAND)
         computer.set_default_mpiprocs_per_machine(1)
-        computer.set_minimum_job_poll_interval(0.0)
-        # Threads stay at one per rank: tests share two cores with other test processes.
-        computer.set_prepend_text("export OMP_NUM_THREADS=1\nexport OPENBLAS_NUM_THREADS=1")
+        # 1 s: polling every job with no pause kept the daemon worker busy on a core that pw.x needs
+        computer.set_minimum_job_poll_interval(1.0)
+        # one thread per rank and machine-wide job slots, as `make setup` configures localhost
+        computer.set_prepend_text(localhost_prepend_text())
     if not computer.is_configured:
         computer.configure(safe_interval=0.0)
     return computer

@@ -97,7 +97,7 @@ def test_daemon_runs_pw_with_project_codes_and_pseudos(submit_and_await, pw_code
     node = submit_and_await(builder, timeout=600)
     assert node.is_finished_ok, node.exit_status
     script = node.called[-1].base.repository.get_object_content("_aiidasubmit.sh")
-    assert "'mpirun' '--allow-run-as-root' '-np' '2' '/usr/bin/pw.x'" in script
+    assert "'mpirun' '--allow-run-as-root' '--bind-to' 'none' '-np' '2' '/usr/bin/pw.x'" in script
     assert node.outputs.output_parameters["energy"] < 0
     assert node.inputs.pw.parameters["SYSTEM"]["ecutwfc"] == pytest.approx(30.0)  # the family's recommendation
 
@@ -142,7 +142,8 @@ def test_computer_and_code_yaml_set_up_localhost_and_the_cluster_template(aiida_
                              "--config", setup_file("computer_localhost_configure.yaml"))
     localhost = orm.load_computer("localhost")
     assert (localhost.transport_type, localhost.scheduler_type) == ("core.local", "core.direct")
-    assert localhost.get_mpirun_command() == ["mpirun", "--allow-run-as-root", "-np", "{tot_num_mpiprocs}"]
+    assert localhost.get_mpirun_command() == ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np",
+                                              "{tot_num_mpiprocs}"]
     assert "OMP_NUM_THREADS=1" in localhost.get_prepend_text()
     assert localhost.is_configured
 
@@ -275,8 +276,34 @@ def test_bootstrap_is_idempotent_and_keeps_an_existing_default_profile(tmp_path)
     assert any(f"created pseudopotential family `{DEFAULT_PSEUDO_FAMILY}`" in line for line in created), first
     assert read_config(aiida_path)["default_profile"] == "mine"
     assert read_config(aiida_path)["profiles"]["polmodel"]["process_control"]["backend"] == "core.zeromq"
+    assert any("scheduler poll interval 2.0 s" in line for line in first), first
 
     second = run_bootstrap(aiida_path)
-    assert not [line for line in second if "created" in line or "configured" in line or "warning" in line], second
+    assert not [line for line in second if "created" in line or "configured" in line or "warning" in line
+                or "poll interval" in line or "prepend text" in line or "mpirun command" in line], second
     assert sum("exists" in line for line in second) == 6, second
     assert read_config(aiida_path)["default_profile"] == "mine"
+
+
+def test_localhost_prelude_runs_one_job_per_core_at_a_time(tmp_path):
+    """The job slots of computer_localhost.yaml: with N cores, N jobs start at once and job N+1 waits for a slot."""
+    import os
+    import subprocess
+    import time
+
+    import yaml
+
+    prelude = yaml.safe_load(open(setup_file("computer_localhost.yaml")))["prepend_text"]
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n" + prelude + "\necho $(date +%s.%N) $OMP_NUM_THREADS\nsleep 2\n")
+    cores = os.cpu_count()
+    # OMP_NUM_THREADS=1 is exported by the prelude itself: the slot count must not follow it (nproc would)
+    env = {"PATH": os.environ["PATH"], "POLMODEL_JOB_SLOT_DIR": str(tmp_path / "slots")}
+    started = time.time()
+    jobs = [subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(cores + 1)]
+    outputs = [job.communicate(timeout=60)[0].split() for job in jobs]
+    starts = sorted(float(output[0]) - started for output in outputs)
+    assert all(output[1] == "1" for output in outputs)
+    assert starts[cores - 1] < 1.5, starts          # the first `cores` jobs together
+    assert starts[cores] > 1.9, starts              # the next one after a job has ended
