@@ -3,8 +3,9 @@
 Pure numpy + ASE. A frame is
 - *accurate* when its largest atomic force deviation is below the lower trust level and its polarization and
   Born-charge spreads are below their thresholds: the ensemble already agrees there;
-- *failed* when its force deviation is at or above the upper trust level: the structure is unphysical or far
-  outside the data, and a label there would only teach the model about a place MD should never go (DP-GEN);
+- *failed* when its force deviation is at or above the upper trust level, or two atoms are closer than
+  `min_distance`: the structure is unphysical or far outside the data, and a label there would only teach the
+  model about a place MD should never go (DP-GEN);
 - a *candidate* otherwise.
 Candidates are deduplicated with a structural fingerprint (smoothed, per species-pair histograms of interatomic
 distances, which are invariant to rotations, translations and permutations of like atoms), most uncertain first,
@@ -28,6 +29,7 @@ class SelectionCriteria:
     max_candidates: int = 10
     similarity_tolerance: float = 0.05
     fingerprint_cutoff: float = 5.0
+    min_distance: float = 0.5      # Å; closer atoms mean a collapsed MD frame (DFT refuses them too)
 
     def __post_init__(self):
         if not 0.0 <= self.force_lower < self.force_upper:
@@ -146,6 +148,15 @@ def remove_near_duplicates(frames, order, tolerance, cutoff=5.0, limit=None):
     return kept
 
 
+def shortest_distance(atoms):
+    """The smallest interatomic distance in Å (minimum image in periodic directions); inf for one atom."""
+    if len(atoms) < 2:
+        return np.inf
+    distances = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
+    np.fill_diagonal(distances, np.inf)
+    return float(distances.min())
+
+
 def select_candidates(frames, max_force_std, criteria, polarization_std=None, born_charge_std=None):
     """Classify `frames`, deduplicate the candidates and keep at most `criteria.max_candidates`.
 
@@ -156,6 +167,7 @@ def select_candidates(frames, max_force_std, criteria, polarization_std=None, bo
     if len(frames) != len(max_force_std):
         raise ValueError(f"{len(frames)} frames but {len(max_force_std)} force spreads")
     labels = classify(max_force_std, criteria, polarization_std, born_charge_std)
+    labels[[shortest_distance(frame) < criteria.min_distance for frame in frames]] = FAILED
     force = np.asarray(max_force_std, dtype=float)
     candidates = np.flatnonzero(labels == CANDIDATE)
     # Most uncertain first, so that the cap and the deduplication keep the frames the ensemble disagrees on most.

@@ -84,29 +84,38 @@ def structure_key(frame):
     return (tuple(int(z) for z in frame.numbers),) + tuple(array.tobytes() for array in rounded)
 
 
+def _draw_validation(groups, wanted, rng):
+    """Indices of whole groups, in random order, until about `wanted` frames (at least one group, never all)."""
+    chosen = []
+    for position, group in enumerate(rng.permutation(len(groups))):
+        if position == len(groups) - 1 or (chosen and len(chosen) + 0.5 * len(groups[group]) > wanted):
+            break
+        chosen.extend(groups[group])
+    return chosen
+
+
 def split_frames(frames, validation_fraction, seed):
     """Seeded (train, validation) split by structure: all frames of one structure (e.g. the zero-field and ±ε frames
     of one DFT label) land on the same side, so validation measures unseen structures, not unseen fields.
 
     Whole structures are drawn in random order until the validation set holds `validation_fraction` of the frames;
-    at least one structure is held out when the fraction is non-zero, and at least one is kept for training. With a
-    single structure the split falls back to frames (there is no other way to validate).
+    at least one structure is held out when the fraction is non-zero, and at least one is kept for training. When
+    that would hold out more than twice the requested share (few structures, e.g. the first two DFT labels of an
+    active-learning loop) or there is a single structure, the split falls back to frames: training on half of the
+    structures would cost more than a leaky validation set.
     """
     frames = list(frames)
-    rng = np.random.default_rng(seed)
+    if not validation_fraction > 0 or len(frames) < 2:
+        return frames, []
+    wanted = validation_fraction * len(frames)
     groups = {}
     for index, frame in enumerate(frames):
         groups.setdefault(structure_key(frame), []).append(index)
     groups = list(groups.values())
-    if len(groups) == 1:
-        groups = [[index] for index in groups[0]]
-    wanted = validation_fraction * len(frames)
-    valid_indices = []
-    if validation_fraction > 0 and len(groups) >= 2:
-        for position, group in enumerate(rng.permutation(len(groups))):
-            if position == len(groups) - 1 or (valid_indices and len(valid_indices) + 0.5 * len(groups[group]) > wanted):
-                break
-            valid_indices.extend(groups[group])
+    valid_indices = _draw_validation(groups, wanted, np.random.default_rng(seed)) if len(groups) > 1 else []
+    if not valid_indices or len(valid_indices) > max(2.0 * wanted, 1.0):
+        singletons = [[index] for index in range(len(frames))]
+        valid_indices = _draw_validation(singletons, wanted, np.random.default_rng(seed))
     held_out = set(valid_indices)
     valid = [frame for index, frame in enumerate(frames) if index in held_out]
     train = [frame for index, frame in enumerate(frames) if index not in held_out]

@@ -212,6 +212,24 @@ def test_al_initial_labels_failed_label_skipped(generate_al_workchain, al_inputs
     assert any("label_initial_s1" in message and "skipped" in message for message in reports)
 
 
+def test_al_structure_refused_by_the_label_builder_is_skipped(generate_al_workchain, al_inputs, generate_fake_child):
+    process = generate_al_workchain("polmodel.active_learning", al_inputs())
+    process.setup()
+    recorder = SubmitRecorder(generate_fake_child)
+    process.submit = recorder
+
+    def label_builder(structure):
+        if structure.uuid == process.inputs.structures["s0"].uuid:
+            raise ValueError("atoms 1 (Ti) and 2 (O) are 0.244 Å apart (< 0.5 Å): overlapping atoms")
+        return type("Builder", (), {"metadata": type("M", (), {})()})()
+
+    process.label_builder = label_builder
+    process.run_initial_labels()
+    assert len(recorder.calls) == 1 and process.ctx.label_keys == ["label_initial_s1"]
+    reports = [log.message for log in orm.Log.collection.get_logs_for(process.node)]
+    assert any("label_initial_s0 refused" in message and "overlapping atoms" in message for message in reports)
+
+
 def test_al_every_initial_label_failed(generate_al_workchain, al_inputs, generate_fake_child):
     process = generate_al_workchain("polmodel.active_learning", al_inputs())
     process.setup()

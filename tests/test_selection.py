@@ -91,6 +91,16 @@ def test_select_candidates_orders_by_uncertainty_caps_and_counts():
     assert statistics["accurate_fraction"] == pytest.approx(1 / 6)
 
 
+def test_collapsed_frames_are_failed_not_candidates():
+    frames = [batio3_atoms(0.12, seed=10 + index) for index in range(3)]
+    collapsed = frames[1]
+    collapsed.positions[2] = collapsed.positions[1] + [0.244, 0.0, 0.0]  # Ti and O 0.244 Å apart (seen in an MD run)
+    criteria = SelectionCriteria(force_lower=0.1, force_upper=0.5, similarity_tolerance=1e-6)
+    selected, statistics = select_candidates(frames, [0.3, 0.35, 0.2], criteria)
+    assert 1 not in selected and selected == [0, 2]
+    assert (statistics["num_candidates"], statistics["num_failed"]) == (2, 1)
+
+
 def test_select_candidates_deduplicates_copies():
     frame = batio3_atoms(0.1, seed=5)
     frames = [frame.copy() for _ in range(4)]

@@ -65,10 +65,13 @@ def test_split_keeps_the_frames_of_one_structure_together_and_is_seeded():
     again = split_frames(frames, 0.2, seed=3)
     assert [id(f) for f in again[1]] == [id(f) for f in valid]
     assert [id(f) for f in split_frames(frames, 0.2, seed=4)[1]] != [id(f) for f in valid]
-    # a non-zero fraction holds out a whole structure, and one structure always stays for training
-    train, valid = split_frames(frames[:14], 0.01, seed=0)
-    assert len(valid) == 7 and len(train) == 7
-    # one structure only: frames are split instead
+    # a non-zero fraction holds out at least one whole structure, and one structure always stays for training
+    train, valid = split_frames(frames[:21], 0.2, seed=0)
+    assert len(valid) == 7 and len(train) == 14
+    # two structures at 15 %: a whole one would be 50 %, far more than asked, so frames are split instead
+    train, valid = split_frames(frames[:14], 0.15, seed=0)
+    assert len(valid) == 2 and len(train) == 12
+    # one structure only: frames are split too
     train, valid = split_frames(frames[:7], 0.3, seed=0)
     assert len(valid) == 2 and len(train) == 5
     assert split_frames(frames, 0.0, seed=0) == (frames, [])

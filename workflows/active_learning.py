@@ -134,9 +134,15 @@ class ActiveLearningWorkChain(WorkChain):
         return FieldResponseWorkChain.get_builder_from_protocol(label.code, structure, **kwargs)
 
     def submit_labels(self, structures, prefix):
+        """Submit one DFT label per structure; a structure the label workchain refuses (e.g. overlapping atoms
+        from an MD run that went astray) is reported and skipped, like a failed label."""
         futures = {}
         for key, structure in sorted(structures.items()):
-            builder = self.label_builder(structure)
+            try:
+                builder = self.label_builder(structure)
+            except ValueError as error:
+                self.report(f"DFT label {prefix}_{key} refused before any pw.x run: {error}; skipped")
+                continue
             builder.metadata.call_link_label = f"{prefix}_{key}"
             futures[f"{prefix}_{key}"] = self.submit(builder)
         self.ctx.label_keys = sorted(futures)
