@@ -198,8 +198,9 @@ def initialize_model(train_frames, config, species=None):
 
 
 # --- one model -----------------------------------------------------------------------------------------------
-def _epoch_loss(model, frame_set, weights, batch_size, device):
-    """Validation loss: frame-weighted mean of the batch losses (no parameter update)."""
+def _epoch_loss(model, frame_set, weights, batch_size, device=None):
+    """Validation loss: frame-weighted mean of the batch losses (no parameter update), on the model's device."""
+    device = device or next(model.parameters()).device
     total, count = 0.0, 0
     for data, targets in frame_set.batches(batch_size):
         loss, _ = weighted_loss(paired_values(predict(model, to_device(data, device), targets), targets), weights)
