@@ -83,11 +83,6 @@ def localhost_setting(key: str):
     return yaml.safe_load(pathlib.Path(_setup_file("computer_localhost.yaml")).read_text())[key]
 
 
-def localhost_prepend_text() -> str:
-    """The job prelude of ``localhost``: one thread per rank, machine-wide job slots."""
-    return localhost_setting("prepend_text")
-
-
 def ensure_computer(report) -> None:
     """Set up and configure the ``localhost`` computer."""
     from aiida import orm
@@ -107,7 +102,7 @@ def ensure_computer(report) -> None:
         )
         report(f"configured computer `{COMPUTER_LABEL}`")
     # computers made by an earlier version of this script get today's settings
-    prepend_text = localhost_prepend_text()
+    prepend_text = localhost_setting("prepend_text")
     if computer.get_prepend_text() != prepend_text:
         computer.set_prepend_text(prepend_text)
         report(f"computer `{COMPUTER_LABEL}`: prepend text (threads, job slots) from computer_localhost.yaml")

@@ -3,7 +3,7 @@ import torch
 
 from polmodel import keys
 from polmodel.polarization import fold_dipole_difference
-from polmodel.response import compute_response, periodic_graphs
+from polmodel.response import cell_volume, compute_response, periodic_graphs
 
 # quantities whose member spread is reported as `<key>_std`
 SPREAD_KEYS = (keys.ENERGY, keys.FORCES, keys.DIPOLE, keys.POLARIZATION, keys.BORN_CHARGES, keys.POLARIZABILITY)
@@ -72,7 +72,7 @@ def ensemble_response(ensemble, data, **flags):
         dipoles = onto_first_member_branch(stacked[keys.DIPOLE], data[keys.CELL], periodic)
         stacked[keys.DIPOLE] = dipoles
         if keys.POLARIZATION in stacked:
-            volume = torch.where(periodic, torch.linalg.det(data[keys.CELL]).abs(), torch.ones(()).to(dipoles))
+            volume = torch.where(periodic, cell_volume(data[keys.CELL]), torch.ones(()).to(dipoles))
             stacked[keys.POLARIZATION] = torch.where(periodic.view(1, -1, 1), dipoles / volume.view(1, -1, 1),
                                                      stacked[keys.POLARIZATION])
     result = {}

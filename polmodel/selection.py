@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
+#: Å; atoms closer than this are a collapsed structure, not one to label with DFT (also the DFT input check)
+MIN_INTERATOMIC_DISTANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class SelectionCriteria:
     max_candidates: int = 10
     similarity_tolerance: float = 0.05
     fingerprint_cutoff: float = 5.0
-    min_distance: float = 0.5      # Å; closer atoms mean a collapsed MD frame (DFT refuses them too)
+    min_distance: float = MIN_INTERATOMIC_DISTANCE
 
     def __post_init__(self):
         if not 0.0 <= self.force_lower < self.force_upper:
@@ -148,13 +150,14 @@ def remove_near_duplicates(frames, order, tolerance, cutoff=5.0, limit=None):
     return kept
 
 
-def shortest_distance(atoms):
-    """The smallest interatomic distance in Å (minimum image in periodic directions); inf for one atom."""
+def closest_pair(atoms):
+    """(distance in Å, i, j) of the closest two atoms (minimum image in periodic directions); (inf, -1, -1) for one."""
     if len(atoms) < 2:
-        return np.inf
+        return np.inf, -1, -1
     distances = atoms.get_all_distances(mic=bool(np.any(atoms.pbc)))
     np.fill_diagonal(distances, np.inf)
-    return float(distances.min())
+    i, j = np.unravel_index(np.argmin(distances), distances.shape)
+    return float(distances[i, j]), int(i), int(j)
 
 
 def select_candidates(frames, max_force_std, criteria, polarization_std=None, born_charge_std=None):
@@ -167,7 +170,7 @@ def select_candidates(frames, max_force_std, criteria, polarization_std=None, bo
     if len(frames) != len(max_force_std):
         raise ValueError(f"{len(frames)} frames but {len(max_force_std)} force spreads")
     labels = classify(max_force_std, criteria, polarization_std, born_charge_std)
-    labels[[shortest_distance(frame) < criteria.min_distance for frame in frames]] = FAILED
+    labels[[closest_pair(frame)[0] < criteria.min_distance for frame in frames]] = FAILED
     force = np.asarray(max_force_std, dtype=float)
     candidates = np.flatnonzero(labels == CANDIDATE)
     # Most uncertain first, so that the cap and the deduplication keep the frames the ensemble disagrees on most.

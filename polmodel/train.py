@@ -198,9 +198,9 @@ def initialize_model(train_frames, config, species=None):
 
 
 # --- one model -----------------------------------------------------------------------------------------------
-def _epoch_loss(model, frame_set, weights, batch_size, device=None):
+def _epoch_loss(model, frame_set, weights, batch_size):
     """Validation loss: frame-weighted mean of the batch losses (no parameter update), on the model's device."""
-    device = device or next(model.parameters()).device
+    device = _model_device(model)
     total, count = 0.0, 0
     for data, targets in frame_set.batches(batch_size):
         loss, _ = weighted_loss(paired_values(predict(model, to_device(data, device), targets), targets), weights)
@@ -267,7 +267,7 @@ def train_model(train_frames, valid_frames, config, species=None):
             train_count += len(targets.num_atoms)
         model.eval()
         train_loss = train_total / train_count
-        valid_loss = _epoch_loss(model, valid_set, weights, config.batch_size, device) if valid_set else train_loss
+        valid_loss = _epoch_loss(model, valid_set, weights, config.batch_size) if valid_set else train_loss
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(valid_loss)
         elif scheduler is not None:

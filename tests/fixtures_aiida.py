@@ -29,7 +29,7 @@ import pytest
 if shutil.which("verdi") is None:
     os.environ["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])
 
-from polmodel.plugins.bootstrap import localhost_prepend_text  # noqa: E402
+from polmodel.plugins.bootstrap import localhost_setting  # noqa: E402
 from aiida.tools.pytest_fixtures import (  # noqa: E402,F401  (re-exported as fixtures of this plugin)
     aiida_code,
     aiida_code_installed,
@@ -49,8 +49,6 @@ from aiida.tools.pytest_fixtures import (  # noqa: E402,F401  (re-exported as fi
 
 #: Label of the computer the fixtures and the embedded profile use.
 LOCALHOST_LABEL = "localhost"
-#: ``mpirun`` as computer_localhost.yaml has it: root needs the flag; one-rank jobs must not all be pinned to core 0.
-MPIRUN_COMMAND = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", "{tot_num_mpiprocs}"]
 #: Executables of the codes, keyed by the code label.
 CODE_EXECUTABLES = {
     "pw": ("/usr/bin/pw.x", "quantumespresso.pw"),
@@ -99,12 +97,12 @@ def aiida_localhost(aiida_profile, aiida_work_directory):
             scheduler_type="core.direct",
             workdir=str(aiida_work_directory),
         ).store()
-        computer.set_mpirun_command(MPIRUN_COMMAND)
+        computer.set_mpirun_command(localhost_setting("mpirun_command").split())
         computer.set_default_mpiprocs_per_machine(1)
         # 1 s: polling every job with no pause kept the daemon worker busy on a core that pw.x needs
         computer.set_minimum_job_poll_interval(1.0)
         # one thread per rank and machine-wide job slots, as `make setup` configures localhost
-        computer.set_prepend_text(localhost_prepend_text())
+        computer.set_prepend_text(localhost_setting("prepend_text"))
     if not computer.is_configured:
         computer.configure(safe_interval=0.0)
     return computer

@@ -22,6 +22,7 @@ from aiida.plugins import CalculationFactory, WorkflowFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
 
 from polmodel import units
+from polmodel.selection import MIN_INTERATOMIC_DISTANCE, closest_pair
 
 from . import response_functions
 from .response_functions import FIELD_LABELS
@@ -30,7 +31,6 @@ PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
 PwCalculation = CalculationFactory("quantumespresso.pw")
 
 PARSER_NAME = "polmodel.pw"
-MIN_INTERATOMIC_DISTANCE = 0.5  # Å; closer atoms are an input error, not a structure pw.x should try
 EMPTY_BANDS = 4  # empty bands in the zero-field scf, enough to see the lowest unoccupied level
 # Keys that belong to one kind of run only; removed from the shared scf parameters before each run is built.
 _RUN_SPECIFIC = {
@@ -48,16 +48,12 @@ def validate_structure(structure, _=None):
     if not all(structure.pbc):
         return "the structure must be periodic in all three directions for Berry-phase polarization"
     atoms = structure.get_ase()
-    if len(atoms) > 1:
-        distances = atoms.get_all_distances(mic=True)
-        np.fill_diagonal(distances, np.inf)
-        closest = float(distances.min())
-        if closest < MIN_INTERATOMIC_DISTANCE:
-            i, j = np.unravel_index(np.argmin(distances), distances.shape)
-            return (
-                f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {closest:.3f} Å apart "
-                f"(< {MIN_INTERATOMIC_DISTANCE} Å): overlapping atoms"
-            )
+    closest, i, j = closest_pair(atoms)
+    if closest < MIN_INTERATOMIC_DISTANCE:
+        return (
+            f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {closest:.3f} Å apart "
+            f"(< {MIN_INTERATOMIC_DISTANCE} Å): overlapping atoms"
+        )
     return None
 
 
