@@ -19,6 +19,42 @@ def test_fold_onto_branch_removes_whole_quanta_in_a_hexagonal_basis():
     assert rf.fold_onto_branch(shifted, reference, quantum) == pytest.approx(reference + [0.01, 0.02, -0.03])
 
 
+# pw.x 6.7 on a 300 K MD frame of BaTiO3 (demo, 'fast' protocol, 0.0364 V/Å): the six lelfield dipoles and the
+# zero-field Berry dipole (e·Å), quantum 8 e·Å (2e·R) along each axis of the 4 Å cubic cell.
+MD_FRAME_FIELD_DIPOLES = {
+    "x_plus": [46.725416680935, 56.972381521589, 29.739431553056],
+    "x_minus": [46.655140237057, 56.972509596398, 29.725654164378],
+    "y_plus": [46.690211963344, 57.00745620269, 29.728674176536],
+    "y_minus": [46.690358773999, 56.937463500375, 29.736346069444],
+    "z_plus": [46.697142666735, 56.96864019939, 29.770435401446],
+    "z_minus": [46.683379927749, 56.976296733357, 29.694588050933],
+}
+MD_FRAME_BERRY_DIPOLE = [2.688200865719, -3.0430018599106, 1.737545301617]
+
+
+def test_berry_dipole_half_a_quantum_off_the_field_dipoles_lands_on_their_centre():
+    """The Berry dipole sits e·R (half the printed quantum) away from the lelfield branch; before the fix the
+    zero-field reference landed 4 e·Å off and split the ±ε dipoles over two branches (ε∞ ≈ −307)."""
+    quantum = 8.0 * np.eye(3)
+    dipoles, shifts = rf.field_dipoles_on_one_branch(MD_FRAME_FIELD_DIPOLES, quantum)
+    assert all(np.allclose(shift, 0) for shift in shifts.values())
+    reference = rf.common_branch(MD_FRAME_BERRY_DIPOLE, dipoles, quantum)
+    assert reference == pytest.approx([46.688, 56.957, 29.738], abs=2e-3)
+    alpha, _ = rf.polarizability_from_dipoles([dipoles[f"{a}_plus"] for a in "xyz"],
+                                              [dipoles[f"{a}_minus"] for a in "xyz"], 0.0364)
+    assert np.diag(alpha) == pytest.approx([0.9654, 0.9615, 1.0418], abs=1e-3)
+
+
+def test_a_field_dipole_reported_a_quantum_away_is_folded_and_its_shift_returned():
+    quantum = 8.0 * np.eye(3)
+    moved = dict(MD_FRAME_FIELD_DIPOLES)
+    moved["y_minus"] = list(np.array(moved["y_minus"]) + [0.0, -8.0, 16.0])
+    dipoles, shifts = rf.field_dipoles_on_one_branch(moved, quantum)
+    assert dipoles["y_minus"] == pytest.approx(MD_FRAME_FIELD_DIPOLES["y_minus"])
+    assert shifts["y_minus"] == pytest.approx([0.0, 8.0, -16.0])
+    assert shifts["x_plus"] == pytest.approx([0.0, 0.0, 0.0])
+
+
 def test_born_charges_index_order_is_force_derivative_by_field():
     # Atom 0 feels F_y = 2 ε_x: Z*[0, x, y] = 2, everything else zero.
     magnitude = 0.01
@@ -43,6 +79,13 @@ def test_polarizability_and_dielectric_from_dipoles():
     volume = 50.0
     dielectric = rf.dielectric_from_polarizability(alpha, volume)
     assert dielectric[2, 2] == pytest.approx(1 + 3.0 / (units.EPSILON0_E_PER_V_ANGSTROM * volume))
+
+
+def test_unphysical_dielectric_tensor_is_named():
+    assert rf.dielectric_defect(np.diag([5.4, 5.3, 5.35])) is None
+    # the ε∞ a ±ε pair split over two branches gave (demo, before the branch fix)
+    assert "not all positive" in rf.dielectric_defect(np.diag([-306.97, 3.708, -306.70]))
+    assert "non-finite" in rf.dielectric_defect(np.full((3, 3), np.nan))
 
 
 def test_stress_conversion_follows_ase_sign():

@@ -30,12 +30,20 @@ def _loss(model, frames, weights=LossWeights()):
     return weighted_loss(paired_values(predict(model, data, targets, training=True), targets), weights)
 
 
-def test_dipole_loss_is_the_same_on_any_branch_and_changes_off_the_quantum_lattice(model, frames):
+def _on_other_branch(frame, integers):
+    """The frame as pw.x reports it on another branch: dipole + K, enthalpy - ε·K (K = integers @ quanta)."""
+    moved = frame.copy()
+    branch = np.asarray(integers) @ frame.info["polarization_quantum"]
+    moved.info["dipole"] = frame.info["dipole"] + branch
+    moved.info["energy"] = frame.info["energy"] - np.dot(frame.info["efield"], branch)
+    return moved
+
+
+def test_loss_is_the_same_on_any_branch_and_changes_off_the_quantum_lattice(model, frames):
     _, reference = _loss(model, frames)
     rng = np.random.default_rng(0)
-    shifted = [f.copy() for f in frames]
-    for frame in shifted:
-        frame.info["dipole"] = frame.info["dipole"] + rng.integers(-3, 4, size=3) @ frame.info["polarization_quantum"]
+    assert any(np.any(f.info["efield"]) for f in frames)
+    shifted = [_on_other_branch(f, rng.integers(-3, 4, size=3)) for f in frames]
     _, on_other_branch = _loss(model, shifted)
     assert float(on_other_branch[keys.DIPOLE]) == pytest.approx(float(reference[keys.DIPOLE]), rel=1e-12, abs=0)
     for name in reference:
@@ -45,6 +53,19 @@ def test_dipole_loss_is_the_same_on_any_branch_and_changes_off_the_quantum_latti
         frame.info["dipole"] = frame.info["dipole"] + 0.3 * frame.info["polarization_quantum"][0]
     _, off_lattice = _loss(model, moved)
     assert abs(float(off_lattice[keys.DIPOLE]) - float(reference[keys.DIPOLE])) > 1e-3
+
+
+def test_finite_field_energy_label_follows_the_dipole_branch(model, frames):
+    """pw.x's enthalpy at ε carries -ε·ΩP on the branch it reports; moving only the energy is a real error."""
+    at_field = [f for f in frames if np.any(f.info["efield"])]
+    _, reference = _loss(model, at_field)
+    _, moved_together = _loss(model, [_on_other_branch(f, [6, -2, 1]) for f in at_field])
+    assert float(moved_together[keys.ENERGY]) == pytest.approx(float(reference[keys.ENERGY]), rel=1e-10)
+    energy_only = [f.copy() for f in at_field]
+    for frame in energy_only:
+        frame.info["energy"] = frame.info["energy"] - np.dot(frame.info["efield"], 6 * frame.info["polarization_quantum"][0])
+    _, wrong = _loss(model, energy_only)
+    assert float(wrong[keys.ENERGY]) > float(reference[keys.ENERGY]) + 1e-4
 
 
 def test_missing_labels_are_skipped_and_absent_quantities_contribute_nothing(model, frames):

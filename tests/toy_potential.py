@@ -160,8 +160,9 @@ def make_toy_frames(n, seed, fields=DEFAULT_FIELDS, *, repeat=(1, 1, 1), displac
     Each structure gives one zero-field frame (energy, forces, stress, dipole, polarization quantum; with
     probability `response_fraction` also Born charges and polarizability, as if it had been run at ±ε) and one
     frame per field in `fields` (energy, forces, dipole, quantum; no stress, no Z*/α). With probability
-    `branch_shift_fraction` a frame's dipole is moved by a random integer combination of the quanta, as a
-    Berry-phase calculation may report it on another branch. The quantum rows are f·e·R_i with f = 2.
+    `branch_shift_fraction` a frame's dipole is moved by a random integer combination K of the quanta, as a
+    Berry-phase calculation may report it on another branch, and its enthalpy by -ε·K, as pw.x's lelfield energy
+    contains -ε·ΩP on that branch. The quantum rows are f·e·R_i with f = 2.
     """
     rng = np.random.default_rng(seed)
     reference = reference_crystal(repeat)
@@ -178,10 +179,11 @@ def make_toy_frames(n, seed, fields=DEFAULT_FIELDS, *, repeat=(1, 1, 1), displac
         for efield in [(0.0, 0.0, 0.0)] + [tuple(f) for f in fields]:
             labels = toy_labels(atoms, reference_scaled, efield, params)
             frame = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
-            dipole = labels["dipole"]
+            dipole, energy = labels["dipole"], labels["energy"]
             if rng.uniform() < branch_shift_fraction:
-                dipole = dipole + rng.integers(-2, 3, size=3) @ quantum
-            frame.info["energy"] = labels["energy"]
+                branch = rng.integers(-2, 3, size=3) @ quantum
+                dipole, energy = dipole + branch, energy - np.dot(efield, branch)
+            frame.info["energy"] = energy
             frame.info["efield"] = np.asarray(efield, dtype=float)
             frame.info["dipole"] = dipole
             frame.info["polarization_quantum"] = quantum.copy()

@@ -10,11 +10,12 @@ plots of the last training (E, F, P, Z*), the model's Born charges against DFT, 
 model under a cyclic field (one more MdCalculation, so the loop is in the provenance graph too).
 
 The parameters below are sized for about 45 minutes on 2 cores, DFT being most of it: 5-atom cells, 'fast' DFT
-with a 3x3x3 k-point grid and 75 % cutoffs (Born charges to a few tenths of e, DESIGN.md); one finite-field pw.x
-run of this cell took 139 s of CPU here, so one field-response label (zero field, Berry phases, 6 fields) is
-about 15 CPU-minutes and the loop affords 4 of them: 2 initial cells + 2 candidates, i.e. 2 iterations. An
-ensemble of 3 small models (at most a minute of training per member), 150-step MD under 2 field protocols at 2
-temperatures from both cells, at most 2 new DFT labels per iteration.
+with a 3x3x3 k-point grid and 75 % cutoffs (Born charges to a few tenths of e, DESIGN.md). One field-response
+label (zero-field SCF, 3 Berry-phase runs, 6 finite-field runs) took about 8 minutes here, two of them side by
+side 8-9.5 minutes, so the loop affords three rounds of two labels: the 2 initial cells and 2 candidates in each
+of iterations 1 and 2; iteration 3 trains, explores and ends the loop (max_iterations). An ensemble of 3 small
+models (at most a minute of training per member), 150-step MD under 2 field protocols at 2 temperatures from
+both cells, at most 2 new DFT labels per iteration.
 """
 import argparse
 import json
@@ -32,7 +33,7 @@ if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
 
 DEMO_EXTRA = "polmodel_demo"          # node extra that marks the demo's loop (value: DEMO_VERSION)
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 PE_LOOP_EXTRA = "polmodel_demo_pe_loop"
 LATTICE = 4.00                        # Å, cubic BaTiO3 (DESIGN.md's reference cell)
 
@@ -43,11 +44,14 @@ DEMO = {
     "label": {"protocol": "fast", "overrides": {"scf": {"kpoints_distance": 0.6},
                                                 "meta_parameters": {"cutoff_factor": 0.75}}},
     "ensemble_size": 3,
-    # Measured on this 2-core machine (loaded): 3 members x 20 epochs on 14 frames took 34 s, so each member is
-    # capped at 60 s of training; 300 MD steps with Born-charge spreads took 71 s, so MD is 150 steps.
-    "train": {"epochs": 80, "validation_fraction": 0.15,
+    # On the 14 initial frames a member's training loss sits on a plateau for its first ~35 epochs before the Born
+    # charges are found, hence a patience of 100 epochs (30 stopped one member at epoch 33 with Z* ≈ 0); an epoch
+    # takes about 0.1 s here, and each member is capped at 60 s. 300 MD steps with Born-charge spreads took 71 s,
+    # so MD is 150 steps.
+    "train": {"epochs": 300, "validation_fraction": 0.15,
               "hyperparameters": {"num_features": 8, "lmax": 2, "num_layers": 1, "num_radial": 6, "radial_hidden": 16,
-                                  "readout_hidden": 8, "cutoff": 4.5, "batch_size": 4, "max_time_s": 60.0}},
+                                  "readout_hidden": 8, "cutoff": 4.5, "batch_size": 4, "patience": 100,
+                                  "max_time_s": 60.0}},
     "md": {"steps": 150, "timestep": 2.0, "thermostat": "langevin", "interval": 10, "born_spread": True,
            "friction": 0.02},
     "fields": [{"kind": "static", "vector": [0.0, 0.0, 0.05]},
@@ -56,7 +60,7 @@ DEMO = {
     "selection": {"force_lower": 0.05, "force_upper": 0.6, "polarization_threshold": 0.002,
                   "born_charge_threshold": 0.3, "max_candidates": 2, "similarity_tolerance": 0.02},
     "candidate_fraction_threshold": 0.1,
-    "max_iterations": 2,
+    "max_iterations": 3,
     "pe_loop": {"steps": 1000, "timestep": 2.0, "thermostat": "langevin", "interval": 5, "temperature": 50.0,
                 "friction": 0.02, "field": {"kind": "cosine", "amplitude": 0.2, "period_fs": 1000.0,
                                             "axis": [0, 0, 1]}},
@@ -178,7 +182,7 @@ def _pyplot():
 
 
 def write_learning_curve(loop, directory):
-    from polmodel.workflows.provenance import format_learning_curve, learning_curve
+    from polmodel.workflows.provenance import LEARNING_CURVE_QUANTITIES, format_learning_curve, learning_curve
 
     records = learning_curve(loop)
     (directory / "learning_curve.txt").write_text(format_learning_curve(records) + "\n")
@@ -188,12 +192,12 @@ def write_learning_curve(loop, directory):
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     iterations = [record["iteration"] for record in records]
-    for quantity in ("energy", "forces", "polarization", "born_effective_charges"):
+    for quantity in LEARNING_CURVE_QUANTITIES:
         values = [record["validation"].get(quantity, {}).get("mae", np.nan) for record in records]
         if np.any(np.isfinite(values)):
             left.semilogy(iterations, values, "o-", label=quantity)
     left.set_xlabel("iteration")
-    left.set_ylabel("validation MAE (eV, eV/Å, e/Å², e)")
+    left.set_ylabel("validation MAE (eV/atom, eV/Å, e·Å/atom, e)")
     left.legend(fontsize=7)
     right.plot(iterations, [record["candidate_fraction"] for record in records], "o-", label="candidates")
     right.plot(iterations, [record["failed_fraction"] for record in records], "s-", label="failed")

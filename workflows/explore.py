@@ -17,7 +17,9 @@ MdCalculation = CalculationFactory("polmodel.md")
 def select_from_trajectories(criteria, **trajectories):
     """Candidates (a FramesData of unlabelled structures) and statistics from ensemble-MD trajectories.
 
-    Each candidate's `info['origin']` is "<trajectory UUID>:<frame index>".
+    Each candidate's `info['origin']` is "<trajectory UUID>:<frame index>". A trajectory's frame at step 0 is its
+    starting structure, which the loop has labelled already (the demo once spent a DFT label on it): it is neither
+    classified nor counted.
     """
     from polmodel.plugins.parsers import trajectory_frames
     from polmodel.selection import SelectionCriteria, select_candidates
@@ -32,15 +34,18 @@ def select_from_trajectories(criteria, **trajectories):
         if "max_force_std" not in names:
             raise ValueError(f"trajectory {key} (TrajectoryData<{trajectory.pk}>) has no ensemble spreads")
         atoms_list = trajectory_frames(trajectory)
-        frames.extend(atoms_list)
-        force_std.append(trajectory.get_array("max_force_std"))
         count = len(atoms_list)
+        explored = np.asarray(trajectory.get_stepids()) != 0
+        frames.extend(atoms for atoms, keep in zip(atoms_list, explored) if keep)
+        force_std.append(trajectory.get_array("max_force_std")[explored])
         if "polarization_std" in names:
-            polarization_std.append(np.linalg.norm(trajectory.get_array("polarization_std").reshape(count, -1), axis=1))
+            spread = np.linalg.norm(trajectory.get_array("polarization_std").reshape(count, -1), axis=1)
         else:
-            polarization_std.append(np.zeros(count))
-        born_std.append(trajectory.get_array("max_born_charge_std") if "max_born_charge_std" in names else np.zeros(count))
-        origins.extend(f"{trajectory.uuid}:{index}" for index in range(count))
+            spread = np.zeros(count)
+        polarization_std.append(spread[explored])
+        born = trajectory.get_array("max_born_charge_std") if "max_born_charge_std" in names else np.zeros(count)
+        born_std.append(born[explored])
+        origins.extend(f"{trajectory.uuid}:{index}" for index in np.flatnonzero(explored))
 
     selected, statistics = select_candidates(
         frames,

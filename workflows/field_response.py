@@ -217,6 +217,11 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         )
         # 420s: derived quantities
         spec.exit_code(421, "ERROR_MISSING_LABELS", message="A finished pw.x run lacks parsed labels: {details}.")
+        spec.exit_code(
+            422, "ERROR_UNPHYSICAL_DIELECTRIC",
+            message="ε∞ from the finite-field dipoles is unphysical ({details}): the ±ε runs disagree; outputs kept for "
+                    "inspection, the frames must not be trained on.",
+        )
 
     # --- protocols -----------------------------------------------------------------------------------------------
 
@@ -494,10 +499,13 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         self.out_many(response)
         self.out("frames", frames)
         self.out("field_magnitude", field_magnitude)
-        self.report(
-            f"ASR residual {response['asr_residual'].value:.4f} e; ε∞ diagonal "
-            f"{np.diag(response['dielectric_tensor'].get_array('dielectric_tensor')).round(3).tolist()}"
-        )
+        dielectric = response["dielectric_tensor"].get_array("dielectric_tensor")
+        self.report(f"ASR residual {response['asr_residual'].value:.4f} e; ε∞ diagonal "
+                    f"{np.diag(dielectric).round(3).tolist()}")
+        defect = response_functions.dielectric_defect(dielectric)
+        if defect:
+            return self.exit_codes.ERROR_UNPHYSICAL_DIELECTRIC.format(details=defect)
+        return None
 
     def _field_outputs(self, prefix):
         """`parameters_<label>` and `trajectory_<label>` of the field runs `<prefix>_<label>`, for the calcfunctions."""

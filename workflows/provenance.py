@@ -105,7 +105,8 @@ def learning_curve(workchain):
     return sorted(records, key=lambda record: record["iteration"])
 
 
-LEARNING_CURVE_QUANTITIES = ("energy", "forces", "polarization", "born_effective_charges")
+# the validation-metric names of polmodel.losses (dipole: the folded cell dipole per atom, the trained P label)
+LEARNING_CURVE_QUANTITIES = ("energy", "forces", "dipole", "born_effective_charges")
 
 
 def format_learning_curve(records):

@@ -41,13 +41,31 @@ def fold_onto_branch(dipole, reference, quantum):
     return reference + (coefficients - np.round(coefficients)) @ quantum
 
 
-def common_branch(berry_dipole, field_dipole, quantum):
-    """The zero-field Berry dipole moved onto the branch of pw.x's finite-field dipoles.
+def field_dipoles_on_one_branch(field_dipoles, quantum):
+    """The six ±ε dipoles moved onto the branch of the first, and the shift each one got (whole quanta).
+
+    They differ from each other by α·ε, far less than a quantum, so the minimum image is unambiguous. pw.x may still
+    report one of them on another branch (the difference is then a whole quantum); differencing without the fold
+    would turn that into an α of ~10² e·Å²/V. Returns ({label: dipole}, {label: shift}).
+    """
+    first = np.asarray(field_dipoles[FIELD_LABELS[0]], dtype=float)
+    on_branch = {label: fold_onto_branch(field_dipoles[label], first, quantum) for label in FIELD_LABELS}
+    shifts = {label: on_branch[label] - np.asarray(field_dipoles[label], dtype=float) for label in FIELD_LABELS}
+    return on_branch, shifts
+
+
+def common_branch(berry_dipole, field_dipoles, quantum):
+    """The zero-field Berry dipole moved onto the branch of the finite-field dipoles (`field_dipoles_on_one_branch`).
 
     pw.x's enthalpy under `lelfield` is E_0 − ε·d with d on the branch of its unwrapped ionic dipole Σ Z_i r_i;
-    labelling every frame on that branch keeps energies and dipoles consistent (d = −∂E/∂ε across frames).
+    labelling every frame on that branch keeps energies and dipoles consistent (d = −∂E/∂ε across frames). The
+    zero-field dipole is the centre of the ±ε dipoles up to O(ε²). pw.x 6.7's spin-degenerate Berry phase agrees
+    with the lelfield dipole only modulo e·R, half of the 2e·R quantum it prints: on a 300 K BaTiO3 MD frame its
+    Berry dipole was 2.688 e·Å and the ±ε centre 46.690 e·Å, 5.5 quanta apart in every direction. So the Berry
+    dipole is moved by multiples of half a quantum.
     """
-    return fold_onto_branch(berry_dipole, field_dipole, quantum)
+    centre = np.mean([field_dipoles[label] for label in FIELD_LABELS], axis=0)
+    return fold_onto_branch(berry_dipole, centre, 0.5 * np.asarray(quantum, dtype=float))
 
 
 def born_charges_from_forces(forces_plus, forces_minus, magnitude):
@@ -71,6 +89,17 @@ def polarizability_from_dipoles(dipoles_plus, dipoles_minus, magnitude):
 def dielectric_from_polarizability(polarizability, volume):
     """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³."""
     return np.eye(3) + np.asarray(polarizability) / (units.EPSILON0_E_PER_V_ANGSTROM * volume)
+
+
+def dielectric_defect(dielectric):
+    """Why ε∞ (3, 3) cannot be a clamped-ion dielectric tensor (not symmetric positive definite), or None."""
+    dielectric = np.asarray(dielectric, dtype=float)
+    if not np.all(np.isfinite(dielectric)):
+        return "it has non-finite entries"
+    eigenvalues = np.linalg.eigvalsh(0.5 * (dielectric + dielectric.T))
+    if eigenvalues.min() <= 0.0:
+        return f"its eigenvalues {np.round(eigenvalues, 3).tolist()} are not all positive"
+    return None
 
 
 def string_density_error(mesh):
@@ -139,18 +168,14 @@ def compute_field_response(structure, polarization, field_magnitude, **field_out
     """Born charges, polarizability, ε∞ and the acoustic-sum-rule residual from the six ±ε runs.
 
     `field_outputs` holds `parameters_<label>` (output_parameters) and `trajectory_<label>` (output_trajectory)
-    for every label in FIELD_LABELS. Dipoles are folded onto one branch (`common_branch`) before differencing.
+    for every label in FIELD_LABELS. Dipoles are folded onto one branch (`field_dipoles_on_one_branch`) before
+    differencing.
     """
     magnitude = field_magnitude.value
     quantum = polarization.get_array("polarization_quantum")
-    first_field = field_outputs[f"parameters_{FIELD_LABELS[0]}"]["finite_field"]["dipole"]
-    reference = common_branch(polarization.get_array("dipole"), first_field, quantum)
-
     forces = {label: _last(field_outputs[f"trajectory_{label}"], "forces") for label in FIELD_LABELS}
-    dipoles = {
-        label: fold_onto_branch(field_outputs[f"parameters_{label}"]["finite_field"]["dipole"], reference, quantum)
-        for label in FIELD_LABELS
-    }
+    dipoles, _ = field_dipoles_on_one_branch(
+        {label: field_outputs[f"parameters_{label}"]["finite_field"]["dipole"] for label in FIELD_LABELS}, quantum)
     axes = "xyz"
     born = born_charges_from_forces(
         [forces[f"{a}_plus"] for a in axes], [forces[f"{a}_minus"] for a in axes], magnitude
@@ -194,13 +219,15 @@ def build_frames(structure, polarization, born_effective_charges, polarizability
 
     `pw_outputs` holds `parameters_<label>` and `trajectory_<label>` for 'zero_field' and every FIELD_LABELS
     entry. `info['source']` is the UUID of the pw.x calculation that produced each frame's labels. All seven dipoles
-    lie on one branch, the one of pw.x's enthalpies (`common_branch`), so d = −ΔE/Δε holds between frames.
+    lie on one branch, the one of pw.x's enthalpies (`field_dipoles_on_one_branch`, `common_branch`; a field frame
+    moved to it has its energy moved by −ε·shift), so d = −ΔE/Δε holds between frames.
     """
     from polmodel.plugins.data import FramesData
 
     quantum = polarization.get_array("polarization_quantum")
-    first_field = pw_outputs[f"parameters_{FIELD_LABELS[0]}"]["finite_field"]["dipole"]
-    reference = common_branch(polarization.get_array("dipole"), first_field, quantum)
+    field_dipoles, shifts = field_dipoles_on_one_branch(
+        {label: pw_outputs[f"parameters_{label}"]["finite_field"]["dipole"] for label in FIELD_LABELS}, quantum)
+    reference = common_branch(polarization.get_array("dipole"), field_dipoles, quantum)
     frames = []
 
     def new_frame(label):
@@ -223,8 +250,11 @@ def build_frames(structure, polarization, born_effective_charges, polarizability
 
     for label in FIELD_LABELS:
         atoms, parameters, _ = new_frame(label)
-        atoms.info["efield"] = np.asarray(parameters["finite_field"]["efield"])
-        atoms.info["dipole"] = fold_onto_branch(parameters["finite_field"]["dipole"], reference, quantum)
+        efield = np.asarray(parameters["finite_field"]["efield"])
+        atoms.info["efield"] = efield
+        atoms.info["dipole"] = field_dipoles[label]
+        # the enthalpy's −ε·d term moves with the dipole's branch
+        atoms.info["energy"] -= float(efield @ shifts[label])
         frames.append(atoms)
 
     return FramesData.from_atoms(frames)
