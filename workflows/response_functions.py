@@ -13,6 +13,7 @@ from aiida import orm
 from aiida.engine import calcfunction
 
 from polmodel import units
+from polmodel.polarization import fold_dipole_difference
 
 # Field runs are labelled <axis>_<sign>; this order is the order of the six finite-field frames.
 FIELD_LABELS = ("x_plus", "x_minus", "y_plus", "y_minus", "z_plus", "z_minus")
@@ -36,9 +37,13 @@ def fold_onto_branch(dipole, reference, quantum):
     `quantum` (3, 3) has the quantum vectors as rows; the difference is expressed in that basis, the nearest
     integers are removed, and the result is added back to `reference`.
     """
-    dipole, reference, quantum = (np.asarray(x, dtype=float) for x in (dipole, reference, quantum))
-    coefficients = np.linalg.solve(quantum.T, dipole - reference)
-    return reference + (coefficients - np.round(coefficients)) @ quantum
+    reference = np.asarray(reference, dtype=float)
+    return reference + fold_dipole_difference(np.asarray(dipole, dtype=float) - reference, quantum)
+
+
+def _reported_field_dipoles(outputs):
+    """{label: the dipole (3,) e·Å pw.x reported} from the `parameters_<label>` of the six field runs."""
+    return {label: outputs[f"parameters_{label}"]["finite_field"]["dipole"] for label in FIELD_LABELS}
 
 
 def field_dipoles_on_one_branch(field_dipoles, quantum):
@@ -174,8 +179,7 @@ def compute_field_response(structure, polarization, field_magnitude, **field_out
     magnitude = field_magnitude.value
     quantum = polarization.get_array("polarization_quantum")
     forces = {label: _last(field_outputs[f"trajectory_{label}"], "forces") for label in FIELD_LABELS}
-    dipoles, _ = field_dipoles_on_one_branch(
-        {label: field_outputs[f"parameters_{label}"]["finite_field"]["dipole"] for label in FIELD_LABELS}, quantum)
+    dipoles, _ = field_dipoles_on_one_branch(_reported_field_dipoles(field_outputs), quantum)
     axes = "xyz"
     born = born_charges_from_forces(
         [forces[f"{a}_plus"] for a in axes], [forces[f"{a}_minus"] for a in axes], magnitude
@@ -225,8 +229,7 @@ def build_frames(structure, polarization, born_effective_charges, polarizability
     from polmodel.plugins.data import FramesData
 
     quantum = polarization.get_array("polarization_quantum")
-    field_dipoles, shifts = field_dipoles_on_one_branch(
-        {label: pw_outputs[f"parameters_{label}"]["finite_field"]["dipole"] for label in FIELD_LABELS}, quantum)
+    field_dipoles, shifts = field_dipoles_on_one_branch(_reported_field_dipoles(pw_outputs), quantum)
     reference = common_branch(polarization.get_array("dipole"), field_dipoles, quantum)
     frames = []
 
