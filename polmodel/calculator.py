@@ -14,6 +14,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from polmodel import keys
+from polmodel.allocator import keep_freed_memory_in_heap
 from polmodel.fields import validate_field_vector
 
 _BASE_PROPERTIES = ["energy", "free_energy", "forces", "stress", "dipole", "polarization"]
@@ -61,6 +62,8 @@ class PolCalculator(Calculator):
         if self.dtype != model_dtype or self.device != model_device:
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model = model.eval()
+        if self.device.type == "cpu":
+            keep_freed_memory_in_heap()
         self.is_ensemble = hasattr(model, "members")
         self.species = list(model.species)
         self.cutoff = float(model.cutoff)

@@ -73,6 +73,26 @@ def _plain_fx_codegen():
         e3nn.set_optimization_defaults(**saved)
 
 
+class _SumOverReceivers(torch.autograd.Function):
+    """Σ of edge messages onto their receiving atoms: index_add, with a backward by plain indexing.
+
+    torch's own backward of index_add is index_select, which on the CPU gathers (E, C) rows about four times
+    slower than `grad[receivers]` (measured: 16 vs 4.5 ms for 54k edges × 128 channels, one thread); Born
+    charges go through this backward three more times. The backward is made of differentiable torch ops, so
+    second derivatives work.
+    """
+
+    @staticmethod
+    def forward(ctx, messages, receivers, num_atoms):
+        ctx.save_for_backward(receivers)
+        return messages.new_zeros(num_atoms, messages.shape[1]).index_add_(0, receivers, messages)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (receivers,) = ctx.saved_tensors
+        return grad[receivers], None, None
+
+
 class BesselBasis(torch.nn.Module):
     """sqrt(2/rc) sin(nπr/rc)/r, n = 1..num_radial, times a polynomial envelope that goes smoothly to 0 at rc."""
 
@@ -130,8 +150,7 @@ class InteractionBlock(torch.nn.Module):
         receivers, senders = edge_index[0], edge_index[1]
         weights = self.radial(edge_radial)
         messages = self.edge_tp(self.linear_up(node_features)[senders], edge_sh, weights)
-        aggregated = torch.zeros(node_features.shape[0], messages.shape[1], dtype=messages.dtype,
-                                 device=messages.device).index_add(0, receivers, messages)
+        aggregated = _SumOverReceivers.apply(messages, receivers, node_features.shape[0])
         # the atom's own features join the neighbourhood before the field coupling, so that an atom without
         # neighbours still responds to the field (|ε|² gives it a polarizability)
         mixed = self.linear_message(aggregated / avg_num_neighbors) + self.self_connection(node_features)
