@@ -208,18 +208,3 @@ def test_other_architectures_stay_equivariant(settings):
         scale = max(1.0, np.abs(value).max())
         np.testing.assert_allclose(after[name], value, rtol=0, atol=1e-10 * scale, err_msg=name)
     assert np.abs(before[keys.BORN_CHARGES]).max() > 1e-3
-
-
-def test_sum_over_receivers_first_and_second_derivatives():
-    """The neighbour sum's own backward (indexing instead of index_select) is exact to second order."""
-    from polmodel.model import _SumOverReceivers
-    generator = torch.Generator().manual_seed(3)
-    receivers = torch.tensor([0, 0, 1, 3, 3, 3, 4])
-    messages = torch.randn(len(receivers), 5, dtype=torch.float64, generator=generator, requires_grad=True)
-    summed = _SumOverReceivers.apply(messages, receivers, 6)
-    expected = torch.zeros(6, 5, dtype=torch.float64).index_add(0, receivers, messages)
-    assert torch.equal(summed, expected)
-    assert torch.equal(summed[2], torch.zeros(5, dtype=torch.float64))   # an atom without edges gets nothing
-    function = lambda m: _SumOverReceivers.apply(m, receivers, 6) ** 2  # noqa: E731  (nonlinear: 2nd order)
-    assert torch.autograd.gradcheck(function, (messages,))
-    assert torch.autograd.gradgradcheck(function, (messages,))
