@@ -40,6 +40,7 @@ test-fast: setup-python
 bench: setup-python
 	$(PIP) install -q -e '.[bench]'
 	$(PY) benchmarks/model_speed.py
+	$(PY) benchmarks/edge_messages_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

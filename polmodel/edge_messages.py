@@ -8,9 +8,13 @@ and in e3nn's generated code every edge tensor is a slice of one concatenated la
 the weights, the output); the backward of each slice writes a zero-filled edge-sized tensor and copies into it.
 Here each path has its own edge tensors from the start: the sender's features are sliced per irrep on the atoms
 (N rows, not E) and then gathered, each path's weights come from their own columns of the radial network, and
-each path's messages are summed onto the atoms before they are joined into e3nn's layout.
-Per path (x the sender's irrep block (E, u, 2l1+1), Y the edge harmonic (E, 2l2+1), C the Wigner 3j symbol
-times the path weight):   m[e, u, k] = w[e, u] Σ_ij C[i, j, k] x[e, u, i] Y[e, j].
+each path's messages are summed onto the atoms before they are joined into e3nn's layout. Edge tensors are
+channel-last, (E, 2l+1, u), so that products and the reductions of their backwards run over u contiguous floats.
+Measured for the whole default model on a 1080-atom BaTiO3 cell (one thread), e3nn's TensorProduct → this:
+forward 112 → 71 ms, first backward 212 → 117 ms, each Born-charge pass 332 → 152 ms; the module alone is
+compared by benchmarks/edge_messages_speed.py.
+Per path (x the sender's irrep block (E, 2l1+1, u), Y the edge harmonic (E, 2l2+1), C the Wigner 3j symbol
+times the path weight):   m[e, k, u] = w[e, u] Σ_ij C[i, j, k] x[e, i, u] Y[e, j].
 """
 import math
 
