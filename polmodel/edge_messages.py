@@ -179,8 +179,6 @@ class EdgeMessages(torch.nn.Module):
                 y1 = harmonics[i_vector].unsqueeze(-1)                               # (E, 3, 1)
                 projected = (y1 * x).sum(1, keepdim=True)                            # (E, 1, u)
                 message = weights.unsqueeze(1) * (a * y1 * projected + b * x)
-            elif d_sh == 1:      # the scalar harmonic: a fixed linear map of the features
-                message = (weights * y).unsqueeze(1) * torch.matmul(coupling[:, 0, :].transpose(0, 1), x)
             elif d_in == 1:      # scalar features: an outer product with the coupled harmonic
                 message = (y @ coupling[0]).unsqueeze(-1) * (weights * x[:, 0, :]).unsqueeze(1)
             elif d_out == 1:     # scalar output: a contraction of the features with the coupled harmonic
