@@ -5,10 +5,13 @@ by a symmetric strain (r → r(1 + s), h → h(1 + s)) with s = 0 requiring grad
   F = -∂E/∂R,   stress = (1/Ω) ∂E/∂s (ASE sign),   virial = -∂E/∂s,   ΩP = -∂E/∂ε.
 Born charges and polarizability are the derivatives of the dipole (three more backward passes, one per field
 component, only when asked):  Z*[i, a, b] = ∂(ΩP_a)/∂R_ib = ∂F_ib/∂ε_a,   α[a, b] = ∂(ΩP_a)/∂ε_b.
+With Born charges outside training, the leaves are the edges' harmonics and radial weights instead of the
+positions (polmodel/edge_inputs.py); forces, virial and Z* then follow from the per-edge chain rule.
 """
 import torch
 
 from polmodel import keys
+from polmodel.edge_inputs import atom_gradients, edge_inputs, edge_vector_gradients, strain_gradients
 from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
 
 
@@ -30,20 +33,70 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     that are not are NaN; a single open-boundary graph gets neither key); BORN_CHARGES (N, 3, 3) when
     `born_charges`; POLARIZABILITY and DIELECTRIC (G, 3, 3) when `polarizability` (DIELECTRIC NaN rows for open
     boundaries). `training=True` keeps the graph so that losses on derivatives can be back-propagated.
+
+    Born charges outside training take their reverse passes to the per-edge inputs (polmodel/edge_inputs.py)
+    when the model exposes them (`energy_from_edges`, as PolModel does); training, and any other energy module,
+    differentiates through the positions, so that the model's parameters stay in the graph.
     """
+    periodic = periodic_graphs(data)
+    compute_stress = stress and bool(periodic.any())
+    if born_charges and not training and hasattr(model, "energy_from_edges"):
+        raw = _derivatives_through_edge_inputs(model, data, compute_stress, polarizability)
+    else:
+        raw = _derivatives_through_positions(model, data, compute_stress, born_charges, polarizability, training)
+
+    result = {name: raw[name] for name in (keys.ENERGY, keys.ATOMIC_ENERGY, keys.FORCES, keys.DIPOLE)}
+    volume = cell_volume(data[keys.CELL])
+    safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
+    if bool(periodic.any()):
+        dipole = raw[keys.DIPOLE]
+        result[keys.POLARIZATION] = torch.where(periodic.unsqueeze(-1), dipole / safe_volume.unsqueeze(-1),
+                                                torch.full_like(dipole, float("nan")))
+    if compute_stress:
+        virial = raw[keys.VIRIAL]
+        result[keys.VIRIAL] = virial
+        result[keys.STRESS] = torch.where(periodic.view(-1, 1, 1), -virial / safe_volume.view(-1, 1, 1),
+                                          torch.full_like(virial, float("nan")))
+    if born_charges:
+        result[keys.BORN_CHARGES] = raw[keys.BORN_CHARGES]
+    if polarizability:
+        alpha = raw[keys.POLARIZABILITY]
+        result[keys.POLARIZABILITY] = alpha
+        eye = torch.eye(3, dtype=alpha.dtype, device=alpha.device)
+        dielectric = eye + alpha / (EPSILON0_E_PER_V_ANGSTROM * safe_volume.view(-1, 1, 1))
+        result[keys.DIELECTRIC] = torch.where(periodic.view(-1, 1, 1), dielectric,
+                                              torch.full_like(dielectric, float("nan")))
+    if not training:
+        result = {name: value.detach() for name, value in result.items()}
+    return result
+
+
+def _field_leaf(data):
+    efield = data[keys.EFIELD]
+    return efield if efield.requires_grad else efield.detach().requires_grad_(True)
+
+
+def _dipole_derivatives(dipole, targets, keep_graph):
+    """Per field direction a, ∂(ΩP_a)/∂target for each target (zeros where unused): three reverse passes."""
+    rows = []
+    for a in range(3):
+        # the last pass may free the graph unless training needs it
+        row = torch.autograd.grad(dipole[:, a].sum(), targets, create_graph=keep_graph,
+                                  retain_graph=keep_graph or a < 2, allow_unused=True)
+        rows.append([torch.zeros_like(t) if r is None else r for r, t in zip(row, targets)])
+    return rows
+
+
+def _derivatives_through_positions(model, data, compute_stress, born_charges, polarizability, training):
+    """Forces, dipole and virial from one backward pass with positions, field and strain as the leaves; Born
+    charges and α as derivatives of the dipole, also w.r.t. those leaves."""
     second_order = born_charges or polarizability
     create_graph = training or second_order
-    periodic = periodic_graphs(data)
-    any_periodic = bool(periodic.any())
-    compute_stress = stress and any_periodic
-
     batch = data[keys.BATCH]
     positions = data[keys.POSITIONS]
     if not positions.requires_grad:
         positions = positions.detach().requires_grad_(True)
-    efield = data[keys.EFIELD]
-    if not efield.requires_grad:
-        efield = efield.detach().requires_grad_(True)
+    efield = _field_leaf(data)
     cell = data[keys.CELL]
     inputs = dict(data)
     inputs[keys.EFIELD] = efield
@@ -60,45 +113,58 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     energy = out[keys.ENERGY]
     wrt = [positions, efield] + ([strain] if compute_stress else [])
     gradients = torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph)
-    forces = -gradients[0]
-    dipole = -gradients[1]
-
-    result = {keys.ENERGY: energy, keys.ATOMIC_ENERGY: out[keys.ATOMIC_ENERGY], keys.FORCES: forces,
-              keys.DIPOLE: dipole}
-    volume = cell_volume(cell)
-    if any_periodic:
-        safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
-        result[keys.POLARIZATION] = torch.where(periodic.unsqueeze(-1), dipole / safe_volume.unsqueeze(-1),
-                                                torch.full_like(dipole, float("nan")))
+    raw = {keys.ENERGY: energy, keys.ATOMIC_ENERGY: out[keys.ATOMIC_ENERGY], keys.FORCES: -gradients[0],
+           keys.DIPOLE: -gradients[1]}
     if compute_stress:
-        virial = -gradients[2]
-        result[keys.VIRIAL] = virial
-        result[keys.STRESS] = torch.where(periodic.view(-1, 1, 1), -virial / safe_volume.view(-1, 1, 1),
-                                          torch.full_like(virial, float("nan")))
-
+        raw[keys.VIRIAL] = -gradients[2]
     if second_order:
-        born_rows, alpha_rows = [], []
         targets = ([positions] if born_charges else []) + ([efield] if polarizability else [])
-        for a in range(3):
-            # the last pass may free the graph unless training needs it
-            keep = training or a < 2
-            rows = torch.autograd.grad(dipole[:, a].sum(), targets, create_graph=training, retain_graph=keep,
-                                       allow_unused=True)
-            rows = [torch.zeros_like(t) if r is None else r for r, t in zip(rows, targets)]
-            if born_charges:
-                born_rows.append(rows[0])
-            if polarizability:
-                alpha_rows.append(rows[-1])
+        rows = _dipole_derivatives(raw[keys.DIPOLE], targets, keep_graph=training)
         if born_charges:
-            result[keys.BORN_CHARGES] = torch.stack(born_rows, dim=1)        # [i, a, b] = ∂(ΩP_a)/∂R_ib
+            raw[keys.BORN_CHARGES] = torch.stack([row[0] for row in rows], dim=1)      # [i, a, b] = ∂(ΩP_a)/∂R_ib
         if polarizability:
-            alpha = torch.stack(alpha_rows, dim=1)                             # [g, a, b] = ∂(ΩP_a)/∂ε_b
-            result[keys.POLARIZABILITY] = alpha
-            eye = torch.eye(3, dtype=alpha.dtype, device=alpha.device)
-            safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
-            dielectric = eye + alpha / (EPSILON0_E_PER_V_ANGSTROM * safe_volume.view(-1, 1, 1))
-            result[keys.DIELECTRIC] = torch.where(periodic.view(-1, 1, 1), dielectric,
-                                                  torch.full_like(dielectric, float("nan")))
-    if not training:
-        result = {name: value.detach() for name, value in result.items()}
-    return result
+            raw[keys.POLARIZABILITY] = torch.stack([row[-1] for row in rows], dim=1)   # [g, a, b] = ∂(ΩP_a)/∂ε_b
+    return raw
+
+
+def _derivatives_through_edge_inputs(model, data, compute_stress, polarizability):
+    """As `_derivatives_through_positions` with Born charges, but with the edges' harmonics and radial weights
+    as the leaves (polmodel/edge_inputs.py): the three dipole passes stop at the edges, and their chain rule to
+    the positions is one contraction for the three together. Not differentiable w.r.t. the parameters."""
+    inputs = edge_inputs(model, data)
+    harmonics = inputs.harmonics.requires_grad_(True)
+    weights = [[w.requires_grad_(True) for w in layer] for layer in inputs.radial_weights]
+    flat_weights = [w for layer in weights for w in layer]
+    efield = _field_leaf(data)
+    fed = dict(data)
+    fed[keys.EFIELD] = efield
+    out = model.energy_from_edges(fed, harmonics, weights)
+    energy = out[keys.ENERGY]
+
+    edge_leaves = [harmonics, *flat_weights]
+    gradients = torch.autograd.grad(energy.sum(), edge_leaves + [efield], create_graph=True, allow_unused=True)
+    gradients = [torch.zeros_like(t) if g is None else g for g, t in zip(gradients, edge_leaves + [efield])]
+    dipole = -gradients[-1]
+    vector_gradients = edge_vector_gradients(inputs, gradients[0].detach(),
+                                             _per_layer(gradients[1:-1], weights, detach=True))
+    raw = {keys.ENERGY: energy, keys.ATOMIC_ENERGY: out[keys.ATOMIC_ENERGY],
+           keys.FORCES: -atom_gradients(data, vector_gradients), keys.DIPOLE: dipole}
+    if compute_stress:
+        raw[keys.VIRIAL] = -strain_gradients(data, inputs, vector_gradients, data[keys.CELL].shape[0])
+
+    rows = _dipole_derivatives(dipole, edge_leaves + ([efield] if polarizability else []), keep_graph=False)
+    stacked = [torch.stack(column) for column in zip(*rows)]                       # each (3, ...) over a
+    born_vectors = edge_vector_gradients(inputs, stacked[0], _per_layer(stacked[1:1 + len(flat_weights)], weights))
+    raw[keys.BORN_CHARGES] = atom_gradients(data, born_vectors).transpose(0, 1)    # [i, a, b] = ∂(ΩP_a)/∂R_ib
+    if polarizability:
+        raw[keys.POLARIZABILITY] = stacked[-1].transpose(0, 1)                      # [g, a, b] = ∂(ΩP_a)/∂ε_b
+    return raw
+
+
+def _per_layer(flat, nested_like, detach=False):
+    """Regroup a flat list of per-path tensors into the per-layer nesting of `nested_like`."""
+    grouped, start = [], 0
+    for layer in nested_like:
+        grouped.append([t.detach() if detach else t for t in flat[start:start + len(layer)]])
+        start += len(layer)
+    return grouped

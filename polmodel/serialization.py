@@ -16,7 +16,7 @@ import torch
 
 import polmodel
 from polmodel.ensemble import PolEnsemble
-from polmodel.model import PolModel
+from polmodel.model import DEFAULT_HYPERPARAMETERS, PolModel
 
 FORMAT = "polmodel"
 FORMAT_VERSION = 1
@@ -112,6 +112,9 @@ def _read_payload(path):
 
 
 def _build_member(path, species, cutoff, hyperparameters, state_dict):
+    # files written before the field_layers hyperparameter existed couple the field in every layer
+    hyperparameters = {"field_layers": hyperparameters.get("num_layers", DEFAULT_HYPERPARAMETERS["num_layers"]),
+                       **hyperparameters}
     try:
         model = PolModel(species, cutoff, **hyperparameters)
         dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}

@@ -142,6 +142,28 @@ def test_constructor_rejects_bad_settings():
         PolModel(["Ba"], -1.0)
     with pytest.raises(ValueError, match="num_layers"):
         PolModel(["Ba"], 4.0, num_layers=0)
+    with pytest.raises(ValueError, match="field_layers"):
+        PolModel(["Ba"], 4.0, field_layers=0)
+    with pytest.raises(ValueError, match="cannot exceed num_layers"):
+        PolModel(["Ba"], 4.0, num_layers=2, field_layers=3)
+
+
+def test_field_layers_choose_the_layers_that_couple_the_field():
+    """By default only the last layer couples the field; field_layers=num_layers couples it in every layer, and
+    then the first layer's coupling changes the energy."""
+    default = PolModel(["Ba", "O"], 4.0, num_layers=3)
+    assert [layer.couple_field for layer in default.layers] == [False, False, True]
+    field_modules = {name.split(".")[1] for name in default.state_dict()
+                     if name.split(".")[2:3] in (["field_tp"], ["linear_field"])}
+    assert field_modules == {"2"}
+    every = make_test_model(seed=3, num_layers=2, field_layers=2)
+    assert [layer.couple_field for layer in every.layers] == [True, True]
+    atoms = distorted_perovskite()
+    before = model_response(every, atoms, TEST_FIELD, born_charges=True)
+    with torch.no_grad():
+        every.layers[0].linear_field.weight.mul_(2.0)
+    after = model_response(every, atoms, TEST_FIELD, born_charges=True)
+    assert np.abs(after[keys.BORN_CHARGES] - before[keys.BORN_CHARGES]).max() > 1e-6
 
 
 def test_default_model_is_float32_and_casts_to_float64():
@@ -191,7 +213,8 @@ def test_energy_is_smooth_at_the_cutoff():
     assert np.abs(near[keys.FORCES]).max() > 1e-4, "the pair does interact inside the cutoff"
 
 
-@pytest.mark.parametrize("settings", [dict(feature_lmax=2), dict(lmax=3, num_layers=3), dict(lmax=1, num_layers=1)])
+@pytest.mark.parametrize("settings", [dict(feature_lmax=2), dict(lmax=3, num_layers=3, field_layers=3),
+                                      dict(lmax=1, num_layers=1)])
 def test_other_architectures_stay_equivariant(settings):
     from mixins_model import random_rotation, rotate
 

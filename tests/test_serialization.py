@@ -146,6 +146,26 @@ def test_tampered_weight_fails_the_hash(saved_model):
         load(saved_model)
 
 
+def test_file_from_before_field_layers_couples_the_field_in_every_layer(tmp_path):
+    """Files written before the field_layers hyperparameter existed hold models that coupled the field in every
+    layer; they load as such, and answer as the model that was saved."""
+    from polmodel.serialization import content_hash
+
+    model = make_test_model(seed=6, num_layers=2, field_layers=2)
+    path = tmp_path / "old.pt"
+    save(model, path)
+    payload = torch.load(path, weights_only=True)
+    del payload["hyperparameters"][0]["field_layers"]
+    payload["content_hash"] = content_hash(payload["kind"], payload["species"], payload["cutoff"],
+                                           payload["hyperparameters"], payload["state_dicts"])
+    torch.save(payload, path)
+    loaded = load(path)
+    assert loaded.hyperparameters["field_layers"] == 2
+    atoms = distorted_perovskite()
+    for name, value in _outputs(model, atoms).items():
+        np.testing.assert_array_equal(_outputs(loaded, atoms)[name], value, err_msg=name)
+
+
 def test_tampered_hyperparameters_fail_the_hash(saved_model):
     payload = torch.load(saved_model, weights_only=True)
     payload["cutoff"] = 6.0
