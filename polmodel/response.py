@@ -39,7 +39,8 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     differentiates through the positions, so that the model's parameters stay in the graph.
     """
     periodic = periodic_graphs(data)
-    compute_stress = stress and bool(periodic.any())
+    any_periodic = bool(periodic.any())
+    compute_stress = stress and any_periodic
     if born_charges and not training and hasattr(model, "energy_from_edges"):
         raw = _derivatives_through_edge_inputs(model, data, compute_stress, polarizability)
     else:
@@ -48,7 +49,7 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     result = {name: raw[name] for name in (keys.ENERGY, keys.ATOMIC_ENERGY, keys.FORCES, keys.DIPOLE)}
     volume = cell_volume(data[keys.CELL])
     safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
-    if bool(periodic.any()):
+    if any_periodic:
         dipole = raw[keys.DIPOLE]
         result[keys.POLARIZATION] = torch.where(periodic.unsqueeze(-1), dipole / safe_volume.unsqueeze(-1),
                                                 torch.full_like(dipole, float("nan")))
@@ -145,8 +146,9 @@ def _derivatives_through_edge_inputs(model, data, compute_stress, polarizability
     gradients = torch.autograd.grad(energy.sum(), edge_leaves + [efield], create_graph=True, allow_unused=True)
     gradients = [torch.zeros_like(t) if g is None else g for g, t in zip(gradients, edge_leaves + [efield])]
     dipole = -gradients[-1]
-    vector_gradients = edge_vector_gradients(inputs, gradients[0].detach(),
-                                             _per_layer(gradients[1:-1], weights, detach=True))
+    # forces and virial are results, not part of the graph the dipole passes run through
+    harmonics_gradient, *weight_gradients = [g.detach() for g in gradients[:-1]]
+    vector_gradients = edge_vector_gradients(inputs, harmonics_gradient, _per_layer(weight_gradients, weights))
     raw = {keys.ENERGY: energy, keys.ATOMIC_ENERGY: out[keys.ATOMIC_ENERGY],
            keys.FORCES: -atom_gradients(data, vector_gradients), keys.DIPOLE: dipole}
     if compute_stress:
@@ -161,10 +163,10 @@ def _derivatives_through_edge_inputs(model, data, compute_stress, polarizability
     return raw
 
 
-def _per_layer(flat, nested_like, detach=False):
+def _per_layer(flat, nested_like):
     """Regroup a flat list of per-path tensors into the per-layer nesting of `nested_like`."""
     grouped, start = [], 0
     for layer in nested_like:
-        grouped.append([t.detach() if detach else t for t in flat[start:start + len(layer)]])
+        grouped.append(list(flat[start:start + len(layer)]))
         start += len(layer)
     return grouped

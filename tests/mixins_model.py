@@ -10,6 +10,7 @@ The helpers (`central_difference`, `rotate`, `strained`, the structures) are imp
 """
 import numpy as np
 import pytest
+import torch
 from ase import Atoms
 
 from polmodel import keys
@@ -228,7 +229,6 @@ def structure(request):
 # --- a small random model with a non-trivial field coupling ----------------------------------------------------------
 def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, energy_scale=5.0, **hyperparameters):
     """A small PolModel with random weights (fast enough for finite differences; float64 by default)."""
-    import torch
 
     from polmodel.model import PolModel
 
@@ -242,7 +242,6 @@ def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, e
 
 def model_response(model, atoms, efield, born_charges=False, polarizability=False):
     """compute_response of one frame as numpy arrays (per-graph entries without the graph axis)."""
-    import torch
 
     from polmodel.data import atoms_to_graph
     from polmodel.response import compute_response
@@ -254,3 +253,19 @@ def model_response(model, atoms, efield, born_charges=False, polarizability=Fals
                  keys.DIELECTRIC}
     return {name: (value[0] if name in per_graph else value).detach().cpu().numpy() for name, value in result.items()
             if isinstance(value, torch.Tensor)}
+
+
+class BranchShifted(torch.nn.Module):
+    """A member whose dipole is its base model's plus whole quanta 2e·(n @ R): its energy gains −ε·(n @ 2R)."""
+
+    def __init__(self, base, integers):
+        super().__init__()
+        self.base = base
+        self.integers = torch.tensor(integers, dtype=torch.float64)
+        self.species, self.cutoff = base.species, base.cutoff
+
+    def forward(self, data):
+        out = self.base(data)
+        shift = 2.0 * torch.einsum("i,gij->gj", self.integers.to(data[keys.CELL]), data[keys.CELL])
+        out[keys.ENERGY] = out[keys.ENERGY] - (data[keys.EFIELD] * shift).sum(-1)
+        return out

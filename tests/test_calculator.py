@@ -7,6 +7,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
+from mixins_model import BranchShifted
 from polmodel import keys
 from polmodel.calculator import PolCalculator
 from polmodel.data import atoms_to_graph
@@ -165,22 +166,6 @@ def test_ensemble_mean_and_std_equal_members():
         np.testing.assert_allclose(calc.get_property(name, atoms), values.mean(axis=0), atol=1e-10)
         np.testing.assert_allclose(calc.get_property(f"{name}_std", atoms), values.std(axis=0), atol=1e-10)
     assert calc.get_property("forces_std", atoms).max() > 1e-4
-
-
-class BranchShifted(torch.nn.Module):
-    """A member whose dipole is its base model's plus whole quanta 2e·(n @ R): its energy gains −ε·(n @ 2R)."""
-
-    def __init__(self, base, integers):
-        super().__init__()
-        self.base = base
-        self.integers = torch.tensor(integers, dtype=torch.float64)
-        self.species, self.cutoff = base.species, base.cutoff
-
-    def forward(self, data):
-        out = self.base(data)
-        shift = 2.0 * torch.einsum("i,gij->gj", self.integers.to(data[keys.CELL]), data[keys.CELL])
-        out[keys.ENERGY] = out[keys.ENERGY] - (data[keys.EFIELD] * shift).sum(-1)
-        return out
 
 
 def test_ensemble_averages_member_dipoles_on_one_branch():

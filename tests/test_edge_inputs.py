@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixins_model import TEST_FIELD, distorted_perovskite, make_test_model, open_molecule
+from mixins_model import TEST_FIELD, BranchShifted, distorted_perovskite, make_test_model, open_molecule
 from polmodel import keys
 from polmodel.data import atoms_to_graph, collate
 from polmodel.edge_inputs import edge_inputs
@@ -66,23 +66,13 @@ def test_born_charges_through_edges_equal_reverse_passes_through_positions(setti
 
 
 def test_model_without_edge_inputs_takes_the_positions_path():
-    """An energy module that adds terms outside the edges (here −ε·(2 R_1) per graph) keeps exact Z* and P."""
-
-    class ShiftedDipole(torch.nn.Module):
-        def __init__(self, base):
-            super().__init__()
-            self.base = base
-
-        def forward(self, data):
-            out = self.base(data)
-            out[keys.ENERGY] = out[keys.ENERGY] - 2.0 * (data[keys.EFIELD] * data[keys.CELL][:, 0]).sum(-1)
-            return out
-
+    """An energy module that adds terms outside the edges (here a dipole moved by the quantum 2e·R_1) keeps exact
+    Z* and P."""
     model = make_test_model(seed=1)
     graph = collate([atoms_to_graph(distorted_perovskite(), model.species, model.cutoff, efield=TEST_FIELD,
                                     dtype=torch.float64)])
     plain = compute_response(model, graph, born_charges=True)
-    shifted = compute_response(ShiftedDipole(model), graph, born_charges=True)
+    shifted = compute_response(BranchShifted(model, [1, 0, 0]), graph, born_charges=True)
     np.testing.assert_allclose((shifted[keys.DIPOLE] - plain[keys.DIPOLE]).numpy(),
                                2.0 * graph[keys.CELL][:, 0].numpy(), atol=1e-12)
     torch.testing.assert_close(shifted[keys.BORN_CHARGES], plain[keys.BORN_CHARGES], rtol=0, atol=1e-12)
