@@ -12,6 +12,12 @@ SUBCOMMANDS = {
 }
 
 
+class InputError(Exception):
+    """A bad input to a command (missing or corrupt file, wrong kind of file, number out of range, unwritable
+    output). `main` prints it as one line and exits with status 2, before any work starts; raise it from the
+    checks a sub-command runs first."""
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="polmodel", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -30,7 +36,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args._run(args) or 0
+    try:
+        return args._run(args) or 0
+    except InputError as error:
+        print(f"polmodel {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
