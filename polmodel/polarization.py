@@ -1,32 +1,116 @@
-"""Minimum-image arithmetic on the multivalued cell dipole (DESIGN.md "Polarization is multivalued").
+"""Minimum-image arithmetic on the multivalued cell dipole (DESIGN.md "Polarization is multivalued", Amendments).
 
 A Berry-phase cell dipole ΩP is defined modulo the lattice of quantum vectors f·e·R_i (rows of `quantum`).
-The difference of two dipoles is therefore compared only after folding: write it in the basis of the quantum
-rows, subtract the nearest integers, go back to Cartesian.
+The difference of two dipoles is therefore compared only after folding onto its minimum image: the shortest
+vector among delta - n @ quantum over all integer n.
+
+Rounding the coordinates of delta in the quantum basis to the nearest integers (Babai's rounding) gives that
+image only for near-orthogonal quanta; in a hexagonal or rhombohedral cell it can return a longer image. The
+exact search used here:
+1. reduce the quantum basis (LLL, δ = 3/4): an integer unimodular transform T gives a basis B = T @ quantum of
+   short, nearly orthogonal rows spanning the same lattice;
+2. round in that basis to get a first image r0 of length ρ;
+3. every image at most as long, delta - m @ B, has coordinates x = f - m (f the fractional coordinates of delta
+   in B) with |x_i| <= ρ·‖column i of B⁻¹‖, so enumerating the integers m inside that box is exhaustive. After
+   the reduction the box holds a handful of points.
+Ties (two images of equal length, delta exactly on a boundary) keep the rounded image.
 """
+import itertools
+
 import numpy as np
 import torch
 
+LLL_DELTA = 0.75
+
+
+def reduce_lattice_basis(basis):
+    """LLL reduction of the rows of `basis` (3, 3): returns (reduced, transform), reduced = transform @ basis,
+    transform an integer matrix with determinant ±1 (the rows span the same lattice)."""
+    reduced = np.array(basis, dtype=float)
+    transform = np.eye(len(reduced), dtype=np.int64)
+    size = len(reduced)
+
+    def gram_schmidt(rows):
+        orthogonal = np.zeros_like(rows)
+        mu = np.zeros((size, size))
+        for i in range(size):
+            orthogonal[i] = rows[i]
+            for j in range(i):
+                mu[i, j] = rows[i] @ orthogonal[j] / (orthogonal[j] @ orthogonal[j])
+                orthogonal[i] = orthogonal[i] - mu[i, j] * orthogonal[j]
+        return orthogonal, mu
+
+    k = 1
+    orthogonal, mu = gram_schmidt(reduced)
+    for _ in range(1000):  # LLL ends after a few swaps for 3 rows; the cap only guards against NaN input
+        if k >= size:
+            break
+        for j in range(k - 1, -1, -1):
+            q = int(np.round(mu[k, j]))
+            if q:
+                reduced[k] -= q * reduced[j]
+                transform[k] -= q * transform[j]
+                orthogonal, mu = gram_schmidt(reduced)
+        if orthogonal[k] @ orthogonal[k] >= (LLL_DELTA - mu[k, k - 1] ** 2) * (orthogonal[k - 1] @ orthogonal[k - 1]):
+            k += 1
+        else:
+            reduced[[k, k - 1]] = reduced[[k - 1, k]]
+            transform[[k, k - 1]] = transform[[k - 1, k]]
+            orthogonal, mu = gram_schmidt(reduced)
+            k = max(k - 1, 1)
+    return reduced, transform
+
+
+def _nearest_lattice_coefficients_one(delta, quantum, reduced_cache):
+    key = quantum.tobytes()
+    if key not in reduced_cache:
+        reduced, transform = reduce_lattice_basis(quantum)
+        inverse = np.linalg.inv(reduced)
+        reduced_cache[key] = (reduced, transform, inverse, np.linalg.norm(inverse, axis=0))
+    reduced, transform, inverse, column_norms = reduced_cache[key]
+    fractional = delta @ inverse
+    best = np.round(fractional)
+    best_length = np.linalg.norm(delta - best @ reduced)
+    # a tiny margin so that an image exactly on the box boundary is not lost to round-off
+    radius = best_length * (1 + 1e-12) + 1e-12
+    low = np.ceil(fractional - radius * column_norms).astype(np.int64)
+    high = np.floor(fractional + radius * column_norms).astype(np.int64)
+    for candidate in itertools.product(*(range(a, b + 1) for a, b in zip(low, high))):
+        length = np.linalg.norm(delta - np.asarray(candidate, dtype=float) @ reduced)
+        if length < best_length * (1 - 1e-12):
+            best, best_length = np.asarray(candidate, dtype=float), length
+    return best @ transform  # coefficients in the original basis: best @ reduced = (best @ transform) @ quantum
+
+
+def nearest_lattice_coefficients(delta, quantum):
+    """Integers n (…, 3) (as floats) with delta - n @ quantum the shortest vector of its coset (numpy, float64).
+
+    `delta` (…, 3); `quantum` (…, 3, 3) with the lattice vectors as rows, broadcast against `delta`.
+    """
+    delta = np.asarray(delta, dtype=float)
+    quantum = np.asarray(quantum, dtype=float)
+    batch_shape = np.broadcast_shapes(delta.shape[:-1], quantum.shape[:-2])
+    delta = np.broadcast_to(delta, batch_shape + (3,)).reshape(-1, 3)
+    quantum = np.broadcast_to(quantum, batch_shape + (3, 3)).reshape(-1, 3, 3)
+    cache = {}
+    coefficients = [_nearest_lattice_coefficients_one(d, np.ascontiguousarray(q), cache)
+                    for d, q in zip(delta, quantum)]
+    return np.array(coefficients, dtype=float).reshape(batch_shape + (3,))
+
 
 def fold_dipole_difference(delta, quantum):
-    """Fold a dipole difference (…, 3) into the cell of the quantum lattice around zero.
+    """The minimum image (…, 3) of a dipole difference on the lattice spanned by the rows of `quantum` (…, 3, 3).
 
-    `quantum` (…, 3, 3) holds the quantum vectors as rows, so delta = n @ quantum with fractional n. Works on
-    numpy arrays and on torch tensors; for tensors the result is differentiable with respect to `delta`
-    (the subtracted integers are piecewise constant, so the gradient is the identity), and `quantum` is not
-    differentiated. The fold is the nearest-integer reduction in the quantum basis, which is the minimum image
-    for the (near-orthogonal) quanta of the cells we use.
+    Exact in any cell (module docstring). Works on numpy arrays and on torch tensors; for tensors the result is
+    differentiable with respect to `delta` (the subtracted integers are piecewise constant, so the gradient is the
+    identity), and `quantum` is not differentiated. The integer search runs in float64 numpy on detached copies.
     """
     if isinstance(delta, torch.Tensor):
         quantum = torch.as_tensor(quantum, dtype=delta.dtype, device=delta.device).detach()
-        batch_shape = torch.broadcast_shapes(quantum.shape[:-2], delta.shape[:-1])
-        quantum = quantum.expand(*batch_shape, 3, 3)
-        delta = delta.expand(*batch_shape, 3)
-        # delta = n @ Q  <=>  Q^T n = delta
-        fractional = torch.linalg.solve(quantum.transpose(-1, -2), delta.detach().unsqueeze(-1)).squeeze(-1)
-        return delta - torch.einsum("...i,...ij->...j", torch.round(fractional), quantum)
+        integers = nearest_lattice_coefficients(delta.detach().to(torch.float64).cpu().numpy(),
+                                                quantum.to(torch.float64).cpu().numpy())
+        integers = torch.as_tensor(integers, dtype=delta.dtype, device=delta.device)
+        return delta - torch.einsum("...i,...ij->...j", integers, quantum)
     delta = np.asarray(delta, dtype=float)
-    quantum = np.broadcast_to(np.asarray(quantum, dtype=float), delta.shape[:-1] + (3, 3))
-    fractional = np.linalg.solve(np.swapaxes(quantum, -1, -2), delta[..., None])[..., 0]
-    integers = np.round(fractional)
-    return delta - np.einsum("...i,...ij->...j", integers, quantum)
+    quantum = np.asarray(quantum, dtype=float)
+    return delta - np.einsum("...i,...ij->...j", nearest_lattice_coefficients(delta, quantum), quantum)
