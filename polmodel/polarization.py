@@ -15,6 +15,7 @@ exact search used here:
    the reduction the box holds a handful of points.
 Ties (two images of equal length, delta exactly on a boundary) keep the rounded image.
 """
+import functools
 import itertools
 
 import numpy as np
@@ -61,25 +62,29 @@ def reduce_lattice_basis(basis):
     return reduced, transform
 
 
-def _nearest_lattice_coefficients_one(delta, quantum, reduced_cache):
-    key = quantum.tobytes()
-    if key not in reduced_cache:
-        reduced, transform = reduce_lattice_basis(quantum)
-        inverse = np.linalg.inv(reduced)
-        reduced_cache[key] = (reduced, transform, inverse, np.linalg.norm(inverse, axis=0))
-    reduced, transform, inverse, column_norms = reduced_cache[key]
+@functools.lru_cache(maxsize=256)
+def _reduced_basis(quantum_bytes):
+    """(reduced basis, transform, inverse of the reduced basis, norms of its columns) of one quantum; cached
+    because an MD run or a training set folds against the same few quanta over and over."""
+    reduced, transform = reduce_lattice_basis(np.frombuffer(quantum_bytes, dtype=float).reshape(3, 3))
+    inverse = np.linalg.inv(reduced)
+    return reduced, transform, inverse, np.linalg.norm(inverse, axis=0)
+
+
+def _nearest_lattice_coefficients_one(delta, quantum):
+    reduced, transform, inverse, column_norms = _reduced_basis(quantum.tobytes())
     fractional = delta @ inverse
-    best = np.round(fractional)
-    best_length = np.linalg.norm(delta - best @ reduced)
+    rounded = np.round(fractional)
+    rounded_length = np.linalg.norm(delta - rounded @ reduced)
     # a tiny margin so that an image exactly on the box boundary is not lost to round-off
-    radius = best_length * (1 + 1e-12) + 1e-12
+    radius = rounded_length * (1 + 1e-12) + 1e-12
     low = np.ceil(fractional - radius * column_norms).astype(np.int64)
     high = np.floor(fractional + radius * column_norms).astype(np.int64)
-    for candidate in itertools.product(*(range(a, b + 1) for a, b in zip(low, high))):
-        length = np.linalg.norm(delta - np.asarray(candidate, dtype=float) @ reduced)
-        if length < best_length * (1 - 1e-12):
-            best, best_length = np.asarray(candidate, dtype=float), length
-    return best @ transform  # coefficients in the original basis: best @ reduced = (best @ transform) @ quantum
+    candidates = np.array(list(itertools.product(*(range(a, b + 1) for a, b in zip(low, high)))), dtype=float)
+    lengths = np.linalg.norm(delta - candidates @ reduced, axis=1)
+    best = int(np.argmin(lengths))
+    chosen = candidates[best] if lengths[best] < rounded_length * (1 - 1e-12) else rounded
+    return chosen @ transform  # coefficients in the original basis: chosen @ reduced = (chosen @ transform) @ quantum
 
 
 def nearest_lattice_coefficients(delta, quantum):
@@ -92,9 +97,7 @@ def nearest_lattice_coefficients(delta, quantum):
     batch_shape = np.broadcast_shapes(delta.shape[:-1], quantum.shape[:-2])
     delta = np.broadcast_to(delta, batch_shape + (3,)).reshape(-1, 3)
     quantum = np.broadcast_to(quantum, batch_shape + (3, 3)).reshape(-1, 3, 3)
-    cache = {}
-    coefficients = [_nearest_lattice_coefficients_one(d, np.ascontiguousarray(q), cache)
-                    for d, q in zip(delta, quantum)]
+    coefficients = [_nearest_lattice_coefficients_one(d, np.ascontiguousarray(q)) for d, q in zip(delta, quantum)]
     return np.array(coefficients, dtype=float).reshape(batch_shape + (3,))
 
 
