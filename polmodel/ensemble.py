@@ -36,6 +36,20 @@ class PolEnsemble(torch.nn.Module):
     def __len__(self):
         return len(self.members)
 
+    def save(self, path):
+        """Write the ensemble file (polmodel.serialization format, with its content hash)."""
+        from polmodel.serialization import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """Read an ensemble file, or a single-model file as an ensemble of one; `ModelFileError` naming the file
+        if it is corrupt, truncated or not a polmodel file."""
+        from polmodel.serialization import load_ensemble
+
+        return load_ensemble(path)
+
     def forward(self, data):
         """Mean energy over members (ENERGY, ATOMIC_ENERGY), so that the ensemble is itself an energy model."""
         outputs = [member(data) for member in self.members]

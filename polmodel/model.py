@@ -297,6 +297,20 @@ class PolModel(torch.nn.Module):
         lengths = torch.linalg.norm(vectors, dim=-1)
         return self.energy_from_edges(data, self.edge_harmonics(vectors), self.radial_weights(lengths))
 
+    def save(self, path):
+        """Write the model file (polmodel.serialization format, with its content hash)."""
+        from polmodel.serialization import save
+
+        save(self, path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a single-model file; `ModelFileError` naming the file if it is corrupt, truncated, not a polmodel
+        file or an ensemble file."""
+        from polmodel.serialization import load_model
+
+        return load_model(path)
+
     def energy_from_edges(self, data, edge_sh, path_weights):
         """The energy given the edges' harmonics and radial weights (`edge_harmonics`, `radial_weights`): the
         positions enter only through these, which polmodel/edge_inputs.py uses for cheap Born charges."""

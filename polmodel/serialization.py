@@ -1,12 +1,19 @@
 """Model and ensemble files: torch.save of a plain dictionary, read back with torch.load(weights_only=True).
 
-Layout (format_version 1):
-    format "polmodel", format_version 1, kind "model" | "ensemble", polmodel_version,
-    species [str], cutoff float,
-    hyperparameters [dict] and state_dicts [dict of tensors], one entry per member (a model is one member),
-    content_hash: sha256 over the JSON of (kind, species, cutoff, hyperparameters) and every state-dict
+Layout (format_version 2):
+    format "polmodel", format_version 2, kind "model" | "ensemble", polmodel_version,
+    species [str], cutoff float, one entry per member (a model is one member) in each of
+    architecture [dict]: the PolModel constructor keywords (`PolModel(species, cutoff, **architecture)`),
+    training [dict | None]: the optimisation settings the member was trained with (polmodel.train), if any,
+    state_dicts [dict of tensors],
+    content_hash: sha256 over the JSON of (kind, species, cutoff, architecture, training) and every state-dict
     tensor (name, dtype, shape, bytes) in sorted name order.
+format_version 1 files (before the split) hold the architecture under "hyperparameters" and no training settings,
+with the hash over (kind, species, cutoff, hyperparameters); they still load.
 Nothing in the file is code, so loading never executes anything; the hash catches altered weights.
+
+The methods `PolModel.save` / `PolModel.load` / `PolEnsemble.save` / `PolEnsemble.load` call `save` and the
+type-checked loaders `load_model` / `load_ensemble` here. Every unusable file raises `ModelFileError` naming it.
 """
 import hashlib
 import json
@@ -19,8 +26,10 @@ from polmodel.ensemble import PolEnsemble
 from polmodel.model import DEFAULT_HYPERPARAMETERS, PolModel
 
 FORMAT = "polmodel"
-FORMAT_VERSION = 1
-_REQUIRED = ("kind", "species", "cutoff", "hyperparameters", "state_dicts", "content_hash")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# the key that holds the members' PolModel keywords, by format_version
+_ARCHITECTURE_KEY = {1: "hyperparameters", 2: "architecture"}
 
 
 class ModelFileError(ValueError):
@@ -36,10 +45,14 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def content_hash(kind, species, cutoff, hyperparameters, state_dicts):
-    """sha256 of the architecture description and the weights (independent of torch's container format)."""
+def content_hash(kind, species, cutoff, architecture, state_dicts, training=None, format_version=FORMAT_VERSION):
+    """sha256 of the architecture description, the training settings and the weights (independent of torch's
+    container format). format_version 1 hashed the architecture under "hyperparameters" and had no training."""
     digest = hashlib.sha256()
-    header = {"kind": kind, "species": list(species), "cutoff": float(cutoff), "hyperparameters": hyperparameters}
+    header = {"kind": kind, "species": list(species), "cutoff": float(cutoff),
+              _ARCHITECTURE_KEY[format_version]: architecture}
+    if format_version >= 2:
+        header["training"] = training
     digest.update(json.dumps(header, sort_keys=True).encode())
     for state_dict in state_dicts:
         for name in sorted(state_dict):
@@ -58,10 +71,12 @@ def _members(model_or_ensemble):
 
 
 def save(model_or_ensemble, path):
-    """Write a model or an ensemble to `path`."""
+    """Write a model or an ensemble to `path`; a member's `training_options` (set by polmodel.train) are stored as
+    its training settings."""
     kind, members = _members(model_or_ensemble)
     species, cutoff = members[0].species, members[0].cutoff
-    hyperparameters = [dict(member.hyperparameters) for member in members]
+    architecture = [dict(member.hyperparameters) for member in members]
+    training = [_json_copy(getattr(member, "training_options", None)) for member in members]
     state_dicts = [{name: tensor.detach().cpu().clone() for name, tensor in member.state_dict().items()}
                    for member in members]
     payload = {
@@ -71,11 +86,16 @@ def save(model_or_ensemble, path):
         "polmodel_version": polmodel.__version__,
         "species": list(species),
         "cutoff": float(cutoff),
-        "hyperparameters": hyperparameters,
+        "architecture": architecture,
+        "training": training,
         "state_dicts": state_dicts,
-        "content_hash": content_hash(kind, species, cutoff, hyperparameters, state_dicts),
+        "content_hash": content_hash(kind, species, cutoff, architecture, state_dicts, training),
     }
     torch.save(payload, os.fspath(path))
+
+
+def _json_copy(value):
+    return None if value is None else json.loads(json.dumps(value))
 
 
 def _read_payload(path):
@@ -88,26 +108,33 @@ def _read_payload(path):
                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: a torch file, but not a polmodel model file (no format '{FORMAT}')")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: unsupported polmodel format_version {payload.get('format_version')!r} "
-                             f"(this polmodel reads version {FORMAT_VERSION})")
-    missing = [name for name in _REQUIRED if name not in payload]
+    version = payload.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"{path}: unsupported polmodel format_version {version!r} "
+                             f"(this polmodel reads versions {list(READABLE_VERSIONS)})")
+    required = ("kind", "species", "cutoff", _ARCHITECTURE_KEY[version], "state_dicts", "content_hash")
+    missing = [name for name in required if name not in payload]
     if missing:
         raise ModelFileError(f"{path}: polmodel file lacks {', '.join(missing)}")
     if payload["kind"] not in ("model", "ensemble"):
         raise ModelFileError(f"{path}: unknown kind {payload['kind']!r} (expected 'model' or 'ensemble')")
-    hyperparameters, state_dicts = payload["hyperparameters"], payload["state_dicts"]
-    if (not isinstance(hyperparameters, list) or not isinstance(state_dicts, list)
-            or len(hyperparameters) != len(state_dicts) or not state_dicts
+    architecture, state_dicts = payload[_ARCHITECTURE_KEY[version]], payload["state_dicts"]
+    training = payload.get("training") if version >= 2 else None
+    if training is None and isinstance(state_dicts, list):
+        training = [None] * len(state_dicts)
+    if (not isinstance(architecture, list) or not isinstance(state_dicts, list) or not isinstance(training, list)
+            or not len(architecture) == len(state_dicts) == len(training) or not state_dicts
             or (payload["kind"] == "model" and len(state_dicts) != 1)):
         raise ModelFileError(f"{path}: inconsistent member lists in polmodel file")
     try:
-        expected = content_hash(payload["kind"], payload["species"], payload["cutoff"], hyperparameters, state_dicts)
+        expected = content_hash(payload["kind"], payload["species"], payload["cutoff"], architecture, state_dicts,
+                                payload.get("training"), format_version=version)
     except Exception as error:
         raise ModelFileError(f"{path}: malformed polmodel file ({error})") from error
     if expected != payload["content_hash"]:
         raise ModelFileError(f"{path}: content hash mismatch (stored {payload['content_hash'][:12]}…, "
                              f"computed {expected[:12]}…): the weights or settings were altered or corrupted")
+    payload["architecture"], payload["training"] = architecture, training
     return payload
 
 
@@ -130,8 +157,28 @@ def load(path):
     """Read a file written by `save`; returns a PolModel or a PolEnsemble (ModelFileError if unusable)."""
     path = os.fspath(path)
     payload = _read_payload(path)
-    members = [_build_member(path, payload["species"], payload["cutoff"], hyperparameters, state_dict)
-               for hyperparameters, state_dict in zip(payload["hyperparameters"], payload["state_dicts"])]
+    members = []
+    for architecture, training, state_dict in zip(payload["architecture"], payload["training"],
+                                                  payload["state_dicts"]):
+        member = _build_member(path, payload["species"], payload["cutoff"], architecture, state_dict)
+        if training is not None:
+            member.training_options = training
+        members.append(member)
     if payload["kind"] == "model":
         return members[0]
     return PolEnsemble(members)
+
+
+def load_model(path):
+    """A single PolModel from `path`; ModelFileError if the file is unusable or holds an ensemble."""
+    loaded = load(path)
+    if isinstance(loaded, PolEnsemble):
+        raise ModelFileError(f"{os.fspath(path)}: holds an ensemble of {len(loaded)} models, not a single model; "
+                             f"read it with PolEnsemble.load")
+    return loaded
+
+
+def load_ensemble(path):
+    """A PolEnsemble from `path`; a single-model file gives an ensemble of one (ModelFileError if unusable)."""
+    loaded = load(path)
+    return loaded if isinstance(loaded, PolEnsemble) else PolEnsemble([loaded])
