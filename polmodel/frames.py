@@ -83,6 +83,87 @@ def frame_source(atoms):
     return None if value is None else str(value)
 
 
+# --- branch continuity of the dipole labels ------------------------------------------------------------------
+def structure_key(frame):
+    """Frames of one structure (same species, cell and positions, at any field) share this key."""
+    rounded = [np.round(np.asarray(array, dtype=float), 6) + 0.0 for array in (frame.cell.array, frame.positions)]
+    return (tuple(int(z) for z in frame.numbers),) + tuple(array.tobytes() for array in rounded)
+
+
+def _trajectory_position(frame):
+    """(trajectory id, frame index) from `info['origin']` = "<trajectory UUID>:<frame index>", or None."""
+    origin = frame.info.get("origin")
+    if origin is None or ":" not in str(origin):
+        return None
+    trajectory, _, index = str(origin).rpartition(":")
+    try:
+        return trajectory, int(index)
+    except ValueError:
+        return None
+
+
+def _move_dipole(frame, shift):
+    """Move a frame's dipole label by `shift` (whole quanta) and its enthalpy with it: pw.x's E contains −ε·ΩP on
+    the branch ΩP is reported on, so E changes by −ε·shift."""
+    frame.info["dipole"] = frame_dipole(frame) + shift
+    if frame_energy(frame) is not None:
+        frame.info["energy"] = frame_energy(frame) - float(frame_efield(frame) @ shift)
+
+
+def align_dipole_branches(frames):
+    """Copies of `frames` with the dipole labels of each structure, and of each trajectory, on one branch.
+
+    The reference never depends on a model (DESIGN.md Amendments, "Branch continuity"):
+    - frames of one structure (`structure_key`: the zero-field and ±ε runs) are moved onto the branch of its
+      zero-field frame (else its first dipole frame): their dipoles differ by α·ε, far less than a quantum, so the
+      minimum image of the difference is unambiguous;
+    - structures of one MD trajectory (`info['origin']` = "<trajectory UUID>:<frame index>", as the exploration
+      writes it) are moved, all frames of a structure together, onto the branch of the nearest earlier labelled
+      structure of the same trajectory, which chains the whole trajectory onto one branch (this assumes the dipole
+      changes by less than half a quantum between neighbouring labelled frames).
+    A moved dipole moves its frame's finite-field energy by −ε·shift. Every dipole frame gets
+    `info['dipole_branch']`, an integer shared by the frames known to be on one branch; the loss moves such frames
+    onto the model's branch together (polmodel.losses). Which branch a whole group is on relative to the model is
+    still decided against the model's prediction: that part is the fallback, as no model-free reference exists.
+    """
+    from polmodel.polarization import fold_dipole_difference
+
+    frames = [frame.copy() for frame in frames]
+    groups = {}
+    for frame in frames:
+        if frame_dipole(frame) is not None and frame_polarization_quantum(frame) is not None:
+            groups.setdefault(structure_key(frame), []).append(frame)
+    references = []
+    for group in groups.values():
+        reference = next((frame for frame in group if not np.any(frame_efield(frame))), group[0])
+        for frame in group:
+            if frame is not reference:
+                difference = frame_dipole(frame) - frame_dipole(reference)
+                _move_dipole(frame, fold_dipole_difference(difference, frame_polarization_quantum(frame)) - difference)
+        position = next(filter(None, map(_trajectory_position, group)), None)
+        references.append((position, reference, group))
+
+    branch_of_group = list(range(len(references)))
+    trajectories = {}
+    for index, (position, _, _) in enumerate(references):
+        if position is not None:
+            trajectories.setdefault(position[0], []).append((position[1], index))
+    for members in trajectories.values():
+        members.sort()
+        for (_, previous), (_, current) in zip(members, members[1:]):
+            _, anchor, _ = references[previous]
+            _, reference, group = references[current]
+            difference = frame_dipole(reference) - frame_dipole(anchor)
+            shift = fold_dipole_difference(difference, frame_polarization_quantum(reference)) - difference
+            for frame in group:
+                _move_dipole(frame, shift)
+            branch_of_group[current] = branch_of_group[previous]
+    for (_, _, group), branch in zip(references, branch_of_group):
+        for frame in group:
+            frame.info["dipole_branch"] = int(branch)
+    return frames
+
+
 # --- normalisation and validation ----------------------------------------------------------------------------
 def _where(index):
     return "frame" if index is None else f"frame {index}"

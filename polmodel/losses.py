@@ -10,6 +10,15 @@ branch enters the energy of a finite-field frame: pw.x's enthalpy contains -ε·
 label whose dipole is K quanta away from the model's has an energy off by ε·K. The energy label is moved onto
 the prediction's branch with the dipole (E + ε·ΩP_label - ε·ΩP_on_branch); without that, no model could fit
 the ±ε energies of, e.g., cubic BaTiO3, whose pw.x dipole (6 quanta, 48 e·Å) makes E(±ε) differ by 3.5 eV.
+Frames that share `info['dipole_branch']` (set by polmodel.frames.align_dipole_branches from the ±ε runs of one
+structure or the frames of one trajectory, never from the model) are moved onto the prediction's branch by one
+common integer combination of quanta, the one that fits them best together, so no frame of such a group can be
+put on another branch than the rest; a frame without a group is folded on its own against the prediction
+(the fallback).
+
+Frames may carry weights (`TargetBatch(frames, frame_weights=...)`, e.g. polmodel.train's field-magnitude
+balance): each quantity's mean squared error is then the weighted mean over its labelled entries, a per-atom
+entry weighted by its frame's weight.
 """
 from dataclasses import asdict, dataclass
 
@@ -19,7 +28,7 @@ import torch
 from polmodel import keys
 from polmodel.frames import (frame_born_charges, frame_dipole, frame_efield, frame_energy, frame_forces,
                              frame_polarizability, frame_polarization_quantum, frame_stress)
-from polmodel.polarization import fold_dipole_difference
+from polmodel.polarization import common_lattice_coefficients, nearest_lattice_coefficients
 from polmodel.response import compute_response
 
 # quantity (a polmodel.keys name) -> unit in which it is compared, reported and plotted
@@ -63,8 +72,10 @@ class TargetBatch:
     graph indices (per-graph quantities) or atom indices (forces, Z*) they belong to.
     """
 
-    def __init__(self, frames, dtype=torch.float64):
+    def __init__(self, frames, dtype=torch.float64, frame_weights=None):
         self.num_atoms = torch.tensor([len(frame) for frame in frames], dtype=torch.long)
+        # (G,) weight of each frame in every quantity's mean (None: all equal)
+        self.frame_weights = None if frame_weights is None else torch.as_tensor(frame_weights, dtype=torch.float64)
         atom_offsets = np.concatenate([[0], np.cumsum([len(frame) for frame in frames])[:-1]])
         per_graph = {keys.ENERGY: frame_energy, keys.STRESS: frame_stress, keys.DIPOLE: frame_dipole,
                      keys.POLARIZABILITY: frame_polarizability}
@@ -90,6 +101,10 @@ class TargetBatch:
             self.dipole_folded = torch.tensor([q is not None for q in chosen])
             self.dipole_quantum = torch.tensor(np.array([np.eye(3) if q is None else q for q in chosen]),
                                                dtype=torch.float64)
+            # rows with the same id are moved onto the prediction's branch together; a frame without a known
+            # branch group is its own group (ids below zero)
+            self.dipole_branch = torch.tensor([int(frames[g].info.get("dipole_branch", -1 - g))
+                                               for g in self.index[keys.DIPOLE].tolist()], dtype=torch.long)
         if keys.ENERGY in self.index:
             energy_graphs = self.index[keys.ENERGY].tolist()
             # (n_E, 3) V/Å, and the row of each energy frame's dipole label (-1: none, the energy is kept as is)
@@ -99,6 +114,15 @@ class TargetBatch:
 
     def __contains__(self, quantity):
         return quantity in self.values
+
+    def entry_weights(self, quantity):
+        """(n_q,) float64 weights of the labelled entries of `quantity` (their frames' weights), or None."""
+        if self.frame_weights is None:
+            return None
+        graphs = self.index[quantity]
+        if quantity in (keys.FORCES, keys.BORN_CHARGES):  # per-atom entries: the frame each atom belongs to
+            graphs = torch.repeat_interleave(torch.arange(len(self.num_atoms)), self.num_atoms)[graphs]
+        return self.frame_weights[graphs]
 
     def response_flags(self):
         """The derivatives a prediction must contain to be compared with these labels."""
@@ -114,17 +138,29 @@ def predict(model, data, targets, training=False):
 def dipole_branch_shift(prediction, targets):
     """(n_D, 3) float64: the integer combination of quanta that moves each dipole label onto the prediction's branch.
 
-    label + shift is the label's image nearest to the predicted dipole (for frames without a quantum, zero).
+    For a frame on its own, label + shift is the label's image nearest to the predicted dipole; frames of one branch
+    group (`targets.dipole_branch`) share the integer combination that brings them nearest together
+    (polmodel.polarization.common_lattice_coefficients). Frames without a quantum get zero.
     """
     device = prediction[keys.DIPOLE].device
     index = targets.index[keys.DIPOLE].to(device)
-    label = targets.values[keys.DIPOLE].to(device)
     with torch.no_grad():
-        # float64: a label many quanta away keeps its digits when the branch is subtracted
-        difference = prediction[keys.DIPOLE][index].detach().to(torch.float64) - label
-        folded = fold_dipole_difference(difference, targets.dipole_quantum.to(device))
-        shift = difference - folded
-    return torch.where(targets.dipole_folded.to(device).unsqueeze(-1), shift, torch.zeros_like(shift))
+        # float64 on the CPU: a label many quanta away keeps its digits when the branch is subtracted, and the
+        # integer search is numpy
+        difference = (prediction[keys.DIPOLE][index].detach().to(torch.float64).cpu()
+                      - targets.values[keys.DIPOLE]).numpy()
+    quanta = targets.dipole_quantum.numpy()
+    folded = targets.dipole_folded.numpy()
+    branches = targets.dipole_branch.numpy()
+    integers = np.zeros_like(difference)
+    for branch in np.unique(branches[folded]):
+        rows = np.flatnonzero((branches == branch) & folded)
+        if len(rows) == 1:
+            integers[rows] = nearest_lattice_coefficients(difference[rows], quanta[rows])
+        else:
+            integers[rows] = common_lattice_coefficients(difference[rows], quanta[rows])
+    shift = np.einsum("ri,rij->rj", integers, quanta)
+    return torch.from_numpy(shift).to(device)
 
 
 def paired_values(prediction, targets):
@@ -162,9 +198,23 @@ def paired_values(prediction, targets):
     return pairs
 
 
-def weighted_loss(pairs, weights):
-    """(total, {quantity: mean squared error}) from `paired_values`; absent quantities are left out."""
-    terms = {quantity: (predicted - label).pow(2).mean() for quantity, (label, predicted) in pairs.items()}
+def _mean_squared_error(label, predicted, entry_weights):
+    squared = (predicted - label).pow(2)
+    if entry_weights is None:
+        return squared.mean()
+    entry_weights = entry_weights.to(squared)
+    per_entry = squared.reshape(len(squared), -1).mean(dim=1)
+    return (entry_weights * per_entry).sum() / entry_weights.sum()
+
+
+def weighted_loss(pairs, weights, targets=None):
+    """(total, {quantity: mean squared error}) from `paired_values`; absent quantities are left out.
+
+    With `targets` whose frames carry weights, each mean is weighted by frame (TargetBatch.entry_weights).
+    """
+    terms = {quantity: _mean_squared_error(label, predicted,
+                                           None if targets is None else targets.entry_weights(quantity))
+             for quantity, (label, predicted) in pairs.items()}
     if not terms:
         raise ValueError("the batch carries no labels at all: nothing to train on")
     total = sum(weights.of(quantity) * term for quantity, term in terms.items())
@@ -174,4 +224,4 @@ def weighted_loss(pairs, weights):
 def batch_loss(model, data, targets, weights, training=True):
     """Convenience: response, pairs and weighted loss of one batch."""
     prediction = predict(model, data, targets, training=training)
-    return weighted_loss(paired_values(prediction, targets), weights)
+    return weighted_loss(paired_values(prediction, targets), weights, targets)

@@ -117,3 +117,20 @@ def fold_dipole_difference(delta, quantum):
     delta = np.asarray(delta, dtype=float)
     quantum = np.asarray(quantum, dtype=float)
     return delta - np.einsum("...i,...ij->...j", nearest_lattice_coefficients(delta, quantum), quantum)
+
+
+def common_lattice_coefficients(deltas, quanta):
+    """One integer vector n (3,) minimising Σ_r |deltas[r] - n @ quanta[r]|² (numpy, float64).
+
+    The shift that moves several dipole labels of one branch (e.g. the zero-field and ±ε frames of a structure)
+    onto another branch together, so that they stay on one branch. Expanding the sum gives n G nᵀ - 2 n·b with
+    G = Σ_r Q_r Q_rᵀ and b = Σ_r Q_r d_r; with G = L Lᵀ (Cholesky) that is |n @ L - t|² - const for
+    t = L⁻¹ b, a closest-vector problem in the lattice with rows L, solved exactly by the same search as the fold.
+    """
+    deltas = np.asarray(deltas, dtype=float).reshape(-1, 3)
+    quanta = np.broadcast_to(np.asarray(quanta, dtype=float), (len(deltas), 3, 3))
+    gram = np.einsum("rij,rkj->ik", quanta, quanta)
+    projected = np.einsum("rij,rj->i", quanta, deltas)
+    lower = np.linalg.cholesky(gram)
+    target = np.linalg.solve(lower, projected)
+    return nearest_lattice_coefficients(target, lower)

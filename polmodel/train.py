@@ -6,11 +6,31 @@ train/validation split (optionally each on a bootstrap resample of the training 
 frames)` gives MAE/RMSE per quantity in `polmodel.losses.QUANTITY_UNITS`.
 
 Before training, per-species reference energies are fitted by least squares on composition → energy and the
-energy scale is set to the RMS force component, so the network only learns a residual of order one.
+energy scale is set to the RMS force component, so the network only learns a residual of order one; a warm start
+(`initial_model`) keeps the given model's weights, references and scale instead.
 Same seed, same frames, same config and the same number of threads → bit-identical weights.
+
+What a long campaign needs:
+- warm start: `train_model(..., initial_model=model)` starts from that model's weights (the loop's next iteration
+  starts from the last one); `train_ensemble` maps the members of an initial ensemble onto its own;
+- checkpoints: with `checkpoint=PATH` the full training state (weights, optimizer, scheduler, batch-order RNG,
+  weight average, best state, epoch, history) is written every `checkpoint_every` epochs and after the last one; a
+  run started again with the same path, frames and settings resumes from it and ends with the same weights as a
+  run that was never interrupted;
+- a weight average: validation, early stopping and the returned model use an exponential moving average of the
+  weights (`ema_decay`; see WeightAverage); None trains and returns the raw weights;
+- field-magnitude balance: with `balance_field_magnitudes` each frame's weight in the loss is inversely
+  proportional to the number of frames in its bin of |ε| (`field_magnitude_weights`), so that many zero-field or
+  one-magnitude frames do not drown the frames at other fields;
+- branch continuity of the dipole labels (polmodel.frames.align_dipole_branches) before every training set is used;
+  batches keep the frames of one structure together so that they are moved onto the model's branch as one.
 """
+import contextlib
 import copy
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -20,12 +40,18 @@ import torch
 from polmodel.allocator import keep_freed_memory_in_heap
 from polmodel.data import atoms_to_graph, average_num_neighbors, collate
 from polmodel.devices import resolve_device, to_device
-from polmodel.frames import frame_efield, frame_energy, frame_forces, normalize_frames
+from polmodel.frames import (align_dipole_branches, frame_efield, frame_energy, frame_forces, normalize_frames,
+                             structure_key)
 from polmodel.losses import QUANTITIES, QUANTITY_UNITS, LossWeights, TargetBatch, paired_values, predict, \
     weighted_loss
 
 SCHEDULERS = ("plateau", "cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# |ε| below this (V/Å) is zero field, its own bin; above, bins are a factor FIELD_BIN_RATIO wide in |ε|
+ZERO_FIELD = 1e-6
+FIELD_BIN_RATIO = 1.25
+# TrainingConfig options that change how a run is executed, not its result (left out of checkpoint fingerprints)
+RUN_OPTIONS = ("device", "quiet", "max_time_s", "checkpoint_every")
 
 
 @dataclass
@@ -33,7 +59,7 @@ class TrainingConfig:
     """Everything that determines a training run (JSON-able through `as_dict` / `from_dict`)."""
 
     cutoff: float = 5.0                        # Å
-    hyperparameters: dict = field(default_factory=dict)   # PolModel keyword arguments
+    architecture: dict = field(default_factory=dict)      # PolModel keyword arguments
     species: list = None                       # None: the species of the frames, sorted
     loss_weights: LossWeights = field(default_factory=LossWeights)
     learning_rate: float = 5e-3
@@ -49,7 +75,10 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"                        # cpu, cuda, cuda:N or auto (polmodel.devices)
-    max_time_s: float = None                   # wall-clock limit of one model's training
+    max_time_s: float = None                   # wall-clock limit of one model's training (in this process)
+    ema_decay: float = 0.99                    # weight average for validation and the result; None: raw weights
+    balance_field_magnitudes: bool = True      # frame weights 1/(frames in the frame's |ε| bin)
+    checkpoint_every: int = 1                  # epochs between checkpoints (when a checkpoint path is given)
     quiet: bool = False
 
     def __post_init__(self):
@@ -65,12 +94,28 @@ class TrainingConfig:
             raise ValueError("epochs must be >= 0, batch_size and patience >= 1")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
     def as_dict(self):
         return asdict(self)
 
+    def training_options(self):
+        """The optimisation settings (everything but the architecture, species and cutoff): what a model file
+        stores under "training"."""
+        options = self.as_dict()
+        for name in ("architecture", "species", "cutoff"):
+            options.pop(name)
+        return options
+
     @classmethod
     def from_dict(cls, values):
+        """From a JSON-able dict; the PolModel keywords may still come under their old key "hyperparameters"."""
+        values = dict(values)
+        if "hyperparameters" in values:
+            values["architecture"] = {**values.pop("hyperparameters"), **values.get("architecture", {})}
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -79,12 +124,6 @@ class TrainingConfig:
 
 
 # --- preparation ---------------------------------------------------------------------------------------------
-def structure_key(frame):
-    """Frames of one structure (same species, cell and positions, at any field) share this key."""
-    rounded = [np.round(np.asarray(array, dtype=float), 6) + 0.0 for array in (frame.cell.array, frame.positions)]
-    return (tuple(int(z) for z in frame.numbers),) + tuple(array.tobytes() for array in rounded)
-
-
 def _draw_validation(groups, wanted, rng):
     """Indices of whole groups, in random order, until about `wanted` frames (at least one group, never all)."""
     chosen = []
@@ -153,43 +192,121 @@ def fit_energy_scale(frames, reference_energies):
     return rms if rms > 1e-8 else 1.0
 
 
-class FrameSet:
-    """Frames with their graphs and targets, built once and batched many times."""
+def field_magnitude_weights(frames):
+    """(n,) frame weights, mean 1, inversely proportional to the number of frames in each frame's |ε| bin.
 
-    def __init__(self, frames, species, cutoff, dtype):
+    Zero field (|ε| < ZERO_FIELD V/Å) is its own bin; other fields fall in bins a factor FIELD_BIN_RATIO wide in
+    |ε| (so labels at ε and 3ε, or MD frames at 0.05 and 0.2 V/Å, are different bins). Every bin then carries the
+    same total weight: the protocol's seven frames per structure (one at zero field, six at one magnitude) or a
+    set dominated by zero-field frames no longer make one magnitude decide the fit. None when all frames are in
+    one bin (every weight would be 1).
+    """
+    magnitudes = np.array([np.linalg.norm(frame_efield(frame)) for frame in frames])
+    bins = np.where(magnitudes < ZERO_FIELD, np.iinfo(np.int64).min,
+                    np.round(np.log(np.maximum(magnitudes, ZERO_FIELD)) / np.log(FIELD_BIN_RATIO)).astype(np.int64))
+    _, inverse, counts = np.unique(bins, return_inverse=True, return_counts=True)
+    if len(counts) < 2:
+        return None
+    weights = 1.0 / counts[inverse]
+    return weights * len(weights) / weights.sum()
+
+
+class FrameSet:
+    """Frames with their graphs and targets, built once and batched many times.
+
+    `frame_weights` (n,) weigh the frames in the loss (None: equal). Frames of one structure (`structure_key`)
+    always share a batch, so that their dipoles are moved onto the model's branch together (polmodel.losses); with
+    one frame per structure the batches are exactly those of a shuffle of the frames.
+    """
+
+    def __init__(self, frames, species, cutoff, dtype, frame_weights=None):
         self.frames = list(frames)
+        self.frame_weights = None if frame_weights is None else np.asarray(frame_weights, dtype=float)
         self.graphs = [atoms_to_graph(frame, species, cutoff, efield=frame_efield(frame), dtype=dtype)
                        for frame in self.frames]
+        groups = {}
+        for index, frame in enumerate(self.frames):
+            groups.setdefault(structure_key(frame), []).append(index)
+        self.groups = list(groups.values())
 
     def __len__(self):
         return len(self.frames)
 
     def batch(self, indices):
         indices = list(indices)
-        return collate([self.graphs[i] for i in indices]), TargetBatch([self.frames[i] for i in indices])
+        weights = None if self.frame_weights is None else self.frame_weights[indices]
+        return (collate([self.graphs[i] for i in indices]),
+                TargetBatch([self.frames[i] for i in indices], frame_weights=weights))
 
     def batches(self, batch_size, generator=None):
-        order = (torch.randperm(len(self), generator=generator).tolist() if generator is not None
-                 else list(range(len(self))))
-        for start in range(0, len(self), batch_size):
-            yield self.batch(order[start:start + batch_size])
+        """Batches of whole structures, at most `batch_size` frames unless one structure has more; shuffled
+        (by structure) when a generator is given."""
+        order = (torch.randperm(len(self.groups), generator=generator).tolist() if generator is not None
+                 else list(range(len(self.groups))))
+        batch = []
+        for group in order:
+            if batch and len(batch) + len(self.groups[group]) > batch_size:
+                yield self.batch(batch)
+                batch = []
+            batch.extend(self.groups[group])
+        if batch:
+            yield self.batch(batch)
+
+
+def training_frame_set(frames, species, config):
+    """The FrameSet a training run builds from `frames`: dipole branches aligned (align_dipole_branches), frames
+    weighted by field magnitude when `config.balance_field_magnitudes`; None for no frames."""
+    frames = align_dipole_branches(normalize_frames(frames or []))
+    if not frames:
+        return None
+    weights = field_magnitude_weights(frames) if config.balance_field_magnitudes else None
+    return FrameSet(frames, species, config.cutoff, DTYPES[config.dtype], weights)
 
 
 def _frames_species(frames):
     return sorted({symbol for frame in frames for symbol in frame.get_chemical_symbols()})
 
 
-def initialize_model(train_frames, config, species=None):
-    """The untrained model: seeded weights, neighbour normalization, reference energies, energy scale."""
+def _warm_start_model(initial_model, frames, config):
+    """A copy of `initial_model` in the run's dtype, after checking that it can be trained on `frames`."""
+    from polmodel.model import PolModel
+
+    if not isinstance(initial_model, PolModel):
+        raise TypeError(f"initial_model must be a PolModel, got {type(initial_model).__name__}")
+    unknown = sorted(set(_frames_species(frames)) - set(initial_model.species))
+    if unknown:
+        raise ValueError(f"the initial model knows species {initial_model.species}; the frames also contain "
+                         f"{unknown}: a warm start cannot add species (train from scratch instead)")
+    if config.species is not None and list(config.species) != list(initial_model.species):
+        raise ValueError(f"species {list(config.species)} were requested, but the initial model has "
+                         f"{initial_model.species}")
+    if float(config.cutoff) != float(initial_model.cutoff):
+        raise ValueError(f"cutoff {config.cutoff} Å was requested, but the initial model has {initial_model.cutoff} Å")
+    conflicting = sorted(name for name, value in config.architecture.items()
+                         if name != "avg_num_neighbors" and initial_model.hyperparameters.get(name) != value)
+    if conflicting:
+        raise ValueError(f"architecture options {conflicting} differ from the initial model's "
+                         f"({ {name: initial_model.hyperparameters.get(name) for name in conflicting} })")
+    model = PolModel(initial_model.species, initial_model.cutoff, **initial_model.hyperparameters)
+    model = model.to(DTYPES[config.dtype])
+    model.load_state_dict(initial_model.state_dict())
+    return model
+
+
+def initialize_model(train_frames, config, species=None, initial_model=None):
+    """The model training starts from: a copy of `initial_model` (warm start), or seeded weights with the
+    neighbour normalization, reference energies and energy scale fitted to the frames."""
     from polmodel.model import PolModel
 
     train_frames = normalize_frames(train_frames)
+    if initial_model is not None:
+        return _warm_start_model(initial_model, train_frames, config)
     species = list(config.species or species or _frames_species(train_frames))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = PolModel(species, config.cutoff, **config.hyperparameters)
+        model = PolModel(species, config.cutoff, **config.architecture)
     model = model.to(DTYPES[config.dtype])
-    if "avg_num_neighbors" not in config.hyperparameters:
+    if "avg_num_neighbors" not in config.architecture:
         graphs = [atoms_to_graph(frame, species, config.cutoff, dtype=DTYPES[config.dtype]) for frame in train_frames]
         model.set_avg_num_neighbors(average_num_neighbors(graphs))
     references = fit_reference_energies(train_frames, species)
@@ -198,13 +315,59 @@ def initialize_model(train_frames, config, species=None):
     return model
 
 
+class WeightAverage:
+    """Exponential moving average of a model's parameters, updated after every optimizer step.
+
+    average ← d·average + (1 − d)·weights with d = min(decay, (1 + t)/(10 + t)) at update t, so that the average
+    follows the weights closely in the first steps instead of remembering the initial ones for ~1/(1 − decay)
+    steps. decay 0 is the raw weights. Buffers (energy scale, reference energies) are not averaged: training does
+    not change them.
+    """
+
+    def __init__(self, model, decay):
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.averages = [parameter.detach().clone() for parameter in model.parameters()]
+
+    def update(self, model):
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        with torch.no_grad():
+            for average, parameter in zip(self.averages, model.parameters()):
+                average.lerp_(parameter.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def applied_to(self, model):
+        """Inside the block, `model` holds the averaged weights; its own weights are restored afterwards."""
+        raw = [parameter.detach().clone() for parameter in model.parameters()]
+        with torch.no_grad():
+            for parameter, average in zip(model.parameters(), self.averages):
+                parameter.copy_(average)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for parameter, value in zip(model.parameters(), raw):
+                    parameter.copy_(value)
+
+    def state_dict(self):
+        return {"decay": self.decay, "num_updates": self.num_updates, "averages": [a.clone() for a in self.averages]}
+
+    def load_state_dict(self, state):
+        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+        with torch.no_grad():
+            for average, value in zip(self.averages, state["averages"]):
+                average.copy_(value)
+
+
 # --- one model -----------------------------------------------------------------------------------------------
 def _epoch_loss(model, frame_set, weights, batch_size):
     """Validation loss: frame-weighted mean of the batch losses (no parameter update), on the model's device."""
     device = _model_device(model)
     total, count = 0.0, 0
     for data, targets in frame_set.batches(batch_size):
-        loss, _ = weighted_loss(paired_values(predict(model, to_device(data, device), targets), targets), weights)
+        prediction = predict(model, to_device(data, device), targets)
+        loss, _ = weighted_loss(paired_values(prediction, targets), weights, targets)
         total += float(loss) * len(targets.num_atoms)
         count += len(targets.num_atoms)
     return total / count
@@ -221,12 +384,69 @@ def _make_scheduler(optimizer, config):
     return None
 
 
-def train_model(train_frames, valid_frames, config, species=None):
+CHECKPOINT_FORMAT = "polmodel-training-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here (unreadable, or written for other frames or settings)."""
+
+
+def _run_fingerprint(config, train_frames, valid_frames, initial_model):
+    """sha256 of what determines a run's result: the settings (not how it runs), the frames, the initial weights."""
+    digest = hashlib.sha256()
+    settings = {name: value for name, value in config.as_dict().items() if name not in RUN_OPTIONS}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for frames in (train_frames, valid_frames):
+        digest.update(f"|{len(frames)}|".encode())
+        for frame in frames:
+            digest.update(np.ascontiguousarray(frame.numbers).tobytes())
+            for array in (frame.positions, frame.cell.array):
+                digest.update(np.ascontiguousarray(array, dtype=float).tobytes())
+            labels = {name: np.asarray(value).tolist() for name, value in sorted(frame.info.items())
+                      if isinstance(value, (int, float, np.ndarray, list))}
+            digest.update(json.dumps(labels, sort_keys=True).encode())
+            for name in sorted(frame.arrays):
+                digest.update(name.encode() + np.ascontiguousarray(frame.arrays[name], dtype=float).tobytes())
+    if initial_model is not None:
+        for name, tensor in initial_model.state_dict().items():
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_checkpoint(path, state):
+    """torch.save to a temporary file, then an atomic rename: a kill while writing leaves the last checkpoint."""
+    temporary = f"{path}.tmp"
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _read_checkpoint(path, fingerprint):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for unreadable files
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a polmodel training checkpoint")
+    if state["fingerprint"] != fingerprint:
+        raise CheckpointError(f"{path}: written for other frames, settings or initial weights; remove it to start "
+                              f"afresh or resume with the run that wrote it")
+    return state
+
+
+def _state_to(state_dict, device):
+    return {name: tensor.to(device) for name, tensor in state_dict.items()}
+
+
+def train_model(train_frames, valid_frames, config, species=None, initial_model=None, checkpoint=None):
     """Train one PolModel; returns (model with the best validation weights, history dict).
 
-    Without validation frames the training loss decides early stopping. `history["epochs"]` lists per epoch
-    the training and validation loss and the learning rate; `best_epoch`, `stopped` ("epochs", "patience",
-    "max_time_s") and `wall_time_s` summarize the run.
+    Without validation frames the training loss decides early stopping. With an EMA (`config.ema_decay`) the
+    averaged weights are validated and returned. `initial_model` (a PolModel) is a warm start. `checkpoint` (a
+    path): the training state is saved there every `config.checkpoint_every` epochs and at the end, and resumed
+    from it when the file exists (CheckpointError if it belongs to another run); a finished run's checkpoint
+    returns its result at once. `history["epochs"]` lists per epoch the training and validation loss and the
+    learning rate; `best_epoch`, `stopped` ("epochs", "patience", "max_time_s"), `wall_time_s` (of all sessions),
+    `resumed_from_epoch` (None for a fresh start) and `field_magnitude_weights` summarize the run.
     """
     from tqdm.auto import tqdm
 
@@ -236,41 +456,78 @@ def train_model(train_frames, valid_frames, config, species=None):
         raise ValueError("no training frames")
     if not any(TargetBatch([frame]).values for frame in train_frames):
         raise ValueError("none of the training frames carries a label (energy, forces, stress, dipole, Z*, α)")
-    species = list(config.species or species or _frames_species(train_frames + valid_frames))
-    dtype = DTYPES[config.dtype]
     device = resolve_device(config.device)
     if device.type == "cpu":
         keep_freed_memory_in_heap()
-    model = initialize_model(train_frames, config, species).to(device)
-    train_set = FrameSet(train_frames, species, config.cutoff, dtype)
-    valid_set = FrameSet(valid_frames, species, config.cutoff, dtype) if valid_frames else None
+    model = initialize_model(train_frames, config, species or _frames_species(train_frames + valid_frames),
+                             initial_model=initial_model).to(device)
+    train_set = training_frame_set(train_frames, model.species, config)
+    valid_set = training_frame_set(valid_frames, model.species, config)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = _make_scheduler(optimizer, config)
     generator = torch.Generator().manual_seed(config.seed)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
     weights = config.loss_weights
 
+    def evaluated():
+        """The weights that are validated and returned: the average, or the raw weights."""
+        return average.applied_to(model) if average is not None else contextlib.nullcontext(model)
+
     start = time.monotonic()
-    best = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    with evaluated():
+        best = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     history = {"epochs": [], "stopped": "epochs"}
-    progress = tqdm(range(1, config.epochs + 1), desc=f"training (seed {config.seed})", disable=config.quiet,
-                    leave=False)
+    first_epoch, earlier_time, finished, resumed_from = 1, 0.0, False, None
+    fingerprint = _run_fingerprint(config, train_frames, valid_frames, initial_model) if checkpoint else None
+    if checkpoint and os.path.exists(checkpoint):
+        state = _read_checkpoint(checkpoint, fingerprint)
+        model.load_state_dict(_state_to(state["model"], device))
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        if average is not None:
+            average.load_state_dict({**state["average"], "averages": [a.to(device) for a in state["average"]["averages"]]})
+        best = {**state["best"], "state": _state_to(state["best"]["state"], device)}
+        history, earlier_time, finished = state["history"], float(state["wall_time_s"]), bool(state["finished"])
+        resumed_from = int(state["epoch"])
+        first_epoch = resumed_from + 1
+
+    def save_checkpoint(epoch, done):
+        _write_checkpoint(checkpoint, {
+            "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "finished": done,
+            "model": _state_to(model.state_dict(), "cpu"), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "generator": generator.get_state(),
+            "average": average.state_dict() if average is not None else None,
+            "best": {**best, "state": _state_to(best["state"], "cpu")}, "history": history,
+            "wall_time_s": earlier_time + time.monotonic() - start})
+
+    epoch = first_epoch - 1
+    progress = tqdm(range(first_epoch, config.epochs + 1) if not finished else [], initial=first_epoch - 1,
+                    total=config.epochs, desc=f"training (seed {config.seed})", disable=config.quiet, leave=False)
     for epoch in progress:
         model.train()
         train_total, train_count = 0.0, 0
         for data, targets in train_set.batches(config.batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             prediction = predict(model, to_device(data, device), targets, training=True)
-            loss, _ = weighted_loss(paired_values(prediction, targets), weights)
+            loss, _ = weighted_loss(paired_values(prediction, targets), weights, targets)
             loss.backward()
             if config.gradient_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip)
             optimizer.step()
+            if average is not None:
+                average.update(model)
             train_total += float(loss.detach()) * len(targets.num_atoms)
             train_count += len(targets.num_atoms)
         model.eval()
         train_loss = train_total / train_count
-        valid_loss = _epoch_loss(model, valid_set, weights, config.batch_size) if valid_set else train_loss
+        with evaluated():
+            valid_loss = _epoch_loss(model, valid_set, weights, config.batch_size) if valid_set else train_loss
+            if valid_loss < best["loss"]:
+                best = {"loss": valid_loss, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(valid_loss)
         elif scheduler is not None:
@@ -278,8 +535,6 @@ def train_model(train_frames, valid_frames, config, species=None):
         learning_rate = optimizer.param_groups[0]["lr"]
         history["epochs"].append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
                                   "learning_rate": learning_rate})
-        if valid_loss < best["loss"]:
-            best = {"loss": valid_loss, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         progress.set_postfix(train=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}", best=best["epoch"])
         if epoch - best["epoch"] >= config.patience:
             history["stopped"] = "patience"
@@ -287,11 +542,22 @@ def train_model(train_frames, valid_frames, config, species=None):
         if config.max_time_s is not None and time.monotonic() - start > config.max_time_s:
             history["stopped"] = "max_time_s"
             break
+        if checkpoint and epoch % config.checkpoint_every == 0 and epoch < config.epochs:
+            save_checkpoint(epoch, done=False)
+    else:
+        if not finished:
+            history["stopped"] = "epochs"
     progress.close()
+    if checkpoint and not finished:
+        # a run stopped by its time limit is resumable; one that ran out of epochs or patience is done
+        save_checkpoint(epoch, done=history["stopped"] != "max_time_s")
     model.load_state_dict(best["state"])
     model.eval()
+    model.training_options = config.training_options()
     history.update(best_epoch=best["epoch"], best_valid_loss=best["loss"],
-                   wall_time_s=time.monotonic() - start, num_train=len(train_frames), num_validation=len(valid_frames))
+                   wall_time_s=earlier_time + time.monotonic() - start, num_train=len(train_frames),
+                   num_validation=len(valid_frames), resumed_from_epoch=resumed_from,
+                   field_magnitude_weights=train_set.frame_weights is not None)
     return model, history
 
 
@@ -359,12 +625,31 @@ def bootstrap_sample(frames, seed):
     return [frames[i] for i in indices]
 
 
-def train_ensemble(frames, config, size, bootstrap=False):
+def member_checkpoint_path(checkpoint, member, size):
+    """The checkpoint file of ensemble member `member` (the path itself for a single model)."""
+    if checkpoint is None or size == 1:
+        return checkpoint
+    root, extension = os.path.splitext(os.fspath(checkpoint))
+    return f"{root}.member{member}{extension}"
+
+
+def _initial_members(initial_model, size):
+    """Member k of the new ensemble starts from member k mod M of an initial ensemble of M (or from one model)."""
+    if initial_model is None:
+        return [None] * size
+    members = _ensemble_members(initial_model) or [initial_model]
+    return [members[k % len(members)] for k in range(size)]
+
+
+def train_ensemble(frames, config, size, bootstrap=False, initial_model=None, checkpoint=None):
     """Train `size` members with seeds config.seed + k on one split; returns (PolEnsemble, metrics).
 
+    `initial_model` (PolModel or PolEnsemble): warm start, member k from member k mod M. `checkpoint`: a path; each
+    member k checkpoints to `member_checkpoint_path(checkpoint, k, size)` (see train_model), so a killed ensemble
+    run resumes with the member it was training, and finished members are read back, not retrained.
     metrics = {"num_train", "num_validation", "evaluated_on": "validation" | "train" (no validation frames),
     "validation": ensemble-mean metrics, "members": [{"seed", "validation", "best_epoch", "stopped",
-    "wall_time_s"}, ...]}.
+    "wall_time_s", "resumed_from_epoch"}, ...], "warm_start": bool}.
     """
     from polmodel.ensemble import PolEnsemble
 
@@ -375,16 +660,19 @@ def train_ensemble(frames, config, size, bootstrap=False):
     species = list(config.species or _frames_species(frames))
     evaluation_frames = valid_frames or train_frames
     members, member_metrics = [], []
-    for k in range(size):
+    for k, initial in enumerate(_initial_members(initial_model, size)):
         member_config = replace(config, seed=config.seed + k)
         member_train = bootstrap_sample(train_frames, member_config.seed) if bootstrap else train_frames
-        model, history = train_model(member_train, valid_frames, member_config, species=species)
+        model, history = train_model(member_train, valid_frames, member_config, species=species,
+                                     initial_model=initial, checkpoint=member_checkpoint_path(checkpoint, k, size))
         members.append(model)
         member_metrics.append({"seed": member_config.seed, "validation": evaluate(model, evaluation_frames),
                                "best_epoch": history["best_epoch"], "stopped": history["stopped"],
-                               "wall_time_s": history["wall_time_s"]})
+                               "wall_time_s": history["wall_time_s"],
+                               "resumed_from_epoch": history["resumed_from_epoch"]})
     ensemble = PolEnsemble(members)
     metrics = {"num_train": len(train_frames), "num_validation": len(valid_frames),
                "evaluated_on": "validation" if valid_frames else "train", "bootstrap": bool(bootstrap),
+               "warm_start": initial_model is not None,
                "validation": evaluate(ensemble, evaluation_frames), "members": member_metrics}
     return ensemble, metrics

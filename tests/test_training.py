@@ -6,8 +6,8 @@ import pytest
 import torch
 from ase import Atoms
 
-from polmodel.train import (FrameSet, TrainingConfig, _epoch_loss, bootstrap_sample, evaluate, fit_energy_scale,
-                            fit_reference_energies, initialize_model, split_frames, train_model)
+from polmodel.train import (TrainingConfig, _epoch_loss, bootstrap_sample, evaluate, fit_energy_scale,
+                            fit_reference_energies, initialize_model, split_frames, train_model, training_frame_set)
 from toy_potential import make_toy_frames
 
 TINY = dict(num_features=8, num_layers=1, radial_hidden=16, readout_hidden=8, lmax=1)
@@ -15,7 +15,7 @@ QUANTITIES = ("energy", "forces", "stress", "dipole", "born_effective_charges", 
 
 
 def _config(**overrides):
-    options = dict(hyperparameters=TINY, epochs=2, batch_size=8, learning_rate=1e-2, quiet=True, seed=0)
+    options = dict(architecture=TINY, epochs=2, batch_size=8, learning_rate=1e-2, quiet=True, seed=0)
     options.update(overrides)
     return TrainingConfig(**options)
 
@@ -102,7 +102,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_differs(small_frames
     assert any(not torch.equal(t, other.state_dict()[n]) for n, t in first.state_dict().items()
                if t.dtype.is_floating_point and t.numel() > 1)
     # the model handed back carries the best validation weights of the run
-    valid_set = FrameSet(valid, first.species, first.cutoff, torch.float32)
+    valid_set = training_frame_set(valid, first.species, _config())
     assert _epoch_loss(first, valid_set, _config().loss_weights, 8) == pytest.approx(history["best_valid_loss"],
                                                                                   rel=1e-6)
     assert history["best_valid_loss"] == min(e["valid_loss"] for e in history["epochs"])
@@ -162,7 +162,7 @@ def test_cli_trains_an_ensemble_and_writes_model_metrics_and_plots(tmp_path, cap
         for block in [metrics["validation"]] + [m["validation"] for m in metrics["members"]]:
             assert block[quantity]["mae"] >= 0 and block[quantity]["rmse"] >= block[quantity]["mae"]
             assert block[quantity]["count"] > 0
-    assert metrics["config"]["epochs"] == 2 and metrics["config"]["hyperparameters"]["num_layers"] == 1
+    assert metrics["config"]["epochs"] == 2 and metrics["config"]["architecture"]["num_layers"] == 1
     pngs = sorted(p.name for p in plots.iterdir())
     assert {"energy_parity.png", "forces_parity.png", "dipole_parity.png"} <= set(pngs)
     for name in pngs:
