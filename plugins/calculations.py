@@ -91,6 +91,18 @@ def validate_frames(node, _):
     return None
 
 
+def validate_train_inputs(inputs, _):
+    """A warm start must know every species of the frames."""
+    model, frames = inputs.get("initial_model"), inputs.get("frames")
+    if model is None or frames is None:
+        return None
+    unknown = sorted(set(frames.species) - set(model.species))
+    if unknown:
+        return (f"the frames contain species {unknown} that the initial model (ModelData<{model.pk}>) does not know; "
+                f"model species: {model.species}")
+    return None
+
+
 def validate_md_parameters(node, _):
     """Validate the `parameters` of an `MdCalculation`, the field protocol included."""
     parameters = node.get_dict()
@@ -166,11 +178,15 @@ class TrainCalculation(_PolmodelCalculation):
     _METRICS = "metrics.json"
     _PLOTS = "plots"
     _HYPERPARAMETERS = "hyperparameters.json"
+    _INITIAL_MODEL = "initial_model.pt"
 
     @classmethod
     def define(cls, spec):
         super().define(spec)
         spec.input("frames", valid_type=FramesData, validator=validate_frames, help="Labelled training frames.")
+        spec.input("initial_model", valid_type=ModelData, required=False,
+                   help="Warm start: training starts from this model or ensemble (member k from member k mod M).")
+        spec.inputs.validator = validate_train_inputs
         spec.input(
             "parameters",
             valid_type=orm.Dict,
@@ -208,6 +224,11 @@ class TrainCalculation(_PolmodelCalculation):
             with folder.open(self._HYPERPARAMETERS, "w") as handle:
                 json.dump(parameters["hyperparameters"], handle, indent=2, sort_keys=True)
             cmdline += ["--hyperparameters", self._HYPERPARAMETERS]
+        if "initial_model" in self.inputs:
+            # get_content() checks the sha256, so a replaced or corrupt model never reaches the run
+            with folder.open(self._INITIAL_MODEL, "wb") as handle:
+                handle.write(self.inputs.initial_model.get_content())
+            cmdline += ["--initial-model", self._INITIAL_MODEL]
 
         calcinfo = datastructures.CalcInfo()
         calcinfo.codes_info = [self._code_info(cmdline)]

@@ -2,8 +2,12 @@
 
 `polmodel train FRAMES.xyz --output model.pt [--ensemble K] [--bootstrap] [--seed S] [--epochs N]
 [--hyperparameters JSON_FILE_OR_STRING] [--metrics metrics.json] [--plots DIR] [--validation-fraction F]
-[--quiet]`. The hyperparameters JSON may hold PolModel hyperparameters (num_features, lmax, ...) and any
-TrainingConfig option (cutoff, learning_rate, batch_size, loss_weights, ...); the command-line flags win.
+[--initial-model FILE] [--checkpoint PATH] [--quiet]`. The hyperparameters JSON may hold PolModel keywords
+(num_features, lmax, ...; also under "architecture" or the old "hyperparameters") and any TrainingConfig option
+(cutoff, learning_rate, batch_size, loss_weights, ema_decay, checkpoint_every, ...); the command-line flags win.
+--initial-model starts from a previous model or ensemble file (member k of the new ensemble from member k mod M);
+--checkpoint saves the training state there (one file per member of an ensemble: PATH's stem + .memberK) and
+resumes from it when it exists, so a killed job started again with the same command ends as if never killed.
 """
 import json
 import os
@@ -23,6 +27,10 @@ def add_arguments(parser):
     parser.add_argument("--plots", default=None, metavar="DIR", help="write parity plots (PNG) to this folder")
     parser.add_argument("--validation-fraction", type=float, default=None, help="fraction held out (default 0.1)")
     parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--initial-model", default=None, metavar="FILE",
+                        help="warm start from this model or ensemble file (polmodel format)")
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="save the training state here every checkpoint_every epochs; resume when it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -44,19 +52,33 @@ def load_options(text):
 
 
 def build_config(args):
-    """TrainingConfig from --hyperparameters (model keys go to `hyperparameters`) and the command-line flags."""
+    """TrainingConfig from --hyperparameters (model keys go to `architecture`) and the command-line flags."""
     from polmodel.model import DEFAULT_HYPERPARAMETERS
     from polmodel.train import TrainingConfig
 
     options = load_options(args.hyperparameters)
     model_options = {name: options.pop(name) for name in list(options) if name in DEFAULT_HYPERPARAMETERS}
-    options["hyperparameters"] = {**options.get("hyperparameters", {}), **model_options}
+    options["architecture"] = {**options.pop("hyperparameters", {}), **options.get("architecture", {}),
+                               **model_options}
     for flag, name in (("seed", "seed"), ("epochs", "epochs"), ("validation_fraction", "validation_fraction"),
                        ("device", "device")):
         if getattr(args, flag) is not None:
             options[name] = getattr(args, flag)
     options["quiet"] = bool(args.quiet or options.get("quiet", False))
     return TrainingConfig.from_dict(options)
+
+
+def load_initial_model(path):
+    """The warm-start model or ensemble of --initial-model; InputError naming the file if it is unusable."""
+    from polmodel.cli import InputError
+    from polmodel.serialization import ModelFileError, load
+
+    if path is None:
+        return None
+    try:
+        return load(path)
+    except ModelFileError as error:
+        raise InputError(f"--initial-model: {error}") from error
 
 
 def run(args):
@@ -70,6 +92,7 @@ def run(args):
         config = build_config(args)
         resolve_device(config.device)
         frames = read_frames(args.frames)
+        initial_model = load_initial_model(args.initial_model)
     except ValueError as error:
         print(f"polmodel train: {error}", file=sys.stderr)
         return 2
@@ -78,8 +101,9 @@ def run(args):
         return 2
 
     try:
-        model, metrics = train_ensemble(frames, config, size=args.ensemble, bootstrap=args.bootstrap)
-    except ValueError as error:  # e.g. frames without any label, a model option PolModel rejects
+        model, metrics = train_ensemble(frames, config, size=args.ensemble, bootstrap=args.bootstrap,
+                                        initial_model=initial_model, checkpoint=args.checkpoint)
+    except ValueError as error:  # e.g. frames without any label, a model option PolModel rejects, a foreign checkpoint
         print(f"polmodel train: {error}", file=sys.stderr)
         return 2
     if args.ensemble == 1:
@@ -88,6 +112,8 @@ def run(args):
     metrics["config"] = config.as_dict()
     metrics["model_file"] = os.path.abspath(args.output)
     metrics["model_sha256"] = serialization.file_sha256(args.output)
+    if args.initial_model:
+        metrics["initial_model_sha256"] = serialization.file_sha256(args.initial_model)
 
     if args.plots:
         train_frames, valid_frames = split_frames(frames, config.validation_fraction, config.seed)

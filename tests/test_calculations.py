@@ -51,6 +51,38 @@ def test_train_minimal_command_line(generate_al_calc_job, generate_frames_data, 
         "train", "frames.xyz", "--output", "model.pt", "--metrics", "metrics.json", "--plots", "plots", "--quiet"]
 
 
+def test_train_warm_start_passes_the_initial_model(generate_al_calc_job, generate_frames_data, generate_fake_model_data,
+                                                   polmodel_code):
+    model = generate_fake_model_data()
+    folder, calcinfo = generate_al_calc_job("polmodel.train", {"frames": generate_frames_data(2), "code": polmodel_code,
+                                                            "initial_model": model})
+    assert calcinfo.codes_info[0].cmdline_params[-2:] == ["--initial-model", "initial_model.pt"]
+    with folder.open("initial_model.pt", "rb") as handle:
+        assert handle.read() == model.get_content()
+
+
+def test_train_warm_start_must_know_the_frames_species(generate_al_calc_job, generate_frames_data,
+                                                       generate_fake_model_data, polmodel_code):
+    model = generate_fake_model_data(species=("Ti", "O"))
+    with pytest.raises(ValueError, match=r"species \['Ba'\] that the initial model"):
+        generate_al_calc_job("polmodel.train", {"frames": generate_frames_data(2), "code": polmodel_code,
+                                             "initial_model": model})
+
+
+def test_train_ensemble_workchain_passes_the_initial_model(generate_al_workchain, generate_frames_data,
+                                                           generate_fake_model_data, polmodel_code):
+    model = generate_fake_model_data()
+    inputs = {"frames": generate_frames_data(2), "train": {"code": polmodel_code}, "initial_model": model,
+              "ensemble_size": orm.Int(2)}
+    process = generate_al_workchain("polmodel.train_ensemble", inputs)
+    process.setup()
+    assert process.ctx.inputs["initial_model"].uuid == model.uuid
+    without = generate_al_workchain("polmodel.train_ensemble",
+                                    {key: value for key, value in inputs.items() if key != "initial_model"})
+    without.setup()
+    assert "initial_model" not in without.ctx.inputs
+
+
 @pytest.mark.parametrize("parameters, message", [
     ({"ensemble_size": 0}, "ensemble_size"),
     ({"epochs": 2.5}, "integer"),

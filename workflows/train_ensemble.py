@@ -24,8 +24,10 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
     @classmethod
     def define(cls, spec):
         super().define(spec)
-        spec.expose_inputs(TrainCalculation, namespace="train", exclude=("frames",))
+        spec.expose_inputs(TrainCalculation, namespace="train", exclude=("frames", "initial_model"))
         spec.input("frames", valid_type=FramesData, help="Labelled training frames.")
+        spec.input("initial_model", valid_type=ModelData, required=False,
+                   help="Warm start for every member (e.g. the previous iteration's ensemble).")
         spec.input("ensemble_size", valid_type=orm.Int, default=lambda: orm.Int(4), help="Number of members K.")
         spec.outline(
             cls.setup,
@@ -45,6 +47,8 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
         super().setup()
         self.ctx.inputs = self.exposed_inputs(TrainCalculation, "train")
         self.ctx.inputs["frames"] = self.inputs.frames
+        if "initial_model" in self.inputs:
+            self.ctx.inputs["initial_model"] = self.inputs.initial_model
         parameters = self.ctx.inputs["parameters"].get_dict() if "parameters" in self.ctx.inputs else {}
         parameters["ensemble_size"] = self.inputs.ensemble_size.value
         parameters.setdefault("seed", 0)
