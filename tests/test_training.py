@@ -189,3 +189,176 @@ def test_cli_rejects_bad_input_with_a_message(tmp_path, capsys):
     assert main(["train", str(write_path), "--output", str(tmp_path / "m.pt"), "--hyperparameters", "{oops"]) == 2
     assert "neither a JSON file nor a JSON string" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+# --- a long campaign: checkpoints, warm start, weight average --------------------------------------------------------
+def _same_weights(first, second):
+    assert list(first.state_dict()) == list(second.state_dict())
+    return all(torch.equal(tensor, second.state_dict()[name]) for name, tensor in first.state_dict().items())
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL: the process ends mid-epoch and only what was on disk survives."""
+
+
+def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(
+        small_frames, tmp_path, monkeypatch):
+    import polmodel.train as train
+
+    train_frames, valid_frames = small_frames[:8], small_frames[8:]
+    # float64, a scheduler that changes the learning rate every epoch, a weight average: every piece of state matters
+    config = _config(epochs=4, dtype="float64", ema_decay=0.5, scheduler="cosine", checkpoint_every=2)
+    uninterrupted, history = train_model(train_frames, valid_frames, config)
+
+    checkpoint = tmp_path / "run.ckpt"
+    validations = {"count": 0}
+    real_epoch_loss = train._epoch_loss
+
+    def killed_during_epoch_3(*args, **kwargs):
+        validations["count"] += 1
+        if validations["count"] == 3:
+            raise Killed()
+        return real_epoch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_epoch_loss", killed_during_epoch_3)
+    with pytest.raises(Killed):
+        train_model(train_frames, valid_frames, config, checkpoint=checkpoint)
+    monkeypatch.setattr(train, "_epoch_loss", real_epoch_loss)
+    assert checkpoint.exists()
+
+    resumed, resumed_history = train_model(train_frames, valid_frames, config, checkpoint=checkpoint)
+    assert resumed_history["resumed_from_epoch"] == 2  # the last checkpoint before the kill
+    assert _same_weights(resumed, uninterrupted)
+    assert resumed_history["epochs"] == history["epochs"]
+    assert len({e["learning_rate"] for e in history["epochs"]}) == 4  # the scheduler state was exercised
+    # a finished run's checkpoint gives its result without training again
+    again, again_history = train_model(train_frames, valid_frames, config, checkpoint=checkpoint)
+    assert again_history["resumed_from_epoch"] == 4 and _same_weights(again, uninterrupted)
+    # a checkpoint belongs to its frames and settings
+    with pytest.raises(train.CheckpointError, match="other frames, settings"):
+        train_model(train_frames, valid_frames, _config(epochs=4, dtype="float64", seed=9), checkpoint=checkpoint)
+
+
+def test_warm_start_starts_from_the_given_model(small_frames):
+    from polmodel.model import PolModel
+
+    config = _config(dtype="float64")
+    initial = initialize_model(small_frames[:4], config)
+    initial.set_reference_energies({"Na": -1.25, "Cl": 0.5})  # not what a fit to the frames would give
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in initial.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    unchanged, history = train_model(small_frames[:8], small_frames[8:], _config(dtype="float64", epochs=0),
+                                     initial_model=initial)
+    assert history["epochs"] == [] and _same_weights(unchanged, initial)
+    assert evaluate(unchanged, small_frames[8:]) == evaluate(initial, small_frames[8:])
+    trained, _ = train_model(small_frames[:8], small_frames[8:], _config(dtype="float64", epochs=1),
+                             initial_model=initial)
+    assert not _same_weights(trained, initial)
+    assert torch.equal(trained.reference_energies, initial.reference_energies)
+
+    with pytest.raises(ValueError, match=r"knows species \['Cl'\]; the frames also contain \['Na'\]"):
+        train_model(small_frames[:4], [], config, initial_model=PolModel(["Cl"], config.cutoff, **TINY))
+    with pytest.raises(ValueError, match="cutoff 4.0 Å was requested"):
+        train_model(small_frames[:4], [], _config(cutoff=4.0), initial_model=initial)
+
+
+def test_warm_started_ensemble_maps_members(small_frames):
+    from polmodel.ensemble import PolEnsemble
+    from polmodel.train import train_ensemble
+
+    config = _config(dtype="float64", epochs=0, validation_fraction=0.0)
+    initial = PolEnsemble([initialize_model(small_frames, _config(dtype="float64", seed=seed)) for seed in (1, 2)])
+    ensemble, metrics = train_ensemble(small_frames[:4], config, size=3, initial_model=initial)
+    assert metrics["warm_start"]
+    for member, source in zip(ensemble.members, [initial.members[0], initial.members[1], initial.members[0]]):
+        assert _same_weights(member, source)
+
+
+def test_weight_average_stays_in_the_convex_hull_and_decay_zero_is_the_raw_weights():
+    from polmodel.train import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    averages = {decay: WeightAverage(model, decay) for decay in (0.0, 0.9)}
+    trajectory = [[p.detach().clone() for p in model.parameters()]]
+    for _ in range(30):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        trajectory.append([p.detach().clone() for p in model.parameters()])
+        for average in averages.values():
+            average.update(model)
+        for index, value in enumerate(averages[0.9].averages):
+            history = torch.stack([step[index] for step in trajectory])
+            assert torch.all(value >= history.min(0).values - 1e-12)
+            assert torch.all(value <= history.max(0).values + 1e-12)
+        for value, raw in zip(averages[0.0].averages, model.parameters()):
+            assert torch.equal(value, raw)
+    assert not all(torch.equal(a, p) for a, p in zip(averages[0.9].averages, model.parameters()))
+    # applied_to swaps the average in for the block only
+    before = [p.detach().clone() for p in model.parameters()]
+    with averages[0.9].applied_to(model):
+        assert all(torch.equal(p, a) for p, a in zip(model.parameters(), averages[0.9].averages))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_validation_and_the_result_use_the_weight_average(small_frames):
+    train_frames, valid_frames = small_frames[:8], small_frames[8:]
+    raw, raw_history = train_model(train_frames, valid_frames, _config(dtype="float64", ema_decay=None))
+    zero, zero_history = train_model(train_frames, valid_frames, _config(dtype="float64", ema_decay=0.0))
+    assert _same_weights(zero, raw) and zero_history["epochs"] == raw_history["epochs"]
+    averaged, history = train_model(train_frames, valid_frames, _config(dtype="float64", ema_decay=0.8))
+    assert not _same_weights(averaged, raw)
+    # the training losses (raw weights) are those of the run without an average; the validation losses are not
+    assert [e["train_loss"] for e in history["epochs"]] == [e["train_loss"] for e in raw_history["epochs"]]
+    assert [e["valid_loss"] for e in history["epochs"]] != [e["valid_loss"] for e in raw_history["epochs"]]
+    valid_set = training_frame_set(valid_frames, averaged.species, _config(dtype="float64"))
+    assert _epoch_loss(averaged, valid_set, _config().loss_weights, 8) == history["best_valid_loss"]
+
+
+# --- frames weighted by field magnitude -------------------------------------------------------------------------------
+def _at_field(frame, efield):
+    moved = frame.copy()
+    moved.info = {"energy": frame.info["energy"], "efield": np.asarray(efield, dtype=float)}
+    return moved
+
+
+def test_field_magnitude_weights_give_every_bin_the_same_total(small_frames):
+    from polmodel.train import field_magnitude_weights
+
+    base = small_frames[0]
+    fields = ([(0, 0, 0)] * 5 + [(0, 0, 1e-9)] + [(0.0364, 0, 0), (0, -0.0364, 0), (0, 0, 0.0364)]
+              + [(0.109, 0, 0)])
+    frames = [_at_field(base, field) for field in fields]
+    weights = field_magnitude_weights(frames)
+    assert weights.mean() == pytest.approx(1.0)
+    bins = [slice(0, 6), slice(6, 9), slice(9, 10)]  # zero field (1e-9 V/Å included), ε, 3ε
+    totals = [weights[b].sum() for b in bins]
+    assert totals == pytest.approx([totals[0]] * 3)
+    assert weights[9] == pytest.approx(6 * weights[0])
+    assert field_magnitude_weights(frames[6:9]) is None  # one magnitude: nothing to balance
+
+
+def test_training_loss_weights_frames_by_field_magnitude(small_frames):
+    """The validation loss of energy-only frames is Σ w_f e_f² / Σ w_f with the field-magnitude weights, not the
+    plain mean over frames."""
+    from polmodel.train import field_magnitude_weights
+
+    base = small_frames[0]
+    fields = [(0, 0, 0)] * 4 + [(0.05, 0, 0), (0, 0.15, 0)]
+    frames = [_at_field(base, field) for field in fields]
+    for index, frame in enumerate(frames):
+        frame.info["energy"] += 0.3 * index  # different errors per frame
+    config = _config(dtype="float64")
+    model = initialize_model(frames, config)
+    balanced = training_frame_set(frames, model.species, config)
+    plain = training_frame_set(frames, model.species, _config(dtype="float64", balance_field_magnitudes=False))
+    per_frame = np.array([_epoch_loss(model, training_frame_set([frame], model.species, config), config.loss_weights, 8)
+                          for frame in frames])
+    weights = field_magnitude_weights(frames)
+    assert _epoch_loss(model, balanced, config.loss_weights, 8) == pytest.approx(np.sum(weights * per_frame)
+                                                                                / np.sum(weights), rel=1e-10)
+    assert _epoch_loss(model, plain, config.loss_weights, 8) == pytest.approx(per_frame.mean(), rel=1e-10)
+    assert not np.isclose(np.sum(weights * per_frame) / np.sum(weights), per_frame.mean())
