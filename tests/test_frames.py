@@ -200,3 +200,49 @@ def test_toy_frames_carry_branch_shifted_dipoles_consistent_modulo_the_quantum()
         shifted += np.abs(difference).max() > 1.0
     assert shifted >= 2
     assert any(np.any(frame.info["efield"]) for frame in frames)
+
+
+# --- branch continuity -------------------------------------------------------------------------------------------
+def test_frames_of_one_structure_are_put_on_the_branch_of_its_zero_field_frame():
+    from polmodel.frames import align_dipole_branches, structure_key
+
+    shifted = make_toy_frames(3, seed=8, branch_shift_fraction=1.0)  # every frame reported on some other branch
+    sites = reference_crystal().get_scaled_positions()
+    exact = [toy_labels(frame, sites, frame.info["efield"])["dipole"] for frame in shifted]
+    aligned = align_dipole_branches(shifted)
+    groups = {}
+    for index, frame in enumerate(aligned):
+        groups.setdefault(structure_key(frame), []).append(index)
+    assert len(groups) == 3 and len({aligned[g[0]].info["dipole_branch"] for g in groups.values()}) == 3
+    for indices in groups.values():
+        reference = indices[0]  # the zero-field frame comes first
+        assert not np.any(aligned[reference].info["efield"])
+        np.testing.assert_array_equal(aligned[reference].info["dipole"], shifted[reference].info["dipole"])
+        for index in indices:
+            assert aligned[index].info["dipole_branch"] == aligned[reference].info["dipole_branch"]
+            # on one branch: the differences are the true (tiny) field responses, no quanta in between
+            np.testing.assert_allclose(aligned[index].info["dipole"] - aligned[reference].info["dipole"],
+                                       exact[index] - exact[reference], atol=1e-9)
+            # the enthalpy moved with the dipole: E + ε·ΩP is branch independent
+            efield = aligned[index].info["efield"]
+            np.testing.assert_allclose(aligned[index].info["energy"] + efield @ aligned[index].info["dipole"],
+                                       shifted[index].info["energy"] + efield @ shifted[index].info["dipole"],
+                                       atol=1e-9)
+    # the input frames are not modified
+    assert all("dipole_branch" not in frame.info for frame in shifted)
+
+
+def test_structures_of_one_trajectory_are_chained_onto_one_branch():
+    from polmodel.frames import align_dipole_branches
+
+    frames = make_toy_frames(3, seed=9, fields=(), branch_shift_fraction=0.0)
+    exact = [frame.info["dipole"].copy() for frame in frames]
+    for index, (frame, integers) in enumerate(zip(frames, [(0, 0, 0), (2, -1, 0), (0, 3, 1)])):
+        frame.info["dipole"] = frame.info["dipole"] + np.asarray(integers) @ frame.info["polarization_quantum"]
+        frame.info["origin"] = f"trajectory-uuid:{10 * index}"
+    other = make_toy_frames(1, seed=10, fields=(), branch_shift_fraction=0.0)[0]
+    other.info["origin"] = "another-trajectory:5"
+    aligned = align_dipole_branches(frames[::-1] + [other])[::-1][1:]  # order in the list does not matter
+    assert len({frame.info["dipole_branch"] for frame in aligned}) == 1
+    for frame, truth in zip(aligned, exact):
+        np.testing.assert_allclose(frame.info["dipole"], truth, atol=1e-9)

@@ -139,3 +139,51 @@ def test_terms_equal_the_mean_squared_errors_computed_by_hand(model, frames):
     assert set(terms) == set(expected)
     for name, value in expected.items():
         assert float(terms[name]) == pytest.approx(value, rel=1e-10), name
+
+
+# --- branch groups: the frames of one structure move onto the model's branch together ---------------------------------
+def test_frames_of_one_branch_group_share_the_shift_onto_the_predicted_branch(frames):
+    """Two frames of one structure whose predicted-minus-label differences straddle the half-quantum boundary: folded
+    one by one they land on different branches (an ε·quantum error in the field frame's energy); as one group they
+    share the integer combination that fits both best."""
+    from polmodel.losses import dipole_branch_shift
+
+    zero_field, field_frame = (frame.copy() for frame in frames[:2])
+    quantum = zero_field.info["polarization_quantum"]
+    predicted_zero = zero_field.info["dipole"] + 0.48 * quantum[0]
+    predicted_field = field_frame.info["dipole"] + 0.53 * quantum[0]
+    prediction = {keys.DIPOLE: torch.tensor(np.array([predicted_zero, predicted_field]))}
+
+    separate = dipole_branch_shift(prediction, TargetBatch([zero_field, field_frame])).numpy()
+    np.testing.assert_allclose(separate, np.array([np.zeros(3), quantum[0]]), atol=1e-9)
+
+    for frame in (zero_field, field_frame):
+        frame.info["dipole_branch"] = 7
+    together = dipole_branch_shift(prediction, TargetBatch([zero_field, field_frame])).numpy()
+    np.testing.assert_allclose(together[0], together[1], atol=1e-12)
+    # the common shift minimises the summed squared distance (in |q1|²): no shift 0.48² + 0.53² = 0.511,
+    # one quantum 0.52² + 0.47² = 0.491
+    np.testing.assert_allclose(together, np.array([quantum[0], quantum[0]]), atol=1e-9)
+
+
+def test_frame_weights_weigh_each_quantity_by_frame(model, frames):
+    """With frame weights every quantity's mean squared error is the weighted mean over frames (per-atom entries
+    carry their frame's weight); equal weights give the unweighted loss."""
+    data = collate([atoms_to_graph(f, model.species, model.cutoff, dtype=torch.float64) for f in frames[:3]])
+    weights = np.array([3.0, 1.0, 0.5])
+    targets = TargetBatch(frames[:3], frame_weights=weights)
+    pairs = paired_values(predict(model, data, targets), targets)
+    _, terms = weighted_loss(pairs, LossWeights(), targets)
+    for quantity, (label, predicted) in pairs.items():
+        errors = (predicted - label).detach().pow(2).numpy()
+        errors = errors.reshape(len(errors), -1).mean(axis=1)
+        entry_frames = targets.index[quantity].numpy()
+        if quantity in (keys.FORCES, keys.BORN_CHARGES):
+            entry_frames = np.repeat(np.arange(3), targets.num_atoms.numpy())[entry_frames]
+        entry_weights = weights[entry_frames]
+        assert float(terms[quantity]) == pytest.approx(np.sum(entry_weights * errors) / np.sum(entry_weights),
+                                                       rel=1e-12), quantity
+    _, equal = weighted_loss(pairs, LossWeights(), TargetBatch(frames[:3], frame_weights=np.ones(3)))
+    _, plain = weighted_loss(pairs, LossWeights())
+    for quantity in plain:
+        assert float(equal[quantity]) == pytest.approx(float(plain[quantity]), rel=1e-12)
