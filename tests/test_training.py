@@ -362,3 +362,43 @@ def test_training_loss_weights_frames_by_field_magnitude(small_frames):
                                                                                 / np.sum(weights), rel=1e-10)
     assert _epoch_loss(model, plain, config.loss_weights, 8) == pytest.approx(per_frame.mean(), rel=1e-10)
     assert not np.isclose(np.sum(weights * per_frame) / np.sum(weights), per_frame.mean())
+
+
+def test_old_option_key_hyperparameters_is_read_as_the_architecture():
+    config = TrainingConfig.from_dict({"hyperparameters": {"num_features": 4}, "learning_rate": 0.02})
+    assert config.architecture == {"num_features": 4}
+    assert "architecture" not in config.training_options() and config.training_options()["learning_rate"] == 0.02
+
+
+@pytest.mark.slow
+def test_cli_warm_start_and_checkpoint(tmp_path, capsys):
+    from polmodel import PolEnsemble, PolModel
+    from polmodel.cli import main
+    from polmodel.frames import write_frames
+
+    frames_path = tmp_path / "frames.xyz"
+    write_frames(frames_path, make_toy_frames(1, seed=4))
+    options = json.dumps({"architecture": {**TINY, "num_features": 4}, "cutoff": 4.5, "dtype": "float64"})
+    common = ["train", str(frames_path), "--hyperparameters", options, "--seed", "2", "--quiet",
+              "--validation-fraction", "0"]
+    first, checkpoint, metrics = tmp_path / "first.pt", tmp_path / "state.ckpt", tmp_path / "metrics.json"
+    assert main(common + ["--output", str(first), "--epochs", "1", "--checkpoint", str(checkpoint)]) == 0
+    assert checkpoint.exists()
+    # the same command again finds the finished checkpoint and writes the same model without training
+    again = tmp_path / "again.pt"
+    assert main(common + ["--output", str(again), "--epochs", "1", "--checkpoint", str(checkpoint),
+                          "--metrics", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["members"][0]["resumed_from_epoch"] == 1
+    assert _same_weights(PolModel.load(again), PolModel.load(first))
+    # warm start with no epochs hands back the initial model; members of an ensemble map onto an initial model
+    warm = tmp_path / "warm.pt"
+    assert main(common + ["--output", str(warm), "--epochs", "0", "--initial-model", str(first), "--ensemble", "2",
+                          "--metrics", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["initial_model_sha256"]
+    for member in PolEnsemble.load(warm).members:
+        assert _same_weights(member, PolModel.load(first))
+    # an unusable initial model is refused before training, naming the file
+    (tmp_path / "broken.pt").write_bytes(first.read_bytes()[:300])
+    assert main(common + ["--output", str(tmp_path / "x.pt"), "--initial-model", str(tmp_path / "broken.pt")]) == 2
+    error = capsys.readouterr().err
+    assert "--initial-model" in error and "broken.pt" in error and not (tmp_path / "x.pt").exists()
