@@ -51,7 +51,7 @@ def test_training_on_the_gpu_gives_the_cpu_model():
 
     frames = make_toy_frames(3, seed=2)
     options = dict(cutoff=4.5, epochs=3, batch_size=4, dtype="float64", quiet=True,
-                   hyperparameters={"num_features": 4, "num_layers": 1})
+                   architecture={"num_features": 4, "num_layers": 1})
     cpu_model, _ = train_model(frames[:9], frames[9:], TrainingConfig(**options))
     gpu_model, _ = train_model(frames[:9], frames[9:], TrainingConfig(device="cuda", **options))
     assert next(gpu_model.parameters()).device.type == "cuda"
