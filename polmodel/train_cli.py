@@ -81,6 +81,17 @@ def load_initial_model(path):
         raise InputError(f"--initial-model: {error}") from error
 
 
+def check_checkpoint_path(path):
+    """--checkpoint must be a file in an existing folder (checked before training, not at the first save)."""
+    from polmodel.cli import InputError
+
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise InputError(f"--checkpoint {path}: must be a file in an existing, writable folder")
+
+
 def run(args):
     from polmodel import serialization
     from polmodel.devices import resolve_device
@@ -93,6 +104,7 @@ def run(args):
         resolve_device(config.device)
         frames = read_frames(args.frames)
         initial_model = load_initial_model(args.initial_model)
+        check_checkpoint_path(args.checkpoint)
     except ValueError as error:
         print(f"polmodel train: {error}", file=sys.stderr)
         return 2

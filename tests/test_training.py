@@ -402,3 +402,5 @@ def test_cli_warm_start_and_checkpoint(tmp_path, capsys):
     assert main(common + ["--output", str(tmp_path / "x.pt"), "--initial-model", str(tmp_path / "broken.pt")]) == 2
     error = capsys.readouterr().err
     assert "--initial-model" in error and "broken.pt" in error and not (tmp_path / "x.pt").exists()
+    assert main(common + ["--output", str(tmp_path / "x.pt"), "--checkpoint", str(tmp_path / "no" / "such.ckpt")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
