@@ -109,12 +109,11 @@ def _project_on_field_axis(fields, polarizations, axis):
     return axis, fields @ axis, polarizations @ axis
 
 
-def _first_cycle_end(field):
-    """Index where the first field cycle ends: the first time the projected field rises through zero from
-    below (by then it has passed both extremes, whether it started at zero or at the positive amplitude), or
-    None when it never does."""
-    rising = np.flatnonzero((field[:-1] < 0.0) & (field[1:] >= 0.0)) + 1
-    return int(rising[0]) if len(rising) else None
+def _samples_per_cycle(field):
+    """The field's period in samples, from the spacing of its upward zero crossings, or None when it rises
+    through zero fewer than twice."""
+    rising = np.flatnonzero((field[:-1] < 0.0) & (field[1:] >= 0.0))
+    return int(round(np.mean(np.diff(rising)))) if len(rising) > 1 else None
 
 
 def hysteresis_loop(fields, polarizations, axis=None, *, times_fs=None, period_fs=None, discard_cycles=1,
@@ -123,7 +122,7 @@ def hysteresis_loop(fields, polarizations, axis=None, *, times_fs=None, period_f
 
     fields (T,3) V/Å, polarizations (T,3) e/Å², in time order. The axis defaults to the principal direction of
     the field series. The first `discard_cycles` cycles (the virgin curve) are dropped: by time when `times_fs`
-    and the protocol's `period_fs` are given, else up to the field's first rise through zero from below. The rest
+    and the protocol's `period_fs` are given, else by the period the field's zero crossings show. The rest
     is split into rising-field and falling-field branches (sign of dε/dt); on each the coercive field is where
     P crosses zero and the remanent polarization where ε crosses zero (linear interpolation, averaged over
     cycles).
@@ -148,10 +147,8 @@ def hysteresis_loop(fields, polarizations, axis=None, *, times_fs=None, period_f
             times_fs = np.asarray(times_fs, dtype=float)
             start = int(np.searchsorted(times_fs, times_fs[0] + discard_cycles * period_fs))
         else:
-            start = 0
-            for _ in range(discard_cycles):
-                end = _first_cycle_end(field[start:])
-                start = len(field) if end is None else start + end
+            period = _samples_per_cycle(field)
+            start = len(field) if period is None else discard_cycles * period
         if len(field) - start < 4:
             raise NoSwitchingError(f"the run holds no full field cycle after the first {discard_cycles} "
                                    "(discarded as the virgin curve): run longer")

@@ -284,7 +284,7 @@ def run_hysteresis(args, frames, report):
     summary = {key: value for key, value in loop.items() if key not in ("field", "polarization")}
     summary["discarded"] = (f"the first {args.discard_cycles} cycle(s): "
                             + (f"{args.discard_cycles * period} fs of a {period} fs period" if period
-                               else "up to the field's first rise through zero"))
+                               else "the period read off the field's zero crossings"))
     summary["units"] = {"field": "V/Å", "polarization": "e/Å²"}
     return summary, lambda png: analysis.plot_hysteresis(loop, png)
 
