@@ -80,3 +80,27 @@ def test_modes_command(tmp_path):
     assert np.shape(report["epsilon_inf"]) == (3, 3)
     assert report["notes"]  # a rattled structure is not at the model's minimum: said so
     assert (tmp_path / "modes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mode_charges_are_the_dipole_derivative_along_each_mode():
+    """Z̃_m = d(ΩP)/dQ_m: moving the atoms by δ e_m/√M changes the model's cell dipole by δ Z̃_m (the model's Z*
+    is not symmetric in [a, b], so this pins the index order)."""
+    calculator = PolCalculator(tiny_model(seed=1))
+    atoms = batio3()
+    atoms.rattle(0.2, seed=5)  # far from cubic: Z* differs from its transpose by ~6 %
+    atoms.calc = calculator
+    born = calculator.get_property("born_effective_charges", atoms)
+    assert np.abs(born - born.transpose(0, 2, 1)).max() > 0.03 * np.abs(born).max()
+    modes = phonons.gamma_modes(phonons.model_force_constants(calculator, atoms), atoms.get_masses())
+    charges = phonons.mode_effective_charges(born, modes["eigenvectors"], atoms.get_masses())
+    step = 1e-4
+    for mode in (5, 10, 14):
+        pattern = modes["eigenvectors"][mode] / np.sqrt(atoms.get_masses())[:, None]
+        dipoles = []
+        for sign in (1.0, -1.0):
+            moved = atoms.copy()
+            moved.positions += sign * step * pattern
+            moved.calc = calculator
+            dipoles.append(calculator.get_property("dipole", moved))
+        np.testing.assert_allclose(charges[mode], (dipoles[0] - dipoles[1]) / (2 * step),
+                                   atol=1e-5 * np.abs(charges).max())
