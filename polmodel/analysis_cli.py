@@ -53,6 +53,11 @@ def add_arguments(parser):
 
 
 # --- input checks (before any work) ----------------------------------------------------------------------------
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _existing_file(path, what):
     path = Path(path)
     if not path.exists():
@@ -80,8 +85,7 @@ def read_md_trajectory(path, required=("time_fs", "dipole")):
     try:
         frames = read_trajectory(path)
     except Exception as error:  # ASE raises many kinds on a file it cannot parse
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path} is not an extended-XYZ trajectory ({first_line})") from None
+        raise InputError(f"{path} is not an extended-XYZ trajectory ({_first_line(error)})") from None
     if not frames:
         raise InputError(f"{path} holds no frames")
     for key in required:
@@ -157,7 +161,7 @@ def _load_calculator(path):
     try:
         return PolCalculator(str(path))
     except Exception as error:  # a corrupt or foreign file: torch, pickle and our own loader raise many kinds
-        raise InputError(f"cannot load the model {path}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
+        raise InputError(f"cannot load the model {path}: {_first_line(error)}") from None
 
 
 # --- analyses --------------------------------------------------------------------------------------------------
@@ -298,7 +302,7 @@ def run_modes(args, report):
     try:
         atoms = ase.io.read(path, index=-1)
     except Exception as error:
-        raise InputError(f"cannot read a structure from {path} ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})") from None
+        raise InputError(f"cannot read a structure from {path} ({_first_line(error)})") from None
     if not atoms.pbc.all():
         raise InputError(f"{path} is not a periodic crystal: Γ phonons and ε need a cell")
     calculator = _load_calculator(args.model)

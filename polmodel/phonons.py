@@ -96,7 +96,8 @@ def mode_effective_charges(born_charges, eigenvectors, masses):
 def ir_intensities(mode_charges):
     """IR intensity of each mode, |Z̃_m|², in (D/Å)²/amu (dynmat.x's unit) and km/mol."""
     squared = np.sum(np.asarray(mode_charges) ** 2, axis=-1) * E_SQUARED_IN_DEBYE_PER_ANGSTROM_SQUARED
-    return {"debye2_per_angstrom2_amu": squared, "km_per_mol": squared * DEBYE_PER_ANGSTROM_SQUARED_PER_AMU_IN_KM_PER_MOL}
+    return {"debye2_per_angstrom2_amu": squared,
+            "km_per_mol": squared * DEBYE_PER_ANGSTROM_SQUARED_PER_AMU_IN_KM_PER_MOL}
 
 
 def static_dielectric_harmonic(epsilon_inf, mode_charges, eigenvalues, volume, *, polar=None):

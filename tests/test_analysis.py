@@ -23,7 +23,8 @@ def synthetic_loop(coercive, saturation=0.3, amplitude=0.05, width=0.004, cycles
     polarization_x = saturation * np.tanh((field_x - shift) / width)
     if virgin:
         first = time < 1.0
-        polarization_x[first] = 0.5 * saturation * np.tanh((field_x[first] - shift[first] - np.sign(shift[first]) * 0.01) / width) + 0.05
+        virgin_shift = shift[first] + np.sign(shift[first]) * 0.01
+        polarization_x[first] = 0.5 * saturation * np.tanh((field_x[first] - virgin_shift) / width) + 0.05
     axis = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)
     return (np.outer(field_x, axis), np.outer(polarization_x, axis), saturation * np.tanh(coercive / width),
             time * 100.0)  # period 100 fs

@@ -97,11 +97,13 @@ def parse_ph_dynamical_matrix(text):
 
 def _dynamical_matrix_file(retrieved):
     """Text of the Γ dynamical matrix among ph.x's retrieved files (DYN_MAT/dynamical-matrix-1; -0 lists q)."""
-    names = sorted(name for name in retrieved.base.repository.list_object_names("DYN_MAT")
-                   if not name.endswith("-0")) if "DYN_MAT" in retrieved.base.repository.list_object_names() else []
+    repository = retrieved.base.repository
+    if "DYN_MAT" not in repository.list_object_names():
+        return None
+    names = sorted(name for name in repository.list_object_names("DYN_MAT") if not name.endswith("-0"))
     if not names:
         return None
-    return retrieved.base.repository.get_object_content(f"DYN_MAT/{names[0]}", mode="r")
+    return repository.get_object_content(f"DYN_MAT/{names[0]}", mode="r")
 
 
 @calcfunction
@@ -181,7 +183,8 @@ class DfptWorkChain(WorkChain):
         spec.exit_code(401, "ERROR_SCF_FAILED", message="The scf PwBaseWorkChain failed.")
         spec.exit_code(402, "ERROR_PH_FAILED", message="The ph.x PhBaseWorkChain failed.")
         spec.exit_code(403, "ERROR_TENSORS_MISSING", message="ph.x printed no dielectric tensor or effective charges.")
-        spec.exit_code(404, "ERROR_PHONONS_MISSING", message="ph.x ran with trans but left no readable dynamical matrix.")
+        spec.exit_code(404, "ERROR_PHONONS_MISSING",
+                       message="ph.x ran with trans but left no readable dynamical matrix.")
 
     @classmethod
     def get_builder_from_field_response(cls, field_response_builder, ph_code, options=None, phonons=True):
