@@ -188,3 +188,20 @@ def test_bad_inputs_answer_with_one_line_and_exit_2(tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("polmodel analyze: "), (arguments, captured.err)
         assert expected in lines[0], (arguments, lines[0])
         assert "Traceback" not in captured.err
+
+
+def test_dielectric_command_from_a_small_static_field(tmp_path):
+    """`analyze dielectric FIELD_RUN --zero-field-trajectory ZERO_RUN`: ε0 along the field of the harmonic toy,
+    1 + Σq²/(ε_vac V k) (tests/harmonic_crystal.py)."""
+    from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+
+    at_field = harmonic_run(tmp_path / "field.xyz", protocol=StaticField((0, 0, 0.01)), steps=2000)
+    at_zero = harmonic_run(tmp_path / "zero.xyz", steps=2000)
+    assert main(["analyze", "dielectric", str(at_field), "--zero-field-trajectory", str(at_zero),
+                 "--output", str(tmp_path / "eps")]) == 0
+    report = json.loads((tmp_path / "eps.json").read_text())
+    expected = 1.0 + 2 * 1.5 ** 2 / (EPSILON0_E_PER_V_ANGSTROM * 6.0 ** 3 * 20.0)
+    assert report["epsilon_static_along_field"] == pytest.approx(expected, rel=0.02)
+    # the zero-field run given as TRAJ is not a field run
+    assert main(["analyze", "dielectric", str(at_zero), "--zero-field-trajectory", str(at_zero),
+                 "--output", str(tmp_path / "eps")]) == 2
