@@ -14,6 +14,7 @@ the harmonic ε0 from the model's Hessian and Born charges.
 """
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +119,7 @@ def _equilibrium_notes(frames, *, allow_thermostat, allow_driven):
 
     conditions = analysis.trajectory_conditions(frames)
     try:
-        import warnings
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # the notes go into the JSON report instead
             warnings.simplefilter("ignore")
             notes = analysis.check_equilibrium_run(conditions, allow_thermostat=allow_thermostat,
                                                    allow_driven=allow_driven)
@@ -185,11 +185,11 @@ def _mean_kinetic_temperature(frames):
     return float(analysis.trajectory_series(frames, "temperature").mean())
 
 
-def run_ir(args, frames, report):
+def run_ir(args, frames):
     from polmodel import analysis, spectra
 
     frames, times, timestep = _after_skip(args, frames)
-    conditions, notes = _equilibrium_notes(frames, allow_thermostat=False, allow_driven=args.allow_driven)
+    _, notes = _equilibrium_notes(frames, allow_thermostat=False, allow_driven=args.allow_driven)
     temperature = _mean_kinetic_temperature(frames)
     volume = float(np.mean([frame.get_volume() for frame in frames]))
     dipoles = analysis.trajectory_series(frames, "dipole")
@@ -208,7 +208,7 @@ def run_ir(args, frames, report):
             "peaks_cm-1": peaks.tolist(), "wavenumber_cm-1": wavenumber.tolist(), "absorption": absorption.tolist(),
             "notes": notes}, lambda png: analysis.plot_ir_spectrum(
                 wavenumber, absorption, png, max_wavenumber=wavenumber.max(), peaks=peaks[:6],
-                title=f"NVE MD, {temperature:.0f} K; {result['statement'][:60]}…")
+                title=f"NVE MD at {temperature:.0f} K; harmonic quantum correction applied once")
 
 
 def _dielectric_temperature(args, conditions, frames, notes):
@@ -222,7 +222,7 @@ def _dielectric_temperature(args, conditions, frames, notes):
     return temperature, "mean kinetic temperature of the run"
 
 
-def run_dielectric(args, frames, report):
+def run_dielectric(args, frames):
     from polmodel import analysis, spectra
 
     frames, times, _ = _after_skip(args, frames)
@@ -272,7 +272,7 @@ def _run_dielectric_from_field(args, frames, times, calculator):
         lambda png: analysis.plot_dielectric(analysis.trajectory_series(frames, "dipole"), times, png)
 
 
-def run_hysteresis(args, frames, report):
+def run_hysteresis(args, frames):
     from polmodel import analysis
 
     frames, times, _ = _after_skip(args, frames, minimum=4)
@@ -293,7 +293,7 @@ def run_hysteresis(args, frames, report):
     return summary, lambda png: analysis.plot_hysteresis(loop, png)
 
 
-def run_modes(args, report):
+def run_modes(args):
     import ase.io
 
     from polmodel import analysis, phonons, spectra
@@ -351,13 +351,13 @@ def run(args):
     _writable_prefix(prefix)
     report = {"input": str(args.trajectory), "analysis": args.analysis}
     if args.analysis == "modes":
-        summary, plot = run_modes(args, report)
+        summary, plot = run_modes(args)
     else:
         frames = read_md_trajectory(args.trajectory, required=("time_fs", "dipole", "efield")
                                     + (("polarization",) if args.analysis == "hysteresis" else ()))
         report["frames"] = len(frames)
         runner = {"ir": run_ir, "dielectric": run_dielectric, "hysteresis": run_hysteresis}[args.analysis]
-        summary, plot = runner(args, frames, report)
+        summary, plot = runner(args, frames)
     report.update(summary)
     png, report_path = prefix.with_suffix(".png"), prefix.with_suffix(".json")
     plot(png)

@@ -176,7 +176,8 @@ def finite_difference_force_constants(atoms, calculator, displacement=1e-3):
 
 def gamma_response(force_constants, masses, born_charges, epsilon_inf, volume, *, acoustic_sum_rule=True):
     """Γ modes, mode charges, IR intensities and the harmonic ε0 in one dict (the report of `polmodel analyze
-    modes` and of the DFPT workchain). Z* has its acoustic sum rule imposed when `acoustic_sum_rule`."""
+    modes` and of the DFPT workchain). Z* has its acoustic sum rule imposed when `acoustic_sum_rule`;
+    `epsilon_static` is None when an optical mode is unstable (ω² ≤ 0)."""
     modes = gamma_modes(force_constants, masses, acoustic_sum_rule=acoustic_sum_rule)
     born = born_charges_obeying_sum_rule(born_charges) if acoustic_sum_rule else np.asarray(born_charges, float)
     charges = mode_effective_charges(born, modes["eigenvectors"], masses)
