@@ -1,111 +1,86 @@
-"""Observables from MD under field: IR spectrum, dielectric constants, P–E hysteresis.
+"""Observables of MD trajectories: what kind of run a trajectory is, P–E hysteresis, spectrum peaks, plots.
 
+The spectra and static dielectric constants themselves are in polmodel.spectra, Γ phonons in polmodel.phonons.
 Units (ASE's, as everywhere in the project): dipole e·Å, polarization e/Å², field V/Å, volume Å³, time fs,
-temperature K, k_B T in eV. Spectra are reported against wavenumber in cm⁻¹. Plots convert to the customary
-µC/cm² and MV/cm (1 V/Å = 100 MV/cm).
+temperature K. Spectra are reported against wavenumber in cm⁻¹. Plots convert to the customary µC/cm² and MV/cm
+(1 V/Å = 100 MV/cm).
 """
+import json
+import warnings
+
 import numpy as np
-from ase import units as ase_units
-from scipy import signal
 
-from polmodel.units import E_PER_ANGSTROM2_IN_UC_PER_CM2, EPSILON0_E_PER_V_ANGSTROM
+from polmodel.units import E_PER_ANGSTROM2_IN_UC_PER_CM2
 
-# 1/fs -> cm⁻¹: ν̃ = f / c, with f = 1e15 Hz per 1/fs and c = 2.99792458e10 cm/s.
-INVERSE_FS_IN_WAVENUMBER = 1.0e15 / 2.99792458e10
 V_PER_ANGSTROM_IN_MV_PER_CM = 100.0
+# Trajectory settings that `polmodel md` writes into the first frame's info (polmodel/md.py, `run_settings`).
+SETTINGS_PREFIX = "md_"
 
 
-# --- IR spectrum ---------------------------------------------------------------------------------------------
-def autocorrelation(series):
-    """Unbiased autocorrelation C(τ) = <x(t)·x(t+τ)> of an (T,) or (T, k) series for τ = 0..T-1 (sum over k)."""
-    series = np.asarray(series, dtype=float)
-    if series.ndim == 1:
-        series = series[:, None]
-    count = series.shape[0]
-    total = np.zeros(count)
-    for column in series.T:
-        total += signal.correlate(column, column, mode="full", method="fft")[count - 1:]
-    return total / np.arange(count, 0, -1)
+class DrivenTrajectoryError(ValueError):
+    """An equilibrium analysis was given a thermostatted or field-driven trajectory."""
 
 
-def ir_spectrum(dipoles, timestep_fs, *, window="hann", max_lag_fraction=0.5, zero_padding=4,
-                use_derivative=True):
-    """Classical IR absorption line shape from a dipole time series.
+class NoSwitchingError(ValueError):
+    """A P–E series whose polarization does not switch: there is no hysteresis loop to analyse."""
 
-    I(ν̃) ∝ ∫ <Ṁ(0)·Ṁ(t)> w(t) cos(2πνt) dt, with Ṁ from central differences (or, with use_derivative=False,
-    ω² times the transform of the dipole autocorrelation, which is the same in the continuum limit).
-    The autocorrelation is cut at `max_lag_fraction` of the run (the statistics of longer lags are poor),
-    multiplied by the decaying half of `window` (any scipy.signal window name) and zero padded.
 
-    dipoles: (T, 3) e·Å sampled every `timestep_fs` fs. Returns (wavenumber cm⁻¹, intensity normalized to a
-    maximum of 1).
+# --- what kind of run a trajectory is ---------------------------------------------------------------------------
+def trajectory_conditions(frames):
+    """The run's conditions, from the settings `polmodel md` records in the first frame (`md_thermostat`,
+    `md_field`, `md_temperature_K`, `md_timestep_fs`, `md_interval`) and from the per-frame fields.
+
+    Returns a dict: thermostat (str or None when not recorded), target_temperature_K (None for NVE or when not
+    recorded), field_protocol (dict or None), max_field (V/Å, the largest |efield| over the frames),
+    recorded (whether the settings were found).
     """
-    dipoles = np.asarray(dipoles, dtype=float)
-    if dipoles.ndim != 2 or dipoles.shape[1] != 3 or dipoles.shape[0] < 8:
-        raise ValueError(f"dipoles must be a (T, 3) series with T >= 8, got shape {dipoles.shape}")
-    if not timestep_fs > 0:
-        raise ValueError(f"timestep_fs must be positive, got {timestep_fs}")
-    series = np.gradient(dipoles, timestep_fs, axis=0) if use_derivative else dipoles - dipoles.mean(axis=0)
-    correlation = autocorrelation(series)
-    lags = max(int(len(correlation) * max_lag_fraction), 4)
-    correlation = correlation[:lags] * signal.get_window(window, 2 * lags, fftbins=False)[lags:]
-    length = zero_padding * 2 * lags
-    # The autocorrelation is even in time: its cosine transform is the real part of the rFFT of the
-    # symmetric extension, which doubling the one-sided sum (minus the τ = 0 term) gives.
-    spectrum = 2.0 * np.fft.rfft(correlation, n=length).real - correlation[0]
-    frequency = np.fft.rfftfreq(length, d=timestep_fs)  # 1/fs
-    if not use_derivative:
-        spectrum = spectrum * (2.0 * np.pi * frequency) ** 2
-    spectrum = np.clip(spectrum, 0.0, None)
-    peak = spectrum.max()
-    if peak > 0:
-        spectrum = spectrum / peak
-    return frequency * INVERSE_FS_IN_WAVENUMBER, spectrum
+    info = frames[0].info
+    protocol = info.get(SETTINGS_PREFIX + "field")
+    if isinstance(protocol, str):
+        try:
+            protocol = json.loads(protocol)
+        except json.JSONDecodeError:
+            protocol = {"kind": protocol}
+    fields = [np.asarray(frame.info.get("efield", np.zeros(3)), dtype=float) for frame in frames]
+    target = info.get(SETTINGS_PREFIX + "temperature_K")
+    return {
+        "thermostat": info.get(SETTINGS_PREFIX + "thermostat"),
+        "target_temperature_K": None if target is None else float(target),
+        "field_protocol": protocol,
+        "max_field": float(max(np.linalg.norm(field) for field in fields)),
+        "recorded": SETTINGS_PREFIX + "thermostat" in info,
+    }
 
 
-def spectrum_peaks(wavenumber, intensity, *, prominence=0.05, min_wavenumber=1.0):
-    """Wavenumbers (cm⁻¹) of the spectrum's peaks, strongest first."""
-    indices, properties = signal.find_peaks(intensity, prominence=prominence)
-    keep = wavenumber[indices] >= min_wavenumber
-    indices, prominences = indices[keep], properties["prominences"][keep]
-    order = np.argsort(prominences)[::-1]
-    return wavenumber[indices[order]]
+def check_equilibrium_run(conditions, *, allow_thermostat, allow_driven=False):
+    """Refuse a run that the analysis would silently get wrong; returns the warnings to report.
 
-
-# --- dielectric constants ------------------------------------------------------------------------------------
-def dielectric_from_polarizability(polarizability, volume):
-    """ε∞ = 1 + α/(ε0 Ω): α (3,3) e·Å²/V, Ω Å³."""
-    polarizability = np.asarray(polarizability, dtype=float)
-    if polarizability.shape[-2:] != (3, 3):
-        raise ValueError(f"polarizability must be (..., 3, 3), got {polarizability.shape}")
-    if not volume > 0:
-        raise ValueError(f"volume must be positive, got {volume}")
-    return np.eye(3) + polarizability / (EPSILON0_E_PER_V_ANGSTROM * volume)
-
-
-def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_inf=None):
-    """Static dielectric tensor from cell-dipole fluctuations (conducting, "tin-foil" boundary conditions):
-
-        ε0[a,b] = ε∞[a,b] + (<M_a M_b> - <M_a><M_b>) / (ε_vac Ω k_B T)
-
-    M (T,3) e·Å, Ω Å³, ε_vac = 5.526e-3 e/(V·Å), k_B T in eV: e²Å²/(e/(V·Å)·Å³·eV) = 1. The dipole series
-    must be continuous (the model's dipole is; a Berry-phase series must be unwrapped first).
-    `epsilon_inf`: scalar or (3,3), default 1 (vacuum: then the result is the ionic + vacuum part only).
-    Returns the (3,3) tensor.
+    A field-driven run (any nonzero field, or a protocol other than a zero static field) is refused unless
+    `allow_driven`. A thermostatted run is refused unless `allow_thermostat` (the fluctuation formula needs a
+    canonical run; a spectrum needs undisturbed NVE dynamics) or `allow_driven`. When the trajectory does not
+    record its thermostat, a warning says so and the analysis goes on.
     """
-    dipoles = np.asarray(dipoles, dtype=float)
-    if dipoles.ndim != 2 or dipoles.shape[1] != 3 or len(dipoles) < 2:
-        raise ValueError(f"dipoles must be a (T, 3) series with T >= 2, got shape {dipoles.shape}")
-    if not volume > 0 or not temperature_K > 0:
-        raise ValueError(f"volume and temperature must be positive, got {volume}, {temperature_K}")
-    covariance = np.cov(dipoles, rowvar=False, bias=True)
-    kT = ase_units.kB * temperature_K
-    base = np.asarray(1.0 if epsilon_inf is None else epsilon_inf, dtype=float)
-    if base.ndim == 0:
-        base = base * np.eye(3)
-    if base.shape != (3, 3):
-        raise ValueError(f"epsilon_inf must be a scalar or (3, 3), got shape {base.shape}")
-    return base + covariance / (EPSILON0_E_PER_V_ANGSTROM * volume * kT)
+    notes = []
+    protocol = conditions["field_protocol"] or {}
+    static_zero = protocol.get("kind", "static") == "static" and not np.any(protocol.get("vector", [0, 0, 0]))
+    if conditions["max_field"] > 0 or not static_zero:
+        message = (f"the trajectory is field-driven (protocol {json.dumps(protocol) if protocol else 'unrecorded'}, "
+                   f"largest field {conditions['max_field']:.3g} V/Å); this analysis assumes zero field")
+        if not allow_driven:
+            raise DrivenTrajectoryError(message + " (pass allow_driven / --allow-driven to analyse it anyway)")
+        notes.append(message)
+    thermostat = conditions["thermostat"]
+    if thermostat is None:
+        notes.append("the trajectory records no thermostat or field protocol (written before `polmodel md` kept "
+                     "its settings): it is taken as an equilibrium run at zero field, unchecked")
+    elif thermostat != "nve" and not allow_thermostat:
+        message = f"the trajectory is thermostatted ({thermostat}): its dynamics are not the crystal's own"
+        if not allow_driven:
+            raise DrivenTrajectoryError(message + " (run NVE, or pass allow_driven / --allow-driven)")
+        notes.append(message)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return notes
 
 
 # --- hysteresis ----------------------------------------------------------------------------------------------
@@ -121,52 +96,104 @@ def _zero_crossings(x, y):
     return np.array(crossings)
 
 
-def hysteresis_loop(fields, polarizations, axis=None):
-    """Project the field and polarization series on the field axis and find the loop's landmarks.
-
-    fields (T,3) V/Å, polarizations (T,3) e/Å², in time order. The axis defaults to the principal direction of
-    the field series. The loop is split into the rising-field and falling-field branches (sign of dε/dt); on each
-    the coercive field is where P crosses zero and the remanent polarization where ε crosses zero (linear
-    interpolation, averaged over cycles). Returns a dict:
-      axis, field (T,), polarization (T,) projected; coercive_field_rising / _falling (V/Å),
-      coercive_field = (rising - falling)/2; remanent_polarization_rising / _falling (e/Å²) and their half
-      difference `remanent_polarization`; NaN where a branch never crosses.
-    """
-    fields = np.asarray(fields, dtype=float)
-    polarizations = np.asarray(polarizations, dtype=float)
-    if fields.shape != polarizations.shape or fields.ndim != 2 or fields.shape[1] != 3 or len(fields) < 4:
-        raise ValueError("fields and polarizations must both be (T, 3) series with T >= 4, got "
-                         f"{fields.shape} and {polarizations.shape}")
+def _project_on_field_axis(fields, polarizations, axis):
     if axis is None:
         _, _, vt = np.linalg.svd(fields, full_matrices=False)
         axis = vt[0]
         if axis[np.argmax(np.abs(axis))] < 0:
             axis = -axis
     axis = np.asarray(axis, dtype=float)
-    if np.linalg.norm(axis) == 0:
-        raise ValueError("the field series is zero: there is no loop to analyse")
+    if np.linalg.norm(axis) == 0 or not np.any(fields):
+        raise NoSwitchingError("the field series is zero: there is no loop to analyse")
     axis = axis / np.linalg.norm(axis)
-    field = fields @ axis
-    polarization = polarizations @ axis
+    return axis, fields @ axis, polarizations @ axis
+
+
+def _samples_per_cycle(field):
+    """The field's period in samples, from the spacing of its upward zero crossings, or None when it rises
+    through zero fewer than twice."""
+    rising = np.flatnonzero((field[:-1] < 0.0) & (field[1:] >= 0.0))
+    return int(round(np.mean(np.diff(rising)))) if len(rising) > 1 else None
+
+
+def hysteresis_loop(fields, polarizations, axis=None, *, times_fs=None, period_fs=None, discard_cycles=1,
+                    min_remanent_fraction=0.1):
+    """The P–E loop's landmarks per branch, after the first cycle(s) are discarded.
+
+    fields (T,3) V/Å, polarizations (T,3) e/Å², in time order. The axis defaults to the principal direction of
+    the field series. The first `discard_cycles` cycles (the virgin curve) are dropped: by time when `times_fs`
+    and the protocol's `period_fs` are given, else by the period the field's zero crossings show. The rest
+    is split into rising-field and falling-field branches (sign of dε/dt); on each the coercive field is where
+    P crosses zero and the remanent polarization where ε crosses zero (linear interpolation, averaged over
+    cycles).
+
+    Refuses (NoSwitchingError) a series that does not switch: a branch without a P zero crossing, or remanent
+    polarizations that are not of opposite signs (falling branch positive) and apart by at least
+    `min_remanent_fraction` of the polarization range — a linear or merely lossy dielectric has no coercive
+    field to report.
+
+    Returns a dict: axis, field (T',), polarization (T',) projected (kept part); coercive_field_rising /
+    _falling (V/Å) and their half difference coercive_field; remanent_polarization_rising / _falling (e/Å²)
+    and their half difference remanent_polarization; discarded_frames.
+    """
+    fields = np.asarray(fields, dtype=float)
+    polarizations = np.asarray(polarizations, dtype=float)
+    if fields.shape != polarizations.shape or fields.ndim != 2 or fields.shape[1] != 3 or len(fields) < 4:
+        raise ValueError("fields and polarizations must both be (T, 3) series with T >= 4, got "
+                         f"{fields.shape} and {polarizations.shape}")
+    axis, field, polarization = _project_on_field_axis(fields, polarizations, axis)
+    if discard_cycles:
+        if times_fs is not None and period_fs is not None:
+            times_fs = np.asarray(times_fs, dtype=float)
+            start = int(np.searchsorted(times_fs, times_fs[0] + discard_cycles * period_fs))
+        else:
+            period = _samples_per_cycle(field)
+            start = len(field) if period is None else discard_cycles * period
+        if len(field) - start < 4:
+            raise NoSwitchingError(f"the run holds no full field cycle after the first {discard_cycles} "
+                                   "(discarded as the virgin curve): run longer")
+        field, polarization = field[start:], polarization[start:]
+    else:
+        start = 0
     rate = np.gradient(field)
 
-    result = {"axis": axis.tolist(), "field": field, "polarization": polarization}
+    result = {"axis": axis.tolist(), "field": field, "polarization": polarization, "discarded_frames": start}
     for name, mask in (("rising", rate > 0), ("falling", rate < 0)):
         coercive, remanent = [], []
-        # contiguous segments of one branch
         edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
-        for start, stop in zip(edges[::2], edges[1::2]):
-            if stop - start < 2:
+        for segment_start, stop in zip(edges[::2], edges[1::2]):
+            if stop - segment_start < 2:
                 continue
-            segment_field, segment_polarization = field[start:stop], polarization[start:stop]
+            segment_field, segment_polarization = field[segment_start:stop], polarization[segment_start:stop]
             coercive.extend(_zero_crossings(segment_field, segment_polarization))
             remanent.extend(_zero_crossings(segment_polarization, segment_field))
-        result[f"coercive_field_{name}"] = float(np.mean(coercive)) if coercive else float("nan")
-        result[f"remanent_polarization_{name}"] = float(np.mean(remanent)) if remanent else float("nan")
+        if not coercive or not remanent:
+            raise NoSwitchingError(f"the polarization does not switch on the {name}-field branch "
+                                   "(no zero crossing of P or of the field on it)")
+        result[f"coercive_field_{name}"] = float(np.mean(coercive))
+        result[f"remanent_polarization_{name}"] = float(np.mean(remanent))
+    spread = float(np.ptp(polarization))
+    rising, falling = result["remanent_polarization_rising"], result["remanent_polarization_falling"]
+    if not (falling > 0 > rising and falling - rising >= min_remanent_fraction * spread):
+        raise NoSwitchingError(
+            f"the loop does not switch: remanent polarization {falling:.3g} e/Å² on the falling branch and "
+            f"{rising:.3g} on the rising one, for a polarization range of {spread:.3g} e/Å²")
     result["coercive_field"] = 0.5 * (result["coercive_field_rising"] - result["coercive_field_falling"])
-    result["remanent_polarization"] = 0.5 * (result["remanent_polarization_falling"]
-                                             - result["remanent_polarization_rising"])
+    result["remanent_polarization"] = 0.5 * (falling - rising)
     return result
+
+
+def spectrum_peaks(wavenumber, intensity, *, prominence=0.05, min_wavenumber=1.0):
+    """Wavenumbers (cm⁻¹) of the spectrum's peaks, strongest first; `prominence` relative to the maximum."""
+    from scipy import signal
+
+    intensity = np.asarray(intensity, dtype=float)
+    scale = intensity.max() if intensity.max() > 0 else 1.0
+    indices, properties = signal.find_peaks(intensity / scale, prominence=prominence)
+    keep = wavenumber[indices] >= min_wavenumber
+    indices, prominences = indices[keep], properties["prominences"][keep]
+    order = np.argsort(prominences)[::-1]
+    return wavenumber[indices[order]]
 
 
 # --- trajectory helpers --------------------------------------------------------------------------------------
@@ -200,15 +227,30 @@ def _pyplot():
     return plt
 
 
-def plot_ir_spectrum(wavenumber, intensity, path, *, max_wavenumber=None, peaks=()):
+def plot_ir_spectrum(wavenumber, absorption, path, *, max_wavenumber=None, peaks=(), label=None, reference=None,
+                     sticks=None, title=None):
+    """α n(ν̃) in cm⁻¹ against ν̃; `reference` (wavenumber, absorption, label) overlays a second spectrum,
+    `sticks` (wavenumbers, integrated absorption cm⁻²) marks harmonic modes on a second axis."""
     plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(wavenumber, intensity, lw=1.2)
+    figure, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(wavenumber, absorption, lw=1.2, label=label)
+    if reference is not None:
+        ax.plot(reference[0], reference[1], lw=1.0, ls="--", label=reference[2])
     for peak in peaks:
         ax.axvline(peak, color="grey", ls=":", lw=0.8)
-    ax.set_xlim(0, max_wavenumber or wavenumber.max())
+    if sticks is not None:
+        twin = ax.twinx()
+        twin.vlines(sticks[0], 0, sticks[1], color="C3", lw=1.5)
+        twin.set_ylabel("mode ∫α n dν̃ (cm$^{-2}$)", color="C3")
+        twin.set_ylim(0, None)
+    ax.set_xlim(0, max_wavenumber or float(np.max(wavenumber)))
+    ax.set_ylim(0, None)
     ax.set_xlabel("wavenumber (cm$^{-1}$)")
-    ax.set_ylabel("IR intensity (normalized)")
+    ax.set_ylabel("absorption α n (cm$^{-1}$)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    if label or reference is not None:
+        ax.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -12,7 +12,7 @@ import torch
 
 from polmodel import keys
 from polmodel.edge_inputs import atom_gradients, edge_inputs, edge_vector_gradients, strain_gradients
-from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+from polmodel.spectra import dielectric_from_polarizability
 
 
 def cell_volume(cell):
@@ -63,8 +63,7 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     if polarizability:
         alpha = raw[keys.POLARIZABILITY]
         result[keys.POLARIZABILITY] = alpha
-        eye = torch.eye(3, dtype=alpha.dtype, device=alpha.device)
-        dielectric = eye + alpha / (EPSILON0_E_PER_V_ANGSTROM * safe_volume.view(-1, 1, 1))
+        dielectric = dielectric_from_polarizability(alpha, safe_volume.view(-1, 1, 1))
         result[keys.DIELECTRIC] = torch.where(periodic.view(-1, 1, 1), dielectric,
                                               torch.full_like(dielectric, float("nan")))
     if not training:

@@ -1,100 +1,207 @@
-"""Analysis on synthetic signals with known answers: IR peaks, coercive field, static dielectric constant."""
+"""Trajectory analysis: P–E loops with a virgin curve, refusals of non-switching loops and of driven or
+thermostatted runs, and the `polmodel analyze` bad-input table (one line, exit 2, no traceback)."""
+import json
+
 import numpy as np
 import pytest
-from ase import units as ase_units
+from ase import Atoms
 
+from harmonic_crystal import equipartition_momenta, harmonic_crystal
 from polmodel import analysis
-from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+from polmodel.cli import main
+from polmodel.fields import CosineField, StaticField
+from polmodel.md import read_trajectory, run_md
 
 
-@pytest.mark.parametrize("use_derivative", [True, False])
-def test_ir_spectrum_recovers_known_frequencies(use_derivative):
-    timestep = 1.0  # fs
-    time = np.arange(8000) * timestep
-    wavenumbers = (350.0, 720.0)
-    frequencies = [w / analysis.INVERSE_FS_IN_WAVENUMBER for w in wavenumbers]  # 1/fs
-    rng = np.random.default_rng(0)
-    dipoles = np.zeros((len(time), 3))
-    dipoles[:, 0] = np.cos(2 * np.pi * frequencies[0] * time + 0.3)
-    dipoles[:, 2] = 0.7 * np.cos(2 * np.pi * frequencies[1] * time + 1.1)
-    dipoles += 0.01 * rng.standard_normal(dipoles.shape)
-    wavenumber, intensity = analysis.ir_spectrum(dipoles, timestep, use_derivative=use_derivative)
-    bin_width = wavenumber[1] - wavenumber[0]
-    peaks = analysis.spectrum_peaks(wavenumber, intensity, prominence=0.1)
-    assert len(peaks) == 2
-    for expected in wavenumbers:
-        assert np.min(np.abs(peaks - expected)) <= bin_width
-    # the dipole-derivative spectrum weighs the higher mode by ω²: 0.7² (720/350)² > 1
-    assert abs(peaks[0] - 720.0) <= bin_width
-    assert intensity.max() == pytest.approx(1.0)
-
-
-def test_ir_spectrum_rejects_bad_input():
-    with pytest.raises(ValueError, match="shape"):
-        analysis.ir_spectrum(np.zeros((100, 2)), 1.0)
-    with pytest.raises(ValueError, match="timestep"):
-        analysis.ir_spectrum(np.zeros((100, 3)), 0.0)
-
-
-def test_static_dielectric_recovers_known_fluctuations():
-    volume, temperature = 512.0, 300.0
-    kT = ase_units.kB * temperature
-    target_ionic = np.array([[40.0, 5.0, 0.0], [5.0, 30.0, 0.0], [0.0, 0.0, 80.0]])
-    covariance = target_ionic * EPSILON0_E_PER_V_ANGSTROM * volume * kT
-    rng = np.random.default_rng(1)
-    dipoles = rng.multivariate_normal([0.3, -1.0, 2.0], covariance, size=400_000)
-    epsilon_inf = 6.0 * np.eye(3)
-    result = analysis.static_dielectric_from_fluctuations(dipoles, volume, temperature, epsilon_inf)
-    np.testing.assert_allclose(result, epsilon_inf + target_ionic, atol=1.0)
-    # a scalar ε∞ is the isotropic tensor
-    np.testing.assert_allclose(analysis.static_dielectric_from_fluctuations(dipoles, volume, temperature, 6.0),
-                               result)
-
-
-def test_dielectric_from_polarizability():
-    alpha = np.diag([1.0, 2.0, 3.0])
-    volume = 64.0
-    expected = np.eye(3) + alpha / (EPSILON0_E_PER_V_ANGSTROM * volume)
-    np.testing.assert_allclose(analysis.dielectric_from_polarizability(alpha, volume), expected)
-    with pytest.raises(ValueError):
-        analysis.dielectric_from_polarizability(alpha, -1.0)
-
-
-def synthetic_loop(coercive, saturation=0.3, amplitude=0.05, width=0.004, cycles=3, samples=1200):
+def synthetic_loop(coercive, saturation=0.3, amplitude=0.05, width=0.004, cycles=3, samples=1200, virgin=True):
+    """A tanh loop along (1, 1, 0) under a cosine field; with `virgin`, the first cycle follows another loop
+    (coercive field 0.01 V/Å larger, polarization offset), as a first switching from an unpoled state does."""
     time = np.linspace(0.0, cycles, samples * cycles, endpoint=False)
     field_x = amplitude * np.cos(2 * np.pi * time)
     rising = np.gradient(field_x) > 0
     shift = np.where(rising, coercive, -coercive)
     polarization_x = saturation * np.tanh((field_x - shift) / width)
+    if virgin:
+        first = time < 1.0
+        virgin_shift = shift[first] + np.sign(shift[first]) * 0.01
+        polarization_x[first] = 0.5 * saturation * np.tanh((field_x[first] - virgin_shift) / width) + 0.05
     axis = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)
-    return np.outer(field_x, axis), np.outer(polarization_x, axis), saturation * np.tanh(coercive / width)
+    return (np.outer(field_x, axis), np.outer(polarization_x, axis), saturation * np.tanh(coercive / width),
+            time * 100.0)  # period 100 fs
 
 
 @pytest.mark.parametrize("coercive", [0.01, 0.025])
-def test_hysteresis_recovers_coercive_field(coercive):
-    fields, polarizations, remanent = synthetic_loop(coercive)
-    loop = analysis.hysteresis_loop(fields, polarizations)
+@pytest.mark.parametrize("by_period", [True, False])
+def test_hysteresis_discards_the_first_cycle_and_reports_each_branch(coercive, by_period):
+    fields, polarizations, remanent, times = synthetic_loop(coercive)
+    timing = {"times_fs": times, "period_fs": 100.0} if by_period else {}
+    loop = analysis.hysteresis_loop(fields, polarizations, **timing)
     assert loop["coercive_field_rising"] == pytest.approx(coercive, abs=2e-4)
     assert loop["coercive_field_falling"] == pytest.approx(-coercive, abs=2e-4)
     assert loop["coercive_field"] == pytest.approx(coercive, abs=2e-4)
     assert loop["remanent_polarization"] == pytest.approx(remanent, rel=1e-2)
+    assert loop["discarded_frames"] == 1200
     np.testing.assert_allclose(np.abs(loop["axis"]), [2 ** -0.5, 2 ** -0.5, 0], atol=1e-12)
+    # kept with the virgin cycle, the falling coercive field is pulled off
+    kept = analysis.hysteresis_loop(fields, polarizations, discard_cycles=0)
+    assert abs(kept["coercive_field_falling"] + coercive) > 5e-4
 
 
-def test_hysteresis_without_loop_has_zero_coercive_field():
-    """A linear dielectric (P ∝ E, no hysteresis) has no coercive field."""
-    time = np.linspace(0, 2, 800, endpoint=False)
-    field = np.zeros((800, 3))
+def test_hysteresis_refuses_a_loop_that_does_not_switch():
+    time = np.linspace(0, 3, 1200, endpoint=False)
+    field = np.zeros((1200, 3))
     field[:, 2] = 0.05 * np.cos(2 * np.pi * time)
-    loop = analysis.hysteresis_loop(field, 2.0 * field)
-    assert loop["coercive_field"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(analysis.NoSwitchingError, match="does not switch"):
+        analysis.hysteresis_loop(field, 2.0 * field)  # a linear dielectric
+    lossy = 2.0 * np.roll(field, 5, axis=0)  # a small lag opens a thin ellipse, not a switching loop
+    with pytest.raises(analysis.NoSwitchingError):
+        analysis.hysteresis_loop(field, lossy + 0.5)
+    with pytest.raises(analysis.NoSwitchingError, match="no full field cycle"):
+        analysis.hysteresis_loop(field[:350], 2.0 * field[:350])
 
 
 def test_plots_are_written(tmp_path):
-    fields, polarizations, _ = synthetic_loop(0.01)
-    loop = analysis.hysteresis_loop(fields, polarizations)
-    analysis.plot_hysteresis(loop, tmp_path / "loop.png")
+    fields, polarizations, _, _ = synthetic_loop(0.01)
+    analysis.plot_hysteresis(analysis.hysteresis_loop(fields, polarizations), tmp_path / "loop.png")
     wavenumber = np.linspace(0, 1000, 50)
-    analysis.plot_ir_spectrum(wavenumber, np.exp(-((wavenumber - 500) / 30) ** 2), tmp_path / "ir.png")
+    analysis.plot_ir_spectrum(wavenumber, np.exp(-((wavenumber - 500) / 30) ** 2), tmp_path / "ir.png",
+                              reference=(wavenumber, 0.5 * np.ones(50), "ref"), sticks=([500.0], [1.0]))
     for name in ("loop.png", "ir.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- refusing driven and thermostatted runs ------------------------------------------------------------------
+def harmonic_run(path, protocol=StaticField((0, 0, 0)), steps=400, settings=None, drop_settings=False):
+    atoms, calculator = harmonic_crystal()
+    atoms.set_momenta(equipartition_momenta(atoms, 300.0))
+    run_md(atoms, calculator, protocol, steps=steps, timestep_fs=1.0, thermostat="nve", interval=10,
+           trajectory_path=path, progress=False)
+    if settings is not None or drop_settings:
+        frames = read_trajectory(path)
+        for key in [key for key in frames[0].info if key.startswith(analysis.SETTINGS_PREFIX)]:
+            del frames[0].info[key]
+        frames[0].info.update(settings or {})
+        import ase.io
+        ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+LANGEVIN = {"md_thermostat": "langevin", "md_temperature_K": 300.0, "md_timestep_fs": 1.0, "md_interval": 10,
+            "md_friction": 0.01, "md_field": json.dumps({"kind": "static", "vector": [0, 0, 0]})}
+
+
+def test_thermostatted_run_is_refused_for_ir_and_accepted_for_fluctuations(tmp_path, capsys):
+    path = harmonic_run(tmp_path / "langevin.xyz", settings=LANGEVIN)
+    assert main(["analyze", "ir", str(path), "--output", str(tmp_path / "ir")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "thermostatted (langevin)" in error and "--allow-driven" in error
+    assert not (tmp_path / "ir.json").exists()
+    assert main(["analyze", "ir", str(path), "--allow-driven", "--output", str(tmp_path / "ir")]) == 0
+    assert any("thermostatted" in note for note in json.loads((tmp_path / "ir.json").read_text())["notes"])
+    # the fluctuation formula wants a canonical run, at the thermostat's target temperature
+    assert main(["analyze", "dielectric", str(path), "--output", str(tmp_path / "eps")]) == 0
+    report = json.loads((tmp_path / "eps.json").read_text())
+    assert report["temperature_K"] == 300.0 and "target" in report["temperature_source"]
+
+
+def test_field_driven_run_is_refused(tmp_path, capsys):
+    path = harmonic_run(tmp_path / "driven.xyz", protocol=CosineField(0.02, 100.0, (0, 0, 1)))
+    for kind in ("ir", "dielectric"):
+        assert main(["analyze", kind, str(path), "--output", str(tmp_path / kind)]) == 2
+        assert "field-driven" in capsys.readouterr().err
+    conditions = analysis.trajectory_conditions(read_trajectory(path))
+    with pytest.raises(analysis.DrivenTrajectoryError):
+        analysis.check_equilibrium_run(conditions, allow_thermostat=True)
+    with pytest.warns(UserWarning, match="field-driven"):
+        analysis.check_equilibrium_run(conditions, allow_thermostat=True, allow_driven=True)
+
+
+def test_unrecorded_settings_give_a_warning(tmp_path):
+    frames = read_trajectory(harmonic_run(tmp_path / "old.xyz", drop_settings=True))
+    with pytest.warns(UserWarning, match="records no thermostat"):
+        assert analysis.check_equilibrium_run(analysis.trajectory_conditions(frames), allow_thermostat=False)
+
+
+def test_hysteresis_command_refuses_a_run_that_does_not_switch(tmp_path, capsys):
+    path = harmonic_run(tmp_path / "cos.xyz", protocol=CosineField(0.02, 100.0, (0, 0, 1)), steps=400)
+    assert main(["analyze", "hysteresis", str(path), "--output", str(tmp_path / "h")]) == 2
+    assert "does not switch" in capsys.readouterr().err
+
+
+# --- bad inputs: one line, exit 2 ---------------------------------------------------------------------------------
+def _restarted_with_another_interval(tmp_path):
+    path = harmonic_run(tmp_path / "restart.xyz", steps=100)
+    frames = read_trajectory(path)
+    atoms, calculator = harmonic_crystal()
+    atoms.set_positions(frames[-1].positions)
+    atoms.set_momenta(frames[-1].get_momenta())
+    extra = tmp_path / "more.xyz"
+    run_md(atoms, calculator, StaticField((0, 0, 0)), steps=100, timestep_fs=1.0, interval=5,
+           trajectory_path=extra, progress=False)
+    more = read_trajectory(extra)[1:]
+    for frame in more:
+        frame.info["time_fs"] += 100.0
+        frame.info["step"] += 100
+    import ase.io
+    ase.io.write(path, more, format="extxyz", append=True)
+    return path
+
+
+def _bad_inputs(tmp_path):
+    good = harmonic_run(tmp_path / "good.xyz")
+    (tmp_path / "structure.cif").write_text("data_x\n_cell_length_a 4\n")
+    (tmp_path / "garbage.xyz").write_text("this is not\nan xyz file at all\n")
+    structure = tmp_path / "plain.xyz"
+    Atoms("H2", positions=[(0, 0, 0), (0, 0, 1)], cell=np.eye(3) * 5, pbc=True).write(structure)
+    (tmp_path / "bad.pt").write_bytes(b"not a model")
+    out = str(tmp_path / "o")
+    return [
+        (["ir", str(tmp_path / "missing.xyz")], "does not exist"),
+        (["ir", str(tmp_path)], "is not a file"),
+        (["ir", str(tmp_path / "structure.cif")], "CIF"),
+        (["ir", str(tmp_path / "garbage.xyz")], "not an extended-XYZ"),
+        (["dielectric", str(structure)], "not a `polmodel md` trajectory"),
+        (["ir", str(good), "--window", "no-such-window"], "--window"),
+        (["ir", str(good), "--max-wavenumber", "-5"], "--max-wavenumber"),
+        (["ir", str(good), "--skip-fs", "1e6"], "frames after --skip-fs"),
+        (["ir", str(good), "--skip-fs", "-1"], "--skip-fs"),
+        (["ir", str(_restarted_with_another_interval(tmp_path))], "another interval"),
+        (["dielectric", str(good), "--blocks", "1"], "--blocks"),
+        (["dielectric", str(good), "--temperature", "0"], "--temperature"),
+        (["dielectric", str(good), "--model", str(tmp_path / "nope.pt")], "does not exist"),
+        (["dielectric", str(good), "--model", str(tmp_path / "bad.pt")], "cannot load the model"),
+        (["hysteresis", str(good), "--discard-cycles", "-1"], "--discard-cycles"),
+        (["modes", str(structure)], "needs --model"),
+        (["modes", str(tmp_path / "missing.cif"), "--model", str(tmp_path / "bad.pt")], "does not exist"),
+        (["ir", str(good), "--output", str(tmp_path / "no" / "such" / "dir" / "x")], "not a writable directory"),
+    ], out
+
+
+def test_bad_inputs_answer_with_one_line_and_exit_2(tmp_path, capsys):
+    table, out = _bad_inputs(tmp_path)
+    capsys.readouterr()
+    for arguments, expected in table:
+        arguments = ["analyze"] + arguments + ([] if "--output" in arguments else ["--output", out])
+        assert main(arguments) == 2, arguments
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("polmodel analyze: "), (arguments, captured.err)
+        assert expected in lines[0], (arguments, lines[0])
+        assert "Traceback" not in captured.err
+
+
+def test_dielectric_command_from_a_small_static_field(tmp_path):
+    """`analyze dielectric FIELD_RUN --zero-field-trajectory ZERO_RUN`: ε0 along the field of the harmonic toy,
+    1 + Σq²/(ε_vac V k) (tests/harmonic_crystal.py)."""
+    from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+
+    at_field = harmonic_run(tmp_path / "field.xyz", protocol=StaticField((0, 0, 0.01)), steps=2000)
+    at_zero = harmonic_run(tmp_path / "zero.xyz", steps=2000)
+    assert main(["analyze", "dielectric", str(at_field), "--zero-field-trajectory", str(at_zero),
+                 "--output", str(tmp_path / "eps")]) == 0
+    report = json.loads((tmp_path / "eps.json").read_text())
+    expected = 1.0 + 2 * 1.5 ** 2 / (EPSILON0_E_PER_V_ANGSTROM * 6.0 ** 3 * 20.0)
+    assert report["epsilon_static_along_field"] == pytest.approx(expected, rel=0.02)
+    # the zero-field run given as TRAJ is not a field run
+    assert main(["analyze", "dielectric", str(at_zero), "--zero-field-trajectory", str(at_zero),
+                 "--output", str(tmp_path / "eps")]) == 2

@@ -171,8 +171,10 @@ def test_md_and_analyze_command_line(model, tmp_path):
           "--field", field, "--interval", "1", "--quiet"])
     frames = read_trajectory(trajectory)
     assert len(frames) == 41
-    for analysis in ("hysteresis", "ir", "dielectric"):
-        main(["analyze", analysis, str(trajectory), "--output", str(tmp_path / analysis)])
+    # an untrained model's P does not switch: the loop is refused; the driven run needs --allow-driven
+    assert main(["analyze", "hysteresis", str(trajectory), "--output", str(tmp_path / "hysteresis")]) == 2
+    for analysis in ("ir", "dielectric"):
+        main(["analyze", analysis, str(trajectory), "--output", str(tmp_path / analysis), "--allow-driven"])
         report = json.loads((tmp_path / f"{analysis}.json").read_text())
         assert (tmp_path / f"{analysis}.png").read_bytes()[:4] == b"\x89PNG"
         assert report["frames"] == 41

@@ -12,7 +12,7 @@ import numpy as np
 from aiida import orm
 from aiida.engine import calcfunction
 
-from polmodel import units
+from polmodel import spectra
 from polmodel.polarization import fold_dipole_difference
 
 # Field runs are labelled <axis>_<sign>; this order is the order of the six finite-field frames.
@@ -92,8 +92,8 @@ def polarizability_from_dipoles(dipoles_plus, dipoles_minus, magnitude):
 
 
 def dielectric_from_polarizability(polarizability, volume):
-    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³."""
-    return np.eye(3) + np.asarray(polarizability) / (units.EPSILON0_E_PER_V_ANGSTROM * volume)
+    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³ (polmodel.spectra holds the formula)."""
+    return spectra.dielectric_from_polarizability(polarizability, volume)
 
 
 def dielectric_defect(dielectric):

@@ -1,0 +1,190 @@
+"""Spectra and static response (DESIGN.md, Amendments, "Spectra and static response"): ε∞ from α, the IR
+absorption coefficient from an NVE dipole time series or from harmonic modes, and ε0 from dipole fluctuations,
+from the mean response to a small static field, or harmonically (polmodel.phonons).
+
+Absolute units. The IR result is the absorption coefficient times the refractive index, α(ω)n(ω), in cm⁻¹,
+orientationally averaged (a powder / unpolarized value: one third of the trace):
+  from MD      α n(ω) = ω (1 − e^{−βħω}) / (6 ħ ε_vac c V) · Q(ω) · C̃_cl(ω),  C̃(ω) = ∫ dt e^{iωt} ⟨δM(0)·δM(t)⟩,
+               Q(ω) = βħω / (1 − e^{−βħω}), the harmonic quantum correction, applied once, to the classical
+               correlation; the product is βω²/(6 ε_vac c V) · C̃_cl(ω), exact for a harmonic crystal;
+  harmonic     ∫ α n dω = π |Z̃_m|² / (6 ε_vac c V) per mode (Z̃_m the mode effective charge), temperature
+               independent, spread over a Lorentzian of chosen width.
+The two agree for a harmonic crystal at any temperature (tests/test_spectra.py checks it on a charged harmonic
+toy crystal run through `polmodel.md.run_md`).
+
+Internal units are ASE's (e·Å, Å³, fs, K, e/√amu); the conversion to SI happens in the two spectrum functions.
+"""
+import math
+
+import numpy as np
+
+from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+
+# SI constants (CODATA 2018), used only to put spectra in absolute units.
+_E = 1.602176634e-19            # C
+_AMU = 1.66053906660e-27        # kg
+_HBAR = 1.054571817e-34         # J s
+_KB = 1.380649e-23              # J/K
+_C = 2.99792458e8               # m/s
+_EPS0 = 8.8541878128e-12        # F/m
+_E_ANGSTROM = _E * 1e-10        # C m
+# 1/fs -> cm⁻¹: ν̃ = f / c.
+INVERSE_FS_IN_WAVENUMBER = 1.0e15 / (100.0 * _C)
+QUANTUM_CORRECTION_STATEMENT = (
+    "harmonic quantum correction Q = βħω/(1−exp(−βħω)) applied once, to the classical dipole correlation in "
+    "α n = ω(1−exp(−βħω))/(6ħ ε_vac c V) · Q · C̃_cl (net: βω²/(6 ε_vac c V) · C̃_cl, exact for a harmonic crystal)"
+)
+
+
+# --- ε∞ ------------------------------------------------------------------------------------------------------
+def dielectric_from_polarizability(polarizability, volume):
+    """ε∞ = 1 + α/(ε_vac Ω): α (..., 3, 3) e·Å²/V, Ω Å³ (a number, or an array/tensor broadcastable against α,
+    e.g. shape (G, 1, 1) for a batch). NumPy arrays or torch tensors; the one home of this formula."""
+    if hasattr(polarizability, "new_tensor"):  # torch: stay on the tensor's device, dtype and graph
+        identity = polarizability.new_tensor(np.eye(3))
+    else:
+        polarizability = np.asarray(polarizability, dtype=float)
+        if polarizability.shape[-2:] != (3, 3):
+            raise ValueError(f"polarizability must be (..., 3, 3), got {polarizability.shape}")
+        if not np.all(np.asarray(volume) > 0):
+            raise ValueError(f"volume must be positive, got {volume}")
+        identity = np.eye(3)
+    return identity + polarizability / (EPSILON0_E_PER_V_ANGSTROM * volume)
+
+
+# --- quantum correction ----------------------------------------------------------------------------------------
+def harmonic_quantum_correction(wavenumber, temperature_K):
+    """Q(ν̃) = x / (1 − e^{−x}), x = βħω = hcν̃/(k_B T); Q(0) = 1."""
+    x = np.asarray(wavenumber, dtype=float) * 100.0 * 2.0 * math.pi * _C * _HBAR / (_KB * temperature_K)
+    safe = np.where(x == 0.0, 1.0, x)
+    return np.where(x == 0.0, 1.0, safe / -np.expm1(-safe))
+
+
+# --- IR from MD ------------------------------------------------------------------------------------------------
+def dipole_autocorrelation(dipoles):
+    """C(τ) = ⟨δM(0)·δM(τ)⟩ (e·Å)², τ = 0..T−1 frames, with the mean removed, the three components summed and
+    the unbiased normalization 1/(T − τ)."""
+    from scipy import signal
+
+    fluctuation = np.asarray(dipoles, dtype=float)
+    fluctuation = fluctuation - fluctuation.mean(axis=0)
+    count = len(fluctuation)
+    total = np.zeros(count)
+    for column in fluctuation.T:
+        total += signal.correlate(column, column, mode="full", method="fft")[count - 1:]
+    return total / np.arange(count, 0, -1)
+
+
+def ir_absorption_from_dipoles(dipoles, timestep_fs, volume, temperature_K, *, window="hann",
+                               max_lag_fraction=0.5, zero_padding=4):
+    """IR absorption α(ν̃)n(ν̃) in cm⁻¹ from the cell dipole of an NVE run at zero field.
+
+    dipoles (T, 3) e·Å, one sample every `timestep_fs` fs (the frame interval: ω²·FT M is exact up to the
+    Nyquist wavenumber 1/(2 Δt c), unlike a finite-difference Ṁ, which attenuates a band at ν̃ by
+    sinc²(2πcν̃Δt)); volume Å³; temperature_K the run's temperature (for NVE, its mean kinetic temperature).
+    The correlation is cut at `max_lag_fraction` of the run, multiplied by the decaying half of `window` (a
+    scipy.signal window name; the window keeps each band's integrated intensity) and zero padded.
+
+    Returns a dict: wavenumber (cm⁻¹), absorption (cm⁻¹), quantum_correction (Q(ν̃) applied), nyquist_cm-1,
+    resolution_cm-1 (the window's lag range), statement (how the correction entered).
+    """
+    from scipy import signal
+
+    dipoles = np.asarray(dipoles, dtype=float)
+    if dipoles.ndim != 2 or dipoles.shape[1] != 3 or dipoles.shape[0] < 8:
+        raise ValueError(f"dipoles must be a (T, 3) series with T >= 8, got shape {dipoles.shape}")
+    if not timestep_fs > 0:
+        raise ValueError(f"timestep_fs must be positive, got {timestep_fs}")
+    if not (volume > 0 and temperature_K > 0):
+        raise ValueError(f"volume and temperature must be positive, got {volume}, {temperature_K}")
+    if not 0 < max_lag_fraction <= 1:
+        raise ValueError(f"max_lag_fraction must be in (0, 1], got {max_lag_fraction}")
+    lags = max(int(len(dipoles) * max_lag_fraction), 4)
+    try:
+        taper = signal.get_window(window, 2 * lags, fftbins=False)[lags:]
+    except ValueError as error:
+        raise ValueError(f"unknown window {window!r}: {error}") from None
+    correlation = dipole_autocorrelation(dipoles)[:lags] * taper
+    length = zero_padding * 2 * lags
+    # C(τ) is even: its transform is twice the one-sided cosine sum minus the τ = 0 term.
+    timestep_s = timestep_fs * 1e-15
+    transform = timestep_s * (2.0 * np.fft.rfft(correlation, n=length).real - correlation[0]) * _E_ANGSTROM ** 2
+    frequency = np.fft.rfftfreq(length, d=timestep_fs)  # 1/fs
+    omega = 2.0 * math.pi * frequency * 1e15            # rad/s
+    wavenumber = frequency * INVERSE_FS_IN_WAVENUMBER
+    x = _HBAR * omega / (_KB * temperature_K)
+    correction = harmonic_quantum_correction(wavenumber, temperature_K)
+    quantum_prefactor = omega * -np.expm1(-x) / (6.0 * _HBAR * _EPS0 * _C * volume * 1e-30)
+    absorption = quantum_prefactor * correction * transform / 100.0  # 1/m → 1/cm
+    return {"wavenumber": wavenumber, "absorption": absorption, "quantum_correction": correction,
+            "nyquist_cm-1": 0.5 / timestep_fs * INVERSE_FS_IN_WAVENUMBER,
+            "resolution_cm-1": INVERSE_FS_IN_WAVENUMBER / (lags * timestep_fs),
+            "statement": QUANTUM_CORRECTION_STATEMENT}
+
+
+# --- harmonic IR ---------------------------------------------------------------------------------------------
+def harmonic_integrated_absorption(mode_charges, volume):
+    """∫ α n dν̃ (cm⁻²) of each mode: |Z̃_m|² / (12 ε_vac c² V); mode_charges (M, 3) e/√amu, V Å³."""
+    squared = np.sum(np.asarray(mode_charges, dtype=float) ** 2, axis=-1) * _E ** 2 / _AMU
+    return squared / (12.0 * _EPS0 * _C ** 2 * volume * 1e-30) * 1e-4
+
+
+def harmonic_ir_absorption(mode_wavenumbers, mode_charges, volume, wavenumber, *, fwhm=10.0):
+    """α n(ν̃) (cm⁻¹) on the grid `wavenumber` (cm⁻¹): each mode's integrated absorption on a Lorentzian of
+    full width `fwhm` cm⁻¹ (area-normalized in ν̃). Modes with ν̃ ≤ 0 are left out."""
+    mode_wavenumbers = np.asarray(mode_wavenumbers, dtype=float)
+    weights = harmonic_integrated_absorption(mode_charges, volume)
+    wavenumber = np.asarray(wavenumber, dtype=float)
+    half = 0.5 * fwhm
+    result = np.zeros_like(wavenumber)
+    for center, weight in zip(mode_wavenumbers, weights):
+        if center > 0:
+            result += weight * half / math.pi / ((wavenumber - center) ** 2 + half ** 2)
+    return result
+
+
+# --- static dielectric constant ------------------------------------------------------------------------------
+def block_error(values, blocks):
+    """Standard error of the mean of a correlated series (T, ...) from `blocks` contiguous block means."""
+    values = np.asarray(values, dtype=float)
+    if blocks < 2 or len(values) < blocks:
+        raise ValueError(f"need at least 2 blocks and one sample per block, got {blocks} blocks, {len(values)} samples")
+    means = np.array([chunk.mean(axis=0) for chunk in np.array_split(values, blocks)])
+    return means.std(axis=0, ddof=1) / math.sqrt(blocks)
+
+
+def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_inf=1.0, *, blocks=8):
+    """ε0_ab = ε∞_ab + (⟨M_a M_b⟩ − ⟨M_a⟩⟨M_b⟩) / (ε_vac Ω k_B T) (tin-foil boundary), with its block error.
+
+    dipoles (T, 3) e·Å from a canonical run at zero field (continuous: the model's dipole is); volume Å³;
+    temperature_K the thermostat's target; epsilon_inf scalar or (3, 3). The error bar is the standard error of
+    the mean of δM_a δM_b over `blocks` contiguous blocks (δM about the whole run's mean): it is honest only
+    when a block is much longer than the dipole's correlation time. Returns (ε0 (3, 3), error (3, 3)).
+    """
+    from polmodel.phonons import as_dielectric_tensor
+
+    dipoles = np.asarray(dipoles, dtype=float)
+    if dipoles.ndim != 2 or dipoles.shape[1] != 3 or len(dipoles) < 2:
+        raise ValueError(f"dipoles must be a (T, 3) series with T >= 2, got shape {dipoles.shape}")
+    if not (volume > 0 and temperature_K > 0):
+        raise ValueError(f"volume and temperature must be positive, got {volume}, {temperature_K}")
+    fluctuation = dipoles - dipoles.mean(axis=0)
+    products = np.einsum("ta,tb->tab", fluctuation, fluctuation)
+    scale = EPSILON0_E_PER_V_ANGSTROM * volume * 8.617333262e-5 * temperature_K  # k_B in eV/K
+    return as_dielectric_tensor(epsilon_inf) + products.mean(axis=0) / scale, block_error(products, blocks) / scale
+
+
+def static_dielectric_from_field(dipoles_at_field, dipoles_at_zero_field, field, volume, *, blocks=8):
+    """ε0 · ε̂ = ε̂ + ⟨ΔM⟩ / (ε_vac Ω |ε|): the column of ε0 along a small static field `field` (3,) V/Å, from
+    the mean cell dipole (e·Å) of a run at that field and of one at zero field (same cell, same branch).
+    Electronic and ionic response both sit in ⟨ΔM⟩. Returns (column (3,), error (3,))."""
+    field = np.asarray(field, dtype=float)
+    magnitude = float(np.linalg.norm(field))
+    if magnitude == 0.0:
+        raise ValueError("the field must be nonzero")
+    at_field = np.asarray(dipoles_at_field, dtype=float)
+    at_zero = np.asarray(dipoles_at_zero_field, dtype=float)
+    scale = EPSILON0_E_PER_V_ANGSTROM * volume * magnitude
+    change = at_field.mean(axis=0) - at_zero.mean(axis=0)
+    error = np.hypot(block_error(at_field, blocks), block_error(at_zero, blocks)) / scale
+    return field / magnitude + change / scale, error
