@@ -321,3 +321,48 @@ def test_questions_on_ten_iteration_loop_postgresql(throwaway_postgres_database,
         with capsys.disabled():
             check_questions_on_loop(graph)
         check_cli_on_loop(graph, profile.name, capsys)
+
+
+def test_graph_of_ten_iteration_loop(ten_iteration_loop, aiida_profile, tmp_path, capsys):
+    """`polmodel provenance graph`: one box per labelling, training and exploration, pw.x runs counted, fast."""
+    from polmodel.cli import main
+
+    graph = ten_iteration_loop
+    dot_file, svg_file = tmp_path / "loop.dot", tmp_path / "loop.svg"
+    status, seconds = timed(main, ["provenance", "--profile", aiida_profile.name, "graph", str(graph.models[-1].pk),
+                                   "--output", str(dot_file)])
+    assert status == 0 and f"ActiveLearningWorkChain<{graph.loop.pk}>" in capsys.readouterr().out
+    text = dot_file.read_text()
+    names = re.findall(r"^\s*(\w+) \[", text, flags=re.MULTILINE)
+    edges = set(re.findall(r"^\s*(\w+) -> (\w+)", text, flags=re.MULTILINE))
+    steps = [name for name in names if name.startswith(("labelling_", "training_", "exploration_"))]
+    assert sorted(steps) == sorted([f"labelling_{i}" for i in range(10)] + [f"training_{i}" for i in range(1, 11)]
+                                   + [f"exploration_{i}" for i in range(1, 11)])
+    assert len(names) <= 70  # 30 steps, 10 datasets, 10 models, 10 candidate sets, the structures
+    assert f"{len(graph.pw_runs)} pw.x runs" in text  # counted, not drawn
+    assert text.count("20 pw.x runs") == 10  # each labelling: 2 structures x 10 runs
+    for iteration in range(1, 11):
+        dataset, model = graph.datasets[iteration - 1], graph.models[iteration - 1]
+        candidates = graph.candidates[iteration - 1]
+        assert {(f"N{dataset.pk}", f"training_{iteration}"), (f"training_{iteration}", f"N{model.pk}"),
+                (f"N{model.pk}", f"exploration_{iteration}"), (f"exploration_{iteration}", f"N{candidates.pk}"),
+                (f"labelling_{iteration - 1}", f"N{dataset.pk}")} <= edges
+        if iteration < 10:
+            assert (f"N{candidates.pk}", f"labelling_{iteration}") in edges
+            assert (f"N{dataset.pk}", f"N{graph.datasets[iteration].pk}") in edges
+    assert 'penwidth=3' in text.split(f"N{graph.models[-1].pk} [")[1].split("]")[0]  # the model asked about
+    status, svg_seconds = timed(main, ["provenance", "--profile", aiida_profile.name, "graph", str(graph.loop.pk),
+                                       "--output", str(svg_file)])
+    assert status == 0 and svg_file.read_text().lstrip().startswith(("<?xml", "<svg"))
+    with capsys.disabled():
+        print(f"graph: {len(names)} nodes; .dot {seconds:.2f} s, .svg (with graphviz dot) {svg_seconds:.2f} s")
+    assert max(seconds, svg_seconds) < TIME_BOUND_S
+
+
+def test_graph_refuses_other_nodes(provenance_graph, aiida_profile, capsys):
+    from polmodel.cli import main
+
+    assert main(["provenance", "--profile", aiida_profile.name, "graph", str(provenance_graph["model"].pk)]) == 2
+    assert "not trained by an active-learning loop" in capsys.readouterr().err
+    assert main(["provenance", "graph", "1", "--output", "loop.jpeg"]) == 2
+    assert "--output loop.jpeg" in capsys.readouterr().err

@@ -12,6 +12,8 @@ recursive query that enumerates *paths*; the loop's merged datasets, each made f
 labels of structures the previous model chose, give a number of paths that grows geometrically with the
 iterations (a 3-iteration demo did not answer within 5 minutes).
 """
+import re
+
 from aiida import orm
 from aiida.common.links import LinkType
 from aiida.manage import get_manager
@@ -227,3 +229,211 @@ def format_calculations(nodes):
         label = call_labels.get(node.pk, "-")
         lines.append(f"{node.pk:>6}  {node.uuid}  {str(node.exit_status):>4}  {formula:10}  {label}")
     return "\n".join(lines)
+
+
+# --- a drawing a person can read ------------------------------------------------------------------------------
+
+ACTIVE_LEARNING_LABEL = "ActiveLearningWorkChain"
+# the loop's call-link labels of its steps (ActiveLearningWorkChain.submit_labels / run_train / run_explore)
+_STEP_PATTERNS = (
+    ("labelling", re.compile(r"^label_initial_"), 0),
+    ("labelling", re.compile(r"^label_iter(\d+)_"), None),
+    ("training", re.compile(r"^train_iteration_(\d+)$"), None),
+    ("exploration", re.compile(r"^explore_iteration_(\d+)$"), None),
+)
+
+
+def _is_loop(node):
+    return isinstance(node, orm.WorkChainNode) and node.process_label == ACTIVE_LEARNING_LABEL
+
+
+def find_loop(identifier):
+    """The ActiveLearningWorkChain `identifier` names, or the one whose training made the model it names."""
+    node = identifier if isinstance(identifier, orm.Node) else orm.load_node(identifier)
+    if _is_loop(node):
+        return node
+    if isinstance(node, ModelData):
+        caller = node.creator
+        while caller is not None:
+            if _is_loop(caller):
+                return caller
+            caller = caller.caller
+        raise TypeError(f"ModelData {node.pk} was not trained by an active-learning loop")
+    raise TypeError(f"node {node.pk} is a {type(node).__name__}, neither an ActiveLearningWorkChain nor a ModelData")
+
+
+def _step_of(call_label):
+    """(kind, iteration) of a loop step from its call-link label, or None for the loop's own calcfunctions."""
+    for kind, pattern, iteration in _STEP_PATTERNS:
+        match = pattern.match(call_label)
+        if match:
+            return kind, iteration if iteration is not None else int(match.group(1))
+    return None
+
+
+def _node_facts(pks, *fields):
+    """`{pk: {field: value}}` for the projected `fields` of the nodes `pks` (one query per chunk)."""
+    facts = {}
+    for chunk in _chunks(pks):
+        builder = orm.QueryBuilder().append(orm.Node, filters={"id": {"in": chunk}}, project=["id", *fields])
+        facts.update((row[0], dict(zip(fields, row[1:]))) for row in builder.iterall())
+    return facts
+
+
+def loop_summary(loop):
+    """The loop's steps and the data between them, summarised: `(steps, data, edges)`.
+
+    steps: `{(kind, iteration): {"members": [pk], "pw_runs": n, "failed_pw_runs": n, "calculations": n}}`, one per
+    labelling / training / exploration of each iteration; data: `{pk: facts}` for the datasets, models and
+    candidate sets passed between steps and the loop's structure inputs; edges: `{(source, target): n}` where a
+    source or target is a step key or a data pk, n the number of links it stands for. The loop's own
+    calcfunctions (merges, candidate structures, summaries) are not drawn: their inputs link to their outputs.
+    """
+    loop = find_loop(loop)
+    with _one_transaction():
+        children = linked_pks({loop.pk}, CALL_LINKS, upstream=False)
+        step_of_child = {child: _step_of(label) for _, child, label in children}
+        glue = {child for child, step in step_of_child.items() if step is None}
+        steps = {}
+        for child, step in step_of_child.items():
+            if step is not None:
+                steps.setdefault(step, {"members": [], "pw_runs": 0, "failed_pw_runs": 0, "calculations": 0})
+                steps[step]["members"].append(child)
+        # every process under each step, by breadth-first walk over call links, remembering the step
+        owner = {child: step for child, step in step_of_child.items() if step is not None}
+        frontier = set(owner)
+        while frontier:
+            called = linked_pks(frontier, CALL_LINKS, upstream=False)
+            frontier = set()
+            for parent, child, _ in called:
+                if child not in owner:
+                    owner[child] = owner[parent]
+                    frontier.add(child)
+        for pk, facts in _node_facts(set(owner), "node_type", "process_type", "attributes.exit_status").items():
+            step = steps[owner[pk]]
+            if facts["node_type"].startswith("process.calculation.calcjob."):
+                step["calculations"] += 1
+            if facts["process_type"] == PW_PROCESS_TYPE:
+                step["pw_runs"] += 1
+                step["failed_pw_runs"] += facts["attributes.exit_status"] not in (0, None)
+
+        tops = {pk: step for pk, step in owner.items() if pk in step_of_child}
+        step_inputs = linked_pks(set(tops), (LinkType.INPUT_WORK, LinkType.INPUT_CALC), upstream=True)
+        step_outputs = linked_pks(set(tops), (LinkType.RETURN, LinkType.CREATE), upstream=False)
+        glue_inputs = linked_pks(glue, (LinkType.INPUT_CALC,), upstream=True)
+        glue_outputs = linked_pks(glue, (LinkType.CREATE,), upstream=False)
+        loop_inputs = linked_pks({loop.pk}, (LinkType.INPUT_WORK,), upstream=True)
+        involved = ({data for _, data, _ in step_inputs | step_outputs | glue_inputs | glue_outputs | loop_inputs})
+        facts = _node_facts(involved, "node_type", "attributes.count", "attributes.ensemble_size")
+
+    # a labelling's frame sets are summed up in its step; the merged datasets after it are drawn
+    labelled = {output for top, output, _ in step_outputs if tops[top][0] == "labelling"}
+    loop_input_pks = {source for _, source, _ in loop_inputs}
+
+    def drawn(pk):
+        kind = facts[pk]["node_type"]
+        return (kind.endswith(("FramesData.", "ModelData.")) and pk not in labelled) or (
+            kind.endswith("StructureData.") and pk in loop_input_pks)
+
+    data = {pk: facts[pk] for pk in involved if drawn(pk)}
+    produced_by = {}  # undrawn data -> the steps that returned it
+    for top, output, _ in step_outputs:
+        produced_by.setdefault(output, set()).add(tops[top])
+    consumed_by = {}  # undrawn data -> the steps that took it
+    for top, source, _ in step_inputs:
+        consumed_by.setdefault(source, set()).add(tops[top])
+    edges = {}
+
+    def add(source, target):
+        edges[(source, target)] = edges.get((source, target), 0) + 1
+
+    for top, source, _ in step_inputs:
+        if source in data:
+            add(source, tops[top])
+    for top, output, _ in step_outputs:
+        if output in data:
+            add(tops[top], output)
+    glue_in, glue_out = {}, {}
+    for function, source, _ in glue_inputs:
+        glue_in.setdefault(function, set()).add(source)
+    for function, output, _ in glue_outputs:
+        glue_out.setdefault(function, set()).add(output)
+    for function in glue:
+        sources = [(s,) if s in data else tuple(produced_by.get(s, ())) for s in glue_in.get(function, ())]
+        targets = [(t,) if t in data else tuple(consumed_by.get(t, ())) for t in glue_out.get(function, ())]
+        for source in (s for group in sources for s in group):
+            for target in {t for group in targets for t in group}:
+                add(source, target)
+    # collapse the loop's structure inputs into one node
+    structures = sorted(pk for pk in data if data[pk]["node_type"].endswith("StructureData."))
+    if structures:
+        key = ("structures", len(structures))
+        for (source, target), count in list(edges.items()):
+            if source in structures:
+                del edges[(source, target)]
+                edges[(key, target)] = edges.get((key, target), 0) + count
+        for pk in structures:
+            del data[pk]
+        data[key] = {"node_type": "structures", "count": len(structures)}
+    return steps, data, edges
+
+
+def _step_label(step, facts):
+    kind, iteration = step
+    lines = [f"{kind} {iteration}"]
+    if kind == "labelling":
+        lines.append(f"{len(facts['members'])} structure(s)")
+        failed = f" ({facts['failed_pw_runs']} failed)" if facts["failed_pw_runs"] else ""
+        lines.append(f"{facts['pw_runs']} pw.x runs{failed}")
+    elif kind == "exploration":
+        lines.append(f"{facts['calculations']} MD run(s)")
+    else:
+        lines.append(f"{facts['calculations']} training job(s)")
+    lines.append(" ".join(f"<{pk}>" for pk in sorted(facts["members"])[:3]) + (" ..." if len(facts["members"]) > 3 else ""))
+    return "\n".join(lines)
+
+
+def _data_label(pk, facts):
+    kind = facts["node_type"]
+    if kind == "structures":
+        return f"{facts['count']} initial structure(s)"
+    if kind.endswith("ModelData."):
+        return f"ModelData<{pk}>\nensemble of {facts['attributes.ensemble_size']}"
+    return f"FramesData<{pk}>\n{facts['attributes.count']} frame(s)"
+
+
+def loop_graph(loop, highlight=None):
+    """A graphviz Digraph of `loop_summary(loop)`: steps as boxes, data as ellipses, `highlight` (a pk) in bold."""
+    import graphviz
+
+    steps, data, edges = loop_summary(loop)
+    loop = find_loop(loop)
+    pw_runs = sum(facts["pw_runs"] for facts in steps.values())
+    graph = graphviz.Digraph(name=f"loop_{loop.pk}", graph_attr={
+        "rankdir": "TB", "label": f"ActiveLearningWorkChain<{loop.pk}>: {sum(kind == 'training' for kind, _ in steps)} iteration(s), "
+        f"{pw_runs} pw.x runs", "labelloc": "t", "fontname": "Helvetica"},
+        node_attr={"fontname": "Helvetica", "fontsize": "10"}, edge_attr={"fontname": "Helvetica", "fontsize": "9"})
+    colours = {"labelling": "#fde0c5", "training": "#c6dbef", "exploration": "#c7e9c0"}
+    name = lambda key: "_".join(map(str, key)) if isinstance(key, tuple) else f"N{key}"  # noqa: E731
+    for step, facts in sorted(steps.items(), key=lambda item: (item[0][1], item[0][0])):
+        graph.node(name(step), _step_label(step, facts), shape="box", style="rounded,filled", fillcolor=colours[step[0]])
+    for pk, facts in data.items():
+        bold = {"penwidth": "3", "color": "#b2182b"} if pk == highlight else {}
+        graph.node(name(pk), _data_label(pk, facts), shape="ellipse", **bold)
+    for (source, target), count in sorted(edges.items(), key=str):
+        graph.edge(name(source), name(target), label=f"×{count}" if count > 1 else "")
+    return graph
+
+
+def draw_loop(loop_or_model, output):
+    """Render the drawing of the loop `loop_or_model` names into `output` (.png, .svg, .pdf or .dot)."""
+    import pathlib
+
+    node = loop_or_model if isinstance(loop_or_model, orm.Node) else orm.load_node(loop_or_model)
+    graph = loop_graph(node, highlight=node.pk if isinstance(node, ModelData) else None)
+    output = pathlib.Path(output)
+    if output.suffix == ".dot":
+        output.write_text(graph.source)
+    else:
+        graph.render(outfile=str(output), cleanup=True)
+    return graph
