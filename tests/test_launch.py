@@ -142,6 +142,16 @@ def test_launch_field_response_and_dfpt(structure_files, pw_code, ph_code, pseud
     assert_same_structure(dfpt.structure, response.structure)
 
 
+def test_field_response_builder_takes_pymatgen_and_ase(pw_code, pseudo_family):
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    from_pymatgen = FieldResponseWorkChain.get_builder_from_protocol(pw_code, pymatgen_batio3(), protocol="fast")
+    from_ase = FieldResponseWorkChain.get_builder_from_protocol(
+        pw_code, batio3_atoms(displacement=0.05, seed=3), protocol="fast")
+    assert_same_structure(from_pymatgen.structure, from_ase.structure)
+    assert plain(from_pymatgen.scf.pw.parameters) == plain(from_ase.scf.pw.parameters)
+
+
 def test_launch_refuses_bad_input(structure_files, tmp_path, pw_code, polmodel_code, capsys, aiida_profile):
     from polmodel.cli import main
 
