@@ -1,6 +1,5 @@
 """Structures in (StructureData, ase.Atoms, pymatgen Structure, files), the active-learning protocols and
 `polmodel launch`."""
-import json
 import re
 import subprocess
 import sys

@@ -307,22 +307,6 @@ def test_cli_on_ten_iteration_loop(ten_iteration_loop, aiida_profile, capsys):
     check_cli_on_loop(ten_iteration_loop, aiida_profile.name, capsys)
 
 
-@pytest.mark.postgres
-@pytest.mark.slow
-def test_questions_on_ten_iteration_loop_postgresql(throwaway_postgres_database, aiida_config, aiida_profile_factory,
-                                                    tmp_path, capsys):
-    """The same questions and CLI on core.psql_dos (the production storage), in a profile of its own."""
-    database = throwaway_postgres_database
-    storage = {"database_engine": "postgresql_psycopg", "database_hostname": "localhost", "database_port": 5432,
-               "database_name": database["name"], "database_username": database["username"],
-               "database_password": database["password"], "repository_uri": (tmp_path / "repository").as_uri()}
-    with aiida_profile_factory(aiida_config, storage_backend="core.psql_dos", storage_config=storage) as profile:
-        graph = make_fake_loop()
-        with capsys.disabled():
-            check_questions_on_loop(graph)
-        check_cli_on_loop(graph, profile.name, capsys)
-
-
 def test_graph_of_ten_iteration_loop(ten_iteration_loop, aiida_profile, tmp_path, capsys):
     """`polmodel provenance graph`: one box per labelling, training and exploration, pw.x runs counted, fast."""
     from polmodel.cli import main
@@ -366,3 +350,21 @@ def test_graph_refuses_other_nodes(provenance_graph, aiida_profile, capsys):
     assert "not trained by an active-learning loop" in capsys.readouterr().err
     assert main(["provenance", "graph", "1", "--output", "loop.jpeg"]) == 2
     assert "--output loop.jpeg" in capsys.readouterr().err
+
+
+# last in the module: switching to the PostgreSQL profile and back closes the storage the module fixture's nodes
+# were loaded from
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_questions_on_ten_iteration_loop_postgresql(throwaway_postgres_database, aiida_config, aiida_profile_factory,
+                                                    tmp_path, capsys):
+    """The same questions and CLI on core.psql_dos (the production storage), in a profile of its own."""
+    database = throwaway_postgres_database
+    storage = {"database_engine": "postgresql_psycopg", "database_hostname": "localhost", "database_port": 5432,
+               "database_name": database["name"], "database_username": database["username"],
+               "database_password": database["password"], "repository_uri": (tmp_path / "repository").as_uri()}
+    with aiida_profile_factory(aiida_config, storage_backend="core.psql_dos", storage_config=storage) as profile:
+        graph = make_fake_loop()
+        with capsys.disabled():
+            check_questions_on_loop(graph)
+        check_cli_on_loop(graph, profile.name, capsys)

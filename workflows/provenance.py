@@ -77,21 +77,14 @@ def data_ancestors(node):
     return walk({node.pk}, DATA_PROVENANCE_LINKS, upstream=True)
 
 
-def called_descendants(pks):
-    """The pks of every process called, directly or not, by the workflows `pks`."""
-    return walk(set(pks), CALL_LINKS, upstream=False)
-
-
-def nodes_by_pk(pks, node_class=orm.Node, filters=None, order_by_ctime=True):
+def nodes_by_pk(pks, node_class=orm.Node, filters=None):
     """The stored nodes of class `node_class` among `pks` (with extra `filters`), oldest first."""
     nodes = []
     for chunk in _chunks(pks):
         builder = orm.QueryBuilder()
         builder.append(node_class, filters={"id": {"in": chunk}, **(filters or {})}, project="*")
         nodes.extend(builder.all(flat=True))
-    if order_by_ctime:
-        nodes.sort(key=lambda node: (node.ctime, node.pk))
-    return nodes
+    return sorted(nodes, key=lambda node: (node.ctime, node.pk))
 
 
 def load_model(identifier):
