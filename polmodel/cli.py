@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "md": "polmodel.md_cli",
     "analyze": "polmodel.analysis_cli",
     "provenance": "polmodel.provenance_cli",
+    "launch": "polmodel.launch_cli",
 }
 
 

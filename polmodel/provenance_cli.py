@@ -1,10 +1,11 @@
-"""Ask the AiiDA provenance graph about models and frames (`polmodel provenance pw-runs|models|learning-curve`).
+"""Ask the AiiDA provenance graph about models and frames (`polmodel provenance pw-runs|models|learning-curve|graph`).
 
 Examples:
     polmodel provenance pw-runs 1234              # which pw.x runs fed model 1234
     polmodel provenance models --frames 567       # which models were trained on FramesData 567
     polmodel provenance models --source UUID      # ... on the frames labelled by node UUID (frame info 'source')
     polmodel provenance learning-curve 890        # the iterations of active-learning loop 890
+    polmodel provenance graph 890 --output loop.svg   # loop 890 drawn: one box per labelling/training/exploration
 """
 import sys
 
@@ -20,9 +21,19 @@ def add_arguments(parser):
     which.add_argument("--source", help="UUID in a frame's info['source'] (the node that produced the label)")
     curve = sub.add_parser("learning-curve", help="dataset size, validation errors, candidate fraction per iteration")
     curve.add_argument("workchain", help="pk or UUID of an ActiveLearningWorkChain")
+    graph = sub.add_parser("graph", help="draw a loop: each iteration's labelling, training, exploration as one node")
+    graph.add_argument("node", help="pk or UUID of an ActiveLearningWorkChain, or of a ModelData one of its trainings made")
+    graph.add_argument("--output", default=None, help="FILE.svg, .png, .pdf or .dot (default: loop_<pk>.svg)")
+
+
+GRAPH_FORMATS = (".svg", ".png", ".pdf", ".dot")
 
 
 def run(args):
+    from polmodel.cli import InputError
+
+    if args.question == "graph" and args.output and not args.output.endswith(GRAPH_FORMATS):
+        raise InputError(f"--output {args.output}: the drawing is written as {', '.join(GRAPH_FORMATS)}")
     # AiiDA is imported here only: `import polmodel` and the other sub-commands never need it.
     from aiida import load_profile
     from aiida.common.exceptions import MultipleObjectsError, NotExistent
@@ -41,8 +52,13 @@ def run(args):
             print(f"{len(models)} model(s) trained on it:")
             for model in models:
                 print(f"{model.pk:>6}  {model.uuid}  {model.kind} x{model.ensemble_size}  {model.ctime:%Y-%m-%d %H:%M}")
-        else:
+        elif args.question == "learning-curve":
             print(provenance.format_learning_curve(provenance.learning_curve(args.workchain)))
+        else:
+            loop = provenance.find_loop(args.node)
+            output = args.output or f"loop_{loop.pk}.svg"
+            provenance.draw_loop(args.node, output)
+            print(f"wrote {output} (ActiveLearningWorkChain<{loop.pk}>)")
     except (NotExistent, MultipleObjectsError, TypeError) as error:
         print(f"polmodel provenance: {error}", file=sys.stderr)
         return 2

@@ -6,15 +6,18 @@ pw.x CalcJob -> ArrayData -> frames calcfunction -> FramesData -> merge_frames -
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aiida import orm
+from aiida.common.exceptions import NotExistent
 from aiida.common.links import LinkType
 from aiida.engine import calcfunction
 
 from fixtures_al import labelled_frames
+from test_setup_profiles import throwaway_postgres_database  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.aiida
 
@@ -150,3 +153,218 @@ def test_verdi_graph_shows_the_chain(provenance_graph, aiida_profile, tmp_path):
                     reached.add(b)
                     frontier.append(b)
         assert graph["model"].pk in reached
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The questions at the size of a 10-iteration loop (tests/fake_loop_graph.py), against a plain walk
+# --------------------------------------------------------------------------------------------------------------
+
+#: issue 16: every provenance helper and CLI answers on a 10-iteration loop in under 10 s
+TIME_BOUND_S = 10.0
+
+
+class ReferenceGraph:
+    """The whole graph read into memory (every node's type, every link), for plain breadth-first walks one node at
+    a time, written independently of the batched queries under test."""
+
+    def __init__(self):
+        builder = orm.QueryBuilder().append(
+            orm.Node, project=["id", "node_type", "process_type", "attributes.process_label", "ctime"])
+        self.nodes = {pk: {"node_type": node_type, "process_type": process_type, "process_label": label, "ctime": ctime}
+                      for pk, node_type, process_type, label, ctime in builder.iterall()}
+        builder = orm.QueryBuilder().append(orm.Node, tag="source", project="id")
+        builder.append(orm.Node, with_incoming="source", project="id", edge_project="type")
+        self.inputs, self.outputs = {}, {}
+        for source, target, link_type in builder.iterall():
+            self.inputs.setdefault(target, []).append((source, link_type))
+            self.outputs.setdefault(source, []).append((target, link_type))
+
+    def ancestors(self, pk):
+        """Nodes reached backwards from `pk` along input_calc and create links."""
+        seen, queue = set(), [pk]
+        while queue:
+            current = queue.pop(0)
+            for source, link_type in self.inputs.get(current, []):
+                if link_type in ("input_calc", "create") and source not in seen:
+                    seen.add(source)
+                    queue.append(source)
+        return seen
+
+    def pw_runs_of(self, pk):
+        runs = [node for node in self.ancestors(pk)
+                if self.nodes[node]["process_type"] == "aiida.calculations:quantumespresso.pw"]
+        return sorted(runs, key=lambda node: (self.nodes[node]["ctime"], node))
+
+    def models_trained_by(self, frame_set_pks):
+        """Forward through merge_frames calls to every FramesData made from the sets, then the models their
+        TrainCalculations created."""
+        seen, queue, models = set(frame_set_pks), list(frame_set_pks), set()
+        while queue:
+            current = queue.pop(0)
+            for process, link_type in self.outputs.get(current, []):
+                if link_type != "input_calc":
+                    continue
+                for created, created_type in self.outputs.get(process, []):
+                    if created_type != "create":
+                        continue
+                    kind = self.nodes[created]["node_type"]
+                    if self.nodes[process]["process_label"] == "merge_frames" and kind.endswith("FramesData."):
+                        if created not in seen:
+                            seen.add(created)
+                            queue.append(created)
+                    elif (self.nodes[process]["process_type"] == "aiida.calculations:polmodel.train"
+                          and kind.endswith("ModelData.")):
+                        models.add(created)
+        return models
+
+
+def timed(function, *args):
+    start = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - start
+
+
+def make_fake_loop(iterations=10):
+    from fake_loop_graph import FakeLoopGraph
+
+    try:
+        computer = orm.load_computer("fake-cluster")
+    except NotExistent:
+        computer = orm.Computer(label="fake-cluster", hostname="localhost", transport_type="core.local",
+                                scheduler_type="core.direct", workdir="/tmp/fake-cluster").store()
+    start = time.perf_counter()
+    graph = FakeLoopGraph(computer, iterations=iterations)
+    print(f"built a fake {iterations}-iteration loop: {len(graph.pw_runs)} pw.x runs in "
+          f"{time.perf_counter() - start:.1f} s")
+    return graph
+
+
+@pytest.fixture(scope="module")
+def ten_iteration_loop(aiida_profile):
+    return make_fake_loop()
+
+
+def check_questions_on_loop(graph):
+    """Every question against the plain walk, each within TIME_BOUND_S (the measured time is printed)."""
+    from polmodel.workflows.provenance import (learning_curve, models_trained_by, models_trained_by_source,
+                                               pw_runs_for_model)
+
+    assert len(graph.pw_runs) >= 200
+    timings = {}
+    reference = ReferenceGraph()
+    for name, model in (("final model", graph.models[-1]), ("model 3", graph.models[2])):
+        runs, timings[f"pw_runs_for_model({name})"] = timed(pw_runs_for_model, model)
+        assert [run.pk for run in runs] == reference.pw_runs_of(model.pk)
+    # the final model saw every label; model 3 only those of the rounds before it was trained
+    assert len(pw_runs_for_model(graph.models[-1])) == len(graph.pw_runs)
+    assert len(pw_runs_for_model(graph.models[2])) == 3 * len(graph.pw_runs) // len(graph.label_frames)
+
+    for round_index in (0, 5):
+        frames = graph.label_frames[round_index][1]
+        models, timings[f"models_trained_by(round {round_index})"] = timed(models_trained_by, frames)
+        assert {model.pk for model in models} == reference.models_trained_by([frames.pk])
+        assert [model.pk for model in models] == [model.pk for model in graph.models[round_index:]]
+    source = graph.pw_runs[len(graph.pw_runs) // 2].uuid
+    models, timings["models_trained_by_source"] = timed(models_trained_by_source, source)
+    holders = [frames for round_ in graph.label_frames for frames in round_ if source in frames.sources]
+    assert len(holders) == 1
+    assert {model.pk for model in models} == reference.models_trained_by([frames.pk for frames in holders])
+
+    records, timings["learning_curve"] = timed(learning_curve, graph.loop)
+    assert [record["iteration"] for record in records] == list(range(1, len(graph.models) + 1))
+    print("  ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()))
+    assert max(timings.values()) < TIME_BOUND_S, timings
+
+
+def check_cli_on_loop(graph, profile_name, capsys):
+    from polmodel.cli import main
+
+    timings = {}
+    for name, argv in (("pw-runs", ["pw-runs", str(graph.models[-1].pk)]),
+                       ("models --frames", ["models", "--frames", str(graph.label_frames[0][0].pk)]),
+                       ("learning-curve", ["learning-curve", str(graph.loop.pk)])):
+        status, timings[name] = timed(main, ["provenance", "--profile", profile_name, *argv])
+        assert status == 0
+        output = capsys.readouterr().out
+        if name == "pw-runs":
+            assert f"{len(graph.pw_runs)} pw.x calculation(s)" in output
+            assert all(run.uuid in output for run in graph.pw_runs)
+        elif name == "models --frames":
+            assert f"{len(graph.models)} model(s)" in output
+        else:
+            assert len(output.splitlines()) == len(graph.models) + 1
+    with capsys.disabled():
+        print("CLI: " + "  ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items()))
+    assert max(timings.values()) < TIME_BOUND_S, timings
+
+
+def test_questions_on_ten_iteration_loop(ten_iteration_loop, capsys):
+    with capsys.disabled():
+        check_questions_on_loop(ten_iteration_loop)
+
+
+def test_cli_on_ten_iteration_loop(ten_iteration_loop, aiida_profile, capsys):
+    check_cli_on_loop(ten_iteration_loop, aiida_profile.name, capsys)
+
+
+def test_graph_of_ten_iteration_loop(ten_iteration_loop, aiida_profile, tmp_path, capsys):
+    """`polmodel provenance graph`: one box per labelling, training and exploration, pw.x runs counted, fast."""
+    from polmodel.cli import main
+
+    graph = ten_iteration_loop
+    dot_file, svg_file = tmp_path / "loop.dot", tmp_path / "loop.svg"
+    status, seconds = timed(main, ["provenance", "--profile", aiida_profile.name, "graph", str(graph.models[-1].pk),
+                                   "--output", str(dot_file)])
+    assert status == 0 and f"ActiveLearningWorkChain<{graph.loop.pk}>" in capsys.readouterr().out
+    text = dot_file.read_text()
+    names = re.findall(r"^\s*(\w+) \[", text, flags=re.MULTILINE)
+    edges = set(re.findall(r"^\s*(\w+) -> (\w+)", text, flags=re.MULTILINE))
+    steps = [name for name in names if name.startswith(("labelling_", "training_", "exploration_"))]
+    assert sorted(steps) == sorted([f"labelling_{i}" for i in range(10)] + [f"training_{i}" for i in range(1, 11)]
+                                   + [f"exploration_{i}" for i in range(1, 11)])
+    assert len(names) <= 70  # 30 steps, 10 datasets, 10 models, 10 candidate sets, the structures
+    assert f"{len(graph.pw_runs)} pw.x runs" in text  # counted, not drawn
+    assert text.count("20 pw.x runs") == 10  # each labelling: 2 structures x 10 runs
+    for iteration in range(1, 11):
+        dataset, model = graph.datasets[iteration - 1], graph.models[iteration - 1]
+        candidates = graph.candidates[iteration - 1]
+        assert {(f"N{dataset.pk}", f"training_{iteration}"), (f"training_{iteration}", f"N{model.pk}"),
+                (f"N{model.pk}", f"exploration_{iteration}"), (f"exploration_{iteration}", f"N{candidates.pk}"),
+                (f"labelling_{iteration - 1}", f"N{dataset.pk}")} <= edges
+        if iteration < 10:
+            assert (f"N{candidates.pk}", f"labelling_{iteration}") in edges
+            assert (f"N{dataset.pk}", f"N{graph.datasets[iteration].pk}") in edges
+    assert 'penwidth=3' in text.split(f"N{graph.models[-1].pk} [")[1].split("]")[0]  # the model asked about
+    status, svg_seconds = timed(main, ["provenance", "--profile", aiida_profile.name, "graph", str(graph.loop.pk),
+                                       "--output", str(svg_file)])
+    assert status == 0 and svg_file.read_text().lstrip().startswith(("<?xml", "<svg"))
+    with capsys.disabled():
+        print(f"graph: {len(names)} nodes; .dot {seconds:.2f} s, .svg (with graphviz dot) {svg_seconds:.2f} s")
+    assert max(seconds, svg_seconds) < TIME_BOUND_S
+
+
+def test_graph_refuses_other_nodes(provenance_graph, aiida_profile, capsys):
+    from polmodel.cli import main
+
+    assert main(["provenance", "--profile", aiida_profile.name, "graph", str(provenance_graph["model"].pk)]) == 2
+    assert "not trained by an active-learning loop" in capsys.readouterr().err
+    assert main(["provenance", "graph", "1", "--output", "loop.jpeg"]) == 2
+    assert "--output loop.jpeg" in capsys.readouterr().err
+
+
+# last in the module: switching to the PostgreSQL profile and back closes the storage the module fixture's nodes
+# were loaded from
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_questions_on_ten_iteration_loop_postgresql(throwaway_postgres_database, aiida_config, aiida_profile_factory,
+                                                    tmp_path, capsys):
+    """The same questions and CLI on core.psql_dos (the production storage), in a profile of its own."""
+    database = throwaway_postgres_database
+    storage = {"database_engine": "postgresql_psycopg", "database_hostname": "localhost", "database_port": 5432,
+               "database_name": database["name"], "database_username": database["username"],
+               "database_password": database["password"], "repository_uri": (tmp_path / "repository").as_uri()}
+    with aiida_profile_factory(aiida_config, storage_backend="core.psql_dos", storage_config=storage) as profile:
+        graph = make_fake_loop()
+        with capsys.disabled():
+            check_questions_on_loop(graph)
+        check_cli_on_loop(graph, profile.name, capsys)

@@ -8,6 +8,7 @@ failed) falls below `candidate_fraction_threshold`; otherwise the loop stops aft
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import WorkflowFactory
+from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 
 from polmodel.plugins.data import FramesData, ModelData, merge_frames
 from polmodel.workflows.explore import ExploreWorkChain
@@ -58,7 +59,7 @@ def format_errors(validation):
     return ", ".join(f"{quantity} {entry['mae']:.3g}" for quantity, entry in sorted(validation.items())) or "n/a"
 
 
-class ActiveLearningWorkChain(WorkChain):
+class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     """Active learning of a field-aware model ensemble on DFT labels from `polmodel.dft.field_response`."""
 
     @classmethod
@@ -271,3 +272,66 @@ class ActiveLearningWorkChain(WorkChain):
         self.out("learning_curve", collect_learning_curve(**self.ctx.summaries))
         if not self.ctx.converged:
             self.report(f"stopped after {self.ctx.iteration} iterations without reaching the candidate threshold")
+
+    # ------------------------------------------------------------------------------------------------ protocols
+    @classmethod
+    def get_protocol_filepath(cls):
+        import pathlib
+
+        return pathlib.Path(__file__).parent / "protocols" / "active_learning.yaml"
+
+    @classmethod
+    def get_builder_from_protocol(cls, pw_code, polmodel_code, structures, protocol=None, overrides=None,
+                                  pseudo_family=None, options=None):
+        """A builder of the loop on `structures` at `protocol` ('fast' | 'balanced' | 'stringent', see
+        protocols/active_learning.yaml).
+
+        `structures`: one or several (list, or dict keyed by link label) StructureData, ase.Atoms or pymatgen
+        Structure objects. `overrides` has the protocol file's shape and is merged last: `label.overrides` reach
+        every DFT label's field-response protocol, `train.parameters` the trainings, `explore.*` the explorations.
+        `options` are the pw.x runs' CalcJob options. Bad inputs raise ValueError before anything is stored.
+        """
+        from polmodel.selection import SelectionCriteria
+
+        from .structures import as_structure_namespace
+
+        pw_code = orm.load_code(pw_code) if isinstance(pw_code, str) else pw_code
+        polmodel_code = orm.load_code(polmodel_code) if isinstance(polmodel_code, str) else polmodel_code
+        structures = as_structure_namespace(structures)
+        if not structures:
+            raise ValueError("no structures were given")
+        inputs = cls.get_protocol_inputs(protocol, overrides)
+        SelectionCriteria.from_dict(inputs["explore"]["selection"])  # refuses bad trust levels now, not mid-loop
+        # Each initial label's builder, built and dropped: a structure, code, pseudopotential family or label
+        # override the labels would refuse is refused now, before the loop starts.
+        FieldResponseWorkChain = WorkflowFactory(FIELD_RESPONSE_ENTRY_POINT)
+        for key, structure in structures.items():
+            try:
+                FieldResponseWorkChain.get_builder_from_protocol(
+                    pw_code, structure, protocol=inputs["label"]["protocol"],
+                    overrides=inputs["label"].get("overrides"), pseudo_family=pseudo_family, options=options)
+            except ValueError as error:
+                raise ValueError(f"structure {key}: {error}") from error
+
+        builder = cls.get_builder()
+        builder.structures = structures
+        builder.label.code = pw_code
+        builder.label.protocol = orm.Str(inputs["label"]["protocol"])
+        if inputs["label"].get("overrides"):
+            builder.label.overrides = orm.Dict(inputs["label"]["overrides"])
+        if pseudo_family is not None:
+            builder.label.pseudo_family = orm.Str(pseudo_family)
+        if options:
+            builder.label.options = orm.Dict(options)
+        builder.train.train.code = polmodel_code
+        builder.train.train.parameters = orm.Dict(inputs["train"]["parameters"])
+        builder.train.ensemble_size = orm.Int(inputs["ensemble_size"])
+        explore = inputs["explore"]
+        builder.explore.md.code = polmodel_code
+        builder.explore.parameters = orm.Dict(explore["parameters"])
+        builder.explore.fields = orm.List(explore["fields"])
+        builder.explore.temperatures = orm.List([float(temperature) for temperature in explore["temperatures"]])
+        builder.explore.selection = orm.Dict(explore["selection"])
+        builder.candidate_fraction_threshold = orm.Float(inputs["candidate_fraction_threshold"])
+        builder.max_iterations = orm.Int(inputs["max_iterations"])
+        return builder

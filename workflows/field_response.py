@@ -231,15 +231,19 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
 
     @classmethod
     def get_builder_from_protocol(cls, code, structure, protocol=None, overrides=None, pseudo_family=None, options=None):
-        """A builder for `structure` at `protocol` ('fast' | 'balanced' | 'stringent'), see protocols/*.yaml.
+        """A builder for `structure` (StructureData, ase.Atoms or pymatgen Structure) at `protocol` ('fast' |
+        'balanced' | 'stringent'), see protocols/*.yaml.
 
         Cutoffs are the family's recommended ones times the protocol's `cutoff_factor`; `overrides` is merged last.
         """
         from aiida_pseudo.groups.family import PseudoPotentialFamily
         from aiida_pseudo.groups.mixins import RecommendedCutoffMixin
 
+        from .structures import to_structure_data
+
         if isinstance(code, str):
             code = orm.load_code(code)
+        structure = to_structure_data(structure)  # StructureData, ase.Atoms or pymatgen Structure
         message = validate_pw_code(code) or validate_structure(structure)
         if message:
             raise ValueError(message)

@@ -1,0 +1,148 @@
+"""Start a workflow on your own structures (`polmodel launch active-learning|field-response|dfpt FILE...`).
+
+Reads every structure in the files (CIF, POSCAR and Materials Project JSON through pymatgen; extended XYZ, QE
+input/output and anything else ASE reads through ASE), builds the workflow from its protocol and runs it here, or
+with --daemon submits it to the AiiDA daemon and prints the `verdi process` commands to follow it.
+
+Examples:
+    polmodel launch active-learning BaTiO3.cif --protocol fast --daemon
+    polmodel launch field-response frames.extxyz --overrides '{"scf": {"kpoints_distance": 0.3}}'
+    polmodel launch dfpt POSCAR --ph-code ph@cluster --pw-code pw@cluster --daemon
+"""
+import json
+import pathlib
+
+WORKFLOWS = ("active-learning", "field-response", "dfpt")
+PROTOCOLS = ("fast", "balanced", "stringent")
+
+
+def add_arguments(parser):
+    parser.add_argument("workflow", choices=WORKFLOWS, help="the workflow to start")
+    parser.add_argument("structure_files", nargs="+", metavar="STRUCTURE_FILE",
+                        help="structure files (every structure in each file is used)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="protocol (default: the workflow's)")
+    parser.add_argument("--daemon", action="store_true", help="submit to the daemon instead of running here")
+    parser.add_argument("--profile", default=None, help="AiiDA profile (default: the default profile)")
+    parser.add_argument("--overrides", default=None,
+                        help="JSON text or a .json/.yaml file, in the shape of the workflow's protocol file")
+    parser.add_argument("--pw-code", default="pw@localhost", help="pw.x code (default: pw@localhost)")
+    parser.add_argument("--ph-code", default="ph@localhost", help="ph.x code for dfpt (default: ph@localhost)")
+    parser.add_argument("--polmodel-code", default="polmodel@localhost",
+                        help="polmodel code for training and MD (default: polmodel@localhost)")
+    parser.add_argument("--pseudo-family", default=None, help="pseudopotential family (default: the project's)")
+
+
+def read_overrides(text):
+    """The overrides dict from JSON text or from a .json / .yaml file; InputError when it is neither."""
+    from polmodel.cli import InputError
+
+    if text is None:
+        return None
+    path = pathlib.Path(text)
+    try:
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            import yaml
+
+            overrides = yaml.safe_load(path.read_text())
+        else:
+            overrides = json.loads(path.read_text() if path.suffix == ".json" and path.is_file() else text)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError, OSError
+        raise InputError(f"--overrides: neither JSON text nor a readable JSON/YAML file ({error})") from error
+    if not isinstance(overrides, dict):
+        raise InputError(f"--overrides: expected a mapping, got {type(overrides).__name__}")
+    return overrides
+
+
+def read_structure_files(paths):
+    """`[(file, StructureData)]` of every structure in every file; InputError on a missing or unreadable file."""
+    from polmodel.cli import InputError
+    from polmodel.workflows.structures import read_structures
+
+    structures = []
+    for path in paths:
+        try:
+            structures.extend((path, structure) for structure in read_structures(path))
+        except (ValueError, TypeError) as error:
+            raise InputError(str(error)) from error
+    return structures
+
+
+def load_code(label, option):
+    from aiida import orm
+    from aiida.common.exceptions import MultipleObjectsError, NotExistent
+
+    from polmodel.cli import InputError
+
+    try:
+        return orm.load_code(label)
+    except (NotExistent, MultipleObjectsError, ValueError) as error:
+        raise InputError(f"{option} {label}: {error} (`verdi code list` shows the codes; `make setup` creates "
+                         "pw@localhost, ph@localhost and polmodel@localhost)") from error
+
+
+def build(args):
+    """The builders to launch, `[(description, builder)]`: one loop on all structures, or one field-response /
+    DFPT workchain per structure. InputError for any bad input, before anything is stored."""
+    from polmodel.cli import InputError
+
+    overrides = read_overrides(args.overrides)
+    structures = read_structure_files(args.structure_files)
+    pw_code = load_code(args.pw_code, "--pw-code")
+    try:
+        if args.workflow == "active-learning":
+            from polmodel.workflows.active_learning import ActiveLearningWorkChain
+            from polmodel.workflows.structures import as_structure_namespace
+
+            builder = ActiveLearningWorkChain.get_builder_from_protocol(
+                pw_code, load_code(args.polmodel_code, "--polmodel-code"),
+                as_structure_namespace([structure for _, structure in structures]),
+                protocol=args.protocol, overrides=overrides, pseudo_family=args.pseudo_family)
+            return [(f"active learning on {len(structures)} structure(s)", builder)]
+        from polmodel.workflows.field_response import FieldResponseWorkChain
+
+        ph_code = load_code(args.ph_code, "--ph-code") if args.workflow == "dfpt" else None
+        builders = []
+        for path, structure in structures:
+            builder = FieldResponseWorkChain.get_builder_from_protocol(
+                pw_code, structure, protocol=args.protocol, overrides=overrides, pseudo_family=args.pseudo_family)
+            if ph_code is not None:
+                from polmodel.workflows.dfpt import DfptWorkChain
+
+                # DfptWorkChain has no protocol of its own: it takes the field-response protocol's scf settings
+                builder = DfptWorkChain.get_builder_from_field_response(builder, ph_code)
+            builders.append((f"{args.workflow} of {structure.get_formula()} from {path}", builder))
+        return builders
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
+def follow_commands(pk):
+    return [f"verdi process status {pk}", f"verdi process report {pk}", f"verdi process show {pk}"]
+
+
+def run(args):
+    # AiiDA is imported here only, so that `polmodel --help` and the other sub-commands stay fast.
+    from aiida import engine, load_profile
+
+    load_profile(args.profile, allow_switch=True)
+    builders = build(args)
+    if args.daemon:
+        from aiida.engine.daemon.client import get_daemon_client
+
+        for description, builder in builders:
+            node = engine.submit(builder)
+            print(f"submitted {node.process_label}<{node.pk}> ({description}); follow it with:")
+            for command in follow_commands(node.pk):
+                print(f"    {command}")
+        if not get_daemon_client().is_daemon_running:
+            print("the daemon is not running: start it with `verdi daemon start`")
+        return 0
+    status = 0
+    for description, builder in builders:
+        print(f"running {description} here (Ctrl-C stops it; --daemon submits instead)", flush=True)
+        _, node = engine.run_get_node(builder)
+        print(f"{node.process_label}<{node.pk}> finished with exit status {node.exit_status}; inspect it with:")
+        for command in follow_commands(node.pk):
+            print(f"    {command}")
+        status = status or (1 if node.exit_status else 0)
+    return status
