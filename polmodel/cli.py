@@ -135,4 +135,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m polmodel.cli`: run the imported module's main, whose InputError the sub-commands raise
+    from polmodel.cli import main as _main
+    sys.exit(_main())

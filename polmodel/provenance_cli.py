@@ -6,7 +6,12 @@ Examples:
     polmodel provenance models --source UUID      # ... on the frames labelled by node UUID (frame info 'source')
     polmodel provenance learning-curve 890        # the iterations of active-learning loop 890
 """
-import sys
+import re
+
+from polmodel.cli import InputError
+
+# a node's pk (positive integer) or its UUID (or a unique prefix of one, as verdi accepts)
+_IDENTIFIER = re.compile(r"^([1-9][0-9]*|[0-9a-fA-F]{4,8}(-[0-9a-fA-F]{0,4}){0,3}(-[0-9a-fA-F]{0,12})?)$")
 
 
 def add_arguments(parser):
@@ -22,12 +27,26 @@ def add_arguments(parser):
     curve.add_argument("workchain", help="pk or UUID of an ActiveLearningWorkChain")
 
 
+def _check_inputs(args):
+    """A node identifier that is neither a pk nor a UUID, or a profile that does not exist: InputError."""
+    for name in ("model", "frames", "source", "workchain"):
+        value = getattr(args, name, None)
+        if value is not None and not _IDENTIFIER.match(value.strip()):
+            raise InputError(f"{value!r} is neither a node pk (a positive integer) nor a UUID")
+    from aiida import load_profile
+    from aiida.common.exceptions import MissingConfigurationError, ProfileConfigurationError
+    try:
+        load_profile(args.profile, allow_switch=True)
+    except (MissingConfigurationError, ProfileConfigurationError) as error:
+        raise InputError(f"no AiiDA profile {args.profile or '(default)'}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'not configured'}") from error
+
+
 def run(args):
     # AiiDA is imported here only: `import polmodel` and the other sub-commands never need it.
-    from aiida import load_profile
+    _check_inputs(args)
     from aiida.common.exceptions import MultipleObjectsError, NotExistent
 
-    load_profile(args.profile, allow_switch=True)
     from polmodel.workflows import provenance
 
     try:
@@ -44,6 +63,5 @@ def run(args):
         else:
             print(provenance.format_learning_curve(provenance.learning_curve(args.workchain)))
     except (NotExistent, MultipleObjectsError, TypeError) as error:
-        print(f"polmodel provenance: {error}", file=sys.stderr)
-        return 2
+        raise InputError(str(error).splitlines()[0]) from error
     return 0
