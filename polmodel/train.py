@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from polmodel.allocator import keep_freed_memory_in_heap
+from polmodel.allocator import keep_heap_if_requested
 from polmodel.data import atoms_to_graph, average_num_neighbors, collate
 from polmodel.devices import resolve_device, to_device
 from polmodel.frames import frame_efield, frame_energy, frame_forces, normalize_frames
@@ -240,7 +240,7 @@ def train_model(train_frames, valid_frames, config, species=None):
     dtype = DTYPES[config.dtype]
     device = resolve_device(config.device)
     if device.type == "cpu":
-        keep_freed_memory_in_heap()
+        keep_heap_if_requested()   # opt-in: a process-wide setting (polmodel/allocator.py)
     model = initialize_model(train_frames, config, species).to(device)
     train_set = FrameSet(train_frames, species, config.cutoff, dtype)
     valid_set = FrameSet(valid_frames, species, config.cutoff, dtype) if valid_frames else None

@@ -39,12 +39,13 @@ _LIBRARY_USE = textwrap.dedent("""
     import polmodel.train
     from mixins_model import distorted_perovskite, make_test_model
     atoms = distorted_perovskite()
-    atoms.calc = PolCalculator(make_test_model(){keep_heap})
+    atoms.calc = PolCalculator(make_test_model(num_features=4, lmax=1, num_layers=1){keep_heap})
     atoms.get_forces()
-    from toy_potential import make_toy_frames
-    frames = make_toy_frames(1, seed=0)
-    polmodel.train.train_model(frames[:2], frames[2:], polmodel.train.TrainingConfig(
-        epochs=1, quiet=True, hyperparameters=dict(num_features=4, lmax=1, num_layers=1)))
+    if {train}:
+        from toy_potential import make_toy_frames
+        frames = make_toy_frames(1, seed=0)
+        polmodel.train.train_model(frames[:2], frames[2:], polmodel.train.TrainingConfig(
+            epochs=1, quiet=True, hyperparameters=dict(num_features=4, lmax=1, num_layers=1)))
     print(large_malloc_is_mmapped())
 """)
 
@@ -67,15 +68,24 @@ def test_the_probe_sees_the_setting():
     assert _python(code) == ["True", "True", "True", "False"]
 
 
+@pytest.mark.slow
 @needs_glibc
-def test_library_use_leaves_the_allocator_alone_unless_asked():
+def test_library_use_leaves_the_allocator_alone():
     # importing polmodel, PolCalculator and training, a calculation and a training epoch on the CPU
-    assert _python(_LIBRARY_USE.format(tests=_TESTS, keep_heap="")) == ["True"]
-    assert _python(_LIBRARY_USE.format(tests=_TESTS, keep_heap="")) == ["True"]
-    assert _python(_LIBRARY_USE.format(tests=_TESTS, keep_heap=""), POLMODEL_KEEP_HEAP="1") == ["False"]
-    assert _python(_LIBRARY_USE.format(tests=_TESTS, keep_heap=", keep_heap=True")) == ["False"]
-    # the user's veto wins over the argument
-    assert _python(_LIBRARY_USE.format(tests=_TESTS, keep_heap=", keep_heap=True"), POLMODEL_KEEP_HEAP="0") == ["True"]
+    assert _python(_LIBRARY_USE.format(tests=_TESTS, keep_heap="", train=True)) == ["True"]
+
+
+@needs_glibc
+@pytest.mark.parametrize("argument, environment", [("", {"POLMODEL_KEEP_HEAP": "1"}), (", keep_heap=True", {})])
+def test_library_use_applies_it_when_asked(argument, environment):
+    assert _python(_LIBRARY_USE.format(tests=_TESTS, keep_heap=argument, train=False), **environment) == ["False"]
+
+
+@needs_glibc
+def test_the_environment_veto_wins_over_the_argument():
+    code = "import polmodel.allocator as a; print(a.keep_heap_if_requested(True), large_malloc_is_mmapped())"
+    assert _python(code, POLMODEL_KEEP_HEAP="0") == ["False", "True"]
+    assert _python(code) == ["True", "False"]
 
 
 @needs_glibc
