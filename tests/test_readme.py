@@ -45,3 +45,29 @@ def test_the_readme_lists_the_generated_pseudopotentials():
     from polmodel.plugins.pseudos import RECIPES
     covered = re.search(r"It covers \*\*(.*?)\*\*", README.read_text(), flags=re.S).group(1)
     assert set(re.findall(r"[A-Z][a-z]?", covered)) == set(RECIPES)
+
+
+def test_the_loop_example_builds_valid_inputs(pw_code, polmodel_code, monkeypatch):
+    """The README's own-material example, with the test profile's codes, a BaTiO3 file and `submit` replaced by
+    a check of the inputs against the workchain's spec (what `submit` would refuse)."""
+    import aiida
+    import aiida.engine
+    import ase.io
+    from aiida import orm
+    from ase import Atoms
+
+    from polmodel.workflows.active_learning import ActiveLearningWorkChain
+
+    block = next(block for block in _python_blocks(README.read_text()) if "ActiveLearningWorkChain.get_builder()" in block)
+    codes = {"pw@localhost": pw_code, "polmodel@localhost": polmodel_code}
+    monkeypatch.setattr(aiida, "load_profile", lambda *args, **kwargs: None)
+    monkeypatch.setattr(orm, "load_code", codes.__getitem__)
+    cubic = Atoms("BaTiO3", cell=np.eye(3) * 4.0, pbc=True,
+                  scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    monkeypatch.setattr(ase.io, "read", lambda path, index=None: [cubic, cubic.copy()])
+    submitted = []
+    monkeypatch.setattr(aiida.engine, "submit", submitted.append)
+    exec(compile(block, str(README), "exec"), {})
+    builder = submitted[0]
+    assert ActiveLearningWorkChain.spec().inputs.validate(builder._inputs(prune=True)) is None
+    assert sorted(builder.structures) == ["start_0", "start_1"]
