@@ -6,6 +6,8 @@ Example:
         "period_fs": 1000, "axis": [0, 0, 1]}' --interval 10
 """
 import json
+import sys
+import warnings
 
 from polmodel.cli import InputError, check_input_file, check_number, check_output_file, load_model_file
 from polmodel.md import DEFAULT_SPREAD_THRESHOLD, THERMOSTATS
@@ -88,6 +90,10 @@ def _read_structure(path):
     return atoms
 
 
+def _show_warning_as_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"polmodel md: {category.__name__}: {message}", file=file or sys.stderr)
+
+
 def run(args):
     from polmodel.allocator import keep_freed_memory_in_heap
     keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (allocator.py)
@@ -105,12 +111,14 @@ def run(args):
     except OverlappingAtomsError as error:
         raise InputError(f"--structure {args.structure}: {error}") from error
     try:
-        final = run_md(atoms, calculator, protocol, steps=args.steps, timestep_fs=args.timestep,
-                       temperature_K=args.temperature, thermostat=args.thermostat, friction=args.friction,
-                       interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,
-                       restart=not args.no_restart, progress=not args.quiet, seed=args.seed,
-                       pressure_GPa=args.pressure, spread_threshold=args.spread_threshold,
-                       stop_on_spread=args.stop_on_spread)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning_as_one_line
+            final = run_md(atoms, calculator, protocol, steps=args.steps, timestep_fs=args.timestep,
+                           temperature_K=args.temperature, thermostat=args.thermostat, friction=args.friction,
+                           interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,
+                           restart=not args.no_restart, progress=not args.quiet, seed=args.seed,
+                           pressure_GPa=args.pressure, spread_threshold=args.spread_threshold,
+                           stop_on_spread=args.stop_on_spread)
     except RestartMismatchError as error:  # run_md checks a restart before it touches anything
         raise InputError(f"{error} (--no-restart)") from error
     if not args.quiet:

@@ -243,3 +243,23 @@ def test_help_imports_no_heavy_module():
         completed = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
         assert "usage: polmodel" in completed.stdout, completed.stderr
         assert completed.stderr.strip() == "", (argv, completed.stderr)
+
+
+def test_md_spread_warning_is_one_line_and_stop_on_spread_stops(files, capsys):
+    from polmodel.ensemble import PolEnsemble
+    from polmodel.md import read_trajectory
+    from polmodel.model import PolModel
+    from polmodel.serialization import save
+
+    members = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        members.append(PolModel(SPECIES, 4.0, num_features=4, lmax=1, num_layers=1).double())
+    save(PolEnsemble(members), files / "ensemble.pt")
+    argv = _md(files, **{"--model": files / "ensemble.pt", "--output": files / "spread.xyz", "--steps": 6,
+                         "--interval": 2, "--spread-threshold": 1e-9, "--stop-on-spread": True})
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("polmodel md: ForceSpreadWarning: step 0: the ensemble's force spread")
+    frames = read_trajectory(files / "spread.xyz")
+    assert len(frames) == 1 and frames[0].info["stopped_on_spread"] and frames[0].info["force_spread_threshold"] == 1e-9
