@@ -9,7 +9,7 @@ import json
 import sys
 import warnings
 
-from polmodel.cli import InputError, check_input_file, check_number, check_output_file, load_model_file
+from polmodel.cli import InputError, check_input_file, check_output_file, load_model_file
 from polmodel.md import DEFAULT_SPREAD_THRESHOLD, THERMOSTATS
 
 
@@ -45,7 +45,9 @@ def add_arguments(parser):
 
 
 def _check_inputs(args):
-    """Everything `run` needs, checked before MD starts: (model, atoms, protocol, device); InputError if bad."""
+    """Everything `run` needs, checked before MD starts: (model, atoms, protocol, device); InputError if bad.
+
+    The checks that need no heavy import (numbers, files, the field protocol) come first."""
     from polmodel.md import check_run_arguments
 
     try:
@@ -54,13 +56,13 @@ def _check_inputs(args):
                             pressure_GPa=args.pressure, spread_threshold=args.spread_threshold)
     except ValueError as error:
         raise InputError(str(error)) from error
-    check_number(args.spread_threshold, "--spread-threshold", above=0.0)
     from polmodel.fields import field_protocol_from_json
     try:
         protocol = field_protocol_from_json(args.field)
     except ValueError as error:
         raise InputError(f"bad --field: {error}") from error
     check_output_file(args.output, "--output")
+    check_input_file(args.model, "--model")
     check_input_file(args.structure, "--structure")
     atoms = _read_structure(args.structure)
     from polmodel.devices import resolve_device
