@@ -56,6 +56,8 @@ def check_output_file(path, what):
     if os.path.isdir(path):
         raise InputError(f"{what} {path} is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputError(f"{what} {path}: {folder} is a file, not a folder")
     if not os.path.isdir(folder):
         raise InputError(f"{what} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):

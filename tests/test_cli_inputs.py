@@ -75,6 +75,8 @@ def _train(files, *extra, frames="frames.xyz", output="t.pt"):
     return ["train", str(files / frames), "--output", str(files / output), "--quiet", *extra]
 
 
+# the settings of the fixture's done.xyz, so that a restart row changes one setting only
+_DONE = {"--field": '{"kind": "static", "vector": [0, 0, 0.01]}', "--interval": 1, "--temperature": 300}
 # (row id, argv builder, text the one-line message must contain)
 MD_TABLE = [
     ("missing model", lambda f: _md(f, **{"--model": f / "missing.pt"}), "--model .*missing.pt does not exist"),
@@ -114,11 +116,11 @@ MD_TABLE = [
                                                         "--field": '{"kind": "static", "vector": [0, 0, 0.02]}'}),
      "other settings .field was"),
     ("restart with another thermostat", lambda f: _md(f, **{"--output": f / "done.xyz", "--steps": 4,
-                                                             "--thermostat": "nose-hoover", "--interval": 1}),
-     "thermostat was langevin and is now nose-hoover"),
+                                                             "--thermostat": "nose-hoover", **_DONE}),
+     r"other settings \(thermostat was langevin and is now nose-hoover\)"),
     ("restart with another timestep", lambda f: _md(f, **{"--output": f / "done.xyz", "--steps": 4,
-                                                           "--timestep": 0.5, "--interval": 1}),
-     "timestep_fs was 1.0 and is now 0.5"),
+                                                           **_DONE, "--timestep": 0.5}),
+     r"other settings \(timestep_fs was 1.0 and is now 0.5\)"),
 ]
 TRAIN_TABLE = [
     ("missing frames", lambda f: _train(f, frames="missing.xyz"), "frames file .* does not exist"),
@@ -129,7 +131,7 @@ TRAIN_TABLE = [
      "--output .*t.pt: folder .* does not exist"),
     ("output is a folder", lambda f: _train(f, output="a_folder"), "is a folder, not a file"),
     ("metrics folder missing", lambda f: _train(f, "--metrics", "/nonexistent/m.json"), "--metrics"),
-    ("plots under a file", lambda f: _train(f, "--plots", str(f / "a_file" / "plots")), "--plots"),
+    ("plots under a file", lambda f: _train(f, "--plots", str(f / "a_file" / "plots")), "a_file is a file, not a"),
     ("no members", lambda f: _train(f, "--ensemble", "0"), "--ensemble must be >= 1, got 0"),
     ("negative epochs", lambda f: _train(f, "--epochs", "-1"), "--epochs must be >= 0, got -1"),
     ("validation fraction 1.5", lambda f: _train(f, "--validation-fraction", "1.5"), "must be < 1, got 1.5"),

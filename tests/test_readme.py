@@ -58,7 +58,8 @@ def test_the_loop_example_builds_valid_inputs(pw_code, polmodel_code, monkeypatc
 
     from polmodel.workflows.active_learning import ActiveLearningWorkChain
 
-    block = next(block for block in _python_blocks(README.read_text()) if "ActiveLearningWorkChain.get_builder()" in block)
+    block = next(block for block in _python_blocks(README.read_text())
+                 if "ActiveLearningWorkChain.get_builder()" in block)
     codes = {"pw@localhost": pw_code, "polmodel@localhost": polmodel_code}
     monkeypatch.setattr(aiida, "load_profile", lambda *args, **kwargs: None)
     monkeypatch.setattr(orm, "load_code", codes.__getitem__)
