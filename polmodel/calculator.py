@@ -100,6 +100,8 @@ class PolCalculator(Calculator):
         self.is_ensemble = hasattr(model, "members")
         self.species = list(model.species)
         self.cutoff = float(model.cutoff)
+        if self.min_distance >= self.cutoff:
+            raise ValueError(f"min_distance {self.min_distance} Å must be below the model's cutoff {self.cutoff} Å")
         self.implemented_properties = (_BASE_PROPERTIES + list(_SECOND_ORDER)
                                        + (_ENSEMBLE_SPREAD if self.is_ensemble else []))
         # The field the cached results were computed at (it can differ from the parameter after
@@ -182,7 +184,7 @@ class PolCalculator(Calculator):
             return
         receivers, senders = (index.numpy() for index in data[keys.EDGE_INDEX])
         positions = atoms.get_positions()
-        cell = np.asarray(data[keys.CELL][0].numpy(), dtype=float)
+        cell = np.asarray(atoms.cell, dtype=float)   # the graph's copy may be float32
         vectors = positions[senders] - positions[receivers] + data[keys.EDGE_CELL_SHIFT].double().numpy() @ cell
         lengths = np.linalg.norm(vectors, axis=1)
         closest = int(np.argmin(lengths))

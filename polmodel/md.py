@@ -43,6 +43,8 @@ class RestartMismatchError(ValueError):
 
 class ForceSpreadWarning(UserWarning):
     """The ensemble's force spread passed the MD run's threshold: the model is extrapolating."""
+
+
 # Trajectory info keys that ASE's extxyz reader moves into a SinglePointCalculator; `read_trajectory` moves
 # them back so the analysis sees one flat record per frame.
 _CALCULATOR_KEYS = ("energy", "free_energy", "dipole", "polarization", "stress")

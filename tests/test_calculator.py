@@ -218,3 +218,5 @@ def test_overlapping_atoms_are_an_error_not_a_number(model):
     atoms.calc = PolCalculator(model, min_distance=0.7)
     with pytest.raises(OverlappingAtomsError, match="0.610 Å"):
         atoms.get_forces()
+    with pytest.raises(ValueError, match="below the model's cutoff"):   # pairs beyond it are not in the graph
+        PolCalculator(model, min_distance=4.0)
