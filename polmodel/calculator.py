@@ -7,6 +7,7 @@ need second derivatives and are computed only when asked for (`calculate(propert
 so `get_forces` never pays for them.
 """
 import copy
+import difflib
 
 import numpy as np
 import torch
@@ -14,8 +15,9 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from polmodel import keys
-from polmodel.allocator import keep_freed_memory_in_heap
+from polmodel.allocator import keep_heap_if_requested
 from polmodel.fields import validate_field_vector
+from polmodel.selection import MIN_INTERATOMIC_DISTANCE
 
 _BASE_PROPERTIES = ["energy", "free_energy", "forces", "stress", "dipole", "polarization"]
 _SECOND_ORDER = {"born_effective_charges": "born_charges", "polarizability": "polarizability",
@@ -26,6 +28,26 @@ _ENSEMBLE_SPREAD = ["energy_std", "forces_std", "dipole_std", "polarization_std"
 _PER_GRAPH = {keys.ENERGY: "energy", keys.DIPOLE: "dipole", keys.POLARIZATION: "polarization",
               keys.POLARIZABILITY: "polarizability", keys.DIELECTRIC: "dielectric_tensor"}
 _PER_ATOM = {keys.FORCES: "forces", keys.BORN_CHARGES: "born_effective_charges"}
+
+
+# what ASE's Calculator.__init__ itself takes; anything else would be kept silently as a parameter
+_ASE_CONSTRUCTOR_ARGUMENTS = {"restart", "ignore_bad_restart_file", "label", "atoms", "directory"}
+
+
+class OverlappingAtomsError(ValueError):
+    """Two atoms closer than the calculator's `min_distance`."""
+
+
+def _refuse_unknown(names, where):
+    """TypeError naming each unknown keyword (and the likely intended one): ASE would keep it and ignore it."""
+    if not names:
+        return
+    known = sorted(PolCalculator.default_parameters)
+    hints = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(f"{where} got unknown keyword(s) {', '.join(hints)}; its parameters are {', '.join(known)}")
 
 
 def _load_model(model_or_path):
@@ -47,11 +69,22 @@ class PolCalculator(Calculator):
     eV/Å³), dipole (ΩP, e·Å), polarization (e/Å², periodic only), born_effective_charges (N,3,3),
     polarizability (3,3), dielectric_tensor (ε∞, periodic only). An ensemble gives the mean under these
     names and the population std over members under <name>_std.
+
+    min_distance: Å; two atoms closer than this are overlapping and a calculation raises OverlappingAtomsError
+    instead of returning numbers (the model was never trained there; the same limit as the DFT input check).
+    keep_heap: keep freed CPU memory in the heap for speed on large cells (polmodel/allocator.py; a
+    process-wide setting, so off unless True here or POLMODEL_KEEP_HEAP=1). Any other keyword that is not one
+    of ASE's own calculator arguments is an error, as is an unknown name given to `set`.
     """
 
     default_parameters = {"efield": (0.0, 0.0, 0.0)}
 
-    def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None, **kwargs):
+    def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None,
+                 min_distance=MIN_INTERATOMIC_DISTANCE, keep_heap=None, **kwargs):
+        _refuse_unknown(set(kwargs) - _ASE_CONSTRUCTOR_ARGUMENTS, "PolCalculator()")
+        if not min_distance >= 0.0:
+            raise ValueError(f"min_distance must be >= 0 Å, got {min_distance}")
+        self.min_distance = float(min_distance)
         super().__init__(efield=tuple(validate_field_vector(efield, "efield").tolist()), **kwargs)
         model = _load_model(model_or_ensemble_or_path)
         parameter = next(model.parameters(), None)
@@ -63,10 +96,12 @@ class PolCalculator(Calculator):
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model = model.eval()
         if self.device.type == "cpu":
-            keep_freed_memory_in_heap()
+            keep_heap_if_requested(keep_heap)
         self.is_ensemble = hasattr(model, "members")
         self.species = list(model.species)
         self.cutoff = float(model.cutoff)
+        if self.min_distance >= self.cutoff:
+            raise ValueError(f"min_distance {self.min_distance} Å must be below the model's cutoff {self.cutoff} Å")
         self.implemented_properties = (_BASE_PROPERTIES + list(_SECOND_ORDER)
                                        + (_ENSEMBLE_SPREAD if self.is_ensemble else []))
         # The field the cached results were computed at (it can differ from the parameter after
@@ -78,6 +113,7 @@ class PolCalculator(Calculator):
         return np.array(self.parameters["efield"], dtype=float)
 
     def set(self, **kwargs):
+        _refuse_unknown(set(kwargs) - set(self.default_parameters), "PolCalculator.set()")
         if "efield" in kwargs:
             kwargs["efield"] = tuple(validate_field_vector(kwargs["efield"], "efield").tolist())
         changed = super().set(**kwargs)
@@ -126,6 +162,7 @@ class PolCalculator(Calculator):
         if self.results and self.results_efield is not None and not np.array_equal(efield, self.results_efield):
             self.results = {}  # cached first-order results were at another field
         data = atoms_to_graph(atoms, self.species, self.cutoff, efield=efield, dtype=self.dtype)
+        self._refuse_overlapping_atoms(atoms, data)
         data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
                 for key, value in data.items()}
         if self.is_ensemble:
@@ -136,6 +173,26 @@ class PolCalculator(Calculator):
             response = compute_response(self.model, data, **flags)
         self.results.update(self._to_results(response))
         self.results_efield = efield
+
+    def _refuse_overlapping_atoms(self, atoms, data):
+        """Raise OverlappingAtomsError when two atoms are closer than `min_distance`.
+
+        The closest pair is read from the graph's neighbour list (O(edges)) rather than with
+        `polmodel.selection.closest_pair`, whose all-pairs distance matrix would cost O(N²) memory on every MD
+        step of a large cell; any pair below `min_distance` (< cutoff) is an edge of that list."""
+        if self.min_distance == 0.0 or data[keys.EDGE_INDEX].shape[1] == 0:
+            return
+        receivers, senders = (index.numpy() for index in data[keys.EDGE_INDEX])
+        positions = atoms.get_positions()
+        cell = np.asarray(atoms.cell, dtype=float)   # the graph's copy may be float32
+        vectors = positions[senders] - positions[receivers] + data[keys.EDGE_CELL_SHIFT].double().numpy() @ cell
+        lengths = np.linalg.norm(vectors, axis=1)
+        closest = int(np.argmin(lengths))
+        if lengths[closest] < self.min_distance:
+            i, j = int(receivers[closest]), int(senders[closest])
+            raise OverlappingAtomsError(
+                f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {lengths[closest]:.3f} Å apart "
+                f"(< min_distance {self.min_distance} Å): overlapping atoms, where the model has no meaning")
 
     def _to_results(self, response):
         results = {}

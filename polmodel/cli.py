@@ -1,6 +1,14 @@
-"""`polmodel` command line: one sub-command per job, each defined next to the code it drives."""
+"""`polmodel` command line: one sub-command per job, each defined next to the code it drives.
+
+Start-up stays light: this module and the sub-command modules import only the standard library (and numpy)
+at module level, and `main` imports only the module of the sub-command it runs; torch, ASE and AiiDA are
+imported inside each `run`. Every `run` first checks its inputs with the helpers below and raises
+`InputError`, which `main` prints as one line (exit status 2) before any work starts.
+"""
 import argparse
 import importlib
+import math
+import os
 import sys
 
 # sub-command -> module that defines `add_arguments(parser)` and `run(args)`
@@ -11,6 +19,7 @@ SUBCOMMANDS = {
     "provenance": "polmodel.provenance_cli",
     "launch": "polmodel.launch_cli",
 }
+EXIT_BAD_INPUT = 2
 
 
 class InputError(Exception):
@@ -19,30 +28,116 @@ class InputError(Exception):
     checks a sub-command runs first."""
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="polmodel", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (`polmodel md: argument --steps: ...`), exit status 2,
+    like the commands' own input checks."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+# --- input checks shared by the sub-commands (each raises InputError) ----------------------------------------
+
+
+def check_input_file(path, what):
+    """`path` is an existing, readable regular file."""
+    if not os.path.exists(path):
+        raise InputError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{what} {path} is not readable")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{what} {path} is empty")
+
+
+def check_output_file(path, what):
+    """`path` can be written: not a folder, in an existing writable folder, writable if it exists."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputError(f"{what} {path}: {folder} is a file, not a folder")
+    if not os.path.isdir(folder):
+        raise InputError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise InputError(f"{what} {path} is not writable")
+
+
+def check_output_folder(path, what):
+    """`path` is a writable folder or can be made as one (its parent exists and is writable)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise InputError(f"{what} {path} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{what} {path} is not writable")
+        return
+    check_output_file(path, what)
+
+
+def check_number(value, name, *, minimum=None, maximum=None, above=None, below=None):
+    """`value` is finite and inside the given bounds (minimum/maximum inclusive, above/below exclusive)."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    for bound, fails, relation in ((minimum, lambda b: value < b, ">="), (maximum, lambda b: value > b, "<="),
+                                   (above, lambda b: value <= b, ">"), (below, lambda b: value >= b, "<")):
+        if bound is not None and fails(bound):
+            raise InputError(f"{name} must be {relation} {bound:g}, got {value:g}")
+
+
+def load_model_file(path, what="--model"):
+    """The model or ensemble in `path` (a polmodel file); InputError for anything else."""
+    check_input_file(path, what)
+    from polmodel.serialization import ModelFileError, load
+    try:
+        return load(path)
+    except ModelFileError as error:
+        raise InputError(f"{what}: {error}") from error
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+def _add_subcommand(subparsers, name):
+    module_name = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return
+    sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
+                                description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(sub)
+    sub.set_defaults(_run=module.run)
+
+
+def build_parser(argv=None):
+    """The parser; when `argv` names a sub-command, only that sub-command's module is imported."""
+    parser = _Parser(prog="polmodel", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       parser_class=_Parser)
+    chosen = next((word for word in (argv or []) if not word.startswith("-")), None)
+    for name in ([chosen] if chosen in SUBCOMMANDS else SUBCOMMANDS):
+        _add_subcommand(subparsers, name)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args._run(args) or 0
     except InputError as error:
         print(f"polmodel {args.command}: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m polmodel.cli`: run the imported module's main, whose InputError the sub-commands raise
+    from polmodel.cli import main as _main
+    sys.exit(_main())

@@ -3,9 +3,10 @@
 A protocol is a small immutable object; `protocol(time_fs)` returns the (3,) field vector, `protocol.as_dict()`
 gives its JSON form ({"kind": "static" | "ramp" | "cosine", ...}) and `field_protocol_from_dict` reads it back.
 """
+import difflib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 
 import numpy as np
 
@@ -137,10 +138,19 @@ def field_protocol_from_dict(data):
     kind = parameters.pop("kind")
     if kind not in _KINDS:
         raise ValueError(f"unknown field protocol kind {kind!r}; expected one of {', '.join(_KINDS)}")
-    try:
-        return _KINDS[kind](**parameters)
-    except TypeError as error:
-        raise ValueError(f"bad parameters for a {kind!r} field protocol: {error}") from error
+    known = [item.name for item in fields(_KINDS[kind])]
+    unknown = [name for name in parameters if name not in known]
+    if unknown:
+        hints = [f"{name!r}" + "".join(f" (did you mean {match!r}?)"
+                                       for match in difflib.get_close_matches(str(name), known, n=1))
+                 for name in unknown]
+        raise ValueError(f"unknown key(s) {', '.join(hints)} in a {kind!r} field protocol; its keys are kind, "
+                         f"{', '.join(known)}")
+    missing = [item.name for item in fields(_KINDS[kind])
+               if item.default is MISSING and item.name not in parameters]
+    if missing:
+        raise ValueError(f"a {kind!r} field protocol needs {', '.join(missing)}")
+    return _KINDS[kind](**parameters)
 
 
 def field_protocol_from_json(text_or_path):

@@ -8,21 +8,43 @@ forces at t_n (computed at ε(t_n)) stay valid for the first half kick.
 Output: an extended-XYZ trajectory, one frame every `interval` steps (frame 0 is the start), each frame's info
 holding time_fs, step, efield, energy (enthalpy, eV), kinetic_energy, temperature, dipole, polarization (periodic
 cells), and for ensembles energy_std, polarization_std, max_force_std, max_born_charge_std (with born_spread),
-arrays forces and forces_std. Next to it `<trajectory>.restart.npz` keeps the last frame's exact state
-(extxyz rounds positions to 1e-8 Å) plus thermostat and random-number state, so a restarted run reproduces
-the uninterrupted one.
+arrays forces and forces_std. The first frame also holds the run's settings (`md_*` keys: field protocol,
+thermostat, timestep, temperature, friction, pressure, interval) and, for ensembles, `force_spread_threshold`;
+a restart with other settings is refused (RestartMismatchError), since appending it would give a trajectory
+that no single run made.
+Next to it `<trajectory>.restart.npz` keeps the last frame's exact state (extxyz rounds positions to 1e-8 Å)
+plus thermostat and random-number state, so a restarted run reproduces the uninterrupted one.
+
+Trust: with an ensemble, the largest atomic force spread is checked at every step against
+`spread_threshold` (eV/Å). The first step above it gives one ForceSpreadWarning and is recorded as
+`force_spread_exceeded_step` in every frame written from then on; with `stop_on_spread` the run stops there
+and writes that step's frame (off the `interval` grid when it falls between frames) with `stopped_on_spread`.
 """
 import json
 import os
+import warnings
 from pathlib import Path
 
-import ase.io
 import numpy as np
-from ase import Atoms
-from ase import units as ase_units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
+# ASE is imported inside the functions: `polmodel md --help` reads THERMOSTATS and should not pay for ASE.
 THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
+#: eV/Å; the default limit on the largest atomic force spread of an ensemble during MD, when the caller gives
+#: none: the default upper trust level of `polmodel.selection.SelectionCriteria` (above it a frame is
+#: "failed", i.e. outside anything the ensemble knows)
+DEFAULT_SPREAD_THRESHOLD = 0.5
+# the run settings a restart must share with the trajectory it continues (first-frame info keys)
+_SETTINGS_PREFIX = "md_"
+
+
+class RestartMismatchError(ValueError):
+    """A restart whose settings (field protocol, thermostat, timestep, ...) differ from the trajectory's."""
+
+
+class ForceSpreadWarning(UserWarning):
+    """The ensemble's force spread passed the MD run's threshold: the model is extrapolating."""
+
+
 # Trajectory info keys that ASE's extxyz reader moves into a SinglePointCalculator; `read_trajectory` moves
 # them back so the analysis sees one flat record per frame.
 _CALCULATOR_KEYS = ("energy", "free_energy", "dipole", "polarization", "stress")
@@ -34,6 +56,7 @@ def checkpoint_path(trajectory_path):
 
 def read_trajectory(path, index=":"):
     """Frames of a `run_md` trajectory with every per-frame quantity in `atoms.info` / `atoms.arrays`."""
+    import ase.io
     frames = ase.io.read(path, index=index, format="extxyz")
     if not isinstance(frames, list):
         frames = [frames]
@@ -49,6 +72,7 @@ def read_trajectory(path, index=":"):
 
 
 def _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng, pressure_GPa):
+    from ase import units as ase_units
     from ase.md.langevin import Langevin
     from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
     from ase.md.nvtberendsen import NVTBerendsen
@@ -86,8 +110,15 @@ def _restore_thermostat_state(dynamics, state):
         thermostat._p_eta = np.array(state["p_eta"])
 
 
+def max_force_spread(forces_std):
+    """eV/Å: the largest atomic force spread (norm over components) from the (N, 3) per-component spreads."""
+    return float(np.linalg.norm(np.asarray(forces_std), axis=1).max())
+
+
 def _frame(atoms, calculator, step, time_fs, born_spread):
     """A copy of `atoms` (positions, momenta) with this step's results in info/arrays."""
+    from ase import Atoms
+
     energy = atoms.get_potential_energy()
     forces = atoms.get_forces()
     # a fresh Atoms: labels carried by the starting structure (a DFT frame's info/arrays) do not belong here
@@ -105,7 +136,7 @@ def _frame(atoms, calculator, step, time_fs, born_spread):
         info["energy_std"] = float(calculator.get_property("energy_std", atoms))
         forces_std = np.array(calculator.get_property("forces_std", atoms))
         frame.arrays["forces_std"] = forces_std
-        info["max_force_std"] = float(np.linalg.norm(forces_std, axis=1).max())
+        info["max_force_std"] = max_force_spread(forces_std)
         if np.all(atoms.pbc):
             info["polarization_std"] = np.array(calculator.get_property("polarization_std", atoms))
         if born_spread:
@@ -123,13 +154,58 @@ def _write_checkpoint(path, atoms, step, time_fs, dynamics, rng):
     os.replace(temporary, path)
 
 
+def run_settings(protocol, *, thermostat, timestep_fs, temperature_K, friction, pressure_GPa, interval):
+    """The settings a trajectory is made with, as first-frame info entries (what a restart must repeat)."""
+    settings = {"field": json.dumps(protocol.as_dict(), sort_keys=True), "thermostat": thermostat,
+                "timestep_fs": float(timestep_fs), "interval": int(interval)}
+    if thermostat != "nve":   # NVE ignores these, so changing them on restart changes nothing
+        settings.update({"temperature_K": float(temperature_K), "friction": float(friction)})
+    if thermostat == "npt":
+        settings["pressure_GPa"] = float(pressure_GPa)
+    return {_SETTINGS_PREFIX + name: value for name, value in settings.items()}
+
+
+def check_restart(trajectory_path, atoms, settings):
+    """Raise when the trajectory at `trajectory_path` cannot be continued from `atoms` with `settings`
+    (`run_settings`): other atoms, other settings, or a file that is not a `run_md` trajectory.
+
+    Trajectories written before the settings were recorded are continued without the settings check."""
+    try:
+        first = read_trajectory(trajectory_path, index=0)[0]
+        last = read_trajectory(trajectory_path, index=-1)[-1]
+    except Exception as error:  # ASE raises many types for a file that is not extended XYZ
+        raise RestartMismatchError(f"cannot restart from {trajectory_path}: not a readable `polmodel md` "
+                                   f"trajectory ({type(error).__name__}: {error})") from error
+    if "step" not in last.info or "time_fs" not in last.info:
+        raise RestartMismatchError(f"cannot restart from {trajectory_path}: not a `polmodel md` trajectory "
+                                   "(its frames have no step and time_fs)")
+    if len(last) != len(atoms) or np.any(last.numbers != atoms.numbers):
+        raise RestartMismatchError(f"cannot restart from {trajectory_path}: its atoms ({last.get_chemical_formula()})"
+                                   f" are not the starting structure's ({atoms.get_chemical_formula()})")
+    recorded = {key: value for key, value in first.info.items() if key.startswith(_SETTINGS_PREFIX)}
+    if not recorded:
+        return
+    differences = []
+    for key in sorted(set(recorded) | set(settings)):
+        old, new = recorded.get(key), settings.get(key)
+        if not _same_setting(old, new):
+            differences.append(f"{key[len(_SETTINGS_PREFIX):]} was {old} and is now {new}")
+    if differences:
+        raise RestartMismatchError(f"cannot continue {trajectory_path} with other settings ({'; '.join(differences)})"
+                                   ": give another output file, or start over with no restart")
+
+
+def _same_setting(old, new):
+    numbers = (int, float, np.integer, np.floating)
+    if isinstance(old, numbers) and isinstance(new, numbers):
+        return bool(np.isclose(float(old), float(new), rtol=1e-12, atol=0.0))  # extxyz round trip of floats
+    return old == new
+
+
 def _resume(atoms, trajectory_path, timestep_fs):
     """Put the last frame's state on `atoms`; returns (step, extra state dict)."""
     frames = read_trajectory(trajectory_path, index=-1)
     last = frames[-1]
-    if len(last) != len(atoms) or np.any(last.numbers != atoms.numbers):
-        raise ValueError(f"cannot restart from {trajectory_path}: its atoms ({last.get_chemical_formula()}) are "
-                         f"not the starting structure's ({atoms.get_chemical_formula()})")
     step = int(last.info["step"])
     if not np.isclose(float(last.info["time_fs"]), step * timestep_fs):
         raise ValueError(f"cannot restart from {trajectory_path}: its last frame is step {step} at "
@@ -147,9 +223,31 @@ def _resume(atoms, trajectory_path, timestep_fs):
     return step, state
 
 
+def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, friction, interval, pressure_GPa=0.0,
+                        spread_threshold=None):
+    """ValueError for settings `run_md` cannot run with (checked before any work)."""
+    if thermostat not in THERMOSTATS:
+        raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps}")
+    if int(interval) != interval or interval < 1:
+        raise ValueError(f"interval must be a positive integer, got {interval}")
+    if not (np.isfinite(timestep_fs) and timestep_fs > 0):
+        raise ValueError(f"timestep must be a positive number of fs, got {timestep_fs}")
+    if not (np.isfinite(temperature_K) and temperature_K >= 0):
+        raise ValueError(f"temperature must be >= 0 K, got {temperature_K}")
+    if thermostat != "nve" and not (temperature_K > 0 and np.isfinite(friction) and friction > 0):
+        raise ValueError(f"the {thermostat} thermostat needs a positive temperature and friction, got "
+                         f"{temperature_K} K and {friction} 1/fs")
+    if not np.isfinite(pressure_GPa):
+        raise ValueError(f"pressure must be finite, got {pressure_GPa}")
+    if spread_threshold is not None and not (np.isfinite(spread_threshold) and spread_threshold > 0):
+        raise ValueError(f"the force-spread threshold must be a positive number of eV/Å, got {spread_threshold}")
+
+
 def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300.0, thermostat="nve",
            friction=0.01, interval=10, trajectory_path="md.xyz", born_spread=False, restart=True, progress=True,
-           seed=0, pressure_GPa=0.0):
+           seed=0, pressure_GPa=0.0, spread_threshold=DEFAULT_SPREAD_THRESHOLD, stop_on_spread=False):
     """Run MD of `atoms` with `calculator` (a PolCalculator) under the field protocol `protocol`.
 
     steps: the total length of the run in steps; a restarted run continues from the trajectory's last frame
@@ -158,19 +256,18 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     friction: 1/fs, the Langevin friction or the inverse relaxation time of the other thermostats (the NPT
     barostat relaxes 10× slower). interval: write a frame every `interval` steps.
     born_spread: also record the ensemble spread of the Born charges (costs a second-derivative pass per frame).
-    restart: continue an existing trajectory (False: overwrite it). seed: initial velocities and Langevin noise.
-    Returns the final atoms (a copy without calculator).
+    restart: continue an existing trajectory (False: overwrite it); a trajectory made with other settings
+    (`run_settings`) raises RestartMismatchError. seed: initial velocities and Langevin noise.
+    spread_threshold: eV/Å, the ensemble force spread above which the run warns once and records it (None: no
+    check); stop_on_spread: stop at that step instead of going on (module docstring).
+    Returns the final atoms (a copy without calculator); its info has `force_spread_exceeded_step` when the
+    spread passed the threshold and `stopped_on_spread` when the run stopped for it.
     """
-    if thermostat not in THERMOSTATS:
-        raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps}")
-    if int(interval) != interval or interval < 1:
-        raise ValueError(f"interval must be a positive integer, got {interval}")
-    if not timestep_fs > 0:
-        raise ValueError(f"timestep_fs must be positive, got {timestep_fs}")
-    if thermostat != "nve" and not (temperature_K > 0 and friction > 0):
-        raise ValueError(f"the {thermostat} thermostat needs a positive temperature and friction")
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    check_run_arguments(steps=steps, timestep_fs=timestep_fs, temperature_K=temperature_K, thermostat=thermostat,
+                        friction=friction, interval=interval, pressure_GPa=pressure_GPa,
+                        spread_threshold=spread_threshold)
     if born_spread and not calculator.is_ensemble:
         raise ValueError("born_spread needs an ensemble calculator (it is the spread over members)")
     steps, interval = int(steps), int(interval)
@@ -179,8 +276,11 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     atoms = atoms.copy()
     rng = np.random.default_rng(seed)
 
+    settings = run_settings(protocol, thermostat=thermostat, timestep_fs=timestep_fs, temperature_K=temperature_K,
+                            friction=friction, pressure_GPa=pressure_GPa, interval=interval)
     resuming = restart and trajectory_path.exists() and trajectory_path.stat().st_size > 0
     if resuming:
+        check_restart(trajectory_path, atoms, settings)
         step, state = _resume(atoms, trajectory_path, timestep_fs)
         if "rng" in state:
             rng.bit_generator.state = state["rng"]
@@ -200,9 +300,18 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     dynamics = _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng, pressure_GPa)
     _restore_thermostat_state(dynamics, state.get("thermostat"))
 
+    import ase.io
+
     atoms.get_forces()  # cache the starting forces at the starting field before the protocol moves on
+    watch = _SpreadWatch(spread_threshold if calculator.is_ensemble else None, stop_on_spread)
+    watch.check(calculator, step)
     if not resuming:
-        ase.io.write(trajectory_path, _frame(atoms, calculator, step, time_fs, born_spread), format="extxyz")
+        first = _frame(atoms, calculator, step, time_fs, born_spread)
+        first.info.update(settings)
+        if watch.threshold is not None:
+            first.info["force_spread_threshold"] = float(watch.threshold)
+        first.info.update(watch.record())
+        ase.io.write(trajectory_path, first, format="extxyz")
         _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)
 
     remaining = max(steps - step, 0)
@@ -210,15 +319,19 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     if progress and remaining:
         from tqdm import tqdm
         bar = tqdm(total=remaining, desc="md", unit="step")
-    for _ in range(remaining):
+    for _ in range(remaining if not watch.stopped else 0):
         calculator.set_field_for_next_positions(protocol((step + 1) * timestep_fs))
         dynamics.step()
         step += 1
         time_fs = step * timestep_fs
-        if step % interval == 0:
+        watch.check(calculator, step)
+        if step % interval == 0 or watch.stopped:
             frame = _frame(atoms, calculator, step, time_fs, born_spread)
+            frame.info.update(watch.record())
             ase.io.write(trajectory_path, frame, format="extxyz", append=True)
             _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)
+        if watch.stopped:
+            break
         if bar is not None:
             bar.update(1)
             bar.set_postfix(T=f"{atoms.get_temperature():.0f}K", refresh=False)
@@ -226,4 +339,36 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
         bar.close()
     final = atoms.copy()
     final.calc = None
+    final.info.update(watch.record())
     return final
+
+
+class _SpreadWatch:
+    """Watches the ensemble's largest atomic force spread at every step (from the calculator's cached results,
+    so it costs nothing): one ForceSpreadWarning at the first step above the threshold, remembered for the
+    frames, and a stop there when asked."""
+
+    def __init__(self, threshold, stop):
+        self.threshold, self.stop = threshold, bool(stop)
+        self.exceeded_step = None
+        self.stopped = False
+
+    def check(self, calculator, step):
+        if self.threshold is None or self.exceeded_step is not None:
+            return
+        spread = max_force_spread(calculator.results["forces_std"])
+        if spread > self.threshold:
+            self.exceeded_step = int(step)
+            self.stopped = self.stop
+            action = "stopping here (stop_on_spread)" if self.stop else "going on; later frames record it"
+            warnings.warn(f"step {step}: the ensemble's force spread {spread:.3g} eV/Å passed the threshold "
+                          f"{self.threshold:g} eV/Å, so the model is extrapolating; {action}",
+                          ForceSpreadWarning, stacklevel=3)
+
+    def record(self):
+        record = {}
+        if self.exceeded_step is not None:
+            record["force_spread_exceeded_step"] = self.exceeded_step
+        if self.stopped:
+            record["stopped_on_spread"] = True
+        return record

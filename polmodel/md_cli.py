@@ -7,14 +7,17 @@ Example:
 """
 import json
 import sys
+import warnings
 
-from polmodel.md import THERMOSTATS
+from polmodel.cli import InputError, check_input_file, check_output_file, load_model_file
+from polmodel.md import DEFAULT_SPREAD_THRESHOLD, THERMOSTATS
 
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="model or ensemble file written by `polmodel train`")
     parser.add_argument("--structure", required=True, help="starting structure (any ASE-readable file; last frame)")
-    parser.add_argument("--output", required=True, help="extended-XYZ trajectory to write (continued if present)")
+    parser.add_argument("--output", required=True,
+                        help="extended-XYZ trajectory to write (continued if present, with the same settings)")
     parser.add_argument("--steps", type=int, required=True, help="total number of MD steps")
     parser.add_argument("--timestep", type=float, default=1.0, help="timestep in fs (default 1)")
     parser.add_argument("--temperature", type=float, default=300.0, help="temperature in K (default 300)")
@@ -27,6 +30,12 @@ def add_arguments(parser):
     parser.add_argument("--interval", type=int, default=10, help="write a frame every K steps (default 10)")
     parser.add_argument("--born-spread", action="store_true",
                         help="record the ensemble spread of the Born charges in every frame")
+    parser.add_argument("--spread-threshold", type=float, default=DEFAULT_SPREAD_THRESHOLD, metavar="EV_PER_A",
+                        help="ensembles: warn once and record it in the trajectory when the largest atomic force "
+                             f"spread passes this (eV/Å; default {DEFAULT_SPREAD_THRESHOLD}, the default upper trust "
+                             "level of the active-learning selection)")
+    parser.add_argument("--stop-on-spread", action="store_true",
+                        help="stop the run at the first step whose force spread passes --spread-threshold")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                         help="run the model in this precision (default: as saved)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -35,31 +44,87 @@ def add_arguments(parser):
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args):
-    import ase.io
-    import torch
+def _check_inputs(args):
+    """Everything `run` needs, checked before MD starts: (model, atoms, protocol, device); InputError if bad.
 
-    from polmodel.calculator import PolCalculator
-    from polmodel.devices import resolve_device
+    The checks that need no heavy import (numbers, files, the field protocol) come first."""
+    from polmodel.md import check_run_arguments
+
+    try:
+        check_run_arguments(steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
+                            thermostat=args.thermostat, friction=args.friction, interval=args.interval,
+                            pressure_GPa=args.pressure, spread_threshold=args.spread_threshold)
+    except ValueError as error:
+        raise InputError(str(error)) from error
     from polmodel.fields import field_protocol_from_json
-    from polmodel.md import run_md
-
     try:
         protocol = field_protocol_from_json(args.field)
     except ValueError as error:
-        sys.exit(f"polmodel md: bad --field: {error}")
+        raise InputError(f"bad --field: {error}") from error
+    check_output_file(args.output, "--output")
+    check_input_file(args.model, "--model")
+    check_input_file(args.structure, "--structure")
+    atoms = _read_structure(args.structure)
+    from polmodel.devices import resolve_device
     try:
         device = resolve_device(args.device)
     except ValueError as error:
-        sys.exit(f"polmodel md: {error}")
-    atoms = ase.io.read(args.structure, index=-1)
+        raise InputError(str(error)) from error
+    model = load_model_file(args.model)
+    unknown = sorted(set(atoms.get_chemical_symbols()) - set(model.species))
+    if unknown:
+        raise InputError(f"--structure {args.structure} has {', '.join(unknown)}, which the model does not know "
+                         f"(it knows {', '.join(model.species)})")
+    if args.born_spread and not hasattr(model, "members"):
+        raise InputError("--born-spread needs an ensemble (it is the spread over members); --model is one model")
+    return model, atoms, protocol, device
+
+
+def _read_structure(path):
+    import ase.io
+    try:
+        atoms = ase.io.read(path, index=-1)
+    except Exception as error:  # ASE raises many types for a file it cannot parse
+        raise InputError(f"--structure {path} is not a structure file ASE can read ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no details'})") from error
+    if len(atoms) == 0:
+        raise InputError(f"--structure {path} has no atoms")
+    return atoms
+
+
+def _show_warning_as_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"polmodel md: {category.__name__}: {message}", file=file or sys.stderr)
+
+
+def run(args):
+    from polmodel.allocator import keep_freed_memory_in_heap
+    keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (allocator.py)
+    model, atoms, protocol, device = _check_inputs(args)
+
+    import torch
+
+    from polmodel.calculator import OverlappingAtomsError, PolCalculator
+    from polmodel.md import RestartMismatchError, run_md
+
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
-    calculator = PolCalculator(args.model, efield=protocol(0.0), dtype=dtype, device=device)
-    final = run_md(atoms, calculator, protocol, steps=args.steps, timestep_fs=args.timestep,
-                   temperature_K=args.temperature, thermostat=args.thermostat, friction=args.friction,
-                   interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,
-                   restart=not args.no_restart, progress=not args.quiet, seed=args.seed,
-                   pressure_GPa=args.pressure)
+    calculator = PolCalculator(model, efield=protocol(0.0), dtype=dtype, device=device)
+    try:
+        calculator.get_forces(atoms.copy())   # overlapping atoms fail here, before the trajectory is touched
+    except OverlappingAtomsError as error:
+        raise InputError(f"--structure {args.structure}: {error}") from error
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning_as_one_line
+            final = run_md(atoms, calculator, protocol, steps=args.steps, timestep_fs=args.timestep,
+                           temperature_K=args.temperature, thermostat=args.thermostat, friction=args.friction,
+                           interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,
+                           restart=not args.no_restart, progress=not args.quiet, seed=args.seed,
+                           pressure_GPa=args.pressure, spread_threshold=args.spread_threshold,
+                           stop_on_spread=args.stop_on_spread)
+    except RestartMismatchError as error:  # run_md checks a restart before it touches anything
+        raise InputError(f"{error} (--no-restart)") from error
     if not args.quiet:
-        print(json.dumps({"trajectory": args.output, "final_temperature_K": final.get_temperature()}))
+        print(json.dumps({"trajectory": args.output, "final_temperature_K": final.get_temperature(),
+                          **{key: final.info[key] for key in ("force_spread_exceeded_step", "stopped_on_spread")
+                             if key in final.info}}))
     return 0

@@ -7,7 +7,12 @@ Examples:
     polmodel provenance learning-curve 890        # the iterations of active-learning loop 890
     polmodel provenance graph 890 --output loop.svg   # loop 890 drawn: one box per labelling/training/exploration
 """
-import sys
+import re
+
+from polmodel.cli import InputError
+
+# a node's pk (positive integer) or its UUID (or a unique prefix of one, as verdi accepts)
+_IDENTIFIER = re.compile(r"^([1-9][0-9]*|[0-9a-fA-F]{4,8}(-[0-9a-fA-F]{0,4}){0,3}(-[0-9a-fA-F]{0,12})?)$")
 
 
 def add_arguments(parser):
@@ -29,16 +34,30 @@ def add_arguments(parser):
 GRAPH_FORMATS = (".svg", ".png", ".pdf", ".dot")
 
 
+def _check_inputs(args):
+    """A node identifier that is neither a pk nor a UUID, or a profile that does not exist: InputError."""
+    for name in ("model", "frames", "source", "workchain"):
+        value = getattr(args, name, None)
+        if value is not None and not _IDENTIFIER.match(value.strip()):
+            raise InputError(f"{value!r} is neither a node pk (a positive integer) nor a UUID")
+    from aiida import load_profile
+    from aiida.common.exceptions import MissingConfigurationError, ProfileConfigurationError
+    try:
+        load_profile(args.profile, allow_switch=True)
+    except (MissingConfigurationError, ProfileConfigurationError) as error:
+        raise InputError(f"no AiiDA profile {args.profile or '(default)'}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'not configured'}") from error
+
+
 def run(args):
     from polmodel.cli import InputError
 
     if args.question == "graph" and args.output and not args.output.endswith(GRAPH_FORMATS):
         raise InputError(f"--output {args.output}: the drawing is written as {', '.join(GRAPH_FORMATS)}")
     # AiiDA is imported here only: `import polmodel` and the other sub-commands never need it.
-    from aiida import load_profile
+    _check_inputs(args)
     from aiida.common.exceptions import MultipleObjectsError, NotExistent
 
-    load_profile(args.profile, allow_switch=True)
     from polmodel.workflows import provenance
 
     try:
@@ -60,6 +79,5 @@ def run(args):
             provenance.draw_loop(args.node, output)
             print(f"wrote {output} (ActiveLearningWorkChain<{loop.pk}>)")
     except (NotExistent, MultipleObjectsError, TypeError) as error:
-        print(f"polmodel provenance: {error}", file=sys.stderr)
-        return 2
+        raise InputError(str(error).splitlines()[0]) from error
     return 0

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from polmodel.allocator import keep_freed_memory_in_heap
+from polmodel.allocator import keep_heap_if_requested
 from polmodel.data import atoms_to_graph, average_num_neighbors, collate
 from polmodel.devices import resolve_device, to_device
 from polmodel.frames import (align_dipole_branches, frame_efield, frame_energy, frame_forces, normalize_frames,
@@ -458,7 +458,7 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
         raise ValueError("none of the training frames carries a label (energy, forces, stress, dipole, Z*, α)")
     device = resolve_device(config.device)
     if device.type == "cpu":
-        keep_freed_memory_in_heap()
+        keep_heap_if_requested()   # opt-in: a process-wide setting (polmodel/allocator.py)
     model = initialize_model(train_frames, config, species or _frames_species(train_frames + valid_frames),
                              initial_model=initial_model).to(device)
     train_set = training_frame_set(train_frames, model.species, config)

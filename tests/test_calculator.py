@@ -193,3 +193,30 @@ def test_calculator_loads_a_saved_model_file(model, tmp_path):
     from_file = PolCalculator(str(path), dtype=torch.float64, efield=FIELD)
     assert from_file.get_potential_energy(atoms) == pytest.approx(
         PolCalculator(model, efield=FIELD).get_potential_energy(atoms), abs=1e-10)
+
+
+def test_unknown_keywords_are_errors_naming_the_keyword(model):
+    # ASE's base class would keep `efeild` as a parameter and compute at zero field
+    with pytest.raises(TypeError, match=r"'efeild' \(did you mean 'efield'\?\)"):
+        PolCalculator(model, efeild=(0, 0, 0.05))
+    calc = PolCalculator(model, efield=FIELD, label="kept")   # ASE's own arguments still pass through
+    with pytest.raises(TypeError, match="'efeild'"):
+        calc.set(efeild=(0, 0, 0.05))
+    assert np.array_equal(calc.efield, FIELD) and "efeild" not in calc.parameters
+
+
+def test_overlapping_atoms_are_an_error_not_a_number(model):
+    from polmodel.calculator import OverlappingAtomsError
+    atoms = batio3(rattle=0.0)
+    # through the periodic boundary: atom 0 at the origin, atom 1 moved to 0.01 Å from its image
+    atoms.positions[1] = atoms.cell[0] + atoms.cell[1] + [0.01, 0.0, 0.0]
+    atoms.calc = PolCalculator(model)
+    with pytest.raises(OverlappingAtomsError, match=r"atoms 0 \(Ba\) and 1 \(Ti\) are 0\.010 Å apart"):
+        atoms.get_forces()
+    atoms.positions[1] += [0.6, 0.0, 0.0]       # 0.61 Å: above the default limit, so a number again
+    assert np.all(np.isfinite(atoms.get_forces()))
+    atoms.calc = PolCalculator(model, min_distance=0.7)
+    with pytest.raises(OverlappingAtomsError, match="0.610 Å"):
+        atoms.get_forces()
+    with pytest.raises(ValueError, match="below the model's cutoff"):   # pairs beyond it are not in the graph
+        PolCalculator(model, min_distance=4.0)

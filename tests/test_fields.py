@@ -64,7 +64,11 @@ def test_json_from_file(tmp_path):
     (lambda: CosineField(2.0, 100.0, (1, 0, 0)), "Zener"),
     (lambda: CosineField(float("inf"), 100.0, (1, 0, 0)), "finite"),
     (lambda: field_protocol_from_dict({"kind": "square", "amplitude": 1}), "unknown field protocol kind"),
-    (lambda: field_protocol_from_dict({"kind": "static", "vektor": [0, 0, 0]}), "bad parameters"),
+    (lambda: field_protocol_from_dict({"kind": "static", "vektor": [0, 0, 0]}),
+     r"unknown key\(s\) 'vektor' \(did you mean 'vector'\?\) in a 'static' field protocol"),
+    (lambda: field_protocol_from_json('{"kind": "cosine", "amplitude": 0.01, "period_fs": 9, "axis": [0, 0, 1], '
+                                      '"phse": 1}'), r"unknown key\(s\) 'phse' \(did you mean 'phase'\?\)"),
+    (lambda: field_protocol_from_dict({"kind": "ramp", "start": [0, 0, 0]}), "needs stop, duration_fs"),
     (lambda: field_protocol_from_json("not-a-file.json"), "neither a JSON object"),
     (lambda: field_protocol_from_json("{bad json"), "not valid JSON"),
 ])

@@ -179,9 +179,9 @@ def test_md_and_analyze_command_line(model, tmp_path):
         assert (tmp_path / f"{analysis}.png").read_bytes()[:4] == b"\x89PNG"
         assert report["frames"] == 41
     assert np.isfinite(report["epsilon_static_isotropic"])
-    with pytest.raises(SystemExit, match="field"):
-        main(["md", "--model", str(model_path), "--structure", str(structure), "--output", str(trajectory),
-              "--steps", "2", "--field", '{"kind": "cosine", "amplitude": 0.1, "period_fs": -1, "axis": [0,0,1]}'])
+    assert main(["md", "--model", str(model_path), "--structure", str(structure), "--output", str(trajectory),
+                 "--steps", "2", "--field", '{"kind": "cosine", "amplitude": 0.1, "period_fs": -1, "axis": [0,0,1]}'
+                 ]) == 2
 
 
 @pytest.mark.parametrize("thermostat", ["berendsen", "npt"])
@@ -195,3 +195,58 @@ def test_other_thermostats_run_under_field(model, tmp_path, thermostat):
     assert np.all(np.isfinite(final.positions))
     if thermostat == "npt":
         assert not np.allclose(final.cell, batio3().cell)  # the barostat moved the cell
+
+
+def _ensemble_run(tmp_path, name, threshold, stop=False, steps=6):
+    from polmodel.ensemble import PolEnsemble
+    from polmodel.md import ForceSpreadWarning
+    calculator = PolCalculator(PolEnsemble([tiny_model(seed) for seed in (1, 2)]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        final = run_md(batio3(), calculator, StaticField((0, 0, 0.02)), steps=steps, timestep_fs=1.0,
+                       temperature_K=300.0, thermostat="langevin", interval=2, trajectory_path=tmp_path / name,
+                       progress=False, spread_threshold=threshold, stop_on_spread=stop)
+    spread_warnings = [w for w in caught if issubclass(w.category, ForceSpreadWarning)]
+    return final, read_trajectory(tmp_path / name), spread_warnings
+
+
+def test_force_spread_above_the_threshold_warns_once_and_is_recorded(tmp_path):
+    _, frames, caught = _ensemble_run(tmp_path, "calm.xyz", threshold=1e3)
+    spreads = series(frames, "max_force_std")
+    assert not caught and all("force_spread_exceeded_step" not in frame.info for frame in frames)
+    assert frames[0].info["force_spread_threshold"] == 1e3
+    # a threshold between the spreads of the frames: first passed after the start
+    threshold = 0.5 * (spreads[0] + spreads[1:].max()) if spreads[1:].max() > spreads[0] else spreads[0] / 2
+    final, frames, caught = _ensemble_run(tmp_path, "wild.xyz", threshold=threshold)
+    assert len(caught) == 1 and "passed the threshold" in str(caught[0].message)
+    exceeded = final.info["force_spread_exceeded_step"]
+    assert series(frames, "step").tolist() == [0, 2, 4, 6]      # went on to the end
+    for frame in frames:
+        assert ("force_spread_exceeded_step" in frame.info) == (frame.info["step"] >= exceeded)
+
+
+def test_stop_on_spread_stops_at_the_first_step_above(tmp_path):
+    _, frames, _ = _ensemble_run(tmp_path, "all.xyz", threshold=1e3, steps=5)
+    threshold = 0.5 * float(series(frames, "max_force_std").min())   # passed from the start
+    final, frames, caught = _ensemble_run(tmp_path, "stopped.xyz", threshold=threshold, stop=True, steps=5)
+    assert len(caught) == 1
+    assert len(frames) == 1 and frames[0].info["stopped_on_spread"] and final.info["stopped_on_spread"]
+    assert frames[0].info["force_spread_exceeded_step"] == 0
+
+
+@pytest.mark.parametrize("change", [
+    {"protocol": CosineField(amplitude=0.02, period_fs=50.0, axis=(0, 0, 1))},
+    {"thermostat": "nose-hoover"}, {"timestep_fs": 0.5}, {"temperature_K": 400.0}, {"interval": 3}])
+def test_restart_with_other_settings_is_refused(model, tmp_path, change):
+    from polmodel.md import RestartMismatchError
+    path = tmp_path / "t.xyz"
+    options = dict(protocol=StaticField((0, 0, 0.01)), timestep_fs=1.0, temperature_K=300.0, thermostat="langevin",
+                   interval=2, progress=False)
+    run_md(batio3(), PolCalculator(model), steps=2, trajectory_path=path, **options)
+    before = path.read_text()
+    name = next(iter(change)).replace("_K", "").replace("_fs", "").replace("protocol", "field")
+    with pytest.raises(RestartMismatchError, match=f"{name}[A-Za-z_]* was"):
+        run_md(batio3(), PolCalculator(model), steps=4, trajectory_path=path, **{**options, **change})
+    assert path.read_text() == before
+    run_md(batio3(), PolCalculator(model), steps=4, trajectory_path=path, **options)   # the same settings go on
+    assert series(read_trajectory(path), "step").tolist() == [0, 2, 4]

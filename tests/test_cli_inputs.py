@@ -1,0 +1,267 @@
+"""Bad inputs to every `polmodel` command: exit status 2, one line on stderr naming the problem, no traceback,
+and no work done before the check (issue 17).
+
+The table runs each command in-process through `polmodel.cli.main` (an uncaught exception fails the test, so
+"no traceback" is checked too); `test_as_a_process` runs a few rows as real processes. `polmodel analyze` has
+its own checks and table (tests/test_analysis.py)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from polmodel.cli import main
+from polmodel.md import run_md
+
+SPECIES = ["Ba", "Ti", "O"]
+
+
+def _batio3():
+    atoms = Atoms("BaTiO3", scaled_positions=[(0, 0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0), (0.5, 0, 0.5),
+                                              (0, 0.5, 0.5)], cell=np.eye(3) * 4.0, pbc=True)
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A real model file, a structure, a trajectory of a short run, and the broken files of the table."""
+    from polmodel.calculator import PolCalculator
+    from polmodel.fields import StaticField
+    from polmodel.model import PolModel
+    from polmodel.serialization import save
+
+    folder = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    model = PolModel(SPECIES, 4.0, num_features=4, lmax=1, num_layers=1).double()
+    save(model, folder / "model.pt")
+    raw = (folder / "model.pt").read_bytes()
+    (folder / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (folder / "garbage.pt").write_bytes(bytes(range(256)) * 8)
+    torch.save({"weights": torch.zeros(3)}, folder / "not_a_model.pt")
+    _batio3().write(folder / "start.xyz")
+    strontium = _batio3()
+    strontium[0].symbol = "Sr"
+    strontium.write(folder / "strontium.xyz")
+    overlapping = _batio3()
+    overlapping.positions[2] = overlapping.positions[1] + [0.01, 0.0, 0.0]
+    overlapping.write(folder / "overlapping.xyz")
+    (folder / "garbage.xyz").write_text("this is\nnot a structure\n")
+    (folder / "binary.xyz").write_bytes(bytes(range(256)))
+    (folder / "empty.xyz").write_text("")
+    (folder / "a_folder").mkdir()
+    (folder / "a_file").write_text("x")
+    run_md(_batio3(), PolCalculator(model), StaticField((0, 0, 0.01)), steps=2, timestep_fs=1.0, temperature_K=300.0,
+           thermostat="langevin", interval=1, trajectory_path=folder / "done.xyz", progress=False)
+    return folder
+
+
+def _md(files, **changes):
+    options = {"--model": files / "model.pt", "--structure": files / "start.xyz", "--output": files / "new.xyz",
+               "--steps": 2, **changes}
+    argv = ["md", "--quiet"]
+    for flag, value in options.items():
+        if value is True:
+            argv.append(flag)
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _train(files, *extra, frames="frames.xyz", output="t.pt"):
+    return ["train", str(files / frames), "--output", str(files / output), "--quiet", *extra]
+
+
+# the settings of the fixture's done.xyz, so that a restart row changes one setting only
+_DONE = {"--field": '{"kind": "static", "vector": [0, 0, 0.01]}', "--interval": 1, "--temperature": 300}
+# (row id, argv builder, text the one-line message must contain)
+MD_TABLE = [
+    ("missing model", lambda f: _md(f, **{"--model": f / "missing.pt"}), "--model .*missing.pt does not exist"),
+    ("model is a folder", lambda f: _md(f, **{"--model": f / "a_folder"}), "is not a file"),
+    ("corrupt model", lambda f: _md(f, **{"--model": f / "garbage.pt"}), "not a readable polmodel file"),
+    ("truncated model", lambda f: _md(f, **{"--model": f / "truncated.pt"}), "not a readable polmodel file"),
+    ("torch file, not a model", lambda f: _md(f, **{"--model": f / "not_a_model.pt"}), "not a polmodel model file"),
+    ("structure given as model", lambda f: _md(f, **{"--model": f / "start.xyz"}), "not a readable polmodel file"),
+    ("missing structure", lambda f: _md(f, **{"--structure": f / "missing.xyz"}), "--structure .* does not exist"),
+    ("empty structure", lambda f: _md(f, **{"--structure": f / "empty.xyz"}), "is empty"),
+    ("corrupt structure", lambda f: _md(f, **{"--structure": f / "garbage.xyz"}), "not a structure file ASE can"),
+    ("binary structure", lambda f: _md(f, **{"--structure": f / "binary.xyz"}), "not a structure file ASE can"),
+    ("model given as structure", lambda f: _md(f, **{"--structure": f / "model.pt"}), "not a structure file"),
+    ("unknown species", lambda f: _md(f, **{"--structure": f / "strontium.xyz"}), "has Sr, which the model"),
+    ("overlapping atoms", lambda f: _md(f, **{"--structure": f / "overlapping.xyz"}), "0.010 Å apart"),
+    ("negative steps", lambda f: _md(f, **{"--steps": -5}), "steps must be a non-negative integer, got -5"),
+    ("steps not a number", lambda f: _md(f, **{"--steps": "abc"}), "argument --steps: invalid int value"),
+    ("negative timestep", lambda f: _md(f, **{"--timestep": -1}), "timestep must be a positive"),
+    ("NaN timestep", lambda f: _md(f, **{"--timestep": "nan"}), "timestep must be a positive"),
+    ("zero interval", lambda f: _md(f, **{"--interval": 0}), "interval must be a positive integer"),
+    ("negative temperature", lambda f: _md(f, **{"--temperature": -10}), "temperature must be >= 0 K"),
+    ("zero friction", lambda f: _md(f, **{"--friction": 0}), "needs a positive temperature and friction"),
+    ("infinite pressure", lambda f: _md(f, **{"--pressure": "inf"}), "pressure must be finite"),
+    ("unknown thermostat", lambda f: _md(f, **{"--thermostat": "andersen"}), "invalid choice: 'andersen'"),
+    ("field not JSON", lambda f: _md(f, **{"--field": "{oops"}), "bad --field: field protocol is not valid JSON"),
+    ("field key typo", lambda f: _md(f, **{"--field": '{"kind": "static", "vectr": [0, 0, 0.1]}'}),
+     "unknown key.*'vectr' .did you mean 'vector'"),
+    ("field too strong", lambda f: _md(f, **{"--field": '{"kind": "static", "vector": [0, 0, 5]}'}), "Zener"),
+    ("output folder missing", lambda f: _md(f, **{"--output": "/nonexistent/t.xyz"}), "folder /nonexistent does not"),
+    ("output is a folder", lambda f: _md(f, **{"--output": f / "a_folder"}), "is a folder, not a file"),
+    ("unknown device", lambda f: _md(f, **{"--device": "quantum"}), "unknown device 'quantum'"),
+    ("negative spread threshold", lambda f: _md(f, **{"--spread-threshold": -1}), "must be a positive number"),
+    ("Born spread of one model", lambda f: _md(f, **{"--born-spread": True}), "--born-spread needs an ensemble"),
+    ("restart onto a non-trajectory", lambda f: _md(f, **{"--output": f / "garbage.xyz"}),
+     "cannot restart from .*garbage.xyz"),
+    ("restart with another field", lambda f: _md(f, **{"--output": f / "done.xyz", "--steps": 4,
+                                                        "--field": '{"kind": "static", "vector": [0, 0, 0.02]}'}),
+     "other settings .field was"),
+    ("restart with another thermostat", lambda f: _md(f, **{"--output": f / "done.xyz", "--steps": 4,
+                                                             "--thermostat": "nose-hoover", **_DONE}),
+     r"other settings \(thermostat was langevin and is now nose-hoover\)"),
+    ("restart with another timestep", lambda f: _md(f, **{"--output": f / "done.xyz", "--steps": 4,
+                                                           **_DONE, "--timestep": 0.5}),
+     r"other settings \(timestep_fs was 1.0 and is now 0.5\)"),
+]
+TRAIN_TABLE = [
+    ("missing frames", lambda f: _train(f, frames="missing.xyz"), "frames file .* does not exist"),
+    ("frames is a folder", lambda f: _train(f, frames="a_folder"), "is not a file"),
+    ("empty frames", lambda f: _train(f, frames="empty.xyz"), "is empty"),
+    ("binary frames", lambda f: _train(f, frames="binary.xyz"), "can't decode|not valid extended XYZ"),
+    ("output folder missing", lambda f: _train(f, output="/nonexistent/t.pt"),
+     "--output .*t.pt: folder .* does not exist"),
+    ("output is a folder", lambda f: _train(f, output="a_folder"), "is a folder, not a file"),
+    ("metrics folder missing", lambda f: _train(f, "--metrics", "/nonexistent/m.json"), "--metrics"),
+    ("plots under a file", lambda f: _train(f, "--plots", str(f / "a_file" / "plots")), "a_file is a file, not a"),
+    ("no members", lambda f: _train(f, "--ensemble", "0"), "--ensemble must be >= 1, got 0"),
+    ("negative epochs", lambda f: _train(f, "--epochs", "-1"), "--epochs must be >= 0, got -1"),
+    ("validation fraction 1.5", lambda f: _train(f, "--validation-fraction", "1.5"), "must be < 1, got 1.5"),
+    ("hyperparameters not JSON", lambda f: _train(f, "--hyperparameters", "{oops"), "neither a JSON file"),
+    ("hyperparameter typo", lambda f: _train(f, "--hyperparameters", '{"learning_rat": 0.1}'),
+     "unknown training options \\['learning_rat'\\]"),
+    ("unknown device", lambda f: _train(f, "--device", "quantum"), "unknown device 'quantum'"),
+]
+TOP_TABLE = [
+    ("no command", lambda f: [], "required: COMMAND"),
+    ("unknown command", lambda f: ["fly"], "invalid choice: 'fly'"),
+    ("md without its required options", lambda f: ["md"], "the following arguments are required: --model"),
+    ("provenance: not a pk", lambda f: ["provenance", "pw-runs", "12;drop"], "neither a node pk"),
+    ("provenance: negative pk", lambda f: ["provenance", "learning-curve", "-5"], "neither a node pk"),
+    ("provenance: unknown profile", lambda f: ["provenance", "--profile", "no-such-profile", "pw-runs", "12"],
+     "no AiiDA profile no-such-profile"),
+    ("provenance: no such node", lambda f: ["provenance", "pw-runs", "987654"], "987654"),
+]
+
+
+def _run_main(argv, capsys):
+    try:
+        status = main([str(word) for word in argv])
+    except SystemExit as exit_:   # argparse's usage errors
+        status = exit_.code
+    return status, capsys.readouterr()
+
+
+def _assert_one_line_error(status, captured, expected):
+    lines = captured.err.strip().splitlines()
+    assert status == 2, captured
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("polmodel"), lines
+    assert "Traceback" not in captured.err
+    import re
+    assert re.search(expected, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("row", MD_TABLE, ids=[row[0] for row in MD_TABLE])
+def test_md_refuses_bad_input(row, files, capsys, monkeypatch):
+    _, argv, expected = row
+    before = (files / "done.xyz").read_text()
+    ran = []
+    monkeypatch.setattr("polmodel.md.run_md", lambda *args, **kwargs: ran.append(True) or pytest.fail("ran MD"))
+    if "restart" in row[0]:
+        monkeypatch.undo()   # run_md itself refuses a restart, before it touches anything
+    status, captured = _run_main(argv(files), capsys)
+    _assert_one_line_error(status, captured, expected)
+    assert not ran and not (files / "new.xyz").exists()
+    assert (files / "done.xyz").read_text() == before
+
+
+@pytest.fixture
+def frames_file(files):
+    from toy_potential import make_toy_frames
+
+    from polmodel.frames import write_frames
+    write_frames(files / "frames.xyz", make_toy_frames(1, seed=0))
+    return files / "frames.xyz"
+
+
+@pytest.mark.parametrize("row", TRAIN_TABLE, ids=[row[0] for row in TRAIN_TABLE])
+def test_train_refuses_bad_input_before_training(row, files, frames_file, capsys, monkeypatch):
+    _, argv, expected = row
+    trained = []
+    monkeypatch.setattr("polmodel.train.train_ensemble", lambda *args, **kwargs: trained.append(True))
+    status, captured = _run_main(argv(files), capsys)
+    _assert_one_line_error(status, captured, expected)
+    assert not trained   # nothing trained before the check (issue 17: 52 s of training lost on --output)
+    assert not (files / "t.pt").exists()
+
+
+@pytest.mark.parametrize("row", TOP_TABLE, ids=[row[0] for row in TOP_TABLE])
+def test_other_commands_refuse_bad_input(row, files, capsys):
+    _, argv, expected = row
+    status, captured = _run_main(argv(files), capsys)
+    _assert_one_line_error(status, captured, expected)
+
+
+def test_a_good_md_run_still_runs(files, capsys):
+    from polmodel.md import read_trajectory
+    assert main(_md(files, **{"--output": files / "good.xyz", "--interval": 1})) == 0
+    assert [frame.info["step"] for frame in read_trajectory(files / "good.xyz")] == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["md", "--model", "missing.pt", "--structure", "s.xyz", "--output", "t.xyz", "--steps", "-5"],
+     "polmodel md: steps must be a non-negative integer, got -5"),
+    (["train", "frames.xyz", "--output", "/nonexistent/t.pt"],
+     "polmodel train: --output /nonexistent/t.pt: folder /nonexistent does not exist"),
+    ([], "polmodel: the following arguments are required: COMMAND"),
+])
+def test_as_a_process(argv, expected, tmp_path):
+    (tmp_path / "frames.xyz").write_text("not read: the output is checked first\n")
+    script = Path(sys.executable).with_name("polmodel")   # the installed console script
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "polmodel.cli"]
+    completed = subprocess.run([*command, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
+    assert completed.stderr.startswith(expected), completed.stderr
+
+
+def test_help_imports_no_heavy_module():
+    """`polmodel --help` and each sub-command's --help import neither torch, ASE nor AiiDA (start-up time)."""
+    probe = ("import sys\nfrom polmodel.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "heavy = sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'ase', 'aiida', 'e3nn', "
+             "'scipy', 'matplotlib'})\nprint(','.join(heavy), file=sys.stderr)")
+    for argv in (["--help"], ["train", "--help"], ["md", "--help"], ["analyze", "--help"],
+                 ["provenance", "--help"]):
+        completed = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True)
+        assert "usage: polmodel" in completed.stdout, completed.stderr
+        assert completed.stderr.strip() == "", (argv, completed.stderr)
+
+
+def test_md_spread_warning_is_one_line_and_stop_on_spread_stops(files, capsys):
+    from polmodel.ensemble import PolEnsemble
+    from polmodel.md import read_trajectory
+    from polmodel.model import PolModel
+    from polmodel.serialization import save
+
+    members = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        members.append(PolModel(SPECIES, 4.0, num_features=4, lmax=1, num_layers=1).double())
+    save(PolEnsemble(members), files / "ensemble.pt")
+    argv = _md(files, **{"--model": files / "ensemble.pt", "--output": files / "spread.xyz", "--steps": 6,
+                         "--interval": 2, "--spread-threshold": 1e-9, "--stop-on-spread": True})
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("polmodel md: ForceSpreadWarning: step 0: the ensemble's force spread")
+    frames = read_trajectory(files / "spread.xyz")
+    assert len(frames) == 1 and frames[0].info["stopped_on_spread"] and frames[0].info["force_spread_threshold"] == 1e-9
