@@ -110,9 +110,9 @@ def _check_inputs(args):
 
 
 def run(args):
-    _check_inputs(args)
     from polmodel.allocator import keep_freed_memory_in_heap
     keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (allocator.py)
+    _check_inputs(args)
     from polmodel import serialization
     from polmodel.devices import resolve_device
     from polmodel.frames import read_frames
