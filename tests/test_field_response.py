@@ -144,6 +144,7 @@ def field_response_inputs(alas_structure, pw_code, alas_lda_family):
         )
         return builder
 
+    factory.family_label = alas_lda_family.label
     return factory
 
 
@@ -348,6 +349,238 @@ def test_all_field_runs_ok(started_workchain, generate_fake_pw_base):
     _set_field_children(process, generate_fake_pw_base, set())
     assert process.inspect_field_runs() is None
     assert not process.should_run_field_runs()
+
+
+# --- label tiers, field magnitudes and the sum rule (no DFT) ----------------------------------------------------------
+
+
+def test_asr_exact_labels_keep_the_raw_residual():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(5, 3, 3))
+    raw[0] += 0.3  # a DFT-like residual of 1.5 e in every component
+    corrected = rf.enforce_acoustic_sum_rule(raw)
+    assert np.abs(corrected.sum(axis=0)).max() < 1e-12
+    # only the per-component mean moves: differences between atoms are the raw ones
+    assert corrected - corrected[0] == pytest.approx(raw - raw[0], abs=1e-12)
+    assert rf.acoustic_sum_rule_residual(raw) == pytest.approx(np.abs(raw.sum(axis=0)).max())
+
+
+def _fake_run(forces, dipole, efield):
+    """Unstored output_parameters / output_trajectory of one field run, as PolPwParser writes them."""
+    from aiida import orm
+
+    parameters = orm.Dict({"energy": -100.0, "finite_field": {"dipole": list(dipole), "efield": list(efield)}})
+    trajectory = orm.ArrayData()
+    trajectory.set_array("forces", np.asarray(forces, dtype=float)[None])
+    return parameters, trajectory
+
+
+def test_field_response_calcfunction_outputs_asr_exact_charges_and_raw_residual(alas_structure):
+    """Three atoms' worth of ±ε forces with a net force (the k-point error of DFT Born charges)."""
+    from aiida import orm
+
+    rng = np.random.default_rng(1)
+    structure = orm.StructureData(cell=alas_structure.cell)
+    for position, symbol in (((0, 0, 0), "Al"), ((1.4, 1.4, 1.4), "As"), ((2.8, 0, 2.8), "As")):
+        structure.append_atom(position=position, symbols=symbol)
+    magnitude = 0.02
+    quantum = 2 * np.array(structure.cell)
+    polarization = orm.ArrayData({"polarization_quantum": quantum, "dipole": np.zeros(3)})
+    inputs, forces = {}, {}
+    for label in rf.FIELD_LABELS:
+        forces[label] = rng.normal(size=(3, 3))
+        field = rf.field_vector(label, magnitude)
+        inputs[f"parameters_{label}"], inputs[f"trajectory_{label}"] = _fake_run(forces[label], 0.5 * field, field)
+    outputs = rf.compute_field_response(structure, polarization, orm.Float(magnitude), **inputs)
+    born = outputs["born_effective_charges"].get_array("born_effective_charges")
+    raw = outputs["born_effective_charges"].get_array("born_effective_charges_raw")
+    for a, axis in enumerate("xyz"):
+        assert raw[:, a, :] == pytest.approx((forces[f"{axis}_plus"] - forces[f"{axis}_minus"]) / (2 * magnitude))
+    assert np.abs(born.sum(axis=0)).max() < 1e-12                      # labels obey the sum rule
+    assert outputs["asr_residual"].value == pytest.approx(np.abs(raw.sum(axis=0)).max())  # the raw residual
+    assert outputs["asr_residual"].value > 1.0
+    assert outputs["polarizability"].get_array("polarizability") == pytest.approx(0.5 * np.eye(3))
+
+
+def test_axis_field_triple_finds_the_smallest_complete_triple():
+    vectors = [[0, 0, 0.1], [0.03, 0, 0], [0, 0.03, 0], [0.1, 0, 0], [0, 0, 0.03], [0.02, 0.02, 0], [0, 0.1, 0]]
+    field, indices = rf.axis_field_triple(vectors)
+    assert field == pytest.approx(0.03) and indices == [1, 2, 4]
+    assert rf.axis_field_triple([[0.03, 0, 0], [0, 0.03, 0], [0, 0, 0.05]]) is None
+    assert rf.axis_field_triple([[0.03, 0, 0], [0, 0.03, 0], [0, 1e-4, 0.03]]) is None  # not along an axis
+
+
+def test_one_sided_response_is_a_forward_difference():
+    born = rf.born_charges_one_sided([np.full((2, 3), 0.1), np.zeros((2, 3)), np.zeros((2, 3))], np.zeros((2, 3)), 0.05)
+    assert born[:, 0, :] == pytest.approx(np.full((2, 3), 2.0)) and np.all(born[:, 1:] == 0)
+    alpha, raw = rf.polarizability_one_sided([[1.1, 0, 0], [0, 1.2, 0.01], [0, 0.03, 1.3]], [1.0, 0, 0], 0.1)
+    assert np.diag(raw) == pytest.approx([1.0, 12.0, 13.0]) and raw[1, 2] == pytest.approx(0.3)
+    assert alpha == pytest.approx(alpha.T) and alpha[1, 2] == pytest.approx(0.2)
+
+
+def test_polarization_quantum_halves_with_an_odd_valence_charge():
+    cell = np.eye(3) * 4.0
+    assert rf.lattice_polarization_quantum(cell, [2.0, 6.0]) == pytest.approx(2 * cell)
+    assert rf.lattice_polarization_quantum(cell, [3.0, 5.0]) == pytest.approx(cell)
+
+
+@pytest.mark.parametrize(
+    ("tier", "overrides", "field_vectors", "expected"),
+    [
+        ("full", {}, None, None),
+        ("full", {"field_magnitudes": [0.1]}, None, [[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.1]]),
+        ("field_frames", {"field_magnitude": 0.03, "field_magnitudes": [0.09]}, None,
+         [[0.03, 0, 0], [0, 0.03, 0], [0, 0, 0.03], [0.09, 0, 0], [0, 0.09, 0], [0, 0, 0.09]]),
+        ("field_frames", {"field_magnitudes": [0.09]}, [[0.0, 0.01, 0.05]], [[0.0, 0.01, 0.05]]),
+        ("energy_forces", {"field_magnitudes": [0.09]}, None, None),
+    ],
+)
+def test_builder_labels_at_several_field_magnitudes(field_response_inputs, tier, overrides, field_vectors, expected):
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    builder = FieldResponseWorkChain.get_builder_from_protocol(
+        field_response_inputs().scf.pw.code, field_response_inputs().structure, protocol="fast",
+        pseudo_family=field_response_inputs.family_label, overrides={"scf": {"kpoints_distance": 0.5}, **overrides},
+        tier=tier, field_vectors=field_vectors,
+    )
+    assert builder.tier.value == tier
+    if expected is None:
+        assert "field_vectors" not in builder
+    else:
+        assert np.array(builder.field_vectors.get_list()) == pytest.approx(np.array(expected, dtype=float))
+    assert _validate(builder) is None
+
+
+def test_tier_and_field_vectors_can_come_from_overrides(field_response_inputs):
+    builder = field_response_inputs(overrides={"scf": {"kpoints_distance": 0.5}, "tier": "field_frames",
+                                               "field_vectors": [[0.0, 0.0, 0.05]]})
+    assert builder.tier.value == "field_frames" and builder.field_vectors.get_list() == [[0.0, 0.0, 0.05]]
+
+
+def test_bad_tiers_and_field_vectors_are_refused(field_response_inputs):
+    from aiida import orm
+
+    with pytest.raises(ValueError, match="energy_forces` tier runs no field"):
+        field_response_inputs(overrides={"tier": "energy_forces", "field_vectors": [[0.01, 0, 0]]})
+    with pytest.raises(ValueError, match="unknown tier `cheap`"):
+        field_response_inputs(overrides={"tier": "cheap"})
+    with pytest.raises(ValueError, match="field vector 1 is zero"):
+        field_response_inputs(overrides={"tier": "field_frames", "field_vectors": [[0.01, 0, 0], [0, 0, 0]]})
+    builder = field_response_inputs(overrides={"tier": "field_frames"})
+    builder.field_vectors = orm.List([[0.01, 0.0]])
+    assert "not three finite numbers" in _validate(builder)
+    builder.tier = orm.Str("energy_forces")
+    builder.field_vectors = orm.List([[0.01, 0.0, 0.0]])
+    assert "runs no field" in _validate(builder)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"scf": {"kpoints_distanc": 0.3}}, "`scf.kpoints_distanc`"),
+        ({"field_magnitud": 0.01}, "`field_magnitud`"),
+        ({"scf": {"pw": {"parameters": {"SYSTME": {"ecutwfc": 30}}}}}, "`scf.pw.parameters.SYSTME`"),
+        ({"scf": {"pw": {"metadata": {"options": {"max_wallclock_second": 10}}}}},
+         "`scf.pw.metadata.options.max_wallclock_second`"),
+        ({"meta_parameters": {"cutoff_factr": 1.1}}, "`meta_parameters.cutoff_factr`"),
+    ],
+)
+def test_unknown_override_keys_are_errors_naming_the_key(field_response_inputs, overrides, named):
+    with pytest.raises(ValueError, match=f"unknown key {named} in protocol overrides"):
+        field_response_inputs(overrides=overrides)
+
+
+def test_known_override_keys_pass(field_response_inputs):
+    """Keys the protocol has, optional ports it leaves out, and pw.x keywords inside a namelist (pw.x's business)."""
+    builder = field_response_inputs(overrides={
+        "scf": {"kpoints_distance": 0.5, "pw": {"parameters": {"SYSTEM": {"ecutwfc": 25, "ecutrho": 100}},
+                                                "metadata": {"options": {"resources": {"num_mpiprocs_per_machine": 1}}}}},
+        "zener_margin": 0.4, "meta_parameters": {"cutoff_factor": 1.1},
+    })
+    assert builder.scf.pw.parameters["SYSTEM"]["ecutwfc"] == 25
+    assert builder.scf.pw.metadata.options["resources"] == {"num_machines": 1, "num_mpiprocs_per_machine": 1}
+
+
+def test_merge_overrides_leaves_its_arguments_alone():
+    from polmodel.workflows.protocol_utils import merge_overrides
+
+    inputs, overrides = {"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}
+    assert merge_overrides(inputs, overrides) == {"a": {"b": 3, "c": 2}}
+    assert inputs == {"a": {"b": 1, "c": 2}} and overrides == {"a": {"b": 3}}
+    with pytest.raises(ValueError, match=r"unknown keys `a.d`, `e` in protocol overrides"):
+        merge_overrides(inputs, {"a": {"d": 1}, "e": 2})
+
+
+def test_odd_electron_count_refused_before_submission(field_response_inputs, alas_structure):
+    from aiida import orm
+
+    structure = orm.StructureData(cell=alas_structure.cell)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")  # 3 valence electrons
+    with pytest.raises(ValueError, match="3 valence electrons cannot fill"):
+        field_response_inputs(structure=structure)
+    builder = field_response_inputs()
+    builder.structure = structure
+    builder.scf.pw.pseudos = {"Al": builder.scf.pw.pseudos["Al"]}
+    assert "3 valence electrons cannot fill" in _validate(builder)
+
+
+# --- the metal check after the first pw.x run -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def generate_metal_calculation(generate_pw_calc_node):
+    """Factory: the recorded unconverged Al scf (fixed occupations, exit 410) as a finished PwCalculation with its
+    parsed outputs, called by `caller` if given."""
+    from aiida.common import LinkType
+    from aiida.engine import ProcessState
+
+    from polmodel.plugins.pw_parser import PolPwParser
+
+    def factory(caller=None):
+        node = generate_pw_calc_node("al_metal_scf_unconverged", caller=caller)
+        results, calcfunction = PolPwParser.parse_from_node(node, store_provenance=False)
+        for label, output in results.items():
+            output.base.links.add_incoming(node, link_type=LinkType.CREATE, link_label=label)
+            output.store()
+        node.set_process_state(ProcessState.FINISHED)
+        node.set_exit_status(calcfunction.exit_status)
+        return node
+
+    return factory
+
+
+def test_metal_stops_the_zero_field_run_before_any_restart(started_workchain, generate_workchain,
+                                                           generate_metal_calculation):
+    """The stock handler would restart this unconverged run with smaller mixing; the metal handler stops first."""
+    from aiida import orm
+
+    from polmodel.workflows.field_response import InsulatorPwBaseWorkChain
+
+    parent = started_workchain()
+    inputs = parent._base_inputs(parent._parameters(control={"calculation": "scf"}), "zero_field")
+    inputs.min_band_gap = orm.Float(0.1)
+    process = generate_workchain(InsulatorPwBaseWorkChain, inputs)
+    process.setup()
+    process.validate_kpoints()
+    process.ctx.children = [generate_metal_calculation()]
+    process.ctx.iteration = 1
+    result = process.inspect_process()
+    assert result.status == InsulatorPwBaseWorkChain.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    assert "gap -10.528 eV < 0.1 eV" in result.message
+    assert process.ctx.iteration == 1  # nothing restarted
+
+
+def test_metal_exit_of_the_zero_field_run_names_the_gap(started_workchain, generate_fake_pw_base,
+                                                        generate_metal_calculation):
+    from polmodel.workflows.field_response import InsulatorPwBaseWorkChain
+
+    process = started_workchain()
+    child = generate_fake_pw_base(exit_status=InsulatorPwBaseWorkChain.exit_codes.ERROR_NOT_AN_INSULATOR.status)
+    generate_metal_calculation(caller=child)
+    process.ctx.zero_field = child
+    result = process.inspect_zero_field()
+    assert result.status == process.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    assert "gap -10.528 eV" in result.message
 
 
 # --- one real end-to-end run ------------------------------------------------------------------------------------------
