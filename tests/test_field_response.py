@@ -716,3 +716,170 @@ def test_mgo_end_to_end_through_the_daemon(mgo_structure, pw_code, ph_code, mgo_
     # The issue's ε∞ tolerance, every component (the string-extrapolated finite-field tensor against ph.x).
     assert dielectric_ph == pytest.approx(dielectric_ph[0, 0] * np.eye(3), abs=1e-3)
     assert dielectric == pytest.approx(dielectric_ph, rel=0.02, abs=0.02 * dielectric_ph[0, 0])
+
+
+# --- each label tier through AiiDA with real pw.x on a tiny cell ------------------------------------------------------
+
+#: AlAs (2 atoms, Debian LDA, 20 Ry) on a 3x3x3 mesh: about a second of pw.x per run; one MPI rank each.
+TIER_OVERRIDES = {"scf": {"kpoints_distance": 0.7}}
+TIER_OPTIONS = {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1}, "withmpi": False,
+                "max_wallclock_seconds": 600}
+
+
+def _pw_calculations(node):
+    from aiida import orm
+
+    return [child for child in node.called_descendants
+            if isinstance(child, orm.CalcJobNode) and child.process_type.endswith("quantumespresso.pw")]
+
+
+def _run_tier(pw_code, structure, family, **kwargs):
+    from aiida.engine import run_get_node
+
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    builder = FieldResponseWorkChain.get_builder_from_protocol(
+        pw_code, structure, protocol="fast", overrides=kwargs.pop("overrides", TIER_OVERRIDES),
+        pseudo_family=family.label, options=TIER_OPTIONS, **kwargs,
+    )
+    _, node = run_get_node(builder)
+    return node
+
+
+def _assert_frame_sources(frames, node):
+    """Every frame's `source` is one of the label's pw.x runs, finished and on the label's structure."""
+    from aiida import orm
+
+    runs = {calculation.uuid for calculation in _pw_calculations(node)}
+    for frame in frames:
+        assert frame.info["source"] in runs
+        source = orm.load_node(frame.info["source"])
+        assert source.is_finished_ok and source.inputs.structure.uuid == node.inputs.structure.uuid
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_energy_forces_tier_with_pw(pw_code, alas_structure, alas_lda_family):
+    node = _run_tier(pw_code, alas_structure, alas_lda_family, tier="energy_forces")
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    assert len(_pw_calculations(node)) == 1
+    frames = node.outputs.frames.get_atoms()
+    assert len(frames) == 1
+    frame = frames[0]
+    assert frame.info["efield"] == pytest.approx(np.zeros(3))
+    assert frame.info["stress"].shape == (3, 3) and frame.arrays["forces"].shape == (2, 3)
+    # AlAs at its ideal positions: no force by symmetry; an LDA gap of about 1.4 eV
+    assert np.abs(frame.arrays["forces"]).max() < 1e-3 and 1.0 < node.outputs.band_gap.value < 2.0
+    for absent in ("dipole", "polarization_quantum", "polarizability"):
+        assert absent not in frame.info
+    assert "born_effective_charges" not in frame.arrays
+    for absent in ("born_effective_charges", "polarizability", "polarization", "asr_residual"):
+        assert absent not in node.outputs
+    _assert_frame_sources(frames, node)
+
+
+@pytest.fixture
+def displaced_alas(alas_structure):
+    """AlAs with As moved off its site: forces, and a field response that differs along x, y and z."""
+    from aiida import orm
+
+    structure = orm.StructureData(cell=alas_structure.cell)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")
+    a = 5.66
+    structure.append_atom(position=(a / 4 + 0.05, a / 4, a / 4 - 0.03), symbols="As")
+    return structure
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_field_frames_tier_with_pw(pw_code, displaced_alas, alas_lda_family):
+    from aiida import orm
+
+    from polmodel import units as project_units
+
+    field = 0.0364
+    extra = [0.02, -0.02, 0.01]
+    node = _run_tier(pw_code, displaced_alas, alas_lda_family, tier="field_frames",
+                     field_vectors=[[field, 0, 0], [0, field, 0], [0, 0, field], extra])
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    calculations = _pw_calculations(node)
+    assert len(calculations) == 5  # zero field and four fields
+    assert all(calc.inputs.parameters["CONTROL"]["lelfield"] for calc in calculations)
+    frames = node.outputs.frames.get_atoms()
+    assert len(frames) == 5
+    expected_fields = [np.zeros(3), [field, 0, 0], [0, field, 0], [0, 0, field], extra]
+    for frame, expected in zip(frames, expected_fields):
+        assert frame.info["efield"] == pytest.approx(np.asarray(expected, dtype=float), abs=1e-9)
+        assert frame.info["dipole"].shape == (3,) and frame.info["polarization_quantum"].shape == (3, 3)
+    # stress at zero field only; Z*, α on the zero-field frame only (one-sided from the x, y, z runs)
+    assert frames[0].info["stress"].shape == (3, 3) and all("stress" not in f.info for f in frames[1:])
+    assert all("born_effective_charges" not in f.arrays and "polarizability" not in f.info for f in frames[1:])
+    born = frames[0].arrays["born_effective_charges"].reshape(2, 3, 3)
+    assert np.abs(born.sum(axis=0)).max() < 1e-6  # ASR-exact labels
+    raw = node.outputs.born_effective_charges.get_array("born_effective_charges_raw")
+    assert node.outputs.asr_residual.value == pytest.approx(np.abs(raw.sum(axis=0)).max())
+    assert 1.5 < born[0, 0, 0] < 2.7  # Z*(Al) of AlAs: about 2.1 e
+    alpha = node.outputs.polarizability.get_array("polarizability")
+    assert frames[0].info["polarizability"] == pytest.approx(alpha, abs=1e-6)
+    assert np.all(np.linalg.eigvalsh(alpha) > 0)
+    assert "polarization" not in node.outputs
+    # pw.x's own enthalpies: −(E(c·ê_a) − E(0))/c is the mean of the two dipoles along a (exact for a quadratic E)
+    for axis in range(3):
+        frame = frames[1 + axis]
+        from_energies = -(frame.info["energy"] - frames[0].info["energy"]) / field
+        mean_dipole = 0.5 * (frame.info["dipole"] + frames[0].info["dipole"])[axis]
+        assert from_energies == pytest.approx(mean_dipole, abs=2e-3)
+    assert frames[0].info["polarization_quantum"] == pytest.approx(np.array(displaced_alas.cell))  # Al: odd valence
+    _assert_frame_sources(frames, node)
+    for frame in frames:  # each frame's field is the one its pw.x run applied
+        applied = orm.load_node(frame.info["source"]).inputs.parameters["ELECTRONS"]["efield_cart"]
+        assert project_units.field_ry_to_v_per_angstrom(np.asarray(applied)) == pytest.approx(frame.info["efield"])
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_full_tier_with_an_extra_field_with_pw(pw_code, displaced_alas, alas_lda_family):
+    extra = [0.0, 0.0, 0.05]
+    node = _run_tier(pw_code, displaced_alas, alas_lda_family, tier="full", field_vectors=[extra])
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    assert len(_pw_calculations(node)) == 1 + 3 + 6 + 1
+    frames = node.outputs.frames.get_atoms()
+    assert len(frames) == 8
+    assert frames[-1].info["efield"] == pytest.approx(extra)
+    assert "stress" not in frames[-1].info and "born_effective_charges" not in frames[-1].arrays
+    born = frames[0].arrays["born_effective_charges"].reshape(2, 3, 3)
+    assert np.abs(born.sum(axis=0)).max() < 1e-6
+    outputs = node.outputs
+    raw = outputs.born_effective_charges.get_array("born_effective_charges_raw")
+    assert born == pytest.approx(raw - raw.mean(axis=0), abs=1e-6)
+    assert outputs.asr_residual.value == pytest.approx(np.abs(raw.sum(axis=0)).max())
+    for present in ("polarization", "polarizability", "dielectric_tensor", "field_magnitude", "band_gap"):
+        assert present in outputs
+    # the extra frame's dipole is on the branch of the ±ε frames: its enthalpy follows −d·ε from the zero field
+    zero, extra_frame = frames[0], frames[-1]
+    from_energies = -(extra_frame.info["energy"] - zero.info["energy"]) / extra[2]
+    assert from_energies == pytest.approx(0.5 * (extra_frame.info["dipole"] + zero.info["dipole"])[2], abs=5e-3)
+    _assert_frame_sources(frames, node)
+
+
+@pytest.fixture
+def aluminium(aiida_profile):
+    from aiida import orm
+
+    a = 2.86
+    structure = orm.StructureData(cell=np.eye(3) * a)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")
+    structure.append_atom(position=(a / 2, a / 2, a / 2), symbols="Al")
+    return structure
+
+
+@pytest.mark.dft
+def test_metal_stops_after_the_first_pw_run(pw_code, aluminium, generate_debian_pseudo_family):
+    """Two Al atoms (6 electrons): the zero-field scf does not converge with fixed occupations; the label stops after
+    that one pw.x run with the metal exit code and the gap, where it used to restart three times and exit 401."""
+    family = generate_debian_pseudo_family("polmodel-tests/debian/LDA/Al", {"Al": "Al.pz-vbc.UPF"}, (15.0, 60.0))
+    overrides = {"scf": {"kpoints_distance": 0.4, "pw": {"parameters": {"ELECTRONS": {"electron_maxstep": 30}}}}}
+    node = _run_tier(pw_code, aluminium, family, tier="energy_forces", overrides=overrides)
+    assert node.exit_status == node.process_class.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    assert "gap -" in node.exit_message and "eV < 0.1 eV" in node.exit_message
+    assert len(_pw_calculations(node)) == 1
