@@ -547,7 +547,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         workchain = self.ctx.zero_field
         minimum = self.inputs.min_band_gap.value
         if workchain.exit_status == InsulatorPwBaseWorkChain.exit_codes.ERROR_NOT_AN_INSULATOR.status:
-            calculation = workchain.called[-1] if workchain.called else None
+            calculation = max(workchain.called, key=lambda child: child.ctime) if workchain.called else None
             gap = (band_gap(calculation.outputs.output_parameters.get_dict())
                    if calculation is not None and "output_parameters" in calculation.outputs else None)
             return self.exit_codes.ERROR_NOT_AN_INSULATOR.format(
