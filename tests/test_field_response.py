@@ -432,6 +432,7 @@ def test_polarization_quantum_halves_with_an_odd_valence_charge():
         ("field_frames", {"field_magnitude": 0.03, "field_magnitudes": [0.09]}, None,
          [[0.03, 0, 0], [0, 0.03, 0], [0, 0, 0.03], [0.09, 0, 0], [0, 0.09, 0], [0, 0, 0.09]]),
         ("field_frames", {"field_magnitudes": [0.09]}, [[0.0, 0.01, 0.05]], [[0.0, 0.01, 0.05]]),
+        ("field_frames", {}, np.array([[0.0, 0.0, 0.05], [0.01, 0.0, 0.0]]), [[0.0, 0.0, 0.05], [0.01, 0.0, 0.0]]),
         ("energy_forces", {"field_magnitudes": [0.09]}, None, None),
     ],
 )

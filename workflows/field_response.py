@@ -104,7 +104,7 @@ def validate_ground_state_inputs(inputs):
 
 def validate_field_vectors(field_vectors, tier):
     """Field vectors are finite, non-zero 3-vectors (V/Å); `field_frames` needs at least one, `energy_forces` none."""
-    vectors = field_vectors if field_vectors is not None else []
+    vectors = list(field_vectors) if field_vectors is not None else []
     if tier == "energy_forces" and vectors:
         return "the `energy_forces` tier runs no field: give no `field_vectors` (or choose `field_frames`)"
     if tier == "field_frames" and not vectors:
@@ -191,6 +191,15 @@ def zener_field_limit(band_gap, cell, mesh):
 def axis_field_vectors(magnitudes):
     """+m·x̂, +m·ŷ, +m·ẑ for each magnitude m (V/Å): the field runs that give one-sided Z* and α at m."""
     return [(m * np.eye(3)[axis]).tolist() for m in magnitudes for axis in range(3)]
+
+
+def protocol_field_vectors(tier, field_magnitude, field_magnitudes):
+    """The fields (V/Å) a tier labels when none are given: `field_frames` the axes at `field_magnitude` (one-sided
+    Z*, α) and at each of `field_magnitudes`; `full` the axes at each of `field_magnitudes` beside its ±ε runs."""
+    if tier == "energy_forces":
+        return []
+    leading = [field_magnitude] if tier == "field_frames" else []
+    return axis_field_vectors(leading + list(field_magnitudes))
 
 
 class InsulatorPwBaseWorkChain(PwBaseWorkChain):
@@ -389,14 +398,11 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         if field_vectors is None:
             field_vectors = inputs.get("field_vectors")
         if field_vectors is None:
-            magnitudes = {"energy_forces": [], "field_frames": [inputs["field_magnitude"]], "full": []}[tier]
-            field_vectors = axis_field_vectors(magnitudes + list(inputs.get("field_magnitudes") or []))
-            if tier == "energy_forces":
-                field_vectors = []
-        field_vectors = np.asarray(field_vectors, dtype=float).reshape(-1, 3).tolist() if len(field_vectors) else []
+            field_vectors = protocol_field_vectors(tier, inputs["field_magnitude"], inputs.get("field_magnitudes") or [])
         message = validate_field_vectors(field_vectors, tier)
         if message:
             raise ValueError(message)
+        field_vectors = [[float(x) for x in vector] for vector in field_vectors]
 
         if pseudo_family is None:
             from polmodel.plugins.pseudos import DEFAULT_PSEUDO_FAMILY
