@@ -5,6 +5,7 @@ import pytest
 
 from polmodel import units
 from polmodel.workflows import response_functions as rf
+from polmodel.workflows.field_response import pw_runs_per_label
 
 pytestmark = pytest.mark.aiida
 
@@ -452,6 +453,13 @@ def test_builder_labels_at_several_field_magnitudes(field_response_inputs, tier,
     assert _validate(builder) is None
 
 
+def test_pw_runs_per_label_for_budgets():
+    assert pw_runs_per_label("energy_forces") == 1
+    assert pw_runs_per_label("field_frames", [[0, 0, 0.05]]) == 2
+    assert pw_runs_per_label("full") == 10 and pw_runs_per_label("full", string_extrapolation=True) == 16
+    assert pw_runs_per_label("full", [[0.1, 0, 0]] * 3) == 13
+
+
 def test_tier_and_field_vectors_can_come_from_overrides(field_response_inputs):
     builder = field_response_inputs(overrides={"scf": {"kpoints_distance": 0.5}, "tier": "field_frames",
                                                "field_vectors": [[0.0, 0.0, 0.05]]})
@@ -763,7 +771,7 @@ def _assert_frame_sources(frames, node):
 def test_energy_forces_tier_with_pw(pw_code, alas_structure, alas_lda_family):
     node = _run_tier(pw_code, alas_structure, alas_lda_family, tier="energy_forces")
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
-    assert len(_pw_calculations(node)) == 1
+    assert len(_pw_calculations(node)) == pw_runs_per_label("energy_forces") == 1
     frames = node.outputs.frames.get_atoms()
     assert len(frames) == 1
     frame = frames[0]
@@ -804,7 +812,7 @@ def test_field_frames_tier_with_pw(pw_code, displaced_alas, alas_lda_family):
                      field_vectors=[[field, 0, 0], [0, field, 0], [0, 0, field], extra])
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
     calculations = _pw_calculations(node)
-    assert len(calculations) == 5  # zero field and four fields
+    assert len(calculations) == pw_runs_per_label("field_frames", node.inputs.field_vectors.get_list()) == 5
     assert all(calc.inputs.parameters["CONTROL"]["lelfield"] for calc in calculations)
     frames = node.outputs.frames.get_atoms()
     assert len(frames) == 5
@@ -843,7 +851,7 @@ def test_full_tier_with_an_extra_field_with_pw(pw_code, displaced_alas, alas_lda
     extra = [0.0, 0.0, 0.05]
     node = _run_tier(pw_code, displaced_alas, alas_lda_family, tier="full", field_vectors=[extra])
     assert node.is_finished_ok, (node.exit_status, node.exit_message)
-    assert len(_pw_calculations(node)) == 1 + 3 + 6 + 1
+    assert len(_pw_calculations(node)) == pw_runs_per_label("full", [extra]) == 1 + 3 + 6 + 1
     frames = node.outputs.frames.get_atoms()
     assert len(frames) == 8
     assert frames[-1].info["efield"] == pytest.approx(extra)

@@ -202,6 +202,16 @@ def protocol_field_vectors(tier, field_magnitude, field_magnitudes):
     return axis_field_vectors(leading + list(field_magnitudes))
 
 
+def pw_runs_per_label(tier, field_vectors=(), string_extrapolation=False):
+    """pw.x runs one label of `tier` with `field_vectors` costs, before any restart or field halving (budgets in pw.x
+    runs): 1 zero-field scf, 1 per field vector, and for `full` 3 Berry-phase nscf and 6 ±ε runs (12 with the
+    string extrapolation)."""
+    runs = 1 + len(field_vectors)
+    if tier == "full":
+        runs += 3 + 6 * (2 if string_extrapolation else 1)
+    return runs
+
+
 class InsulatorPwBaseWorkChain(PwBaseWorkChain):
     """`PwBaseWorkChain` that stops at the first pw.x run whose band gap shows a metal, before any restart.
 
