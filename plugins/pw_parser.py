@@ -3,7 +3,8 @@
 What `PwParser` misses and `PolPwParser` adds to `output_parameters`:
 
 - `band_edges`: highest occupied / lowest unoccupied level in eV (the metal check needs both; the stock parser
-  keeps neither for fixed occupations).
+  keeps neither for fixed occupations). From stdout, or from the XML when stdout has none: an scf that did not
+  converge (a metal with fixed occupations, typically) prints no band energies but writes both levels to its XML.
 - `berry_phase` (nscf with `lberry`): the cell dipole contribution along lattice vector `gdir` and its quantum,
   as Cartesian vectors in e·Å (the stock parser keeps the phase and a polarization in C/m² without the lattice
   vector it refers to).
@@ -29,6 +30,7 @@ from polmodel import units
 __all__ = (
     "PolPwParser",
     "parse_band_edges",
+    "parse_band_edges_xml",
     "parse_finite_field_dipoles",
     "parse_berry_phase_xml",
     "berry_phase_dipole",
@@ -36,6 +38,7 @@ __all__ = (
     "strip_empty_electric_field",
 )
 
+HARTREE_EV = 2.0 * units.RYDBERG_EV  # pw.x's XML is in Hartree atomic units
 _FLOAT = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eEdD][-+]?\d+)?"
 _BAND_EDGES = re.compile(rf"highest occupied, lowest unoccupied level \(ev\):\s+({_FLOAT})\s+({_FLOAT})")
 _HIGHEST_ONLY = re.compile(rf"highest occupied level \(ev\):\s+({_FLOAT})")
@@ -63,6 +66,26 @@ def parse_band_edges(stdout):
     if highest:
         return {"highest_occupied_level": _to_float(highest[-1]), "lowest_unoccupied_level": None}
     return None
+
+
+def parse_band_edges_xml(xml_bytes):
+    """Return {'highest_occupied_level', 'lowest_unoccupied_level'} in eV from a pw.x XML output, or None.
+
+    pw.x writes `highestOccupiedLevel` (and `lowestUnoccupiedLevel` when there are empty bands) in Hartree under
+    `output/band_structure` for fixed occupations, whether or not the scf converged.
+    """
+    from xml.etree import ElementTree
+
+    root = ElementTree.parse(io.BytesIO(xml_bytes)).getroot()
+    bands = root.find("./output/band_structure")
+    highest = bands.find("highestOccupiedLevel") if bands is not None else None
+    if highest is None:
+        return None
+    lowest = bands.find("lowestUnoccupiedLevel")
+    return {
+        "highest_occupied_level": _to_float(highest.text) * HARTREE_EV,
+        "lowest_unoccupied_level": _to_float(lowest.text) * HARTREE_EV if lowest is not None else None,
+    }
 
 
 def parse_finite_field_dipoles(stdout):
@@ -171,6 +194,10 @@ class PolPwParser(PwParser):
         control = input_parameters.get("CONTROL", {})
 
         band_edges = parse_band_edges(stdout)
+        if band_edges is None or band_edges["lowest_unoccupied_level"] is None:
+            content = self._xml_content()
+            from_xml = parse_band_edges_xml(strip_empty_electric_field(content)) if content is not None else None
+            band_edges = from_xml if from_xml is not None else band_edges
         if band_edges is not None:
             parameters["band_edges"] = band_edges
 

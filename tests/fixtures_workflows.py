@@ -1,6 +1,6 @@
 """Factory fixtures for the DFT workflow tests, in the aiida-quantumespresso style.
 
-``generate_pw_calc_node(case)``   a stored, finished PwCalculation node whose retrieved files are the recorded pw.x
+``generate_pw_calc_node(case, caller=None)`` a stored, finished PwCalculation node whose retrieved files are the recorded pw.x
                                    output ``tests/data/pw/<case>`` (real runs; inputs rebuilt from the recorded
                                    ``aiida.in``), ready for ``PolPwParser.parse_from_node``.
 ``parse_pw_case(case)``           the parse results (dict of output nodes) and exit code of one recorded case.
@@ -62,7 +62,8 @@ def generate_pw_calc_node(aiida_localhost):
     from aiida.common import LinkType
     from aiida.plugins.entry_point import format_entry_point_string
 
-    def factory(case):
+    def factory(case, caller=None):
+        """`caller`: a stored workflow node that called this calculation (linked before the node is stored)."""
         parameters, atoms = read_recorded_input(case)
         node = orm.CalcJobNode(
             computer=aiida_localhost, process_type=format_entry_point_string("aiida.calculations", "quantumespresso.pw")
@@ -75,6 +76,8 @@ def generate_pw_calc_node(aiida_localhost):
         structure_node = orm.StructureData(ase=atoms).store()
         node.base.links.add_incoming(parameters_node, link_type=LinkType.INPUT_CALC, link_label="parameters")
         node.base.links.add_incoming(structure_node, link_type=LinkType.INPUT_CALC, link_label="structure")
+        if caller is not None:
+            node.base.links.add_incoming(caller, link_type=LinkType.CALL_CALC, link_label="iteration_01")
         node.store()
 
         retrieved = orm.FolderData()

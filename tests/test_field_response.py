@@ -5,6 +5,7 @@ import pytest
 
 from polmodel import units
 from polmodel.workflows import response_functions as rf
+from polmodel.workflows.field_response import pw_runs_per_label
 
 pytestmark = pytest.mark.aiida
 
@@ -144,6 +145,7 @@ def field_response_inputs(alas_structure, pw_code, alas_lda_family):
         )
         return builder
 
+    factory.family_label = alas_lda_family.label
     return factory
 
 
@@ -350,6 +352,246 @@ def test_all_field_runs_ok(started_workchain, generate_fake_pw_base):
     assert not process.should_run_field_runs()
 
 
+# --- label tiers, field magnitudes and the sum rule (no DFT) ----------------------------------------------------------
+
+
+def test_asr_exact_labels_keep_the_raw_residual():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(5, 3, 3))
+    raw[0] += 0.3  # a DFT-like residual of 1.5 e in every component
+    corrected = rf.enforce_acoustic_sum_rule(raw)
+    assert np.abs(corrected.sum(axis=0)).max() < 1e-12
+    # only the per-component mean moves: differences between atoms are the raw ones
+    assert corrected - corrected[0] == pytest.approx(raw - raw[0], abs=1e-12)
+    assert rf.acoustic_sum_rule_residual(raw) == pytest.approx(np.abs(raw.sum(axis=0)).max())
+
+
+def _fake_run(forces, dipole, efield):
+    """Unstored output_parameters / output_trajectory of one field run, as PolPwParser writes them."""
+    from aiida import orm
+
+    parameters = orm.Dict({"energy": -100.0, "finite_field": {"dipole": list(dipole), "efield": list(efield)}})
+    trajectory = orm.ArrayData()
+    trajectory.set_array("forces", np.asarray(forces, dtype=float)[None])
+    return parameters, trajectory
+
+
+def test_field_response_calcfunction_outputs_asr_exact_charges_and_raw_residual(alas_structure):
+    """Three atoms' worth of ±ε forces with a net force (the k-point error of DFT Born charges)."""
+    from aiida import orm
+
+    rng = np.random.default_rng(1)
+    structure = orm.StructureData(cell=alas_structure.cell)
+    for position, symbol in (((0, 0, 0), "Al"), ((1.4, 1.4, 1.4), "As"), ((2.8, 0, 2.8), "As")):
+        structure.append_atom(position=position, symbols=symbol)
+    magnitude = 0.02
+    quantum = 2 * np.array(structure.cell)
+    polarization = orm.ArrayData({"polarization_quantum": quantum, "dipole": np.zeros(3)})
+    inputs, forces = {}, {}
+    for label in rf.FIELD_LABELS:
+        forces[label] = rng.normal(size=(3, 3))
+        field = rf.field_vector(label, magnitude)
+        inputs[f"parameters_{label}"], inputs[f"trajectory_{label}"] = _fake_run(forces[label], 0.5 * field, field)
+    outputs = rf.compute_field_response(structure, polarization, orm.Float(magnitude), **inputs)
+    born = outputs["born_effective_charges"].get_array("born_effective_charges")
+    raw = outputs["born_effective_charges"].get_array("born_effective_charges_raw")
+    for a, axis in enumerate("xyz"):
+        assert raw[:, a, :] == pytest.approx((forces[f"{axis}_plus"] - forces[f"{axis}_minus"]) / (2 * magnitude))
+    assert np.abs(born.sum(axis=0)).max() < 1e-12                      # labels obey the sum rule
+    assert outputs["asr_residual"].value == pytest.approx(np.abs(raw.sum(axis=0)).max())  # the raw residual
+    assert outputs["asr_residual"].value > 1.0
+    assert outputs["polarizability"].get_array("polarizability") == pytest.approx(0.5 * np.eye(3))
+
+
+def test_axis_field_triple_finds_the_smallest_complete_triple():
+    vectors = [[0, 0, 0.1], [0.03, 0, 0], [0, 0.03, 0], [0.1, 0, 0], [0, 0, 0.03], [0.02, 0.02, 0], [0, 0.1, 0]]
+    field, indices = rf.axis_field_triple(vectors)
+    assert field == pytest.approx(0.03) and indices == [1, 2, 4]
+    assert rf.axis_field_triple([[0.03, 0, 0], [0, 0.03, 0], [0, 0, 0.05]]) is None
+    assert rf.axis_field_triple([[0.03, 0, 0], [0, 0.03, 0], [0, 1e-4, 0.03]]) is None  # not along an axis
+
+
+def test_one_sided_response_is_a_forward_difference():
+    born = rf.born_charges_one_sided([np.full((2, 3), 0.1), np.zeros((2, 3)), np.zeros((2, 3))], np.zeros((2, 3)), 0.05)
+    assert born[:, 0, :] == pytest.approx(np.full((2, 3), 2.0)) and np.all(born[:, 1:] == 0)
+    alpha, raw = rf.polarizability_one_sided([[1.1, 0, 0], [0, 1.2, 0.01], [0, 0.03, 1.3]], [1.0, 0, 0], 0.1)
+    assert np.diag(raw) == pytest.approx([1.0, 12.0, 13.0]) and raw[1, 2] == pytest.approx(0.3)
+    assert alpha == pytest.approx(alpha.T) and alpha[1, 2] == pytest.approx(0.2)
+
+
+def test_polarization_quantum_halves_with_an_odd_valence_charge():
+    cell = np.eye(3) * 4.0
+    assert rf.lattice_polarization_quantum(cell, [2.0, 6.0]) == pytest.approx(2 * cell)
+    assert rf.lattice_polarization_quantum(cell, [3.0, 5.0]) == pytest.approx(cell)
+
+
+@pytest.mark.parametrize(
+    ("tier", "overrides", "field_vectors", "expected"),
+    [
+        ("full", {}, None, None),
+        ("full", {"field_magnitudes": [0.1]}, None, [[0.1, 0, 0], [0, 0.1, 0], [0, 0, 0.1]]),
+        ("field_frames", {"field_magnitude": 0.03, "field_magnitudes": [0.09]}, None,
+         [[0.03, 0, 0], [0, 0.03, 0], [0, 0, 0.03], [0.09, 0, 0], [0, 0.09, 0], [0, 0, 0.09]]),
+        ("field_frames", {"field_magnitudes": [0.09]}, [[0.0, 0.01, 0.05]], [[0.0, 0.01, 0.05]]),
+        ("field_frames", {}, np.array([[0.0, 0.0, 0.05], [0.01, 0.0, 0.0]]), [[0.0, 0.0, 0.05], [0.01, 0.0, 0.0]]),
+        ("energy_forces", {"field_magnitudes": [0.09]}, None, None),
+    ],
+)
+def test_builder_labels_at_several_field_magnitudes(field_response_inputs, tier, overrides, field_vectors, expected):
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    builder = FieldResponseWorkChain.get_builder_from_protocol(
+        field_response_inputs().scf.pw.code, field_response_inputs().structure, protocol="fast",
+        pseudo_family=field_response_inputs.family_label, overrides={"scf": {"kpoints_distance": 0.5}, **overrides},
+        tier=tier, field_vectors=field_vectors,
+    )
+    assert builder.tier.value == tier
+    if expected is None:
+        assert "field_vectors" not in builder
+    else:
+        assert np.array(builder.field_vectors.get_list()) == pytest.approx(np.array(expected, dtype=float))
+    assert _validate(builder) is None
+
+
+def test_pw_runs_per_label_for_budgets():
+    assert pw_runs_per_label("energy_forces") == 1
+    assert pw_runs_per_label("field_frames", [[0, 0, 0.05]]) == 2
+    assert pw_runs_per_label("full") == 10 and pw_runs_per_label("full", string_extrapolation=True) == 16
+    assert pw_runs_per_label("full", [[0.1, 0, 0]] * 3) == 13
+
+
+def test_tier_and_field_vectors_can_come_from_overrides(field_response_inputs):
+    builder = field_response_inputs(overrides={"scf": {"kpoints_distance": 0.5}, "tier": "field_frames",
+                                               "field_vectors": [[0.0, 0.0, 0.05]]})
+    assert builder.tier.value == "field_frames" and builder.field_vectors.get_list() == [[0.0, 0.0, 0.05]]
+
+
+def test_bad_tiers_and_field_vectors_are_refused(field_response_inputs):
+    from aiida import orm
+
+    with pytest.raises(ValueError, match="energy_forces` tier runs no field"):
+        field_response_inputs(overrides={"tier": "energy_forces", "field_vectors": [[0.01, 0, 0]]})
+    with pytest.raises(ValueError, match="unknown tier `cheap`"):
+        field_response_inputs(overrides={"tier": "cheap"})
+    with pytest.raises(ValueError, match="field vector 1 is zero"):
+        field_response_inputs(overrides={"tier": "field_frames", "field_vectors": [[0.01, 0, 0], [0, 0, 0]]})
+    builder = field_response_inputs(overrides={"tier": "field_frames"})
+    builder.field_vectors = orm.List([[0.01, 0.0]])
+    assert "not three finite numbers" in _validate(builder)
+    builder.tier = orm.Str("energy_forces")
+    builder.field_vectors = orm.List([[0.01, 0.0, 0.0]])
+    assert "runs no field" in _validate(builder)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"scf": {"kpoints_distanc": 0.3}}, "`scf.kpoints_distanc`"),
+        ({"field_magnitud": 0.01}, "`field_magnitud`"),
+        ({"scf": {"pw": {"parameters": {"SYSTME": {"ecutwfc": 30}}}}}, "`scf.pw.parameters.SYSTME`"),
+        ({"scf": {"pw": {"metadata": {"options": {"max_wallclock_second": 10}}}}},
+         "`scf.pw.metadata.options.max_wallclock_second`"),
+        ({"meta_parameters": {"cutoff_factr": 1.1}}, "`meta_parameters.cutoff_factr`"),
+    ],
+)
+def test_unknown_override_keys_are_errors_naming_the_key(field_response_inputs, overrides, named):
+    with pytest.raises(ValueError, match=f"unknown key {named} in protocol overrides"):
+        field_response_inputs(overrides=overrides)
+
+
+def test_known_override_keys_pass(field_response_inputs):
+    """Keys the protocol has, optional ports it leaves out, and pw.x keywords inside a namelist (pw.x's business)."""
+    builder = field_response_inputs(overrides={
+        "scf": {"kpoints_distance": 0.5, "pw": {"parameters": {"SYSTEM": {"ecutwfc": 25, "ecutrho": 100}},
+                                                "metadata": {"options": {"resources": {"num_mpiprocs_per_machine": 1}}}}},
+        "zener_margin": 0.4, "meta_parameters": {"cutoff_factor": 1.1},
+    })
+    assert builder.scf.pw.parameters["SYSTEM"]["ecutwfc"] == 25
+    assert builder.scf.pw.metadata.options["resources"] == {"num_machines": 1, "num_mpiprocs_per_machine": 1}
+
+
+def test_merge_overrides_leaves_its_arguments_alone():
+    from polmodel.workflows.protocol_utils import merge_overrides
+
+    inputs, overrides = {"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}
+    assert merge_overrides(inputs, overrides) == {"a": {"b": 3, "c": 2}}
+    assert inputs == {"a": {"b": 1, "c": 2}} and overrides == {"a": {"b": 3}}
+    with pytest.raises(ValueError, match=r"unknown keys `a.d`, `e` in protocol overrides"):
+        merge_overrides(inputs, {"a": {"d": 1}, "e": 2})
+
+
+def test_odd_electron_count_refused_before_submission(field_response_inputs, alas_structure):
+    from aiida import orm
+
+    structure = orm.StructureData(cell=alas_structure.cell)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")  # 3 valence electrons
+    with pytest.raises(ValueError, match="3 valence electrons cannot fill"):
+        field_response_inputs(structure=structure)
+    builder = field_response_inputs()
+    builder.structure = structure
+    builder.scf.pw.pseudos = {"Al": builder.scf.pw.pseudos["Al"]}
+    assert "3 valence electrons cannot fill" in _validate(builder)
+
+
+# --- the metal check after the first pw.x run -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def generate_metal_calculation(generate_pw_calc_node):
+    """Factory: the recorded unconverged Al scf (fixed occupations, exit 410) as a finished PwCalculation with its
+    parsed outputs, called by `caller` if given."""
+    from aiida.common import LinkType
+    from aiida.engine import ProcessState
+
+    from polmodel.plugins.pw_parser import PolPwParser
+
+    def factory(caller=None):
+        node = generate_pw_calc_node("al_metal_scf_unconverged", caller=caller)
+        results, calcfunction = PolPwParser.parse_from_node(node, store_provenance=False)
+        for label, output in results.items():
+            output.base.links.add_incoming(node, link_type=LinkType.CREATE, link_label=label)
+            output.store()
+        node.set_process_state(ProcessState.FINISHED)
+        node.set_exit_status(calcfunction.exit_status)
+        return node
+
+    return factory
+
+
+def test_metal_stops_the_zero_field_run_before_any_restart(started_workchain, generate_workchain,
+                                                           generate_metal_calculation):
+    """The stock handler would restart this unconverged run with smaller mixing; the metal handler stops first."""
+    from aiida import orm
+
+    from polmodel.workflows.field_response import InsulatorPwBaseWorkChain
+
+    parent = started_workchain()
+    inputs = parent._base_inputs(parent._parameters(control={"calculation": "scf"}), "zero_field")
+    inputs.min_band_gap = orm.Float(0.1)
+    process = generate_workchain(InsulatorPwBaseWorkChain, inputs)
+    process.setup()
+    process.validate_kpoints()
+    process.ctx.children = [generate_metal_calculation()]
+    process.ctx.iteration = 1
+    result = process.inspect_process()
+    assert result.status == InsulatorPwBaseWorkChain.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    assert "gap -10.528 eV < 0.1 eV" in result.message
+    assert process.ctx.iteration == 1  # nothing restarted
+
+
+def test_metal_exit_of_the_zero_field_run_names_the_gap(started_workchain, generate_fake_pw_base,
+                                                        generate_metal_calculation):
+    from polmodel.workflows.field_response import InsulatorPwBaseWorkChain
+
+    process = started_workchain()
+    child = generate_fake_pw_base(exit_status=InsulatorPwBaseWorkChain.exit_codes.ERROR_NOT_AN_INSULATOR.status)
+    generate_metal_calculation(caller=child)
+    process.ctx.zero_field = child
+    result = process.inspect_zero_field()
+    assert result.status == process.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    assert "gap -10.528 eV" in result.message
+
+
 # --- one real end-to-end run ------------------------------------------------------------------------------------------
 
 #: Rocksalt MgO with Debian's LDA pseudopotentials (norm-conserving Mg, ultrasoft O): a wide-gap polar insulator whose
@@ -483,3 +725,170 @@ def test_mgo_end_to_end_through_the_daemon(mgo_structure, pw_code, ph_code, mgo_
     # The issue's ε∞ tolerance, every component (the string-extrapolated finite-field tensor against ph.x).
     assert dielectric_ph == pytest.approx(dielectric_ph[0, 0] * np.eye(3), abs=1e-3)
     assert dielectric == pytest.approx(dielectric_ph, rel=0.02, abs=0.02 * dielectric_ph[0, 0])
+
+
+# --- each label tier through AiiDA with real pw.x on a tiny cell ------------------------------------------------------
+
+#: AlAs (2 atoms, Debian LDA, 20 Ry) on a 3x3x3 mesh: about a second of pw.x per run; one MPI rank each.
+TIER_OVERRIDES = {"scf": {"kpoints_distance": 0.7}}
+TIER_OPTIONS = {"resources": {"num_machines": 1, "num_mpiprocs_per_machine": 1}, "withmpi": False,
+                "max_wallclock_seconds": 600}
+
+
+def _pw_calculations(node):
+    from aiida import orm
+
+    return [child for child in node.called_descendants
+            if isinstance(child, orm.CalcJobNode) and child.process_type.endswith("quantumespresso.pw")]
+
+
+def _run_tier(pw_code, structure, family, **kwargs):
+    from aiida.engine import run_get_node
+
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    builder = FieldResponseWorkChain.get_builder_from_protocol(
+        pw_code, structure, protocol="fast", overrides=kwargs.pop("overrides", TIER_OVERRIDES),
+        pseudo_family=family.label, options=TIER_OPTIONS, **kwargs,
+    )
+    _, node = run_get_node(builder)
+    return node
+
+
+def _assert_frame_sources(frames, node):
+    """Every frame's `source` is one of the label's pw.x runs, finished and on the label's structure."""
+    from aiida import orm
+
+    runs = {calculation.uuid for calculation in _pw_calculations(node)}
+    for frame in frames:
+        assert frame.info["source"] in runs
+        source = orm.load_node(frame.info["source"])
+        assert source.is_finished_ok and source.inputs.structure.uuid == node.inputs.structure.uuid
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_energy_forces_tier_with_pw(pw_code, alas_structure, alas_lda_family):
+    node = _run_tier(pw_code, alas_structure, alas_lda_family, tier="energy_forces")
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    assert len(_pw_calculations(node)) == pw_runs_per_label("energy_forces") == 1
+    frames = node.outputs.frames.get_atoms()
+    assert len(frames) == 1
+    frame = frames[0]
+    assert frame.info["efield"] == pytest.approx(np.zeros(3))
+    assert frame.info["stress"].shape == (3, 3) and frame.arrays["forces"].shape == (2, 3)
+    # AlAs at its ideal positions: no force by symmetry; an LDA gap of about 1.4 eV
+    assert np.abs(frame.arrays["forces"]).max() < 1e-3 and 1.0 < node.outputs.band_gap.value < 2.0
+    for absent in ("dipole", "polarization_quantum", "polarizability"):
+        assert absent not in frame.info
+    assert "born_effective_charges" not in frame.arrays
+    for absent in ("born_effective_charges", "polarizability", "polarization", "asr_residual"):
+        assert absent not in node.outputs
+    _assert_frame_sources(frames, node)
+
+
+@pytest.fixture
+def displaced_alas(alas_structure):
+    """AlAs with As moved off its site: forces, and a field response that differs along x, y and z."""
+    from aiida import orm
+
+    structure = orm.StructureData(cell=alas_structure.cell)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")
+    a = 5.66
+    structure.append_atom(position=(a / 4 + 0.05, a / 4, a / 4 - 0.03), symbols="As")
+    return structure
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_field_frames_tier_with_pw(pw_code, displaced_alas, alas_lda_family):
+    from aiida import orm
+
+    from polmodel import units as project_units
+
+    field = 0.0364
+    extra = [0.02, -0.02, 0.01]
+    node = _run_tier(pw_code, displaced_alas, alas_lda_family, tier="field_frames",
+                     field_vectors=[[field, 0, 0], [0, field, 0], [0, 0, field], extra])
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    calculations = _pw_calculations(node)
+    assert len(calculations) == pw_runs_per_label("field_frames", node.inputs.field_vectors.get_list()) == 5
+    assert all(calc.inputs.parameters["CONTROL"]["lelfield"] for calc in calculations)
+    frames = node.outputs.frames.get_atoms()
+    assert len(frames) == 5
+    expected_fields = [np.zeros(3), [field, 0, 0], [0, field, 0], [0, 0, field], extra]
+    for frame, expected in zip(frames, expected_fields):
+        assert frame.info["efield"] == pytest.approx(np.asarray(expected, dtype=float), abs=1e-9)
+        assert frame.info["dipole"].shape == (3,) and frame.info["polarization_quantum"].shape == (3, 3)
+    # stress at zero field only; Z*, α on the zero-field frame only (one-sided from the x, y, z runs)
+    assert frames[0].info["stress"].shape == (3, 3) and all("stress" not in f.info for f in frames[1:])
+    assert all("born_effective_charges" not in f.arrays and "polarizability" not in f.info for f in frames[1:])
+    born = frames[0].arrays["born_effective_charges"].reshape(2, 3, 3)
+    assert np.abs(born.sum(axis=0)).max() < 1e-6  # ASR-exact labels
+    raw = node.outputs.born_effective_charges.get_array("born_effective_charges_raw")
+    assert node.outputs.asr_residual.value == pytest.approx(np.abs(raw.sum(axis=0)).max())
+    assert 1.5 < born[0, 0, 0] < 2.7  # Z*(Al) of AlAs: about 2.1 e
+    alpha = node.outputs.polarizability.get_array("polarizability")
+    assert frames[0].info["polarizability"] == pytest.approx(alpha, abs=1e-6)
+    assert np.all(np.linalg.eigvalsh(alpha) > 0)
+    assert "polarization" not in node.outputs
+    # pw.x's own enthalpies: −(E(c·ê_a) − E(0))/c is the mean of the two dipoles along a (exact for a quadratic E)
+    for axis in range(3):
+        frame = frames[1 + axis]
+        from_energies = -(frame.info["energy"] - frames[0].info["energy"]) / field
+        mean_dipole = 0.5 * (frame.info["dipole"] + frames[0].info["dipole"])[axis]
+        assert from_energies == pytest.approx(mean_dipole, abs=2e-3)
+    assert frames[0].info["polarization_quantum"] == pytest.approx(np.array(displaced_alas.cell))  # Al: odd valence
+    _assert_frame_sources(frames, node)
+    for frame in frames:  # each frame's field is the one its pw.x run applied
+        applied = orm.load_node(frame.info["source"]).inputs.parameters["ELECTRONS"]["efield_cart"]
+        assert project_units.field_ry_to_v_per_angstrom(np.asarray(applied)) == pytest.approx(frame.info["efield"])
+
+
+@pytest.mark.dft
+@pytest.mark.slow
+def test_full_tier_with_an_extra_field_with_pw(pw_code, displaced_alas, alas_lda_family):
+    extra = [0.0, 0.0, 0.05]
+    node = _run_tier(pw_code, displaced_alas, alas_lda_family, tier="full", field_vectors=[extra])
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    assert len(_pw_calculations(node)) == pw_runs_per_label("full", [extra]) == 1 + 3 + 6 + 1
+    frames = node.outputs.frames.get_atoms()
+    assert len(frames) == 8
+    assert frames[-1].info["efield"] == pytest.approx(extra)
+    assert "stress" not in frames[-1].info and "born_effective_charges" not in frames[-1].arrays
+    born = frames[0].arrays["born_effective_charges"].reshape(2, 3, 3)
+    assert np.abs(born.sum(axis=0)).max() < 1e-6
+    outputs = node.outputs
+    raw = outputs.born_effective_charges.get_array("born_effective_charges_raw")
+    assert born == pytest.approx(raw - raw.mean(axis=0), abs=1e-6)
+    assert outputs.asr_residual.value == pytest.approx(np.abs(raw.sum(axis=0)).max())
+    for present in ("polarization", "polarizability", "dielectric_tensor", "field_magnitude", "band_gap"):
+        assert present in outputs
+    # the extra frame's dipole is on the branch of the ±ε frames: its enthalpy follows −d·ε from the zero field
+    zero, extra_frame = frames[0], frames[-1]
+    from_energies = -(extra_frame.info["energy"] - zero.info["energy"]) / extra[2]
+    assert from_energies == pytest.approx(0.5 * (extra_frame.info["dipole"] + zero.info["dipole"])[2], abs=5e-3)
+    _assert_frame_sources(frames, node)
+
+
+@pytest.fixture
+def aluminium(aiida_profile):
+    from aiida import orm
+
+    a = 2.86
+    structure = orm.StructureData(cell=np.eye(3) * a)
+    structure.append_atom(position=(0.0, 0.0, 0.0), symbols="Al")
+    structure.append_atom(position=(a / 2, a / 2, a / 2), symbols="Al")
+    return structure
+
+
+@pytest.mark.dft
+def test_metal_stops_after_the_first_pw_run(pw_code, aluminium, generate_debian_pseudo_family):
+    """Two Al atoms (6 electrons): the zero-field scf does not converge with fixed occupations; the label stops after
+    that one pw.x run with the metal exit code and the gap, where it used to restart three times and exit 401."""
+    family = generate_debian_pseudo_family("polmodel-tests/debian/LDA/Al", {"Al": "Al.pz-vbc.UPF"}, (15.0, 60.0))
+    overrides = {"scf": {"kpoints_distance": 0.4, "pw": {"parameters": {"ELECTRONS": {"electron_maxstep": 30}}}}}
+    node = _run_tier(pw_code, aluminium, family, tier="energy_forces", overrides=overrides)
+    assert node.exit_status == node.process_class.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    assert "gap -" in node.exit_message and "eV < 0.1 eV" in node.exit_message
+    assert len(_pw_calculations(node)) == 1

@@ -174,3 +174,33 @@ def test_parser_band_edges(parse_pw_case):
     assert calcfunction.is_finished_ok, calcfunction.exit_message
     edges = results["output_parameters"]["band_edges"]
     assert edges["lowest_unoccupied_level"] - edges["highest_occupied_level"] == pytest.approx(1.7832)
+
+
+# --- band edges of a metal (recorded: 2-atom Al, fixed occupations, 6x6x6, 15 Ry, 30 scf steps, not converged) -------
+
+
+def test_band_edges_from_xml_agree_with_stdout():
+    from_xml = pw_parser.parse_band_edges_xml(recorded_file("wurtzite_scf", "data-file-schema.xml"))
+    from_stdout = pw_parser.parse_band_edges(stdout("wurtzite_scf"))
+    for key in from_stdout:
+        assert from_xml[key] == pytest.approx(from_stdout[key], abs=1e-4)  # stdout prints 4 decimals
+
+
+def test_unconverged_metal_has_band_edges_only_in_its_xml():
+    """pw.x prints no band energies when the scf does not converge, but its XML holds both levels: LUMO < HOMO."""
+    assert "convergence NOT achieved" in stdout("al_metal_scf_unconverged")
+    assert pw_parser.parse_band_edges(stdout("al_metal_scf_unconverged")) is None
+    edges = pw_parser.parse_band_edges_xml(recorded_file("al_metal_scf_unconverged", "data-file-schema.xml"))
+    assert edges["lowest_unoccupied_level"] - edges["highest_occupied_level"] < -1.0
+
+
+@pytest.mark.aiida
+def test_parser_gives_band_edges_of_an_unconverged_metal(parse_pw_case):
+    from aiida_quantumespresso.calculations.pw import PwCalculation
+
+    results, calcfunction = parse_pw_case("al_metal_scf_unconverged")
+    assert calcfunction.exit_status == PwCalculation.exit_codes.ERROR_ELECTRONIC_CONVERGENCE_NOT_REACHED.status
+    edges = results["output_parameters"]["band_edges"]
+    # the XML's <highestOccupiedLevel> 0.6564018342 and <lowestUnoccupiedLevel> 0.2695127451 Hartree
+    assert edges["highest_occupied_level"] == pytest.approx(0.6564018342 * 27.211386, abs=1e-5)
+    assert edges["lowest_unoccupied_level"] == pytest.approx(0.2695127451 * 27.211386, abs=1e-5)

@@ -1,15 +1,23 @@
 """`FieldResponseWorkChain` (`polmodel.dft.field_response`): DFT labels of one structure at zero and finite field.
 
-Zero-field scf (E, F, stress, band edges) → Berry-phase nscf along the three lattice vectors (P and its quantum) and
+Three label tiers (input `tier`, DESIGN.md "Label tiers"), one workchain: they share the zero-field scf, its metal
+check, the k-mesh, the Zener limit and the field-breakdown handling, and the loop switches tier per structure with
+one input instead of choosing among process classes.
+- `energy_forces`: one zero-field scf → one frame with E, F, stress.
+- `field_frames`: a zero-field `lelfield` scf (E, F, stress and the cell dipole at zero field) and one `lelfield` scf
+  per requested field vector (E, F, dipole at that field); Z* and α one-sided where c·x̂, c·ŷ, c·ẑ are all run.
+- `full` (below): the central-difference response with Berry phases, plus a frame per extra field vector.
+
+Full tier: zero-field scf (E, F, stress, band edges) → Berry-phase nscf along the three lattice vectors (P and its quantum) and
 `lelfield` scf at ±ε along x, y, z (F and the cell dipole at each field), all in parallel → calcfunctions derive Z*,
 α, ε∞, P, the acoustic-sum-rule residual and the seven labelled frames. With `string_extrapolation_scale` the six
 field runs are repeated on a coarser k-mesh and α, ε∞ are Richardson-extrapolated to infinitely dense Berry strings
 (lelfield's discretized dψ/dk makes α converge only as 1/N²; Born charges converge far faster and are not).
 
 Every pw.x run is a `PwBaseWorkChain`, so walltime / killed runs are restarted there; this chain handles what is
-specific to fields: metals are refused before any field run, a field above the Zener limit is halved before it is
-applied, and a field run that does not converge halves the field and reruns all of them (bounded), then exits with
-a clear code.
+specific to fields: metals are refused right after the first zero-field pw.x run (`InsulatorPwBaseWorkChain`, before
+any restart), a field above the Zener limit is halved before it is applied, and a field run that does not converge
+halves every field and reruns all of them (bounded), then exits with a clear code.
 """
 import math
 import pathlib
@@ -17,18 +25,22 @@ import pathlib
 import numpy as np
 from aiida import orm
 from aiida.common import AttributeDict
-from aiida.engine import ToContext, WorkChain, if_, while_
-from aiida.plugins import CalculationFactory, WorkflowFactory
+from aiida.engine import ProcessHandlerReport, ToContext, WorkChain, if_, process_handler, while_
+from aiida.plugins import CalculationFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
+from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
 from polmodel import units
 from polmodel.selection import MIN_INTERATOMIC_DISTANCE, closest_pair
 
 from . import response_functions
-from .response_functions import FIELD_LABELS
+from .protocol_utils import PW_NAMELISTS, merge_overrides
+from .response_functions import FIELD_LABELS, field_run_label
 
-PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
 PwCalculation = CalculationFactory("quantumespresso.pw")
+
+#: The label tiers, cheapest first (DESIGN.md amendment "Label tiers").
+TIERS = ("energy_forces", "field_frames", "full")
 
 PARSER_NAME = "polmodel.pw"
 EMPTY_BANDS = 4  # empty bands in the zero-field scf, enough to see the lowest unoccupied level
@@ -90,9 +102,55 @@ def validate_ground_state_inputs(inputs):
     return None
 
 
+def validate_field_vectors(field_vectors, tier):
+    """Field vectors are finite, non-zero 3-vectors (V/Å); `field_frames` needs at least one, `energy_forces` none."""
+    vectors = list(field_vectors) if field_vectors is not None else []
+    if tier == "energy_forces" and vectors:
+        return "the `energy_forces` tier runs no field: give no `field_vectors` (or choose `field_frames`)"
+    if tier == "field_frames" and not vectors:
+        return "the `field_frames` tier needs at least one field vector"
+    for index, vector in enumerate(vectors):
+        try:
+            array = np.asarray(vector, dtype=float)
+        except (TypeError, ValueError):
+            return f"field vector {index} ({vector!r}) is not three numbers"
+        if array.shape != (3,) or not np.all(np.isfinite(array)):
+            return f"field vector {index} ({vector!r}) is not three finite numbers (V/Å)"
+        if not np.any(array):
+            return f"field vector {index} is zero: the zero-field run is always made"
+    return None
+
+
+def number_of_electrons(structure, pseudos):
+    """Valence electrons of the cell from the pseudopotentials' z_valence."""
+    return sum(float(pseudos[site.kind_name].z_valence) for site in structure.sites)
+
+
+def validate_electron_count(structure, pseudos):
+    """Fixed occupations of spin-degenerate bands need an even number of valence electrons."""
+    try:
+        count = number_of_electrons(structure, pseudos)
+    except (AttributeError, KeyError, TypeError):
+        return None  # pseudopotentials without z_valence: left to pw.x
+    if abs(count - round(count)) > 1e-6 or round(count) % 2:
+        return (f"{count:g} valence electrons cannot fill spin-degenerate bands with fixed occupations: metal or open "
+                "shell, refused")
+    return None
+
+
 def validate_inputs(inputs, _):
-    """Validate the whole input namespace: structure, code, pseudopotentials, field, settings."""
+    """Validate the whole input namespace: structure, code, pseudopotentials, electrons, tier, fields, settings."""
     message = validate_ground_state_inputs(inputs)
+    if message:
+        return message
+    message = validate_electron_count(inputs["structure"], inputs["scf"]["pw"].get("pseudos", {}))
+    if message:
+        return message
+    tier = inputs["tier"].value
+    if tier not in TIERS:
+        return f"unknown tier `{tier}`: one of {', '.join(TIERS)}"
+    field_vectors = inputs["field_vectors"].get_list() if "field_vectors" in inputs else None
+    message = validate_field_vectors(field_vectors, tier)
     if message:
         return message
     if inputs["field_magnitude"].value <= 0:
@@ -116,9 +174,12 @@ def validate_inputs(inputs, _):
     return None
 
 
-def number_of_electrons(structure, pseudos):
-    """Valence electrons of the cell from the pseudopotentials' z_valence."""
-    return sum(float(pseudos[site.kind_name].z_valence) for site in structure.sites)
+def band_gap(output_parameters):
+    """Lowest unoccupied minus highest occupied level (eV) from `band_edges` of `PolPwParser`, or None."""
+    edges = output_parameters.get("band_edges") or {}
+    if edges.get("lowest_unoccupied_level") is None or edges.get("highest_occupied_level") is None:
+        return None
+    return edges["lowest_unoccupied_level"] - edges["highest_occupied_level"]
 
 
 def zener_field_limit(band_gap, cell, mesh):
@@ -127,8 +188,69 @@ def zener_field_limit(band_gap, cell, mesh):
     return band_gap / float(lengths.max())
 
 
+def axis_field_vectors(magnitudes):
+    """+m·x̂, +m·ŷ, +m·ẑ for each magnitude m (V/Å): the field runs that give one-sided Z* and α at m."""
+    return [(m * np.eye(3)[axis]).tolist() for m in magnitudes for axis in range(3)]
+
+
+def protocol_field_vectors(tier, field_magnitude, field_magnitudes):
+    """The fields (V/Å) a tier labels when none are given: `field_frames` the axes at `field_magnitude` (one-sided
+    Z*, α) and at each of `field_magnitudes`; `full` the axes at each of `field_magnitudes` beside its ±ε runs."""
+    if tier == "energy_forces":
+        return []
+    leading = [field_magnitude] if tier == "field_frames" else []
+    return axis_field_vectors(leading + list(field_magnitudes))
+
+
+def pw_runs_per_label(tier, field_vectors=(), string_extrapolation=False):
+    """pw.x runs one label of `tier` with `field_vectors` costs, before any restart or field halving (budgets in pw.x
+    runs): 1 zero-field scf, 1 per field vector, and for `full` 3 Berry-phase nscf and 6 ±ε runs (12 with the
+    string extrapolation)."""
+    runs = 1 + len(field_vectors)
+    if tier == "full":
+        runs += 3 + 6 * (2 if string_extrapolation else 1)
+    return runs
+
+
+class InsulatorPwBaseWorkChain(PwBaseWorkChain):
+    """`PwBaseWorkChain` that stops at the first pw.x run whose band gap shows a metal, before any restart.
+
+    A metal with fixed occupations often does not converge; the stock handlers would then restart it with smaller
+    mixing (three runs, hours on a cluster) and end in an unhandled failure that says nothing about a metal.
+    """
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input(
+            "min_band_gap", valid_type=orm.Float, default=lambda: orm.Float(0.1),
+            help="A pw.x run with a smaller gap (eV) between its highest occupied and lowest unoccupied level stops "
+                 "the work chain.",
+        )
+        spec.exit_code(
+            330, "ERROR_NOT_AN_INSULATOR",
+            message="The cell is metallic or nearly metallic: gap {gap} eV < {minimum} eV after the first pw.x run.",
+        )
+
+    @process_handler(priority=700)
+    def handle_metal(self, calculation):
+        """Strategy: read the gap of every finished pw.x run (converged or not: pw.x writes the band edges to its XML
+        either way) and stop at once when it is below `min_band_gap`: no restart can make a metal an insulator."""
+        if "output_parameters" not in calculation.outputs:
+            return None
+        gap = band_gap(calculation.outputs.output_parameters.get_dict())
+        minimum = self.inputs.min_band_gap.value
+        if gap is None or gap >= minimum:
+            return None
+        self.report(f"{calculation.process_label}<{calculation.pk}>: gap {gap:.3f} eV < {minimum} eV, a metal; "
+                    "no restart")
+        return ProcessHandlerReport(
+            do_break=True, exit_code=self.exit_codes.ERROR_NOT_AN_INSULATOR.format(gap=f"{gap:.3f}", minimum=minimum)
+        )
+
+
 class FieldResponseWorkChain(ProtocolMixin, WorkChain):
-    """Born charges, polarizability, ε∞, polarization and labelled frames of an insulator from pw.x."""
+    """DFT labels of one insulator from pw.x at one of three tiers: E, F, stress; plus fields; plus Z*, α, P."""
 
     @classmethod
     def define(cls, spec):
@@ -140,10 +262,20 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             exclude=("clean_workdir", "pw.structure", "pw.parent_folder"),
             namespace_options={"help": "Shared settings of every pw.x run (cutoffs, k-points, pseudos, options)."},
         )
-        spec.input("field_magnitude", valid_type=orm.Float, help="|ε| of the finite-field runs, V/Å.")
+        spec.input(
+            "tier", valid_type=orm.Str, default=lambda: orm.Str("full"),
+            help=f"Label tier, one of {', '.join(TIERS)} (DESIGN.md, label tiers).",
+        )
+        spec.input(
+            "field_vectors", valid_type=orm.List, required=False,
+            help="Fields (V/Å, [x, y, z] each) at which one lelfield scf and one frame each are made: the fields of "
+                 "`field_frames`, extra frames for `full`.",
+        )
+        spec.input("field_magnitude", valid_type=orm.Float, default=lambda: orm.Float(0.0364),
+                   help="|ε| of the ±ε runs of the `full` tier, V/Å.")
         spec.input(
             "max_field_halvings", valid_type=orm.Int, default=lambda: orm.Int(3),
-            help="How often the field may be halved (Zener limit or unconverged field runs) before giving up.",
+            help="How often the fields may be halved (Zener limit or unconverged field runs) before giving up.",
         )
         spec.input(
             "min_band_gap", valid_type=orm.Float, default=lambda: orm.Float(0.1),
@@ -155,7 +287,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         )
         spec.input(
             "string_extrapolation_scale", valid_type=orm.Float, required=False,
-            help="If given (0 < s < 1), the field runs are repeated on the k-mesh scaled by s and α, ε∞ are "
+            help="If given (0 < s < 1), the ±ε runs are repeated on the k-mesh scaled by s and α, ε∞ are "
                  "extrapolated to dense Berry strings (about 1.5x the cost of the field runs for s = 0.75).",
         )
         spec.input("clean_workdir", valid_type=orm.Bool, default=lambda: orm.Bool(False))
@@ -165,29 +297,43 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             cls.setup,
             cls.run_zero_field,
             cls.inspect_zero_field,
-            cls.run_berry_phases,
+            if_(cls.is_full_tier)(
+                cls.run_berry_phases,
+            ),
             while_(cls.should_run_field_runs)(
                 cls.run_field_runs,
                 cls.inspect_field_runs,
             ),
-            cls.inspect_berry_phases,
-            cls.results,
+            if_(cls.is_full_tier)(
+                cls.inspect_berry_phases,
+                cls.results,
+            ).else_(
+                cls.results_of_cheaper_tiers,
+            ),
         )
 
-        spec.output("born_effective_charges", valid_type=orm.ArrayData, help="Z* (N, 3, 3) e, [i, a, b] = ∂F_ib/∂ε_a.")
+        spec.output("frames", valid_type=orm.Data, help="The labelled frames (polmodel.frames), zero field first.")
+        spec.output("band_gap", valid_type=orm.Float, help="Gap (eV) of the zero-field run.")
         spec.output(
-            "polarizability", valid_type=orm.ArrayData,
+            "born_effective_charges", valid_type=orm.ArrayData, required=False,
+            help="Z* (N, 3, 3) e, [i, a, b] = ∂F_ib/∂ε_a, ASR-exact (`born_effective_charges`) and as derived "
+                 "(`born_effective_charges_raw`). `full`, and `field_frames` with c·x̂, c·ŷ, c·ẑ (one-sided).",
+        )
+        spec.output(
+            "polarizability", valid_type=orm.ArrayData, required=False,
             help="α (3, 3) e·Å²/V, clamped ions (extrapolated to dense strings with `string_extrapolation_scale`, "
-                 "the two meshes' values beside it).",
+                 "the two meshes' values beside it). Where Z* is.",
         )
-        spec.output("dielectric_tensor", valid_type=orm.ArrayData, help="ε∞ (3, 3).")
+        spec.output("dielectric_tensor", valid_type=orm.ArrayData, required=False, help="ε∞ (3, 3). Where α is.")
         spec.output(
-            "polarization", valid_type=orm.ArrayData,
-            help="`polarization` (3,) e/Å², `polarization_quantum` (3, 3) e·Å, `dipole` (3,) e·Å at zero field.",
+            "polarization", valid_type=orm.ArrayData, required=False,
+            help="`polarization` (3,) e/Å², `polarization_quantum` (3, 3) e·Å, `dipole` (3,) e·Å at zero field "
+                 "(`full`: Berry phase).",
         )
-        spec.output("asr_residual", valid_type=orm.Float, help="max |Σ_i Z*_i| (e).")
-        spec.output("frames", valid_type=orm.Data, help="Seven labelled frames (polmodel.frames).")
-        spec.output("field_magnitude", valid_type=orm.Float, help="|ε| actually used (V/Å), after any halving.")
+        spec.output("asr_residual", valid_type=orm.Float, required=False,
+                    help="max |Σ_i Z*_i| (e) of the Born charges as derived (the k-point convergence check).")
+        spec.output("field_magnitude", valid_type=orm.Float, required=False,
+                    help="|ε| of the ±ε runs actually used (V/Å), after any halving (`full`).")
 
         # 400s: the zero-field ground state
         spec.exit_code(401, "ERROR_ZERO_FIELD_SCF_FAILED", message="The zero-field scf PwBaseWorkChain failed.")
@@ -196,10 +342,6 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             message="The cell is metallic or nearly metallic (gap {gap} eV < {minimum} eV): no Berry phase for metals.",
         )
         spec.exit_code(403, "ERROR_BAND_EDGES_MISSING", message="pw.x reported no lowest unoccupied level.")
-        spec.exit_code(
-            404, "ERROR_ODD_ELECTRON_COUNT",
-            message="{count} valence electrons cannot fill spin-degenerate bands: metal or open shell, refused.",
-        )
         # 410s: finite-field and Berry-phase runs
         spec.exit_code(
             411, "ERROR_ZENER_LIMIT",
@@ -230,11 +372,24 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         return pathlib.Path(__file__).parent / "protocols" / "field_response.yaml"
 
     @classmethod
-    def get_builder_from_protocol(cls, code, structure, protocol=None, overrides=None, pseudo_family=None, options=None):
-        """A builder for `structure` (StructureData, ase.Atoms or pymatgen Structure) at `protocol` ('fast' |
-        'balanced' | 'stringent'), see protocols/*.yaml.
+    def get_protocol_inputs_checked(cls, protocol=None, overrides=None):
+        """The protocol's inputs with `overrides` merged in; an override key that matches nothing raises ValueError
+        (`protocol_utils.merge_overrides`)."""
+        return merge_overrides(
+            cls.get_protocol_inputs(protocol), overrides, spec=cls.spec().inputs,
+            closed_values={"scf.pw.parameters": PW_NAMELISTS},
+        )
 
-        Cutoffs are the family's recommended ones times the protocol's `cutoff_factor`; `overrides` is merged last.
+    @classmethod
+    def get_builder_from_protocol(cls, code, structure, protocol=None, overrides=None, pseudo_family=None, options=None,
+                                  tier=None, field_vectors=None):
+        """A builder for `structure` (StructureData, ase.Atoms or pymatgen Structure) at `protocol` ('fast' | 'balanced' | 'stringent'), see protocols/*.yaml.
+
+        Cutoffs are the family's recommended ones times the protocol's `cutoff_factor`; `overrides` is merged last and
+        may not hold keys the protocol and the input spec do not know. `tier` (default: the protocol's, `full`) is one
+        of TIERS. `field_vectors` (V/Å, (n, 3)): the fields of `field_frames`, or extra frames of `full`; without them
+        `field_frames` runs +m·x̂, +m·ŷ, +m·ẑ for m in [`field_magnitude`] + `field_magnitudes` and `full` adds the
+        same for each m in `field_magnitudes` (labels at several magnitudes, DESIGN.md / issue 12).
         """
         from aiida_pseudo.groups.family import PseudoPotentialFamily
         from aiida_pseudo.groups.mixins import RecommendedCutoffMixin
@@ -248,8 +403,20 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         if message:
             raise ValueError(message)
 
-        inputs = cls.get_protocol_inputs(protocol, overrides)
+        inputs = cls.get_protocol_inputs_checked(protocol, overrides)
         meta = inputs.pop("meta_parameters")
+        tier = tier if tier is not None else inputs["tier"]
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier `{tier}`: one of {', '.join(TIERS)}")
+        if field_vectors is None:
+            field_vectors = inputs.get("field_vectors")
+        if field_vectors is None:
+            field_vectors = protocol_field_vectors(tier, inputs["field_magnitude"], inputs.get("field_magnitudes") or [])
+        message = validate_field_vectors(field_vectors, tier)
+        if message:
+            raise ValueError(message)
+        field_vectors = [[float(x) for x in vector] for vector in field_vectors]
+
         if pseudo_family is None:
             from polmodel.plugins.pseudos import DEFAULT_PSEUDO_FAMILY
 
@@ -261,6 +428,9 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             pseudos = family.get_pseudos(structure=structure)
         except ValueError as exception:
             raise ValueError(f"family `{pseudo_family}` lacks a pseudopotential: {exception}") from exception
+        message = validate_electron_count(structure, pseudos)
+        if message:
+            raise ValueError(message)
 
         parameters = inputs["scf"]["pw"]["parameters"]
         system = parameters.setdefault("SYSTEM", {})
@@ -274,11 +444,14 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
 
         builder = cls.get_builder()
         builder.structure = structure
+        builder.tier = orm.Str(tier)
+        if field_vectors:
+            builder.field_vectors = orm.List(field_vectors)
         builder.field_magnitude = orm.Float(inputs["field_magnitude"])
         builder.min_band_gap = orm.Float(inputs["min_band_gap"])
         builder.max_field_halvings = orm.Int(inputs["max_field_halvings"])
         builder.clean_workdir = orm.Bool(inputs["clean_workdir"])
-        if inputs.get("string_extrapolation_scale"):
+        if inputs.get("string_extrapolation_scale") and tier == "full":
             builder.string_extrapolation_scale = orm.Float(inputs["string_extrapolation_scale"])
         builder.scf.kpoints_distance = orm.Float(inputs["scf"]["kpoints_distance"])
         builder.scf.max_iterations = orm.Int(inputs["scf"]["max_iterations"])
@@ -292,8 +465,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
     # --- outline ---------------------------------------------------------------------------------------------------
 
     def setup(self):
-        """Fix one explicit k-mesh for every run (Berry strings and the Zener limit depend on it), and the coarser
-        mesh of the string extrapolation if one is asked for."""
+        """Fix one explicit k-mesh for every run (Berry strings and the Zener limit depend on it), the field runs of
+        the tier, and the coarser mesh of the string extrapolation if one is asked for."""
         from aiida_quantumespresso.calculations.functions.create_kpoints_from_distance import (
             create_kpoints_from_distance,
         )
@@ -309,20 +482,23 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             mesh, offset = kpoints.get_kpoints_mesh()
         except AttributeError:
             mesh, offset = None, None
+        self.ctx.tier = self.inputs.tier.value
         self.ctx.kpoints = kpoints
         self.ctx.mesh = mesh
-        # field-run context prefix -> k-points: the dense mesh always, the coarse one for the string extrapolation
-        self.ctx.field_kpoints = {"field": kpoints}
+        # ±ε run context prefix -> k-points (`full` only): the dense mesh always, the coarse one for the extrapolation
+        self.ctx.field_kpoints = {"field": kpoints} if self.ctx.tier == "full" else {}
+        self.ctx.field_vectors = self.inputs.field_vectors.get_list() if "field_vectors" in self.inputs else []
         self.ctx.field_magnitude = self.inputs.field_magnitude.value
+        self.ctx.field_scale = 1.0  # every field of the label is scaled by it (halvings)
         self.ctx.field_halvings = 0
-        self.ctx.run_field = True
+        self.ctx.run_field = bool(self._field_run_keys())
         self.ctx.pw_parameters = self.inputs.scf.pw.parameters.get_dict()
         self.ctx.nberrycyc = self.ctx.pw_parameters.get("CONTROL", {}).get("nberrycyc", 3)
         for namelist, keys in _RUN_SPECIFIC.items():
             for key in keys:
                 self.ctx.pw_parameters.get(namelist, {}).pop(key, None)
 
-        if "string_extrapolation_scale" in self.inputs:
+        if "string_extrapolation_scale" in self.inputs and self.ctx.tier == "full":
             scale = self.inputs.string_extrapolation_scale.value
             mesh_coarse = response_functions.coarse_mesh(mesh, scale)
             if response_functions.string_density_error(mesh_coarse) <= response_functions.string_density_error(mesh):
@@ -332,6 +508,9 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             self.ctx.field_kpoints["coarse_field"] = coarse
             self.ctx.mesh_coarse = mesh_coarse
         return None
+
+    def is_full_tier(self):
+        return self.ctx.tier == "full"
 
     def _base_inputs(self, parameters, label, kpoints=None):
         """PwBaseWorkChain inputs sharing the scf namespace, with `parameters`, the polmodel parser and the fixed
@@ -356,43 +535,69 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         parameters["SYSTEM"]["occupations"] = "fixed"
         return parameters
 
+    def _lelfield(self, field):
+        """CONTROL and ELECTRONS of a `lelfield` scf at `field` (3,) V/Å (zero field included)."""
+        control = {"calculation": "scf", "lelfield": True, "nberrycyc": self.ctx.nberrycyc, "tprnfor": True}
+        electrons = {"efield_cart": units.field_v_per_angstrom_to_ry(np.asarray(field, dtype=float)).tolist()}
+        return control, electrons
+
     def run_zero_field(self):
-        """Zero-field scf: energy, forces, stress, and a few empty bands to measure the gap."""
+        """Zero-field scf: energy, forces, stress, and a few empty bands to measure the gap; `field_frames` makes it a
+        zero-field `lelfield` run, whose cell dipole is on the branch of the field runs (one-sided α). Checked by hand
+        on displaced AlAs (pw.x 6.7, 3x3x3, 20 Ry): the same energy (1e-8 Ry), stress (0.01 kbar) and forces
+        (4e-7 Ry/bohr) as the plain scf."""
         n_electrons = number_of_electrons(self.inputs.structure, self.inputs.scf.pw.pseudos)
-        if abs(n_electrons - round(n_electrons)) > 1e-6 or round(n_electrons) % 2:
-            return self.exit_codes.ERROR_ODD_ELECTRON_COUNT.format(count=n_electrons)
         self.ctx.occupied_bands = int(math.ceil(n_electrons / 2))
+        control, electrons = {"calculation": "scf", "tprnfor": True}, {}
+        if self.ctx.tier == "field_frames":
+            control, electrons = self._lelfield(np.zeros(3))
+        control["tstress"] = True
         parameters = self._parameters(
-            control={"calculation": "scf", "tprnfor": True, "tstress": True},
-            system={"nbnd": self.ctx.occupied_bands + EMPTY_BANDS},
+            control=control, electrons=electrons, system={"nbnd": self.ctx.occupied_bands + EMPTY_BANDS},
         )
         inputs = self._base_inputs(parameters, "zero_field")
-        node = self.submit(PwBaseWorkChain, **inputs)
-        self.report(f"launching zero-field scf PwBaseWorkChain<{node.pk}>")
+        inputs.min_band_gap = self.inputs.min_band_gap
+        node = self.submit(InsulatorPwBaseWorkChain, **inputs)
+        self.report(f"launching zero-field scf InsulatorPwBaseWorkChain<{node.pk}>")
         return ToContext(zero_field=node)
 
     def inspect_zero_field(self):
-        """Refuse metals and near-metals; halve a field above the Zener limit until it fits (bounded)."""
+        """Refuse metals and near-metals; halve the fields above the Zener limit until they fit (bounded)."""
         workchain = self.ctx.zero_field
+        minimum = self.inputs.min_band_gap.value
+        if workchain.exit_status == InsulatorPwBaseWorkChain.exit_codes.ERROR_NOT_AN_INSULATOR.status:
+            calculation = max(workchain.called, key=lambda child: child.ctime) if workchain.called else None
+            gap = (band_gap(calculation.outputs.output_parameters.get_dict())
+                   if calculation is not None and "output_parameters" in calculation.outputs else None)
+            return self.exit_codes.ERROR_NOT_AN_INSULATOR.format(
+                gap=f"{gap:.3f}" if gap is not None else "?", minimum=minimum)
         if not workchain.is_finished_ok:
             return self.exit_codes.ERROR_ZERO_FIELD_SCF_FAILED
-        edges = workchain.outputs.output_parameters.get("band_edges") or {}
-        if edges.get("lowest_unoccupied_level") is None:
+        gap = band_gap(workchain.outputs.output_parameters.get_dict())
+        if gap is None:
             return self.exit_codes.ERROR_BAND_EDGES_MISSING
-        gap = edges["lowest_unoccupied_level"] - edges["highest_occupied_level"]
         self.ctx.band_gap = gap
-        if gap < self.inputs.min_band_gap.value:
-            return self.exit_codes.ERROR_NOT_AN_INSULATOR.format(gap=f"{gap:.3f}", minimum=self.inputs.min_band_gap.value)
+        if gap < minimum:
+            return self.exit_codes.ERROR_NOT_AN_INSULATOR.format(gap=f"{gap:.3f}", minimum=minimum)
 
-        if self.ctx.mesh is not None:
+        if self.ctx.mesh is not None and self.ctx.run_field:
             limit = self.inputs.zener_margin.value * zener_field_limit(gap, self.inputs.structure.cell, self.ctx.mesh)
-            while self.ctx.field_magnitude > limit:
+            while self._largest_field() > limit:
                 if self.ctx.field_halvings >= self.inputs.max_field_halvings.value:
                     return self.exit_codes.ERROR_ZENER_LIMIT.format(limit=limit)
-                self.ctx.field_magnitude /= 2
-                self.ctx.field_halvings += 1
-                self.report(f"field above {limit:.4g} V/Å (Zener margin, gap {gap:.3f} eV): halved to "
-                            f"{self.ctx.field_magnitude:.4g} V/Å")
+                self._halve_fields()
+                self.report(f"field above {limit:.4g} V/Å (Zener margin, gap {gap:.3f} eV): fields halved to "
+                            f"{self.ctx.field_scale:.4g} of the requested")
+        return None
+
+    def _largest_field(self):
+        """The largest |ε| (V/Å) any field run of this label applies."""
+        return max(float(np.linalg.norm(field)) for field, _ in self._field_runs().values())
+
+    def _halve_fields(self):
+        self.ctx.field_magnitude /= 2
+        self.ctx.field_scale /= 2
+        self.ctx.field_halvings += 1
 
     def run_berry_phases(self):
         """nscf Berry phase along each lattice vector, strings as dense as the scf mesh (pw.x needs nscf in 6.7)."""
@@ -408,27 +613,32 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
     def should_run_field_runs(self):
         return self.ctx.run_field
 
-    def _field_run_keys(self):
-        """Context keys of all field runs: `field_<label>` and, when extrapolating, `coarse_field_<label>`."""
-        return [f"{prefix}_{label}" for prefix in self.ctx.field_kpoints for label in FIELD_LABELS]
-
-    def run_field_runs(self):
-        """lelfield scf at ±ε along x, y and z on each mesh (from scratch: each run stands on its own)."""
-        nberrycyc = self.ctx.nberrycyc
+    def _field_runs(self):
+        """{context key: (field (3,) V/Å, k-points)} of every field run at the current field scale: `<prefix>_<label>`
+        for the ±ε runs of `full`, `field_vector_<i>` for the requested field vectors."""
+        runs = {}
         for prefix, kpoints in self.ctx.field_kpoints.items():
             for label in FIELD_LABELS:
-                field = response_functions.field_vector(label, self.ctx.field_magnitude)
-                parameters = self._parameters(
-                    control={"calculation": "scf", "lelfield": True, "nberrycyc": nberrycyc, "tprnfor": True},
-                    electrons={"efield_cart": units.field_v_per_angstrom_to_ry(field).tolist()},
-                )
-                key = f"{prefix}_{label}"
-                node = self.submit(PwBaseWorkChain, **self._base_inputs(parameters, key, kpoints))
-                self.report(f"launching {key} ({self.ctx.field_magnitude:.4g} V/Å) PwBaseWorkChain<{node.pk}>")
-                self.to_context(**{key: node})
+                runs[f"{prefix}_{label}"] = (response_functions.field_vector(label, self.ctx.field_magnitude), kpoints)
+        for index, vector in enumerate(self.ctx.field_vectors):
+            runs[field_run_label(index)] = (self.ctx.field_scale * np.asarray(vector, dtype=float), self.ctx.kpoints)
+        return runs
+
+    def _field_run_keys(self):
+        """Context keys of all field runs (see `_field_runs`)."""
+        return list(self._field_runs())
+
+    def run_field_runs(self):
+        """lelfield scf at every field of the label (from scratch: each run stands on its own)."""
+        for key, (field, kpoints) in self._field_runs().items():
+            control, electrons = self._lelfield(field)
+            parameters = self._parameters(control=control, electrons=electrons)
+            node = self.submit(PwBaseWorkChain, **self._base_inputs(parameters, key, kpoints))
+            self.report(f"launching {key} ({np.round(field, 5).tolist()} V/Å) PwBaseWorkChain<{node.pk}>")
+            self.to_context(**{key: node})
 
     def inspect_field_runs(self):
-        """Accept the field runs, or halve the field after an electronic breakdown and rerun them (bounded)."""
+        """Accept the field runs, or halve the fields after an electronic breakdown and rerun them (bounded)."""
         self.ctx.run_field = False
         failed = [key for key in self._field_run_keys() if not self.ctx[key].is_finished_ok]
         if not failed:
@@ -439,14 +649,14 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         return self.handle_field_breakdown(failed)
 
     def handle_field_breakdown(self, failed):
-        """Strategy: SCF divergence under field is Zener breakdown or a too-strong perturbation; halve |ε| and rerun
-        all field runs (central differences need one |ε|), at most `max_field_halvings` times in total."""
+        """Strategy: SCF divergence under field is Zener breakdown or a too-strong perturbation; halve every field and
+        rerun all field runs (differences need one scale), at most `max_field_halvings` times in total."""
         if self.ctx.field_halvings >= self.inputs.max_field_halvings.value:
             return self.exit_codes.ERROR_FIELD_RUNS_NOT_CONVERGED.format(count=self.ctx.field_halvings)
-        self.ctx.field_magnitude /= 2
-        self.ctx.field_halvings += 1
+        self._halve_fields()
         self.ctx.run_field = True
-        self.report(f"field runs {', '.join(failed)} did not converge: field halved to {self.ctx.field_magnitude:.4g} V/Å")
+        self.report(f"field runs {', '.join(failed)} did not converge: fields halved to {self.ctx.field_scale:.4g} of "
+                    "the requested")
         return None
 
     @staticmethod
@@ -473,11 +683,19 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
                 return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no Berry phase in gdir={gdir}")
         return None
 
-    def results(self):
-        """Derive everything through calcfunctions and attach the outputs."""
-        for key in self._field_run_keys():
+    def _check_field_labels(self):
+        """ERROR_MISSING_LABELS unless every field run (and a `lelfield` zero-field run) has its parsed dipole."""
+        keys = self._field_run_keys() + (["zero_field"] if self.ctx.tier == "field_frames" else [])
+        for key in keys:
             if "finite_field" not in self.ctx[key].outputs.output_parameters.get_dict():
                 return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no finite-field dipole in {key}")
+        return None
+
+    def results(self):
+        """`full`: derive everything through calcfunctions and attach the outputs."""
+        missing = self._check_field_labels()
+        if missing:
+            return missing
 
         polarization = response_functions.compute_polarization(
             self.inputs.structure,
@@ -492,10 +710,9 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         )
         if "coarse_field" in self.ctx.field_kpoints:
             response.update(self._extrapolate_polarizability(polarization, field_magnitude, response))
-        zero = self.ctx.zero_field.outputs
         frames = response_functions.build_frames(
             self.inputs.structure, polarization, response["born_effective_charges"], response["polarizability"],
-            parameters_zero_field=zero.output_parameters, trajectory_zero_field=zero.output_trajectory,
+            **self._pw_outputs(["zero_field"] + [field_run_label(i) for i in range(len(self.ctx.field_vectors))]),
             **field_outputs,
             metadata={"call_link_label": "build_frames"},
         )
@@ -503,6 +720,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         self.out_many(response)
         self.out("frames", frames)
         self.out("field_magnitude", field_magnitude)
+        self.out("band_gap", self._band_gap_output())
         dielectric = response["dielectric_tensor"].get_array("dielectric_tensor")
         self.report(f"ASR residual {response['asr_residual'].value:.4f} e; ε∞ diagonal "
                     f"{np.diag(dielectric).round(3).tolist()}")
@@ -511,8 +729,53 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             return self.exit_codes.ERROR_UNPHYSICAL_DIELECTRIC.format(details=defect)
         return None
 
+    def results_of_cheaper_tiers(self):
+        """`energy_forces` and `field_frames`: the frames, and one-sided Z*, α, ε∞ where c·x̂, c·ŷ, c·ẑ were run."""
+        missing = self._check_field_labels()
+        if missing:
+            return missing
+        structure = self.inputs.structure
+        pw_outputs = self._pw_outputs(["zero_field"] + self._field_run_keys())
+        frame_inputs = {}
+        response = {}
+        if self.ctx.tier == "field_frames":
+            frame_inputs["polarization_quantum"] = response_functions.compute_polarization_quantum(
+                structure, **self.inputs.scf.pw.pseudos, metadata={"call_link_label": "compute_polarization_quantum"})
+            if response_functions.axis_field_triple(self.ctx.field_vectors) is not None:
+                response = response_functions.compute_one_sided_response(
+                    structure, frame_inputs["polarization_quantum"], **pw_outputs,
+                    metadata={"call_link_label": "compute_one_sided_response"},
+                )
+                frame_inputs["born_effective_charges"] = response["born_effective_charges"]
+                frame_inputs["polarizability"] = response["polarizability"]
+        frames = response_functions.build_tier_frames(
+            structure, **frame_inputs, **pw_outputs, metadata={"call_link_label": "build_frames"})
+        self.out_many(response)
+        self.out("frames", frames)
+        self.out("band_gap", self._band_gap_output())
+        self.report(f"{self.ctx.tier}: {frames.count} frames" + (
+            f"; one-sided ASR residual {response['asr_residual'].value:.4f} e" if response else ""))
+        if response:
+            defect = response_functions.dielectric_defect(response["dielectric_tensor"].get_array("dielectric_tensor"))
+            if defect:
+                return self.exit_codes.ERROR_UNPHYSICAL_DIELECTRIC.format(details=defect)
+        return None
+
+    def _band_gap_output(self):
+        return response_functions.compute_band_gap(
+            self.ctx.zero_field.outputs.output_parameters, metadata={"call_link_label": "compute_band_gap"})
+
+    def _pw_outputs(self, keys):
+        """`parameters_<key>` and `trajectory_<key>` of the pw.x runs in context under `keys`, for the calcfunctions."""
+        outputs = {}
+        for key in keys:
+            run = self.ctx[key].outputs
+            outputs[f"parameters_{key}"] = run.output_parameters
+            outputs[f"trajectory_{key}"] = run.output_trajectory
+        return outputs
+
     def _field_outputs(self, prefix):
-        """`parameters_<label>` and `trajectory_<label>` of the field runs `<prefix>_<label>`, for the calcfunctions."""
+        """`parameters_<label>` and `trajectory_<label>` of the ±ε runs `<prefix>_<label>`, for the calcfunctions."""
         outputs = {}
         for label in FIELD_LABELS:
             run = self.ctx[f"{prefix}_{label}"].outputs

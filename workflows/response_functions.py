@@ -82,6 +82,22 @@ def born_charges_from_forces(forces_plus, forces_minus, magnitude):
     return np.transpose((plus - minus) / (2.0 * magnitude), (1, 0, 2))
 
 
+def born_charges_one_sided(forces_field, forces_zero, field):
+    """Z*[i, a, b] = (F_ib(c·ê_a) − F_ib(0)) / c (e), one-sided: `forces_field[a]` (N, 3) at the field c·ê_a (V/Å)."""
+    forces_zero = np.asarray(forces_zero, dtype=float)
+    return born_charges_from_forces(forces_field, [forces_zero] * 3, 0.5 * field)
+
+
+def enforce_acoustic_sum_rule(born_charges):
+    """Z* with the mean over atoms subtracted per component, so that Σ_i Z*[i] = 0 exactly (DESIGN.md amendment).
+
+    The residual of DFT Born charges is a k-point convergence error, not physics: the model's sum rule is exact, so
+    the labels must be too. The raw charges' residual (`acoustic_sum_rule_residual`) is kept as its own output.
+    """
+    born_charges = np.asarray(born_charges, dtype=float)
+    return born_charges - born_charges.mean(axis=0, keepdims=True)
+
+
 def polarizability_from_dipoles(dipoles_plus, dipoles_minus, magnitude):
     """α[a, b] = ∂d_a/∂ε_b (e·Å²/V) by central differences, symmetrized.
 
@@ -89,6 +105,35 @@ def polarizability_from_dipoles(dipoles_plus, dipoles_minus, magnitude):
     """
     raw = ((np.asarray(dipoles_plus) - np.asarray(dipoles_minus)) / (2.0 * magnitude)).T
     return 0.5 * (raw + raw.T), raw
+
+
+def polarizability_one_sided(dipoles_field, dipole_zero, field):
+    """α[a, b] = (d_a(c·ê_b) − d_a(0)) / c, symmetrized; `dipoles_field[b]` (3,) e·Å at c·ê_b, on the branch of
+    `dipole_zero`. Returns (α_sym, α_raw)."""
+    return polarizability_from_dipoles(dipoles_field, [np.asarray(dipole_zero, dtype=float)] * 3, 0.5 * field)
+
+
+def axis_field_triple(field_vectors, tolerance=1e-9):
+    """(c, [k_x, k_y, k_z]): indices of three field vectors c·x̂, c·ŷ, c·ẑ with one c (the smallest |c| when
+    several triples are run), or None. One-sided Z* and α need exactly such a triple."""
+    vectors = np.asarray(field_vectors, dtype=float).reshape(-1, 3)
+    along = {}  # c -> {axis: index}
+    for index, vector in enumerate(vectors):
+        axis = int(np.argmax(np.abs(vector)))
+        c = float(vector[axis])
+        if c == 0.0 or np.abs(np.delete(vector, axis)).max() > tolerance * abs(c):
+            continue
+        key = next((known for known in along if abs(known - c) <= tolerance * abs(c)), c)
+        along.setdefault(key, {}).setdefault(axis, index)
+    triples = [(c, [axes[a] for a in range(3)]) for c, axes in along.items() if len(axes) == 3]
+    return min(triples, key=lambda triple: abs(triple[0])) if triples else None
+
+
+def lattice_polarization_quantum(cell, valence_charges):
+    """Quantum vectors (rows, e·Å) of a spin-degenerate cell: 2e·a_i, or e·a_i when an ion has an odd valence charge
+    (moving it by a lattice vector changes the ionic dipole by an odd multiple of e·a_i), as pw.x's `(mod m)`."""
+    odd = any(abs(z - 2.0 * round(z / 2.0)) > 1e-6 for z in valence_charges)
+    return (1.0 if odd else 2.0) * np.asarray(cell, dtype=float)
 
 
 def dielectric_from_polarizability(polarizability, volume):
@@ -149,6 +194,11 @@ def _last(trajectory, name):
     return np.asarray(trajectory.get_array(name))[-1]
 
 
+def field_run_label(index):
+    """Context key and frame label of the `index`-th requested field vector (sorts in request order)."""
+    return f"field_vector_{index:03d}"
+
+
 @calcfunction
 def compute_polarization(structure, **berry_parameters):
     """Zero-field cell dipole, polarization and quantum from the three Berry-phase nscf runs (gdir = 1, 2, 3).
@@ -173,8 +223,9 @@ def compute_field_response(structure, polarization, field_magnitude, **field_out
     """Born charges, polarizability, ε∞ and the acoustic-sum-rule residual from the six ±ε runs.
 
     `field_outputs` holds `parameters_<label>` (output_parameters) and `trajectory_<label>` (output_trajectory)
-    for every label in FIELD_LABELS. Dipoles are folded onto one branch (`field_dipoles_on_one_branch`) before
-    differencing.
+    for every label in FIELD_LABELS (other runs passed along are ignored). Dipoles are folded onto one branch
+    (`field_dipoles_on_one_branch`) before differencing. The Born charges are made ASR-exact
+    (`enforce_acoustic_sum_rule`); the raw ones sit beside them and `asr_residual` is theirs.
     """
     magnitude = field_magnitude.value
     quantum = polarization.get_array("polarization_quantum")
@@ -187,14 +238,65 @@ def compute_field_response(structure, polarization, field_magnitude, **field_out
     alpha, alpha_raw = polarizability_from_dipoles(
         [dipoles[f"{a}_plus"] for a in axes], [dipoles[f"{a}_minus"] for a in axes], magnitude
     )
-    dielectric = dielectric_from_polarizability(alpha, structure.get_cell_volume())
+    return _response_outputs(structure, born, alpha, alpha_raw)
 
+
+def _response_outputs(structure, born_raw, alpha, alpha_raw):
+    """The response output nodes: ASR-exact Z* (raw beside them), α, ε∞ and the raw ASR residual."""
     return {
-        "born_effective_charges": orm.ArrayData({"born_effective_charges": born}),
+        "born_effective_charges": orm.ArrayData({
+            "born_effective_charges": enforce_acoustic_sum_rule(born_raw), "born_effective_charges_raw": born_raw,
+        }),
         "polarizability": orm.ArrayData({"polarizability": alpha, "polarizability_unsymmetrized": alpha_raw}),
-        "dielectric_tensor": orm.ArrayData({"dielectric_tensor": dielectric}),
-        "asr_residual": orm.Float(acoustic_sum_rule_residual(born)),
+        "dielectric_tensor": orm.ArrayData(
+            {"dielectric_tensor": dielectric_from_polarizability(alpha, structure.get_cell_volume())}),
+        "asr_residual": orm.Float(acoustic_sum_rule_residual(born_raw)),
     }
+
+
+def _field_run_labels(pw_outputs):
+    """Labels `<label>` of the finite-field runs among `parameters_<label>` inputs, zero field excluded, sorted."""
+    return sorted(key[len("parameters_"):] for key in pw_outputs
+                  if key.startswith("parameters_") and key != "parameters_zero_field")
+
+
+@calcfunction
+def compute_band_gap(output_parameters):
+    """The gap (eV) between the highest occupied and lowest unoccupied level of a pw.x run (`band_edges`)."""
+    edges = output_parameters["band_edges"]
+    return orm.Float(edges["lowest_unoccupied_level"] - edges["highest_occupied_level"])
+
+
+@calcfunction
+def compute_polarization_quantum(structure, **pseudos):
+    """`polarization_quantum` (3, 3) e·Å of `structure` from the pseudopotentials' valence charges
+    (`lattice_polarization_quantum`); the tiers without Berry-phase runs have no pw.x-printed quantum."""
+    valence = [float(pseudos[site.kind_name].z_valence) for site in structure.sites]
+    return orm.ArrayData({"polarization_quantum": lattice_polarization_quantum(structure.cell, valence)})
+
+
+@calcfunction
+def compute_one_sided_response(structure, polarization_quantum, **pw_outputs):
+    """Z*, α, ε∞ and the ASR residual from a zero-field `lelfield` run and three runs at c·x̂, c·ŷ, c·ẑ, one-sided.
+
+    `pw_outputs` holds `parameters_<label>`, `trajectory_<label>` for 'zero_field' and each field run; the triple is
+    found from the fields the runs applied (`axis_field_triple`). Dipoles are moved onto the zero-field one's branch.
+    """
+    quantum = polarization_quantum.get_array("polarization_quantum")
+    labels = _field_run_labels(pw_outputs)
+    fields = [pw_outputs[f"parameters_{label}"]["finite_field"]["efield"] for label in labels]
+    triple = axis_field_triple(fields)
+    if triple is None:
+        raise ValueError("one-sided response needs field runs at c·x̂, c·ŷ and c·ẑ with one c")
+    field, indices = triple
+    axis_labels = [labels[index] for index in indices]
+    dipole_zero = np.asarray(pw_outputs["parameters_zero_field"]["finite_field"]["dipole"], dtype=float)
+    dipoles = [fold_onto_branch(pw_outputs[f"parameters_{label}"]["finite_field"]["dipole"], dipole_zero, quantum)
+               for label in axis_labels]
+    born = born_charges_one_sided([_last(pw_outputs[f"trajectory_{label}"], "forces") for label in axis_labels],
+                                  _last(pw_outputs["trajectory_zero_field"], "forces"), field)
+    alpha, alpha_raw = polarizability_one_sided(dipoles, dipole_zero, field)
+    return _response_outputs(structure, born, alpha, alpha_raw)
 
 
 @calcfunction
@@ -217,47 +319,105 @@ def extrapolate_polarizability(structure, polarizability_dense, polarizability_c
     }
 
 
+def _new_frame(structure, parameters, trajectory):
+    """A frame of `structure` with the energy, forces and source of one pw.x run (DESIGN.md's labels)."""
+    atoms = structure.get_ase()
+    atoms.info["energy"] = float(parameters["energy"])
+    atoms.arrays["forces"] = _last(trajectory, "forces")
+    atoms.info["source"] = parameters.creator.uuid
+    return atoms
+
+
+def _add_field_frame(frames, atoms, parameters, dipole_on_branch, shift):
+    """Label `atoms` with its field and its dipole moved by `shift` onto the frames' branch; the enthalpy's −ε·d
+    term moves with the dipole's branch."""
+    efield = np.asarray(parameters["finite_field"]["efield"])
+    atoms.info["efield"] = efield
+    atoms.info["dipole"] = np.asarray(dipole_on_branch, dtype=float)
+    atoms.info["energy"] -= float(efield @ shift)
+    frames.append(atoms)
+
+
 @calcfunction
 def build_frames(structure, polarization, born_effective_charges, polarizability, **pw_outputs):
-    """The seven labelled frames (DESIGN.md) of one structure: zero field, then ±ε along x, y, z.
+    """The labelled frames (DESIGN.md) of the full response: zero field, ±ε along x, y, z, then any further field runs.
 
-    `pw_outputs` holds `parameters_<label>` and `trajectory_<label>` for 'zero_field' and every FIELD_LABELS
-    entry. `info['source']` is the UUID of the pw.x calculation that produced each frame's labels. All seven dipoles
-    lie on one branch, the one of pw.x's enthalpies (`field_dipoles_on_one_branch`, `common_branch`; a field frame
-    moved to it has its energy moved by −ε·shift), so d = −ΔE/Δε holds between frames.
+    `pw_outputs` holds `parameters_<label>` and `trajectory_<label>` for 'zero_field', every FIELD_LABELS entry and
+    any further field run (`field_vector_<i>`). `info['source']` is the UUID of the pw.x calculation that produced
+    each frame's labels. All dipoles lie on one branch, the one of pw.x's enthalpies (`field_dipoles_on_one_branch`,
+    `common_branch`; a field frame moved to it has its energy moved by −ε·shift), so d = −ΔE/Δε holds between frames.
     """
     from polmodel.plugins.data import FramesData
 
     quantum = polarization.get_array("polarization_quantum")
     field_dipoles, shifts = field_dipoles_on_one_branch(_reported_field_dipoles(pw_outputs), quantum)
     reference = common_branch(polarization.get_array("dipole"), field_dipoles, quantum)
-    frames = []
 
     def new_frame(label):
-        parameters = pw_outputs[f"parameters_{label}"]
-        trajectory = pw_outputs[f"trajectory_{label}"]
-        atoms = structure.get_ase()
-        atoms.info["energy"] = float(parameters["energy"])
-        atoms.arrays["forces"] = _last(trajectory, "forces")
+        atoms = _new_frame(structure, pw_outputs[f"parameters_{label}"], pw_outputs[f"trajectory_{label}"])
         atoms.info["polarization_quantum"] = quantum.copy()
-        atoms.info["source"] = parameters.creator.uuid
-        return atoms, parameters, trajectory
+        return atoms
 
-    atoms, _, trajectory = new_frame("zero_field")
+    atoms = new_frame("zero_field")
     atoms.info["efield"] = np.zeros(3)
-    atoms.info["stress"] = stress_from_pw(_last(trajectory, "stress"))
+    atoms.info["stress"] = stress_from_pw(_last(pw_outputs["trajectory_zero_field"], "stress"))
     atoms.info["dipole"] = reference.copy()
     atoms.info["polarizability"] = polarizability.get_array("polarizability")
     atoms.arrays["born_effective_charges"] = born_effective_charges.get_array("born_effective_charges").reshape(-1, 9)
-    frames.append(atoms)
+    frames = [atoms]
 
     for label in FIELD_LABELS:
-        atoms, parameters, _ = new_frame(label)
-        efield = np.asarray(parameters["finite_field"]["efield"])
-        atoms.info["efield"] = efield
-        atoms.info["dipole"] = field_dipoles[label]
-        # the enthalpy's −ε·d term moves with the dipole's branch
-        atoms.info["energy"] -= float(efield @ shifts[label])
-        frames.append(atoms)
+        _add_field_frame(frames, new_frame(label), pw_outputs[f"parameters_{label}"], field_dipoles[label],
+                         shifts[label])
+    first = field_dipoles[FIELD_LABELS[0]]
+    for label in _field_run_labels(pw_outputs):
+        if label in FIELD_LABELS:
+            continue
+        parameters = pw_outputs[f"parameters_{label}"]
+        reported = np.asarray(parameters["finite_field"]["dipole"], dtype=float)
+        on_branch = fold_onto_branch(reported, first, quantum)
+        _add_field_frame(frames, new_frame(label), parameters, on_branch, on_branch - reported)
+
+    return FramesData.from_atoms(frames)
+
+
+@calcfunction
+def build_tier_frames(structure, polarization_quantum=None, born_effective_charges=None, polarizability=None,
+                      **pw_outputs):
+    """The labelled frames of the cheaper tiers: the zero-field run, then one frame per field run (sorted labels).
+
+    `pw_outputs` holds `parameters_<label>` and `trajectory_<label>` for 'zero_field' and each field run. The zero-field
+    frame has `energy`, `forces`, `stress`, and its `dipole` when the run was a zero-field `lelfield` run; each field
+    frame has `energy`, `forces`, `efield` and its `dipole`, moved onto the zero-field dipole's branch. Z* and α are
+    attached to the zero-field frame when given. What a tier does not compute is absent.
+    """
+    from polmodel.plugins.data import FramesData
+
+    quantum = polarization_quantum.get_array("polarization_quantum") if polarization_quantum is not None else None
+    zero_parameters = pw_outputs["parameters_zero_field"]
+    atoms = _new_frame(structure, zero_parameters, pw_outputs["trajectory_zero_field"])
+    atoms.info["efield"] = np.zeros(3)
+    atoms.info["stress"] = stress_from_pw(_last(pw_outputs["trajectory_zero_field"], "stress"))
+    reference = None
+    if "finite_field" in zero_parameters.get_dict():
+        reference = np.asarray(zero_parameters["finite_field"]["dipole"], dtype=float)
+        atoms.info["dipole"] = reference.copy()
+        atoms.info["polarization_quantum"] = quantum.copy()
+    if polarizability is not None:
+        atoms.info["polarizability"] = polarizability.get_array("polarizability")
+    if born_effective_charges is not None:
+        atoms.arrays["born_effective_charges"] = (
+            born_effective_charges.get_array("born_effective_charges").reshape(-1, 9))
+    frames = [atoms]
+
+    for label in _field_run_labels(pw_outputs):
+        parameters = pw_outputs[f"parameters_{label}"]
+        reported = np.asarray(parameters["finite_field"]["dipole"], dtype=float)
+        if reference is None:  # the branch of the first field run is the frames' branch
+            reference = reported
+        on_branch = fold_onto_branch(reported, reference, quantum)
+        atoms = _new_frame(structure, parameters, pw_outputs[f"trajectory_{label}"])
+        atoms.info["polarization_quantum"] = quantum.copy()
+        _add_field_frame(frames, atoms, parameters, on_branch, on_branch - reported)
 
     return FramesData.from_atoms(frames)
