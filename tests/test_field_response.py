@@ -39,11 +39,30 @@ def test_berry_dipole_half_a_quantum_off_the_field_dipoles_lands_on_their_centre
     quantum = 8.0 * np.eye(3)
     dipoles, shifts = rf.field_dipoles_on_one_branch(MD_FRAME_FIELD_DIPOLES, quantum)
     assert all(np.allclose(shift, 0) for shift in shifts.values())
-    reference = rf.common_branch(MD_FRAME_BERRY_DIPOLE, dipoles, quantum)
+    reference = rf.common_branch(MD_FRAME_BERRY_DIPOLE, dipoles, quantum, 4.0 * np.eye(3))
     assert reference == pytest.approx([46.688, 56.957, 29.738], abs=2e-3)
     alpha, _ = rf.polarizability_from_dipoles([dipoles[f"{a}_plus"] for a in "xyz"],
                                               [dipoles[f"{a}_minus"] for a in "xyz"], 0.0364)
     assert np.diag(alpha) == pytest.approx([0.9654, 0.9615, 1.0418], abs=1e-3)
+
+
+def test_berry_dipole_snap_respects_the_valence_charge_parity():
+    """Half a printed quantum is a lattice translation e·R only where pw.x prints 2e·R (all valence charges even).
+    With an odd valence charge pw.x prints e·R: a Berry dipole half of that away is no branch and is refused,
+    as is one a quarter quantum away in the even case; whole e·R steps are still snapped in both."""
+    cell = 4.0 * np.eye(3)
+    dipoles, _ = rf.field_dipoles_on_one_branch(MD_FRAME_FIELD_DIPOLES, 8.0 * np.eye(3))
+    centre = np.mean(list(dipoles.values()), axis=0)
+    # odd parity: printed quantum e·R = 4 e·Å
+    assert rf.common_branch(centre + [4.0, -8.0, 12.0], dipoles, 4.0 * np.eye(3), cell) == pytest.approx(centre)
+    with pytest.raises(ValueError, match="parity"):
+        rf.common_branch(centre + [2.0, 0.0, 0.0], dipoles, 4.0 * np.eye(3), cell)
+    # even parity: printed quantum 2e·R = 8 e·Å; a quarter of it is no lattice translation
+    with pytest.raises(ValueError, match="parity"):
+        rf.common_branch(centre + [0.0, 2.0, 0.0], dipoles, 8.0 * np.eye(3), cell)
+    # a printed quantum that is neither e·R nor 2e·R of the cell
+    with pytest.raises(ValueError, match="only e·R"):
+        rf.common_branch(centre, dipoles, 6.0 * np.eye(3), cell)
 
 
 def test_a_field_dipole_reported_a_quantum_away_is_folded_and_its_shift_returned():

@@ -59,18 +59,36 @@ def field_dipoles_on_one_branch(field_dipoles, quantum):
     return on_branch, shifts
 
 
-def common_branch(berry_dipole, field_dipoles, quantum):
+def common_branch(berry_dipole, field_dipoles, quantum, cell):
     """The zero-field Berry dipole moved onto the branch of the finite-field dipoles (`field_dipoles_on_one_branch`).
 
     pw.x's enthalpy under `lelfield` is E_0 − ε·d with d on the branch of its unwrapped ionic dipole Σ Z_i r_i;
     labelling every frame on that branch keeps energies and dipoles consistent (d = −∂E/∂ε across frames). The
     zero-field dipole is the centre of the ±ε dipoles up to O(ε²). pw.x 6.7's spin-degenerate Berry phase agrees
-    with the lelfield dipole only modulo e·R, half of the 2e·R quantum it prints: on a 300 K BaTiO3 MD frame its
-    Berry dipole was 2.688 e·Å and the ±ε centre 46.690 e·Å, 5.5 quanta apart in every direction. So the Berry
-    dipole is moved by multiples of half a quantum.
+    with the lelfield dipole only modulo e·R: on a 300 K BaTiO3 MD frame its Berry dipole was 2.688 e·Å and the ±ε
+    centre 46.690 e·Å, 5.5 printed quanta apart in every direction.
+
+    So the Berry dipole is moved by lattice translations e·R of one charge. Where every valence charge is even, pw.x
+    prints the quantum 2e·R and e·R is half of it; where an ion's valence charge is odd, pw.x prints e·R and the
+    snap is by whole quanta (half of e·R translates no charge, so a Berry dipole that needs it is an error, not a
+    branch). A printed quantum that is neither e·R nor 2e·R of `cell`, or a Berry dipole that no e·R brings within
+    a tenth of the shortest lattice vector of the ±ε centre, is a ValueError naming the numbers.
     """
+    cell = np.asarray(cell, dtype=float)
+    lattice_lengths = np.linalg.norm(cell, axis=1)
+    multiples = np.linalg.norm(np.asarray(quantum, dtype=float), axis=1) / lattice_lengths
+    if not all(abs(m - 1.0) < 1e-3 or abs(m - 2.0) < 1e-3 for m in multiples):
+        raise ValueError(f"pw.x's polarization quantum is {np.round(multiples, 4).tolist()} e·R along the lattice "
+                         "vectors: only e·R (an odd valence charge) or 2e·R (all even) can be snapped")
     centre = np.mean([field_dipoles[label] for label in FIELD_LABELS], axis=0)
-    return fold_onto_branch(berry_dipole, centre, 0.5 * np.asarray(quantum, dtype=float))
+    snapped = fold_onto_branch(berry_dipole, centre, cell)
+    miss = float(np.linalg.norm(snapped - centre))
+    if miss > 0.1 * lattice_lengths.min():
+        raise ValueError(f"the zero-field Berry dipole {np.round(berry_dipole, 4).tolist()} e·Å is {miss:.3f} e·Å "
+                         f"from the centre of the ±ε dipoles {np.round(centre, 4).tolist()} e·Å after the nearest "
+                         "lattice translation e·R: the runs are not on branches a valence-charge parity allows "
+                         "(printed quantum: " + " ".join(f"{m:.0f}e·R" for m in multiples) + ")")
+    return snapped
 
 
 def born_charges_from_forces(forces_plus, forces_minus, magnitude):
@@ -351,7 +369,7 @@ def build_frames(structure, polarization, born_effective_charges, polarizability
 
     quantum = polarization.get_array("polarization_quantum")
     field_dipoles, shifts = field_dipoles_on_one_branch(_reported_field_dipoles(pw_outputs), quantum)
-    reference = common_branch(polarization.get_array("dipole"), field_dipoles, quantum)
+    reference = common_branch(polarization.get_array("dipole"), field_dipoles, quantum, structure.cell)
 
     def new_frame(label):
         atoms = _new_frame(structure, pw_outputs[f"parameters_{label}"], pw_outputs[f"trajectory_{label}"])
