@@ -9,7 +9,7 @@ from aiida.parsers import Parser
 
 from polmodel.plugins.data import ModelData
 
-# Per-frame scalars / vectors that `polmodel md` writes into each frame's info (INTERFACES.md), with their shapes.
+# Per-frame scalars / vectors that `polmodel md` writes into each frame's info (polmodel/md.py), with their shapes.
 TRAJECTORY_FRAME_KEYS = {
     "time_fs": (),
     "step": (),

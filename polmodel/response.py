@@ -1,4 +1,4 @@
-"""Physical derivatives of the model energy E(R, h, ε) (pure functions; conventions in /work/shared/DESIGN.md).
+"""Physical derivatives of the model energy E(R, h, ε) (pure functions; conventions in docs/conventions.md).
 
 Forces, strain derivative and field derivative come from one backward pass: positions and cell are displaced
 by a symmetric strain (r → r(1 + s), h → h(1 + s)) with s = 0 requiring grad, so

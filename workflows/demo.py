@@ -261,13 +261,17 @@ def write_born_charges_against_dft(model, dataset, directory):
 
 
 def write_pe_loop(md_node, directory):
-    from polmodel.analysis import hysteresis_loop, plot_hysteresis
+    from polmodel.analysis import NoSwitchingError, hysteresis_loop, plot_hysteresis
 
     if not md_node.is_finished_ok:
         (directory / "pe_loop.txt").write_text(f"P-E loop MD {md_node.pk} failed: exit {md_node.exit_status}\n")
         return
     trajectory = md_node.outputs.trajectory
-    loop = hysteresis_loop(trajectory.get_array("efield"), trajectory.get_array("polarization"))
+    try:
+        loop = hysteresis_loop(trajectory.get_array("efield"), trajectory.get_array("polarization"))
+    except NoSwitchingError as error:   # a model that does not switch at the demo's field is a result to report
+        (directory / "pe_loop.txt").write_text(f"P-E loop MD {md_node.pk}: no hysteresis: {error}\n")
+        return
     plot_hysteresis(loop, directory / "pe_loop.png")
     summary = {key: value for key, value in loop.items() if key not in ("field", "polarization")}
     (directory / "pe_loop.json").write_text(json.dumps(summary, indent=2))
@@ -287,7 +291,7 @@ def write_report(loop, pe_node, directory):
         f"dataset: FramesData {dataset.pk}, {dataset.count} frames\n"
         f"P-E loop MD: {pe_node.pk}\n"
         f"parity plots: {', '.join(plots) or 'none'}\n"
-        f"provenance: polmodel provenance pw-runs {model.pk};  verdi node graph generate {model.pk}\n")
+        f"provenance: polmodel provenance pw-runs {model.pk};  polmodel provenance graph {model.pk}\n")
 
 
 # ----------------------------------------------------------------------------------------------- main
