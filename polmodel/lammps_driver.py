@@ -35,7 +35,8 @@ The other quantities are sums of per-rank parts, each exact by the same argument
     cell dipole  ΩP = -∂E/∂ε = Σ_ranks -∂E_rank/∂ε  (allreduced; written by rank 0),
     virial       W = -∂E/∂strain = Σ_ranks -Σ_k r_k ⊗ ∂E_rank/∂r_k  over owned and ghost atoms k (the
                  per-rank sum is translation invariant because E_rank is; LAMMPS sums the ranks' virials).
-Energies and virials go to LAMMPS with `fix_modify energy yes virial yes`, so thermo `pe`, `etotal` and
+The energy and the virial given to LAMMPS are the allreduced totals (LAMMPS adds a fix's global energy and
+virial after its own reductions over ranks), with `fix_modify energy yes virial yes`, so thermo `pe`, `etotal` and
 `press`, and barostats, see the model.
 
 Frames: LAMMPS wants a lower-triangular (rotated) cell. `LammpsFrame` holds the rotation; positions, velocities
@@ -136,14 +137,14 @@ class ModelCallback:
         forces[:] = -total_gradient[np.asarray(tags[:nlocal]) - 1]
 
         virial = -positions.T @ gradient  # W_ab = -Σ_k r_ka ∂E_rank/∂r_kb, owned and ghost atoms
-        lmp.fix_external_set_energy_global(FIX_ID, float(energy))
-        lmp.fix_external_set_virial_global(FIX_ID, [virial[0, 0], virial[1, 1], virial[2, 2],
-                                                    0.5 * (virial[0, 1] + virial[1, 0]),
-                                                    0.5 * (virial[0, 2] + virial[2, 0]),
-                                                    0.5 * (virial[1, 2] + virial[2, 1])])
-        sums = np.concatenate([[energy], -field_gradient])
+        virial = 0.5 * (virial + virial.T)
+        sums = np.concatenate([[energy], -field_gradient, virial[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]])
         self.comm.Allreduce(self.comm_in_place(), sums)
-        self.energy, self.dipole, self.efield, self.step = float(sums[0]), self.frame.to_ase(sums[1:]), efield, step
+        # LAMMPS adds a fix's global energy and virial to its own after their reductions over ranks: every
+        # rank gives the totals (checked: per-rank parts give rank 0's share in thermo pe and press)
+        lmp.fix_external_set_energy_global(FIX_ID, float(sums[0]))
+        lmp.fix_external_set_virial_global(FIX_ID, sums[4:10].tolist())
+        self.energy, self.dipole, self.efield, self.step = float(sums[0]), self.frame.to_ase(sums[1:4]), efield, step
         self._write()
 
     @staticmethod

@@ -107,14 +107,22 @@ def saved(model, tmp_path_factory):
 def test_two_ranks_reproduce_one_rank_under_a_cosine_field(saved, tmp_path):
     """100 NVE steps under a cosine field: the 2-rank trajectory is the 1-rank one up to summation round-off."""
     field = CosineField(amplitude=0.05, period_fs=40.0, axis=(0.2, 0.3, 1.0))
-    one, one_final = _run_driver(tmp_path, 1, *saved, steps=100, field=field)
-    two, two_final = _run_driver(tmp_path, 2, *saved, steps=100, field=field)
+    thermo = {}
+    for ranks in (1, 2):
+        thermo[ranks] = tmp_path / f"thermo{ranks}.txt"
+        extra = [f'fix thermo all print 10 "$(step) $(pe:%.15g) $(etotal:%.15g) $(pxx:%.15g) $(pyz:%.15g) '
+                 f'$(press:%.15g)" file {thermo[ranks]} screen no']
+        result = _run_driver(tmp_path, ranks, *saved, steps=100, field=field, extra=extra)
+        one, one_final = result if ranks == 1 else (one, one_final)
+        two, two_final = result if ranks == 2 else (None, None)
     assert one.shape == two.shape == (101, 9)
     np.testing.assert_array_equal(one[:, :5], two[:, :5])  # steps, times, fields
     energy_scale = np.ptp(one[:, 5])
     np.testing.assert_allclose(two[:, 5], one[:, 5], rtol=0, atol=1e-9 * max(energy_scale, 1.0))
     np.testing.assert_allclose(two[:, 6:], one[:, 6:], rtol=0, atol=1e-9)
     np.testing.assert_allclose(two_final.positions, one_final.positions, rtol=0, atol=1e-9)
+    # LAMMPS's own energy and pressure (virial summed over ranks) agree too
+    np.testing.assert_allclose(np.loadtxt(thermo[2]), np.loadtxt(thermo[1]), rtol=1e-9, atol=1e-6)
     # the run did something: the dipole moved with the field and the atoms
     assert np.abs(one[:, 6:] - one[0, 6:]).max() > 1e-2
 
