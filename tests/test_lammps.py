@@ -34,7 +34,7 @@ EV_PER_A3_IN_BAR = 1.6021765e6  # LAMMPS metal units' own constant (nktv2p)
 def two_layer_model(seed=0):
     """Two message-passing layers, so a correct ghost shell is 2 cutoffs deep (one cutoff would be wrong)."""
     torch.manual_seed(seed)
-    model = PolModel(SPECIES, 3.0, num_features=8, lmax=1, num_layers=2, field_layers=2)
+    model = PolModel(SPECIES, 2.6, num_features=8, lmax=1, num_layers=2, field_layers=2)
     model.set_energy_scale(5.0)
     return model.to(torch.float64)
 
@@ -97,7 +97,7 @@ def saved(model, tmp_path_factory):
     directory = tmp_path_factory.mktemp("lammps")
     model_path, structure_path = directory / "model.pt", directory / "start.xyz"
     save(model, model_path)
-    # 3x2x2 cells (60 atoms, ~12 x 8 x 8 Å): two ranks split it into sub-domains thinner than the 7 Å ghost shell
+    # 3x2x2 cells (60 atoms, ~12 x 8 x 8 Å): two ranks split it into sub-domains thinner than the 6.2 Å ghost shell
     triclinic_batio3(repeat=(3, 2, 2), rattle=0.05).write(structure_path)
     return model_path, structure_path
 
@@ -135,12 +135,13 @@ def test_nve_under_a_static_field_conserves_enthalpy_on_two_ranks(saved, tmp_pat
     etotal_path = tmp_path / "etotal.txt"
     extra = [f'fix energies all print 5 "$(step) $(pe:%.15g) $(ke:%.15g) $(etotal:%.15g)" file {etotal_path} '
              "screen no"]
-    dipole_table, _ = _run_driver(tmp_path, 2, *saved, steps=200, field=StaticField((0.0, 0.03, 0.05)),
+    dipole_table, _ = _run_driver(tmp_path, 2, *saved, steps=100, field=StaticField((0.0, 0.03, 0.05)),
                                   name="static", extra=extra)
     energies = np.loadtxt(etotal_path, comments="#")
-    assert energies.shape[0] >= 40
+    assert energies.shape[0] >= 20
     potential, kinetic, total = energies[:, 1], energies[:, 2], energies[:, 3]
     np.testing.assert_allclose(potential, dipole_table[energies[:, 0].astype(int), 5], rtol=0, atol=1e-9)
     assert np.ptp(kinetic) > 0.1  # energy really flowed between the terms (a 1 K-scale swing would prove little)
     drift = np.ptp(total)
+    print(f"NVE, 2 ranks, 100 x 1 fs: etotal range {drift:.3g} eV, ke range {np.ptp(kinetic):.3g} eV")
     assert drift < 0.01 * np.ptp(kinetic), (drift, np.ptp(kinetic))
