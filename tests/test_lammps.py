@@ -249,3 +249,16 @@ def test_mliap_unified_contract_on_a_faked_data_object(model, ranks):
     assert set(folded) <= set(reference)
     for key, value in reference.items():
         np.testing.assert_allclose(folded.get(key, np.zeros(3)), value, rtol=0, atol=1e-12, err_msg=str(key))
+
+
+def test_driver_rejects_bad_input_before_starting_lammps(saved, tmp_path, capsys):
+    from polmodel.lammps_driver import main
+    arguments = ["--model", str(saved[0]), "--structure", str(saved[1]), "--steps", "10",
+                 "--dipole-output", str(tmp_path / "d.txt")]
+    assert main(arguments + ["--timestep", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "polmodel lammps: --timestep must be positive, got -1.0"
+    assert main(arguments + ["--field", '{"kind": "cosine", "amplitude": 0.1}']) == 2
+    assert "bad parameters for a 'cosine' field protocol" in capsys.readouterr().err
+    assert main(arguments + ["--structure", str(tmp_path / "missing.xyz")]) == 2
+    assert "cannot read --structure" in capsys.readouterr().err
+    assert not (tmp_path / "d.txt").exists()
