@@ -30,11 +30,14 @@ The alternative, a ghost shell of 2 · num_layers · cutoff in which each rank d
 its atoms so that owned forces need no communication, recomputes a shell twice as thick on every rank (about
 (1 + 4 L rc / d)^3 / (1 + 2 L rc / d)^3 more atoms for a sub-domain of width d) and needs a second backward
 pass for the virial and the dipole, which must use owned energies only.
+Within the shell, only edges whose receiver lies within (num_layers - 1) · cutoff of an owned atom are evaluated
+(`_edges_into_the_owned_receptive_field`): the rest cannot reach the owned energies.
 
 The other quantities are sums of per-rank parts, each exact by the same argument:
     cell dipole  ΩP = -∂E/∂ε = Σ_ranks -∂E_rank/∂ε  (allreduced; written by rank 0),
     virial       W = -∂E/∂strain = Σ_ranks -Σ_k r_k ⊗ ∂E_rank/∂r_k  over owned and ghost atoms k (the
-                 per-rank sum is translation invariant because E_rank is; LAMMPS sums the ranks' virials).
+                 per-rank sum is translation invariant because E_rank is; symmetrised: under a field E is not
+                 invariant under rotations of the atoms alone, and the stress is the symmetric-strain derivative).
 The energy and the virial given to LAMMPS are the allreduced totals (LAMMPS adds a fix's global energy and
 virial after its own reductions over ranks), with `fix_modify energy yes virial yes`, so thermo `pe`, `etotal` and
 `press`, and barostats, see the model.
@@ -48,6 +51,7 @@ import sys
 
 import numpy as np
 import torch
+from ase import units
 
 from polmodel import keys
 from polmodel.data import species_indices
@@ -55,6 +59,7 @@ from polmodel.neighbors import neighbor_list
 
 FIX_ID = "polmodel"
 DEFAULT_SKIN = 1.0  # Å
+_ASE_VELOCITY_TO_A_PER_PS = units.fs * 1000.0  # ASE velocities are Å per ASE time unit; LAMMPS metal: Å/ps
 
 
 def import_lammps():
@@ -292,13 +297,6 @@ class LammpsSimulation:
         self.lmp.close()
 
 
-# ASE velocity unit (Å per ASE time unit) -> Å/ps
-def _ase_velocity_factor():
-    from ase import units
-    return units.fs * 1000.0
-
-
-_ASE_VELOCITY_TO_A_PER_PS = _ase_velocity_factor()
 
 
 def _parser():
