@@ -49,7 +49,7 @@ def test_profile_uses_sqlite_and_zeromq(aiida_profile):
 def test_fixture_computer_and_codes(aiida_localhost, pw_code, ph_code, polmodel_code, generate_code):
     assert aiida_localhost.transport_type == "core.local"
     assert aiida_localhost.scheduler_type == "core.direct"
-    assert aiida_localhost.get_mpirun_command()[:2] == ["mpirun", "--allow-run-as-root"]
+    assert aiida_localhost.get_mpirun_command()[:2] == ["/usr/bin/mpirun", "--allow-run-as-root"]
     assert aiida_localhost.is_configured
     assert (pw_code.full_label, str(pw_code.filepath_executable), pw_code.default_calc_job_plugin) == (
         "pw@localhost", "/usr/bin/pw.x", "quantumespresso.pw")
@@ -97,7 +97,7 @@ def test_daemon_runs_pw_with_project_codes_and_pseudos(submit_and_await, pw_code
     node = submit_and_await(builder, timeout=600)
     assert node.is_finished_ok, node.exit_status
     script = node.called[-1].base.repository.get_object_content("_aiidasubmit.sh")
-    assert "'mpirun' '--allow-run-as-root' '--bind-to' 'none' '-np' '2' '/usr/bin/pw.x'" in script
+    assert "'/usr/bin/mpirun' '--allow-run-as-root' '--bind-to' 'none' '-np' '2' '/usr/bin/pw.x'" in script
     assert node.outputs.output_parameters["energy"] < 0
     assert node.inputs.pw.parameters["SYSTEM"]["ecutwfc"] == pytest.approx(30.0)  # the family's recommendation
 
@@ -142,7 +142,7 @@ def test_computer_and_code_yaml_set_up_localhost_and_the_cluster_template(aiida_
                              "--config", setup_file("computer_localhost_configure.yaml"))
     localhost = orm.load_computer("localhost")
     assert (localhost.transport_type, localhost.scheduler_type) == ("core.local", "core.direct")
-    assert localhost.get_mpirun_command() == ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np",
+    assert localhost.get_mpirun_command() == ["/usr/bin/mpirun", "--allow-run-as-root", "--bind-to", "none", "-np",
                                               "{tot_num_mpiprocs}"]
     assert "OMP_NUM_THREADS=1" in localhost.get_prepend_text()
     assert localhost.is_configured
