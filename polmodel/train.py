@@ -181,7 +181,7 @@ def _frames_species(frames):
 
 def initialize_model(train_frames, config, species=None):
     """The untrained model: seeded weights, neighbour normalization, reference energies, energy scale."""
-    from polmodel.model import PolModel
+    from polmodel.model import PolModel, field_scale_from_fields
 
     train_frames = normalize_frames(train_frames)
     species = list(config.species or species or _frames_species(train_frames))
@@ -195,6 +195,7 @@ def initialize_model(train_frames, config, species=None):
     references = fit_reference_energies(train_frames, species)
     model.set_reference_energies(references)
     model.set_energy_scale(fit_energy_scale(train_frames, references))
+    model.set_field_scale(field_scale_from_fields([frame_efield(frame) for frame in train_frames]))
     return model
 
 
