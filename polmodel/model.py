@@ -28,6 +28,7 @@ polmodel/edge_inputs.py uses to make Born charges cheaper.
 import contextlib
 import math
 
+import numpy as np
 import torch
 from torch.autograd import forward_ad
 
@@ -117,7 +118,7 @@ class BesselBasis(torch.nn.Module):
 def field_scale_from_fields(efields, default=DEFAULT_FIELD_SCALE):
     """The reference field (V/Å) for a set of frame fields (M, 3): the RMS magnitude of the non-zero ones, so
     that the network sees fields of order one; `default` when every field is zero."""
-    efields = torch.as_tensor(efields, dtype=torch.float64).reshape(-1, 3)
+    efields = torch.as_tensor(np.asarray(efields, dtype=float)).reshape(-1, 3)
     magnitudes = torch.linalg.norm(efields, dim=-1)
     finite = magnitudes[magnitudes > 0]
     return float(finite.square().mean().sqrt()) if len(finite) else float(default)

@@ -239,9 +239,10 @@ def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, e
     settings = dict(num_features=8, radial_hidden=16, readout_hidden=8, num_radial=6)
     settings.update(hyperparameters)
     model = PolModel(list(species), cutoff, **settings)
+    model = model.to(dtype or torch.float64)
     model.set_energy_scale(energy_scale)
-    model.set_field_scale(field_scale)
-    return model.to(dtype or torch.float64)
+    model.set_field_scale(field_scale)      # after the cast: a scale of 0.2 is not rounded to float32 first
+    return model
 
 
 def model_response(model, atoms, efield, born_charges=False, polarizability=False):
