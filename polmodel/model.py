@@ -8,12 +8,23 @@ mixed by linears and a gate with a residual connection. Node features are 0e + 1
 with edge harmonics up to l = 2; feature_lmax 2 adds 2e node features at about twice the cost (E+F+P on a
 135-atom cell, one thread: 25 vs 55 ms).
 
-The homogeneous field ε (V/Å) enters as the unnormalized spherical harmonics Y¹(ε), Y²(ε) (and the invariant
-|ε|²), i.e. as polynomials of ε, coupled to the node features by a per-atom tensor product in the last
-`field_layers` layers (default 1: the last layer). A term ε·v_i(R) in the energy (v_i a polar vector of atom i's
-environment) is what Born charges need, and ε ⊗ ε terms give the polarizability; the gate and the readout make
-the energy nonlinear in ε. Because the field is always coupled (also at ε = 0), the cost of E + F + P at finite
-field is the cost of E + F at zero field.
+The homogeneous field enters as ε̃ = ε / field_scale (a buffer in V/Å, set by training from the frames' RMS
+field, like the energy scale, so that the field features are of order one), through the unnormalized spherical
+harmonics Y¹(ε̃), Y²(ε̃) and |ε̃|², i.e. polynomials of the field, in two places:
+- the field layers (the last `field_layers`, default 1): a per-atom tensor product of the node features with
+  (|ε̃|², Y¹, Y²) before the gate (MACE-Field's way: the field as a 1o/2e "node attribute");
+- the readout (`field_readout` 1): its invariants are, per channel, the scalars, the vectors dotted with Y¹(ε̃)
+  and the rank-2 features contracted with Y²(ε̃). With feature_lmax 1 the last layer has no 2e features; it
+  then sums scalar messages weighted by (r̂_ij·ε̃)² − |ε̃|²/3 ∝ Y²(r̂_ij)·Y²(ε̃) (Allegro-pol's way: the field's
+  harmonics beside the edge's), one more radial path.
+Why: before the readout contracted the field, the last layer's vector outputs (of the field product, the edge
+messages, the gate) fed only gated vectors that a scalar readout drops, so those weights had an exactly zero
+gradient of E; and nothing let α be anisotropic at a centrosymmetric site (no polar vector exists there, and
+the field entered a scalar only as |ε|²). Now every weight element reaches E (tests/test_model.py), ε·v_i gives
+Born charges and the contractions with Y²(ε̃) an anisotropic α. Files written before (field_readout 0, no
+field_scale) load with their old layout and scale 1 V/Å (polmodel/serialization.py), bit-identically.
+The gate and the readout's MLP make the energy nonlinear in ε. Because the field is always coupled (also at
+ε = 0), the cost of E + F + P at finite field is the cost of E + F at zero field.
 Why the last layer by default: every receptive field is the same (num_layers cutoffs) wherever the field is
 coupled, but a field coupled before a layer's edge messages makes each Born-charge pass differentiate those
 messages' backward as well. Measured (1080-atom BaTiO3, one thread, Born charges over E+F+P): 2.69× with the
