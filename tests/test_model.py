@@ -306,10 +306,11 @@ def test_the_network_sees_the_field_divided_by_the_field_scale():
 
 
 def test_field_scale_from_the_frames_fields():
+    """The RMS of the non-zero fields, which then sit at 0.1 field scales."""
     from polmodel.model import DEFAULT_FIELD_SCALE, field_scale_from_fields
 
     fields = [[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, -0.2, 0.0], [0.0, 0.0, 0.0]]
-    assert field_scale_from_fields(fields) == pytest.approx(np.sqrt((0.01 + 0.04) / 2))
+    assert field_scale_from_fields(fields) == pytest.approx(np.sqrt((0.01 + 0.04) / 2) / 0.1)
     assert field_scale_from_fields(np.zeros((3, 3))) == DEFAULT_FIELD_SCALE
     assert field_scale_from_fields([]) == DEFAULT_FIELD_SCALE
 
