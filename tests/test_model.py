@@ -328,8 +328,9 @@ def test_anisotropic_polarizability_at_centrosymmetric_sites_is_learned():
     """Rocksalt stretched along one axis keeps every site's inversion centre, so no polar vector of the
     environment exists there; the toy's α still splits (α_∥ ≠ α_⊥, tests/toy_potential.py). A small model with
     the default layout (feature_lmax 1, field in the last layer) trained on α of cells stretched along z and x
-    predicts the splitting of cells stretched along y to 20 % (+ 0.02 e·Å²/V) and the trace to 8 %. The layout before the field readout
-    can only give an isotropic α there (its energy depends on the field through |ε|² alone at such a site)."""
+    predicts the splitting of cells stretched along y to 20 % (+ 0.02 e·Å²/V) and the trace to 8 %. The layout
+    before the field readout can only give an isotropic α there (its energy depends on the field through |ε|²
+    alone at such a site)."""
     from polmodel.data import collate
     from polmodel.response import compute_response
     from toy_potential import tetragonal_frames
