@@ -8,12 +8,24 @@ mixed by linears and a gate with a residual connection. Node features are 0e + 1
 with edge harmonics up to l = 2; feature_lmax 2 adds 2e node features at about twice the cost (E+F+P on a
 135-atom cell, one thread: 25 vs 55 ms).
 
-The homogeneous field ε (V/Å) enters as the unnormalized spherical harmonics Y¹(ε), Y²(ε) (and the invariant
-|ε|²), i.e. as polynomials of ε, coupled to the node features by a per-atom tensor product in the last
-`field_layers` layers (default 1: the last layer). A term ε·v_i(R) in the energy (v_i a polar vector of atom i's
-environment) is what Born charges need, and ε ⊗ ε terms give the polarizability; the gate and the readout make
-the energy nonlinear in ε. Because the field is always coupled (also at ε = 0), the cost of E + F + P at finite
-field is the cost of E + F at zero field.
+The homogeneous field enters as ε̃ = ε / field_scale (a buffer in V/Å, set by training from the frames' RMS
+field, like the energy scale, so that the labelled fields sit at |ε̃| ≈ 0.1 whatever their size in V/Å; see
+LABELLED_FIELD_IN_SCALES), through the unnormalized spherical
+harmonics Y¹(ε̃), Y²(ε̃) and |ε̃|², i.e. polynomials of the field, in two places:
+- the field layers (the last `field_layers`, default 1): a per-atom tensor product of the node features with
+  (|ε̃|², Y¹, Y²) before the gate (MACE-Field's way: the field as a 1o/2e "node attribute");
+- the readout (`field_readout` 1): its invariants are, per channel, the scalars, the vectors dotted with Y¹(ε̃)
+  and the rank-2 features contracted with Y²(ε̃). With feature_lmax 1 the last layer has no 2e features; it
+  then sums scalar messages weighted by (r̂_ij·ε̃)² − |ε̃|²/3 ∝ Y²(r̂_ij)·Y²(ε̃) (Allegro-pol's way: the field's
+  harmonics beside the edge's), one more radial path.
+Why: before the readout contracted the field, the last layer's vector outputs (of the field product, the edge
+messages, the gate) fed only gated vectors that a scalar readout drops, so those weights had an exactly zero
+gradient of E; and nothing let α be anisotropic at a centrosymmetric site (no polar vector exists there, and
+the field entered a scalar only as |ε|²). Now every weight element reaches E (tests/test_model.py), ε·v_i gives
+Born charges and the contractions with Y²(ε̃) an anisotropic α. Files written before (field_readout 0, no
+field_scale) load with their old layout and scale 1 V/Å (polmodel/serialization.py), bit-identically.
+The gate and the readout's MLP make the energy nonlinear in ε. Because the field is always coupled (also at
+ε = 0), the cost of E + F + P at finite field is the cost of E + F at zero field.
 Why the last layer by default: every receptive field is the same (num_layers cutoffs) wherever the field is
 coupled, but a field coupled before a layer's edge messages makes each Born-charge pass differentiate those
 messages' backward as well. Measured (1080-atom BaTiO3, one thread, Born charges over E+F+P): 2.69× with the
@@ -28,12 +40,13 @@ polmodel/edge_inputs.py uses to make Born charges cheaper.
 import contextlib
 import math
 
+import numpy as np
 import torch
 from torch.autograd import forward_ad
 
 from polmodel import keys
 from polmodel.e3nn_compat import e3nn, o3
-from polmodel.edge_messages import EdgeMessages, uvu_paths
+from polmodel.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
 from e3nn.nn import FullyConnectedNet, Gate  # after the shim: e3nn needs it under torch >= 2.6
 
 DEFAULT_HYPERPARAMETERS = {
@@ -47,7 +60,18 @@ DEFAULT_HYPERPARAMETERS = {
     "readout_hidden": 16,        # width of the per-atom energy MLP
     "polynomial_degree": 6,      # of the smooth cutoff envelope
     "avg_num_neighbors": None,   # None: estimated from the cutoff at a typical solid density
+    "field_readout": 1,          # 1: the readout contracts the last layer's l > 0 features with the field (every
+                                 # weight reaches E); 0: the layout of files written before (field through the gate)
 }
+# The labelled fields sit at |ε̃| ≈ 0.1 field scales: the field's share of a solid's energy at the fields DFT is run
+# at is a few per cent, and an untrained model's field terms are ~|ε̃| of its structural ones. Measured on the toy
+# potential (notes of issue 12): with the labelled fields at |ε̃| ≈ 1, force learning stalls for over 40 epochs;
+# at 0.1 forces learn about as with the field in V/Å and the Born charges' error halves after 7 epochs (0.5: 6 epochs,
+# forces ~5 epochs later).
+LABELLED_FIELD_IN_SCALES = 0.1
+# V/Å: the reference field when the training frames are all at zero field (their Z* and α come from ±ε runs at
+# about 0.05 V/Å). A model built directly sees the field in V/Å (scale 1) until `set_field_scale`.
+DEFAULT_FIELD_SCALE = 0.05 / LABELLED_FIELD_IN_SCALES
 # Atoms per Å³ of a typical oxide; only used to guess avg_num_neighbors when none is given.
 _TYPICAL_NUMBER_DENSITY = 0.07
 
@@ -108,6 +132,23 @@ class BesselBasis(torch.nn.Module):
         return bessel * envelope, bessel_slope * envelope + bessel * envelope_slope
 
 
+def field_scale_from_fields(efields, default=DEFAULT_FIELD_SCALE):
+    """The reference field (V/Å) for a set of frame fields (M, 3): the RMS magnitude of the non-zero ones divided
+    by LABELLED_FIELD_IN_SCALES, so that the labelled fields sit at |ε̃| ≈ 0.1 whatever their size in V/Å;
+    `default` when every field is zero."""
+    efields = torch.as_tensor(np.asarray(efields, dtype=float)).reshape(-1, 3)
+    magnitudes = torch.linalg.norm(efields, dim=-1)
+    finite = magnitudes[magnitudes > 0]
+    return float(finite.square().mean().sqrt()) / LABELLED_FIELD_IN_SCALES if len(finite) else float(default)
+
+
+def _field_scale_of_files_before_it(module, state_dict, prefix, *args):
+    """Models saved before the field scale existed saw the field in V/Å: a scale of 1 V/Å answers as they did
+    (ε / 1 is exact, so their numbers are unchanged to the bit)."""
+    if prefix + "field_scale" not in state_dict:
+        state_dict[prefix + "field_scale"] = torch.ones_like(module.field_scale)
+
+
 def _drop_e3nn_edge_product_constants(module, state_dict, prefix, *args):
     """Model files written before EdgeMessages replaced e3nn's TensorProduct hold that module's constants (an
     empty weight, an output mask, Wigner symbols) under `edge_tp.`; they carry no learned state."""
@@ -115,10 +156,48 @@ def _drop_e3nn_edge_product_constants(module, state_dict, prefix, *args):
         del state_dict[name]
 
 
+class FieldProduct(torch.nn.Module):
+    """Per atom, the 'uvu' product of the node features with the field's harmonics, one learned weight per path
+    and channel shared by all atoms: e3nn's TensorProduct arithmetic (its "component" normalization, path weight
+    sqrt(2 l_out + 1)), with the Wigner symbols kept in float64 and cast per call as in EdgeMessages, so that a
+    model built in float32 and moved to float64 is equivariant to float64 precision (e3nn's module stores them
+    as buffers rounded at construction)."""
+
+    def __init__(self, irreps_in, irreps_field, allowed):
+        super().__init__()
+        self.irreps_in, self.irreps_field = o3.Irreps(irreps_in), o3.Irreps(irreps_field)
+        self.irreps_out, instructions = uvu_paths(self.irreps_in, self.irreps_field, allowed)
+        self.paths = [(i_in, i_field) for i_in, i_field, _, _, _ in instructions]
+        self.multiplicity = self.irreps_in[0].mul
+        self.weight = torch.nn.Parameter(torch.randn(len(self.paths), self.multiplicity))
+        self._exact_couplings = [
+            o3.wigner_3j(self.irreps_in[i_in].ir.l, self.irreps_field[i_field].ir.l, ir_out.l, dtype=torch.float64)
+            * math.sqrt(ir_out.dim) for (i_in, i_field), (_, ir_out) in zip(self.paths, self.irreps_out)]
+        self._cast_couplings = {}
+
+    def forward(self, features, field):
+        """features (N, irreps_in.dim), field (N, irreps_field.dim) -> (N, irreps_out.dim)."""
+        key = (features.dtype, features.device)
+        if key not in self._cast_couplings:
+            self._cast_couplings[key] = [c.to(dtype=features.dtype, device=features.device)
+                                         for c in self._exact_couplings]
+        num_atoms, u = features.shape[0], self.multiplicity
+        blocks = [features[:, block].reshape(num_atoms, u, ir.dim)
+                  for (_, ir), block in zip(self.irreps_in, self.irreps_in.slices())]
+        harmonics = [field[:, block] for block in self.irreps_field.slices()]
+        outputs = []
+        for (i_in, i_field), coupling, weight in zip(self.paths, self._cast_couplings[key], self.weight):
+            coupled = torch.einsum("nj,ijk->nik", harmonics[i_field], coupling)        # (N, d_in, d_out)
+            product = torch.einsum("nui,nik->nuk", blocks[i_in], coupled) * weight.unsqueeze(-1)
+            outputs.append(product.reshape(num_atoms, -1))
+        return torch.cat(outputs, dim=-1)
+
+
 class InteractionBlock(torch.nn.Module):
     """One message-passing layer with field coupling; `irreps_out` = the hidden irreps."""
 
-    def __init__(self, irreps_in, irreps_hidden, irreps_sh, irreps_field, num_radial, radial_hidden, couple_field):
+    def __init__(self, irreps_in, irreps_hidden, irreps_sh, irreps_field, num_radial, radial_hidden, couple_field,
+                 field_projected_messages=False, exact_field_product=True):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_out = o3.Irreps(irreps_hidden)
@@ -126,8 +205,12 @@ class InteractionBlock(torch.nn.Module):
 
         self.linear_up = o3.Linear(self.irreps_in, self.irreps_in)
         self.edge_messages = EdgeMessages(self.irreps_in, irreps_sh, allowed)
-        self.radial = FullyConnectedNet([num_radial, radial_hidden, self.edge_messages.weight_numel],
-                                        torch.nn.functional.silu)
+        # (readout layer without 2e features) one more radial path: scalar messages weighted by the rank-2
+        # projection (r̂·ε̃)² - |ε̃|²/3 ∝ Y²(r̂)·Y²(ε̃), written with the l = 1 harmonics so that any lmax has it
+        self.field_projected_messages = bool(field_projected_messages)
+        self._y1_slice = o3.Irreps(irreps_sh).slices()[1]
+        radial_out = self.edge_messages.weight_numel + self.edge_messages.multiplicity * self.field_projected_messages
+        self.radial = FullyConnectedNet([num_radial, radial_hidden, radial_out], torch.nn.functional.silu)
         self.linear_message = o3.Linear(self.edge_messages.irreps_out, self.irreps_out)
 
         scalars = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l == 0])
@@ -136,10 +219,13 @@ class InteractionBlock(torch.nn.Module):
         self.gate = Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
 
         self.couple_field = bool(couple_field)
-        if self.couple_field:
+        if self.couple_field and exact_field_product:
+            self.field_tp = FieldProduct(self.irreps_out, irreps_field, allowed)
+            self.linear_field = o3.Linear(self.field_tp.irreps_out, self.gate.irreps_in)
+        elif self.couple_field:      # the layout of files written before the field readout
             irreps_field_out, field_instructions = uvu_paths(self.irreps_out, irreps_field, allowed)
-            self.field_tp = o3.TensorProduct(self.irreps_out, irreps_field, irreps_field_out, field_instructions,
-                                             shared_weights=True, internal_weights=True)
+            self.field_tp = o3.TensorProduct(self.irreps_out, irreps_field, irreps_field_out,
+                                                  field_instructions, shared_weights=True, internal_weights=True)
             self.linear_field = o3.Linear(irreps_field_out, self.gate.irreps_in)
         self.linear_mix = o3.Linear(self.irreps_out, self.gate.irreps_in)
         self.self_connection = o3.Linear(self.irreps_in, self.irreps_out)
@@ -180,8 +266,13 @@ class InteractionBlock(torch.nn.Module):
         return [hidden @ block for block in columns], [slope @ block for block in columns]
 
     def forward(self, node_features, node_field, edge_sh, path_weights, edge_index, avg_num_neighbors):
+        """The layer's output features; with `field_projected_messages` also (N, u) invariants
+        q_i = Σ_j w_ij s_j ((r̂_ij·ε̃)² - |ε̃|²/3) / avg_num_neighbors, s_j the sender's scalar features.
+        `node_field` (N, 9): |ε̃|², Y¹(ε̃), Y²(ε̃) of each atom's graph."""
         receivers, senders = edge_index[0], edge_index[1]
-        aggregated = self.edge_messages(self.linear_up(node_features), edge_sh, path_weights, senders, receivers)
+        up = self.linear_up(node_features)
+        num_paths = len(self.edge_messages.paths)
+        aggregated = self.edge_messages(up, edge_sh, path_weights[:num_paths], senders, receivers)
         # the atom's own features join the neighbourhood before the field coupling, so that an atom without
         # neighbours still responds to the field (|ε|² gives it a polarizability)
         mixed = self.linear_message(aggregated / avg_num_neighbors) + self.self_connection(node_features)
@@ -189,7 +280,17 @@ class InteractionBlock(torch.nn.Module):
         if self.couple_field:
             pre_gate = pre_gate + self.linear_field(self.field_tp(mixed, node_field))
         out = self.gate(pre_gate)
-        return out + node_features if self.residual else out
+        out = out + node_features if self.residual else out
+        if not self.field_projected_messages:
+            return out
+        # the rank-2 shape of the neighbourhood met by the field's on each edge (field harmonics beside the edge
+        # harmonics, as in Allegro-pol): a rank-2 node feature contracted with Y²(ε̃), at the cost of a scalar path
+        u = self.edge_messages.multiplicity
+        edge_field = node_field[receivers, :4]                                     # |ε̃|², Y¹(ε̃) = √3 ε̃ (e3nn order)
+        along = (edge_sh[:, self._y1_slice] * edge_field[:, 1:]).sum(-1, keepdim=True)     # Y¹(r̂)·Y¹(ε̃) = 3 r̂·ε̃
+        projection = along * along / 9.0 - edge_field[:, :1] / 3.0                          # (E, 1)
+        messages = path_weights[num_paths] * projection * gather_senders(up[:, :u], senders)
+        return out, sum_over_receivers(messages, receivers, up.shape[0]) / avg_num_neighbors
 
 
 class PolModel(torch.nn.Module):
@@ -232,6 +333,11 @@ class PolModel(torch.nn.Module):
             raise ValueError(f"hyperparameters {too_small or ['avg_num_neighbors']} must be positive")
         if hp["field_layers"] > hp["num_layers"]:
             raise ValueError(f"field_layers ({hp['field_layers']}) cannot exceed num_layers ({hp['num_layers']})")
+        if hp["field_readout"] not in (0, 1):
+            raise ValueError(f"field_readout must be 0 or 1, got {hp['field_readout']}")
+        if hp["field_readout"] and hp["feature_lmax"] > 2:
+            raise ValueError(f"feature_lmax {hp['feature_lmax']} > 2: the field's harmonics (l ≤ 2) could not reach "
+                             f"the last layer's l > 2 features")
         self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)
         # |ε|² (0e), Y¹(ε) (1o), Y²(ε) (2e): polynomials of degree 2, 1, 2 in the field
         self.irreps_field = o3.Irreps("0e + 1o + 2e")
@@ -242,22 +348,39 @@ class PolModel(torch.nn.Module):
         layers = []
         irreps_in = o3.Irreps(f"{f}x0e")
         first_field_layer = hp["num_layers"] - hp["field_layers"]
+        # with the field readout, a last layer without 2e features gets the field-projected scalar messages instead
+        self.field_readout = bool(hp["field_readout"])
+        projected = self.field_readout and hp["feature_lmax"] < 2
         for index in range(hp["num_layers"]):
             layers.append(InteractionBlock(irreps_in, irreps_hidden, self.irreps_sh, self.irreps_field,
                                            hp["num_radial"], hp["radial_hidden"],
-                                           couple_field=index >= first_field_layer))
+                                           couple_field=index >= first_field_layer,
+                                           field_projected_messages=projected and index == hp["num_layers"] - 1,
+                                           exact_field_product=self.field_readout))
             irreps_in = irreps_hidden
         self.layers = torch.nn.ModuleList(layers)
-        self.readout_in = o3.Linear(irreps_in, o3.Irreps(f"{hp['readout_hidden']}x0e"))
+        # the readout's invariants: the scalars, and with the field readout each l = 1, 2 block contracted with
+        # Y^l(ε̃) (one invariant per channel; the field-projected messages stand in for an absent 2e block)
+        readout_irreps = o3.Irreps(f"{3 * f}x0e") if self.field_readout else irreps_in
+        self.readout_in = o3.Linear(readout_irreps, o3.Irreps(f"{hp['readout_hidden']}x0e"))
         self.readout_out = o3.Linear(o3.Irreps(f"{hp['readout_hidden']}x0e"), o3.Irreps("0e"))
 
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.get_default_dtype()))
         self.register_buffer("reference_energies", torch.zeros(len(species), dtype=torch.get_default_dtype()))
+        self.register_buffer("field_scale", torch.ones((), dtype=torch.get_default_dtype()))
+        self.register_load_state_dict_pre_hook(_field_scale_of_files_before_it)
 
     # --- scales -------------------------------------------------------------------------------------------------
     def set_energy_scale(self, scale):
         """Multiply the learned per-atom energy by `scale` (eV), e.g. the force RMS of the training set."""
         self.energy_scale.fill_(float(scale))
+
+    def set_field_scale(self, value):
+        """The reference field (V/Å) the network divides ε by, e.g. `field_scale_from_fields` of the training
+        frames; inputs and outputs stay in V/Å."""
+        if not float(value) > 0:
+            raise ValueError(f"field_scale must be positive, got {value}")
+        self.field_scale.fill_(float(value))
 
     def set_reference_energies(self, energies):
         """Per-species constant energies (dict symbol -> eV) added to each atom; species not given stay 0."""
@@ -311,6 +434,24 @@ class PolModel(torch.nn.Module):
 
         return load_model(path)
 
+    def _field_invariants(self, last_layer_output, node_field):
+        """(N, 3u): the scalar features, the vector features dotted with Y¹(ε̃) and the rank-2 ones (the 2e block,
+        or the field-projected messages without one) with Y²(ε̃), per channel. Every l > 0 output of the last
+        layer reaches the energy this way, and the rank-2 term lets α be anisotropic at a centrosymmetric site."""
+        features, projected = (last_layer_output if isinstance(last_layer_output, tuple)
+                               else (last_layer_output, None))
+        num_atoms = features.shape[0]
+        harmonics = {1: node_field[:, 1:4], 2: node_field[:, 4:9]}
+        invariants = []
+        for (mul, ir), block in zip(self.layers[-1].irreps_out, self.layers[-1].irreps_out.slices()):
+            x = features[:, block]
+            if ir.l > 0:
+                x = (x.reshape(num_atoms, mul, ir.dim) * harmonics[ir.l].unsqueeze(1)).sum(-1)
+            invariants.append(x)
+        if projected is not None:
+            invariants.append(projected)
+        return torch.cat(invariants, dim=-1)
+
     def energy_from_edges(self, data, edge_sh, path_weights):
         """The energy given the edges' harmonics and radial weights (`edge_harmonics`, `radial_weights`): the
         positions enter only through these, which polmodel/edge_inputs.py uses for cheap Born charges."""
@@ -318,7 +459,7 @@ class PolModel(torch.nn.Module):
         num_graphs = data[keys.CELL].shape[0]
         species_index = data[keys.SPECIES_INDEX]
 
-        efield = data[keys.EFIELD]
+        efield = data[keys.EFIELD] / self.field_scale
         field_features = torch.cat([
             (efield * efield).sum(-1, keepdim=True),
             o3.spherical_harmonics([1, 2], efield, normalize=False, normalization="component"),
@@ -331,6 +472,8 @@ class PolModel(torch.nn.Module):
         for layer, layer_weights in zip(self.layers, path_weights):
             features = layer(features, node_field, edge_sh, layer_weights, data[keys.EDGE_INDEX], avg)
 
+        if self.field_readout:
+            features = self._field_invariants(features, node_field)
         hidden = torch.nn.functional.silu(self.readout_in(features))
         atomic_energy = (self.energy_scale * self.readout_out(hidden).squeeze(-1)
                          + self.reference_energies[species_index])

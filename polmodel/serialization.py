@@ -140,8 +140,9 @@ def _read_payload(path):
 
 def _build_member(path, species, cutoff, hyperparameters, state_dict):
     # files written before the field_layers hyperparameter existed couple the field in every layer
+    # and files written before field_readout existed couple the field through the gate only (field_scale: model.py)
     hyperparameters = {"field_layers": hyperparameters.get("num_layers", DEFAULT_HYPERPARAMETERS["num_layers"]),
-                       **hyperparameters}
+                       "field_readout": 0, **hyperparameters}
     try:
         model = PolModel(species, cutoff, **hyperparameters)
         dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}

@@ -296,7 +296,7 @@ def _warm_start_model(initial_model, frames, config):
 def initialize_model(train_frames, config, species=None, initial_model=None):
     """The model training starts from: a copy of `initial_model` (warm start), or seeded weights with the
     neighbour normalization, reference energies and energy scale fitted to the frames."""
-    from polmodel.model import PolModel
+    from polmodel.model import PolModel, field_scale_from_fields
 
     train_frames = normalize_frames(train_frames)
     if initial_model is not None:
@@ -312,6 +312,7 @@ def initialize_model(train_frames, config, species=None, initial_model=None):
     references = fit_reference_energies(train_frames, species)
     model.set_reference_energies(references)
     model.set_energy_scale(fit_energy_scale(train_frames, references))
+    model.set_field_scale(field_scale_from_fields([frame_efield(frame) for frame in train_frames]))
     return model
 
 

@@ -227,8 +227,11 @@ def structure(request):
 
 
 # --- a small random model with a non-trivial field coupling ----------------------------------------------------------
-def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, energy_scale=5.0, **hyperparameters):
-    """A small PolModel with random weights (fast enough for finite differences; float64 by default)."""
+def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, energy_scale=5.0, field_scale=1.0,
+                    **hyperparameters):
+    """A small PolModel with random weights (fast enough for finite differences; float64 by default). The field
+    scale defaults to 1 V/Å, so that TEST_FIELD and the finite-difference steps mean what they did before the
+    scale existed; tests of the scale itself pass their own."""
 
     from polmodel.model import PolModel
 
@@ -236,8 +239,10 @@ def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, e
     settings = dict(num_features=8, radial_hidden=16, readout_hidden=8, num_radial=6)
     settings.update(hyperparameters)
     model = PolModel(list(species), cutoff, **settings)
+    model = model.to(dtype or torch.float64)
     model.set_energy_scale(energy_scale)
-    return model.to(dtype or torch.float64)
+    model.set_field_scale(field_scale)      # after the cast: a scale of 0.2 is not rounded to float32 first
+    return model
 
 
 def model_response(model, atoms, efield, born_charges=False, polarizability=False):

@@ -231,3 +231,133 @@ def test_other_architectures_stay_equivariant(settings):
         scale = max(1.0, np.abs(value).max())
         np.testing.assert_allclose(after[name], value, rtol=0, atol=1e-10 * scale, err_msg=name)
     assert np.abs(before[keys.BORN_CHARGES]).max() > 1e-3
+
+
+# --- the field coupling: every weight reaches E, the field scale ----------------------------------------------------
+NO_DEAD_WEIGHT_SETTINGS = [dict(), dict(feature_lmax=2), dict(num_layers=1), dict(num_layers=3, field_layers=3),
+                           dict(feature_lmax=2, num_layers=3), dict(feature_lmax=2, num_layers=2, field_layers=2),
+                           dict(lmax=1, num_layers=2, field_layers=2)]
+
+
+def _energy_gradients(model, atoms, efield):
+    graph = atoms_to_graph(atoms, model.species, model.cutoff, efield=efield, dtype=torch.float64)
+    energy = model(graph)[keys.ENERGY].sum()
+    names, parameters = zip(*model.named_parameters())
+    return dict(zip(names, torch.autograd.grad(energy, parameters, allow_unused=True)))
+
+
+@pytest.mark.parametrize("settings", NO_DEAD_WEIGHT_SETTINGS)
+def test_every_weight_element_changes_the_energy(settings):
+    """At a generic structure and field, every element of every parameter tensor has a non-zero gradient of E:
+    no path of the field coupling (nor any other) ends in features that the energy never sees."""
+    model = make_test_model(seed=7, field_scale=0.1, **settings)
+    gradients = _energy_gradients(model, distorted_perovskite(seed=4), TEST_FIELD)
+    dead = {name: int((gradient == 0).sum()) if gradient is not None else "all"
+            for name, gradient in gradients.items() if gradient is None or bool((gradient == 0).any())}
+    assert not dead, f"parameters with elements that cannot change E: {dead}"
+
+
+def test_the_layout_before_the_field_readout_had_dead_field_weights():
+    """Why the readout contracts the field: with field_readout 0 (files written before it) the field product's
+    vector outputs in the last layer feed only gated vectors that the scalar readout drops."""
+    model = make_test_model(seed=7, field_readout=0)
+    gradients = _energy_gradients(model, distorted_perovskite(seed=4), TEST_FIELD)
+    assert int((gradients["layers.1.field_tp.weight"] == 0).sum()) > 0
+    assert all(int((gradient == 0).sum()) == 0 for name, gradient in gradients.items() if "layers.0" in name)
+
+
+def test_field_product_is_e3nn_tensor_product():
+    """FieldProduct is e3nn's shared-weight uvu TensorProduct, with exact Wigner symbols."""
+    from polmodel.edge_messages import uvu_paths
+    from polmodel.e3nn_compat import o3
+    from polmodel.model import FieldProduct
+
+    irreps_in, irreps_field = o3.Irreps("4x0e + 4x1o + 4x2e"), o3.Irreps("0e + 1o + 2e")
+    allowed = {ir for _, ir in irreps_in}
+    torch.manual_seed(0)
+    ours = FieldProduct(irreps_in, irreps_field, allowed).to(torch.float64)
+    irreps_out, instructions = uvu_paths(irreps_in, irreps_field, allowed)
+    theirs = o3.TensorProduct(irreps_in, irreps_field, irreps_out, instructions, shared_weights=True,
+                              internal_weights=True).to(torch.float64)
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight.reshape(-1))
+    features = torch.randn(6, irreps_in.dim, dtype=torch.float64)
+    field = torch.randn(6, irreps_field.dim, dtype=torch.float64)
+    assert ours.irreps_out == irreps_out and len(ours.paths) == 11
+    torch.testing.assert_close(ours(features, field), theirs(features, field), rtol=0, atol=1e-6)
+
+
+def test_the_network_sees_the_field_divided_by_the_field_scale():
+    """A model with field scale s at field ε is the same model with scale 1 at ε/s: E equal, ΩP and Z* scaled by
+    1/s, α by 1/s² (inputs and outputs stay in V/Å)."""
+    scaled = make_test_model(seed=3, field_scale=0.2)
+    plain = make_test_model(seed=3, field_scale=1.0)
+    atoms = distorted_perovskite(seed=1)
+    a = model_response(scaled, atoms, TEST_FIELD, born_charges=True, polarizability=True)
+    b = model_response(plain, atoms, TEST_FIELD / 0.2, born_charges=True, polarizability=True)
+    assert a[keys.ENERGY] == pytest.approx(b[keys.ENERGY], abs=1e-10)
+    np.testing.assert_allclose(a[keys.DIPOLE], b[keys.DIPOLE] / 0.2, atol=1e-9)
+    np.testing.assert_allclose(a[keys.BORN_CHARGES], b[keys.BORN_CHARGES] / 0.2, atol=1e-8)
+    np.testing.assert_allclose(a[keys.POLARIZABILITY], b[keys.POLARIZABILITY] / 0.04, atol=1e-7)
+    assert np.abs(a[keys.BORN_CHARGES] - model_response(plain, atoms, TEST_FIELD, born_charges=True)[
+        keys.BORN_CHARGES]).max() > 1e-3
+    with pytest.raises(ValueError, match="field_scale"):
+        scaled.set_field_scale(0.0)
+
+
+def test_field_scale_from_the_frames_fields():
+    """The RMS of the non-zero fields, which then sit at 0.1 field scales."""
+    from polmodel.model import DEFAULT_FIELD_SCALE, field_scale_from_fields
+
+    fields = [[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, -0.2, 0.0], [0.0, 0.0, 0.0]]
+    assert field_scale_from_fields(fields) == pytest.approx(np.sqrt((0.01 + 0.04) / 2) / 0.1)
+    assert field_scale_from_fields(np.zeros((3, 3))) == DEFAULT_FIELD_SCALE
+    assert field_scale_from_fields([]) == DEFAULT_FIELD_SCALE
+
+
+def test_field_readout_settings_are_checked():
+    with pytest.raises(ValueError, match="field_readout"):
+        PolModel(["Ba"], 4.0, field_readout=2)
+    with pytest.raises(ValueError, match="feature_lmax 3"):
+        PolModel(["Ba"], 4.0, feature_lmax=3)
+    assert PolModel(["Ba"], 4.0, feature_lmax=3, field_readout=0).hyperparameters["field_readout"] == 0
+
+
+@pytest.mark.slow
+def test_anisotropic_polarizability_at_centrosymmetric_sites_is_learned():
+    """Rocksalt stretched along one axis keeps every site's inversion centre, so no polar vector of the
+    environment exists there; the toy's α still splits (α_∥ ≠ α_⊥, tests/toy_potential.py). A small model with
+    the default layout (feature_lmax 1, field in the last layer) trained on α of cells stretched along z and x
+    predicts the splitting of cells stretched along y to 20 % (+ 0.02 e·Å²/V) and the trace to 8 %. The layout
+    before the field readout can only give an isotropic α there (its energy depends on the field through |ε|²
+    alone at such a site)."""
+    from polmodel.data import collate
+    from polmodel.response import compute_response
+    from toy_potential import tetragonal_frames
+
+    train = tetragonal_frames([-0.08, -0.04, 0.0, 0.04, 0.08]) + tetragonal_frames([-0.06, 0.06], axis=0)
+    valid = tetragonal_frames([-0.05, 0.03, 0.07], axis=1)
+    model = make_test_model(seed=0, species=("Na", "Cl"), cutoff=4.5, energy_scale=1.0, field_scale=0.3,
+                            num_layers=1)
+
+    def batch(frames):
+        return collate([atoms_to_graph(f, model.species, model.cutoff, dtype=torch.float64) for f in frames])
+
+    train_batch, valid_batch = batch(train), batch(valid)
+    labels = torch.tensor(np.array([f.info["polarizability"] for f in train]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        alpha = compute_response(model, train_batch, stress=False, polarizability=True, training=True)
+        ((alpha[keys.POLARIZABILITY] - labels) ** 2).mean().backward()
+        optimizer.step()
+    predicted = compute_response(model, valid_batch, stress=False, polarizability=True)[keys.POLARIZABILITY]
+
+    def splitting(alpha):   # α_yy − α_xx (the stretch is along y)
+        return alpha[..., 1, 1] - alpha[..., 0, 0]
+
+    expected = torch.tensor(np.array([f.info["polarizability"] for f in valid]))
+    assert splitting(expected).abs().min() > 0.1, "the toy's splitting is large enough to be seen"
+    np.testing.assert_allclose(splitting(predicted), splitting(expected), rtol=0.2, atol=0.02)
+    trace = lambda alpha: alpha.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+    np.testing.assert_allclose(trace(predicted), trace(expected), rtol=0.08)

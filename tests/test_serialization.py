@@ -276,6 +276,31 @@ def test_method_api_names_the_file_of_a_corrupt_truncated_or_foreign_file(tmp_pa
             loader(path)
 
 
+def test_file_from_before_the_field_readout_and_scale_loads_its_old_architecture(tmp_path):
+    """Files written before field_readout and the field scale existed hold the gate-only field coupling and saw
+    the field in V/Å; they load as such (field_readout 0, field_scale 1) and answer bit-identically."""
+    from polmodel.serialization import content_hash
+
+    model = make_test_model(seed=6, field_readout=0)
+    path = tmp_path / "old.pt"
+    save(model, path)
+    payload = torch.load(path, weights_only=True)
+    del payload["hyperparameters"][0]["field_readout"]
+    del payload["state_dicts"][0]["field_scale"]
+    payload["content_hash"] = content_hash(payload["kind"], payload["species"], payload["cutoff"],
+                                           payload["hyperparameters"], payload["state_dicts"])
+    torch.save(payload, path)
+    loaded = load(path)
+    assert loaded.hyperparameters["field_readout"] == 0 and float(loaded.field_scale) == 1.0
+    atoms = distorted_perovskite()
+    for name, value in _outputs(model, atoms).items():
+        np.testing.assert_array_equal(_outputs(loaded, atoms)[name], value, err_msg=name)
+    # and a model with the field readout keeps its own scale through a file
+    scaled = make_test_model(seed=6, field_scale=0.04)
+    save(scaled, tmp_path / "new.pt")
+    assert float(load(tmp_path / "new.pt").field_scale) == 0.04
+
+
 def test_tampered_hyperparameters_fail_the_hash(saved_model):
     payload = torch.load(saved_model, weights_only=True)
     payload["cutoff"] = 6.0

@@ -196,3 +196,31 @@ def make_toy_frames(n, seed, fields=DEFAULT_FIELDS, *, repeat=(1, 1, 1), displac
                     frame.arrays["born_effective_charges"] = labels["born_effective_charges"].reshape(len(frame), 9)
             frames.append(frame)
     return frames
+
+
+# A toy whose polarizability is anisotropic at centrosymmetric sites: a stronger bond term, so that a tetragonal
+# strain of the rocksalt cell (both sites keep their inversion centre) splits α_zz from α_xx by several percent.
+ANISOTROPIC_PARAMETERS = ToyParameters(onsite_polarizability={"Na": 0.2, "Cl": 0.6}, bond_polarizability=4.0)
+
+
+def tetragonal_frames(strains, axis=2, params=ANISOTROPIC_PARAMETERS):
+    """Zero-field labelled frames (energy, forces, stress, dipole, quantum, Z*, α) of the rocksalt primitive cell
+    stretched by 1 + η along `axis` for each η in `strains`. The atoms stay on their lattice sites, which keep
+    their inversion centre: a polar vector of the environment vanishes there, and α's anisotropy comes from the
+    rank-2 shape of the neighbourhood alone (α_zz ≠ α_xx for η ≠ 0)."""
+    reference = reference_crystal()
+    frames = []
+    for strain in strains:
+        stretch = np.eye(3)
+        stretch[axis, axis] += strain
+        atoms = reference.copy()
+        atoms.set_cell(reference.cell.array @ stretch, scale_atoms=True)
+        labels = toy_labels(atoms, reference.get_scaled_positions(), params=params)
+        frame = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
+        frame.info.update(energy=labels["energy"], efield=np.zeros(3), stress=labels["stress"],
+                          dipole=labels["dipole"], polarization_quantum=2.0 * atoms.cell.array,
+                          polarizability=labels["polarizability"], source=f"toy-tetragonal-{strain:+.3f}-axis{axis}")
+        frame.arrays["forces"] = labels["forces"]
+        frame.arrays["born_effective_charges"] = labels["born_effective_charges"].reshape(len(frame), 9)
+        frames.append(frame)
+    return frames
