@@ -101,10 +101,14 @@ class ToyOracleWorkChain(WorkChain):
         spec.output("frames", valid_type=FramesData)
 
     @classmethod
-    def get_builder_from_protocol(cls, code, structure, protocol=None, **_):
-        """Same signature as the DFT labelling's builder; the code and the protocol are not used by the toy."""
+    def get_builder_from_protocol(cls, code, structure, protocol=None, tier=FULL, field_vectors=None, **_):
+        """Same signature as the DFT labelling's builder; the code, protocol and overrides are not used by the toy."""
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; known: {', '.join(TIERS)}")
         builder = cls.get_builder()
         builder.structure = structure
+        builder.tier = orm.Str(tier)
+        builder.field_vectors = orm.List([[float(x) for x in vector] for vector in (field_vectors or [])])
         return builder
 
     def label(self):

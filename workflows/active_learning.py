@@ -32,7 +32,7 @@ FIELD_RESPONSE_ENTRY_POINT = "polmodel.dft.field_response"
 
 
 #: pw.x runs of one full field-response label under the `fast` protocol: zero-field SCF, three Berry-phase runs and
-#: six lelfield SCFs at ±ε along x, y, z.
+#: six lelfield SCFs at ±ε along x, y, z (16 where the protocol adds string extrapolation: balanced, stringent).
 FULL_LABEL_COST = 10
 
 
@@ -266,18 +266,16 @@ class ActiveLearningWorkChain(WorkChain):
         """The builder of one label of `structure` at `tier` (FieldResponseWorkChain from its protocol); a
         `field_frames` label gets its field vectors (V/Å)."""
         label = self.inputs.label
-        kwargs = {"protocol": label.protocol.value}
+        kwargs = {"protocol": label.protocol.value, "tier": tier}
+        if field_vectors:
+            kwargs["field_vectors"] = [list(vector) for vector in field_vectors]
         if "overrides" in label:
             kwargs["overrides"] = label.overrides.get_dict()
         if "pseudo_family" in label:
             kwargs["pseudo_family"] = label.pseudo_family.value
         if "options" in label:
             kwargs["options"] = label.options.get_dict()
-        builder = self.label_workchain().get_builder_from_protocol(label.code, structure, **kwargs)
-        builder.tier = orm.Str(tier)
-        if field_vectors:
-            builder.field_vectors = orm.List([list(vector) for vector in field_vectors])
-        return builder
+        return self.label_workchain().get_builder_from_protocol(label.code, structure, **kwargs)
 
     def submit_labels(self, structures, plan, prefix):
         """Submit one label per structure at the tier of `plan` ({key: {"tier", "field_vectors"}}); a structure
