@@ -44,27 +44,26 @@ from polmodel.selection import (ENERGY_FORCES, FULL, SelectionCriteria, adapt_tr
 REPEAT = (2, 1, 1)  # 4-atom toy cell: seconds per training on one loaded core
 HYPERPARAMETERS = {"num_features": 4, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
                    "readout_hidden": 4}
-STAGES = [ExplorationStage((150.0,), 0.0, 150), ExplorationStage((300.0,), 0.05, 200),
-          ExplorationStage((600.0,), 0.1, 300)]
-FIELD_SHAPES = [{"kind": "cosine", "amplitude": 1.0, "period_fs": 100.0, "axis": [0, 0, 1]},
-                {"kind": "static", "vector": [1.0, 0.0, 0.0]}]
+STAGES = [ExplorationStage((150.0,), 0.0, 100), ExplorationStage((300.0,), 0.05, 150),
+          ExplorationStage((600.0,), 0.1, 200)]
+FIELD_SHAPES = [{"kind": "cosine", "amplitude": 1.0, "period_fs": 100.0, "axis": [1, 1, 1]}]
 FULL_COST = 10
 
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--initial", type=int, default=8, help="perturbed copies in the initial set")
     parser.add_argument("--budget", type=int, default=16, help="pw.x runs per iteration")
     parser.add_argument("--max-candidates", type=int, default=4)
     parser.add_argument("--max-full", type=int, default=1)
     parser.add_argument("--ensemble", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--force-target", type=float, default=0.06, help="eV/Å, held-out force MAE")
-    parser.add_argument("--born-target", type=float, default=0.15, help="e, held-out Born-charge MAE")
-    parser.add_argument("--force-lower", type=float, default=0.02, help="floor of the lower trust level, eV/Å")
-    parser.add_argument("--force-lower-factor", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--force-target", type=float, default=0.07, help="eV/Å, held-out force MAE")
+    parser.add_argument("--born-target", type=float, default=0.12, help="e, held-out Born-charge MAE")
+    parser.add_argument("--force-lower", type=float, default=0.01, help="floor of the lower trust level, eV/Å")
+    parser.add_argument("--force-lower-factor", type=float, default=0.2)
     parser.add_argument("--force-upper", type=float, default=1.0)
     parser.add_argument("--stage-threshold", type=float, default=0.7)
     parser.add_argument("--field-margin", type=float, default=0.03)
@@ -136,7 +135,7 @@ def explore(ensemble, dataset, stage, args, seed, iteration, workdir):
             path = Path(workdir) / f"md_{seed}_{iteration}_{index}_{int(temperature)}.xyz"
             calculator = PolCalculator(ensemble)
             run_md(reference_crystal(REPEAT), calculator, field_protocol_from_dict(field), steps=stage.steps,
-                   timestep_fs=1.0, temperature_K=temperature, thermostat="langevin", friction=0.02, interval=10,
+                   timestep_fs=2.0, temperature_K=temperature, thermostat="langevin", friction=0.02, interval=5,
                    trajectory_path=path, restart=False, progress=False,
                    seed=1000 * seed + 10 * iteration + index)
             frames.extend(frame for frame in read_trajectory(path) if frame.info.get("step", 0) != 0)
