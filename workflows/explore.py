@@ -177,7 +177,9 @@ class ExploreWorkChain(WorkChain):
         stats = self.ctx.statistics.get_dict()
         self.report(
             f"{stats['num_frames']} frames: {stats['num_accurate']} accurate, {stats['num_candidates']} candidates, "
-            f"{stats['num_failed']} failed; {stats['num_selected']} selected after deduplication"
+            f"{stats['num_failed']} failed (force spread mean {stats['max_force_std_mean']:.3g}, max "
+            f"{stats['max_force_std_max']:.3g} eV/Å; window [{stats['criteria']['force_lower']:.3g}, "
+            f"{stats['criteria']['force_upper']:.3g}]); {stats['num_selected']} selected after deduplication"
         )
 
     def results(self):
