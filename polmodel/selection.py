@@ -236,6 +236,7 @@ def is_converged(statistics, threshold):
 # --- label tiers ---------------------------------------------------------------------------------------------------
 #: The label tiers of the DFT labelling, cheapest first (DESIGN.md Amendments, "Label tiers").
 ENERGY_FORCES, FIELD_FRAMES, FULL = "energy_forces", "field_frames", "full"
+TIERS = (ENERGY_FORCES, FIELD_FRAMES, FULL)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,9 @@ class ActiveLearningWorkChain(WorkChain):
         spec.input("initial_data.max_displacement", valid_type=orm.Float, default=lambda: orm.Float(0.05),
                    help="Largest displacement component, Å.")
         spec.input("initial_data.seed", valid_type=orm.Int, default=lambda: orm.Int(0))
+        spec.input("initial_data.tier", valid_type=orm.Str, default=lambda: orm.Str("energy_forces"),
+                   help="Label tier of the initial structures: the cheapest by default (DP-GEN); `full` gives the "
+                        "first model Born charges and polarizability from the start.")
         spec.input_namespace("label", help="Inputs of the DFT labelling (FieldResponseWorkChain protocol builder).")
         spec.input("label.code", valid_type=orm.AbstractCode, help="pw.x code.")
         spec.input("label.protocol", valid_type=orm.Str, default=lambda: orm.Str("fast"))
@@ -243,6 +246,10 @@ class ActiveLearningWorkChain(WorkChain):
                     field_amplitude=max(field_peak(f) for f in explore.fields.get_list()),
                     steps=explore.parameters.get_dict()["steps"],
                 )]
+            from polmodel.selection import TIERS
+
+            if self.inputs.initial_data.tier.value not in TIERS:
+                raise ValueError(f"initial_data.tier must be one of {TIERS}, got {self.inputs.initial_data.tier.value!r}")
             if min(self.inputs.label_budget.value, self.inputs.full_label_cost.value) < 1:
                 raise ValueError("label_budget and full_label_cost must be >= 1 pw.x run")
             if self.inputs.max_full_labels.value < 0:
@@ -297,14 +304,11 @@ class ActiveLearningWorkChain(WorkChain):
         return ToContext(**futures)
 
     def run_initial_labels(self):
-        """Label each structure and its perturbed copies with the cheapest tier (one zero-field SCF each)."""
-        from polmodel.selection import ENERGY_FORCES
-
-        structures = initial_structures(
-            orm.Dict({key: node.value for key, node in self.inputs.initial_data.items()}),
-            **self.inputs.structures,
-        )
-        plan = {key: {"tier": ENERGY_FORCES} for key in structures}
+        """Label each structure and its perturbed copies with `initial_data.tier` (by default the cheapest: one
+        zero-field SCF each)."""
+        perturbation = {key: node.value for key, node in self.inputs.initial_data.items() if key != "tier"}
+        structures = initial_structures(orm.Dict(perturbation), **self.inputs.structures)
+        plan = {key: {"tier": self.inputs.initial_data.tier.value} for key in structures}
         return self.submit_labels(structures, plan, "label_initial")
 
     def inspect_labels(self):
