@@ -24,6 +24,7 @@ from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import WorkflowFactory
 
+from polmodel.exploration import next_stage
 from polmodel.plugins.data import FramesData, ModelData, merge_frames
 from polmodel.workflows.explore import ExploreWorkChain
 from polmodel.workflows.train_ensemble import TrainEnsembleWorkChain
@@ -424,8 +425,6 @@ class ActiveLearningWorkChain(WorkChain):
         self.out(f"iterations.{key}", summary)
         record = summary.get_dict()
         self.ctx.converged = record["converged"]
-        from polmodel.exploration import next_stage
-
         stage = next_stage(self.ctx.stage, record["accurate_fraction"], self.inputs.stage_threshold.value,
                            len(self.ctx.stages))
         if stage != self.ctx.stage:
