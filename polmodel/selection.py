@@ -7,9 +7,17 @@ Pure numpy + ASE. A frame is
   `min_distance`: the structure is unphysical or far outside the data, and a label there would only teach the
   model about a place MD should never go (DP-GEN);
 - a *candidate* otherwise.
-Candidates are deduplicated with a structural fingerprint (smoothed, per species-pair histograms of interatomic
-distances, which are invariant to rotations, translations and permutations of like atoms), most uncertain first,
-and at most `max_candidates` are kept.
+Candidates are drawn at random (seeded, so a selection is reproducible) and deduplicated in that order with a
+structural fingerprint (smoothed, per species-pair histograms of interatomic distances, which are invariant to
+rotations, translations and permutations of like atoms); at most `max_candidates` are kept. Random draws, not
+largest spread first: the most uncertain frames of a trust window sit at its upper edge, next to the blow-ups,
+and a budget spent there teaches the model about the places MD should not go (DP-GEN draws at random too).
+
+The trust window adapts to the model (`adapt_trust_window`): the lower level is `force_lower_factor` times the
+current validation force RMSE, never below `force_lower` and never above half the upper level, so a model that
+has become more accurate asks for labels at smaller spreads, and a poor one does not flood the window.
+
+`assign_label_tiers` decides how each selected frame is labelled within a budget counted in pw.x runs.
 """
 from dataclasses import asdict, dataclass
 
@@ -32,6 +40,8 @@ class SelectionCriteria:
     similarity_tolerance: float = 0.05
     fingerprint_cutoff: float = 5.0
     min_distance: float = MIN_INTERATOMIC_DISTANCE
+    force_lower_factor: float | None = None   # adaptive lower level = factor × validation force RMSE (eV/Å)
+    seed: int = 0                             # of the random draw among the candidates
 
     def __post_init__(self):
         if not 0.0 <= self.force_lower < self.force_upper:
@@ -44,6 +54,8 @@ class SelectionCriteria:
                 raise ValueError(f"{name} must be positive or None, got {value}")
         if self.max_candidates < 0:
             raise ValueError(f"max_candidates must be >= 0, got {self.max_candidates}")
+        if self.force_lower_factor is not None and not self.force_lower_factor > 0:
+            raise ValueError(f"force_lower_factor must be positive or None, got {self.force_lower_factor}")
         if self.similarity_tolerance < 0 or self.fingerprint_cutoff <= 0:
             raise ValueError("similarity_tolerance must be >= 0 and fingerprint_cutoff > 0")
 
@@ -57,6 +69,24 @@ class SelectionCriteria:
 
     def as_dict(self):
         return asdict(self)
+
+
+def adapt_trust_window(criteria, validation_force_rmse):
+    """The criteria with the lower trust level set from the model's current validation force error.
+
+    force_lower = clip(force_lower_factor × validation_force_rmse, criteria.force_lower, criteria.force_upper / 2):
+    `criteria.force_lower` is the floor, and half the upper level the ceiling, so a window always remains.
+    Without `force_lower_factor` (or without an error) the criteria are returned unchanged.
+    """
+    from dataclasses import replace
+
+    if criteria.force_lower_factor is None or validation_force_rmse is None:
+        return criteria
+    error = float(validation_force_rmse)
+    if not np.isfinite(error) or error < 0:
+        raise ValueError(f"validation force error must be a finite, non-negative number, got {validation_force_rmse}")
+    lower = min(max(criteria.force_lower_factor * error, criteria.force_lower), 0.5 * criteria.force_upper)
+    return replace(criteria, force_lower=lower)
 
 
 def _spread_norm(spread, count):
@@ -173,8 +203,8 @@ def select_candidates(frames, max_force_std, criteria, polarization_std=None, bo
     labels[[closest_pair(frame)[0] < criteria.min_distance for frame in frames]] = FAILED
     force = np.asarray(max_force_std, dtype=float)
     candidates = np.flatnonzero(labels == CANDIDATE)
-    # Most uncertain first, so that the cap and the deduplication keep the frames the ensemble disagrees on most.
-    order = candidates[np.argsort(-force[candidates], kind="stable")]
+    # A seeded random order, not largest spread first (see the module docstring).
+    order = np.random.default_rng(criteria.seed).permutation(candidates)
     selected = remove_near_duplicates(
         frames, order, criteria.similarity_tolerance, criteria.fingerprint_cutoff, limit=criteria.max_candidates
     )
@@ -201,3 +231,64 @@ def is_converged(statistics, threshold):
     if statistics["num_frames"] == 0:
         return False
     return statistics["candidate_fraction"] + statistics["failed_fraction"] < threshold
+
+
+# --- label tiers ---------------------------------------------------------------------------------------------------
+#: The label tiers of the DFT labelling, cheapest first (DESIGN.md Amendments, "Label tiers").
+ENERGY_FORCES, FIELD_FRAMES, FULL = "energy_forces", "field_frames", "full"
+TIERS = (ENERGY_FORCES, FIELD_FRAMES, FULL)
+
+
+@dataclass(frozen=True)
+class LabelPlan:
+    """How one selected frame is labelled: its tier, the field vectors of a `field_frames` label, its pw.x runs."""
+
+    index: int
+    tier: str
+    fields: tuple
+    cost: int
+
+
+def cheap_tier(efield, field_tolerance=1e-8):
+    """(tier, fields, pw.x runs) of the cheap label of a frame sampled at `efield` (V/Å): `energy_forces` (one
+    zero-field SCF) when the field is zero, otherwise `field_frames` at that field (zero field plus one lelfield
+    SCF), so that the labels follow the field range the exploration reaches."""
+    efield = np.asarray(efield if efield is not None else np.zeros(3), dtype=float)
+    if np.linalg.norm(efield) <= field_tolerance:
+        return ENERGY_FORCES, (), 1
+    return FIELD_FRAMES, (tuple(float(x) for x in efield),), 2
+
+
+def assign_label_tiers(efields, response_spread, budget, full_cost, max_full):
+    """Plan the labels of selected frames within `budget` pw.x runs.
+
+    The rule: every frame gets the cheap tier at the field it was sampled at (`cheap_tier`); the `max_full` frames
+    with the largest polarization / Born-charge spread (`response_spread`, one number per frame; None: no spread
+    known, nobody is upgraded) get the full central-difference response instead (`full_cost` pw.x runs), as long
+    as the budget allows it. Frames are then taken in the given order (the selection's random order), full ones
+    first, until the budget is spent; frames that no longer fit are left out. Returns [LabelPlan] in frame order.
+    """
+    count = len(efields)
+    if budget < 0 or full_cost < 1 or max_full < 0:
+        raise ValueError(f"need budget >= 0, full_cost >= 1, max_full >= 0; got {budget}, {full_cost}, {max_full}")
+    cheap = [cheap_tier(efield) for efield in efields]
+    upgraded = set()
+    if response_spread is not None and max_full:
+        spread = np.asarray(response_spread, dtype=float)
+        if spread.shape != (count,):
+            raise ValueError(f"response_spread has shape {spread.shape}, expected ({count},)")
+        order = np.argsort(-spread, kind="stable")
+        upgraded = {int(index) for index in order[:max_full] if spread[index] > 0}
+    plans, spent = {}, 0
+    for index in sorted(upgraded, key=lambda i: -float(response_spread[i])):
+        if spent + full_cost <= budget:
+            plans[index] = LabelPlan(index, FULL, (), int(full_cost))
+            spent += full_cost
+    for index in range(count):
+        if index in plans:
+            continue
+        tier, fields, cost = cheap[index]
+        if spent + cost <= budget:
+            plans[index] = LabelPlan(index, tier, fields, cost)
+            spent += cost
+    return [plans[index] for index in sorted(plans)]

@@ -36,6 +36,8 @@ def al_loop_inputs(alas_structure, pw_code, polmodel_code, pseudo_family):
     def factory(max_iterations=1):
         return {
             "structures": {"alas": alas_structure},
+            # the structure alone, fully labelled: one FieldResponseWorkChain, seven frames (as before the tiers)
+            "initial_data": {"count": orm.Int(0), "tier": orm.Str("full")},
             "label": {
                 "code": pw_code,
                 "protocol": orm.Str("fast"),

@@ -147,9 +147,13 @@ def test_explore_skips_failed_md_and_selects(generate_al_workchain, explore_inpu
     candidates = process.ctx.candidates
     assert candidates.count == 2
     origins = [atoms.info["origin"] for atoms in candidates.get_atoms()]
-    # most uncertain first: 0.3 (run 0, frame 2), 0.2 (run 0, frame 1); run 2's frame 0 (0.25) is its start
+    # the two candidates 0.3 (run 0, frame 2) and 0.2 (run 0, frame 1), in a random order; run 2's frame 0 (0.25)
+    # is its start, and run 1's frame 2 (0.9) is above the upper level: never selected
     uuids = [process.ctx.trajectories[key].uuid for key in sorted(process.ctx.trajectories)]
-    assert origins == [f"{uuids[0]}:2", f"{uuids[0]}:1"]
+    assert sorted(origins) == [f"{uuids[0]}:1", f"{uuids[0]}:2"]
+    # each candidate carries the field it was sampled at (its label follows it) and its response spread
+    for atoms in candidates.get_atoms():
+        assert np.allclose(atoms.info["efield"], [0, 0, 0.01]) and atoms.info["response_spread"] > 0
     process.results()
 
 
@@ -189,28 +193,42 @@ def test_al_refuses_no_structures(generate_al_workchain, al_inputs):
     assert process.setup().status == process.exit_codes.ERROR_NO_STRUCTURES.status
 
 
+def fake_builder():
+    return type("Builder", (), {"metadata": type("M", (), {})()})()
+
+
 def test_al_initial_labels_failed_label_skipped(generate_al_workchain, al_inputs, generate_fake_child,
                                                 generate_frames_data):
-    process = generate_al_workchain("polmodel.active_learning", al_inputs())
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(
+        initial_data={"count": orm.Int(2), "max_strain": orm.Float(0.03), "max_displacement": orm.Float(0.02)}))
     process.setup()
     assert process.should_label_initial()
     recorder = SubmitRecorder(generate_fake_child)
     process.submit = recorder
-    process.label_builder = lambda structure: type("Builder", (), {"metadata": type("M", (), {})()})()
+    tiers, labelled = [], []
+    process.label_builder = lambda structure, tier, field_vectors=(): (
+        tiers.append(tier) or labelled.append(structure) or fake_builder())
     result = process.run_initial_labels()
-    assert len(recorder.calls) == 2
-    assert process.ctx.label_keys == ["label_initial_s0", "label_initial_s1"]
+    # each structure and two strained and displaced copies of it, all with the cheap tier
+    assert len(recorder.calls) == 6 and set(tiers) == {"energy_forces"}
+    assert process.ctx.label_keys == [f"label_initial_s{s}_{i:03d}" for s in range(2) for i in range(3)]
     assert isinstance(result, ToContext)
+    assert labelled[0].creator.process_label == "initial_structures"  # provenance of the copies
+    copies = [node.get_ase() for node in labelled]
+    ideal = process.inputs.structures["s0"].get_ase()
+    strained = [atoms for atoms in copies if not np.allclose(atoms.cell.array, ideal.cell.array)]
+    assert len(strained) == 4  # the ideal structures are labelled as they are, the copies are strained
 
     good = generate_frames_data(count=3)
-    process.ctx["label_initial_s0"] = generate_fake_child({"frames": good})
-    process.ctx["label_initial_s1"] = generate_fake_child(exit_status=401)
+    for key in process.ctx.label_keys:
+        process.ctx[key] = generate_fake_child(exit_status=401)
+    process.ctx["label_initial_s0_000"] = generate_fake_child({"frames": good})
     process.inspect_labels()
     assert process.ctx.dataset.count == 3
     assert process.check_initial_set() is None
     # the failed label is in the report, not fatal
     reports = [log.message for log in orm.Log.collection.get_logs_for(process.node)]
-    assert any("label_initial_s1" in message and "skipped" in message for message in reports)
+    assert any("label_initial_s1_000" in message and "skipped" in message for message in reports)
 
 
 def test_al_structure_refused_by_the_label_builder_is_skipped(generate_al_workchain, al_inputs, generate_fake_child):
@@ -219,23 +237,23 @@ def test_al_structure_refused_by_the_label_builder_is_skipped(generate_al_workch
     recorder = SubmitRecorder(generate_fake_child)
     process.submit = recorder
 
-    def label_builder(structure):
-        if structure.uuid == process.inputs.structures["s0"].uuid:
+    def label_builder(structure, tier, field_vectors=()):
+        if np.allclose(structure.get_ase().positions, process.inputs.structures["s0"].get_ase().positions):
             raise ValueError("atoms 1 (Ti) and 2 (O) are 0.244 Å apart (< 0.5 Å): overlapping atoms")
         return type("Builder", (), {"metadata": type("M", (), {})()})()
 
     process.label_builder = label_builder
     process.run_initial_labels()
-    assert len(recorder.calls) == 1 and process.ctx.label_keys == ["label_initial_s1"]
+    assert len(recorder.calls) == 13 and "label_initial_s0_000" not in process.ctx.label_keys
     reports = [log.message for log in orm.Log.collection.get_logs_for(process.node)]
-    assert any("label_initial_s0 refused" in message and "overlapping atoms" in message for message in reports)
+    assert any("label_initial_s0_000 refused" in message and "overlapping atoms" in message for message in reports)
 
 
 def test_al_every_initial_label_failed(generate_al_workchain, al_inputs, generate_fake_child):
     process = generate_al_workchain("polmodel.active_learning", al_inputs())
     process.setup()
-    process.ctx.label_keys = ["label_initial_s0"]
-    process.ctx["label_initial_s0"] = generate_fake_child(exit_status=401)
+    process.ctx.label_keys = ["label_initial_s0_000"]
+    process.ctx["label_initial_s0_000"] = generate_fake_child(exit_status=401)
     process.inspect_labels()
     exit_code = process.check_initial_set()
     assert exit_code.status == process.exit_codes.ERROR_EMPTY_INITIAL_SET.status
@@ -308,7 +326,7 @@ def test_al_loop_labels_candidates_then_converges(generate_al_workchain, al_inpu
     assert process.should_label_candidates()
 
     # label the two candidates: one succeeds, one fails and is skipped
-    process.label_builder = lambda structure: type("Builder", (), {"metadata": type("M", (), {})()})()
+    process.label_builder = lambda structure, tier, field_vectors=(): fake_builder()
     process.run_candidate_labels()
     assert process.ctx.label_keys == ["label_iter01_structure_000", "label_iter01_structure_001"]
     process.ctx["label_iter01_structure_000"] = generate_fake_child({"frames": generate_frames_data(3, seed=9)})
@@ -384,3 +402,114 @@ def test_demo_inputs_are_valid_and_the_loop_is_found_again(generate_al_workchain
     assert demo.find_demo_loop() is None
     process.node.base.extras.set(demo.DEMO_EXTRA, demo.DEMO_VERSION)
     assert demo.find_demo_loop().pk == process.node.pk
+
+
+# --------------------------------------------------------------------------------------------- tiers, schedule, seeds
+def candidate_frames(efields, spreads):
+    from polmodel.plugins.data import FramesData
+
+    frames = []
+    for index, (efield, spread) in enumerate(zip(efields, spreads)):
+        atoms = batio3_atoms(0.1, seed=70 + index)
+        atoms.info.update(origin=f"trajectory:{index}", efield=np.asarray(efield, dtype=float), response_spread=spread)
+        frames.append(atoms)
+    return FramesData.from_atoms(frames)
+
+
+def test_al_labels_candidates_at_their_tiers_within_the_budget(generate_al_workchain, al_inputs, generate_frames_data,
+                                                                generate_fake_child):
+    """Cheap tier at the sampled field for all, the full response for the largest P / Z* spread, budget in pw.x runs."""
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(
+        initial_frames=generate_frames_data(4), label_budget=orm.Int(14), full_label_cost=orm.Int(10),
+        max_full_labels=orm.Int(1)))
+    process.setup()
+    process.ctx.iteration = 1
+    process.ctx.candidates = candidate_frames(
+        [[0, 0, 0], [0, 0, 0.02], [0, 0, 0], [0.03, 0, 0], [0, 0, 0.01]], [0.1, 0.2, 0.9, 0.3, 0.05])
+    recorder = SubmitRecorder(generate_fake_child)
+    process.submit = recorder
+    planned, labelled = {}, []
+    process.label_builder = lambda structure, tier, field_vectors=(): (labelled.append(structure) or planned.setdefault(
+        len(planned), (tier, [list(v) for v in field_vectors]))) and fake_builder()
+    process.run_candidate_labels()
+    tiers = [planned[index] for index in sorted(planned)]
+    # candidate 2 (largest spread) is labelled fully (10 runs); then 0 (1 run), 1 (2 runs: zero field + 0.02 V/Å)
+    # fit into 14; candidate 3 (2 runs) does not (15 > 14), candidate 4 would not either
+    assert tiers == [("energy_forces", []), ("field_frames", [[0.0, 0.0, 0.02]]), ("full", [])]
+    assert process.ctx.label_keys == ["label_iter01_structure_000", "label_iter01_structure_001",
+                                      "label_iter01_structure_002"]
+    plan_node = labelled[0].creator
+    assert plan_node.process_label == "plan_candidate_labels"
+    plan = plan_node.outputs.plan.get_dict()
+    assert plan["pw_runs"] == 13 and plan["budget"] == 14 and plan["num_candidates"] == 5
+
+
+def explore_call(recorder):
+    return next(inputs for process, inputs in recorder.calls if getattr(process, "__name__", "") == "ExploreWorkChain")
+
+
+def test_al_fresh_md_seeds_warm_start_and_adaptive_window(generate_al_workchain, al_inputs, generate_frames_data,
+                                                          generate_fake_child, generate_fake_model_data):
+    explore = {"md": None, "parameters": orm.Dict(dict(MD_PARAMETERS, seed=5)), "fields": orm.List(FIELDS[:1]),
+               "temperatures": orm.List([300.0]),
+               "selection": orm.Dict({"force_lower": 0.05, "force_upper": 2.0, "force_lower_factor": 3.0})}
+    inputs = al_inputs(initial_frames=generate_frames_data(4))
+    explore["md"] = inputs["explore"]["md"]
+    inputs["explore"] = explore
+    process = generate_al_workchain("polmodel.active_learning", inputs)
+    process.setup()
+    first = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.4))
+    model_1 = process.ctx.model
+    second = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.4))
+    md_1, md_2 = (explore_call(recorder)["parameters"].get_dict() for recorder in (first, second))
+    assert md_1["seed"] == 1005 and md_2["seed"] == 2005  # every iteration its own MD seeds
+    selection_1, selection_2 = (explore_call(recorder)["selection"].get_dict() for recorder in (first, second))
+    assert selection_1["seed"] != selection_2["seed"]
+    # the lower trust level is 3 × the validation force RMSE (0.2 eV/Å in the fake metrics)
+    assert selection_1["force_lower"] == pytest.approx(0.6)
+    # warm start: the second training starts from the first model; the first from scratch
+    assert "initial_model" not in first.calls[0][1]
+    assert second.calls[0][1]["initial_model"].uuid == model_1.uuid
+
+
+def test_al_schedule_advances_and_fields_follow_the_labels(generate_al_workchain, al_inputs, generate_fake_child,
+                                                          generate_fake_model_data):
+    from polmodel.plugins.data import FramesData
+
+    frames = [batio3_atoms(0.05, seed=index) for index in range(3)]
+    for atoms in frames:
+        atoms.info.update(energy=-1.0, efield=np.zeros(3))
+        atoms.arrays["forces"] = np.zeros((5, 3))
+    frames[2].info["efield"] = np.array([0.0, 0.0, 0.01])
+    schedule = [{"temperatures": [100.0], "field_amplitude": 0.0, "steps": 10},
+                {"temperatures": [100.0, 300.0], "field_amplitude": 0.1, "steps": 20}]
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(
+        initial_frames=FramesData.from_atoms(frames).store(), schedule=orm.List(schedule),
+        stage_threshold=orm.Float(0.8), field_margin=orm.Float(0.02), candidate_fraction_threshold=orm.Float(0.1)))
+    assert process.setup() is None
+    # stage 0: no field, its temperatures and steps; accurate 0.97 would converge, but not before the last stage
+    first = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.03))
+    explore = explore_call(first)
+    assert explore["fields"].get_list() == [{"kind": "static", "vector": [0.0, 0.0, 0.0]}]
+    assert explore["temperatures"].get_list() == [100.0] and explore["parameters"]["steps"] == 10
+    assert not process.ctx.converged and process.ctx.stage == 1
+    # stage 1: the field is capped at the labelled 0.01 V/Å plus the 0.02 V/Å margin, not the stage's 0.1
+    second = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.5))
+    explore = explore_call(second)
+    (field,) = explore["fields"].get_list()
+    assert np.linalg.norm(field["vector"]) == pytest.approx(0.03)
+    assert explore["temperatures"].get_list() == [100.0, 300.0] and explore["parameters"]["steps"] == 20
+    assert process.ctx.stage == 1 and not process.ctx.converged
+    record = process.ctx.summaries["iteration_02"].get_dict()
+    assert record["stage"] == 1 and record["exploration"]["covered_field"] == pytest.approx(0.01)
+    third = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.03))
+    assert process.ctx.converged  # the last stage converges
+
+
+def test_al_refuses_a_schedule_that_gets_easier(generate_al_workchain, al_inputs, generate_frames_data):
+    schedule = [{"temperatures": [300.0], "field_amplitude": 0.1, "steps": 10},
+                {"temperatures": [300.0], "field_amplitude": 0.0, "steps": 10}]
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(
+        initial_frames=generate_frames_data(2), schedule=orm.List(schedule)))
+    exit_code = process.setup()
+    assert exit_code.status == process.exit_codes.ERROR_INVALID_SCHEDULE.status and "easier" in exit_code.message

@@ -1,4 +1,5 @@
-"""Unit tests of polmodel.selection: trust levels, P / Z* thresholds, deduplication, the cap, convergence."""
+"""Unit tests of polmodel.selection: trust levels, the adaptive window, random draws, P / Z* thresholds,
+deduplication, the cap, label tiers within a budget, convergence."""
 import numpy as np
 import pytest
 
@@ -7,7 +8,12 @@ from polmodel.selection import (
     ACCURATE,
     CANDIDATE,
     FAILED,
+    ENERGY_FORCES,
+    FIELD_FRAMES,
+    FULL,
     SelectionCriteria,
+    adapt_trust_window,
+    assign_label_tiers,
     classify,
     fingerprint,
     fingerprint_distance,
@@ -77,18 +83,73 @@ def test_near_duplicates_are_removed_and_distinct_frames_kept():
     assert remove_near_duplicates(frames, [2, 1, 0], tolerance=0.01, limit=1) == [2]
 
 
-def test_select_candidates_orders_by_uncertainty_caps_and_counts():
-    frames = [batio3_atoms(0.12, seed=10 + index) for index in range(6)]
-    force = [0.01, 0.2, 0.25, 0.15, 0.9, 0.22]
-    criteria = SelectionCriteria(force_lower=0.1, force_upper=0.5, max_candidates=2, similarity_tolerance=1e-6)
-    selected, statistics = select_candidates(frames, force, criteria)
-    assert selected == [2, 5]  # the two most uncertain candidates
-    assert statistics["num_frames"] == 6
-    assert (statistics["num_accurate"], statistics["num_candidates"], statistics["num_failed"]) == (1, 4, 1)
-    assert statistics["num_selected"] == 2
-    assert statistics["candidate_fraction"] == pytest.approx(4 / 6)
-    assert statistics["failed_fraction"] == pytest.approx(1 / 6)
-    assert statistics["accurate_fraction"] == pytest.approx(1 / 6)
+def test_select_candidates_draws_at_random_within_the_window_caps_and_counts():
+    frames = [batio3_atoms(0.12, seed=10 + index) for index in range(12)]
+    force = [0.01, 0.2, 0.25, 0.15, 0.9, 0.22, 0.3, 0.11, 0.45, 0.6, 0.12, 0.35]
+    window = {1, 2, 3, 5, 6, 7, 8, 10, 11}
+    draws = []
+    for seed in range(8):
+        criteria = SelectionCriteria(force_lower=0.1, force_upper=0.5, max_candidates=3, similarity_tolerance=1e-6,
+                                     seed=seed)
+        selected, statistics = select_candidates(frames, force, criteria)
+        assert len(selected) == 3 and set(selected) <= window  # never below the window, never above it
+        # the same seed draws the same frames
+        assert select_candidates(frames, force, criteria)[0] == selected
+        draws.append(tuple(selected))
+    # a random draw, not largest spread first: the seeds do not all pick the three most uncertain frames
+    assert len(set(draws)) > 4
+    assert sum(draws_ == (8, 11, 6) for draws_ in draws) < len(draws)
+    assert statistics["num_frames"] == 12
+    assert (statistics["num_accurate"], statistics["num_candidates"], statistics["num_failed"]) == (1, 9, 2)
+    assert statistics["num_selected"] == 3
+    assert statistics["candidate_fraction"] == pytest.approx(9 / 12)
+    assert statistics["failed_fraction"] == pytest.approx(2 / 12)
+    assert statistics["accurate_fraction"] == pytest.approx(1 / 12)
+
+
+def test_a_frame_above_the_upper_level_is_never_selected():
+    frames = [batio3_atoms(0.12, seed=30 + index) for index in range(10)]
+    force = [0.2, 0.7, 0.8, 0.9, 1.5, 0.5, 0.51, 3.0, 0.6, 0.55]  # only frame 0 is inside the window
+    for seed in range(5):
+        criteria = SelectionCriteria(force_lower=0.1, force_upper=0.5, max_candidates=10, similarity_tolerance=1e-6,
+                                     seed=seed)
+        assert select_candidates(frames, force, criteria)[0] == [0]
+
+
+def test_the_adaptive_window_follows_the_validation_error():
+    criteria = SelectionCriteria(force_lower=0.02, force_upper=1.0, force_lower_factor=3.0)
+    assert adapt_trust_window(criteria, 0.1).force_lower == pytest.approx(0.3)
+    assert adapt_trust_window(criteria, 0.05).force_lower == pytest.approx(0.15)
+    assert adapt_trust_window(criteria, 0.001).force_lower == pytest.approx(0.02)  # the floor
+    assert adapt_trust_window(criteria, 2.0).force_lower == pytest.approx(0.5)  # half the upper level at most
+    assert adapt_trust_window(criteria, 0.1).force_upper == 1.0
+    fixed = SelectionCriteria(force_lower=0.02, force_upper=1.0)
+    assert adapt_trust_window(fixed, 0.1) == fixed
+    # a frame of spread 0.2 is a candidate for a model of error 0.05, accurate for one of error 0.1
+    assert classify([0.2], adapt_trust_window(criteria, 0.05))[0] == CANDIDATE
+    assert classify([0.2], adapt_trust_window(criteria, 0.1))[0] == ACCURATE
+    with pytest.raises(ValueError):
+        adapt_trust_window(criteria, float("nan"))
+
+
+def test_label_tiers_follow_the_sampled_field_and_the_budget():
+    efields = [[0, 0, 0], [0, 0, 0.02], [0.01, 0, 0], [0, 0, 0], [0, 0.03, 0]]
+    spread = [0.1, 0.5, 0.05, 0.9, 0.2]
+    plans = assign_label_tiers(efields, spread, budget=15, full_cost=10, max_full=1)
+    by_index = {plan.index: plan for plan in plans}
+    # the largest response spread (frame 3) gets the full response; the others the cheap tier at their field
+    assert by_index[3].tier == FULL and by_index[3].cost == 10
+    assert by_index[0].tier == ENERGY_FORCES and by_index[0].cost == 1 and by_index[0].fields == ()
+    assert by_index[1].tier == FIELD_FRAMES and by_index[1].fields == ((0.0, 0.0, 0.02),) and by_index[1].cost == 2
+    assert sum(plan.cost for plan in plans) <= 15
+    assert [plan.index for plan in plans] == [0, 1, 2, 3]  # frame 4 (2 runs) no longer fits: 10 + 1 + 2 + 2 = 15
+    # a budget too small for the full response labels everything cheaply instead
+    cheap = assign_label_tiers(efields, spread, budget=8, full_cost=10, max_full=1)
+    assert {plan.tier for plan in cheap} == {ENERGY_FORCES, FIELD_FRAMES} and len(cheap) == 5
+    assert sum(plan.cost for plan in cheap) == 8
+    # no spread known: nobody is upgraded
+    assert FULL not in {plan.tier for plan in assign_label_tiers(efields, None, 100, 10, 2)}
+    assert len(assign_label_tiers(efields, spread, budget=0, full_cost=10, max_full=1)) == 0
 
 
 def test_collapsed_frames_are_failed_not_candidates():
@@ -105,7 +166,7 @@ def test_select_candidates_deduplicates_copies():
     frame = batio3_atoms(0.1, seed=5)
     frames = [frame.copy() for _ in range(4)]
     selected, statistics = select_candidates(frames, [0.2] * 4, SelectionCriteria(force_lower=0.1, force_upper=0.5))
-    assert selected == [0]
+    assert len(selected) == 1 and selected[0] in range(4)
     assert statistics["num_candidates"] == 4
 
 

@@ -1,15 +1,31 @@
 """`polmodel.active_learning`: label -> train an ensemble -> explore -> select -> label -> merge, until converged.
 
-Every number the loop decides on is a node made by a calcfunction (merged datasets, candidate structures, the
-per-iteration summary), so `verdi node graph generate` on the final model walks back to the pw.x runs.
-Convergence (DP-GEN's accurate ratio): the share of explored frames the ensemble does not trust (candidates and
-failed) falls below `candidate_fraction_threshold`; otherwise the loop stops after `max_iterations` trainings.
+Every number the loop decides on is a node made by a calcfunction (perturbed initial structures, merged datasets,
+exploration conditions, adapted trust window, label plan, the per-iteration summary), so `verdi node graph
+generate` on the final model walks back to the pw.x runs.
+
+- Initial data (DP-GEN's way, `polmodel.initial_data`): each given structure and `initial_data.count` strained and
+  displaced copies of it, labelled with the cheapest tier (`energy_forces`, one zero-field SCF each).
+- Training starts from the previous iteration's model (`initial_model`, warm start) with a new seed.
+- Exploration follows a schedule of stages (`polmodel.exploration`): temperatures, field amplitude and run length
+  of the current stage; the loop moves to the next stage once the accurate fraction of an iteration reaches
+  `stage_threshold`. Fields stay within the range the labels cover plus `field_margin`. Every iteration draws
+  fresh MD seeds.
+- Selection (`polmodel.selection`): the lower trust level follows the model's validation force error, candidates
+  are drawn at random (seeded by the iteration) within the window, near-duplicates removed; a frame above the upper
+  level is never labelled.
+- Labels: every selected frame gets the cheap tier at the field it was sampled at, the frames with the largest
+  P / Z* spread the full response, within a budget of `label_budget` pw.x runs per iteration.
+Convergence (DP-GEN's accurate ratio): in the last stage, the share of explored frames the ensemble does not trust
+(candidates and failed) falls below `candidate_fraction_threshold`; otherwise the loop stops after
+`max_iterations` trainings.
 """
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import WorkflowFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 
+from polmodel.exploration import next_stage
 from polmodel.plugins.data import FramesData, ModelData, merge_frames
 from polmodel.workflows.explore import ExploreWorkChain
 from polmodel.workflows.train_ensemble import TrainEnsembleWorkChain
@@ -17,16 +33,88 @@ from polmodel.workflows.train_ensemble import TrainEnsembleWorkChain
 FIELD_RESPONSE_ENTRY_POINT = "polmodel.dft.field_response"
 
 
+#: pw.x runs of one full field-response label under the `fast` protocol: zero-field SCF, three Berry-phase runs and
+#: six lelfield SCFs at ±ε along x, y, z (16 where the protocol adds string extrapolation: balanced, stringent).
+FULL_LABEL_COST = 10
+
+
 @calcfunction
-def candidate_structures(candidates):
-    """One StructureData per candidate frame, keyed `structure_000`, ... (links them to the candidate set)."""
+def initial_structures(parameters, **structures):
+    """Each given structure (key `<key>_000`) and its strained and displaced copies (`<key>_001`, ...)."""
+    from polmodel.initial_data import perturbed_structures
+
+    values = parameters.get_dict()
+    result = {}
+    for position, key in enumerate(sorted(structures)):
+        atoms = structures[key].get_ase()
+        copies = perturbed_structures(atoms, values["count"], values["max_strain"], values["max_displacement"],
+                                      seed=values["seed"] + position)
+        for index, perturbed in enumerate([atoms, *copies]):
+            result[f"{key}_{index:03d}"] = orm.StructureData(ase=perturbed)
+    return result
+
+
+@calcfunction
+def plan_candidate_labels(candidates, budget, full_cost, max_full):
+    """The label plan of the candidates within `budget` pw.x runs (`polmodel.selection.assign_label_tiers`):
+    one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key the
+    tier, the field vectors and the pw.x runs)."""
+    import numpy as np
+
+    from polmodel.selection import assign_label_tiers
+
+    frames = candidates.get_atoms()
+    efields = [np.asarray(frame.info.get("efield", np.zeros(3)), dtype=float) for frame in frames]
+    spread = [float(frame.info.get("response_spread", 0.0)) for frame in frames]
+    plans = assign_label_tiers(efields, spread, budget.value, full_cost.value, max_full.value)
+    result, plan = {}, {}
+    for entry in plans:
+        key = f"structure_{entry.index:03d}"
+        result[key] = orm.StructureData(ase=frames[entry.index])
+        plan[key] = {"tier": entry.tier, "field_vectors": [list(vector) for vector in entry.fields],
+                     "cost": entry.cost}
+    result["plan"] = orm.Dict({"labels": plan, "num_candidates": len(frames),
+                               "pw_runs": sum(entry.cost for entry in plans), "budget": budget.value})
+    return result
+
+
+@calcfunction
+def exploration_conditions(dataset, metrics, explore_fields, schedule, stage, margin, parameters, selection,
+                           iteration):
+    """The MD conditions and the trust window of one exploration.
+
+    fields: the shapes of `explore_fields` at peak min(stage amplitude, largest labelled field + margin);
+    temperatures and steps: the stage's; parameters: the MD parameters with the stage's steps and a seed of its
+    own per iteration (base seed + 1000 × iteration); selection: the criteria with the lower trust level from the
+    validation force RMSE (`adapt_trust_window`) and a random-draw seed of the iteration.
+    """
+    from polmodel.exploration import ExplorationStage, covered_field, field_peak, stage_field_protocols
+    from polmodel.plugins.parsers import validation_errors
+    from polmodel.selection import SelectionCriteria, adapt_trust_window
+
+    current = ExplorationStage.from_dict(schedule.get_list()[stage.value])
+    covered = covered_field(dataset.get_atoms())
+    fields = stage_field_protocols(explore_fields.get_list(), current.field_amplitude, covered, margin.value)
+    md = parameters.get_dict()
+    md["steps"] = current.steps
+    md["seed"] = md.get("seed", 0) + 1000 * iteration.value
+    criteria = selection.get_dict()
+    criteria["seed"] = criteria.get("seed", 0) + iteration.value
+    force_rmse = validation_errors(metrics.get_dict()).get("forces", {}).get("rmse")
+    adapted = adapt_trust_window(SelectionCriteria.from_dict(criteria), force_rmse)
     return {
-        f"structure_{index:03d}": orm.StructureData(ase=atoms) for index, atoms in enumerate(candidates.get_atoms())
+        "fields": orm.List(fields),
+        "temperatures": orm.List(list(current.temperatures)),
+        "parameters": orm.Dict(md),
+        "selection": orm.Dict(adapted.as_dict()),
+        "summary": orm.Dict({"covered_field": covered, "field_amplitude": max(field_peak(f) for f in fields),
+                             "temperatures": list(current.temperatures), "steps": current.steps,
+                             "force_lower": adapted.force_lower, "force_upper": adapted.force_upper}),
     }
 
 
 @calcfunction
-def summarize_iteration(iteration, dataset, metrics, statistics, threshold):
+def summarize_iteration(iteration, dataset, metrics, statistics, threshold, conditions, stage, last_stage):
     """The record of one iteration: dataset size, validation errors, candidate fraction, converged or not."""
     from polmodel.plugins.parsers import validation_errors
     from polmodel.selection import is_converged
@@ -43,7 +131,9 @@ def summarize_iteration(iteration, dataset, metrics, statistics, threshold):
             "accurate_fraction": stats["accurate_fraction"],
             "num_selected": stats["num_selected"],
             "threshold": threshold.value,
-            "converged": is_converged(stats, threshold.value),
+            "stage": stage.value,
+            "exploration": conditions.get_dict(),
+            "converged": bool(last_stage.value) and is_converged(stats, threshold.value),
         }
     )
 
@@ -67,9 +157,21 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         super().define(spec)
         spec.input_namespace(
             "structures", valid_type=orm.StructureData, dynamic=True,
-            help="Initial structures: labelled first (unless `initial_frames` is given) and MD starting points.",
+            help="Initial structures: labelled first, with perturbed copies (unless `initial_frames` is given), and "
+                 "MD starting points.",
         )
         spec.input("initial_frames", valid_type=FramesData, required=False, help="Labelled frames to start from.")
+        spec.input_namespace("initial_data", help="Strained and displaced copies of each structure (DP-GEN init).")
+        spec.input("initial_data.count", valid_type=orm.Int, default=lambda: orm.Int(6),
+                   help="Copies per structure (0: the structures alone).")
+        spec.input("initial_data.max_strain", valid_type=orm.Float, default=lambda: orm.Float(0.03),
+                   help="Largest strain component (fraction).")
+        spec.input("initial_data.max_displacement", valid_type=orm.Float, default=lambda: orm.Float(0.05),
+                   help="Largest displacement component, Å.")
+        spec.input("initial_data.seed", valid_type=orm.Int, default=lambda: orm.Int(0))
+        spec.input("initial_data.tier", valid_type=orm.Str, default=lambda: orm.Str("energy_forces"),
+                   help="Label tier of the initial structures: the cheapest by default (DP-GEN); `full` gives the "
+                        "first model Born charges and polarizability from the start.")
         spec.input_namespace("label", help="Inputs of the DFT labelling (FieldResponseWorkChain protocol builder).")
         spec.input("label.code", valid_type=orm.AbstractCode, help="pw.x code.")
         spec.input("label.protocol", valid_type=orm.Str, default=lambda: orm.Str("fast"))
@@ -77,8 +179,23 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         spec.input("label.pseudo_family", valid_type=orm.Str, required=False)
         spec.input("label.options", valid_type=orm.Dict, required=False,
                    help="CalcJob options of the pw.x runs (resources, queue, wallclock) on the chosen computer.")
-        spec.expose_inputs(TrainEnsembleWorkChain, namespace="train", exclude=("frames",))
+        spec.input("label_budget", valid_type=orm.Int, default=lambda: orm.Int(20),
+                   help="pw.x runs the labels of one iteration may cost (energy_forces 1, field_frames 2, full "
+                        "`full_label_cost`).")
+        spec.input("full_label_cost", valid_type=orm.Int, default=lambda: orm.Int(FULL_LABEL_COST),
+                   help="pw.x runs of one full field-response label under the chosen protocol.")
+        spec.input("max_full_labels", valid_type=orm.Int, default=lambda: orm.Int(1),
+                   help="Frames per iteration, those of largest P / Z* spread, that get the full response.")
+        spec.expose_inputs(TrainEnsembleWorkChain, namespace="train", exclude=("frames", "initial_model"))
         spec.expose_inputs(ExploreWorkChain, namespace="explore", exclude=("model", "structures"))
+        spec.input("schedule", valid_type=orm.List, required=False,
+                   help="Exploration stages [{temperatures, field_amplitude (V/Å), steps}], never getting easier; "
+                        "default one stage of `explore.temperatures`, the peak of `explore.fields` and "
+                        "`explore.parameters['steps']`.")
+        spec.input("stage_threshold", valid_type=orm.Float, default=lambda: orm.Float(0.9),
+                   help="Accurate fraction of an iteration at which the next iteration explores the next stage.")
+        spec.input("field_margin", valid_type=orm.Float, default=lambda: orm.Float(0.02),
+                   help="V/Å beyond the largest labelled field that the exploration may apply.")
         spec.input("candidate_fraction_threshold", valid_type=orm.Float, default=lambda: orm.Float(0.05))
         spec.input("max_iterations", valid_type=orm.Int, default=lambda: orm.Int(5))
         spec.outline(
@@ -102,13 +219,18 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         spec.exit_code(401, "ERROR_NO_STRUCTURES", message="no initial structures were given")
         spec.exit_code(402, "ERROR_EMPTY_INITIAL_SET", message="the initial labelled set is empty: {reason}")
         spec.exit_code(403, "ERROR_UNKNOWN_SPECIES", message="structure {key} contains {unknown}, data species: {known}")
+        spec.exit_code(404, "ERROR_INVALID_SCHEDULE", message="invalid exploration schedule or budget: {error}")
         # 450-499: a child failed in a way the loop cannot continue from.
         spec.exit_code(450, "ERROR_TRAINING_FAILED", message="training in iteration {iteration} failed: {child}")
         spec.exit_code(451, "ERROR_EXPLORATION_FAILED", message="exploration in iteration {iteration} failed: {child}")
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self):
+        """Context, and the checks of inputs that would only fail later: structures, schedule, budget."""
+        from polmodel.exploration import ExplorationStage, field_peak, validate_schedule
+
         self.ctx.iteration = 0
+        self.ctx.stage = 0
         self.ctx.converged = False
         self.ctx.summaries = {}
         self.ctx.dataset = self.inputs.get("initial_frames")
@@ -116,42 +238,80 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         self.ctx.candidates = None
         if not self.inputs.structures:
             return self.exit_codes.ERROR_NO_STRUCTURES
+        try:
+            if "schedule" in self.inputs:
+                stages = validate_schedule(self.inputs.schedule.get_list())
+            else:
+                explore = self.inputs.explore
+                stages = [ExplorationStage(
+                    temperatures=explore.temperatures.get_list(),
+                    field_amplitude=max(field_peak(f) for f in explore.fields.get_list()),
+                    steps=explore.parameters.get_dict()["steps"],
+                )]
+            from polmodel.selection import TIERS
+
+            if self.inputs.initial_data.tier.value not in TIERS:
+                raise ValueError(f"initial_data.tier must be one of {TIERS}, got {self.inputs.initial_data.tier.value!r}")
+            if min(self.inputs.label_budget.value, self.inputs.full_label_cost.value) < 1:
+                raise ValueError("label_budget and full_label_cost must be >= 1 pw.x run")
+            if self.inputs.max_full_labels.value < 0:
+                raise ValueError("max_full_labels must be >= 0")
+            if self.inputs.field_margin.value < 0:
+                raise ValueError("field_margin must be >= 0 V/Å")
+        except (KeyError, TypeError, ValueError) as error:
+            return self.exit_codes.ERROR_INVALID_SCHEDULE.format(error=error)
+        self.ctx.stages = [stage.as_dict() for stage in stages]
         return None
 
     def should_label_initial(self):
         return "initial_frames" not in self.inputs
 
-    def label_builder(self, structure):
-        """The builder of one DFT label (FieldResponseWorkChain from its protocol)."""
-        FieldResponseWorkChain = WorkflowFactory(FIELD_RESPONSE_ENTRY_POINT)
+    def label_workchain(self):
+        """The labelling workchain class. Loop-logic tests override this with an analytic toy oracle of the same
+        interface (tests/toy_oracle.py); production loops always label with DFT."""
+        return WorkflowFactory(FIELD_RESPONSE_ENTRY_POINT)
+
+    def label_builder(self, structure, tier, field_vectors=()):
+        """The builder of one label of `structure` at `tier` (FieldResponseWorkChain from its protocol); a
+        `field_frames` label gets its field vectors (V/Å)."""
         label = self.inputs.label
-        kwargs = {"protocol": label.protocol.value}
+        kwargs = {"protocol": label.protocol.value, "tier": tier}
+        if field_vectors:
+            kwargs["field_vectors"] = [list(vector) for vector in field_vectors]
         if "overrides" in label:
             kwargs["overrides"] = label.overrides.get_dict()
         if "pseudo_family" in label:
             kwargs["pseudo_family"] = label.pseudo_family.value
         if "options" in label:
             kwargs["options"] = label.options.get_dict()
-        return FieldResponseWorkChain.get_builder_from_protocol(label.code, structure, **kwargs)
+        return self.label_workchain().get_builder_from_protocol(label.code, structure, **kwargs)
 
-    def submit_labels(self, structures, prefix):
-        """Submit one DFT label per structure; a structure the label workchain refuses (e.g. overlapping atoms
-        from an MD run that went astray) is reported and skipped, like a failed label."""
+    def submit_labels(self, structures, plan, prefix):
+        """Submit one label per structure at the tier of `plan` ({key: {"tier", "field_vectors"}}); a structure
+        the label workchain refuses (e.g. overlapping atoms from an MD run that went astray) is reported and
+        skipped, like a failed label."""
         futures = {}
         for key, structure in sorted(structures.items()):
+            entry = plan[key]
             try:
-                builder = self.label_builder(structure)
+                builder = self.label_builder(structure, entry["tier"], entry.get("field_vectors", ()))
             except ValueError as error:
-                self.report(f"DFT label {prefix}_{key} refused before any pw.x run: {error}; skipped")
+                self.report(f"label {prefix}_{key} refused before any pw.x run: {error}; skipped")
                 continue
             builder.metadata.call_link_label = f"{prefix}_{key}"
             futures[f"{prefix}_{key}"] = self.submit(builder)
         self.ctx.label_keys = sorted(futures)
-        self.report(f"submitted {len(futures)} DFT labels ({prefix})")
+        tiers = sorted({plan[key]["tier"] for key in structures})
+        self.report(f"submitted {len(futures)} labels ({prefix}; tiers {', '.join(tiers)})")
         return ToContext(**futures)
 
     def run_initial_labels(self):
-        return self.submit_labels(dict(self.inputs.structures), "label_initial")
+        """Label each structure and its perturbed copies with `initial_data.tier` (by default the cheapest: one
+        zero-field SCF each)."""
+        perturbation = {key: node.value for key, node in self.inputs.initial_data.items() if key != "tier"}
+        structures = initial_structures(orm.Dict(perturbation), **self.inputs.structures)
+        plan = {key: {"tier": self.inputs.initial_data.tier.value} for key in structures}
+        return self.submit_labels(structures, plan, "label_initial")
 
     def inspect_labels(self):
         """Merge the frames of every finished label into the dataset; a failed label is reported and skipped."""
@@ -202,6 +362,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         parameters["seed"] = parameters.get("seed", 0) + 100 * self.ctx.iteration
         train_inputs["parameters"] = orm.Dict(parameters)
         inputs["train"] = train_inputs
+        if "model" in self.ctx:
+            # Warm start: the previous ensemble's weights, so each iteration refines instead of starting over.
+            # (`initial_model` is the training branch's port of TrainEnsembleWorkChain.)
+            inputs["initial_model"] = self.ctx.model
         inputs.setdefault("metadata", {})
         inputs["metadata"]["call_link_label"] = f"train_iteration_{self.ctx.iteration:02d}"
         self.report(f"iteration {self.ctx.iteration}: training on {self.ctx.dataset.count} frames")
@@ -217,7 +381,23 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         return None
 
     def run_explore(self):
+        """Explore the current stage: conditions and trust window from a calcfunction (fresh seeds each time)."""
+        explore = self.inputs.explore
+        conditions = exploration_conditions(
+            dataset=self.ctx.dataset,
+            metrics=self.ctx.metrics,
+            explore_fields=explore.fields,
+            schedule=orm.List(self.ctx.stages),
+            stage=orm.Int(self.ctx.stage),
+            margin=self.inputs.field_margin,
+            parameters=explore.parameters,
+            selection=explore.selection if "selection" in explore else orm.Dict({}),
+            iteration=orm.Int(self.ctx.iteration),
+        )
+        self.ctx.conditions = conditions["summary"]
         inputs = self.exposed_inputs(ExploreWorkChain, "explore")
+        for key in ("fields", "temperatures", "parameters", "selection"):
+            inputs[key] = conditions[key]
         inputs["model"] = self.ctx.model
         inputs["structures"] = dict(self.inputs.structures)
         inputs.setdefault("metadata", {})
@@ -237,14 +417,24 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             metrics=self.ctx.metrics,
             statistics=node.outputs.statistics,
             threshold=self.inputs.candidate_fraction_threshold,
+            conditions=self.ctx.conditions,
+            stage=orm.Int(self.ctx.stage),
+            last_stage=orm.Bool(self.ctx.stage == len(self.ctx.stages) - 1),
         )
         key = f"iteration_{self.ctx.iteration:02d}"
         self.ctx.summaries[key] = summary
         self.out(f"iterations.{key}", summary)
         record = summary.get_dict()
         self.ctx.converged = record["converged"]
+        stage = next_stage(self.ctx.stage, record["accurate_fraction"], self.inputs.stage_threshold.value,
+                           len(self.ctx.stages))
+        if stage != self.ctx.stage:
+            self.report(f"accurate fraction {record['accurate_fraction']:.3f} reached the stage threshold: "
+                        f"stage {stage} next")
+            self.ctx.stage = stage
         self.report(
-            f"iteration {record['iteration']}: dataset {record['dataset_size']} frames; validation MAE "
+            f"iteration {record['iteration']} (stage {record['stage']}): dataset {record['dataset_size']} frames; "
+            "validation MAE "
             f"{format_errors(record['validation'])}; candidate fraction {record['candidate_fraction']:.3f} "
             f"(failed {record['failed_fraction']:.3f}); {record['num_selected']} selected; "
             f"{'converged' if record['converged'] else 'not converged'}"
@@ -260,8 +450,13 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         )
 
     def run_candidate_labels(self):
-        structures = candidate_structures(self.ctx.candidates)
-        return self.submit_labels(structures, f"label_iter{self.ctx.iteration:02d}")
+        """Label the candidates at their planned tiers within the iteration's budget of pw.x runs."""
+        result = plan_candidate_labels(self.ctx.candidates, self.inputs.label_budget, self.inputs.full_label_cost,
+                                       self.inputs.max_full_labels)
+        plan = result.pop("plan").get_dict()
+        self.report(f"label plan: {len(plan['labels'])} of {plan['num_candidates']} candidates, "
+                    f"{plan['pw_runs']} of {plan['budget']} pw.x runs")
+        return self.submit_labels(result, plan["labels"], f"label_iter{self.ctx.iteration:02d}")
 
     # ------------------------------------------------------------------------------------------------ results
     def results(self):

@@ -17,7 +17,10 @@ MdCalculation = CalculationFactory("polmodel.md")
 def select_from_trajectories(criteria, **trajectories):
     """Candidates (a FramesData of unlabelled structures) and statistics from ensemble-MD trajectories.
 
-    Each candidate's `info['origin']` is "<trajectory UUID>:<frame index>". A trajectory's frame at step 0 is its
+    Each candidate's `info['origin']` is "<trajectory UUID>:<frame index>", `info['efield']` the field (V/Å) it was
+    sampled at (its label follows that field), and `info['response_spread']` its Born-charge spread (e) where the
+    MD recorded one, else the norm of its polarization spread (e/Å²), which decides who gets the full response
+    label (`polmodel.selection.assign_label_tiers`). A trajectory's frame at step 0 is its
     starting structure, which the loop has labelled already (the demo once spent a DFT label on it): it is neither
     classified nor counted.
     """
@@ -27,7 +30,7 @@ def select_from_trajectories(criteria, **trajectories):
     import numpy as np
 
     rules = SelectionCriteria.from_dict(criteria.get_dict())
-    frames, force_std, polarization_std, born_std, origins = [], [], [], [], []
+    frames, force_std, polarization_std, born_std, origins, efields = [], [], [], [], [], []
     for key in sorted(trajectories):
         trajectory = trajectories[key]
         names = trajectory.get_arraynames()
@@ -46,6 +49,8 @@ def select_from_trajectories(criteria, **trajectories):
         born = trajectory.get_array("max_born_charge_std") if "max_born_charge_std" in names else np.zeros(count)
         born_std.append(born[explored])
         origins.extend(f"{trajectory.uuid}:{index}" for index in np.flatnonzero(explored))
+        field = trajectory.get_array("efield").reshape(count, 3) if "efield" in names else np.zeros((count, 3))
+        efields.extend(field[explored])
 
     selected, statistics = select_candidates(
         frames,
@@ -54,10 +59,14 @@ def select_from_trajectories(criteria, **trajectories):
         polarization_std=np.concatenate(polarization_std) if polarization_std else None,
         born_charge_std=np.concatenate(born_std) if born_std else None,
     )
+    polarization_all = np.concatenate(polarization_std) if polarization_std else np.zeros(0)
+    born_all = np.concatenate(born_std) if born_std else np.zeros(0)
     candidates = []
     for index in selected:
         atoms = frames[index].copy()
-        atoms.info = {"origin": origins[index]}
+        spread = born_all[index] if born_all[index] > 0 else polarization_all[index]
+        atoms.info = {"origin": origins[index], "efield": np.asarray(efields[index], dtype=float),
+                      "response_spread": float(spread)}
         candidates.append(atoms)
     statistics["selected_origins"] = [origins[index] for index in selected]
     return {"candidates": FramesData.from_atoms(candidates), "statistics": orm.Dict(statistics)}
@@ -168,7 +177,9 @@ class ExploreWorkChain(WorkChain):
         stats = self.ctx.statistics.get_dict()
         self.report(
             f"{stats['num_frames']} frames: {stats['num_accurate']} accurate, {stats['num_candidates']} candidates, "
-            f"{stats['num_failed']} failed; {stats['num_selected']} selected after deduplication"
+            f"{stats['num_failed']} failed (force spread mean {stats['max_force_std_mean']:.3g}, max "
+            f"{stats['max_force_std_max']:.3g} eV/Å; window [{stats['criteria']['force_lower']:.3g}, "
+            f"{stats['criteria']['force_upper']:.3g}]); {stats['num_selected']} selected after deduplication"
         )
 
     def results(self):

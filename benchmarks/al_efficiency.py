@@ -1,0 +1,259 @@
+"""How many labels the active-learning loop needs to reach a target accuracy, against random sampling.
+
+ON THE ANALYTIC TOY ORACLE (tests/toy_oracle.py: a field-dependent toy potential stands in for DFT; the same
+comparison on real pw.x labels belongs to the α-quartz issue). Pure Python: polmodel.train, polmodel.md,
+polmodel.selection, polmodel.exploration, polmodel.initial_data; no AiiDA.
+
+For each seed, both methods start from the same initial set (the ideal toy crystal and `--initial` strained and
+displaced copies, cheap tier) and the same first model. Then, per iteration:
+- loop: train an ensemble on its data, explore the current stage with ensemble MD (fresh seeds; fields capped at
+  the labelled range plus the margin; the stage advances once the accurate fraction reaches the threshold),
+  select with the adaptive trust window (random draws within it, near-duplicates removed), label within the
+  budget (cheap tier at the sampled field, the largest polarization spread gets the full response);
+- random: train the same way on its own data, then draw frames uniformly from ALL trajectories the loop has run
+  so far (the same MD), labelled with the same tier rule, spending exactly the pw.x runs the loop spent.
+After each training, both models (ensemble means) are evaluated on a held-out set drawn from a long toy MD under a
+cosine field at the hardest stage's conditions: forces (at each frame's field) and Born charges. Labels are
+counted in pw.x runs (energy_forces 1, field_frames 2, full 10). "Labels to target" is the label count at the
+first evaluation where both errors are at or below the target; a method that never gets there within
+`--iterations` is counted at its last label count plus one iteration's budget, and the printed number is then a
+lower bound (marked with >).
+
+Usage: python benchmarks/al_efficiency.py [--seeds 3] [--iterations 8] ...
+The last line reads `labels to target: loop N, random M, ratio R` (N, M means over the seeds, R = N / M).
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from toy_oracle import toy_label_frames  # noqa: E402  (the toy oracle lives with the tests)
+from toy_potential import ToyIonicCalculator, reference_crystal  # noqa: E402
+
+from polmodel.exploration import (ExplorationStage, covered_field, next_stage,  # noqa: E402
+                                  stage_field_protocols)
+from polmodel.initial_data import perturbed_structures  # noqa: E402
+from polmodel.selection import (ENERGY_FORCES, FULL, SelectionCriteria, adapt_trust_window,  # noqa: E402
+                                assign_label_tiers, select_candidates)
+
+REPEAT = (2, 1, 1)  # 4-atom toy cell: seconds per training on one loaded core
+HYPERPARAMETERS = {"num_features": 4, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
+                   "readout_hidden": 4}
+STAGES = [ExplorationStage((150.0,), 0.0, 100), ExplorationStage((300.0,), 0.05, 150),
+          ExplorationStage((600.0,), 0.1, 200)]
+FIELD_SHAPES = [{"kind": "cosine", "amplitude": 1.0, "period_fs": 100.0, "axis": [1, 1, 1]}]
+FULL_COST = 10
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--initial", type=int, default=8, help="perturbed copies in the initial set")
+    parser.add_argument("--budget", type=int, default=16, help="pw.x runs per iteration")
+    parser.add_argument("--max-candidates", type=int, default=4)
+    parser.add_argument("--max-full", type=int, default=1)
+    parser.add_argument("--ensemble", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--force-target", type=float, default=0.07, help="eV/Å, held-out force MAE")
+    parser.add_argument("--born-target", type=float, default=0.12, help="e, held-out Born-charge MAE")
+    parser.add_argument("--force-lower", type=float, default=0.01, help="floor of the lower trust level, eV/Å")
+    parser.add_argument("--force-lower-factor", type=float, default=0.2)
+    parser.add_argument("--force-upper", type=float, default=1.0)
+    parser.add_argument("--stage-threshold", type=float, default=0.7)
+    parser.add_argument("--field-margin", type=float, default=0.03)
+    parser.add_argument("--test-frames", type=int, default=30)
+    return parser.parse_args(argv)
+
+
+def training_config(args, seed):
+    """Small batches at a high learning rate and no validation split: with lr 1e-2, batches of 4 and one
+    validation structure (often the ideal crystal, zero forces by symmetry) the tiny models of the first run
+    predicted ~0 forces, their members agreed everywhere, and the loop selected nothing (notes/loop.md)."""
+    from polmodel.train import TrainingConfig
+
+    return TrainingConfig(cutoff=4.5, hyperparameters=HYPERPARAMETERS, epochs=args.epochs, batch_size=2,
+                          learning_rate=3e-2, patience=args.epochs, validation_fraction=0.0, seed=seed, quiet=True)
+
+
+def label(atoms, tier, fields, source):
+    return toy_label_frames(atoms, tier, fields, source=source, repeat=REPEAT)
+
+
+def held_out_frames(args, seed):
+    """Frames of a long toy MD (the oracle's own forces) at the hardest stage under a cosine field: Born charges at
+    zero field, and forces at the frame's field."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from polmodel.fields import field_protocol_from_dict
+
+    hardest = STAGES[-1]
+    reference = reference_crystal(REPEAT)
+    protocol = field_protocol_from_dict(
+        stage_field_protocols(FIELD_SHAPES[:1], hardest.field_amplitude, np.inf, 0.0)[0])
+    rng = np.random.default_rng(10_000 + seed)
+    atoms = reference.copy()
+    calculator = ToyIonicCalculator(reference.get_scaled_positions())
+    atoms.calc = calculator
+    MaxwellBoltzmannDistribution(atoms, temperature_K=hardest.temperatures[0], rng=rng)
+    dynamics = Langevin(atoms, 1.0 * units.fs, temperature_K=hardest.temperatures[0], friction=0.02, rng=rng)
+    frames, step = [], 0
+    while len(frames) < 2 * args.test_frames:
+        calculator.efield = protocol(step * 1.0)  # the field changes every 25 fs: a 100 fs period in 4 steps
+        dynamics.run(25)
+        step += 25
+        if step > 200:  # after equilibration
+            snapshot = atoms.copy()
+            snapshot.calc = None
+            frames.append(label(snapshot, FULL, (), f"held-out-{seed}")[0])
+            frames.extend(label(snapshot, "field_frames", [protocol(step * 1.0)], f"held-out-{seed}")[1:])
+    return frames
+
+
+def errors(model, frames):
+    from polmodel.train import evaluate
+
+    metrics = evaluate(model, frames)
+    return metrics["forces"]["mae"], metrics["born_effective_charges"]["mae"]
+
+
+def explore(ensemble, dataset, stage, args, seed, iteration, workdir):
+    """Ensemble MD of the stage from the ideal crystal; returns explored frames (step 0 left out)."""
+    from polmodel.calculator import PolCalculator
+    from polmodel.fields import field_protocol_from_dict
+    from polmodel.md import read_trajectory, run_md
+
+    covered = covered_field(dataset)
+    protocols = stage_field_protocols(FIELD_SHAPES, stage.field_amplitude, covered, args.field_margin)
+    frames = []
+    for index, field in enumerate(protocols):
+        for temperature in stage.temperatures:
+            path = Path(workdir) / f"md_{seed}_{iteration}_{index}_{int(temperature)}.xyz"
+            calculator = PolCalculator(ensemble)
+            run_md(reference_crystal(REPEAT), calculator, field_protocol_from_dict(field), steps=stage.steps,
+                   timestep_fs=2.0, temperature_K=temperature, thermostat="langevin", friction=0.02, interval=5,
+                   trajectory_path=path, restart=False, progress=False,
+                   seed=1000 * seed + 10 * iteration + index)
+            frames.extend(frame for frame in read_trajectory(path) if frame.info.get("step", 0) != 0)
+    return frames
+
+
+def plan_and_label(frames, order, args, source):
+    """Labels of frames[order] under the tier rule within the budget; returns (new labelled frames, pw.x runs)."""
+    efields = [frames[i].info.get("efield", np.zeros(3)) for i in order]
+    spread = [float(np.linalg.norm(frames[i].info.get("polarization_std", np.zeros(3)))) for i in order]
+    plans = assign_label_tiers(efields, spread, args.budget, FULL_COST, args.max_full)
+    labelled = []
+    for plan in plans:
+        atoms = frames[order[plan.index]].copy()
+        atoms.calc = None
+        labelled.extend(label(atoms, plan.tier, plan.fields, source))
+    return labelled, sum(plan.cost for plan in plans)
+
+
+def run_seed(args, seed, workdir, log):
+    from polmodel.train import train_ensemble
+
+    reference = reference_crystal(REPEAT)
+    held_out = held_out_frames(args, seed)
+    initial = []
+    for index, atoms in enumerate([reference, *perturbed_structures(reference, args.initial, 0.03, 0.1, seed=seed)]):
+        initial.extend(label(atoms, ENERGY_FORCES, (), f"initial-{index}"))
+    initial_runs = 1 + args.initial
+    loop_data, random_data = list(initial), list(initial)
+    curves = {"loop": [], "random": []}
+    runs = {"loop": initial_runs, "random": initial_runs}
+    pool, stage_index = [], 0
+    rng = np.random.default_rng(seed)
+    criteria = SelectionCriteria(force_lower=args.force_lower, force_upper=args.force_upper,
+                                 force_lower_factor=args.force_lower_factor, max_candidates=args.max_candidates,
+                                 similarity_tolerance=0.01, min_distance=1.0)
+    for iteration in range(args.iterations):
+        config = training_config(args, seed * 100 + iteration)
+        loop_model, loop_metrics = train_ensemble(loop_data, config, args.ensemble, bootstrap=True)
+        random_model = loop_model if iteration == 0 else train_ensemble(random_data, config, args.ensemble, bootstrap=True)[0]
+        for name, model in (("loop", loop_model), ("random", random_model)):
+            force, born = errors(model, held_out)
+            curves[name].append((runs[name], force, born))
+        stage = STAGES[stage_index]
+        explored = explore(loop_model, loop_data, stage, args, seed, iteration, workdir)
+        pool.extend(explored)
+        force_rmse = loop_metrics["validation"]["forces"]["rmse"]  # on the training frames here
+        window = adapt_trust_window(SelectionCriteria(**{**criteria.as_dict(), "seed": 1000 * seed + iteration}),
+                                    force_rmse)
+        spreads = np.array([frame.info["max_force_std"] for frame in explored])
+        selected, statistics = select_candidates(explored, spreads, window)
+        new, spent = plan_and_label(explored, selected, args, f"loop-{iteration}")
+        loop_data.extend(new)
+        runs["loop"] += spent
+        # random: uniform draws from every trajectory the loop has run so far, the same pw.x runs
+        order = list(rng.permutation(len(pool)))
+        new_random, spent_random = [], 0
+        while spent_random < spent and order:
+            chunk, order = order[:args.max_candidates], order[args.max_candidates:]
+            labelled, cost = plan_and_label(pool, chunk, argparse.Namespace(**{**vars(args),
+                                                                               "budget": spent - spent_random}),
+                                            f"random-{iteration}")
+            if not cost:
+                break
+            new_random.extend(labelled)
+            spent_random += cost
+        random_data.extend(new_random)
+        runs["random"] += spent_random
+        log(f"seed {seed} iteration {iteration} stage {stage_index} (T {stage.temperatures}, field cap "
+            f"{min(stage.field_amplitude, covered_field(loop_data) + args.field_margin):.3f}): "
+            f"loop F {curves['loop'][-1][1]:.4f} Z* {curves['loop'][-1][2]:.4f} | random F "
+            f"{curves['random'][-1][1]:.4f} Z* {curves['random'][-1][2]:.4f} | accurate "
+            f"{statistics['accurate_fraction']:.2f}, window [{window.force_lower:.3f}, {window.force_upper:.2f}], "
+            f"spread p10/50/90 {np.percentile(spreads, 10):.3f}/{np.percentile(spreads, 50):.3f}/"
+            f"{np.percentile(spreads, 90):.3f}, selected {len(selected)}, loop runs {runs['loop']}, random runs {runs['random']}")
+        stage_index = next_stage(stage_index, statistics["accurate_fraction"], args.stage_threshold, len(STAGES))
+    return curves
+
+
+def labels_to_target(curve, args):
+    """(label count, reached) at the first point where both errors meet the target."""
+    for count, force, born in curve:
+        if force <= args.force_target and born <= args.born_target:
+            return count, True
+    return curve[-1][0] + args.budget, False
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    start = time.monotonic()
+
+    def log(message):
+        print(f"[{time.monotonic() - start:6.0f} s] {message}", flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for seed in range(args.seeds):
+            curves = run_seed(args, seed, workdir, log)
+            loop_count, loop_reached = labels_to_target(curves["loop"], args)
+            random_count, random_reached = labels_to_target(curves["random"], args)
+            rows.append((seed, loop_count, loop_reached, random_count, random_reached))
+    print(f"target: held-out force MAE <= {args.force_target} eV/Å and Born-charge MAE <= {args.born_target} e "
+          f"({args.test_frames} frames of toy MD at {STAGES[-1].temperatures[0]:.0f} K under a cosine field of "
+          f"{STAGES[-1].field_amplitude} V/Å); labels in pw.x runs")
+    print("seed  loop  random  ratio")
+    for seed, loop_count, loop_reached, random_count, random_reached in rows:
+        print(f"{seed:4d}  {'' if loop_reached else '>'}{loop_count:4d}  {'' if random_reached else '>'}"
+              f"{random_count:6d}  {loop_count / random_count:5.2f}")
+    loop_mean = float(np.mean([row[1] for row in rows]))
+    random_mean = float(np.mean([row[3] for row in rows]))
+    print(f"wall time {time.monotonic() - start:.0f} s; seeds {args.seeds}; "
+          f"{'' if all(row[2] for row in rows) else 'loop did not reach the target in every seed; '}"
+          f"{'' if all(row[4] for row in rows) else 'random did not reach the target in every seed (lower bound); '}")
+    print(f"labels to target: loop {loop_mean:.0f}, random {random_mean:.0f}, ratio {loop_mean / random_mean:.2f}")
+
+
+if __name__ == "__main__":
+    main()
