@@ -203,10 +203,13 @@ def test_overrides_reach_the_children(pw_code, polmodel_code, pseudo_family):
     assert builder.explore.parameters["steps"] == 11 and builder.explore.parameters["timestep"] == 2.0  # fast kept
     assert builder.explore.temperatures.get_list() == [50.0] and builder.explore.selection["max_candidates"] == 1
     assert builder.max_iterations.value == 2
+    assert builder.initial_data.count.value == 6 and builder.label_budget.value == 20  # fast's loop economy
+    assert [stage["steps"] for stage in builder.schedule.get_list()] == [200, 400]
     # the loop's own label_builder makes each DFT label's builder from these inputs
-    loop = AttributeDict({"inputs": AttributeDict(builder._inputs(prune=True))})
+    loop = AttributeDict({"inputs": AttributeDict(builder._inputs(prune=True)),
+                          "label_workchain": lambda: ActiveLearningWorkChain.label_workchain(None)})
     loop.inputs.label = AttributeDict(loop.inputs.label)
-    label = ActiveLearningWorkChain.label_builder(loop, builder.structures["cubic"])
+    label = ActiveLearningWorkChain.label_builder(loop, builder.structures["cubic"], "full")
     assert label.scf.kpoints_distance.value == 0.55
     assert label.field_magnitude.value == 0.0364  # the fast field-response protocol
 
@@ -219,6 +222,12 @@ def test_bad_protocol_inputs_are_refused(pw_code, polmodel_code, pseudo_family):
     with pytest.raises(ValueError, match="force_lower < force_upper"):
         ActiveLearningWorkChain.get_builder_from_protocol(
             pw_code, polmodel_code, batio3_atoms(), overrides={"explore": {"selection": {"force_upper": 0.01}}})
+    with pytest.raises(ValueError, match="max_iteration"):  # a typo'd override key is refused, not ignored
+        ActiveLearningWorkChain.get_builder_from_protocol(
+            pw_code, polmodel_code, batio3_atoms(), overrides={"max_iteration": 2})
+    with pytest.raises(ValueError, match="label_budgt"):
+        ActiveLearningWorkChain.get_builder_from_protocol(
+            pw_code, polmodel_code, batio3_atoms(), overrides={"label_budgt": 2})
     squeezed = batio3_atoms()
     squeezed.positions[1] = squeezed.positions[0] + [0.2, 0.0, 0.0]
     with pytest.raises(ValueError, match="overlapping atoms"):

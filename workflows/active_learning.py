@@ -488,6 +488,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         """
         from polmodel.selection import SelectionCriteria
 
+        from .protocol_utils import merge_overrides
         from .structures import as_structure_namespace
 
         pw_code = orm.load_code(pw_code) if isinstance(pw_code, str) else pw_code
@@ -495,7 +496,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         structures = as_structure_namespace(structures)
         if not structures:
             raise ValueError("no structures were given")
-        inputs = cls.get_protocol_inputs(protocol, overrides)
+        inputs = merge_overrides(cls.get_protocol_inputs(protocol), overrides, spec=cls.spec().inputs)
         SelectionCriteria.from_dict(inputs["explore"]["selection"])  # refuses bad trust levels now, not mid-loop
         # Each initial label's builder, built and dropped: a structure, code, pseudopotential family or label
         # override the labels would refuse is refused now, before the loop starts.
@@ -527,6 +528,18 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         builder.explore.fields = orm.List(explore["fields"])
         builder.explore.temperatures = orm.List([float(temperature) for temperature in explore["temperatures"]])
         builder.explore.selection = orm.Dict(explore["selection"])
+        initial_data = inputs["initial_data"]
+        builder.initial_data.count = orm.Int(initial_data["count"])
+        builder.initial_data.max_strain = orm.Float(initial_data["max_strain"])
+        builder.initial_data.max_displacement = orm.Float(initial_data["max_displacement"])
+        builder.initial_data.seed = orm.Int(initial_data["seed"])
+        builder.initial_data.tier = orm.Str(initial_data["tier"])
+        builder.label_budget = orm.Int(inputs["label_budget"])
+        builder.full_label_cost = orm.Int(inputs["full_label_cost"])
+        builder.max_full_labels = orm.Int(inputs["max_full_labels"])
+        builder.schedule = orm.List(inputs["schedule"])
+        builder.stage_threshold = orm.Float(inputs["stage_threshold"])
+        builder.field_margin = orm.Float(inputs["field_margin"])
         builder.candidate_fraction_threshold = orm.Float(inputs["candidate_fraction_threshold"])
         builder.max_iterations = orm.Int(inputs["max_iterations"])
         return builder
