@@ -47,11 +47,19 @@ class PolCalculator(Calculator):
     eV/Å³), dipole (ΩP, e·Å), polarization (e/Å², periodic only), born_effective_charges (N,3,3),
     polarizability (3,3), dielectric_tensor (ε∞, periodic only). An ensemble gives the mean under these
     names and the population std over members under <name>_std.
+
+    memory_limit_gb: the memory (GB) one call may use; a cell that needs more is evaluated in spatial chunks with
+    halos, exactly (polmodel/chunked.py). Default: half of the memory the device has available at each call.
+    A budget too small for one chunk raises polmodel.chunked.MemoryBudgetError. Ensembles are evaluated whole.
     """
 
     default_parameters = {"efield": (0.0, 0.0, 0.0)}
 
-    def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None, **kwargs):
+    def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None,
+                 memory_limit_gb=None, **kwargs):
+        if memory_limit_gb is not None and not (np.isfinite(memory_limit_gb) and memory_limit_gb > 0):
+            raise ValueError(f"memory_limit_gb must be a positive number of GB, got {memory_limit_gb}")
+        self.memory_limit_gb = memory_limit_gb
         super().__init__(efield=tuple(validate_field_vector(efield, "efield").tolist()), **kwargs)
         model = _load_model(model_or_ensemble_or_path)
         parameter = next(model.parameters(), None)
@@ -125,17 +133,32 @@ class PolCalculator(Calculator):
         efield = self.efield
         if self.results and self.results_efield is not None and not np.array_equal(efield, self.results_efield):
             self.results = {}  # cached first-order results were at another field
-        data = atoms_to_graph(atoms, self.species, self.cutoff, efield=efield, dtype=self.dtype)
-        data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                for key, value in data.items()}
-        if self.is_ensemble:
-            from polmodel.ensemble import ensemble_response
-            response = ensemble_response(self.model, data, **flags)
-        else:
-            from polmodel.response import compute_response
-            response = compute_response(self.model, data, **flags)
+        response = None if self.is_ensemble else self._chunked_response(atoms, efield, flags)
+        if response is None:
+            data = atoms_to_graph(atoms, self.species, self.cutoff, efield=efield, dtype=self.dtype)
+            data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                    for key, value in data.items()}
+            if self.is_ensemble:
+                from polmodel.ensemble import ensemble_response
+                response = ensemble_response(self.model, data, **flags)
+            else:
+                from polmodel.response import compute_response
+                response = compute_response(self.model, data, **flags)
         self.results.update(self._to_results(response))
         self.results_efield = efield
+
+    def _chunked_response(self, atoms, efield, flags):
+        """The response by chunks (polmodel/chunked.py) when the cell needs more than memory_limit_gb, else None."""
+        from polmodel.chunked import chunked_response, plan_for_cell
+        from polmodel.data import species_indices
+        plan = plan_for_cell(self.model, atoms.positions, atoms.cell[:], atoms.pbc, self.memory_limit_gb,
+                             dtype=self.dtype, device=self.device, born_charges=flags["born_charges"],
+                             polarizability=flags["polarizability"])
+        if plan.one_shot:
+            return None
+        return chunked_response(self.model, atoms.positions, atoms.cell[:], atoms.pbc,
+                                species_indices(atoms.get_chemical_symbols(), self.species), efield, grid=plan.grid,
+                                memory_limit_gb=self.memory_limit_gb, dtype=self.dtype, device=self.device, **flags)
 
     def _to_results(self, response):
         results = {}
