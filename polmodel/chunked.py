@@ -27,6 +27,7 @@ edges, and the number of chunks is the smallest grid whose largest chunk fits th
 again once its neighbour list is known and split in two if it is larger than planned. A budget too small for
 a chunk of atomic size is a `MemoryBudgetError` before any work.
 """
+import logging
 import math
 from typing import NamedTuple
 
@@ -36,11 +37,14 @@ import torch
 from polmodel import keys
 from polmodel.neighbors import neighbor_list
 
-# Peak bytes per edge of one model call, float32, default-sized model (num_features 32, lmax 2, radial_hidden 64),
-# measured as peak resident memory above the baseline over edges with benchmarks/scale.py --measure-memory
-# (BaTiO3 supercells, 4.5 Å cutoff, one thread; the per-atom figure of the model_speed benchmark, ~340 KB for
-# 20,480 atoms and E+F, is ~68 edges × ~5 KB). Born charges and polarizability keep a second graph.
-BYTES_PER_EDGE = {"first_order": 5.2e3, "born_charges": 9.0e3, "polarizability": 7.0e3}
+# Peak bytes per edge of one model call, float32, default-sized model (num_features 32, lmax 2, radial_hidden 64).
+# Measured with benchmarks/scale.py (5 Å cutoff, ~50 edges per atom, one thread): compute_response alone
+# (--measure-memory, 3,645-atom BaTiO3) raises the peak resident memory by 5.8, 17.4 and 13.2 KB per edge for
+# E+F+P, + Born charges, + α; a whole PolCalculator call (neighbour list, and the heap it keeps,
+# polmodel/allocator.py) by 440 KB per atom = 8.8 KB per edge for E+F+P. The constants are the latter, with
+# the same ratios for the second-order properties.
+BYTES_PER_EDGE = {"first_order": 9.0e3, "born_charges": 27.0e3, "polarizability": 20.5e3}
+_log = logging.getLogger(__name__)
 # the default budget: this fraction of the memory available when the calculator is made
 DEFAULT_BUDGET_FRACTION = 0.5
 # a little beyond the exact halo, so that pairs at the cutoff's float rounding are never lost
@@ -356,6 +360,8 @@ def chunked_response(model, positions, cell, pbc, species_index, efield, *, grid
             keys.NUM_ATOMS: torch.tensor([len(chunk.atoms)], device=device),
         }
         own = torch.from_numpy(chunk.own).to(device)
+        _log.info("chunk of %d own atoms, %d images, %d edges (%d chunks left)", int(chunk.own.sum()),
+                  len(chunk.atoms), chunk.edge_index.shape[1], len(pending))
         response = compute_response(_OwnAtomsEnergy(model, own), data, **flags)
         image_atoms = torch.from_numpy(chunk.atoms).to(device)
         atomic_energy[image_atoms[own]] = response[keys.ATOMIC_ENERGY][own]
