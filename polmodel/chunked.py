@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from polmodel import keys
-from polmodel.neighbors import neighbor_list
+from polmodel.neighbors import open_boundary_pairs
 
 # Peak bytes per edge of one model call, float32, default-sized model (num_features 32, lmax 2, radial_hidden 64).
 # Measured with benchmarks/scale.py (5 Å cutoff, ~50 edges per atom, one thread): compute_response alone
@@ -225,13 +225,11 @@ def build_chunk(geometry, positions, model, low, high, owner_of_atom, chunk_inde
     image_positions = positions[atoms] + (shifts - wrap[atoms]) @ geometry.lattice if geometry.periodic \
         else positions[atoms].copy()
     own = np.all(shifts == 0, axis=1) & (owner_of_atom[atoms] == chunk_index)
-    edge_index, _ = neighbor_list(image_positions, np.zeros((3, 3)), np.zeros(3, dtype=bool), cutoff)
     receivers_reach = ((model.hyperparameters["num_layers"] - 1) * cutoff + _HALO_MARGIN) / geometry.widths
     image_fractional = geometry.fractional[atoms] + shifts
     receives = np.all((image_fractional >= low - receivers_reach) & (image_fractional < high + receivers_reach),
                       axis=1)
-    edge_index = edge_index[:, receives[edge_index[0]]]
-    return Chunk(atoms, image_positions, own, edge_index)
+    return Chunk(atoms, image_positions, own, open_boundary_pairs(image_positions, cutoff, receives))
 
 
 class _OwnAtomsEnergy(torch.nn.Module):
