@@ -49,7 +49,8 @@ class PolCalculator(Calculator):
     names and the population std over members under <name>_std.
 
     memory_limit_gb: the memory (GB) one call may use; a cell that needs more is evaluated in spatial chunks with
-    halos, exactly (polmodel/chunked.py). Default: half of the memory the device has available at each call.
+    halos, exactly (polmodel/chunked.py). Default: half of the memory the device has available when the
+    calculator is made.
     A budget too small for one chunk raises polmodel.chunked.MemoryBudgetError. Ensembles are evaluated whole.
     """
 
@@ -59,7 +60,6 @@ class PolCalculator(Calculator):
                  memory_limit_gb=None, **kwargs):
         if memory_limit_gb is not None and not (np.isfinite(memory_limit_gb) and memory_limit_gb > 0):
             raise ValueError(f"memory_limit_gb must be a positive number of GB, got {memory_limit_gb}")
-        self.memory_limit_gb = memory_limit_gb
         super().__init__(efield=tuple(validate_field_vector(efield, "efield").tolist()), **kwargs)
         model = _load_model(model_or_ensemble_or_path)
         parameter = next(model.parameters(), None)
@@ -70,6 +70,10 @@ class PolCalculator(Calculator):
         if self.dtype != model_dtype or self.device != model_device:
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model = model.eval()
+        if memory_limit_gb is None:
+            from polmodel.chunked import default_memory_limit_gb
+            memory_limit_gb = default_memory_limit_gb(self.device)
+        self.memory_limit_gb = float(memory_limit_gb)
         if self.device.type == "cpu":
             keep_freed_memory_in_heap()
         self.is_ensemble = hasattr(model, "members")

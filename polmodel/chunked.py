@@ -45,7 +45,7 @@ from polmodel.neighbors import open_boundary_pairs
 # the same ratios for the second-order properties.
 BYTES_PER_EDGE = {"first_order": 9.0e3, "born_charges": 27.0e3, "polarizability": 20.5e3}
 _log = logging.getLogger(__name__)
-# the default budget: this fraction of the memory available when the calculator is made
+# the default budget: this fraction of the memory available (when the calculator is made)
 DEFAULT_BUDGET_FRACTION = 0.5
 # a little beyond the exact halo, so that pairs at the cutoff's float rounding are never lost
 _HALO_MARGIN = 1e-6  # Å
@@ -112,9 +112,12 @@ def available_memory_bytes(device):
     try:
         import psutil
         return float(psutil.virtual_memory().available)
-    except ImportError:
-        pages = __import__("os").sysconf("SC_AVPHYS_PAGES")
-        return float(pages * __import__("os").sysconf("SC_PAGE_SIZE"))
+    except ImportError:   # psutil is optional: Linux reports the same figure in /proc/meminfo
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+        raise RuntimeError("cannot tell the available memory (no psutil, no /proc/meminfo): give memory_limit_gb")
 
 
 def default_memory_limit_gb(device="cpu"):
