@@ -96,7 +96,7 @@ def run_one(args):
         torch.cuda.reset_peak_memory_stats()
     times = []
     untimed = 1 if args.repeats else 0   # --repeats 0: one call, timed (the 10⁶-atom run)
-    for call in range(args.repeats + untimed):
+    for call in range(max(args.repeats, 1) + untimed):
         atoms.positions += rng.normal(scale=1e-3, size=atoms.positions.shape)
         if device.type == "cuda":
             torch.cuda.synchronize()
