@@ -349,6 +349,8 @@ def chunked_response(model, positions, cell, pbc, species_index, efield, *, grid
                 pending.append((low, lower_high, chunk_index))
                 pending.append((upper_low, high, int(owner.max())))
                 continue
+            _log.warning("a chunk %.2g Å wide needs ~%.3g GB, more than memory_limit_gb=%g; evaluating it anyway",
+                         widths[axis], chunk.edge_index.shape[1] * per_edge / 1e9, limit)
         data = {
             keys.POSITIONS: torch.tensor(chunk.positions, dtype=dtype, device=device),
             keys.CELL: cell_tensor,
