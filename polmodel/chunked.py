@@ -38,12 +38,13 @@ from polmodel import keys
 from polmodel.neighbors import open_boundary_pairs
 
 # Peak bytes per edge of one model call, float32, default-sized model (num_features 32, lmax 2, radial_hidden 64).
-# Measured with benchmarks/scale.py (5 Å cutoff, ~50 edges per atom, one thread): compute_response alone
-# (--measure-memory, 3,645-atom BaTiO3) raises the peak resident memory by 5.8, 17.4 and 13.2 KB per edge for
-# E+F+P, + Born charges, + α; a whole PolCalculator call (neighbour list, and the heap it keeps,
-# polmodel/allocator.py) by 440 KB per atom = 8.8 KB per edge for E+F+P. The constants are the latter, with
-# the same ratios for the second-order properties.
-BYTES_PER_EDGE = {"first_order": 9.0e3, "born_charges": 27.0e3, "polarizability": 20.5e3}
+# Measured with benchmarks/scale.py (5 Å cutoff, ~50 edges per atom): compute_response alone (--measure-memory,
+# 3,645-atom BaTiO3) raises the peak resident memory by 5.8, 17.4 and 13.2 KB per edge for E+F+P, + Born charges,
+# + α; a whole one-shot PolCalculator call (neighbour list, and the heap it keeps, polmodel/allocator.py) by
+# 440 KB per atom = 8.8 KB per edge; the chunks of a 10⁶-atom BaTiO3 call (740k edges, 24k images each) by
+# ~7.8 GB = 10.5 KB per edge (halo images are a third of a chunk's atoms). The constants are the last, with the
+# same ratios for the second-order properties. On an H200 the GPU memory used was ~35% below them.
+BYTES_PER_EDGE = {"first_order": 10.5e3, "born_charges": 31.5e3, "polarizability": 24.0e3}
 _log = logging.getLogger(__name__)
 # the default budget: this fraction of the memory available (when the calculator is made)
 DEFAULT_BUDGET_FRACTION = 0.5
