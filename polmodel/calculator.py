@@ -75,16 +75,22 @@ class PolCalculator(Calculator):
     keep_heap: keep freed CPU memory in the heap for speed on large cells (polmodel/allocator.py; a
     process-wide setting, so off unless True here or POLMODEL_KEEP_HEAP=1). Any other keyword that is not one
     of ASE's own calculator arguments is an error, as is an unknown name given to `set`.
+    memory_limit_gb: the memory (GB) one call may use; a cell that needs more is evaluated in spatial chunks with
+    halos, exactly (polmodel/chunked.py). Default: half of the memory the device has available when the
+    calculator is made.
+    A budget too small for one chunk raises polmodel.chunked.MemoryBudgetError. Ensembles are evaluated whole.
     """
 
     default_parameters = {"efield": (0.0, 0.0, 0.0)}
 
     def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None,
-                 min_distance=MIN_INTERATOMIC_DISTANCE, keep_heap=None, **kwargs):
+                 min_distance=MIN_INTERATOMIC_DISTANCE, keep_heap=None, memory_limit_gb=None, **kwargs):
         _refuse_unknown(set(kwargs) - _ASE_CONSTRUCTOR_ARGUMENTS, "PolCalculator()")
         if not min_distance >= 0.0:
             raise ValueError(f"min_distance must be >= 0 Å, got {min_distance}")
         self.min_distance = float(min_distance)
+        if memory_limit_gb is not None and not (np.isfinite(memory_limit_gb) and memory_limit_gb > 0):
+            raise ValueError(f"memory_limit_gb must be a positive number of GB, got {memory_limit_gb}")
         super().__init__(efield=tuple(validate_field_vector(efield, "efield").tolist()), **kwargs)
         model = _load_model(model_or_ensemble_or_path)
         parameter = next(model.parameters(), None)
@@ -95,6 +101,10 @@ class PolCalculator(Calculator):
         if self.dtype != model_dtype or self.device != model_device:
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model = model.eval()
+        if memory_limit_gb is None:
+            from polmodel.chunked import default_memory_limit_gb
+            memory_limit_gb = default_memory_limit_gb(self.device)
+        self.memory_limit_gb = float(memory_limit_gb)
         if self.device.type == "cpu":
             keep_heap_if_requested(keep_heap)
         self.is_ensemble = hasattr(model, "members")
@@ -161,31 +171,34 @@ class PolCalculator(Calculator):
         efield = self.efield
         if self.results and self.results_efield is not None and not np.array_equal(efield, self.results_efield):
             self.results = {}  # cached first-order results were at another field
-        data = atoms_to_graph(atoms, self.species, self.cutoff, efield=efield, dtype=self.dtype)
-        self._refuse_overlapping_atoms(atoms, data)
-        data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                for key, value in data.items()}
-        if self.is_ensemble:
-            from polmodel.ensemble import ensemble_response
-            response = ensemble_response(self.model, data, **flags)
-        else:
-            from polmodel.response import compute_response
-            response = compute_response(self.model, data, **flags)
+        response = None if self.is_ensemble else self._chunked_response(atoms, efield, flags)
+        if response is None:
+            data = atoms_to_graph(atoms, self.species, self.cutoff, efield=efield, dtype=self.dtype)
+            self._refuse_overlapping_atoms(atoms, data[keys.EDGE_INDEX].numpy(),
+                                           data[keys.EDGE_CELL_SHIFT].double().numpy())
+            data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                    for key, value in data.items()}
+            if self.is_ensemble:
+                from polmodel.ensemble import ensemble_response
+                response = ensemble_response(self.model, data, **flags)
+            else:
+                from polmodel.response import compute_response
+                response = compute_response(self.model, data, **flags)
         self.results.update(self._to_results(response))
         self.results_efield = efield
 
-    def _refuse_overlapping_atoms(self, atoms, data):
+    def _refuse_overlapping_atoms(self, atoms, edge_index, cell_shift):
         """Raise OverlappingAtomsError when two atoms are closer than `min_distance`.
 
-        The closest pair is read from the graph's neighbour list (O(edges)) rather than with
-        `polmodel.selection.closest_pair`, whose all-pairs distance matrix would cost O(N²) memory on every MD
-        step of a large cell; any pair below `min_distance` (< cutoff) is an edge of that list."""
-        if self.min_distance == 0.0 or data[keys.EDGE_INDEX].shape[1] == 0:
+        The closest pair is read from a neighbour list (the graph's, O(edges), or one at `min_distance` on the
+        chunked path) rather than with `polmodel.selection.closest_pair`, whose all-pairs distance matrix would
+        cost O(N²) memory on every MD step of a large cell; any pair below `min_distance` (< cutoff) is an edge."""
+        if self.min_distance == 0.0 or edge_index.shape[1] == 0:
             return
-        receivers, senders = (index.numpy() for index in data[keys.EDGE_INDEX])
+        receivers, senders = edge_index
         positions = atoms.get_positions()
-        cell = np.asarray(atoms.cell, dtype=float)   # the graph's copy may be float32
-        vectors = positions[senders] - positions[receivers] + data[keys.EDGE_CELL_SHIFT].double().numpy() @ cell
+        cell = np.asarray(atoms.cell, dtype=float)
+        vectors = positions[senders] - positions[receivers] + cell_shift @ cell
         lengths = np.linalg.norm(vectors, axis=1)
         closest = int(np.argmin(lengths))
         if lengths[closest] < self.min_distance:
@@ -193,6 +206,23 @@ class PolCalculator(Calculator):
             raise OverlappingAtomsError(
                 f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {lengths[closest]:.3f} Å apart "
                 f"(< min_distance {self.min_distance} Å): overlapping atoms, where the model has no meaning")
+
+    def _chunked_response(self, atoms, efield, flags):
+        """The response by chunks (polmodel/chunked.py) when the cell needs more than memory_limit_gb, else None."""
+        from polmodel.chunked import chunked_response, plan_for_cell
+        from polmodel.data import species_indices
+        plan = plan_for_cell(self.model, atoms.positions, atoms.cell[:], atoms.pbc, self.memory_limit_gb,
+                             dtype=self.dtype, device=self.device, born_charges=flags["born_charges"],
+                             polarizability=flags["polarizability"])
+        if plan.one_shot:
+            return None
+        if self.min_distance > 0.0:
+            from polmodel.neighbors import neighbor_list
+            self._refuse_overlapping_atoms(atoms, *neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc,
+                                                                 self.min_distance))
+        return chunked_response(self.model, atoms.positions, atoms.cell[:], atoms.pbc,
+                                species_indices(atoms.get_chemical_symbols(), self.species), efield, grid=plan.grid,
+                                memory_limit_gb=self.memory_limit_gb, dtype=self.dtype, device=self.device, **flags)
 
     def _to_results(self, response):
         results = {}

@@ -25,7 +25,8 @@ def periodic_graphs(data):
     return data[keys.PBC].all(dim=-1)
 
 
-def compute_response(model, data, *, stress=True, born_charges=False, polarizability=False, training=False):
+def compute_response(model, data, *, stress=True, born_charges=False, polarizability=False, training=False,
+                     memory_limit_gb=None):
     """Energy and its derivatives for a (batched) graph dictionary.
 
     Returns a dict with ENERGY (G,), ATOMIC_ENERGY (N,), FORCES (N, 3), DIPOLE (G, 3); STRESS (G, 3, 3) and
@@ -37,15 +38,31 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     Born charges outside training take their reverse passes to the per-edge inputs (polmodel/edge_inputs.py)
     when the model exposes them (`energy_from_edges`, as PolModel does); training, and any other energy module,
     differentiates through the positions, so that the model's parameters stay in the graph.
+
+    `memory_limit_gb` (outside training): evaluate each graph in spatial chunks that fit this budget
+    (polmodel/chunked.py; exact to round-off); its neighbour list is rebuilt per chunk, the one in `data` unused.
     """
+    if memory_limit_gb is not None:
+        from polmodel.chunked import chunked_graph_response
+        if training:
+            raise ValueError("memory_limit_gb is for evaluation; training needs the whole graph")
+        return chunked_graph_response(model, data, memory_limit_gb, stress=stress, born_charges=born_charges,
+                                      polarizability=polarizability)
     periodic = periodic_graphs(data)
-    any_periodic = bool(periodic.any())
-    compute_stress = stress and any_periodic
+    compute_stress = stress and bool(periodic.any())
     if born_charges and not training and hasattr(model, "energy_from_edges"):
         raw = _derivatives_through_edge_inputs(model, data, compute_stress, polarizability)
     else:
         raw = _derivatives_through_positions(model, data, compute_stress, born_charges, polarizability, training)
+    return response_from_derivatives(raw, data, compute_stress=compute_stress, born_charges=born_charges,
+                                     polarizability=polarizability, training=training)
 
+
+def response_from_derivatives(raw, data, *, compute_stress, born_charges, polarizability, training):
+    """compute_response's dict from the raw derivatives (ENERGY, ATOMIC_ENERGY, FORCES, DIPOLE; VIRIAL,
+    BORN_CHARGES, POLARIZABILITY as computed): polarization, stress and ε∞ from the cell (data's CELL, PBC)."""
+    periodic = periodic_graphs(data)
+    any_periodic = bool(periodic.any())
     result = {name: raw[name] for name in (keys.ENERGY, keys.ATOMIC_ENERGY, keys.FORCES, keys.DIPOLE)}
     volume = cell_volume(data[keys.CELL])
     safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
