@@ -179,8 +179,8 @@ def main(argv=None):
     max_atoms = args.max_atoms or (1_000_000 if device.type == "cuda" else 20_480)
     torch.manual_seed(0)
     model = PolModel(SPECIES, args.cutoff, num_features=args.features, lmax=args.lmax, num_layers=args.layers)
-    zero_field = PolCalculator(model, device=device)
-    finite_field = PolCalculator(model, efield=(0.0, 0.0, args.field), device=device)
+    zero_field = PolCalculator(model, device=device, keep_heap=True)
+    finite_field = PolCalculator(model, efield=(0.0, 0.0, args.field), device=device, keep_heap=True)
     mace, mace_note = None, ""
     if not args.no_mace:
         try:
