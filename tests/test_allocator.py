@@ -45,7 +45,7 @@ _LIBRARY_USE = textwrap.dedent("""
         from toy_potential import make_toy_frames
         frames = make_toy_frames(1, seed=0)
         polmodel.train.train_model(frames[:2], frames[2:], polmodel.train.TrainingConfig(
-            epochs=1, quiet=True, hyperparameters=dict(num_features=4, lmax=1, num_layers=1)))
+            epochs=1, quiet=True, architecture=dict(num_features=4, lmax=1, num_layers=1)))
     print(large_malloc_is_mmapped())
 """)
 

@@ -4,6 +4,8 @@ import torch
 
 from polmodel.devices import resolve_device, to_device
 
+from mixins_model import make_test_model
+
 
 def test_cpu_and_auto_resolve_on_any_machine():
     assert resolve_device("cpu") == torch.device("cpu")
@@ -27,15 +29,23 @@ def test_cuda_without_a_gpu_is_refused_up_front():
 def test_training_and_md_command_lines_refuse_a_missing_gpu(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    import ase.io
+    from ase import Atoms
+
     from polmodel.cli import main
 
-    frames = tmp_path / "frames.xyz"
-    frames.write_text("")
-    assert main(["train", str(frames), "--output", str(tmp_path / "m.pt"), "--device", "cuda"]) == 2
+    # inputs that pass every other check, so that the missing GPU is what is refused
+    atoms = Atoms("BaTiO3", cell=[4.0] * 3, pbc=True,
+                  scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    atoms.info["energy"] = -1.0
+    ase.io.write(tmp_path / "frames.xyz", atoms, format="extxyz")
+    ase.io.write(tmp_path / "s.xyz", atoms, format="extxyz")
+    make_test_model().save(tmp_path / "m.pt")
+    assert main(["train", str(tmp_path / "frames.xyz"), "--output", str(tmp_path / "out.pt"), "--device", "cuda"]) == 2
     assert "sees no CUDA GPU" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="sees no CUDA GPU"):
-        main(["md", "--model", "m.pt", "--structure", "s.xyz", "--output", "t.xyz", "--steps", "1",
-              "--device", "cuda"])
+    assert main(["md", "--model", str(tmp_path / "m.pt"), "--structure", str(tmp_path / "s.xyz"), "--output",
+                 str(tmp_path / "t.xyz"), "--steps", "1", "--device", "cuda"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
 
 
 def test_to_device_moves_tensors_only():
