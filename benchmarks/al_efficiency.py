@@ -77,7 +77,7 @@ def training_config(args, seed):
     predicted ~0 forces, their members agreed everywhere, and the loop selected nothing (notes/loop.md)."""
     from polmodel.train import TrainingConfig
 
-    return TrainingConfig(cutoff=4.5, hyperparameters=HYPERPARAMETERS, epochs=args.epochs, batch_size=2,
+    return TrainingConfig(cutoff=4.5, architecture=HYPERPARAMETERS, epochs=args.epochs, batch_size=2,
                           learning_rate=3e-2, patience=args.epochs, validation_fraction=0.0, seed=seed, quiet=True)
 
 
