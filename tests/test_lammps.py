@@ -272,7 +272,7 @@ def test_driver_rejects_bad_input_before_starting_lammps(saved, tmp_path, capsys
     assert main(arguments + ["--timestep", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "polmodel lammps: --timestep must be positive, got -1.0"
     assert main(arguments + ["--field", '{"kind": "cosine", "amplitude": 0.1}']) == 2
-    assert "bad parameters for a 'cosine' field protocol" in capsys.readouterr().err
+    assert "a 'cosine' field protocol needs period_fs" in capsys.readouterr().err
     assert main(arguments + ["--structure", str(tmp_path / "missing.xyz")]) == 2
     assert "cannot read --structure" in capsys.readouterr().err
     assert not (tmp_path / "d.txt").exists()
