@@ -87,10 +87,11 @@ def test_mode_charges_are_the_dipole_derivative_along_each_mode():
     is not symmetric in [a, b], so this pins the index order)."""
     calculator = PolCalculator(tiny_model(seed=1))
     atoms = batio3()
-    atoms.rattle(0.2, seed=5)  # far from cubic: Z* differs from its transpose by ~6 %
+    atoms.rattle(0.2, seed=5)  # far from cubic: Z* differs from its transpose (~0.5 % of its largest element)
     atoms.calc = calculator
     born = calculator.get_property("born_effective_charges", atoms)
-    assert np.abs(born - born.transpose(0, 2, 1)).max() > 0.03 * np.abs(born).max()
+    # far above the 1e-5 tolerance below, so a transposed Z* would fail the comparison
+    assert np.abs(born - born.transpose(0, 2, 1)).max() > 1e-3 * np.abs(born).max()
     modes = phonons.gamma_modes(phonons.model_force_constants(calculator, atoms), atoms.get_masses())
     charges = phonons.mode_effective_charges(born, modes["eigenvectors"], atoms.get_masses())
     step = 1e-4
