@@ -74,7 +74,7 @@ def parse_arguments(argv=None):
 def training_config(args, seed):
     """Small batches at a high learning rate and no validation split: with lr 1e-2, batches of 4 and one
     validation structure (often the ideal crystal, zero forces by symmetry) the tiny models of the first run
-    predicted ~0 forces, their members agreed everywhere, and the loop selected nothing (notes/loop.md)."""
+    predicted ~0 forces, their members agreed everywhere, and the loop selected nothing."""
     from polmodel.train import TrainingConfig
 
     return TrainingConfig(cutoff=4.5, architecture=HYPERPARAMETERS, epochs=args.epochs, batch_size=2,

@@ -364,7 +364,6 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         inputs["train"] = train_inputs
         if "model" in self.ctx:
             # Warm start: the previous ensemble's weights, so each iteration refines instead of starting over.
-            # (`initial_model` is the training branch's port of TrainEnsembleWorkChain.)
             inputs["initial_model"] = self.ctx.model
         inputs.setdefault("metadata", {})
         inputs["metadata"]["call_link_label"] = f"train_iteration_{self.ctx.iteration:02d}"
