@@ -1,7 +1,10 @@
 """Model/ensemble files: bit-identical round trips, clear errors for anything that is not an intact model file."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 
 from mixins_model import TEST_FIELD, distorted_perovskite, make_test_model, model_response, open_molecule
 from polmodel import keys
@@ -316,3 +319,35 @@ def test_tampered_hyperparameters_fail_the_hash(saved_model):
 def test_save_rejects_other_objects(tmp_path):
     with pytest.raises(TypeError, match="PolModel or PolEnsemble"):
         save(torch.nn.Linear(2, 2), tmp_path / "x.pt")
+
+
+E3NN_0_4_4_FILES = Path(__file__).parent / "data" / "models_e3nn_0_4_4"
+
+
+@pytest.mark.parametrize("name", ["default_float64", "rank2_field_everywhere_float64", "gate_field_float64",
+                                  "default_float32"])
+def test_files_written_with_e3nn_0_4_4_answer_as_they_did(name):
+    """Model files written with e3nn 0.4.4 (tests/data/models_e3nn_0_4_4, record.py there) load with the installed
+    e3nn and answer as they did then: energy, forces, stress, polarization, Born charges, polarizability.
+
+    Round-off-identical, not bit-identical: e3nn 0.5 computes the Wigner 3j symbols from Clebsch–Gordan formulas
+    instead of reading 0.4.4's stored table, and generates the spherical harmonics as other polynomial expressions;
+    both differ from 0.4.4's in the last bit (up to 4e-16 and 7e-16 in float64). Every output then moves by a few
+    float64 round-offs (float64 files: rtol 1e-12) or float32 round-offs (the float32 file: the symbols are cast to
+    float32 and differ there by at most one ulp; rtol 1e-5). Entries near zero are compared at the same tolerance
+    relative to the array's largest entry."""
+    reference = np.load(E3NN_0_4_4_FILES / "outputs.npz")
+    assert str(reference["e3nn_version"]) == "0.4.4"
+    atoms = Atoms(numbers=reference["numbers"], positions=reference["positions"], cell=reference["cell"], pbc=True)
+    model = load(E3NN_0_4_4_FILES / f"{name}.pt")
+    dtype = next(model.parameters()).dtype
+    assert dtype == (torch.float32 if name.endswith("float32") else torch.float64)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    graph = atoms_to_graph(atoms, model.species, model.cutoff, efield=reference["efield"], dtype=dtype)
+    compute_response(model, graph, stress=True, born_charges=True, polarizability=True)   # see _outputs
+    result = compute_response(model, graph, stress=True, born_charges=True, polarizability=True)
+    for key in (keys.ENERGY, keys.FORCES, keys.STRESS, keys.POLARIZATION, keys.BORN_CHARGES, keys.POLARIZABILITY):
+        expected = reference[f"{name}/{key}"]
+        assert result[key].dtype == dtype and expected.dtype == np.dtype(str(dtype).removeprefix("torch."))
+        np.testing.assert_allclose(result[key].detach().numpy(), expected, rtol=rtol,
+                                   atol=rtol * np.abs(expected).max(), err_msg=f"{name}: {key}")
