@@ -3,6 +3,10 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(VENV)/bin/pip
 PYTEST  := $(VENV)/bin/pytest
+# the MACE comparison's own environment: mace-torch pins e3nn 0.4.4, polmodel needs e3nn 0.6
+BENCH_VENV := .venv-bench
+BENCH_PY   := $(BENCH_VENV)/bin/python
+BENCH_OUT  := build/bench
 APT_PKGS := quantum-espresso libopenblas0-pthread openmpi-bin graphviz
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
@@ -37,10 +41,21 @@ test: setup
 test-fast: setup-python
 	$(PYTEST) -ra -m "not slow and not dft and not daemon and not postgres"
 
-bench: setup-python
+# polmodel without its dependencies: mace_speed.py uses only its neighbour list and allocator
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -x $(BENCH_PY) || python3 -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q mace-torch==0.3.16 'vesin>=0.3,<0.7' 'psutil>=5.9'
+	$(BENCH_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+bench: setup-python $(BENCH_VENV)/.installed
 	$(PIP) install -q -e '.[bench]'
-	$(PY) benchmarks/model_speed.py
+	mkdir -p $(BENCH_OUT)
+	$(PY) benchmarks/model_speed.py --json $(BENCH_OUT)/polmodel.json
+	$(BENCH_PY) benchmarks/mace_speed.py --polmodel-json $(BENCH_OUT)/polmodel.json
 	$(PY) benchmarks/edge_messages_speed.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

@@ -44,10 +44,13 @@ import numpy as np
 import torch
 from torch.autograd import forward_ad
 
+import e3nn
+from e3nn import o3
+from e3nn.math import normalize2mom
+from e3nn.nn import Gate
+
 from polmodel import keys
-from polmodel.e3nn_compat import e3nn, o3
 from polmodel.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
-from e3nn.nn import FullyConnectedNet, Gate  # after the shim: e3nn needs it under torch >= 2.6
 
 DEFAULT_HYPERPARAMETERS = {
     "num_features": 32,          # channels per irrep of the node features
@@ -83,18 +86,19 @@ def _natural_irreps(multiplicity, lmax):
 
 @contextlib.contextmanager
 def _plain_fx_codegen():
-    """Build e3nn modules as plain torch.fx code instead of TorchScript.
+    """Build e3nn modules as plain torch.fx code (e3nn's "eager" jit mode) instead of TorchScript or inductor.
 
     TorchScript's profiling executor re-optimizes a module after its first calls, which changes the rounding of
     double-backward results (Born charges) from call to call; plain fx code gives bit-reproducible outputs, so a
-    saved and reloaded model answers exactly as the original. The e3nn default is restored afterwards.
+    saved and reloaded model answers exactly as the original. e3nn's own default is "eager" only from torch 2.10
+    on; the mode is set here whatever the default, and the defaults are restored afterwards.
     """
     saved = e3nn.get_optimization_defaults()
-    e3nn.set_optimization_defaults(jit_script_fx=False)
+    e3nn.set_optimization_defaults(jit_mode="eager")
     try:
         yield
     finally:
-        e3nn.set_optimization_defaults(**saved)
+        e3nn.set_optimization_defaults(jit_mode=saved["jit_mode"])
 
 
 class BesselBasis(torch.nn.Module):
@@ -130,6 +134,43 @@ class BesselBasis(torch.nn.Module):
                           / self.cutoff * (x < 1.0))
         envelope = self.envelope(r)
         return bessel * envelope, bessel_slope * envelope + bessel * envelope_slope
+
+
+class RadialNetwork(torch.nn.Module):
+    """The radial MLP: hidden layers h ← φ(h W / √h_in) with φ = silu scaled to unit second moment on a standard
+    normal input (e3nn.math.normalize2mom), then a linear output h W / √h_in. This is e3nn's FullyConnectedNet
+    arithmetic (unit variances, no output activation) with its parameter names (`layer0.weight`, ...), which model
+    files hold; it is written out here because the slope pass below needs each layer's matrix and activation."""
+
+    def __init__(self, widths, activation):
+        super().__init__()
+        self.activation = normalize2mom(activation)
+        self.num_layers = len(widths) - 1
+        for index, (width_in, width_out) in enumerate(zip(widths, widths[1:])):
+            layer = torch.nn.Module()
+            layer.weight = torch.nn.Parameter(torch.randn(width_in, width_out))
+            setattr(self, f"layer{index}", layer)
+
+    def matrices(self):
+        """Each layer's weight divided by √(its input width), first to last."""
+        weights = [getattr(self, f"layer{index}").weight for index in range(self.num_layers)]
+        return [weight / weight.shape[0] ** 0.5 for weight in weights]
+
+    def hidden(self, x):
+        """The last hidden layer's output."""
+        for matrix in self.matrices()[:-1]:
+            x = self.activation(x @ matrix)
+        return x
+
+    def hidden_with_slope(self, x, slope):
+        """(last hidden output, its derivative along a direction of the input given by `slope`), forward mode."""
+        for matrix in self.matrices()[:-1]:
+            with forward_ad.dual_level():
+                x, slope = forward_ad.unpack_dual(self.activation(forward_ad.make_dual(x @ matrix, slope @ matrix)))
+        return x, slope
+
+    def forward(self, x):
+        return self.hidden(x) @ self.matrices()[-1]
 
 
 def field_scale_from_fields(efields, default=DEFAULT_FIELD_SCALE):
@@ -210,7 +251,7 @@ class InteractionBlock(torch.nn.Module):
         self.field_projected_messages = bool(field_projected_messages)
         self._y1_slice = o3.Irreps(irreps_sh).slices()[1]
         radial_out = self.edge_messages.weight_numel + self.edge_messages.multiplicity * self.field_projected_messages
-        self.radial = FullyConnectedNet([num_radial, radial_hidden, radial_out], torch.nn.functional.silu)
+        self.radial = RadialNetwork([num_radial, radial_hidden, radial_out], torch.nn.functional.silu)
         self.linear_message = o3.Linear(self.edge_messages.irreps_out, self.irreps_out)
 
         scalars = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l == 0])
@@ -233,11 +274,8 @@ class InteractionBlock(torch.nn.Module):
         self.register_load_state_dict_pre_hook(_drop_e3nn_edge_product_constants)
 
     def _radial_output_columns(self):
-        """The last radial layer's matrix in e3nn's normalization (x @ W / sqrt(h_in var_in / var_out), no
-        activation), split into one block of columns per edge-message path."""
-        last = self.radial[-1]
-        weight = last.weight / math.sqrt(last.h_in * last.var_in / last.var_out)
-        return weight.split(self.edge_messages.multiplicity, dim=1)
+        """The last radial layer's matrix, split into one block of columns per edge-message path."""
+        return self.radial.matrices()[-1].split(self.edge_messages.multiplicity, dim=1)
 
     def path_weights(self, edge_radial):
         """The radial network's output, one (E, u) tensor per edge-message path.
@@ -245,23 +283,12 @@ class InteractionBlock(torch.nn.Module):
         Each path's weights are a product with its own columns of the last layer, so no edge tensor is sliced
         (a slice's backward fills an edge-sized tensor with zeros, on every Born-charge pass).
         """
-        hidden = edge_radial
-        for layer in list(self.radial)[:-1]:
-            hidden = layer(hidden)
+        hidden = self.radial.hidden(edge_radial)
         return [hidden @ columns for columns in self._radial_output_columns()]
 
     def path_weights_with_slope(self, edge_radial, edge_radial_slope):
-        """(path_weights, their derivatives along the edge length): two lists of (E, u), one tensor per path.
-
-        The hidden layers are e3nn's `_Layer` with an activation: act(x @ W / sqrt(h_in var_in)) sqrt(var_out).
-        """
-        hidden, slope = edge_radial, edge_radial_slope
-        for layer in list(self.radial)[:-1]:
-            matrix = layer.weight / math.sqrt(layer.h_in * layer.var_in)
-            with forward_ad.dual_level():
-                activated, activated_slope = forward_ad.unpack_dual(
-                    layer.act(forward_ad.make_dual(hidden @ matrix, slope @ matrix)))
-            hidden, slope = activated * math.sqrt(layer.var_out), activated_slope * math.sqrt(layer.var_out)
+        """(path_weights, their derivatives along the edge length): two lists of (E, u), one tensor per path."""
+        hidden, slope = self.radial.hidden_with_slope(edge_radial, edge_radial_slope)
         columns = self._radial_output_columns()
         return [hidden @ block for block in columns], [slope @ block for block in columns]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mixins_model import make_test_model
-from polmodel.e3nn_compat import o3
+from e3nn import o3
 from polmodel.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
 from polmodel.model import PolModel
 

@@ -269,7 +269,7 @@ def test_the_layout_before_the_field_readout_had_dead_field_weights():
 def test_field_product_is_e3nn_tensor_product():
     """FieldProduct is e3nn's shared-weight uvu TensorProduct, with exact Wigner symbols."""
     from polmodel.edge_messages import uvu_paths
-    from polmodel.e3nn_compat import o3
+    from e3nn import o3
     from polmodel.model import FieldProduct
 
     irreps_in, irreps_field = o3.Irreps("4x0e + 4x1o + 4x2e"), o3.Irreps("0e + 1o + 2e")
@@ -361,3 +361,29 @@ def test_anisotropic_polarizability_at_centrosymmetric_sites_is_learned():
     np.testing.assert_allclose(splitting(predicted), splitting(expected), rtol=0.2, atol=0.02)
     trace = lambda alpha: alpha.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
     np.testing.assert_allclose(trace(predicted), trace(expected), rtol=0.08)
+
+
+def test_radial_network_is_e3nn_fully_connected_net():
+    """RadialNetwork has the parameters, the initialization and, bit for bit, the arithmetic of e3nn's
+    FullyConnectedNet with an activation, unit variances and no output activation; its slope pass is the
+    derivative of its output."""
+    from e3nn.nn import FullyConnectedNet
+
+    from polmodel.model import RadialNetwork
+
+    widths = [6, 16, 12]
+    torch.manual_seed(4)
+    ours = RadialNetwork(widths, torch.nn.functional.silu).to(torch.float64)
+    torch.manual_seed(4)
+    theirs = FullyConnectedNet(widths, torch.nn.functional.silu).to(torch.float64)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    x = torch.randn(9, widths[0], dtype=torch.float64)
+    assert torch.equal(ours(x), theirs(x))
+    direction = torch.randn(9, widths[0], dtype=torch.float64)
+    hidden, slope = ours.hidden_with_slope(x, direction)
+    assert torch.equal(hidden, ours.hidden(x))
+    step = 1e-6
+    difference = (ours.hidden(x + step * direction) - ours.hidden(x - step * direction)) / (2 * step)
+    torch.testing.assert_close(slope, difference, rtol=0, atol=1e-8)
