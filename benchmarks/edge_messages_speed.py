@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_speed import batio3_supercell  # noqa: E402
 
-from polmodel.allocator import keep_freed_memory_in_heap  # noqa: E402
-from polmodel.e3nn_compat import o3  # noqa: E402
-from polmodel.edge_messages import EdgeMessages, uvu_paths  # noqa: E402
-from polmodel.neighbors import neighbor_list  # noqa: E402
+from polmodel.data.neighbors import neighbor_list  # noqa: E402
+from polmodel.nn.e3nn_compat import o3  # noqa: E402
+from polmodel.nn.edge_messages import EdgeMessages, uvu_paths  # noqa: E402
+from polmodel.runtime.allocator import keep_freed_memory_in_heap  # noqa: E402
 
 
 class E3nnEdgeMessages(torch.nn.Module):

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from ase.build import bulk
 
-from polmodel.allocator import release_freed_memory
-from polmodel.calculator import PolCalculator
-from polmodel.model import PolModel
-from polmodel.neighbors import neighbor_list
+from polmodel.data.neighbors import neighbor_list
+from polmodel.dynamics.calculator import PolCalculator
+from polmodel.nn.model import PolModel
+from polmodel.runtime.allocator import release_freed_memory
 
 SPECIES = ["Ba", "Ti", "O"]
 

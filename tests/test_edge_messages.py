@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from mixins_model import make_test_model
-from polmodel.e3nn_compat import o3
-from polmodel.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
-from polmodel.model import PolModel
+from polmodel.nn.e3nn_compat import o3
+from polmodel.nn.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
+from polmodel.nn.model import PolModel
 
 # (node irreps, edge harmonics lmax, kept output irreps): the model's two layers at feature_lmax 1 and 2, and
 # higher harmonics than the model uses, so every branch of EdgeMessages.forward (scalar harmonic, scalar

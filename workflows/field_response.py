@@ -30,8 +30,8 @@ from aiida.plugins import CalculationFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
-from polmodel import units
-from polmodel.selection import MIN_INTERATOMIC_DISTANCE, closest_pair
+from polmodel.active_learning.selection import MIN_INTERATOMIC_DISTANCE, closest_pair
+from polmodel.data import units
 
 from . import response_functions
 from .protocol_utils import PW_NAMELISTS, merge_overrides
@@ -312,7 +312,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             ),
         )
 
-        spec.output("frames", valid_type=orm.Data, help="The labelled frames (polmodel.frames), zero field first.")
+        spec.output("frames", valid_type=orm.Data, help="The labelled frames (polmodel.data.frames), zero field first.")
         spec.output("band_gap", valid_type=orm.Float, help="Gap (eV) of the zero-field run.")
         spec.output(
             "born_effective_charges", valid_type=orm.ArrayData, required=False,

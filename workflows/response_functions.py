@@ -12,8 +12,8 @@ import numpy as np
 from aiida import orm
 from aiida.engine import calcfunction
 
-from polmodel import spectra
-from polmodel.polarization import fold_dipole_difference
+from polmodel.analysis import spectra
+from polmodel.data.polarization import fold_dipole_difference
 
 # Field runs are labelled <axis>_<sign>; this order is the order of the six finite-field frames.
 FIELD_LABELS = ("x_plus", "x_minus", "y_plus", "y_minus", "z_plus", "z_minus")
@@ -155,7 +155,7 @@ def lattice_polarization_quantum(cell, valence_charges):
 
 
 def dielectric_from_polarizability(polarizability, volume):
-    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³ (polmodel.spectra holds the formula)."""
+    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³ (polmodel.analysis.spectra holds the formula)."""
     return spectra.dielectric_from_polarizability(polarizability, volume)
 
 

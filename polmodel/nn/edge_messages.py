@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from polmodel.e3nn_compat import o3
+from polmodel.nn.e3nn_compat import o3
 
 
 class _SumOverReceivers(torch.autograd.Function):
