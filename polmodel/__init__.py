@@ -1,6 +1,9 @@
 """polmodel: a field-aware equivariant energy E(R, cell, field) whose derivatives are the electric response.
 
-Importing this package never imports AiiDA.
+Subpackages, each described in its own docstring: data (inputs, labelled frames, units) → nn (the model, its
+derivatives, model files) → training, dynamics (calculator, MD, LAMMPS), analysis (spectra, phonons, observables);
+active_learning (the loop's pure decisions), runtime (device, memory) and cli (the `polmodel` command). The AiiDA
+plugins and workflows install as polmodel.plugins and polmodel.workflows. Importing this package never imports AiiDA.
 """
 __version__ = "0.1.0"
 
