@@ -35,7 +35,7 @@ from polmodel.data import units
 
 from . import response_functions
 from .protocol_utils import PW_NAMELISTS, merge_overrides
-from .response_functions import FIELD_LABELS, field_run_label
+from .response_functions import FIELD_LABELS, band_gap, field_run_label
 
 PwCalculation = CalculationFactory("quantumespresso.pw")
 
@@ -172,14 +172,6 @@ def validate_inputs(inputs, _):
         if flag in cmdline and int(cmdline[cmdline.index(flag) + 1]) != 1:
             return "k-point pools are not supported by pw.x's Berry-phase and finite-field code"
     return None
-
-
-def band_gap(output_parameters):
-    """Lowest unoccupied minus highest occupied level (eV) from `band_edges` of `PolPwParser`, or None."""
-    edges = output_parameters.get("band_edges") or {}
-    if edges.get("lowest_unoccupied_level") is None or edges.get("highest_occupied_level") is None:
-        return None
-    return edges["lowest_unoccupied_level"] - edges["highest_occupied_level"]
 
 
 def zener_field_limit(band_gap, cell, mesh):

@@ -278,11 +278,21 @@ def _field_run_labels(pw_outputs):
                   if key.startswith("parameters_") and key != "parameters_zero_field")
 
 
+def band_gap(output_parameters):
+    """Lowest unoccupied minus highest occupied level (eV) from `band_edges` of `PolPwParser`, or None."""
+    edges = output_parameters.get("band_edges") or {}
+    if edges.get("lowest_unoccupied_level") is None or edges.get("highest_occupied_level") is None:
+        return None
+    return edges["lowest_unoccupied_level"] - edges["highest_occupied_level"]
+
+
 @calcfunction
 def compute_band_gap(output_parameters):
-    """The gap (eV) between the highest occupied and lowest unoccupied level of a pw.x run (`band_edges`)."""
-    edges = output_parameters["band_edges"]
-    return orm.Float(edges["lowest_unoccupied_level"] - edges["highest_occupied_level"])
+    """The gap (eV) between the highest occupied and lowest unoccupied level of a pw.x run, as a node."""
+    gap = band_gap(output_parameters.get_dict())
+    if gap is None:
+        raise ValueError("the pw.x run reports no band edges")
+    return orm.Float(gap)
 
 
 @calcfunction

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polmodel.cli import InputError
+from polmodel.cli import InputError, check_input_file
 
 ANALYSES = ("ir", "dielectric", "hysteresis", "modes")
 
@@ -59,17 +59,6 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _existing_file(path, what):
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise InputError(f"{what} {path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{what} {path} is not readable")
-    return path
-
-
 def _writable_prefix(prefix):
     directory = prefix.parent if str(prefix.parent) else Path(".")
     if not directory.is_dir() or not os.access(directory, os.W_OK):
@@ -80,7 +69,8 @@ def read_md_trajectory(path, required=("time_fs", "dipole")):
     """The frames of a `polmodel md` trajectory, or InputError saying what the file is instead."""
     from polmodel.dynamics.md import read_trajectory
 
-    path = _existing_file(path, "trajectory")
+    check_input_file(path, "trajectory")
+    path = Path(path)
     if path.suffix.lower() == ".cif":
         raise InputError(f"{path} is a CIF structure, not a `polmodel md` trajectory (extended XYZ)")
     try:
@@ -152,7 +142,7 @@ def _check_common(args):
         if not args.fwhm > 0:
             raise InputError(f"--fwhm must be positive, got {args.fwhm}")
     if args.model is not None:
-        _existing_file(args.model, "model")
+        check_input_file(args.model, "model")
 
 
 def _load_calculator(path):
@@ -298,7 +288,8 @@ def run_modes(args):
 
     from polmodel.analysis import observables, phonons, spectra
 
-    path = _existing_file(args.trajectory, "structure")
+    check_input_file(args.trajectory, "structure")
+    path = Path(args.trajectory)
     try:
         atoms = ase.io.read(path, index=-1)
     except Exception as error:
