@@ -1,8 +1,8 @@
 """How many labels the active-learning loop needs to reach a target accuracy, against random sampling.
 
 ON THE ANALYTIC TOY ORACLE (tests/toy_oracle.py: a field-dependent toy potential stands in for DFT; the same
-comparison on real pw.x labels belongs to the α-quartz issue). Pure Python: polmodel.train, polmodel.md,
-polmodel.selection, polmodel.exploration, polmodel.initial_data; no AiiDA.
+comparison on real pw.x labels belongs to the α-quartz issue). Pure Python: polmodel.training.train,
+polmodel.dynamics.md, polmodel.active_learning.selection, .exploration and .initial_structures; no AiiDA.
 
 For each seed, both methods start from the same initial set (the ideal toy crystal and `--initial` strained and
 displaced copies, cheap tier) and the same first model. Then, per iteration:
@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from toy_oracle import toy_label_frames  # noqa: E402  (the toy oracle lives with the tests)
 from toy_potential import ToyIonicCalculator, reference_crystal  # noqa: E402
 
-from polmodel.exploration import (ExplorationStage, covered_field, next_stage,  # noqa: E402
-                                  stage_field_protocols)
-from polmodel.initial_data import perturbed_structures  # noqa: E402
-from polmodel.selection import (ENERGY_FORCES, FULL, SelectionCriteria, adapt_trust_window,  # noqa: E402
-                                assign_label_tiers, select_candidates)
+from polmodel.active_learning.exploration import (ExplorationStage, covered_field, next_stage,  # noqa: E402
+                                                  stage_field_protocols)
+from polmodel.active_learning.initial_structures import perturbed_structures  # noqa: E402
+from polmodel.active_learning.selection import (ENERGY_FORCES, FULL, SelectionCriteria,  # noqa: E402
+                                                adapt_trust_window, assign_label_tiers, select_candidates)
 
 REPEAT = (2, 1, 1)  # 4-atom toy cell: seconds per training on one loaded core
 HYPERPARAMETERS = {"num_features": 4, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
@@ -75,7 +75,7 @@ def training_config(args, seed):
     """Small batches at a high learning rate and no validation split: with lr 1e-2, batches of 4 and one
     validation structure (often the ideal crystal, zero forces by symmetry) the tiny models of the first run
     predicted ~0 forces, their members agreed everywhere, and the loop selected nothing."""
-    from polmodel.train import TrainingConfig
+    from polmodel.training.train import TrainingConfig
 
     return TrainingConfig(cutoff=4.5, architecture=HYPERPARAMETERS, epochs=args.epochs, batch_size=2,
                           learning_rate=3e-2, patience=args.epochs, validation_fraction=0.0, seed=seed, quiet=True)
@@ -92,7 +92,7 @@ def held_out_frames(args, seed):
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-    from polmodel.fields import field_protocol_from_dict
+    from polmodel.dynamics.fields import field_protocol_from_dict
 
     hardest = STAGES[-1]
     reference = reference_crystal(REPEAT)
@@ -118,7 +118,7 @@ def held_out_frames(args, seed):
 
 
 def errors(model, frames):
-    from polmodel.train import evaluate
+    from polmodel.training.train import evaluate
 
     metrics = evaluate(model, frames)
     return metrics["forces"]["mae"], metrics["born_effective_charges"]["mae"]
@@ -126,9 +126,9 @@ def errors(model, frames):
 
 def explore(ensemble, dataset, stage, args, seed, iteration, workdir):
     """Ensemble MD of the stage from the ideal crystal; returns explored frames (step 0 left out)."""
-    from polmodel.calculator import PolCalculator
-    from polmodel.fields import field_protocol_from_dict
-    from polmodel.md import read_trajectory, run_md
+    from polmodel.dynamics.calculator import PolCalculator
+    from polmodel.dynamics.fields import field_protocol_from_dict
+    from polmodel.dynamics.md import read_trajectory, run_md
 
     covered = covered_field(dataset)
     protocols = stage_field_protocols(FIELD_SHAPES, stage.field_amplitude, covered, args.field_margin)
@@ -159,7 +159,7 @@ def plan_and_label(frames, order, args, source):
 
 
 def run_seed(args, seed, workdir, log):
-    from polmodel.train import train_ensemble
+    from polmodel.training.train import train_ensemble
 
     reference = reference_crystal(REPEAT)
     held_out = held_out_frames(args, seed)

@@ -1,4 +1,4 @@
-"""LAMMPS + polmodel through `fix external` (polmodel/lammps_driver.py): atom-steps/s on 1 vs 2 MPI ranks.
+"""LAMMPS + polmodel through `fix external` (polmodel/dynamics/lammps_driver.py): atom-steps/s on 1 vs 2 MPI ranks.
 
 The same cubic BaTiO3 supercell (random-weight PolModel with default hyperparameters unless told otherwise,
 float32, rattled, 300 K NVE under a static field) is run by `mpiexec -n R` of this script in worker mode; each
@@ -31,7 +31,7 @@ def build(repeat, cutoff, seed=0):
     from ase import Atoms
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
-    from polmodel.model import PolModel
+    from polmodel.nn.model import PolModel
     torch.manual_seed(seed)
     model = PolModel(SPECIES, cutoff)
     model.set_energy_scale(1.0)
@@ -46,8 +46,8 @@ def build(repeat, cutoff, seed=0):
 def worker(args):
     import torch
     torch.set_num_threads(1)
-    from polmodel.fields import StaticField
-    from polmodel.lammps_driver import LammpsSimulation, import_lammps
+    from polmodel.dynamics.fields import StaticField
+    from polmodel.dynamics.lammps_driver import LammpsSimulation, import_lammps
     MPI, _ = import_lammps()
     comm = MPI.COMM_WORLD
     model, atoms = build((args.repeat,) * 3, args.cutoff)

@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measurement import SPECIES, batio3_supercell, timed  # noqa: E402
 
-from polmodel.allocator import keep_freed_memory_in_heap  # noqa: E402
-from polmodel.neighbors import neighbor_list  # noqa: E402
+from polmodel.data.neighbors import neighbor_list  # noqa: E402
+from polmodel.runtime.allocator import keep_freed_memory_in_heap  # noqa: E402
 
 
 def build_mace(hyperparameters, cutoff, device):

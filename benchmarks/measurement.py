@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from polmodel.allocator import release_freed_memory
+from polmodel.runtime.allocator import release_freed_memory
 
 SPECIES = ["Ba", "Ti", "O"]
 

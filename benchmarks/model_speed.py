@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measurement import SPECIES, batio3_supercell, supercell_repeats, timed  # noqa: E402
 
-from polmodel.calculator import PolCalculator  # noqa: E402
-from polmodel.model import PolModel  # noqa: E402
+from polmodel.dynamics.calculator import PolCalculator  # noqa: E402
+from polmodel.nn.model import PolModel  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,7 +18,7 @@ calls take ~440 KB per atom, and a 109,760-atom cell with --memory-limit-gb 3 pe
     python benchmarks/scale.py --sizes 6 13 28 --memory-limit-gb 3                   # CPU table
     python benchmarks/scale.py --structures batio3 --sizes 59 --memory-limit-gb 8 --repeats 0  # 10⁶ atoms
     python benchmarks/scale.py --device cuda --max-atoms 1100000
-    python benchmarks/scale.py --measure-memory       # bytes per edge for polmodel/chunked.py's BYTES_PER_EDGE
+    python benchmarks/scale.py --measure-memory       # bytes per edge for polmodel/nn/chunked.py's BYTES_PER_EDGE
 Prints a table; no assertions.
 """
 import argparse
@@ -65,9 +65,9 @@ def peak_rss_bytes():
 def run_one(args):
     """Child process: one structure, size and mode; prints one JSON line."""
     import torch
-    from polmodel import chunked
-    from polmodel.calculator import PolCalculator
-    from polmodel.model import PolModel
+    from polmodel.dynamics.calculator import PolCalculator
+    from polmodel.nn import chunked
+    from polmodel.nn.model import PolModel
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -127,9 +127,9 @@ def run_one(args):
 def measure_memory(args):
     """Child: peak RSS increase per edge of one one-shot call (E+F+P, + Born charges, + α) in float32."""
     import torch
-    from polmodel.data import atoms_to_graph
-    from polmodel.model import PolModel
-    from polmodel.response import compute_response
+    from polmodel.data.graphs import atoms_to_graph
+    from polmodel.nn.model import PolModel
+    from polmodel.nn.response import compute_response
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

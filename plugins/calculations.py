@@ -125,7 +125,7 @@ def validate_md_parameters(node, _):
     thermostat = parameters.get("thermostat", "langevin")
     if thermostat not in THERMOSTATS:
         return f"MdCalculation parameters: unknown thermostat {thermostat!r}; known: {list(THERMOSTATS)}"
-    from polmodel.fields import field_protocol_from_dict
+    from polmodel.dynamics.fields import field_protocol_from_dict
 
     try:
         field_protocol_from_dict(parameters["field"])
@@ -256,7 +256,8 @@ class MdCalculation(_PolmodelCalculation):
             "parameters",
             valid_type=orm.Dict,
             validator=validate_md_parameters,
-            help=f"MD settings; keys: {sorted(MD_PARAMETER_TYPES)}; `field` is a polmodel.fields protocol dict.",
+            help=f"MD settings; keys: {sorted(MD_PARAMETER_TYPES)}; `field` is a polmodel.dynamics.fields protocol "
+                 "dict.",
         )
         spec.inputs.validator = validate_md_inputs
         spec.inputs["metadata"]["options"]["parser_name"].default = "polmodel.md"

@@ -1,6 +1,6 @@
 """AiiDA data types of polmodel.
 
-`FramesData` (`polmodel.frames`): a set of labelled frames (DESIGN.md format) as one extended-XYZ file in the
+`FramesData` (`polmodel.data.frames`): a set of labelled frames (DESIGN.md format) as one extended-XYZ file in the
 node's repository, with searchable attributes. A dataset's history is a chain of such nodes.
 """
 import io
@@ -51,7 +51,7 @@ class FramesData(orm.Data):
         """The frames as a list of `ase.Atoms`.
 
         With `normalize` (default) every label sits in `info` / `arrays` as DESIGN.md specifies
-        (`polmodel.frames.normalize_frames`); ASE's extxyz reader alone would move energy, forces, stress, dipole
+        (`polmodel.data.frames.normalize_frames`); ASE's extxyz reader alone would move energy, forces, stress, dipole
         and Born charges into a SinglePointCalculator.
         """
         import ase.io
@@ -61,7 +61,7 @@ class FramesData(orm.Data):
             return []
         frames = ase.io.read(io.StringIO(text), index=":", format="extxyz")
         if normalize:
-            from polmodel.frames import normalize_frames
+            from polmodel.data.frames import normalize_frames
 
             frames = normalize_frames(frames)
         return frames
@@ -133,7 +133,7 @@ def describe_model(model_or_ensemble):
 
 
 class ModelData(orm.Data):
-    """A trained model or ensemble file (`polmodel.serialization` format) with its facts as attributes.
+    """A trained model or ensemble file (`polmodel.nn.serialization` format) with its facts as attributes.
 
     The sha256 of the file is recorded at creation; `verify()` recomputes it before every use, so a file that
     changed underneath the provenance graph is refused rather than silently used.
@@ -142,7 +142,7 @@ class ModelData(orm.Data):
     @classmethod
     def from_file(cls, path, metrics=None, **kwargs):
         """Build the node from a model file; the file is loaded once to read (and validate) its facts."""
-        from polmodel.serialization import load
+        from polmodel.nn.serialization import load
 
         with open(path, "rb") as handle:
             content = handle.read()
@@ -205,10 +205,10 @@ class ModelData(orm.Data):
             handle.write(self.get_content())
 
     def load(self):
-        """The verified model / ensemble as a torch module (`polmodel.serialization.load`)."""
+        """The verified model / ensemble as a torch module (`polmodel.nn.serialization.load`)."""
         import tempfile
 
-        from polmodel.serialization import load
+        from polmodel.nn.serialization import load
 
         with tempfile.TemporaryDirectory() as tmpdir:
             path = f"{tmpdir}/{MODEL_FILENAME}"

@@ -9,7 +9,8 @@ from aiida.parsers import Parser
 
 from polmodel.plugins.data import ModelData
 
-# Per-frame scalars / vectors that `polmodel md` writes into each frame's info (polmodel/md.py), with their shapes.
+# Per-frame scalars / vectors that `polmodel md` writes into each frame's info (polmodel/dynamics/md.py), with their
+# shapes.
 TRAJECTORY_FRAME_KEYS = {
     "time_fs": (),
     "step": (),
@@ -172,7 +173,7 @@ class TrainParser(Parser):
         except ValueError as error:
             return self.exit_codes.ERROR_CORRUPT_METRICS.format(error=error)
 
-        from polmodel.serialization import ModelFileError
+        from polmodel.nn.serialization import ModelFileError
 
         try:
             model = ModelData.from_file(model_path, metrics=validation_errors(metrics))

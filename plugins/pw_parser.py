@@ -25,7 +25,7 @@ import re
 import numpy as np
 from aiida_quantumespresso.parsers.pw import PwParser
 
-from polmodel import units
+from polmodel.data import units
 
 __all__ = (
     "PolPwParser",

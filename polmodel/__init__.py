@@ -1,6 +1,9 @@
 """polmodel: a field-aware equivariant energy E(R, cell, field) whose derivatives are the electric response.
 
-Importing this package never imports AiiDA.
+Subpackages, each described in its own docstring: data (inputs, labelled frames, units) → nn (the model, its
+derivatives, model files) → training, dynamics (calculator, MD, LAMMPS), analysis (spectra, phonons, observables);
+active_learning (the loop's pure decisions), runtime (device, memory) and cli (the `polmodel` command). The AiiDA
+plugins and workflows install as polmodel.plugins and polmodel.workflows. Importing this package never imports AiiDA.
 """
 __version__ = "0.1.0"
 
@@ -8,15 +11,15 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy so that `import polmodel` stays light (the CLI, AiiDA plugins and tests import pieces).
     if name == "PolModel":
-        from polmodel.model import PolModel
+        from polmodel.nn.model import PolModel
         return PolModel
     if name == "PolEnsemble":
-        from polmodel.ensemble import PolEnsemble
+        from polmodel.nn.ensemble import PolEnsemble
         return PolEnsemble
     if name == "PolCalculator":
-        from polmodel.calculator import PolCalculator
+        from polmodel.dynamics.calculator import PolCalculator
         return PolCalculator
     if name == "load":
-        from polmodel.serialization import load
+        from polmodel.nn.serialization import load
         return load
     raise AttributeError(f"module 'polmodel' has no attribute {name!r}")

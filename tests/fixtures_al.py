@@ -1,5 +1,5 @@
 """Fixtures of the active-learning side: CalcJob/WorkChain factories (aiida-quantumespresso style), fake children,
-tiny structures and frames, and real tiny model files made with `polmodel.serialization`."""
+tiny structures and frames, and real tiny model files made with `polmodel.nn.serialization`."""
 from __future__ import annotations
 
 import hashlib
@@ -82,12 +82,12 @@ def generate_fake_model_data(aiida_profile):
 
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory):
-    """A real, untrained 2-member BaTiO3 ensemble file (small hyperparameters), written by polmodel.serialization."""
+    """A real, untrained 2-member BaTiO3 ensemble file (small hyperparameters), written by polmodel.nn.serialization."""
     import torch
 
-    from polmodel.ensemble import PolEnsemble
-    from polmodel.model import PolModel
-    from polmodel.serialization import save
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+    from polmodel.nn.serialization import save
 
     torch.manual_seed(0)
     members = [PolModel(BATIO3_SPECIES, 4.0, **TINY_HYPERPARAMETERS) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""A charged harmonic toy crystal with known dielectric and IR answers, runnable by `polmodel.md.run_md`.
+"""A charged harmonic toy crystal with known dielectric and IR answers, runnable by `polmodel.dynamics.md.run_md`.
 
 Analytic stand-in for a model (the analysis under test does not care where the dipoles come from): each atom i
 (charge q_i, mass m_i) sits in an isotropic spring k to its own site, with no coupling between atoms, so

@@ -2,7 +2,7 @@
 
 Subclass `ResponseConsistencyMixin` in a test class, provide a `structure` fixture (an ase.Atoms, periodic or
 open) and implement `response(self, atoms, efield, born_charges, polarizability)` returning a dict of numpy
-arrays for that single frame under polmodel.keys names: ENERGY (scalar), FORCES (N, 3), DIPOLE (3,), and for
+arrays for that single frame under polmodel.data.keys names: ENERGY (scalar), FORCES (N, 3), DIPOLE (3,), and for
 periodic cells STRESS (3, 3) and POLARIZATION (3,); BORN_CHARGES (N, 3, 3) and POLARIZABILITY (3, 3) when asked.
 The mixin then checks rotation/translation/permutation symmetry, every derivative against central finite
 differences of the model's own energy, the acoustic sum rule and the symmetry of α. Run it in float64.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from ase import Atoms
 
-from polmodel import keys
+from polmodel.data import keys
 
 # a field large enough that every order of the field coupling contributes
 TEST_FIELD = np.array([0.08, -0.05, 0.11])
@@ -233,7 +233,7 @@ def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, e
     scale defaults to 1 V/Å, so that TEST_FIELD and the finite-difference steps mean what they did before the
     scale existed; tests of the scale itself pass their own."""
 
-    from polmodel.model import PolModel
+    from polmodel.nn.model import PolModel
 
     torch.manual_seed(seed)
     settings = dict(num_features=8, radial_hidden=16, readout_hidden=8, num_radial=6)
@@ -248,8 +248,8 @@ def make_test_model(seed=0, dtype=None, species=("Ba", "Ti", "O"), cutoff=4.5, e
 def model_response(model, atoms, efield, born_charges=False, polarizability=False):
     """compute_response of one frame as numpy arrays (per-graph entries without the graph axis)."""
 
-    from polmodel.data import atoms_to_graph
-    from polmodel.response import compute_response
+    from polmodel.data.graphs import atoms_to_graph
+    from polmodel.nn.response import compute_response
 
     dtype = next(model.parameters()).dtype
     graph = atoms_to_graph(atoms, model.species, model.cutoff, efield=efield, dtype=dtype)

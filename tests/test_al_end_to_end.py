@@ -175,7 +175,8 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, star
     assert "Al" in table and "As" in table and "MAE over all components" in table
     md_node = next(child for child in node.called_descendants if child.process_label == "MdCalculation")
     demo.write_pe_loop(md_node, report)
-    # a one-iteration model need not switch: then the report says so instead of drawing a loop (analysis.py)
+    # a one-iteration model need not switch: then the report says so instead of drawing a loop
+    # (polmodel/analysis/observables.py)
     assert (report / "pe_loop.png").is_file() != (report / "pe_loop.txt").is_file()
     if (report / "pe_loop.txt").is_file():
         assert "no hysteresis" in (report / "pe_loop.txt").read_text()

@@ -1,4 +1,4 @@
-"""The CPU heap setting that keeps freed tensor memory for reuse (polmodel/allocator.py): opt-in for library
+"""The CPU heap setting that keeps freed tensor memory for reuse (polmodel/runtime/allocator.py): opt-in for library
 use, on in the processes the project owns.
 
 The setting is observed as glibc does it, not through the module's own bookkeeping: with glibc's defaults a
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from polmodel import allocator
+from polmodel.runtime import allocator
 
 _TESTS = str(Path(__file__).parent)
 _MMAP_PROBE = textwrap.dedent("""
@@ -36,7 +36,7 @@ _LIBRARY_USE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import polmodel
     from polmodel import PolCalculator
-    import polmodel.train
+    import polmodel.training.train
     from mixins_model import distorted_perovskite, make_test_model
     atoms = distorted_perovskite()
     atoms.calc = PolCalculator(make_test_model(num_features=4, lmax=1, num_layers=1){keep_heap})
@@ -44,7 +44,7 @@ _LIBRARY_USE = textwrap.dedent("""
     if {train}:
         from toy_potential import make_toy_frames
         frames = make_toy_frames(1, seed=0)
-        polmodel.train.train_model(frames[:2], frames[2:], polmodel.train.TrainingConfig(
+        polmodel.training.train.train_model(frames[:2], frames[2:], polmodel.training.train.TrainingConfig(
             epochs=1, quiet=True, architecture=dict(num_features=4, lmax=1, num_layers=1)))
     print(large_malloc_is_mmapped())
 """)
@@ -63,7 +63,7 @@ def _python(code, **environment):
 
 @needs_glibc
 def test_the_probe_sees_the_setting():
-    code = ("import polmodel.allocator as a; print(large_malloc_is_mmapped()); "
+    code = ("import polmodel.runtime.allocator as a; print(large_malloc_is_mmapped()); "
             "print(a.keep_freed_memory_in_heap(), a.keep_freed_memory_in_heap()); print(large_malloc_is_mmapped())")
     assert _python(code) == ["True", "True", "True", "False"]
 
@@ -83,7 +83,7 @@ def test_library_use_applies_it_when_asked(argument, environment):
 
 @needs_glibc
 def test_the_environment_veto_wins_over_the_argument():
-    code = "import polmodel.allocator as a; print(a.keep_heap_if_requested(True), large_malloc_is_mmapped())"
+    code = "import polmodel.runtime.allocator as a; print(a.keep_heap_if_requested(True), large_malloc_is_mmapped())"
     assert _python(code, POLMODEL_KEEP_HEAP="0") == ["False", "True"]
     assert _python(code) == ["True", "False"]
 
@@ -106,7 +106,7 @@ def _failing_argv(command, tmp_path):
 
 
 def test_a_bad_environment_value_is_an_error():
-    code = "import polmodel.allocator as a; a.keep_heap_if_requested()"
+    code = "import polmodel.runtime.allocator as a; a.keep_heap_if_requested()"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env={**os.environ, "POLMODEL_KEEP_HEAP": "yes"})
     assert completed.returncode != 0 and "POLMODEL_KEEP_HEAP must be 0 or 1" in completed.stderr

@@ -7,10 +7,10 @@ import pytest
 from ase import Atoms
 
 from harmonic_crystal import equipartition_momenta, harmonic_crystal
-from polmodel import analysis
+from polmodel.analysis import observables
 from polmodel.cli import main
-from polmodel.fields import CosineField, StaticField
-from polmodel.md import read_trajectory, run_md
+from polmodel.dynamics.fields import CosineField, StaticField
+from polmodel.dynamics.md import read_trajectory, run_md
 
 
 def synthetic_loop(coercive, saturation=0.3, amplitude=0.05, width=0.004, cycles=3, samples=1200, virgin=True):
@@ -35,7 +35,7 @@ def synthetic_loop(coercive, saturation=0.3, amplitude=0.05, width=0.004, cycles
 def test_hysteresis_discards_the_first_cycle_and_reports_each_branch(coercive, by_period):
     fields, polarizations, remanent, times = synthetic_loop(coercive)
     timing = {"times_fs": times, "period_fs": 100.0} if by_period else {}
-    loop = analysis.hysteresis_loop(fields, polarizations, **timing)
+    loop = observables.hysteresis_loop(fields, polarizations, **timing)
     assert loop["coercive_field_rising"] == pytest.approx(coercive, abs=2e-4)
     assert loop["coercive_field_falling"] == pytest.approx(-coercive, abs=2e-4)
     assert loop["coercive_field"] == pytest.approx(coercive, abs=2e-4)
@@ -43,7 +43,7 @@ def test_hysteresis_discards_the_first_cycle_and_reports_each_branch(coercive, b
     assert loop["discarded_frames"] == 1200
     np.testing.assert_allclose(np.abs(loop["axis"]), [2 ** -0.5, 2 ** -0.5, 0], atol=1e-12)
     # kept with the virgin cycle, the falling coercive field is pulled off
-    kept = analysis.hysteresis_loop(fields, polarizations, discard_cycles=0)
+    kept = observables.hysteresis_loop(fields, polarizations, discard_cycles=0)
     assert abs(kept["coercive_field_falling"] + coercive) > 5e-4
 
 
@@ -51,20 +51,20 @@ def test_hysteresis_refuses_a_loop_that_does_not_switch():
     time = np.linspace(0, 3, 1200, endpoint=False)
     field = np.zeros((1200, 3))
     field[:, 2] = 0.05 * np.cos(2 * np.pi * time)
-    with pytest.raises(analysis.NoSwitchingError, match="does not switch"):
-        analysis.hysteresis_loop(field, 2.0 * field)  # a linear dielectric
+    with pytest.raises(observables.NoSwitchingError, match="does not switch"):
+        observables.hysteresis_loop(field, 2.0 * field)  # a linear dielectric
     lossy = 2.0 * np.roll(field, 5, axis=0)  # a small lag opens a thin ellipse, not a switching loop
-    with pytest.raises(analysis.NoSwitchingError):
-        analysis.hysteresis_loop(field, lossy + 0.5)
-    with pytest.raises(analysis.NoSwitchingError, match="no full field cycle"):
-        analysis.hysteresis_loop(field[:350], 2.0 * field[:350])
+    with pytest.raises(observables.NoSwitchingError):
+        observables.hysteresis_loop(field, lossy + 0.5)
+    with pytest.raises(observables.NoSwitchingError, match="no full field cycle"):
+        observables.hysteresis_loop(field[:350], 2.0 * field[:350])
 
 
 def test_plots_are_written(tmp_path):
     fields, polarizations, _, _ = synthetic_loop(0.01)
-    analysis.plot_hysteresis(analysis.hysteresis_loop(fields, polarizations), tmp_path / "loop.png")
+    observables.plot_hysteresis(observables.hysteresis_loop(fields, polarizations), tmp_path / "loop.png")
     wavenumber = np.linspace(0, 1000, 50)
-    analysis.plot_ir_spectrum(wavenumber, np.exp(-((wavenumber - 500) / 30) ** 2), tmp_path / "ir.png",
+    observables.plot_ir_spectrum(wavenumber, np.exp(-((wavenumber - 500) / 30) ** 2), tmp_path / "ir.png",
                               reference=(wavenumber, 0.5 * np.ones(50), "ref"), sticks=([500.0], [1.0]))
     for name in ("loop.png", "ir.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,7 +78,7 @@ def harmonic_run(path, protocol=StaticField((0, 0, 0)), steps=400, settings=None
            trajectory_path=path, progress=False)
     if settings is not None or drop_settings:
         frames = read_trajectory(path)
-        for key in [key for key in frames[0].info if key.startswith(analysis.SETTINGS_PREFIX)]:
+        for key in [key for key in frames[0].info if key.startswith(observables.SETTINGS_PREFIX)]:
             del frames[0].info[key]
         frames[0].info.update(settings or {})
         import ase.io
@@ -109,17 +109,17 @@ def test_field_driven_run_is_refused(tmp_path, capsys):
     for kind in ("ir", "dielectric"):
         assert main(["analyze", kind, str(path), "--output", str(tmp_path / kind)]) == 2
         assert "field-driven" in capsys.readouterr().err
-    conditions = analysis.trajectory_conditions(read_trajectory(path))
-    with pytest.raises(analysis.DrivenTrajectoryError):
-        analysis.check_equilibrium_run(conditions, allow_thermostat=True)
+    conditions = observables.trajectory_conditions(read_trajectory(path))
+    with pytest.raises(observables.DrivenTrajectoryError):
+        observables.check_equilibrium_run(conditions, allow_thermostat=True)
     with pytest.warns(UserWarning, match="field-driven"):
-        analysis.check_equilibrium_run(conditions, allow_thermostat=True, allow_driven=True)
+        observables.check_equilibrium_run(conditions, allow_thermostat=True, allow_driven=True)
 
 
 def test_unrecorded_settings_give_a_warning(tmp_path):
     frames = read_trajectory(harmonic_run(tmp_path / "old.xyz", drop_settings=True))
     with pytest.warns(UserWarning, match="records no thermostat"):
-        assert analysis.check_equilibrium_run(analysis.trajectory_conditions(frames), allow_thermostat=False)
+        assert observables.check_equilibrium_run(observables.trajectory_conditions(frames), allow_thermostat=False)
 
 
 def test_hysteresis_command_refuses_a_run_that_does_not_switch(tmp_path, capsys):
@@ -193,7 +193,7 @@ def test_bad_inputs_answer_with_one_line_and_exit_2(tmp_path, capsys):
 def test_dielectric_command_from_a_small_static_field(tmp_path):
     """`analyze dielectric FIELD_RUN --zero-field-trajectory ZERO_RUN`: ε0 along the field of the harmonic toy,
     1 + Σq²/(ε_vac V k) (tests/harmonic_crystal.py)."""
-    from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+    from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
 
     at_field = harmonic_run(tmp_path / "field.xyz", protocol=StaticField((0, 0, 0.01)), steps=2000)
     at_zero = harmonic_run(tmp_path / "zero.xyz", steps=2000)

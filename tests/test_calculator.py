@@ -1,4 +1,4 @@
-"""PolCalculator: ASE contract, agreement with polmodel.response and with finite differences, ensembles."""
+"""PolCalculator: ASE contract, agreement with polmodel.nn.response and with finite differences, ensembles."""
 import warnings
 
 import numpy as np
@@ -8,11 +8,11 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
 from mixins_model import BranchShifted
-from polmodel import keys
-from polmodel.calculator import PolCalculator
-from polmodel.data import atoms_to_graph
-from polmodel.model import PolModel
-from polmodel.response import compute_response
+from polmodel.data import keys
+from polmodel.data.graphs import atoms_to_graph
+from polmodel.dynamics.calculator import PolCalculator
+from polmodel.nn.model import PolModel
+from polmodel.nn.response import compute_response
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SPECIES = ["Ba", "Ti", "O"]
@@ -155,7 +155,7 @@ def test_dtype_conversion_leaves_the_callers_model_alone():
 
 
 def test_ensemble_mean_and_std_equal_members():
-    from polmodel.ensemble import PolEnsemble
+    from polmodel.nn.ensemble import PolEnsemble
     members = [tiny_model(seed) for seed in (1, 2, 3)]
     atoms = batio3()
     calc = PolCalculator(PolEnsemble(members), efield=FIELD)
@@ -169,7 +169,7 @@ def test_ensemble_mean_and_std_equal_members():
 
 
 def test_ensemble_averages_member_dipoles_on_one_branch():
-    from polmodel.ensemble import PolEnsemble
+    from polmodel.nn.ensemble import PolEnsemble
 
     first, second = tiny_model(1), tiny_model(2)
     atoms = batio3()
@@ -186,7 +186,7 @@ def test_ensemble_averages_member_dipoles_on_one_branch():
 
 
 def test_calculator_loads_a_saved_model_file(model, tmp_path):
-    from polmodel.serialization import save
+    from polmodel.nn.serialization import save
     path = tmp_path / "model.pt"
     save(model, path)
     atoms = batio3()
@@ -206,7 +206,7 @@ def test_unknown_keywords_are_errors_naming_the_keyword(model):
 
 
 def test_overlapping_atoms_are_an_error_not_a_number(model):
-    from polmodel.calculator import OverlappingAtomsError
+    from polmodel.dynamics.calculator import OverlappingAtomsError
     atoms = batio3(rattle=0.0)
     # through the periodic boundary: atom 0 at the origin, atom 1 moved to 0.01 Å from its image
     atoms.positions[1] = atoms.cell[0] + atoms.cell[1] + [0.01, 0.0, 0.0]

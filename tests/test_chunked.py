@@ -1,13 +1,14 @@
-"""Chunked (bounded-memory) evaluation equals the one-shot evaluation to float round-off (polmodel/chunked.py)."""
+"""Chunked (bounded-memory) evaluation equals the one-shot evaluation to float round-off (polmodel/nn/chunked.py)."""
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 
 from mixins_model import distorted_perovskite, make_test_model, model_response, open_molecule
-from polmodel import chunked, keys
-from polmodel.chunked import MemoryBudgetError, chunked_response
-from polmodel.data import species_indices
+from polmodel.data import keys
+from polmodel.data.graphs import species_indices
+from polmodel.nn import chunked
+from polmodel.nn.chunked import MemoryBudgetError, chunked_response
 
 MODEL = make_test_model()          # 2 layers, 4.5 Å cutoff: halo 9 Å
 FIELD = np.array([0.03, -0.02, 0.05])
@@ -87,8 +88,8 @@ def test_plan_fits_the_budget_with_the_coarsest_grid():
 def test_compute_response_with_a_memory_limit(monkeypatch):
     """compute_response(memory_limit_gb=...) evaluates through the chunk plan (here forced to 2×2×2: on a cell this
     small no budget would cut it) and agrees with the one-shot call."""
-    from polmodel.data import atoms_to_graph
-    from polmodel.response import compute_response
+    from polmodel.data.graphs import atoms_to_graph
+    from polmodel.nn.response import compute_response
     atoms = triclinic_supercell((2, 2, 2))
     graph = atoms_to_graph(atoms, MODEL.species, MODEL.cutoff, efield=FIELD, dtype=torch.float64)
     monkeypatch.setattr(chunked, "plan_chunks", lambda *args, **kwargs: chunked.ChunkPlan((2, 2, 2), False, 0.0))
@@ -109,7 +110,7 @@ def test_chunk_larger_than_its_budget_is_split(caplog):
     whole_chunk = chunked.build_chunk(chunked.cell_geometry(atoms.positions, atoms.cell[:], atoms.pbc),
                                       atoms.positions, MODEL, np.zeros(3), np.ones(3), np.zeros(len(atoms), int), 0)
     limit = 0.9 * whole_chunk.edge_index.shape[1] * per_edge / 1e9
-    with caplog.at_level("INFO", logger="polmodel.chunked"):
+    with caplog.at_level("INFO", logger="polmodel.nn.chunked"):
         split = chunked_response(MODEL, atoms.positions, atoms.cell[:], atoms.pbc, species, FIELD, grid=(1, 1, 1),
                                  memory_limit_gb=limit)
     evaluated = [record for record in caplog.records if "edges" in record.getMessage()]
@@ -121,7 +122,7 @@ def test_chunk_larger_than_its_budget_is_split(caplog):
 
 
 def test_too_small_budget_is_a_clear_error():
-    from polmodel.calculator import PolCalculator
+    from polmodel.dynamics.calculator import PolCalculator
     atoms = triclinic_supercell((3, 3, 3))
     with pytest.raises(MemoryBudgetError, match="too small"):
         chunked.plan_for_cell(MODEL, atoms.positions, atoms.cell[:], atoms.pbc, 1e-6, dtype=torch.float64,
@@ -135,7 +136,7 @@ def test_too_small_budget_is_a_clear_error():
 
 def test_overlapping_atoms_are_refused_on_the_chunked_path_too():
     """A cell evaluated by chunks never builds the whole graph; the calculator still finds the overlapping pair."""
-    from polmodel.calculator import OverlappingAtomsError, PolCalculator
+    from polmodel.dynamics.calculator import OverlappingAtomsError, PolCalculator
     atoms = triclinic_supercell((3, 3, 3))
     atoms.positions[1] = atoms.positions[0] + [0.2, 0.0, 0.0]
     one_chunk = chunked.plan_for_cell(MODEL, atoms.positions, atoms.cell[:], atoms.pbc, 1.0, dtype=torch.float64,

@@ -14,7 +14,7 @@ import torch
 from ase import Atoms
 
 from polmodel.cli import main
-from polmodel.md import run_md
+from polmodel.dynamics.md import run_md
 
 SPECIES = ["Ba", "Ti", "O"]
 
@@ -29,10 +29,10 @@ def _batio3():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A real model file, a structure, a trajectory of a short run, and the broken files of the table."""
-    from polmodel.calculator import PolCalculator
-    from polmodel.fields import StaticField
-    from polmodel.model import PolModel
-    from polmodel.serialization import save
+    from polmodel.dynamics.calculator import PolCalculator
+    from polmodel.dynamics.fields import StaticField
+    from polmodel.nn.model import PolModel
+    from polmodel.nn.serialization import save
 
     folder = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)
@@ -175,7 +175,8 @@ def test_md_refuses_bad_input(row, files, capsys, monkeypatch):
     _, argv, expected = row
     before = (files / "done.xyz").read_text()
     ran = []
-    monkeypatch.setattr("polmodel.md.run_md", lambda *args, **kwargs: ran.append(True) or pytest.fail("ran MD"))
+    monkeypatch.setattr("polmodel.dynamics.md.run_md",
+                        lambda *args, **kwargs: ran.append(True) or pytest.fail("ran MD"))
     if "restart" in row[0]:
         monkeypatch.undo()   # run_md itself refuses a restart, before it touches anything
     status, captured = _run_main(argv(files), capsys)
@@ -188,7 +189,7 @@ def test_md_refuses_bad_input(row, files, capsys, monkeypatch):
 def frames_file(files):
     from toy_potential import make_toy_frames
 
-    from polmodel.frames import write_frames
+    from polmodel.data.frames import write_frames
     write_frames(files / "frames.xyz", make_toy_frames(1, seed=0))
     return files / "frames.xyz"
 
@@ -197,7 +198,7 @@ def frames_file(files):
 def test_train_refuses_bad_input_before_training(row, files, frames_file, capsys, monkeypatch):
     _, argv, expected = row
     trained = []
-    monkeypatch.setattr("polmodel.train.train_ensemble", lambda *args, **kwargs: trained.append(True))
+    monkeypatch.setattr("polmodel.training.train.train_ensemble", lambda *args, **kwargs: trained.append(True))
     status, captured = _run_main(argv(files), capsys)
     _assert_one_line_error(status, captured, expected)
     assert not trained   # nothing trained before the check (issue 17: 52 s of training lost on --output)
@@ -212,7 +213,7 @@ def test_other_commands_refuse_bad_input(row, files, capsys):
 
 
 def test_a_good_md_run_still_runs(files, capsys):
-    from polmodel.md import read_trajectory
+    from polmodel.dynamics.md import read_trajectory
     assert main(_md(files, **{"--output": files / "good.xyz", "--interval": 1})) == 0
     assert [frame.info["step"] for frame in read_trajectory(files / "good.xyz")] == [0, 1, 2]
     assert capsys.readouterr().err == ""
@@ -248,10 +249,10 @@ def test_help_imports_no_heavy_module():
 
 
 def test_md_spread_warning_is_one_line_and_stop_on_spread_stops(files, capsys):
-    from polmodel.ensemble import PolEnsemble
-    from polmodel.md import read_trajectory
-    from polmodel.model import PolModel
-    from polmodel.serialization import save
+    from polmodel.dynamics.md import read_trajectory
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+    from polmodel.nn.serialization import save
 
     members = []
     for seed in (1, 2):

@@ -87,8 +87,8 @@ def test_model_data_from_real_file(tiny_model_file, tmp_path):
 
 
 def test_model_data_refuses_a_foreign_file(aiida_profile, tmp_path):
+    from polmodel.nn.serialization import ModelFileError
     from polmodel.plugins.data import ModelData
-    from polmodel.serialization import ModelFileError
 
     path = tmp_path / "not_a_model.pt"
     path.write_bytes(b"garbage")

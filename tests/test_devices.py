@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from polmodel.devices import resolve_device, to_device
+from polmodel.runtime.devices import resolve_device, to_device
 
 from mixins_model import make_test_model
 
@@ -57,7 +57,7 @@ def test_to_device_moves_tensors_only():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_on_the_gpu_gives_the_cpu_model():
     from toy_potential import make_toy_frames
-    from polmodel.train import TrainingConfig, evaluate, train_model
+    from polmodel.training.train import TrainingConfig, evaluate, train_model
 
     frames = make_toy_frames(3, seed=2)
     options = dict(cutoff=4.5, epochs=3, batch_size=4, dtype="float64", quiet=True,

@@ -62,7 +62,7 @@ def dynmat_table(text):
 
 def test_gamma_modes_from_a_recorded_dynamical_matrix_equal_dynmat_x():
     """Real ph.x 6.7 (AlAs, LDA, 16 Ry, 2x2x2, epsil + trans) and dynmat.x on its file, asr='no' and 'simple'."""
-    from polmodel import phonons
+    from polmodel.analysis import phonons
     from polmodel.workflows.dfpt import parse_ph_dynamical_matrix
 
     matrix = parse_ph_dynamical_matrix((ALAS_TRANS / "alas.dyn").read_text())

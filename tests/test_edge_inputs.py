@@ -1,14 +1,14 @@
-"""Born charges through the per-edge inputs (polmodel/edge_inputs.py) equal the plain reverse passes through the
+"""Born charges through the per-edge inputs (polmodel/nn/edge_inputs.py) equal the plain reverse passes through the
 positions, and the per-edge derivatives they use equal autograd's."""
 import numpy as np
 import pytest
 import torch
 
 from mixins_model import TEST_FIELD, BranchShifted, distorted_perovskite, make_test_model, open_molecule
-from polmodel import keys
-from polmodel.data import atoms_to_graph, collate
-from polmodel.edge_inputs import edge_inputs
-from polmodel.response import compute_response
+from polmodel.data import keys
+from polmodel.data.graphs import atoms_to_graph, collate
+from polmodel.nn.edge_inputs import edge_inputs
+from polmodel.nn.response import compute_response
 
 
 def _batch(model):

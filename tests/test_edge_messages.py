@@ -4,8 +4,8 @@ import torch
 
 from mixins_model import make_test_model
 from e3nn import o3
-from polmodel.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
-from polmodel.model import PolModel
+from polmodel.nn.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
+from polmodel.nn.model import PolModel
 
 # (node irreps, edge harmonics lmax, kept output irreps): the model's two layers at feature_lmax 1 and 2, and
 # higher harmonics than the model uses, so every branch of EdgeMessages.forward (scalar harmonic, scalar

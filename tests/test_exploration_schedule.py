@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fixtures_al import batio3_atoms
-from polmodel.exploration import (
+from polmodel.active_learning.exploration import (
     ExplorationStage,
     capped_field_protocol,
     covered_field,
@@ -12,7 +12,7 @@ from polmodel.exploration import (
     stage_field_protocols,
     validate_schedule,
 )
-from polmodel.initial_data import perturbed_structures
+from polmodel.active_learning.initial_structures import perturbed_structures
 
 
 def test_perturbed_structures_strain_and_displace_within_the_bounds():

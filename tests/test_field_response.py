@@ -3,7 +3,7 @@ the derivation functions, and one real end-to-end run on rocksalt MgO checked ag
 import numpy as np
 import pytest
 
-from polmodel import units
+from polmodel.data import units
 from polmodel.workflows import response_functions as rf
 from polmodel.workflows.field_response import pw_runs_per_label
 
@@ -823,7 +823,7 @@ def displaced_alas(alas_structure):
 def test_field_frames_tier_with_pw(pw_code, displaced_alas, alas_lda_family):
     from aiida import orm
 
-    from polmodel import units as project_units
+    from polmodel.data import units as project_units
 
     field = 0.0364
     extra = [0.02, -0.02, 0.01]

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from polmodel.fields import (CosineField, RampField, StaticField, field_protocol_from_dict,
-                             field_protocol_from_json)
+from polmodel.dynamics.fields import (CosineField, RampField, StaticField, field_protocol_from_dict,
+                                      field_protocol_from_json)
 
 
 def test_static_field_is_constant():

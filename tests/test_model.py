@@ -9,10 +9,10 @@ from ase.build import bulk, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from mixins_model import TEST_FIELD, distorted_perovskite, make_test_model, model_response, open_molecule
-from polmodel import keys
-from polmodel.data import UnknownSpeciesError, atoms_to_graph, average_num_neighbors, collate
-from polmodel.model import PolModel
-from polmodel.neighbors import neighbor_list
+from polmodel.data import keys
+from polmodel.data.graphs import UnknownSpeciesError, atoms_to_graph, average_num_neighbors, collate
+from polmodel.data.neighbors import neighbor_list
+from polmodel.nn.model import PolModel
 
 
 # --- neighbour lists -------------------------------------------------------------------------------------------------
@@ -268,9 +268,9 @@ def test_the_layout_before_the_field_readout_had_dead_field_weights():
 
 def test_field_product_is_e3nn_tensor_product():
     """FieldProduct is e3nn's shared-weight uvu TensorProduct, with exact Wigner symbols."""
-    from polmodel.edge_messages import uvu_paths
+    from polmodel.nn.edge_messages import uvu_paths
     from e3nn import o3
-    from polmodel.model import FieldProduct
+    from polmodel.nn.model import FieldProduct
 
     irreps_in, irreps_field = o3.Irreps("4x0e + 4x1o + 4x2e"), o3.Irreps("0e + 1o + 2e")
     allowed = {ir for _, ir in irreps_in}
@@ -307,7 +307,7 @@ def test_the_network_sees_the_field_divided_by_the_field_scale():
 
 def test_field_scale_from_the_frames_fields():
     """The RMS of the non-zero fields, which then sit at 0.1 field scales."""
-    from polmodel.model import DEFAULT_FIELD_SCALE, field_scale_from_fields
+    from polmodel.nn.model import DEFAULT_FIELD_SCALE, field_scale_from_fields
 
     fields = [[0.0, 0.0, 0.0], [0.1, 0.0, 0.0], [0.0, -0.2, 0.0], [0.0, 0.0, 0.0]]
     assert field_scale_from_fields(fields) == pytest.approx(np.sqrt((0.01 + 0.04) / 2) / 0.1)
@@ -331,8 +331,8 @@ def test_anisotropic_polarizability_at_centrosymmetric_sites_is_learned():
     predicts the splitting of cells stretched along y to 20 % (+ 0.02 e·Å²/V) and the trace to 8 %. The layout
     before the field readout can only give an isotropic α there (its energy depends on the field through |ε|²
     alone at such a site)."""
-    from polmodel.data import collate
-    from polmodel.response import compute_response
+    from polmodel.data.graphs import collate
+    from polmodel.nn.response import compute_response
     from toy_potential import tetragonal_frames
 
     train = tetragonal_frames([-0.08, -0.04, 0.0, 0.04, 0.08]) + tetragonal_frames([-0.06, 0.06], axis=0)
@@ -369,7 +369,7 @@ def test_radial_network_is_e3nn_fully_connected_net():
     derivative of its output."""
     from e3nn.nn import FullyConnectedNet
 
-    from polmodel.model import RadialNetwork
+    from polmodel.nn.model import RadialNetwork
 
     widths = [6, 16, 12]
     torch.manual_seed(4)

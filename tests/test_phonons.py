@@ -6,9 +6,9 @@ import pytest
 import torch
 from ase import Atoms
 
-from polmodel import phonons
-from polmodel.calculator import PolCalculator
-from polmodel.model import PolModel
+from polmodel.analysis import phonons
+from polmodel.dynamics.calculator import PolCalculator
+from polmodel.nn.model import PolModel
 
 
 def tiny_model(seed=0):
@@ -27,7 +27,7 @@ def batio3():
 
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_model_hessian_equals_finite_differences_of_its_forces(ensemble):
-    from polmodel.ensemble import PolEnsemble
+    from polmodel.nn.ensemble import PolEnsemble
 
     model = PolEnsemble([tiny_model(0), tiny_model(1)]) if ensemble else tiny_model()
     calculator = PolCalculator(model, efield=(0.0, 0.0, 0.02))
@@ -69,7 +69,7 @@ def test_translation_projection_and_acoustic_modes():
 
 def test_modes_command(tmp_path):
     from polmodel.cli import main
-    from polmodel.serialization import save
+    from polmodel.nn.serialization import save
 
     save(tiny_model(), tmp_path / "m.pt")
     batio3().write(tmp_path / "s.xyz")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from polmodel.polarization import fold_dipole_difference, nearest_lattice_coefficients, reduce_lattice_basis
+from polmodel.data.polarization import fold_dipole_difference, nearest_lattice_coefficients, reduce_lattice_basis
 
 
 def hexagonal_quartz_quantum():

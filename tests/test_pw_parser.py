@@ -6,7 +6,7 @@ ionic dipole must be Σ Z_i r_i of the input positions, and α must be symmetric
 import numpy as np
 import pytest
 
-from polmodel import units
+from polmodel.data import units
 from polmodel.plugins import pw_parser
 from fixtures_workflows import read_recorded_input, recorded_file
 

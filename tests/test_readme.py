@@ -13,9 +13,9 @@ def _python_blocks(text):
 
 
 def test_the_calculator_example_runs(tmp_path, monkeypatch):
-    from polmodel.ensemble import PolEnsemble
-    from polmodel.model import PolModel
-    from polmodel.serialization import save
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+    from polmodel.nn.serialization import save
 
     blocks = [block for block in _python_blocks(README.read_text()) if "PolCalculator(\"ensemble.pt\"" in block]
     assert len(blocks) == 1, "the README's PolCalculator example is gone"

@@ -5,9 +5,9 @@ import torch
 
 from mixins_model import (ResponseConsistencyMixin, TEST_FIELD, distorted_perovskite, make_test_model,
                           model_response, open_molecule, structure)  # noqa: F401  (structure is a fixture)
-from polmodel import keys
-from polmodel.data import atoms_to_graph, collate
-from polmodel.response import compute_response
+from polmodel.data import keys
+from polmodel.data.graphs import atoms_to_graph, collate
+from polmodel.nn.response import compute_response
 
 MODEL = make_test_model()
 

@@ -1,10 +1,10 @@
-"""Unit tests of polmodel.selection: trust levels, the adaptive window, random draws, P / Z* thresholds,
+"""Unit tests of polmodel.active_learning.selection: trust levels, the adaptive window, random draws, P / Z* thresholds,
 deduplication, the cap, label tiers within a budget, convergence."""
 import numpy as np
 import pytest
 
 from fixtures_al import batio3_atoms
-from polmodel.selection import (
+from polmodel.active_learning.selection import (
     ACCURATE,
     CANDIDATE,
     FAILED,

@@ -7,13 +7,13 @@ import torch
 from ase import Atoms
 
 from mixins_model import TEST_FIELD, distorted_perovskite, make_test_model, model_response, open_molecule
-from polmodel import keys
-from polmodel.data import atoms_to_graph, collate
-from polmodel.ensemble import PolEnsemble, ensemble_response
-from polmodel.model import PolModel
-from polmodel.polarization import fold_dipole_difference
-from polmodel.response import compute_response
-from polmodel.serialization import FORMAT_VERSION, ModelFileError, file_sha256, load, save
+from polmodel.data import keys
+from polmodel.data.graphs import atoms_to_graph, collate
+from polmodel.data.polarization import fold_dipole_difference
+from polmodel.nn.ensemble import PolEnsemble, ensemble_response
+from polmodel.nn.model import PolModel
+from polmodel.nn.response import compute_response
+from polmodel.nn.serialization import FORMAT_VERSION, ModelFileError, file_sha256, load, save
 
 
 def _outputs(model, atoms):
@@ -153,7 +153,7 @@ def test_tampered_weight_fails_the_hash(saved_model):
 def as_format_version_1(path):
     """Rewrite a model file into the form written before the architecture/training split: the PolModel keywords
     under "hyperparameters", no training settings, the hash over (kind, species, cutoff, hyperparameters)."""
-    from polmodel.serialization import content_hash
+    from polmodel.nn.serialization import content_hash
 
     payload = torch.load(path, weights_only=True)
     payload["format_version"] = 1
@@ -168,7 +168,7 @@ def as_format_version_1(path):
 def test_file_from_before_field_layers_couples_the_field_in_every_layer(tmp_path):
     """Files written before the field_layers hyperparameter existed hold models that coupled the field in every
     layer; they load as such, and answer as the model that was saved."""
-    from polmodel.serialization import content_hash
+    from polmodel.nn.serialization import content_hash
 
     model = make_test_model(seed=6, num_layers=2, field_layers=2)
     path = tmp_path / "old.pt"
@@ -284,7 +284,7 @@ def test_method_api_names_the_file_of_a_corrupt_truncated_or_foreign_file(tmp_pa
 def test_file_from_before_the_field_readout_and_scale_loads_its_old_architecture(tmp_path):
     """Files written before field_readout and the field scale existed hold the gate-only field coupling and saw
     the field in V/Å; they load as such (field_readout 0, field_scale 1) and answer bit-identically."""
-    from polmodel.serialization import content_hash
+    from polmodel.nn.serialization import content_hash
 
     model = make_test_model(seed=6, field_readout=0)
     path = tmp_path / "old.pt"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from harmonic_crystal import equipartition_momenta, harmonic_crystal
-from polmodel import phonons, spectra
-from polmodel.fields import StaticField
-from polmodel.md import read_trajectory, run_md
-from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+from polmodel.analysis import phonons, spectra
+from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
+from polmodel.dynamics.fields import StaticField
+from polmodel.dynamics.md import read_trajectory, run_md
 
 MASSES, CHARGES, SPRING, CELL = (4.5, 27.0), (1.5, -1.5), 20.0, 6.0
 TEMPERATURE = 300.0

@@ -6,8 +6,9 @@ import pytest
 import torch
 from ase import Atoms
 
-from polmodel.train import (TrainingConfig, _epoch_loss, bootstrap_sample, evaluate, fit_energy_scale,
-                            fit_reference_energies, initialize_model, split_frames, train_model, training_frame_set)
+from polmodel.training.train import (TrainingConfig, _epoch_loss, bootstrap_sample, evaluate, fit_energy_scale,
+                                     fit_reference_energies, initialize_model, split_frames, train_model,
+                                     training_frame_set)
 from toy_potential import make_toy_frames
 
 TINY = dict(num_features=8, num_layers=1, radial_hidden=16, readout_hidden=8, lmax=1)
@@ -55,7 +56,7 @@ def _frames_of_structures(num_structures, fields_per_structure):
 
 
 def test_split_keeps_the_frames_of_one_structure_together_and_is_seeded():
-    from polmodel.train import structure_key
+    from polmodel.training.train import structure_key
 
     frames = _frames_of_structures(10, 7)
     train, valid = split_frames(frames, 0.2, seed=3)
@@ -139,7 +140,7 @@ def test_training_lowers_the_validation_error_of_every_quantity():
 def test_cli_trains_an_ensemble_and_writes_model_metrics_and_plots(tmp_path, capsys):
     from polmodel import PolEnsemble, load
     from polmodel.cli import main
-    from polmodel.frames import write_frames
+    from polmodel.data.frames import write_frames
 
     frames_path = tmp_path / "frames.xyz"
     write_frames(frames_path, make_toy_frames(3, seed=4))
@@ -168,8 +169,8 @@ def test_cli_trains_an_ensemble_and_writes_model_metrics_and_plots(tmp_path, cap
     for name in pngs:
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the metrics describe the saved ensemble: re-evaluating the loaded file on the same split reproduces them
-    from polmodel.train import split_frames
-    from polmodel.frames import read_frames
+    from polmodel.data.frames import read_frames
+    from polmodel.training.train import split_frames
 
     _, valid = split_frames(read_frames(frames_path), 0.25, 3)
     again = evaluate(ensemble, valid)
@@ -183,7 +184,7 @@ def test_cli_rejects_bad_input_with_a_message(tmp_path, capsys):
     assert main(["train", str(tmp_path / "bad.xyz"), "--output", str(tmp_path / "m.pt")]) == 2
     assert "not valid extended XYZ" in capsys.readouterr().err
     write_path = tmp_path / "ok.xyz"
-    from polmodel.frames import write_frames
+    from polmodel.data.frames import write_frames
 
     write_frames(write_path, make_toy_frames(1, seed=0))
     assert main(["train", str(write_path), "--output", str(tmp_path / "m.pt"), "--hyperparameters", "{oops"]) == 2
@@ -203,7 +204,7 @@ class Killed(Exception):
 
 def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(
         small_frames, tmp_path, monkeypatch):
-    import polmodel.train as train
+    import polmodel.training.train as train
 
     train_frames, valid_frames = small_frames[:8], small_frames[8:]
     # float64, a scheduler that changes the learning rate every epoch, a weight average: every piece of state matters
@@ -240,7 +241,7 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_un
 
 
 def test_warm_start_starts_from_the_given_model(small_frames):
-    from polmodel.model import PolModel
+    from polmodel.nn.model import PolModel
 
     config = _config(dtype="float64")
     initial = initialize_model(small_frames[:4], config)
@@ -265,8 +266,8 @@ def test_warm_start_starts_from_the_given_model(small_frames):
 
 
 def test_warm_started_ensemble_maps_members(small_frames):
-    from polmodel.ensemble import PolEnsemble
-    from polmodel.train import train_ensemble
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.training.train import train_ensemble
 
     config = _config(dtype="float64", epochs=0, validation_fraction=0.0)
     initial = PolEnsemble([initialize_model(small_frames, _config(dtype="float64", seed=seed)) for seed in (1, 2)])
@@ -277,7 +278,7 @@ def test_warm_started_ensemble_maps_members(small_frames):
 
 
 def test_weight_average_stays_in_the_convex_hull_and_decay_zero_is_the_raw_weights():
-    from polmodel.train import WeightAverage
+    from polmodel.training.train import WeightAverage
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).double()
@@ -326,7 +327,7 @@ def _at_field(frame, efield):
 
 
 def test_field_magnitude_weights_give_every_bin_the_same_total(small_frames):
-    from polmodel.train import field_magnitude_weights
+    from polmodel.training.train import field_magnitude_weights
 
     base = small_frames[0]
     fields = ([(0, 0, 0)] * 5 + [(0, 0, 1e-9)] + [(0.0364, 0, 0), (0, -0.0364, 0), (0, 0, 0.0364)]
@@ -344,7 +345,7 @@ def test_field_magnitude_weights_give_every_bin_the_same_total(small_frames):
 def test_training_loss_weights_frames_by_field_magnitude(small_frames):
     """The validation loss of energy-only frames is Σ w_f e_f² / Σ w_f with the field-magnitude weights, not the
     plain mean over frames."""
-    from polmodel.train import field_magnitude_weights
+    from polmodel.training.train import field_magnitude_weights
 
     base = small_frames[0]
     fields = [(0, 0, 0)] * 4 + [(0.05, 0, 0), (0, 0.15, 0)]
@@ -374,7 +375,7 @@ def test_old_option_key_hyperparameters_is_read_as_the_architecture():
 def test_cli_warm_start_and_checkpoint(tmp_path, capsys):
     from polmodel import PolEnsemble, PolModel
     from polmodel.cli import main
-    from polmodel.frames import write_frames
+    from polmodel.data.frames import write_frames
 
     frames_path = tmp_path / "frames.xyz"
     write_frames(frames_path, make_toy_frames(1, seed=4))

@@ -19,8 +19,8 @@ import numpy as np
 from aiida import orm
 from aiida.engine import WorkChain, calcfunction
 
+from polmodel.active_learning.selection import ENERGY_FORCES, FIELD_FRAMES, FULL
 from polmodel.plugins.data import FramesData
-from polmodel.selection import ENERGY_FORCES, FIELD_FRAMES, FULL
 from polmodel.workflows.active_learning import ActiveLearningWorkChain
 from toy_potential import reference_crystal, toy_labels
 

@@ -14,7 +14,7 @@ D is translation invariant (so Σ_i Z*_i = 0 exactly), rotation covariant and no
 the geometry; α is symmetric and geometry dependent, which makes Z* field dependent as well.
 
 Everything is written in torch float64; forces, stress, dipole, Z* and α are exact derivatives of that closed
-form by automatic differentiation (independent of polmodel.response), and tests/test_frames.py checks them
+form by automatic differentiation (independent of polmodel.nn.response), and tests/test_frames.py checks them
 against central finite differences of the energy.
 """
 from dataclasses import dataclass, field

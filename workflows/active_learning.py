@@ -4,16 +4,17 @@ Every number the loop decides on is a node made by a calcfunction (perturbed ini
 exploration conditions, adapted trust window, label plan, the per-iteration summary), so `verdi node graph
 generate` on the final model walks back to the pw.x runs.
 
-- Initial data (DP-GEN's way, `polmodel.initial_data`): each given structure and `initial_data.count` strained and
-  displaced copies of it, labelled with the cheapest tier (`energy_forces`, one zero-field SCF each).
+- Initial data (DP-GEN's way, `polmodel.active_learning.initial_structures`): each given structure and
+  `initial_data.count` strained and displaced copies of it, labelled with the cheapest tier (`energy_forces`, one
+  zero-field SCF each).
 - Training starts from the previous iteration's model (`initial_model`, warm start) with a new seed.
-- Exploration follows a schedule of stages (`polmodel.exploration`): temperatures, field amplitude and run length
-  of the current stage; the loop moves to the next stage once the accurate fraction of an iteration reaches
-  `stage_threshold`. Fields stay within the range the labels cover plus `field_margin`. Every iteration draws
-  fresh MD seeds.
-- Selection (`polmodel.selection`): the lower trust level follows the model's validation force error, candidates
-  are drawn at random (seeded by the iteration) within the window, near-duplicates removed; a frame above the upper
-  level is never labelled.
+- Exploration follows a schedule of stages (`polmodel.active_learning.exploration`): temperatures, field amplitude and
+  run length of the current stage; the loop moves to the next stage once the accurate fraction of an iteration reaches
+  `stage_threshold`. Fields stay within the range the labels cover plus `field_margin`. Every iteration draws fresh MD
+  seeds.
+- Selection (`polmodel.active_learning.selection`): the lower trust level follows the model's validation force error,
+  candidates are drawn at random (seeded by the iteration) within the window, near-duplicates removed; a frame above the
+  upper level is never labelled.
 - Labels: every selected frame gets the cheap tier at the field it was sampled at, the frames with the largest
   P / Z* spread the full response, within a budget of `label_budget` pw.x runs per iteration.
 Convergence (DP-GEN's accurate ratio): in the last stage, the share of explored frames the ensemble does not trust
@@ -25,7 +26,7 @@ from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import WorkflowFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 
-from polmodel.exploration import next_stage
+from polmodel.active_learning.exploration import next_stage
 from polmodel.plugins.data import FramesData, ModelData, merge_frames
 from polmodel.workflows.explore import ExploreWorkChain
 from polmodel.workflows.train_ensemble import TrainEnsembleWorkChain
@@ -41,7 +42,7 @@ FULL_LABEL_COST = 10
 @calcfunction
 def initial_structures(parameters, **structures):
     """Each given structure (key `<key>_000`) and its strained and displaced copies (`<key>_001`, ...)."""
-    from polmodel.initial_data import perturbed_structures
+    from polmodel.active_learning.initial_structures import perturbed_structures
 
     values = parameters.get_dict()
     result = {}
@@ -56,12 +57,12 @@ def initial_structures(parameters, **structures):
 
 @calcfunction
 def plan_candidate_labels(candidates, budget, full_cost, max_full):
-    """The label plan of the candidates within `budget` pw.x runs (`polmodel.selection.assign_label_tiers`):
-    one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key the
-    tier, the field vectors and the pw.x runs)."""
+    """The label plan of the candidates within `budget` pw.x runs
+    (`polmodel.active_learning.selection.assign_label_tiers`): one StructureData per labelled candidate, keyed
+    `structure_000`, ..., and `plan` (a Dict with per key the tier, the field vectors and the pw.x runs)."""
     import numpy as np
 
-    from polmodel.selection import assign_label_tiers
+    from polmodel.active_learning.selection import assign_label_tiers
 
     frames = candidates.get_atoms()
     efields = [np.asarray(frame.info.get("efield", np.zeros(3)), dtype=float) for frame in frames]
@@ -88,9 +89,9 @@ def exploration_conditions(dataset, metrics, explore_fields, schedule, stage, ma
     own per iteration (base seed + 1000 × iteration); selection: the criteria with the lower trust level from the
     validation force RMSE (`adapt_trust_window`) and a random-draw seed of the iteration.
     """
-    from polmodel.exploration import ExplorationStage, covered_field, field_peak, stage_field_protocols
+    from polmodel.active_learning.exploration import ExplorationStage, covered_field, field_peak, stage_field_protocols
+    from polmodel.active_learning.selection import SelectionCriteria, adapt_trust_window
     from polmodel.plugins.parsers import validation_errors
-    from polmodel.selection import SelectionCriteria, adapt_trust_window
 
     current = ExplorationStage.from_dict(schedule.get_list()[stage.value])
     covered = covered_field(dataset.get_atoms())
@@ -116,8 +117,8 @@ def exploration_conditions(dataset, metrics, explore_fields, schedule, stage, ma
 @calcfunction
 def summarize_iteration(iteration, dataset, metrics, statistics, threshold, conditions, stage, last_stage):
     """The record of one iteration: dataset size, validation errors, candidate fraction, converged or not."""
+    from polmodel.active_learning.selection import is_converged
     from polmodel.plugins.parsers import validation_errors
-    from polmodel.selection import is_converged
 
     stats = statistics.get_dict()
     return orm.Dict(
@@ -227,7 +228,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self):
         """Context, and the checks of inputs that would only fail later: structures, schedule, budget."""
-        from polmodel.exploration import ExplorationStage, field_peak, validate_schedule
+        from polmodel.active_learning.exploration import ExplorationStage, field_peak, validate_schedule
 
         self.ctx.iteration = 0
         self.ctx.stage = 0
@@ -248,7 +249,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                     field_amplitude=max(field_peak(f) for f in explore.fields.get_list()),
                     steps=explore.parameters.get_dict()["steps"],
                 )]
-            from polmodel.selection import TIERS
+            from polmodel.active_learning.selection import TIERS
 
             if self.inputs.initial_data.tier.value not in TIERS:
                 raise ValueError(f"initial_data.tier must be one of {TIERS}, got {self.inputs.initial_data.tier.value!r}")
@@ -485,7 +486,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         every DFT label's field-response protocol, `train.parameters` the trainings, `explore.*` the explorations.
         `options` are the pw.x runs' CalcJob options. Bad inputs raise ValueError before anything is stored.
         """
-        from polmodel.selection import SelectionCriteria
+        from polmodel.active_learning.selection import SelectionCriteria
 
         from .protocol_utils import merge_overrides
         from .structures import as_structure_namespace

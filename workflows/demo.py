@@ -223,8 +223,8 @@ def copy_parity_plots(model, directory):
 
 def write_born_charges_against_dft(model, dataset, directory):
     """Model Z* (ensemble mean) against the DFT Z* of every labelled frame that has them."""
-    from polmodel.calculator import PolCalculator
-    from polmodel.frames import frame_born_charges, frame_efield
+    from polmodel.data.frames import frame_born_charges, frame_efield
+    from polmodel.dynamics.calculator import PolCalculator
 
     calculator = PolCalculator(model.load())
     rows, dft_all, model_all = [], [], []
@@ -261,7 +261,7 @@ def write_born_charges_against_dft(model, dataset, directory):
 
 
 def write_pe_loop(md_node, directory):
-    from polmodel.analysis import NoSwitchingError, hysteresis_loop, plot_hysteresis
+    from polmodel.analysis.observables import NoSwitchingError, hysteresis_loop, plot_hysteresis
 
     if not md_node.is_finished_ok:
         (directory / "pe_loop.txt").write_text(f"P-E loop MD {md_node.pk} failed: exit {md_node.exit_status}\n")

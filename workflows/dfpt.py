@@ -5,7 +5,7 @@ scf (same structure and settings as the field-response chain) → ph.x at Γ wit
 without the acoustic sum rule imposed), `dielectric_tensor` (3, 3), Float `asr_residual`; with `trans`, also
 `gamma_phonons` (ArrayData: force constants, TO frequencies with and without the acoustic sum rule, eigenvectors,
 mode effective charges, IR intensities) and `static_dielectric_tensor` (ε0 = ε∞ + polar-mode part), computed
-from ph.x's dynamical matrix file and Z* by polmodel.phonons (what dynmat.x does; tests/test_dfpt.py checks the
+from ph.x's dynamical matrix file and Z* by polmodel.analysis.phonons (what dynmat.x does; tests/test_dfpt.py checks the
 two agree).
 """
 import re
@@ -16,7 +16,8 @@ from aiida.common import AttributeDict
 from aiida.engine import ToContext, WorkChain, calcfunction
 from aiida.plugins import WorkflowFactory
 
-from polmodel import phonons, units
+from polmodel.analysis import phonons
+from polmodel.data import units
 
 from .field_response import _RUN_SPECIFIC, validate_ground_state_inputs
 from .response_functions import acoustic_sum_rule_residual
@@ -109,8 +110,8 @@ def _dynamical_matrix_file(retrieved):
 @calcfunction
 def extract_gamma_phonons(structure, retrieved, born_effective_charges, dielectric_tensor):
     """Γ TO modes, mode charges, IR intensities and ε0 = ε∞ + Σ_m S_m/(ε_vac Ω ω_m²) from ph.x's dynamical
-    matrix and Z*, with the acoustic sum rule imposed on both (polmodel.phonons); the frequencies without it are
-    kept beside them (`wavenumbers_raw`, what dynmat.x prints with asr='no')."""
+    matrix and Z*, with the acoustic sum rule imposed on both (polmodel.analysis.phonons); the frequencies without
+    it are kept beside them (`wavenumbers_raw`, what dynmat.x prints with asr='no')."""
     text = _dynamical_matrix_file(retrieved)
     matrix = None if text is None else parse_ph_dynamical_matrix(text)
     if matrix is None:
@@ -176,7 +177,8 @@ class DfptWorkChain(WorkChain):
         spec.output("dielectric_tensor", valid_type=orm.ArrayData)
         spec.output("asr_residual", valid_type=orm.Float)
         spec.output("gamma_phonons", valid_type=orm.ArrayData, required=False,
-                    help="with trans: Γ TO modes, mode effective charges and IR intensities (polmodel.phonons)")
+                    help="with trans: Γ TO modes, mode effective charges and IR intensities "
+                         "(polmodel.analysis.phonons)")
         spec.output("static_dielectric_tensor", valid_type=orm.ArrayData, required=False,
                     help="with trans and no unstable optical mode: ε0 = ε∞ + the polar modes' part")
         # 400s: child failures

@@ -1,8 +1,8 @@
 """`polmodel.explore`: MD with a model ensemble over fields x temperatures, then select frames worth a DFT label.
 
 Every (structure, field protocol, temperature) triple is one `MdCalculation`, all submitted at once. The selection
-(`polmodel.selection`, DESIGN.md trust levels) runs in the calcfunction `select_from_trajectories`, so the
-candidate set links back to the trajectories it was chosen from.
+(`polmodel.active_learning.selection`, DESIGN.md trust levels) runs in the calcfunction `select_from_trajectories`,
+so the candidate set links back to the trajectories it was chosen from.
 """
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction
@@ -20,12 +20,12 @@ def select_from_trajectories(criteria, **trajectories):
     Each candidate's `info['origin']` is "<trajectory UUID>:<frame index>", `info['efield']` the field (V/Å) it was
     sampled at (its label follows that field), and `info['response_spread']` its Born-charge spread (e) where the
     MD recorded one, else the norm of its polarization spread (e/Å²), which decides who gets the full response
-    label (`polmodel.selection.assign_label_tiers`). A trajectory's frame at step 0 is its
+    label (`polmodel.active_learning.selection.assign_label_tiers`). A trajectory's frame at step 0 is its
     starting structure, which the loop has labelled already (the demo once spent a DFT label on it): it is neither
     classified nor counted.
     """
+    from polmodel.active_learning.selection import SelectionCriteria, select_candidates
     from polmodel.plugins.parsers import trajectory_frames
-    from polmodel.selection import SelectionCriteria, select_candidates
 
     import numpy as np
 
@@ -87,7 +87,8 @@ class ExploreWorkChain(WorkChain):
             help="MdCalculation parameters shared by all runs (steps, timestep, thermostat, interval, born_spread, "
             "seed); `field` and `temperature` come from `fields` and `temperatures`.",
         )
-        spec.input("fields", valid_type=orm.List, help="Field protocols (polmodel.fields dicts), one MD run each.")
+        spec.input("fields", valid_type=orm.List,
+                   help="Field protocols (polmodel.dynamics.fields dicts), one MD run each.")
         spec.input("temperatures", valid_type=orm.List, help="Temperatures in K, one MD run each.")
         spec.input("selection", valid_type=orm.Dict, default=lambda: orm.Dict({}), help="SelectionCriteria values.")
         spec.outline(cls.validate_inputs, cls.run_md, cls.inspect_md, cls.select, cls.results)
@@ -104,8 +105,8 @@ class ExploreWorkChain(WorkChain):
 
     def validate_inputs(self):
         """Refuse inputs that would only fail later: no structure, unknown species, bad fields, a single model."""
+        from polmodel.active_learning.selection import SelectionCriteria
         from polmodel.plugins.calculations import validate_md_parameters
-        from polmodel.selection import SelectionCriteria
 
         model = self.inputs.model
         if not self.inputs.structures:

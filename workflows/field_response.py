@@ -30,12 +30,12 @@ from aiida.plugins import CalculationFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
-from polmodel import units
-from polmodel.selection import MIN_INTERATOMIC_DISTANCE, closest_pair
+from polmodel.active_learning.selection import MIN_INTERATOMIC_DISTANCE, closest_pair
+from polmodel.data import units
 
 from . import response_functions
 from .protocol_utils import PW_NAMELISTS, merge_overrides
-from .response_functions import FIELD_LABELS, field_run_label
+from .response_functions import FIELD_LABELS, band_gap, field_run_label
 
 PwCalculation = CalculationFactory("quantumespresso.pw")
 
@@ -174,14 +174,6 @@ def validate_inputs(inputs, _):
     return None
 
 
-def band_gap(output_parameters):
-    """Lowest unoccupied minus highest occupied level (eV) from `band_edges` of `PolPwParser`, or None."""
-    edges = output_parameters.get("band_edges") or {}
-    if edges.get("lowest_unoccupied_level") is None or edges.get("highest_occupied_level") is None:
-        return None
-    return edges["lowest_unoccupied_level"] - edges["highest_occupied_level"]
-
-
 def zener_field_limit(band_gap, cell, mesh):
     """Largest field (V/Å) before Zener tunnelling across a Berry string: E_gap / (e · max_i N_i |a_i|)."""
     lengths = np.linalg.norm(np.asarray(cell, dtype=float), axis=1) * np.asarray(mesh)
@@ -312,7 +304,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             ),
         )
 
-        spec.output("frames", valid_type=orm.Data, help="The labelled frames (polmodel.frames), zero field first.")
+        spec.output("frames", valid_type=orm.Data, help="The labelled frames (polmodel.data.frames), zero field first.")
         spec.output("band_gap", valid_type=orm.Float, help="Gap (eV) of the zero-field run.")
         spec.output(
             "born_effective_charges", valid_type=orm.ArrayData, required=False,

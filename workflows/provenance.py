@@ -91,7 +91,7 @@ def load_model(identifier):
     """A ModelData from a pk, UUID (prefix) or node; TypeError if the node is something else."""
     node = identifier if isinstance(identifier, orm.Node) else orm.load_node(identifier)
     if not isinstance(node, ModelData):
-        raise TypeError(f"node {node.pk} is a {type(node).__name__}, not a ModelData (polmodel.model)")
+        raise TypeError(f"node {node.pk} is a {type(node).__name__}, not a ModelData (polmodel.nn.model)")
     return node
 
 
@@ -99,7 +99,7 @@ def load_frames(identifier):
     """A FramesData from a pk, UUID (prefix) or node; TypeError if the node is something else."""
     node = identifier if isinstance(identifier, orm.Node) else orm.load_node(identifier)
     if not isinstance(node, FramesData):
-        raise TypeError(f"node {node.pk} is a {type(node).__name__}, not a FramesData (polmodel.frames)")
+        raise TypeError(f"node {node.pk} is a {type(node).__name__}, not a FramesData (polmodel.data.frames)")
     return node
 
 
@@ -187,7 +187,7 @@ def learning_curve(workchain):
     return sorted(records, key=lambda record: record["iteration"])
 
 
-# the validation-metric names of polmodel.losses (dipole: the folded cell dipole per atom, the trained P label)
+# the validation-metric names of polmodel.training.losses (dipole: the folded cell dipole per atom, the trained P label)
 LEARNING_CURVE_QUANTITIES = ("energy", "forces", "dipole", "born_effective_charges")
 
 

@@ -12,8 +12,8 @@ import numpy as np
 from aiida import orm
 from aiida.engine import calcfunction
 
-from polmodel import spectra
-from polmodel.polarization import fold_dipole_difference
+from polmodel.analysis import spectra
+from polmodel.data.polarization import fold_dipole_difference
 
 # Field runs are labelled <axis>_<sign>; this order is the order of the six finite-field frames.
 FIELD_LABELS = ("x_plus", "x_minus", "y_plus", "y_minus", "z_plus", "z_minus")
@@ -155,7 +155,7 @@ def lattice_polarization_quantum(cell, valence_charges):
 
 
 def dielectric_from_polarizability(polarizability, volume):
-    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³ (polmodel.spectra holds the formula)."""
+    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³ (polmodel.analysis.spectra holds the formula)."""
     return spectra.dielectric_from_polarizability(polarizability, volume)
 
 
@@ -278,11 +278,21 @@ def _field_run_labels(pw_outputs):
                   if key.startswith("parameters_") and key != "parameters_zero_field")
 
 
+def band_gap(output_parameters):
+    """Lowest unoccupied minus highest occupied level (eV) from `band_edges` of `PolPwParser`, or None."""
+    edges = output_parameters.get("band_edges") or {}
+    if edges.get("lowest_unoccupied_level") is None or edges.get("highest_occupied_level") is None:
+        return None
+    return edges["lowest_unoccupied_level"] - edges["highest_occupied_level"]
+
+
 @calcfunction
 def compute_band_gap(output_parameters):
-    """The gap (eV) between the highest occupied and lowest unoccupied level of a pw.x run (`band_edges`)."""
-    edges = output_parameters["band_edges"]
-    return orm.Float(edges["lowest_unoccupied_level"] - edges["highest_occupied_level"])
+    """The gap (eV) between the highest occupied and lowest unoccupied level of a pw.x run, as a node."""
+    gap = band_gap(output_parameters.get_dict())
+    if gap is None:
+        raise ValueError("the pw.x run reports no band edges")
+    return orm.Float(gap)
 
 
 @calcfunction

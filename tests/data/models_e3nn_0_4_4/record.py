@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 import e3nn
-from polmodel import keys
-from polmodel.data import atoms_to_graph
-from polmodel.model import PolModel
-from polmodel.response import compute_response
-from polmodel.serialization import save
+from polmodel.data import keys
+from polmodel.data.graphs import atoms_to_graph
+from polmodel.nn.model import PolModel
+from polmodel.nn.response import compute_response
+from polmodel.nn.serialization import save
 
 HERE = Path(__file__).resolve().parent
 SPECIES = ["Ba", "Ti", "O"]

@@ -20,7 +20,7 @@ Every derivative is then a sum over chunks of derivatives of E_c:
 So one-shot and chunked answers differ only in the order of floating-point sums (tests/test_chunked.py checks
 E, F, stress, ΩP, Z*, α to 1e-10 relative in float64, with chunks that cut periodic cells in every direction,
 a cell narrower than twice the halo, and an open cluster). The per-chunk derivatives are those of
-polmodel/response.py (compute_response), run on the chunk's cluster with the energy restricted to own atoms.
+polmodel/nn/response.py (compute_response), run on the chunk's cluster with the energy restricted to own atoms.
 
 Memory. A chunk's peak memory is dominated by its edge tensors: `BYTES_PER_EDGE` (measured, see there) times its
 edges, and the number of chunks is the smallest grid whose largest chunk fits the budget. A chunk is checked
@@ -34,13 +34,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from polmodel import keys
-from polmodel.neighbors import open_boundary_pairs
+from polmodel.data import keys
+from polmodel.data.neighbors import open_boundary_pairs
 
 # Peak bytes per edge of one model call, float32, default-sized model (num_features 32, lmax 2, radial_hidden 64).
 # Measured with benchmarks/scale.py (5 Å cutoff, ~50 edges per atom): compute_response alone (--measure-memory,
 # 3,645-atom BaTiO3) raises the peak resident memory by 5.8, 17.4 and 13.2 KB per edge for E+F+P, + Born charges,
-# + α; a whole one-shot PolCalculator call (neighbour list, and the heap it keeps, polmodel/allocator.py) by
+# + α; a whole one-shot PolCalculator call (neighbour list, and the heap it keeps, polmodel/runtime/allocator.py) by
 # 440 KB per atom = 8.8 KB per edge; the chunks of a 10⁶-atom BaTiO3 call (740k edges, 24k images each) by
 # ~7.8 GB = 10.5 KB per edge (halo images are a third of a chunk's atoms). The constants are the last, with the
 # same ratios for the second-order properties. On an H200 the GPU memory used was ~35% below them.
@@ -258,7 +258,7 @@ class _OwnAtomsEnergy(torch.nn.Module):
     def _energy_from_edges(self, data, harmonics, weights):
         return self._restrict(self.model.energy_from_edges(data, harmonics, weights))
 
-    # polmodel/edge_inputs.py reads these of the energy model
+    # polmodel/nn/edge_inputs.py reads these of the energy model
     def edge_vectors(self, data):
         return self.model.edge_vectors(data)
 
@@ -304,7 +304,7 @@ def chunked_response(model, positions, cell, pbc, species_index, efield, *, grid
     out larger than the budget (a denser region than the plan's average) is split in two before it is
     evaluated. Returns compute_response's dict for a single graph.
     """
-    from polmodel.response import compute_response, response_from_derivatives
+    from polmodel.nn.response import compute_response, response_from_derivatives
 
     parameter = next(model.parameters())
     dtype = dtype or parameter.dtype
@@ -396,7 +396,7 @@ def chunked_graph_response(model, data, memory_limit_gb, **flags):
     """compute_response(..., memory_limit_gb=...) of a (batched) graph dictionary: one shot when every graph
     fits the budget, else `chunked_response` per graph, concatenated (per-atom entries along atoms, per-graph
     entries along graphs)."""
-    from polmodel.response import compute_response
+    from polmodel.nn.response import compute_response
 
     batch = data[keys.BATCH]
     dtype, device = data[keys.POSITIONS].dtype, data[keys.POSITIONS].device

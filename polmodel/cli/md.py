@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from polmodel.cli import InputError, check_input_file, check_output_file, load_model_file
-from polmodel.md import DEFAULT_SPREAD_THRESHOLD, THERMOSTATS
+from polmodel.dynamics.md import DEFAULT_SPREAD_THRESHOLD, THERMOSTATS
 
 
 def add_arguments(parser):
@@ -48,7 +48,7 @@ def _check_inputs(args):
     """Everything `run` needs, checked before MD starts: (model, atoms, protocol, device); InputError if bad.
 
     The checks that need no heavy import (numbers, files, the field protocol) come first."""
-    from polmodel.md import check_run_arguments
+    from polmodel.dynamics.md import check_run_arguments
 
     try:
         check_run_arguments(steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
@@ -56,7 +56,7 @@ def _check_inputs(args):
                             pressure_GPa=args.pressure, spread_threshold=args.spread_threshold)
     except ValueError as error:
         raise InputError(str(error)) from error
-    from polmodel.fields import field_protocol_from_json
+    from polmodel.dynamics.fields import field_protocol_from_json
     try:
         protocol = field_protocol_from_json(args.field)
     except ValueError as error:
@@ -65,7 +65,7 @@ def _check_inputs(args):
     check_input_file(args.model, "--model")
     check_input_file(args.structure, "--structure")
     atoms = _read_structure(args.structure)
-    from polmodel.devices import resolve_device
+    from polmodel.runtime.devices import resolve_device
     try:
         device = resolve_device(args.device)
     except ValueError as error:
@@ -97,14 +97,14 @@ def _show_warning_as_one_line(message, category, filename, lineno, file=None, li
 
 
 def run(args):
-    from polmodel.allocator import keep_freed_memory_in_heap
-    keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (allocator.py)
+    from polmodel.runtime.allocator import keep_freed_memory_in_heap
+    keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (runtime/allocator.py)
     model, atoms, protocol, device = _check_inputs(args)
 
     import torch
 
-    from polmodel.calculator import OverlappingAtomsError, PolCalculator
-    from polmodel.md import RestartMismatchError, run_md
+    from polmodel.dynamics.calculator import OverlappingAtomsError, PolCalculator
+    from polmodel.dynamics.md import RestartMismatchError, run_md
 
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
     calculator = PolCalculator(model, efield=protocol(0.0), dtype=dtype, device=device)

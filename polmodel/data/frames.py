@@ -123,10 +123,11 @@ def align_dipole_branches(frames):
       changes by less than half a quantum between neighbouring labelled frames).
     A moved dipole moves its frame's finite-field energy by −ε·shift. Every dipole frame gets
     `info['dipole_branch']`, an integer shared by the frames known to be on one branch; the loss moves such frames
-    onto the model's branch together (polmodel.losses). Which branch a whole group is on relative to the model is
-    still decided against the model's prediction: that part is the fallback, as no model-free reference exists.
+    onto the model's branch together (polmodel.training.losses). Which branch a whole group is on relative to the
+    model is still decided against the model's prediction: that part is the fallback, as no model-free reference
+    exists.
     """
-    from polmodel.polarization import fold_dipole_difference
+    from polmodel.data.polarization import fold_dipole_difference
 
     frames = [frame.copy() for frame in frames]
     groups = {}

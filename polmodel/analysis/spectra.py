@@ -1,6 +1,6 @@
 """Spectra and static response (DESIGN.md, Amendments, "Spectra and static response"): ε∞ from α, the IR
 absorption coefficient from an NVE dipole time series or from harmonic modes, and ε0 from dipole fluctuations,
-from the mean response to a small static field, or harmonically (polmodel.phonons).
+from the mean response to a small static field, or harmonically (polmodel.analysis.phonons).
 
 Absolute units. The IR result is the absorption coefficient times the refractive index, α(ω)n(ω), in cm⁻¹,
 orientationally averaged (a powder / unpolarized value: one third of the trace):
@@ -10,7 +10,7 @@ orientationally averaged (a powder / unpolarized value: one third of the trace):
   harmonic     ∫ α n dω = π |Z̃_m|² / (6 ε_vac c V) per mode (Z̃_m the mode effective charge), temperature
                independent, spread over a Lorentzian of chosen width.
 The two agree for a harmonic crystal at any temperature (tests/test_spectra.py checks it on a charged harmonic
-toy crystal run through `polmodel.md.run_md`).
+toy crystal run through `polmodel.dynamics.md.run_md`).
 
 Internal units are ASE's (e·Å, Å³, fs, K, e/√amu); the conversion to SI happens in the two spectrum functions.
 """
@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
 
 # SI constants (CODATA 2018), used only to put spectra in absolute units.
 _E = 1.602176634e-19            # C
@@ -161,7 +161,7 @@ def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_
     the mean of δM_a δM_b over `blocks` contiguous blocks (δM about the whole run's mean): it is honest only
     when a block is much longer than the dipole's correlation time. Returns (ε0 (3, 3), error (3, 3)).
     """
-    from polmodel.phonons import as_dielectric_tensor
+    from polmodel.analysis.phonons import as_dielectric_tensor
 
     dipoles = np.asarray(dipoles, dtype=float)
     if dipoles.ndim != 2 or dipoles.shape[1] != 3 or len(dipoles) < 2:

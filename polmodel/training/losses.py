@@ -10,13 +10,13 @@ branch enters the energy of a finite-field frame: pw.x's enthalpy contains -ε·
 label whose dipole is K quanta away from the model's has an energy off by ε·K. The energy label is moved onto
 the prediction's branch with the dipole (E + ε·ΩP_label - ε·ΩP_on_branch); without that, no model could fit
 the ±ε energies of, e.g., cubic BaTiO3, whose pw.x dipole (6 quanta, 48 e·Å) makes E(±ε) differ by 3.5 eV.
-Frames that share `info['dipole_branch']` (set by polmodel.frames.align_dipole_branches from the ±ε runs of one
+Frames that share `info['dipole_branch']` (set by polmodel.data.frames.align_dipole_branches from the ±ε runs of one
 structure or the frames of one trajectory, never from the model) are moved onto the prediction's branch by one
 common integer combination of quanta, the one that fits them best together, so no frame of such a group can be
 put on another branch than the rest; a frame without a group is folded on its own against the prediction
 (the fallback).
 
-Frames may carry weights (`TargetBatch(frames, frame_weights=...)`, e.g. polmodel.train's field-magnitude
+Frames may carry weights (`TargetBatch(frames, frame_weights=...)`, e.g. polmodel.training.train's field-magnitude
 balance): each quantity's mean squared error is then the weighted mean over its labelled entries, a per-atom
 entry weighted by its frame's weight.
 """
@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from polmodel import keys
-from polmodel.frames import (frame_born_charges, frame_dipole, frame_efield, frame_energy, frame_forces,
-                             frame_polarizability, frame_polarization_quantum, frame_stress)
-from polmodel.polarization import common_lattice_coefficients, nearest_lattice_coefficients
-from polmodel.response import compute_response
+from polmodel.data import keys
+from polmodel.data.frames import (frame_born_charges, frame_dipole, frame_efield, frame_energy, frame_forces,
+                                  frame_polarizability, frame_polarization_quantum, frame_stress)
+from polmodel.data.polarization import common_lattice_coefficients, nearest_lattice_coefficients
+from polmodel.nn.response import compute_response
 
-# quantity (a polmodel.keys name) -> unit in which it is compared, reported and plotted
+# quantity (a polmodel.data.keys name) -> unit in which it is compared, reported and plotted
 QUANTITY_UNITS = {
     keys.ENERGY: "eV/atom",
     keys.FORCES: "eV/Å",
@@ -131,7 +131,7 @@ class TargetBatch:
 
 
 def predict(model, data, targets, training=False):
-    """The model's response with exactly the derivatives `targets` needs (see polmodel.response)."""
+    """The model's response with exactly the derivatives `targets` needs (see polmodel.nn.response)."""
     return compute_response(model, data, training=training, **targets.response_flags())
 
 
@@ -140,7 +140,7 @@ def dipole_branch_shift(prediction, targets):
 
     For a frame on its own, label + shift is the label's image nearest to the predicted dipole; frames of one branch
     group (`targets.dipole_branch`) share the integer combination that brings them nearest together
-    (polmodel.polarization.common_lattice_coefficients). Frames without a quantum get zero.
+    (polmodel.data.polarization.common_lattice_coefficients). Frames without a quantum get zero.
     """
     device = prediction[keys.DIPOLE].device
     index = targets.index[keys.DIPOLE].to(device)

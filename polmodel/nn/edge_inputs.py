@@ -9,7 +9,7 @@ with the positions as the leaves, each pass also runs backwards through the harm
 chain rule to the edge vectors is applied once for the three passes together, with the per-edge derivatives
 dY/dr_e (E, S, 3) and dw/dr (E, u) computed here in one sweep:
     ∂X/∂r_e = Σ_s ∂X/∂Y_es dY_es/dr_e + (Σ_paths Σ_u ∂X/∂w_eu dw_eu/dr) r_e / |r_e|.
-polmodel/response.py uses this for Born charges; tests/test_edge_inputs.py checks it against the plain reverse
+polmodel/nn/response.py uses this for Born charges; tests/test_edge_inputs.py checks it against the plain reverse
 passes.
 """
 from typing import List, NamedTuple
@@ -17,7 +17,7 @@ from typing import List, NamedTuple
 import torch
 from torch.autograd import forward_ad
 
-from polmodel import keys
+from polmodel.data import keys
 
 
 class EdgeInputs(NamedTuple):

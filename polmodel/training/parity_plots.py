@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from polmodel.losses import QUANTITY_UNITS
+from polmodel.training.losses import QUANTITY_UNITS
 
 TITLES = {
     "energy": "Energy",

@@ -6,13 +6,13 @@ by a symmetric strain (r → r(1 + s), h → h(1 + s)) with s = 0 requiring grad
 Born charges and polarizability are the derivatives of the dipole (three more backward passes, one per field
 component, only when asked):  Z*[i, a, b] = ∂(ΩP_a)/∂R_ib = ∂F_ib/∂ε_a,   α[a, b] = ∂(ΩP_a)/∂ε_b.
 With Born charges outside training, the leaves are the edges' harmonics and radial weights instead of the
-positions (polmodel/edge_inputs.py); forces, virial and Z* then follow from the per-edge chain rule.
+positions (polmodel/nn/edge_inputs.py); forces, virial and Z* then follow from the per-edge chain rule.
 """
 import torch
 
-from polmodel import keys
-from polmodel.edge_inputs import atom_gradients, edge_inputs, edge_vector_gradients, strain_gradients
-from polmodel.spectra import dielectric_from_polarizability
+from polmodel.analysis.spectra import dielectric_from_polarizability
+from polmodel.data import keys
+from polmodel.nn.edge_inputs import atom_gradients, edge_inputs, edge_vector_gradients, strain_gradients
 
 
 def cell_volume(cell):
@@ -35,15 +35,15 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     `born_charges`; POLARIZABILITY and DIELECTRIC (G, 3, 3) when `polarizability` (DIELECTRIC NaN rows for open
     boundaries). `training=True` keeps the graph so that losses on derivatives can be back-propagated.
 
-    Born charges outside training take their reverse passes to the per-edge inputs (polmodel/edge_inputs.py)
+    Born charges outside training take their reverse passes to the per-edge inputs (polmodel/nn/edge_inputs.py)
     when the model exposes them (`energy_from_edges`, as PolModel does); training, and any other energy module,
     differentiates through the positions, so that the model's parameters stay in the graph.
 
     `memory_limit_gb` (outside training): evaluate each graph in spatial chunks that fit this budget
-    (polmodel/chunked.py; exact to round-off); its neighbour list is rebuilt per chunk, the one in `data` unused.
+    (polmodel/nn/chunked.py; exact to round-off); its neighbour list is rebuilt per chunk, the one in `data` unused.
     """
     if memory_limit_gb is not None:
-        from polmodel.chunked import chunked_graph_response
+        from polmodel.nn.chunked import chunked_graph_response
         if training:
             raise ValueError("memory_limit_gb is for evaluation; training needs the whole graph")
         return chunked_graph_response(model, data, memory_limit_gb, stress=stress, born_charges=born_charges,
@@ -146,7 +146,7 @@ def _derivatives_through_positions(model, data, compute_stress, born_charges, po
 
 def _derivatives_through_edge_inputs(model, data, compute_stress, polarizability):
     """As `_derivatives_through_positions` with Born charges, but with the edges' harmonics and radial weights
-    as the leaves (polmodel/edge_inputs.py): the three dipole passes stop at the edges, and their chain rule to
+    as the leaves (polmodel/nn/edge_inputs.py): the three dipole passes stop at the edges, and their chain rule to
     the positions is one contraction for the three together. Not differentiable w.r.t. the parameters."""
     inputs = edge_inputs(model, data)
     harmonics = inputs.harmonics.requires_grad_(True)

@@ -64,7 +64,7 @@ def next_stage(stage_index, accurate_fraction, stage_threshold, num_stages):
 
 
 def field_peak(protocol):
-    """The largest field magnitude (V/Å) a field protocol dict (polmodel.fields) ever applies."""
+    """The largest field magnitude (V/Å) a field protocol dict (polmodel.dynamics.fields) ever applies."""
     kind = protocol["kind"]
     if kind == "static":
         return float(np.linalg.norm(protocol["vector"]))

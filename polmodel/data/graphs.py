@@ -1,9 +1,9 @@
-"""From ase.Atoms to the model's input dictionary (keys in polmodel/keys.py), and batching of such dictionaries."""
+"""From ase.Atoms to the model's input dictionary (keys in polmodel/data/keys.py), and batching of such dictionaries."""
 import numpy as np
 import torch
 
-from polmodel import keys
-from polmodel.neighbors import neighbor_list
+from polmodel.data import keys
+from polmodel.data.neighbors import neighbor_list
 
 
 class UnknownSpeciesError(ValueError):

@@ -14,10 +14,10 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from polmodel import keys
-from polmodel.allocator import keep_heap_if_requested
-from polmodel.fields import validate_field_vector
-from polmodel.selection import MIN_INTERATOMIC_DISTANCE
+from polmodel.active_learning.selection import MIN_INTERATOMIC_DISTANCE
+from polmodel.data import keys
+from polmodel.dynamics.fields import validate_field_vector
+from polmodel.runtime.allocator import keep_heap_if_requested
 
 _BASE_PROPERTIES = ["energy", "free_energy", "forces", "stress", "dipole", "polarization"]
 _SECOND_ORDER = {"born_effective_charges": "born_charges", "polarizability": "polarizability",
@@ -53,7 +53,7 @@ def _refuse_unknown(names, where):
 def _load_model(model_or_path):
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path
-    from polmodel.serialization import load
+    from polmodel.nn.serialization import load
     return load(model_or_path)
 
 
@@ -61,7 +61,7 @@ class PolCalculator(Calculator):
     """ASE calculator around a polmodel model or ensemble.
 
     model_or_ensemble_or_path: a `PolModel`, a `PolEnsemble`, or the path of a file written by
-    `polmodel.serialization.save`. efield: (3,) V/Å, changed later with `calc.set(efield=...)` (which
+    `polmodel.nn.serialization.save`. efield: (3,) V/Å, changed later with `calc.set(efield=...)` (which
     discards cached results). dtype: run the model in this torch dtype (a copy is converted; the caller's
     model is untouched); default the model's own. device: torch device, default the model's.
 
@@ -72,13 +72,13 @@ class PolCalculator(Calculator):
 
     min_distance: Å; two atoms closer than this are overlapping and a calculation raises OverlappingAtomsError
     instead of returning numbers (the model was never trained there; the same limit as the DFT input check).
-    keep_heap: keep freed CPU memory in the heap for speed on large cells (polmodel/allocator.py; a
+    keep_heap: keep freed CPU memory in the heap for speed on large cells (polmodel/runtime/allocator.py; a
     process-wide setting, so off unless True here or POLMODEL_KEEP_HEAP=1). Any other keyword that is not one
     of ASE's own calculator arguments is an error, as is an unknown name given to `set`.
     memory_limit_gb: the memory (GB) one call may use; a cell that needs more is evaluated in spatial chunks with
-    halos, exactly (polmodel/chunked.py). Default: half of the memory the device has available when the
+    halos, exactly (polmodel/nn/chunked.py). Default: half of the memory the device has available when the
     calculator is made.
-    A budget too small for one chunk raises polmodel.chunked.MemoryBudgetError. Ensembles are evaluated whole.
+    A budget too small for one chunk raises polmodel.nn.chunked.MemoryBudgetError. Ensembles are evaluated whole.
     """
 
     default_parameters = {"efield": (0.0, 0.0, 0.0)}
@@ -102,7 +102,7 @@ class PolCalculator(Calculator):
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model = model.eval()
         if memory_limit_gb is None:
-            from polmodel.chunked import default_memory_limit_gb
+            from polmodel.nn.chunked import default_memory_limit_gb
             memory_limit_gb = default_memory_limit_gb(self.device)
         self.memory_limit_gb = float(memory_limit_gb)
         if self.device.type == "cpu":
@@ -153,7 +153,7 @@ class PolCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        from polmodel.data import atoms_to_graph  # deferred: keeps `import polmodel.calculator` light
+        from polmodel.data.graphs import atoms_to_graph  # deferred: keeps `import polmodel.dynamics.calculator` light
 
         atoms = self.atoms
         periodic = bool(np.all(atoms.pbc))
@@ -179,10 +179,10 @@ class PolCalculator(Calculator):
             data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
                     for key, value in data.items()}
             if self.is_ensemble:
-                from polmodel.ensemble import ensemble_response
+                from polmodel.nn.ensemble import ensemble_response
                 response = ensemble_response(self.model, data, **flags)
             else:
-                from polmodel.response import compute_response
+                from polmodel.nn.response import compute_response
                 response = compute_response(self.model, data, **flags)
         self.results.update(self._to_results(response))
         self.results_efield = efield
@@ -191,8 +191,9 @@ class PolCalculator(Calculator):
         """Raise OverlappingAtomsError when two atoms are closer than `min_distance`.
 
         The closest pair is read from a neighbour list (the graph's, O(edges), or one at `min_distance` on the
-        chunked path) rather than with `polmodel.selection.closest_pair`, whose all-pairs distance matrix would
-        cost O(N²) memory on every MD step of a large cell; any pair below `min_distance` (< cutoff) is an edge."""
+        chunked path) rather than with `polmodel.active_learning.selection.closest_pair`, whose all-pairs distance
+        matrix would cost O(N²) memory on every MD step of a large cell; any pair below `min_distance` (< cutoff) is
+        an edge."""
         if self.min_distance == 0.0 or edge_index.shape[1] == 0:
             return
         receivers, senders = edge_index
@@ -208,16 +209,16 @@ class PolCalculator(Calculator):
                 f"(< min_distance {self.min_distance} Å): overlapping atoms, where the model has no meaning")
 
     def _chunked_response(self, atoms, efield, flags):
-        """The response by chunks (polmodel/chunked.py) when the cell needs more than memory_limit_gb, else None."""
-        from polmodel.chunked import chunked_response, plan_for_cell
-        from polmodel.data import species_indices
+        """The response by chunks (polmodel/nn/chunked.py) when the cell needs more than memory_limit_gb, else None."""
+        from polmodel.data.graphs import species_indices
+        from polmodel.nn.chunked import chunked_response, plan_for_cell
         plan = plan_for_cell(self.model, atoms.positions, atoms.cell[:], atoms.pbc, self.memory_limit_gb,
                              dtype=self.dtype, device=self.device, born_charges=flags["born_charges"],
                              polarizability=flags["polarizability"])
         if plan.one_shot:
             return None
         if self.min_distance > 0.0:
-            from polmodel.neighbors import neighbor_list
+            from polmodel.data.neighbors import neighbor_list
             self._refuse_overlapping_atoms(atoms, *neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc,
                                                                  self.min_distance))
         return chunked_response(self.model, atoms.positions, atoms.cell[:], atoms.pbc,

@@ -1,6 +1,6 @@
 """Molecular dynamics in LAMMPS across MPI ranks with a polmodel model, through `fix external`.
 
-    mpiexec -n 2 python -m polmodel.lammps_driver --model model.pt --structure start.xyz --steps 1000 \
+    mpiexec -n 2 python -m polmodel.dynamics.lammps_driver --model model.pt --structure start.xyz --steps 1000 \
         --timestep 1 --ensemble nvt --temperature 300 \
         --field '{"kind": "cosine", "amplitude": 0.02, "period_fs": 500, "axis": [0, 0, 1]}' \
         --dipole-output dipole.txt --interval 10
@@ -25,7 +25,7 @@ to every owned *and ghost* position and to the field. The force on atom i is -Σ
 of i (the owned one and any ghost images on any rank): the ghost gradients are "reverse communicated" to the
 atom's owner. `fix external` has no reverse communication, so this driver sums the ghost gradients by atom id
 into an (N, 3) array and MPI-allreduces it (cost O(N) numbers per rank and step: fine for ~10^5 atoms, and the
-simple exact choice; LAMMPS's own reverse communication is what ML-IAP unified, polmodel/mliap.py, uses).
+simple exact choice; LAMMPS's own reverse communication is what ML-IAP unified, polmodel/dynamics/mliap.py, uses).
 The alternative, a ghost shell of 2 · num_layers · cutoff in which each rank differentiates the energy of all
 its atoms so that owned forces need no communication, recomputes a shell twice as thick on every rank (about
 (1 + 4 L rc / d)^3 / (1 + 2 L rc / d)^3 more atoms for a sub-domain of width d) and needs a second backward
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from ase import units
 
-from polmodel import keys
-from polmodel.data import species_indices
-from polmodel.neighbors import neighbor_list
+from polmodel.data import keys
+from polmodel.data.graphs import species_indices
+from polmodel.data.neighbors import neighbor_list
 
 FIX_ID = "polmodel"
 DEFAULT_SKIN = 1.0  # Å
@@ -210,7 +210,7 @@ class LammpsSimulation:
     """A LAMMPS instance (on `comm`) holding `atoms` and the model as `fix external`.
 
     model: a PolModel (float64 recommended). field_protocol: callable time_fs -> (3,) V/Å in the ASE frame of
-    `atoms` (polmodel.fields). Integrator commands are added by `add_integrator` or `command`.
+    `atoms` (polmodel.dynamics.fields). Integrator commands are added by `add_integrator` or `command`.
     """
 
     def __init__(self, model, atoms, field_protocol, timestep_fs=1.0, skin=DEFAULT_SKIN, comm=None,
@@ -300,7 +300,8 @@ class LammpsSimulation:
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m polmodel.lammps_driver", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m polmodel.dynamics.lammps_driver",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model file written by `polmodel train` (one model)")
     parser.add_argument("--structure", required=True, help="starting structure (ASE-readable; last frame)")
     parser.add_argument("--steps", type=int, required=True)
@@ -313,7 +314,7 @@ def _parser():
     parser.add_argument("--tdamp", type=float, default=100.0, help="fs (default 100)")
     parser.add_argument("--pdamp", type=float, default=1000.0, help="fs (default 1000)")
     parser.add_argument("--field", default='{"kind": "static", "vector": [0, 0, 0]}',
-                        help="field protocol, JSON object or file (polmodel.fields; V/Å; default zero)")
+                        help="field protocol, JSON object or file (polmodel.dynamics.fields; V/Å; default zero)")
     parser.add_argument("--dipole-output", default="dipole.txt", help="P(t) table written by rank 0")
     parser.add_argument("--interval", type=int, default=1, help="write P(t) every K steps (default 1)")
     parser.add_argument("--final-structure", default=None, help="extended XYZ of the last step (rank 0)")
@@ -342,8 +343,8 @@ def run(args):
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     from polmodel.cli import InputError
-    from polmodel.fields import field_protocol_from_json
-    from polmodel.serialization import load
+    from polmodel.dynamics.fields import field_protocol_from_json
+    from polmodel.nn.serialization import load
 
     _check_arguments(args)
     try:

@@ -1,9 +1,9 @@
 """A committee of PolModels; its spread over members is the uncertainty used for active learning."""
 import torch
 
-from polmodel import keys
-from polmodel.polarization import fold_dipole_difference
-from polmodel.response import cell_volume, compute_response, periodic_graphs
+from polmodel.data import keys
+from polmodel.data.polarization import fold_dipole_difference
+from polmodel.nn.response import cell_volume, compute_response, periodic_graphs
 
 # quantities whose member spread is reported as `<key>_std`
 SPREAD_KEYS = (keys.ENERGY, keys.FORCES, keys.DIPOLE, keys.POLARIZATION, keys.BORN_CHARGES, keys.POLARIZABILITY)
@@ -37,8 +37,8 @@ class PolEnsemble(torch.nn.Module):
         return len(self.members)
 
     def save(self, path):
-        """Write the ensemble file (polmodel.serialization format, with its content hash)."""
-        from polmodel.serialization import save
+        """Write the ensemble file (polmodel.nn.serialization format, with its content hash)."""
+        from polmodel.nn.serialization import save
 
         save(self, path)
 
@@ -46,7 +46,7 @@ class PolEnsemble(torch.nn.Module):
     def load(cls, path):
         """Read an ensemble file, or a single-model file as an ensemble of one; `ModelFileError` naming the file
         if it is corrupt, truncated or not a polmodel file."""
-        from polmodel.serialization import load_ensemble
+        from polmodel.nn.serialization import load_ensemble
 
         return load_ensemble(path)
 
@@ -77,7 +77,7 @@ def ensemble_response(ensemble, data, **flags):
     """compute_response of every member; mean under the standard keys, population std as `<key>_std`.
 
     Dipoles and polarizations are averaged on one branch (`onto_first_member_branch`). `flags` are those of
-    polmodel.response.compute_response.
+    polmodel.nn.response.compute_response.
     """
     responses = [compute_response(member, data, **flags) for member in ensemble.members]
     stacked = {name: torch.stack([response[name] for response in responses]) for name in responses[0]}

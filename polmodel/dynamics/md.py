@@ -30,7 +30,7 @@ import numpy as np
 # ASE is imported inside the functions: `polmodel md --help` reads THERMOSTATS and should not pay for ASE.
 THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
 #: eV/Å; the default limit on the largest atomic force spread of an ensemble during MD, when the caller gives
-#: none: the default upper trust level of `polmodel.selection.SelectionCriteria` (above it a frame is
+#: none: the default upper trust level of `polmodel.active_learning.selection.SelectionCriteria` (above it a frame is
 #: "failed", i.e. outside anything the ensemble knows)
 DEFAULT_SPREAD_THRESHOLD = 0.5
 # the run settings a restart must share with the trajectory it continues (first-frame info keys)

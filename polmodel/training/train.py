@@ -3,7 +3,7 @@
 `train_model(train_frames, valid_frames, config) -> (model, history)` trains one model; `train_ensemble(frames,
 config, size, bootstrap) -> (PolEnsemble, metrics)` trains `size` members with seeds seed, seed+1, ... on one
 train/validation split (optionally each on a bootstrap resample of the training frames); `evaluate(model,
-frames)` gives MAE/RMSE per quantity in `polmodel.losses.QUANTITY_UNITS`.
+frames)` gives MAE/RMSE per quantity in `polmodel.training.losses.QUANTITY_UNITS`.
 
 Before training, per-species reference energies are fitted by least squares on composition → energy and the
 energy scale is set to the RMS force component, so the network only learns a residual of order one; a warm start
@@ -22,7 +22,7 @@ What a long campaign needs:
 - field-magnitude balance: with `balance_field_magnitudes` each frame's weight in the loss is inversely
   proportional to the number of frames in its bin of |ε| (`field_magnitude_weights`), so that many zero-field or
   one-magnitude frames do not drown the frames at other fields;
-- branch continuity of the dipole labels (polmodel.frames.align_dipole_branches) before every training set is used;
+- branch continuity of the dipole labels (polmodel.data.frames.align_dipole_branches) before every training set is used;
   batches keep the frames of one structure together so that they are moved onto the model's branch as one.
 """
 import contextlib
@@ -37,12 +37,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from polmodel.allocator import keep_heap_if_requested
-from polmodel.data import atoms_to_graph, average_num_neighbors, collate
-from polmodel.devices import resolve_device, to_device
-from polmodel.frames import (align_dipole_branches, frame_efield, frame_energy, frame_forces, normalize_frames,
-                             structure_key)
-from polmodel.losses import QUANTITIES, QUANTITY_UNITS, LossWeights, TargetBatch, paired_values, predict, \
+from polmodel.data.frames import (align_dipole_branches, frame_efield, frame_energy, frame_forces, normalize_frames,
+                                  structure_key)
+from polmodel.data.graphs import atoms_to_graph, average_num_neighbors, collate
+from polmodel.runtime.allocator import keep_heap_if_requested
+from polmodel.runtime.devices import resolve_device, to_device
+from polmodel.training.losses import QUANTITIES, QUANTITY_UNITS, LossWeights, TargetBatch, paired_values, predict, \
     weighted_loss
 
 SCHEDULERS = ("plateau", "cosine", "constant")
@@ -74,7 +74,7 @@ class TrainingConfig:
     validation_fraction: float = 0.1
     seed: int = 0
     dtype: str = "float32"
-    device: str = "cpu"                        # cpu, cuda, cuda:N or auto (polmodel.devices)
+    device: str = "cpu"                        # cpu, cuda, cuda:N or auto (polmodel.runtime.devices)
     max_time_s: float = None                   # wall-clock limit of one model's training (in this process)
     ema_decay: float = 0.99                    # weight average for validation and the result; None: raw weights
     balance_field_magnitudes: bool = True      # frame weights 1/(frames in the frame's |ε| bin)
@@ -215,8 +215,9 @@ class FrameSet:
     """Frames with their graphs and targets, built once and batched many times.
 
     `frame_weights` (n,) weigh the frames in the loss (None: equal). Frames of one structure (`structure_key`)
-    always share a batch, so that their dipoles are moved onto the model's branch together (polmodel.losses); with
-    one frame per structure the batches are exactly those of a shuffle of the frames.
+    always share a batch, so that their dipoles are moved onto the model's branch together
+    (polmodel.training.losses); with one frame per structure the batches are exactly those of a shuffle of the
+    frames.
     """
 
     def __init__(self, frames, species, cutoff, dtype, frame_weights=None):
@@ -269,7 +270,7 @@ def _frames_species(frames):
 
 def _warm_start_model(initial_model, frames, config):
     """A copy of `initial_model` in the run's dtype, after checking that it can be trained on `frames`."""
-    from polmodel.model import PolModel
+    from polmodel.nn.model import PolModel
 
     if not isinstance(initial_model, PolModel):
         raise TypeError(f"initial_model must be a PolModel, got {type(initial_model).__name__}")
@@ -296,7 +297,7 @@ def _warm_start_model(initial_model, frames, config):
 def initialize_model(train_frames, config, species=None, initial_model=None):
     """The model training starts from: a copy of `initial_model` (warm start), or seeded weights with the
     neighbour normalization, reference energies and energy scale fitted to the frames."""
-    from polmodel.model import PolModel, field_scale_from_fields
+    from polmodel.nn.model import PolModel, field_scale_from_fields
 
     train_frames = normalize_frames(train_frames)
     if initial_model is not None:
@@ -459,7 +460,7 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
         raise ValueError("none of the training frames carries a label (energy, forces, stress, dipole, Z*, α)")
     device = resolve_device(config.device)
     if device.type == "cpu":
-        keep_heap_if_requested()   # opt-in: a process-wide setting (polmodel/allocator.py)
+        keep_heap_if_requested()   # opt-in: a process-wide setting (polmodel/runtime/allocator.py)
     model = initialize_model(train_frames, config, species or _frames_species(train_frames + valid_frames),
                              initial_model=initial_model).to(device)
     train_set = training_frame_set(train_frames, model.species, config)
@@ -572,7 +573,7 @@ def _model_device(model_or_ensemble):
 
 
 def _ensemble_members(model_or_ensemble):
-    from polmodel.model import PolModel
+    from polmodel.nn.model import PolModel
 
     return None if isinstance(model_or_ensemble, PolModel) else list(model_or_ensemble.members)
 
@@ -580,7 +581,7 @@ def _ensemble_members(model_or_ensemble):
 def predict_pairs(model_or_ensemble, frames, batch_size=16):
     """{quantity: (labels, predictions)} as flat numpy arrays in QUANTITY_UNITS over all labelled entries.
 
-    For an ensemble the prediction is the member mean (polmodel.ensemble.ensemble_response).
+    For an ensemble the prediction is the member mean (polmodel.nn.ensemble.ensemble_response).
     """
     frames = normalize_frames(frames)
     members = _ensemble_members(model_or_ensemble)
@@ -591,7 +592,7 @@ def predict_pairs(model_or_ensemble, frames, batch_size=16):
     for data, targets in frame_set.batches(batch_size):
         data = to_device(data, device)
         if members:
-            from polmodel.ensemble import ensemble_response
+            from polmodel.nn.ensemble import ensemble_response
 
             prediction = ensemble_response(model_or_ensemble, data, **targets.response_flags())
         else:
@@ -652,7 +653,7 @@ def train_ensemble(frames, config, size, bootstrap=False, initial_model=None, ch
     "validation": ensemble-mean metrics, "members": [{"seed", "validation", "best_epoch", "stopped",
     "wall_time_s", "resumed_from_epoch"}, ...], "warm_start": bool}.
     """
-    from polmodel.ensemble import PolEnsemble
+    from polmodel.nn.ensemble import PolEnsemble
 
     if size < 1:
         raise ValueError(f"ensemble size must be >= 1, got {size}")

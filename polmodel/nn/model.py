@@ -2,7 +2,7 @@
 
 Message passing in the spirit of NequIP/MACE, kept small: species one-hot → scalar features; per edge, spherical
 harmonics of r_ij times a learned radial function (Bessel basis × polynomial cutoff envelope → MLP) weight a
-"uvu" tensor product with the sender's features (polmodel/edge_messages.py: e3nn's arithmetic, laid out for cheap
+"uvu" tensor product with the sender's features (polmodel/nn/edge_messages.py: e3nn's arithmetic, laid out for cheap
 second derivatives); messages are summed over neighbours, normalized by a constant average neighbour count, and
 mixed by linears and a gate with a residual connection. Node features are 0e + 1o (feature_lmax 1) by default,
 with edge harmonics up to l = 2; feature_lmax 2 adds 2e node features at about twice the cost (E+F+P on a
@@ -23,7 +23,7 @@ messages, the gate) fed only gated vectors that a scalar readout drops, so those
 gradient of E; and nothing let α be anisotropic at a centrosymmetric site (no polar vector exists there, and
 the field entered a scalar only as |ε|²). Now every weight element reaches E (tests/test_model.py), ε·v_i gives
 Born charges and the contractions with Y²(ε̃) an anisotropic α. Files written before (field_readout 0, no
-field_scale) load with their old layout and scale 1 V/Å (polmodel/serialization.py), bit-identically.
+field_scale) load with their old layout and scale 1 V/Å (polmodel/nn/serialization.py), bit-identically.
 The gate and the readout's MLP make the energy nonlinear in ε. Because the field is always coupled (also at
 ε = 0), the cost of E + F + P at finite field is the cost of E + F at zero field.
 Why the last layer by default: every receptive field is the same (num_layers cutoffs) wherever the field is
@@ -33,9 +33,9 @@ field in the last layer, 3.23× in both layers (compute_response). `field_layers
 every layer.
 
 Edge vectors are computed inside `forward` from POSITIONS, CELL and EDGE_CELL_SHIFT, so the energy is
-differentiable w.r.t. positions, cell (strain) and field; see polmodel/response.py for the derivatives. The
+differentiable w.r.t. positions, cell (strain) and field; see polmodel/nn/response.py for the derivatives. The
 positions enter only through the edges' harmonics and radial weights (`energy_from_edges`), which
-polmodel/edge_inputs.py uses to make Born charges cheaper.
+polmodel/nn/edge_inputs.py uses to make Born charges cheaper.
 """
 import contextlib
 import math
@@ -49,8 +49,8 @@ from e3nn import o3
 from e3nn.math import normalize2mom
 from e3nn.nn import Gate
 
-from polmodel import keys
-from polmodel.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
+from polmodel.data import keys
+from polmodel.nn.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
 
 DEFAULT_HYPERPARAMETERS = {
     "num_features": 32,          # channels per irrep of the node features
@@ -321,7 +321,7 @@ class InteractionBlock(torch.nn.Module):
 
 
 class PolModel(torch.nn.Module):
-    """E(R, cell, ε): the electric enthalpy of each graph in a batch (keys in polmodel/keys.py).
+    """E(R, cell, ε): the electric enthalpy of each graph in a batch (keys in polmodel/data/keys.py).
 
     `PolModel(species, cutoff, **hyperparameters)`; the defaults are in DEFAULT_HYPERPARAMETERS.
     `.hyperparameters` holds the keyword arguments (JSON-able), so `PolModel(m.species, m.cutoff,
@@ -418,7 +418,7 @@ class PolModel(torch.nn.Module):
         self.reference_energies.copy_(values.to(self.reference_energies))
 
     def set_avg_num_neighbors(self, value):
-        """The constant that normalizes the neighbour sum (e.g. polmodel.data.average_num_neighbors(graphs))."""
+        """The constant that normalizes the neighbour sum (e.g. polmodel.data.graphs.average_num_neighbors(graphs))."""
         if not float(value) > 0:
             raise ValueError(f"avg_num_neighbors must be positive, got {value}")
         self.hyperparameters["avg_num_neighbors"] = float(value)
@@ -448,8 +448,8 @@ class PolModel(torch.nn.Module):
         return self.energy_from_edges(data, self.edge_harmonics(vectors), self.radial_weights(lengths))
 
     def save(self, path):
-        """Write the model file (polmodel.serialization format, with its content hash)."""
-        from polmodel.serialization import save
+        """Write the model file (polmodel.nn.serialization format, with its content hash)."""
+        from polmodel.nn.serialization import save
 
         save(self, path)
 
@@ -457,7 +457,7 @@ class PolModel(torch.nn.Module):
     def load(cls, path):
         """Read a single-model file; `ModelFileError` naming the file if it is corrupt, truncated, not a polmodel
         file or an ensemble file."""
-        from polmodel.serialization import load_model
+        from polmodel.nn.serialization import load_model
 
         return load_model(path)
 
@@ -481,7 +481,7 @@ class PolModel(torch.nn.Module):
 
     def energy_from_edges(self, data, edge_sh, path_weights):
         """The energy given the edges' harmonics and radial weights (`edge_harmonics`, `radial_weights`): the
-        positions enter only through these, which polmodel/edge_inputs.py uses for cheap Born charges."""
+        positions enter only through these, which polmodel/nn/edge_inputs.py uses for cheap Born charges."""
         batch = data[keys.BATCH]
         num_graphs = data[keys.CELL].shape[0]
         species_index = data[keys.SPECIES_INDEX]

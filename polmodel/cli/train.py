@@ -53,8 +53,8 @@ def load_options(text):
 
 def build_config(args):
     """TrainingConfig from --hyperparameters (model keys go to `architecture`) and the command-line flags."""
-    from polmodel.model import DEFAULT_HYPERPARAMETERS
-    from polmodel.train import TrainingConfig
+    from polmodel.nn.model import DEFAULT_HYPERPARAMETERS
+    from polmodel.training.train import TrainingConfig
 
     options = load_options(args.hyperparameters)
     model_options = {name: options.pop(name) for name in list(options) if name in DEFAULT_HYPERPARAMETERS}
@@ -71,7 +71,7 @@ def build_config(args):
 def load_initial_model(path):
     """The warm-start model or ensemble of --initial-model; InputError naming the file if it is unusable."""
     from polmodel.cli import InputError
-    from polmodel.serialization import ModelFileError, load
+    from polmodel.nn.serialization import ModelFileError, load
 
     if path is None:
         return None
@@ -110,14 +110,14 @@ def _check_inputs(args):
 
 
 def run(args):
-    from polmodel.allocator import keep_freed_memory_in_heap
-    keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (allocator.py)
+    from polmodel.runtime.allocator import keep_freed_memory_in_heap
+    keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (runtime/allocator.py)
     _check_inputs(args)
-    from polmodel import serialization
-    from polmodel.devices import resolve_device
-    from polmodel.frames import read_frames
-    from polmodel.plots import write_parity_plots
-    from polmodel.train import predict_pairs, split_frames, train_ensemble
+    from polmodel.data.frames import read_frames
+    from polmodel.nn import serialization
+    from polmodel.runtime.devices import resolve_device
+    from polmodel.training.parity_plots import write_parity_plots
+    from polmodel.training.train import predict_pairs, split_frames, train_ensemble
 
     try:
         config = build_config(args)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polmodel.cli import InputError
+from polmodel.cli import InputError, check_input_file
 
 ANALYSES = ("ir", "dielectric", "hysteresis", "modes")
 
@@ -59,17 +59,6 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _existing_file(path, what):
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise InputError(f"{what} {path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{what} {path} is not readable")
-    return path
-
-
 def _writable_prefix(prefix):
     directory = prefix.parent if str(prefix.parent) else Path(".")
     if not directory.is_dir() or not os.access(directory, os.W_OK):
@@ -78,9 +67,10 @@ def _writable_prefix(prefix):
 
 def read_md_trajectory(path, required=("time_fs", "dipole")):
     """The frames of a `polmodel md` trajectory, or InputError saying what the file is instead."""
-    from polmodel.md import read_trajectory
+    from polmodel.dynamics.md import read_trajectory
 
-    path = _existing_file(path, "trajectory")
+    check_input_file(path, "trajectory")
+    path = Path(path)
     if path.suffix.lower() == ".cif":
         raise InputError(f"{path} is a CIF structure, not a `polmodel md` trajectory (extended XYZ)")
     try:
@@ -97,33 +87,33 @@ def read_md_trajectory(path, required=("time_fs", "dipole")):
 
 
 def _after_skip(args, frames, minimum=8):
-    from polmodel import analysis
+    from polmodel.analysis import observables
 
     if not args.skip_fs >= 0:
         raise InputError(f"--skip-fs must be >= 0, got {args.skip_fs}")
-    times = analysis.trajectory_series(frames, "time_fs")
+    times = observables.trajectory_series(frames, "time_fs")
     kept = [frame for frame, time in zip(frames, times) if time >= args.skip_fs]
     if len(kept) < minimum:
         raise InputError(f"only {len(kept)} frames after --skip-fs {args.skip_fs} (need {minimum})")
     if not all(frame.pbc.all() for frame in kept):
         raise InputError("the trajectory's cell is not periodic: a dielectric response needs a volume")
     try:
-        timestep = analysis.uniform_timestep(times[times >= args.skip_fs])
+        timestep = observables.uniform_timestep(times[times >= args.skip_fs])
     except ValueError as error:
         raise InputError(str(error)) from None
     return kept, times[times >= args.skip_fs], timestep
 
 
 def _equilibrium_notes(frames, *, allow_thermostat, allow_driven):
-    from polmodel import analysis
+    from polmodel.analysis import observables
 
-    conditions = analysis.trajectory_conditions(frames)
+    conditions = observables.trajectory_conditions(frames)
     try:
         with warnings.catch_warnings():  # the notes go into the JSON report instead
             warnings.simplefilter("ignore")
-            notes = analysis.check_equilibrium_run(conditions, allow_thermostat=allow_thermostat,
+            notes = observables.check_equilibrium_run(conditions, allow_thermostat=allow_thermostat,
                                                    allow_driven=allow_driven)
-    except analysis.DrivenTrajectoryError as error:
+    except observables.DrivenTrajectoryError as error:
         raise InputError(str(error)) from None
     return conditions, notes
 
@@ -152,11 +142,11 @@ def _check_common(args):
         if not args.fwhm > 0:
             raise InputError(f"--fwhm must be positive, got {args.fwhm}")
     if args.model is not None:
-        _existing_file(args.model, "model")
+        check_input_file(args.model, "model")
 
 
 def _load_calculator(path):
-    from polmodel.calculator import PolCalculator
+    from polmodel.dynamics.calculator import PolCalculator
 
     try:
         return PolCalculator(str(path))
@@ -181,22 +171,22 @@ def _epsilon_inf(args, frames, calculator):
 
 
 def _mean_kinetic_temperature(frames):
-    from polmodel import analysis
-    return float(analysis.trajectory_series(frames, "temperature").mean())
+    from polmodel.analysis import observables
+    return float(observables.trajectory_series(frames, "temperature").mean())
 
 
 def run_ir(args, frames):
-    from polmodel import analysis, spectra
+    from polmodel.analysis import observables, spectra
 
     frames, times, timestep = _after_skip(args, frames)
     _, notes = _equilibrium_notes(frames, allow_thermostat=False, allow_driven=args.allow_driven)
     temperature = _mean_kinetic_temperature(frames)
     volume = float(np.mean([frame.get_volume() for frame in frames]))
-    dipoles = analysis.trajectory_series(frames, "dipole")
+    dipoles = observables.trajectory_series(frames, "dipole")
     result = spectra.ir_absorption_from_dipoles(dipoles, timestep, volume, temperature, window=args.window)
     keep = result["wavenumber"] <= min(args.max_wavenumber, result["nyquist_cm-1"])
     wavenumber, absorption = result["wavenumber"][keep], result["absorption"][keep]
-    peaks = analysis.spectrum_peaks(wavenumber, absorption, prominence=0.05)
+    peaks = observables.spectrum_peaks(wavenumber, absorption, prominence=0.05)
     if args.max_wavenumber > result["nyquist_cm-1"]:
         notes.append(f"frames {timestep:g} fs apart resolve only up to {result['nyquist_cm-1']:.0f} cm⁻¹ (Nyquist); "
                      "write frames more often for a wider spectrum")
@@ -206,7 +196,7 @@ def run_ir(args, frames):
             "quantum_correction": result["statement"], "absorption_unit": "cm^-1 (α n, orientationally averaged)",
             "integrated_absorption_cm-2": float(np.trapezoid(absorption, wavenumber)),
             "peaks_cm-1": peaks.tolist(), "wavenumber_cm-1": wavenumber.tolist(), "absorption": absorption.tolist(),
-            "notes": notes}, lambda png: analysis.plot_ir_spectrum(
+            "notes": notes}, lambda png: observables.plot_ir_spectrum(
                 wavenumber, absorption, png, max_wavenumber=wavenumber.max(), peaks=peaks[:6],
                 title=f"NVE MD at {temperature:.0f} K; harmonic quantum correction applied once")
 
@@ -223,7 +213,7 @@ def _dielectric_temperature(args, conditions, frames, notes):
 
 
 def run_dielectric(args, frames):
-    from polmodel import analysis, spectra
+    from polmodel.analysis import observables, spectra
 
     frames, times, _ = _after_skip(args, frames)
     calculator = _load_calculator(args.model) if args.model else None
@@ -233,7 +223,7 @@ def run_dielectric(args, frames):
     if len(frames) < 2 * args.blocks:
         raise InputError(f"{len(frames)} frames cannot make {args.blocks} blocks of at least two")
     temperature, temperature_source = _dielectric_temperature(args, conditions, frames, notes)
-    dipoles = analysis.trajectory_series(frames, "dipole")
+    dipoles = observables.trajectory_series(frames, "dipole")
     volume = float(np.mean([frame.get_volume() for frame in frames]))
     epsilon_inf, source = _epsilon_inf(args, frames, calculator)
     epsilon_static, error = spectra.static_dielectric_from_fluctuations(dipoles, volume, temperature, epsilon_inf,
@@ -245,23 +235,23 @@ def run_dielectric(args, frames):
             "epsilon_static_isotropic": float(np.trace(epsilon_static) / 3.0),
             "epsilon_static_isotropic_error": float(np.sqrt(np.sum(np.diag(error) ** 2)) / 3.0),
             "notes": notes + ["the error bar assumes blocks longer than the dipole's correlation time"]}, \
-        lambda png: analysis.plot_dielectric(dipoles, times, png)
+        lambda png: observables.plot_dielectric(dipoles, times, png)
 
 
 def _run_dielectric_from_field(args, frames, times, calculator):
-    from polmodel import analysis, spectra
+    from polmodel.analysis import observables, spectra
 
     reference = read_md_trajectory(args.zero_field_trajectory)
     reference, _, _ = _after_skip(args, reference)
     _, notes = _equilibrium_notes(reference, allow_thermostat=True, allow_driven=False)
-    fields = analysis.trajectory_series(frames, "efield")
+    fields = observables.trajectory_series(frames, "efield")
     if np.ptp(fields, axis=0).max() > 1e-12 or not np.any(fields[0]):
         raise InputError("with --zero-field-trajectory, TRAJ must be a run at one nonzero static field")
     if len(reference[0]) != len(frames[0]) or np.any(reference[0].numbers != frames[0].numbers):
         raise InputError("the zero-field trajectory is not of the same atoms as TRAJ")
     volume = float(np.mean([frame.get_volume() for frame in frames]))
     column, error = spectra.static_dielectric_from_field(
-        analysis.trajectory_series(frames, "dipole"), analysis.trajectory_series(reference, "dipole"),
+        observables.trajectory_series(frames, "dipole"), observables.trajectory_series(reference, "dipole"),
         fields[0], volume, blocks=args.blocks)
     field = fields[0]
     return {"method": "mean dipole change under a small static field", "field_V_per_A": field.tolist(),
@@ -269,19 +259,19 @@ def _run_dielectric_from_field(args, frames, times, calculator):
             "epsilon_static_column": column.tolist(), "epsilon_static_column_error": error.tolist(),
             "notes": notes + ["electronic and ionic response both come from the mean dipole change; check that "
                               "half the field gives the same number (linear response)"]}, \
-        lambda png: analysis.plot_dielectric(analysis.trajectory_series(frames, "dipole"), times, png)
+        lambda png: observables.plot_dielectric(observables.trajectory_series(frames, "dipole"), times, png)
 
 
 def run_hysteresis(args, frames):
-    from polmodel import analysis
+    from polmodel.analysis import observables
 
     frames, times, _ = _after_skip(args, frames, minimum=4)
-    conditions = analysis.trajectory_conditions(frames)
+    conditions = observables.trajectory_conditions(frames)
     protocol = conditions["field_protocol"] or {}
     period = protocol.get("period_fs") if protocol.get("kind") == "cosine" else None
     try:
-        loop = analysis.hysteresis_loop(analysis.trajectory_series(frames, "efield"),
-                                        analysis.trajectory_series(frames, "polarization"),
+        loop = observables.hysteresis_loop(observables.trajectory_series(frames, "efield"),
+                                        observables.trajectory_series(frames, "polarization"),
                                         times_fs=times, period_fs=period, discard_cycles=args.discard_cycles)
     except ValueError as error:
         raise InputError(str(error)) from None
@@ -290,15 +280,16 @@ def run_hysteresis(args, frames):
                             + (f"{args.discard_cycles * period} fs of a {period} fs period" if period
                                else "the period read off the field's zero crossings"))
     summary["units"] = {"field": "V/Å", "polarization": "e/Å²"}
-    return summary, lambda png: analysis.plot_hysteresis(loop, png)
+    return summary, lambda png: observables.plot_hysteresis(loop, png)
 
 
 def run_modes(args):
     import ase.io
 
-    from polmodel import analysis, phonons, spectra
+    from polmodel.analysis import observables, phonons, spectra
 
-    path = _existing_file(args.trajectory, "structure")
+    check_input_file(args.trajectory, "structure")
+    path = Path(args.trajectory)
     try:
         atoms = ase.io.read(path, index=-1)
     except Exception as error:
@@ -339,7 +330,7 @@ def run_modes(args):
         "integrated_absorption_cm-2": integrated.tolist(), "fwhm_cm-1": args.fwhm, "notes": notes,
         "wavenumber_cm-1": grid.tolist(), "absorption": absorption.tolist(),
     }
-    return summary, lambda png: analysis.plot_ir_spectrum(
+    return summary, lambda png: observables.plot_ir_spectrum(
         grid, absorption, png, max_wavenumber=args.max_wavenumber, label=f"harmonic, FWHM {args.fwhm:g} cm⁻¹",
         sticks=(result["wavenumbers"][optical], integrated[optical]), title="model Γ modes (Hessian and Z*)")
 

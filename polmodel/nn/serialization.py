@@ -4,7 +4,7 @@ Layout (format_version 2):
     format "polmodel", format_version 2, kind "model" | "ensemble", polmodel_version,
     species [str], cutoff float, one entry per member (a model is one member) in each of
     architecture [dict]: the PolModel constructor keywords (`PolModel(species, cutoff, **architecture)`),
-    training [dict | None]: the optimisation settings the member was trained with (polmodel.train), if any,
+    training [dict | None]: the optimisation settings the member was trained with (polmodel.training.train), if any,
     state_dicts [dict of tensors],
     content_hash: sha256 over the JSON of (kind, species, cutoff, architecture, training) and every state-dict
     tensor (name, dtype, shape, bytes) in sorted name order.
@@ -22,8 +22,8 @@ import os
 import torch
 
 import polmodel
-from polmodel.ensemble import PolEnsemble
-from polmodel.model import DEFAULT_HYPERPARAMETERS, PolModel
+from polmodel.nn.ensemble import PolEnsemble
+from polmodel.nn.model import DEFAULT_HYPERPARAMETERS, PolModel
 
 FORMAT = "polmodel"
 FORMAT_VERSION = 2
@@ -71,8 +71,8 @@ def _members(model_or_ensemble):
 
 
 def save(model_or_ensemble, path):
-    """Write a model or an ensemble to `path`; a member's `training_options` (set by polmodel.train) are stored as
-    its training settings."""
+    """Write a model or an ensemble to `path`; a member's `training_options` (set by polmodel.training.train) are
+    stored as its training settings."""
     kind, members = _members(model_or_ensemble)
     species, cutoff = members[0].species, members[0].cutoff
     architecture = [dict(member.hyperparameters) for member in members]

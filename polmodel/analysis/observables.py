@@ -1,19 +1,19 @@
 """Observables of MD trajectories: what kind of run a trajectory is, P–E hysteresis, spectrum peaks, plots.
 
-The spectra and static dielectric constants themselves are in polmodel.spectra, Γ phonons in polmodel.phonons.
-Units (ASE's, as everywhere in the project): dipole e·Å, polarization e/Å², field V/Å, volume Å³, time fs,
-temperature K. Spectra are reported against wavenumber in cm⁻¹. Plots convert to the customary µC/cm² and MV/cm
-(1 V/Å = 100 MV/cm).
+The spectra and static dielectric constants themselves are in polmodel.analysis.spectra, Γ phonons in
+polmodel.analysis.phonons. Units (ASE's, as everywhere in the project): dipole e·Å, polarization e/Å², field V/Å, volume
+Å³, time fs, temperature K. Spectra are reported against wavenumber in cm⁻¹. Plots convert to the customary µC/cm² and
+MV/cm (1 V/Å = 100 MV/cm).
 """
 import json
 import warnings
 
 import numpy as np
 
-from polmodel.units import E_PER_ANGSTROM2_IN_UC_PER_CM2
+from polmodel.data.units import E_PER_ANGSTROM2_IN_UC_PER_CM2
 
 V_PER_ANGSTROM_IN_MV_PER_CM = 100.0
-# Trajectory settings that `polmodel md` writes into the first frame's info (polmodel/md.py, `run_settings`).
+# Trajectory settings that `polmodel md` writes into the first frame's info (polmodel/dynamics/md.py, `run_settings`).
 SETTINGS_PREFIX = "md_"
 
 
