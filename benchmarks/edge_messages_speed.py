@@ -20,17 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measurement import batio3_supercell  # noqa: E402
 
-<<<<<<< HEAD
-from polmodel.runtime.allocator import keep_freed_memory_in_heap  # noqa: E402
 from e3nn import o3  # noqa: E402
 from polmodel.data.neighbors import neighbor_list  # noqa: E402
 from polmodel.nn.edge_messages import EdgeMessages, uvu_paths  # noqa: E402
-=======
-from polmodel.data.neighbors import neighbor_list  # noqa: E402
-from polmodel.nn.e3nn_compat import o3  # noqa: E402
-from polmodel.nn.edge_messages import EdgeMessages, uvu_paths  # noqa: E402
 from polmodel.runtime.allocator import keep_freed_memory_in_heap  # noqa: E402
->>>>>>> layout
 
 
 class E3nnEdgeMessages(torch.nn.Module):
