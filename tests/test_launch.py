@@ -160,6 +160,18 @@ def test_launch_refuses_bad_input(structure_files, tmp_path, pw_code, polmodel_c
         ([str(structure_files["cif"]), "--overrides", "{not json"], "--overrides: neither JSON"),
         ([str(structure_files["cif"]), "--pw-code", "nonexistent@nowhere"], "--pw-code nonexistent@nowhere"),
         ([str(structure_files["cif"]), "--pseudo-family", "no-such-family"], "no-such-family` is not installed"),
+        ([str(structure_files["cif"]), "--max-iterations", "2"], "--max-iterations goes with `continue`"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    base = ["launch", "continue", "--profile", aiida_profile.name]
+    cases = [
+        (["999999"], "continue 999999: no loop 999999"),
+        ([str(pw_code.pk)], "is not an active-learning loop"),
+        (["1", str(structure_files["cif"])], "takes one finished loop"),
+        (["1", "--protocol", "fast"], "takes one finished loop"),
+        (["1", "--max-iterations", "0"], "--max-iterations must be >= 1"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2

@@ -250,3 +250,27 @@ def test_restart_with_other_settings_is_refused(model, tmp_path, change):
     assert path.read_text() == before
     run_md(batio3(), PolCalculator(model), steps=4, trajectory_path=path, **options)   # the same settings go on
     assert series(read_trajectory(path), "step").tolist() == [0, 2, 4]
+
+
+def test_md_default_spread_threshold_comes_from_the_model_validation_error(real_train_run, real_md_run):
+    """`polmodel md` without --spread-threshold limits the force spread at SPREAD_THRESHOLD_PER_VALIDATION_RMSE
+    times the validation force RMSE `polmodel train` measured (metrics.json) and saved with each member; a file
+    without one falls back to DEFAULT_SPREAD_THRESHOLD."""
+    import json
+
+    from polmodel.dynamics.md import DEFAULT_SPREAD_THRESHOLD, SPREAD_THRESHOLD_PER_VALIDATION_RMSE, spread_threshold_of
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+    from polmodel.nn.serialization import load
+
+    metrics = json.loads((real_train_run / "metrics.json").read_text())
+    rmse = np.mean([member["validation"]["forces"]["rmse"] for member in metrics["members"]])
+    expected = SPREAD_THRESHOLD_PER_VALIDATION_RMSE * rmse
+    assert abs(expected - DEFAULT_SPREAD_THRESHOLD) > 1e-3  # else the check below could not tell them apart
+    threshold, source = spread_threshold_of(load(real_train_run / "model.pt"))
+    assert threshold == pytest.approx(expected, rel=1e-12) and "validation" in source
+    frames = read_trajectory(real_md_run / "trajectory.xyz")
+    assert frames[0].info["force_spread_threshold"] == pytest.approx(expected, rel=1e-9)
+    untrained = PolEnsemble([PolModel(["Ba", "O", "Ti"], 4.0, num_features=4, lmax=1, num_layers=1)
+                             for _ in range(2)])
+    assert spread_threshold_of(untrained)[0] == DEFAULT_SPREAD_THRESHOLD

@@ -17,6 +17,8 @@ generate` on the final model walks back to the pw.x runs.
   upper level is never labelled.
 - Labels: every selected frame gets the cheap tier at the field it was sampled at, the frames with the largest
   P / Z* spread the full response, within a budget of `label_budget` pw.x runs per iteration.
+- Continuing (`get_builder_continuing`): a new loop starts from a finished one's frames, model, stage and
+  unlabelled candidates, on this machine or after `verdi archive import` on another.
 Convergence (DP-GEN's accurate ratio): in the last stage, the share of explored frames the ensemble does not trust
 (candidates and failed) falls below `candidate_fraction_threshold`; otherwise the loop stops after
 `max_iterations` trainings.
@@ -150,6 +152,24 @@ def format_errors(validation):
     return ", ".join(f"{quantity} {entry['mae']:.3g}" for quantity, entry in sorted(validation.items())) or "n/a"
 
 
+def stage_after(loop):
+    """The exploration stage the finished `loop` would explore next: its last iteration's stage, advanced when
+    that iteration's accurate fraction reached the stage threshold (as `inspect_explore` decides)."""
+    records = loop.outputs.learning_curve.get_dict()["iterations"]
+    stages = loop.inputs.schedule.get_list() if "schedule" in loop.inputs else [None]
+    last = records[-1]
+    return next_stage(last["stage"], last["accurate_fraction"], loop.inputs.stage_threshold.value, len(stages))
+
+
+def last_candidates(loop):
+    """The candidates of `loop`'s last exploration (FramesData), or None when it explored nothing."""
+    explorations = loop.base.links.get_outgoing(link_label_filter="explore_iteration_%").all()
+    if not explorations:
+        return None
+    last = max(explorations, key=lambda link: link.link_label).node
+    return last.outputs.candidates if "candidates" in last.outputs else None
+
+
 class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     """Active learning of a field-aware model ensemble on DFT labels from `polmodel.dft.field_response`."""
 
@@ -162,6 +182,12 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                  "MD starting points.",
         )
         spec.input("initial_frames", valid_type=FramesData, required=False, help="Labelled frames to start from.")
+        spec.input("initial_model", valid_type=ModelData, required=False,
+                   help="Ensemble the first training starts from (warm start), e.g. the model of a previous loop.")
+        spec.input("initial_stage", valid_type=orm.Int, default=lambda: orm.Int(0),
+                   help="Exploration stage (index into `schedule`) of the first iteration.")
+        spec.input("pending_candidates", valid_type=FramesData, required=False,
+                   help="Frames selected but not labelled by a previous loop: labelled before the first training.")
         spec.input_namespace("initial_data", help="Strained and displaced copies of each structure (DP-GEN init).")
         spec.input("initial_data.count", valid_type=orm.Int, default=lambda: orm.Int(6),
                    help="Copies per structure (0: the structures alone).")
@@ -202,6 +228,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         spec.outline(
             cls.setup,
             if_(cls.should_label_initial)(cls.run_initial_labels, cls.inspect_labels),
+            if_(cls.should_label_pending)(cls.run_pending_labels, cls.inspect_labels),
             cls.check_initial_set,
             while_(cls.should_iterate)(
                 cls.run_train,
@@ -231,12 +258,14 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         from polmodel.active_learning.exploration import ExplorationStage, field_peak, validate_schedule
 
         self.ctx.iteration = 0
-        self.ctx.stage = 0
+        self.ctx.stage = self.inputs.initial_stage.value
         self.ctx.converged = False
         self.ctx.summaries = {}
         self.ctx.dataset = self.inputs.get("initial_frames")
         self.ctx.label_keys = []
         self.ctx.candidates = None
+        if "initial_model" in self.inputs:
+            self.ctx.model = self.inputs.initial_model
         if not self.inputs.structures:
             return self.exit_codes.ERROR_NO_STRUCTURES
         try:
@@ -259,6 +288,9 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                 raise ValueError("max_full_labels must be >= 0")
             if self.inputs.field_margin.value < 0:
                 raise ValueError("field_margin must be >= 0 V/Å")
+            if not 0 <= self.inputs.initial_stage.value < len(stages):
+                raise ValueError(f"initial_stage {self.inputs.initial_stage.value} is not a stage of the schedule "
+                                 f"(0 to {len(stages) - 1})")
         except (KeyError, TypeError, ValueError) as error:
             return self.exit_codes.ERROR_INVALID_SCHEDULE.format(error=error)
         self.ctx.stages = [stage.as_dict() for stage in stages]
@@ -313,6 +345,13 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         structures = initial_structures(orm.Dict(perturbation), **self.inputs.structures)
         plan = {key: {"tier": self.inputs.initial_data.tier.value} for key in structures}
         return self.submit_labels(structures, plan, "label_initial")
+
+    def should_label_pending(self):
+        return "pending_candidates" in self.inputs and self.inputs.pending_candidates.count > 0
+
+    def run_pending_labels(self):
+        """Label the candidates a previous loop selected but stopped before labelling, at their planned tiers."""
+        return self.label_candidates(self.inputs.pending_candidates, "label_pending")
 
     def inspect_labels(self):
         """Merge the frames of every finished label into the dataset; a failed label is reported and skipped."""
@@ -451,12 +490,15 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
 
     def run_candidate_labels(self):
         """Label the candidates at their planned tiers within the iteration's budget of pw.x runs."""
-        result = plan_candidate_labels(self.ctx.candidates, self.inputs.label_budget, self.inputs.full_label_cost,
+        return self.label_candidates(self.ctx.candidates, f"label_iter{self.ctx.iteration:02d}")
+
+    def label_candidates(self, candidates, prefix):
+        result = plan_candidate_labels(candidates, self.inputs.label_budget, self.inputs.full_label_cost,
                                        self.inputs.max_full_labels)
         plan = result.pop("plan").get_dict()
         self.report(f"label plan: {len(plan['labels'])} of {plan['num_candidates']} candidates, "
                     f"{plan['pw_runs']} of {plan['budget']} pw.x runs")
-        return self.submit_labels(result, plan["labels"], f"label_iter{self.ctx.iteration:02d}")
+        return self.submit_labels(result, plan["labels"], prefix)
 
     # ------------------------------------------------------------------------------------------------ results
     def results(self):
@@ -467,6 +509,58 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         self.out("learning_curve", collect_learning_curve(**self.ctx.summaries))
         if not self.ctx.converged:
             self.report(f"stopped after {self.ctx.iteration} iterations without reaching the candidate threshold")
+
+    # ------------------------------------------------------------------------------------------------ continuing
+    @classmethod
+    def get_builder_continuing(cls, previous, max_iterations=None, label_pending=True, pw_code=None,
+                               polmodel_code=None):
+        """A builder that goes on where the finished loop `previous` (a node or its pk/uuid) stopped: its inputs,
+        its labelled frames (`initial_frames`), its last ensemble as the warm start (`initial_model`), the
+        exploration stage its last iteration earned (`initial_stage`), and the candidates its last exploration
+        selected but did not label (`pending_candidates`, labelled first unless `label_pending` is False).
+
+        The previous loop may come from another machine through `verdi archive import`: the new loop's inputs are
+        the previous loop's output nodes, so the provenance of every later model reaches the original pw.x runs.
+        `max_iterations` (trainings of the new loop) defaults to the previous loop's. `pw_code` and `polmodel_code`
+        (codes or labels) replace the previous loop's codes: after an import they belong to the other machine.
+        ValueError when `previous` is not a finished active-learning loop with a model and a dataset.
+        """
+        from aiida.common.exceptions import NotExistent
+
+        try:
+            previous = previous if isinstance(previous, orm.ProcessNode) else orm.load_node(previous)
+        except NotExistent as error:
+            raise ValueError(f"no loop {previous} in this profile ({error})") from error
+        try:
+            is_loop = isinstance(previous, orm.WorkChainNode) and issubclass(previous.process_class,
+                                                                              ActiveLearningWorkChain)
+        except ValueError:  # a process class this installation cannot import
+            is_loop = False
+        if not is_loop:
+            raise ValueError(f"{type(previous).__name__}<{previous.pk}> is not an active-learning loop")
+        missing = [name for name in ("model", "dataset", "learning_curve") if name not in previous.outputs]
+        if not previous.is_finished_ok or missing:
+            raise ValueError(f"{previous.process_label}<{previous.pk}> did not finish with a model and a dataset "
+                             f"(state {previous.process_state.value}, exit status {previous.exit_status}; "
+                             f"missing outputs: {', '.join(missing) or 'none'})")
+        builder = previous.get_builder_restart()
+        builder.initial_frames = previous.outputs.dataset
+        builder.initial_model = previous.outputs.model
+        builder.initial_stage = orm.Int(stage_after(previous))
+        if pw_code is not None:
+            builder.label.code = orm.load_code(pw_code) if isinstance(pw_code, str) else pw_code
+        if polmodel_code is not None:
+            polmodel_code = orm.load_code(polmodel_code) if isinstance(polmodel_code, str) else polmodel_code
+            builder.train.train.code = polmodel_code
+            builder.explore.md.code = polmodel_code
+        if max_iterations is not None:
+            builder.max_iterations = orm.Int(max_iterations)
+        pending = last_candidates(previous)
+        if label_pending and pending is not None and pending.count:
+            builder.pending_candidates = pending
+        elif "pending_candidates" in builder:
+            del builder.pending_candidates
+        return builder
 
     # ------------------------------------------------------------------------------------------------ protocols
     @classmethod

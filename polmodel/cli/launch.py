@@ -1,4 +1,5 @@
-"""Start a workflow on your own structures (`polmodel launch active-learning|field-response|dfpt FILE...`).
+"""Start a workflow on your own structures (`polmodel launch active-learning|field-response|dfpt FILE...`), or go
+on with a finished active-learning loop (`polmodel launch continue LOOP`).
 
 Reads every structure in the files (CIF, POSCAR and Materials Project JSON through pymatgen; extended XYZ, QE
 input/output and anything else ASE reads through ASE), builds the workflow from its protocol and runs it here, or
@@ -8,18 +9,25 @@ Examples:
     polmodel launch active-learning BaTiO3.cif --protocol fast --daemon
     polmodel launch field-response frames.extxyz --overrides '{"scf": {"kpoints_distance": 0.3}}'
     polmodel launch dfpt POSCAR --ph-code ph@cluster --pw-code pw@cluster --daemon
+    polmodel launch continue 1234 --max-iterations 2 --daemon
+      (after `verdi archive import loop.aiida` on another machine, too: the new loop starts from the old one's
+      frames, ensemble, exploration stage and unlabelled candidates)
 """
 import json
 import pathlib
 
-WORKFLOWS = ("active-learning", "field-response", "dfpt")
+WORKFLOWS = ("active-learning", "field-response", "dfpt", "continue")
 PROTOCOLS = ("fast", "balanced", "stringent")
 
 
 def add_arguments(parser):
-    parser.add_argument("workflow", choices=WORKFLOWS, help="the workflow to start")
+    parser.add_argument("workflow", choices=WORKFLOWS,
+                        help="the workflow to start; `continue`: a new active-learning loop from a finished one")
     parser.add_argument("structure_files", nargs="+", metavar="STRUCTURE_FILE",
-                        help="structure files (every structure in each file is used)")
+                        help="structure files (every structure in each file is used); for `continue` the finished "
+                             "loop's pk or uuid")
+    parser.add_argument("--max-iterations", type=int, default=None,
+                        help="continue: trainings of the new loop (default: the previous loop's)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="protocol (default: the workflow's)")
     parser.add_argument("--daemon", action="store_true", help="submit to the daemon instead of running here")
     parser.add_argument("--profile", default=None, help="AiiDA profile (default: the default profile)")
@@ -85,6 +93,10 @@ def build(args):
     DFPT workchain per structure. InputError for any bad input, before anything is stored."""
     from polmodel.cli import InputError
 
+    if args.workflow == "continue":
+        return [build_continuation(args)]
+    if args.max_iterations is not None:
+        raise InputError("--max-iterations goes with `continue`; a new loop takes max_iterations from --overrides")
     overrides = read_overrides(args.overrides)
     structures = read_structure_files(args.structure_files)
     pw_code = load_code(args.pw_code, "--pw-code")
@@ -114,6 +126,28 @@ def build(args):
         return builders
     except ValueError as error:
         raise InputError(str(error)) from error
+
+
+def build_continuation(args):
+    """The builder of a loop that goes on from a finished one (ActiveLearningWorkChain.get_builder_continuing)."""
+    from polmodel.cli import InputError
+
+    if len(args.structure_files) != 1 or args.overrides or args.protocol or args.pseudo_family:
+        raise InputError("continue LOOP takes one finished loop (pk or uuid) and its structures and settings: "
+                         "no structure files, --protocol, --overrides or --pseudo-family")
+    loop = args.structure_files[0]
+    if args.max_iterations is not None and args.max_iterations < 1:
+        raise InputError(f"--max-iterations must be >= 1, got {args.max_iterations}")
+    from polmodel.workflows.active_learning import ActiveLearningWorkChain
+
+    pw_code = load_code(args.pw_code, "--pw-code")
+    polmodel_code = load_code(args.polmodel_code, "--polmodel-code")
+    try:
+        builder = ActiveLearningWorkChain.get_builder_continuing(loop, args.max_iterations, pw_code=pw_code,
+                                                                 polmodel_code=polmodel_code)
+    except ValueError as error:
+        raise InputError(f"continue {loop}: {error}") from error
+    return (f"active learning continuing loop {loop}", builder)
 
 
 def follow_commands(pk):

@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from polmodel.cli import InputError, check_input_file, check_output_file, load_model_file
-from polmodel.dynamics.md import DEFAULT_SPREAD_THRESHOLD, THERMOSTATS
+from polmodel.dynamics.md import DEFAULT_SPREAD_THRESHOLD, SPREAD_THRESHOLD_PER_VALIDATION_RMSE, THERMOSTATS
 
 
 def add_arguments(parser):
@@ -30,10 +30,11 @@ def add_arguments(parser):
     parser.add_argument("--interval", type=int, default=10, help="write a frame every K steps (default 10)")
     parser.add_argument("--born-spread", action="store_true",
                         help="record the ensemble spread of the Born charges in every frame")
-    parser.add_argument("--spread-threshold", type=float, default=DEFAULT_SPREAD_THRESHOLD, metavar="EV_PER_A",
+    parser.add_argument("--spread-threshold", type=float, default=None, metavar="EV_PER_A",
                         help="ensembles: warn once and record it in the trajectory when the largest atomic force "
-                             f"spread passes this (eV/Å; default {DEFAULT_SPREAD_THRESHOLD}, the default upper trust "
-                             "level of the active-learning selection)")
+                             f"spread passes this (eV/Å; default {SPREAD_THRESHOLD_PER_VALIDATION_RMSE:g} x the "
+                             "validation force RMSE the model file records, or "
+                             f"{DEFAULT_SPREAD_THRESHOLD} for files without one)")
     parser.add_argument("--stop-on-spread", action="store_true",
                         help="stop the run at the first step whose force spread passes --spread-threshold")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
@@ -104,8 +105,13 @@ def run(args):
     import torch
 
     from polmodel.dynamics.calculator import OverlappingAtomsError, PolCalculator
-    from polmodel.dynamics.md import RestartMismatchError, run_md
+    from polmodel.dynamics.md import RestartMismatchError, run_md, spread_threshold_of
 
+    spread_threshold = args.spread_threshold
+    if spread_threshold is None and hasattr(model, "members"):
+        spread_threshold, source = spread_threshold_of(model)
+        if not args.quiet:
+            print(f"force-spread threshold {spread_threshold:.3g} eV/Å: {source}", file=sys.stderr)
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
     calculator = PolCalculator(model, efield=protocol(0.0), dtype=dtype, device=device)
     try:
@@ -119,7 +125,7 @@ def run(args):
                            temperature_K=args.temperature, thermostat=args.thermostat, friction=args.friction,
                            interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,
                            restart=not args.no_restart, progress=not args.quiet, seed=args.seed,
-                           pressure_GPa=args.pressure, spread_threshold=args.spread_threshold,
+                           pressure_GPa=args.pressure, spread_threshold=spread_threshold,
                            stop_on_spread=args.stop_on_spread)
     except RestartMismatchError as error:  # run_md checks a restart before it touches anything
         raise InputError(f"{error} (--no-restart)") from error

@@ -29,10 +29,14 @@ import numpy as np
 
 # ASE is imported inside the functions: `polmodel md --help` reads THERMOSTATS and should not pay for ASE.
 THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
-#: eV/Å; the default limit on the largest atomic force spread of an ensemble during MD, when the caller gives
-#: none: the default upper trust level of `polmodel.active_learning.selection.SelectionCriteria` (above it a frame is
-#: "failed", i.e. outside anything the ensemble knows)
+#: eV/Å; the limit on the largest atomic force spread of an ensemble during MD when neither the caller nor the
+#: model file gives one: the default upper trust level of `polmodel.active_learning.selection.SelectionCriteria` (above it a
+#: frame is "failed", i.e. outside anything the ensemble knows)
 DEFAULT_SPREAD_THRESHOLD = 0.5
+#: The model's own limit is this many times its validation force RMSE: the loop's lower trust level is twice the
+#: validation error (`force_lower_factor`) and the upper at least twice the lower, so a spread past ~4-5x the
+#: validation error is one the loop would not trust.
+SPREAD_THRESHOLD_PER_VALIDATION_RMSE = 5.0
 # the run settings a restart must share with the trajectory it continues (first-frame info keys)
 _SETTINGS_PREFIX = "md_"
 
@@ -221,6 +225,22 @@ def _resume(atoms, trajectory_path, timestep_fs):
     atoms.set_positions(positions)
     atoms.set_momenta(momenta)
     return step, state
+
+
+def spread_threshold_of(model):
+    """(threshold eV/Å, source text) for MD with `model`: SPREAD_THRESHOLD_PER_VALIDATION_RMSE times the mean
+    validation force RMSE its members were saved with (`polmodel train` records it), else DEFAULT_SPREAD_THRESHOLD."""
+    members = getattr(model, "members", [model])
+    errors = []
+    for member in members:
+        validation = (getattr(member, "training_options", None) or {}).get("validation") or {}
+        rmse = (validation.get("metrics", {}).get("forces") or {}).get("rmse")
+        if rmse is None or not np.isfinite(rmse) or rmse <= 0:
+            return DEFAULT_SPREAD_THRESHOLD, "default (the model file records no validation force error)"
+        errors.append(float(rmse))
+    error = float(np.mean(errors))
+    return (SPREAD_THRESHOLD_PER_VALIDATION_RMSE * error,
+            f"{SPREAD_THRESHOLD_PER_VALIDATION_RMSE:g} x the model's validation force RMSE {error:.3g} eV/Å")
 
 
 def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, friction, interval, pressure_GPa=0.0,

@@ -672,6 +672,10 @@ def train_ensemble(frames, config, size, bootstrap=False, initial_model=None, ch
                                "best_epoch": history["best_epoch"], "stopped": history["stopped"],
                                "wall_time_s": history["wall_time_s"],
                                "resumed_from_epoch": history["resumed_from_epoch"]})
+    for member, record in zip(members, member_metrics):
+        # saved with the member: MD sets its default trust limit from it (polmodel.dynamics.md.spread_threshold_of)
+        member.training_options = {**member.training_options, "validation": {
+            "evaluated_on": "validation" if valid_frames else "train", "metrics": record["validation"]}}
     ensemble = PolEnsemble(members)
     metrics = {"num_train": len(train_frames), "num_validation": len(valid_frames),
                "evaluated_on": "validation" if valid_frames else "train", "bootstrap": bool(bootstrap),

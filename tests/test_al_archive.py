@@ -1,0 +1,100 @@
+"""A loop exported with `verdi archive create`, imported into an empty profile, goes on where it stopped.
+
+THE TOY ORACLE STANDS IN FOR DFT HERE (loop logic, tests/toy_oracle.py); training and ensemble MD are the real
+`polmodel train` / `polmodel md` CalcJobs of tiny models run in-process. What is tested is the continuation: the
+new loop's inputs are the imported loop's nodes, its pending candidates are labelled first, its first training is
+a warm start from the imported ensemble, and the new model's provenance reaches the original label calculations.
+"""
+import pytest
+from aiida import orm
+
+from fixtures_al import TINY_HYPERPARAMETERS
+from toy_oracle import ToyOracleActiveLearningWorkChain, toy_structure
+
+pytestmark = [pytest.mark.aiida, pytest.mark.slow]
+
+
+def toy_loop_inputs(polmodel_code, pw_code):
+    """One iteration of the toy loop: initial labels, training, exploration (its candidates stay unlabelled)."""
+    return {
+        "structures": {"nacl": orm.StructureData(ase=toy_structure())},
+        "initial_data": {"count": orm.Int(3), "max_strain": orm.Float(0.03), "max_displacement": orm.Float(0.1),
+                         "seed": orm.Int(0)},
+        "label": {"code": pw_code, "protocol": orm.Str("fast")},
+        "label_budget": orm.Int(6),
+        "full_label_cost": orm.Int(10),
+        "max_full_labels": orm.Int(0),
+        "train": {
+            "train": {"code": polmodel_code, "parameters": orm.Dict({
+                "epochs": 5, "bootstrap": True, "validation_fraction": 0.0,
+                "hyperparameters": {**TINY_HYPERPARAMETERS, "cutoff": 4.5, "batch_size": 2}})},
+            "ensemble_size": orm.Int(2),
+        },
+        "explore": {
+            "md": {"code": polmodel_code},
+            "parameters": orm.Dict({"steps": 20, "timestep": 1.0, "thermostat": "langevin", "interval": 5,
+                                    "seed": 1}),
+            "fields": orm.List([{"kind": "static", "vector": [0.0, 0.0, 0.0]}]),
+            "temperatures": orm.List([300.0]),
+            # an untrained ensemble disagrees everywhere: a wide window so that candidates exist
+            "selection": orm.Dict({"force_lower": 1e-6, "force_upper": 1e6, "force_lower_factor": None,
+                                   "max_candidates": 3, "min_distance": 0.0}),
+        },
+        "schedule": orm.List([{"temperatures": [300.0], "field_amplitude": 0.0, "steps": 20},
+                              {"temperatures": [300.0, 600.0], "field_amplitude": 0.0, "steps": 20}]),
+        "stage_threshold": orm.Float(0.0),  # every iteration earns the next stage
+        "candidate_fraction_threshold": orm.Float(0.0),
+        "max_iterations": orm.Int(1),
+    }
+
+
+def test_exported_loop_continues_in_an_empty_profile(aiida_profile, polmodel_code, generate_code, tmp_path):
+    from aiida.engine import run_get_node
+    from aiida.tools.archive import create_archive, import_archive
+
+    from polmodel.workflows.active_learning import ActiveLearningWorkChain
+    from polmodel.workflows.provenance import data_ancestors
+
+    _, first = run_get_node(ToyOracleActiveLearningWorkChain, **toy_loop_inputs(polmodel_code, generate_code("pw")))
+    assert first.is_finished_ok, first.exit_status
+    candidates = [link.node for link in first.base.links.get_outgoing(link_label_filter="explore_%").all()]
+    pending = candidates[0].outputs.candidates
+    assert pending.count > 0, "the test needs unlabelled candidates in the exported loop"
+    labels_before = {node.uuid for node in first.called if node.process_label == "ToyOracleWorkChain"}
+    uuids = {"loop": first.uuid, "dataset": first.outputs.dataset.uuid, "model": first.outputs.model.uuid,
+             "dataset_count": first.outputs.dataset.count, "pending": pending.uuid}
+    archive = tmp_path / "loop.aiida"
+    create_archive([first], filename=archive)
+
+    aiida_profile.reset_storage()
+    assert not orm.QueryBuilder().append(orm.Node).count()
+    import_archive(archive)
+    imported = orm.load_node(uuids["loop"])
+
+    # the "new machine": its own localhost computer is the imported one, configured here
+    computer = orm.load_computer("localhost")
+    if not computer.is_configured:
+        computer.configure(safe_interval=0.0)
+    builder = ActiveLearningWorkChain.get_builder_continuing(imported.pk, max_iterations=1, pw_code="pw@localhost",
+                                                             polmodel_code="polmodel@localhost")
+    assert builder.initial_frames.uuid == uuids["dataset"]
+    assert builder.initial_model.uuid == uuids["model"]
+    assert builder.initial_stage.value == 1
+    assert builder.pending_candidates.uuid == uuids["pending"]
+    _, second = run_get_node(builder)
+    assert second.is_finished_ok, (second.exit_status, [log.message for log in orm.Log.collection.get_logs_for(second)])
+
+    # the pending candidates were labelled before the first training, and joined the imported frames
+    pending_labels = [node for node in second.called if node.process_label == "ToyOracleWorkChain"]
+    assert pending_labels and all(node.base.links.get_incoming().one().link_label.startswith("label_pending")
+                                  for node in pending_labels)
+    record = second.outputs.learning_curve.get_dict()["iterations"][0]
+    assert record["dataset_size"] == uuids["dataset_count"] + sum(node.outputs.frames.count for node in pending_labels)
+    assert record["stage"] == 1
+    # warm start: the first training of the new loop started from the imported ensemble
+    train = next(node for node in second.called if node.process_label == "TrainEnsembleWorkChain")
+    assert train.inputs.initial_model.uuid == uuids["model"]
+    # provenance: the new model goes back through the imported frames to the original label calculations
+    ancestors = data_ancestors(second.outputs.model)
+    original = [called for uuid in labels_before for called in orm.load_node(uuid).called]
+    assert original and all(node.pk in ancestors for node in original)
