@@ -405,3 +405,34 @@ def test_cli_warm_start_and_checkpoint(tmp_path, capsys):
     assert "--initial-model" in error and "broken.pt" in error and not (tmp_path / "x.pt").exists()
     assert main(common + ["--output", str(tmp_path / "x.pt"), "--checkpoint", str(tmp_path / "no" / "such.ckpt")]) == 2
     assert "--checkpoint" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_polmodel_evaluate_reports_errors_on_frames_it_did_not_train_on(real_train_run, tmp_path):
+    """`polmodel evaluate` on frames outside the training set: the energy MAE per atom it reports equals the one
+    computed here from the calculator's ensemble-mean energies; bad inputs are one-line errors (exit 2)."""
+    import json
+    import subprocess
+    import sys
+
+    from ase.io import write
+
+    from fixtures_al import labelled_frames, run_polmodel
+    from polmodel import PolCalculator, load
+
+    held_out = labelled_frames(3, seed=11)
+    write(tmp_path / "held_out.xyz", held_out, format="extxyz")
+    run_polmodel(["evaluate", str(real_train_run / "model.pt"), "held_out.xyz", "--metrics", "errors.json",
+                  "--plots", "plots"], cwd=tmp_path)
+    errors = json.loads((tmp_path / "errors.json").read_text())["errors"]
+    calculator = PolCalculator(load(real_train_run / "model.pt"))
+    expected = np.mean([abs(calculator.get_potential_energy(frame.copy()) - frame.info["energy"]) / len(frame)
+                        for frame in held_out])
+    assert errors["energy"]["mae"] == pytest.approx(expected, rel=1e-5)
+    assert {"energy", "forces"} <= set(errors) and (tmp_path / "plots").is_dir()
+    executable = [sys.executable, "-m", "polmodel.cli", "evaluate"]
+    for arguments, message in ((["missing.pt", "held_out.xyz"], "model missing.pt does not exist"),
+                               ([str(real_train_run / "model.pt"), "missing.xyz"],
+                                "frames file missing.xyz does not exist"),
+                               ([str(real_train_run / "frames.xyz"), "held_out.xyz"], "model: ")):
+        result = subprocess.run(executable + arguments, cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

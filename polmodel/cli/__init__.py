@@ -1,11 +1,11 @@
 """`polmodel` command line: one sub-command per job.
 
-Each sub-command is a module of this package (train.py, md.py, analyze.py, provenance.py, launch.py) that defines
-`add_arguments(parser)` and `run(args)`; this module holds `main` and the input checks they share. Start-up stays light:
-this module and the sub-command modules import only the standard library (and numpy) at module level, and `main` imports
-only the module of the sub-command it runs; torch, ASE and AiiDA are imported inside each `run`. Every `run` first
-checks its inputs with the helpers below and raises `InputError`, which `main` prints as one line (exit status 2) before
-any work starts.
+Each sub-command is a module of this package (train.py, evaluate.py, md.py, analyze.py, provenance.py, launch.py)
+that defines `add_arguments(parser)` and `run(args)`; this module holds `main` and the input checks they share.
+Start-up stays light: this module and the sub-command modules import only the standard library (and numpy) at module
+level, and `main` imports only the module of the sub-command it runs; torch, ASE and AiiDA are imported inside each
+`run`. Every `run` first checks its inputs with the helpers below and raises `InputError`, which `main` prints as one
+line (exit status 2) before any work starts.
 """
 import argparse
 import importlib
@@ -16,6 +16,7 @@ import sys
 # sub-command -> module that defines `add_arguments(parser)` and `run(args)`
 SUBCOMMANDS = {
     "train": "polmodel.cli.train",
+    "evaluate": "polmodel.cli.evaluate",
     "md": "polmodel.cli.md",
     "analyze": "polmodel.cli.analyze",
     "provenance": "polmodel.cli.provenance",
