@@ -1,0 +1,136 @@
+"""α-quartz: DFT labels of structures the active-learning loop never labelled, and the model's errors on them.
+
+    python benchmarks/quartz_heldout.py submit LOOP   # submit the held-out labels to the daemon (group quartz/heldout)
+    python benchmarks/quartz_heldout.py report LOOP   # model of LOOP against them: errors JSON + parity plots
+
+The held-out structures (all 9-atom cells, the loop's own cell):
+- `md_*`: frames of a 300 K Langevin run of LOOP's ensemble from the CIF structure (its own seed, 0.5 ps apart
+  after 0.5 ps), labelled like the loop's cheap labels (`energy_forces`: E, F, stress), and the last of them
+  also with the `full` response (dipole, Born charges, polarizability, ±ε frames);
+- `strained`: the CIF cell strained by +1.5 % along a, -1 % along c, atoms displaced by up to 0.04 Å (seeded),
+  `energy_forces`.
+The labels use the loop's own label protocol and pseudopotentials (LOOP.inputs.label), so the only difference
+from the training labels is the structures. Nothing here is a benchmark of speed.
+"""
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+CIF = HERE.parent / "data" / "quartz" / "alpha_quartz.cif"
+GROUP = "quartz/heldout"
+MD_SEED = 20261126
+MD_FRAMES = 4
+
+
+def loop_model(loop, directory):
+    path = pathlib.Path(directory) / "model.pt"
+    loop.outputs.model.write(path)
+    return path
+
+
+def md_frames(loop):
+    """MD_FRAMES structures from a 300 K Langevin run of the loop's ensemble (ase.Atoms)."""
+    from polmodel import PolCalculator, load
+    from polmodel.dynamics.fields import StaticField
+    from polmodel.dynamics.md import read_trajectory, run_md
+    from polmodel.workflows.structures import read_structures
+
+    atoms = read_structures(CIF)[0].get_ase()
+    with tempfile.TemporaryDirectory() as directory:
+        calculator = PolCalculator(load(loop_model(loop, directory)))
+        path = pathlib.Path(directory) / "md.xyz"
+        run_md(atoms, calculator, StaticField((0.0, 0.0, 0.0)), steps=500 * (MD_FRAMES + 1), timestep_fs=1.0,
+               temperature_K=300.0, thermostat="langevin", friction=0.02, interval=500, trajectory_path=path,
+               progress=False, seed=MD_SEED, spread_threshold=None)
+        frames = read_trajectory(path)[1:]
+    return frames[:MD_FRAMES]
+
+
+def strained_cell():
+    from polmodel.workflows.structures import read_structures
+
+    atoms = read_structures(CIF)[0].get_ase()
+    strain = np.diag([1.015, 1.0, 0.99])
+    atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+    atoms.positions += np.random.default_rng(MD_SEED).uniform(-0.04, 0.04, size=atoms.positions.shape)
+    return atoms
+
+
+def submit(loop):
+    from aiida import engine, orm
+    from ase import Atoms
+
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    label = loop.inputs.label
+    kwargs = {"protocol": label.protocol.value}
+    if "overrides" in label:
+        kwargs["overrides"] = label.overrides.get_dict()
+    if "pseudo_family" in label:
+        kwargs["pseudo_family"] = label.pseudo_family.value
+    structures = {f"md_{index}": frame for index, frame in enumerate(md_frames(loop))}
+    structures["strained"] = strained_cell()
+    plan = [(key, "energy_forces") for key in structures] + [(f"md_{MD_FRAMES - 1}", "full")]
+    group, _ = orm.Group.collection.get_or_create(GROUP)
+    for key, tier in plan:
+        atoms = structures[key]
+        plain = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
+        builder = FieldResponseWorkChain.get_builder_from_protocol(label.code, orm.StructureData(ase=plain),
+                                                                   tier=tier, **kwargs)
+        node = engine.submit(builder)
+        node.base.extras.set_many({"heldout": key, "tier": tier, "loop": loop.uuid})
+        group.add_nodes(node)
+        print(f"submitted {key} ({tier}): FieldResponseWorkChain<{node.pk}>")
+
+
+def report(loop, output):
+    from aiida import orm
+    from ase.io import write
+
+    from polmodel import load
+    from polmodel.training.parity_plots import write_parity_plots
+    from polmodel.training.train import metrics_from_pairs, predict_pairs
+
+    group = orm.load_group(GROUP)
+    frames, done = [], []
+    for node in sorted(group.nodes, key=lambda node: node.pk):
+        if node.is_finished_ok and "frames" in node.outputs:
+            frames.extend(node.outputs.frames.get_atoms())
+            done.append(f"{node.base.extras.get('heldout')}/{node.base.extras.get('tier')}<{node.pk}>")
+    output = pathlib.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write(output / "heldout_frames.xyz", frames, format="extxyz")
+    model = load(loop_model(loop, output))
+    pairs = predict_pairs(model, frames)
+    result = {"loop": loop.uuid, "labels": done, "num_frames": len(frames), "errors": metrics_from_pairs(pairs),
+              "plots": [str(path) for path in write_parity_plots(pairs, output / "plots")]}
+    (output / "heldout_errors.json").write_text(json.dumps(result, indent=2))
+    for quantity, entry in result["errors"].items():
+        print(f"{quantity:24s} MAE {entry['mae']:.4g} RMSE {entry['rmse']:.4g} {entry['unit']} ({entry['count']})")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("submit", "report"))
+    parser.add_argument("loop", help="pk or uuid of the finished ActiveLearningWorkChain")
+    parser.add_argument("--output", default="quartz_heldout", help="report: folder of the errors and plots")
+    args = parser.parse_args(argv)
+    from aiida import load_profile, orm
+
+    load_profile()
+    loop = orm.load_node(args.loop)
+    if args.action == "submit":
+        submit(loop)
+    else:
+        report(loop, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
