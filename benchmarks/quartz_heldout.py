@@ -4,9 +4,10 @@
     python benchmarks/quartz_heldout.py report LOOP   # model of LOOP against them: errors JSON + parity plots
 
 The held-out structures (all 9-atom cells, the loop's own cell):
-- `md_*`: frames of a 300 K Langevin run of LOOP's ensemble from the CIF structure (its own seed, 0.5 ps apart
-  after 0.5 ps), labelled like the loop's cheap labels (`energy_forces`: E, F, stress), and the last of them
-  also with the `full` response (dipole, Born charges, polarizability, ±ε frames);
+- `md_*`: frames of the 300 K MD of LOOP's latest finished exploration (its ensemble of that iteration, Langevin)
+  that the loop did not select, 50 fs apart at the end of the run, labelled like the loop's cheap labels
+  (`energy_forces`: E, F, stress), and the last of them also with the `full` response (dipole, Born charges,
+  polarizability, ±ε frames);
 - `strained`: the CIF cell strained by +1.5 % along a, -1 % along c, atoms displaced by up to 0.04 Å (seeded),
   `energy_forces`.
 The labels use the loop's own label protocol and pseudopotentials (LOOP.inputs.label), so the only difference
@@ -16,7 +17,6 @@ import argparse
 import json
 import pathlib
 import sys
-import tempfile
 
 import numpy as np
 
@@ -24,7 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 CIF = HERE.parent / "data" / "quartz" / "alpha_quartz.cif"
 GROUP = "quartz/heldout"
 MD_SEED = 20261126
-MD_FRAMES = 4
+MD_FRAMES = 3
 
 
 def loop_model(loop, directory):
@@ -34,21 +34,23 @@ def loop_model(loop, directory):
 
 
 def md_frames(loop):
-    """MD_FRAMES structures from a 300 K Langevin run of the loop's ensemble (ase.Atoms)."""
-    from polmodel import PolCalculator, load
-    from polmodel.dynamics.fields import StaticField
-    from polmodel.dynamics.md import read_trajectory, run_md
-    from polmodel.workflows.structures import read_structures
-
-    atoms = read_structures(CIF)[0].get_ase()
-    with tempfile.TemporaryDirectory() as directory:
-        calculator = PolCalculator(load(loop_model(loop, directory)))
-        path = pathlib.Path(directory) / "md.xyz"
-        run_md(atoms, calculator, StaticField((0.0, 0.0, 0.0)), steps=500 * (MD_FRAMES + 1), timestep_fs=1.0,
-               temperature_K=300.0, thermostat="langevin", friction=0.02, interval=500, trajectory_path=path,
-               progress=False, seed=MD_SEED, spread_threshold=None)
-        frames = read_trajectory(path)[1:]
-    return frames[:MD_FRAMES]
+    """MD_FRAMES 300 K frames (ase.Atoms) of the loop's latest finished exploration that it did not select."""
+    explorations = [link.node for link in loop.base.links.get_outgoing(link_label_filter="explore_iteration_%").all()
+                    if link.node.is_finished_ok]
+    if not explorations:
+        raise SystemExit(f"loop {loop.pk} has no finished exploration yet")
+    exploration = max(explorations, key=lambda node: node.ctime)
+    selected = [frame.positions for frame in exploration.outputs.candidates.get_atoms()]
+    trajectory = exploration.outputs.trajectories[sorted(exploration.outputs.trajectories)[0]]
+    frames = []
+    for index in range(trajectory.numsteps - 1, 0, -5):  # 50 fs apart (frames every 10 fs), from the end
+        atoms = trajectory.get_step_structure(index).get_ase()
+        if not any(np.allclose(atoms.positions, positions, atol=1e-6) for positions in selected):
+            atoms.info["exploration"] = f"{exploration.pk}/{index}"
+            frames.append(atoms)
+        if len(frames) == MD_FRAMES:
+            break
+    return frames[::-1]
 
 
 def strained_cell():
@@ -83,7 +85,8 @@ def submit(loop):
         builder = FieldResponseWorkChain.get_builder_from_protocol(label.code, orm.StructureData(ase=plain),
                                                                    tier=tier, **kwargs)
         node = engine.submit(builder)
-        node.base.extras.set_many({"heldout": key, "tier": tier, "loop": loop.uuid})
+        node.base.extras.set_many({"heldout": key, "tier": tier, "loop": loop.uuid,
+                                   "source": atoms.info.get("exploration", "strained CIF cell")})
         group.add_nodes(node)
         print(f"submitted {key} ({tier}): FieldResponseWorkChain<{node.pk}>")
 
@@ -105,7 +108,7 @@ def report(loop, output):
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
     write(output / "heldout_frames.xyz", frames, format="extxyz")
-    model = load(loop_model(loop, output))
+    model = load(loop_model(loop, output))  # the loop's final ensemble
     pairs = predict_pairs(model, frames)
     result = {"loop": loop.uuid, "labels": done, "num_frames": len(frames), "errors": metrics_from_pairs(pairs),
               "plots": [str(path) for path in write_parity_plots(pairs, output / "plots")]}
