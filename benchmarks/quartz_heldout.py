@@ -2,6 +2,7 @@
 
     python benchmarks/quartz_heldout.py submit LOOP   # submit the held-out labels to the daemon (group quartz/heldout)
     python benchmarks/quartz_heldout.py report LOOP   # model of LOOP against them: errors JSON + parity plots
+    python benchmarks/quartz_heldout.py reference LOOP  # model of LOOP against ph.x (group quartz/dfpt): ε∞, Z*
 
 The held-out structures (all 9-atom cells, the loop's own cell):
 - `md_*`: frames of the 300 K MD of LOOP's latest finished exploration (its ensemble of that iteration, Langevin)
@@ -27,9 +28,23 @@ MD_SEED = 20261126
 MD_FRAMES = 3
 
 
+def latest_model(loop):
+    """The loop's final ensemble, or while it runs the latest one a finished training made (ModelData)."""
+    if "model" in loop.outputs:
+        return loop.outputs.model
+    trainings = [link.node for link in loop.base.links.get_outgoing(link_label_filter="train_iteration_%").all()
+                 if link.node.is_finished_ok]
+    if not trainings:
+        raise SystemExit(f"loop {loop.pk} has no trained model yet")
+    return max(trainings, key=lambda node: node.ctime).outputs.model
+
+
 def loop_model(loop, directory):
+    model = latest_model(loop)
+    print(f"model: ModelData<{model.pk}> ({'final' if 'model' in loop.outputs else 'latest training'})",
+          file=sys.stderr)
     path = pathlib.Path(directory) / "model.pt"
-    loop.outputs.model.write(path)
+    model.write(path)
     return path
 
 
@@ -118,9 +133,54 @@ def report(loop, output):
     return result
 
 
+def reference(loop, output):
+    """The loop's ensemble against the ph.x reference of group quartz/dfpt on the same structure: ε∞ (⊥ = mean of
+    xx and yy, ∥ = zz) and Born charges (ph.x's with the acoustic sum rule imposed, like the labels)."""
+    from aiida import orm
+
+    from polmodel import PolCalculator, load
+    from polmodel.analysis.phonons import born_charges_obeying_sum_rule
+
+    dfpt = [node for node in orm.load_group("quartz/dfpt").nodes if node.is_finished_ok]
+    if not dfpt:
+        raise SystemExit("no finished DfptWorkChain in group quartz/dfpt")
+    dfpt = max(dfpt, key=lambda node: node.ctime)
+    atoms = dfpt.inputs.structure.get_ase()
+    output = pathlib.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    calculator = PolCalculator(load(loop_model(loop, output)))
+    atoms.calc = calculator
+    model_eps = np.asarray(calculator.get_property("dielectric_tensor", atoms))
+    model_born = np.asarray(calculator.get_property("born_effective_charges", atoms))
+    model_born_std = np.asarray(calculator.get_property("born_effective_charges_std", atoms))
+    dft_eps = dfpt.outputs.dielectric_tensor.get_array("dielectric_tensor")
+    dft_born = born_charges_obeying_sum_rule(dfpt.outputs.born_effective_charges.get_array("born_effective_charges"))
+    symbols = atoms.get_chemical_symbols()
+
+    def perpendicular_parallel(tensor):
+        return [float(0.5 * (tensor[0, 0] + tensor[1, 1])), float(tensor[2, 2])]
+
+    def mean_trace(born, element):
+        return float(np.mean([np.trace(born[i]) / 3 for i, symbol in enumerate(symbols) if symbol == element]))
+
+    result = {
+        "loop": loop.uuid, "dfpt": dfpt.uuid, "structure": "the DfptWorkChain's (data/quartz/alpha_quartz.cif)",
+        "epsilon_inf": {"model": perpendicular_parallel(model_eps), "ph.x": perpendicular_parallel(dft_eps),
+                        "order": "perpendicular (xx, yy mean), parallel (zz)"},
+        "born_mean_trace": {element: {"model": mean_trace(model_born, element), "ph.x": mean_trace(dft_born, element)}
+                            for element in sorted(set(symbols))},
+        "born_mae": float(np.mean(np.abs(model_born - dft_born))),
+        "born_ensemble_std_mean": float(np.mean(model_born_std)),
+        "asr_residual_ph.x": float(dfpt.outputs.asr_residual.value),
+    }
+    (output / "reference.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("submit", "report"))
+    parser.add_argument("action", choices=("submit", "report", "reference"))
     parser.add_argument("loop", help="pk or uuid of the finished ActiveLearningWorkChain")
     parser.add_argument("--output", default="quartz_heldout", help="report: folder of the errors and plots")
     args = parser.parse_args(argv)
@@ -130,8 +190,10 @@ def main(argv=None):
     loop = orm.load_node(args.loop)
     if args.action == "submit":
         submit(loop)
-    else:
+    elif args.action == "report":
         report(loop, args.output)
+    else:
+        reference(loop, args.output)
     return 0
 
 
