@@ -7,8 +7,8 @@
 The held-out structures (all 9-atom cells, the loop's own cell):
 - `md_*`: frames of the 300 K MD of LOOP's latest finished exploration (its ensemble of that iteration, Langevin)
   that the loop did not select, 50 fs apart at the end of the run, labelled like the loop's cheap labels
-  (`energy_forces`: E, F, stress), and the last of them also with the `full` response (dipole, Born charges,
-  polarizability, ±ε frames);
+  (`energy_forces`: E, F, stress); with --with-full the last of them also with the `full` response (dipole,
+  Born charges, polarizability, ±ε frames: 10 pw.x runs);
 - `strained`: the CIF cell strained by +1.5 % along a, -1 % along c, atoms displaced by up to 0.04 Å (seeded),
   `energy_forces`.
 The labels use the loop's own label protocol and pseudopotentials (LOOP.inputs.label), so the only difference
@@ -78,7 +78,7 @@ def strained_cell():
     return atoms
 
 
-def submit(loop):
+def submit(loop, with_full=False):
     from aiida import engine, orm
     from ase import Atoms
 
@@ -92,7 +92,9 @@ def submit(loop):
         kwargs["pseudo_family"] = label.pseudo_family.value
     structures = {f"md_{index}": frame for index, frame in enumerate(md_frames(loop))}
     structures["strained"] = strained_cell()
-    plan = [(key, "energy_forces") for key in structures] + [(f"md_{MD_FRAMES - 1}", "full")]
+    plan = [(key, "energy_forces") for key in structures]
+    if with_full:
+        plan.append((f"md_{len(structures) - 2}", "full"))
     group, _ = orm.Group.collection.get_or_create(GROUP)
     for key, tier in plan:
         atoms = structures[key]
@@ -183,13 +185,14 @@ def main(argv=None):
     parser.add_argument("action", choices=("submit", "report", "reference"))
     parser.add_argument("loop", help="pk or uuid of the finished ActiveLearningWorkChain")
     parser.add_argument("--output", default="quartz_heldout", help="report: folder of the errors and plots")
+    parser.add_argument("--with-full", action="store_true", help="submit: also the full response of one MD frame")
     args = parser.parse_args(argv)
     from aiida import load_profile, orm
 
     load_profile()
     loop = orm.load_node(args.loop)
     if args.action == "submit":
-        submit(loop)
+        submit(loop, args.with_full)
     elif args.action == "report":
         report(loop, args.output)
     else:
