@@ -121,7 +121,8 @@ def test_md_memory_does_not_grow_with_the_number_of_steps(model, tmp_path):
         tracemalloc.stop()
     assert calls[0] >= late + 1
     growth_per_step = (held[1] - held[0]) / (late - early)
-    assert growth_per_step < 20.0, f"memory grows by {growth_per_step:.0f} B per MD step"
+    # the interpreter's own warm-up leaves up to ~40 B/step here; a kept dipole 3-vector per step shows as ~160
+    assert growth_per_step < 100.0, f"memory grows by {growth_per_step:.0f} B per MD step"
 
 
 def test_command_line_memory_limit_and_polarization_interval(model, tmp_path, monkeypatch):
