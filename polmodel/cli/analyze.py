@@ -26,8 +26,9 @@ ANALYSES = ("ir", "dielectric", "hysteresis", "modes")
 
 def add_arguments(parser):
     parser.add_argument("analysis", choices=ANALYSES)
-    parser.add_argument("trajectory", help="extended-XYZ trajectory written by `polmodel md` (for `modes`: a "
-                                           "structure, any ASE-readable file)")
+    parser.add_argument("trajectory", help="extended-XYZ trajectory written by `polmodel md`, or its P(t) file "
+                                           "OUTPUT.polarization.csv (every step; for `modes`: a structure, any "
+                                           "ASE-readable file)")
     parser.add_argument("--output", default=None,
                         help="prefix of the PNG and JSON outputs (default: input stem + _<analysis>)")
     parser.add_argument("--skip-fs", type=float, default=0.0, help="discard frames before this time (equilibration)")
@@ -66,15 +67,17 @@ def _writable_prefix(prefix):
 
 
 def read_md_trajectory(path, required=("time_fs", "dipole")):
-    """The frames of a `polmodel md` trajectory, or InputError saying what the file is instead."""
+    """The frames of a `polmodel md` trajectory, or of its P(t) file (atom-less frames with the same per-frame
+    info, polmodel/dynamics/polarization_log.py), or InputError saying what the file is instead."""
     from polmodel.dynamics.md import read_trajectory
+    from polmodel.dynamics.polarization_log import polarization_frames
 
     check_input_file(path, "trajectory")
     path = Path(path)
     if path.suffix.lower() == ".cif":
         raise InputError(f"{path} is a CIF structure, not a `polmodel md` trajectory (extended XYZ)")
     try:
-        frames = read_trajectory(path)
+        frames = polarization_frames(path) if path.suffix.lower() == ".csv" else read_trajectory(path)
     except Exception as error:  # ASE raises many kinds on a file it cannot parse
         raise InputError(f"{path} is not an extended-XYZ trajectory ({_first_line(error)})") from None
     if not frames:
@@ -157,6 +160,9 @@ def _load_calculator(path):
 # --- analyses --------------------------------------------------------------------------------------------------
 def _epsilon_inf(args, frames, calculator):
     if calculator is not None:
+        if len(frames[0]) == 0:
+            raise InputError("--model computes ε∞ at the trajectory's positions, which a P(t) file does not hold: "
+                             "give the extended-XYZ trajectory, or --epsilon-inf")
         chosen = np.unique(np.linspace(0, len(frames) - 1, max(args.alpha_frames, 1)).astype(int))
         tensors = []
         for index in chosen:
@@ -247,7 +253,7 @@ def _run_dielectric_from_field(args, frames, times, calculator):
     fields = observables.trajectory_series(frames, "efield")
     if np.ptp(fields, axis=0).max() > 1e-12 or not np.any(fields[0]):
         raise InputError("with --zero-field-trajectory, TRAJ must be a run at one nonzero static field")
-    if len(reference[0]) != len(frames[0]) or np.any(reference[0].numbers != frames[0].numbers):
+    if not _same_atoms(reference[0], frames[0]):
         raise InputError("the zero-field trajectory is not of the same atoms as TRAJ")
     volume = float(np.mean([frame.get_volume() for frame in frames]))
     column, error = spectra.static_dielectric_from_field(
@@ -260,6 +266,15 @@ def _run_dielectric_from_field(args, frames, times, calculator):
             "notes": notes + ["electronic and ionic response both come from the mean dipole change; check that "
                               "half the field gives the same number (linear response)"]}, \
         lambda png: observables.plot_dielectric(observables.trajectory_series(frames, "dipole"), times, png)
+
+
+def _same_atoms(first, second):
+    """Whether two trajectories' frames are of the same atoms: the same numbers in the same order, or, where one
+    is a P(t) file's atom-less frame, the same formula (which that file records)."""
+    if len(first) and len(second):
+        return len(first) == len(second) and bool(np.all(first.numbers == second.numbers))
+    formulas = [frame.info.get("formula") or frame.get_chemical_formula() for frame in (first, second)]
+    return formulas[0] == formulas[1]
 
 
 def run_hysteresis(args, frames):

@@ -6,6 +6,7 @@ Example:
         "period_fs": 1000, "axis": [0, 0, 1]}' --interval 10
 """
 import json
+import math
 import sys
 import warnings
 
@@ -28,6 +29,12 @@ def add_arguments(parser):
     parser.add_argument("--field", default='{"kind": "static", "vector": [0, 0, 0]}',
                         help="field protocol as a JSON object or a JSON file (fields in V/Å; default zero field)")
     parser.add_argument("--interval", type=int, default=10, help="write a frame every K steps (default 10)")
+    parser.add_argument("--polarization-interval", type=int, default=1, metavar="K",
+                        help="write a row of OUTPUT.polarization.csv (time, field, dipole, polarization, energy, "
+                             "temperature) every K steps (default 1: every step)")
+    parser.add_argument("--memory-limit-gb", type=float, default=None, metavar="GB",
+                        help="memory one model call may use; a larger cell is evaluated in spatial chunks, exactly "
+                             "(default: half of the memory available at the start)")
     parser.add_argument("--born-spread", action="store_true",
                         help="record the ensemble spread of the Born charges in every frame")
     parser.add_argument("--spread-threshold", type=float, default=None, metavar="EV_PER_A",
@@ -54,9 +61,12 @@ def _check_inputs(args):
     try:
         check_run_arguments(steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
                             thermostat=args.thermostat, friction=args.friction, interval=args.interval,
-                            pressure_GPa=args.pressure, spread_threshold=args.spread_threshold)
+                            pressure_GPa=args.pressure, spread_threshold=args.spread_threshold,
+                            polarization_interval=args.polarization_interval)
     except ValueError as error:
         raise InputError(str(error)) from error
+    if args.memory_limit_gb is not None and not (math.isfinite(args.memory_limit_gb) and args.memory_limit_gb > 0):
+        raise InputError(f"--memory-limit-gb must be a positive number of GB, got {args.memory_limit_gb}")
     from polmodel.dynamics.fields import field_protocol_from_json
     try:
         protocol = field_protocol_from_json(args.field)
@@ -113,9 +123,10 @@ def run(args):
         if not args.quiet:
             print(f"force-spread threshold {spread_threshold:.3g} eV/Å: {source}", file=sys.stderr)
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
-    calculator = PolCalculator(model, efield=protocol(0.0), dtype=dtype, device=device)
+    calculator = PolCalculator(model, efield=protocol(0.0), dtype=dtype, device=device,
+                               memory_limit_gb=args.memory_limit_gb)
     try:
-        calculator.get_forces(atoms.copy())   # overlapping atoms fail here, before the trajectory is touched
+        calculator.check_atoms(atoms)   # overlapping atoms fail here, before the trajectory is touched
     except OverlappingAtomsError as error:
         raise InputError(f"--structure {args.structure}: {error}") from error
     try:
@@ -126,11 +137,13 @@ def run(args):
                            interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,
                            restart=not args.no_restart, progress=not args.quiet, seed=args.seed,
                            pressure_GPa=args.pressure, spread_threshold=spread_threshold,
-                           stop_on_spread=args.stop_on_spread)
+                           stop_on_spread=args.stop_on_spread, polarization_interval=args.polarization_interval)
     except RestartMismatchError as error:  # run_md checks a restart before it touches anything
         raise InputError(f"{error} (--no-restart)") from error
     if not args.quiet:
-        print(json.dumps({"trajectory": args.output, "final_temperature_K": final.get_temperature(),
+        from polmodel.dynamics.polarization_log import polarization_log_path
+        print(json.dumps({"trajectory": args.output, "polarization": str(polarization_log_path(args.output)),
+                          "final_temperature_K": final.get_temperature(),
                           **{key: final.info[key] for key in ("force_spread_exceeded_step", "stopped_on_spread")
                              if key in final.info}}))
     return 0

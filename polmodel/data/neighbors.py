@@ -4,8 +4,28 @@ An edge (i, j, S) says that atom j, translated by the integer lattice shift S, l
 r_ij = r_j - r_i + S @ cell. Periodic images of an atom itself are edges (small cells need them); the atom at
 zero shift is not. Edges come sorted by receiver, then sender, then shift.
 """
+import ctypes
+
 import numpy as np
 import vesin
+
+
+def _compute(calculator, **arguments):
+    """`calculator.compute(...)` without its memory leak: vesin's NumPy output goes through
+    `numpy.ctypeslib.as_array(pointer, shape)`, which makes a ctypes array type for every new pair count, and
+    ctypes keeps each such type for good as a key of its pointer-type cache. MD meets a new pair count at almost
+    every step (every chunk's, on the chunked path), so a run grew by ~0.6 KB per step on a 5-atom cell
+    (tests/test_md_streaming.py). The cache entries this call added are dropped again; the returned arrays
+    keep their own types alive for as long as they live."""
+    cache = getattr(ctypes, "_pointer_type_cache", None)
+    before = set(cache) if cache is not None else None
+    try:
+        return calculator.compute(**arguments)
+    finally:
+        if cache is not None:
+            for key in set(cache) - before:
+                if isinstance(key, type) and issubclass(key, ctypes.Array):
+                    del cache[key]
 
 
 def neighbor_list(positions, cell, pbc, cutoff):
@@ -36,8 +56,8 @@ def neighbor_list(positions, cell, pbc, cutoff):
         return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.float64)
 
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
-    receivers, senders, shifts = calculator.compute(points=positions, box=cell, periodic=pbc.tolist(),
-                                                    quantities="ijS")
+    receivers, senders, shifts = _compute(calculator, points=positions, box=cell, periodic=pbc.tolist(),
+                                          quantities="ijS")
     receivers = receivers.astype(np.int64)
     senders = senders.astype(np.int64)
     shifts = shifts.astype(np.float64)
@@ -59,8 +79,8 @@ def open_boundary_pairs(positions, cutoff, receivers_mask=None):
     if len(positions) == 0:
         return np.zeros((2, 0), dtype=np.int64)
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
-    receivers, senders = calculator.compute(points=positions, box=np.zeros((3, 3)), periodic=False,
-                                            quantities="ij")
+    receivers, senders = _compute(calculator, points=positions, box=np.zeros((3, 3)), periodic=False,
+                                  quantities="ij")
     receivers = receivers.astype(np.int64)
     senders = senders.astype(np.int64)
     if receivers_mask is not None:

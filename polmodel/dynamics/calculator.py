@@ -187,6 +187,14 @@ class PolCalculator(Calculator):
         self.results.update(self._to_results(response))
         self.results_efield = efield
 
+    def check_atoms(self, atoms):
+        """Raise OverlappingAtomsError when two atoms of `atoms` are closer than `min_distance` (what every
+        calculation checks first), without evaluating the model: a neighbour list at `min_distance` only."""
+        if self.min_distance > 0.0:
+            from polmodel.data.neighbors import neighbor_list
+            self._refuse_overlapping_atoms(atoms, *neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc,
+                                                                 self.min_distance))
+
     def _refuse_overlapping_atoms(self, atoms, edge_index, cell_shift):
         """Raise OverlappingAtomsError when two atoms are closer than `min_distance`.
 
@@ -217,10 +225,7 @@ class PolCalculator(Calculator):
                              polarizability=flags["polarizability"])
         if plan.one_shot:
             return None
-        if self.min_distance > 0.0:
-            from polmodel.data.neighbors import neighbor_list
-            self._refuse_overlapping_atoms(atoms, *neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc,
-                                                                 self.min_distance))
+        self.check_atoms(atoms)
         return chunked_response(self.model, atoms.positions, atoms.cell[:], atoms.pbc,
                                 species_indices(atoms.get_chemical_symbols(), self.species), efield, grid=plan.grid,
                                 memory_limit_gb=self.memory_limit_gb, dtype=self.dtype, device=self.device, **flags)

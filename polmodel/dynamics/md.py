@@ -12,7 +12,11 @@ arrays forces and forces_std. The first frame also holds the run's settings (`md
 thermostat, timestep, temperature, friction, pressure, interval) and, for ensembles, `force_spread_threshold`;
 a restart with other settings is refused (RestartMismatchError), since appending it would give a trajectory
 that no single run made.
-Next to it `<trajectory>.restart.npz` keeps the last frame's exact state (extxyz rounds positions to 1e-8 Å)
+Next to it `<trajectory>.polarization.csv` (polmodel/dynamics/polarization_log.py) gets one row per step, or
+every `polarization_interval` steps: time, field, cell dipole, polarization, volume, enthalpy, kinetic energy and
+temperature, flushed as it goes; the trajectory stays the subsample. Nothing per step is kept in memory: a run's
+memory does not grow with its length (tested).
+`<trajectory>.restart.npz` keeps the last frame's exact state (extxyz rounds positions to 1e-8 Å)
 plus thermostat and random-number state, so a restarted run reproduces the uninterrupted one.
 
 Trust: with an ensemble, the largest atomic force spread is checked at every step against
@@ -26,6 +30,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from polmodel.dynamics.polarization_log import PolarizationLog, polarization_log_path
 
 # ASE is imported inside the functions: `polmodel md --help` reads THERMOSTATS and should not pay for ASE.
 THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
@@ -158,10 +164,13 @@ def _write_checkpoint(path, atoms, step, time_fs, dynamics, rng):
     os.replace(temporary, path)
 
 
-def run_settings(protocol, *, thermostat, timestep_fs, temperature_K, friction, pressure_GPa, interval):
+def run_settings(protocol, *, thermostat, timestep_fs, temperature_K, friction, pressure_GPa, interval,
+                 polarization_interval=1):
     """The settings a trajectory is made with, as first-frame info entries (what a restart must repeat)."""
     settings = {"field": json.dumps(protocol.as_dict(), sort_keys=True), "thermostat": thermostat,
                 "timestep_fs": float(timestep_fs), "interval": int(interval)}
+    if polarization_interval != 1:   # recorded only when not the default, so older trajectories still continue
+        settings["polarization_interval"] = int(polarization_interval)
     if thermostat != "nve":   # NVE ignores these, so changing them on restart changes nothing
         settings.update({"temperature_K": float(temperature_K), "friction": float(friction)})
     if thermostat == "npt":
@@ -244,7 +253,7 @@ def spread_threshold_of(model):
 
 
 def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, friction, interval, pressure_GPa=0.0,
-                        spread_threshold=None):
+                        spread_threshold=None, polarization_interval=1):
     """ValueError for settings `run_md` cannot run with (checked before any work)."""
     if thermostat not in THERMOSTATS:
         raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
@@ -252,6 +261,8 @@ def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, fricti
         raise ValueError(f"steps must be a non-negative integer, got {steps}")
     if int(interval) != interval or interval < 1:
         raise ValueError(f"interval must be a positive integer, got {interval}")
+    if int(polarization_interval) != polarization_interval or polarization_interval < 1:
+        raise ValueError(f"polarization_interval must be a positive integer, got {polarization_interval}")
     if not (np.isfinite(timestep_fs) and timestep_fs > 0):
         raise ValueError(f"timestep must be a positive number of fs, got {timestep_fs}")
     if not (np.isfinite(temperature_K) and temperature_K >= 0):
@@ -267,14 +278,16 @@ def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, fricti
 
 def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300.0, thermostat="nve",
            friction=0.01, interval=10, trajectory_path="md.xyz", born_spread=False, restart=True, progress=True,
-           seed=0, pressure_GPa=0.0, spread_threshold=DEFAULT_SPREAD_THRESHOLD, stop_on_spread=False):
+           seed=0, pressure_GPa=0.0, spread_threshold=DEFAULT_SPREAD_THRESHOLD, stop_on_spread=False,
+           polarization_interval=1):
     """Run MD of `atoms` with `calculator` (a PolCalculator) under the field protocol `protocol`.
 
     steps: the total length of the run in steps; a restarted run continues from the trajectory's last frame
     up to the same total. timestep_fs: fs. temperature_K: thermostat target, and the Maxwell–Boltzmann
     temperature for the initial velocities when `atoms` has none. thermostat: one of THERMOSTATS.
     friction: 1/fs, the Langevin friction or the inverse relaxation time of the other thermostats (the NPT
-    barostat relaxes 10× slower). interval: write a frame every `interval` steps.
+    barostat relaxes 10× slower). interval: write a frame every `interval` steps. polarization_interval: write
+    a row of `<trajectory>.polarization.csv` every this many steps (polmodel/dynamics/polarization_log.py).
     born_spread: also record the ensemble spread of the Born charges (costs a second-derivative pass per frame).
     restart: continue an existing trajectory (False: overwrite it); a trajectory made with other settings
     (`run_settings`) raises RestartMismatchError. seed: initial velocities and Langevin noise.
@@ -287,17 +300,19 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
 
     check_run_arguments(steps=steps, timestep_fs=timestep_fs, temperature_K=temperature_K, thermostat=thermostat,
                         friction=friction, interval=interval, pressure_GPa=pressure_GPa,
-                        spread_threshold=spread_threshold)
+                        spread_threshold=spread_threshold, polarization_interval=polarization_interval)
     if born_spread and not calculator.is_ensemble:
         raise ValueError("born_spread needs an ensemble calculator (it is the spread over members)")
     steps, interval = int(steps), int(interval)
     trajectory_path = Path(trajectory_path)
     checkpoint = checkpoint_path(trajectory_path)
+    polarization_path = polarization_log_path(trajectory_path)
     atoms = atoms.copy()
     rng = np.random.default_rng(seed)
 
     settings = run_settings(protocol, thermostat=thermostat, timestep_fs=timestep_fs, temperature_K=temperature_K,
-                            friction=friction, pressure_GPa=pressure_GPa, interval=interval)
+                            friction=friction, pressure_GPa=pressure_GPa, interval=interval,
+                            polarization_interval=polarization_interval)
     resuming = restart and trajectory_path.exists() and trajectory_path.stat().st_size > 0
     if resuming:
         check_restart(trajectory_path, atoms, settings)
@@ -305,7 +320,7 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
         if "rng" in state:
             rng.bit_generator.state = state["rng"]
     else:
-        for path in (trajectory_path, checkpoint):
+        for path in (trajectory_path, checkpoint, polarization_path):
             if path.exists():
                 path.unlink()
         step, state = 0, {}
@@ -325,7 +340,11 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     atoms.get_forces()  # cache the starting forces at the starting field before the protocol moves on
     watch = _SpreadWatch(spread_threshold if calculator.is_ensemble else None, stop_on_spread)
     watch.check(calculator, step)
-    if not resuming:
+    if resuming:
+        polarization_log = PolarizationLog.resume(polarization_path, step, atoms, settings, polarization_interval)
+    else:
+        polarization_log = PolarizationLog.start(polarization_path, atoms, settings, polarization_interval)
+        polarization_log.write(step, time_fs, atoms, calculator)
         first = _frame(atoms, calculator, step, time_fs, born_spread)
         first.info.update(settings)
         if watch.threshold is not None:
@@ -339,12 +358,34 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     if progress and remaining:
         from tqdm import tqdm
         bar = tqdm(total=remaining, desc="md", unit="step")
+    try:
+        step = _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_log, bar, step=step,
+                          remaining=remaining, timestep_fs=timestep_fs, interval=interval,
+                          born_spread=born_spread, trajectory_path=trajectory_path, checkpoint=checkpoint)
+    finally:
+        polarization_log.close()
+        if bar is not None:
+            bar.close()
+    final = atoms.copy()
+    final.calc = None
+    final.info.update(watch.record())
+    return final
+
+
+def _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_log, bar, *, step, remaining,
+               timestep_fs, interval, born_spread, trajectory_path, checkpoint):
+    """The MD loop of `run_md`: every step goes to the P(t) file and every `interval`-th to the trajectory as
+    it is made; nothing is kept. Returns the last step."""
+    import ase.io
+
     for _ in range(remaining if not watch.stopped else 0):
         calculator.set_field_for_next_positions(protocol((step + 1) * timestep_fs))
         dynamics.step()
         step += 1
         time_fs = step * timestep_fs
         watch.check(calculator, step)
+        if polarization_log.due(step) or watch.stopped:
+            polarization_log.write(step, time_fs, atoms, calculator)
         if step % interval == 0 or watch.stopped:
             frame = _frame(atoms, calculator, step, time_fs, born_spread)
             frame.info.update(watch.record())
@@ -355,12 +396,7 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
         if bar is not None:
             bar.update(1)
             bar.set_postfix(T=f"{atoms.get_temperature():.0f}K", refresh=False)
-    if bar is not None:
-        bar.close()
-    final = atoms.copy()
-    final.calc = None
-    final.info.update(watch.record())
-    return final
+    return step
 
 
 class _SpreadWatch:
