@@ -2,6 +2,10 @@
 memory that does not grow with the run length; --memory-limit-gb reaching the calculator."""
 import gc
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import tracemalloc
 import warnings
 
@@ -91,12 +95,10 @@ def test_restart_without_polarization_file_starts_one_and_says_so(model, tmp_pat
     assert columns["step"].tolist() == [11, 12, 13, 14, 15]
 
 
-def test_md_memory_does_not_grow_with_the_number_of_steps(model, tmp_path):
-    """Python-side memory (numpy arrays, lists, dicts) held at each model call: anything kept per step (a list of
-    frames, dipoles or rows) makes it grow linearly with the steps taken, which this detects (tracemalloc counts
-    every Python and numpy allocation; a kept 3-vector per step is ~150 B/step). It found ctypes types that vesin's
-    NumPy wrapper leaves behind for every new pair count, ~1.3 KB per step here (polmodel/data/neighbors.py)."""
-    steps, early, late = 460, 260, 450
+def memory_growth_per_step(directory, steps=460, early=260, late=450):
+    """Bytes per MD step by which the Python-side memory (numpy arrays, lists, dicts; tracemalloc) held at a model
+    call grows between call `early` and call `late` of a run of `steps` steps on a tiny cell."""
+    model = tiny_model()
     held = np.zeros(2)     # allocated before tracing: recording into it allocates nothing
     calls = [0]
     calculator = PolCalculator(model)
@@ -115,13 +117,27 @@ def test_md_memory_does_not_grow_with_the_number_of_steps(model, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_md(batio3(), calculator, StaticField((0, 0, 0.01)), steps=steps, timestep_fs=1.0,
-                   temperature_K=300.0, thermostat="langevin", interval=100, trajectory_path=tmp_path / "m.xyz",
-                   progress=False)
+                   temperature_K=300.0, thermostat="langevin", interval=100,
+                   trajectory_path=pathlib.Path(directory) / "m.xyz", progress=False)
     finally:
         tracemalloc.stop()
     assert calls[0] >= late + 1
-    growth_per_step = (held[1] - held[0]) / (late - early)
-    # the interpreter's own warm-up leaves up to ~40 B/step here; a kept dipole 3-vector per step shows as ~160
+    return float((held[1] - held[0]) / (late - early))
+
+
+def test_md_memory_does_not_grow_with_the_number_of_steps(tmp_path):
+    """Anything kept per step (a list of frames, dipoles or rows) makes the memory held at each model call grow
+    linearly with the steps taken, which this detects (a kept 3-vector per step is ~160 B/step). It found ctypes
+    types that vesin's NumPy wrapper leaves behind for every new pair count, ~1.3 KB per step here
+    (polmodel/data/neighbors.py). Measured in a fresh interpreter: inside the whole suite, allocations of earlier
+    tests that settle during the run added up to 104 B/step of noise; alone, the interpreter's warm-up is ~40."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_md_streaming as t; "
+            "print(t.memory_growth_per_step(sys.argv[2]))")
+    tests = pathlib.Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, "-c", code, str(tests), str(tmp_path)], capture_output=True, text=True,
+                            timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth_per_step = float(result.stdout.strip().splitlines()[-1])
     assert growth_per_step < 100.0, f"memory grows by {growth_per_step:.0f} B per MD step"
 
 
