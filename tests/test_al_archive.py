@@ -100,3 +100,4 @@ def test_exported_loop_continues_in_an_empty_profile(aiida_profile, polmodel_cod
     ancestors = data_ancestors(second.outputs.model)
     original = [called for uuid in labels_before for called in orm.load_node(uuid).called]
     assert original and all(node.pk in ancestors for node in original)
+    aiida_profile.reset_storage()  # the imported computer and codes must not serve later tests
