@@ -1,4 +1,5 @@
-"""Model/ensemble files: bit-identical round trips, clear errors for anything that is not an intact model file."""
+"""Model/ensemble files: round trips that keep every tensor bit for bit, clear errors for anything that is not an
+intact model file."""
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,18 @@ from polmodel.nn.serialization import FORMAT_VERSION, ModelFileError, file_sha25
 
 
 def _outputs(model, atoms):
-    # In float32 the very first double-backward of a process-fresh model can differ from all later calls in the
-    # last bit (MKL's first-call kernel choice); later calls are reproducible, so compare those.
-    model_response(model, atoms, TEST_FIELD, born_charges=True, polarizability=True)
     return model_response(model, atoms, TEST_FIELD, born_charges=True, polarizability=True)
 
 
+# Every saved tensor comes back bit for bit (asserted below). The outputs computed from them agree to rounding only:
+# MKL's kernels may choose their summation order by the memory alignment of their operands, and a loaded tensor
+# sits elsewhere in memory than the original (CI saw a float64 force differ in the last bit). A lost or altered
+# tensor moves the outputs by far more than these tolerances.
+OUTPUT_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_model_round_trip_is_bit_identical(tmp_path, dtype):
+def test_model_round_trip_keeps_every_tensor_and_output(tmp_path, dtype):
     model = make_test_model(seed=3, dtype=dtype)
     model.set_reference_energies({"Ba": -12.5, "Ti": -3.25, "O": -1.0})
     model.set_avg_num_neighbors(17.25)
@@ -35,11 +40,16 @@ def test_model_round_trip_is_bit_identical(tmp_path, dtype):
     assert loaded.species == model.species and loaded.cutoff == model.cutoff
     assert loaded.hyperparameters == model.hyperparameters
     assert {p.dtype for p in loaded.parameters()} == {dtype}
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
     for atoms in (distorted_perovskite(), open_molecule()):
         before, after = _outputs(model, atoms), _outputs(loaded, atoms)
         assert before.keys() == after.keys()
         for name in before:
-            assert np.array_equal(before[name], after[name], equal_nan=True), name
+            scale = np.max(np.abs(before[name])) if np.size(before[name]) else 0.0
+            np.testing.assert_allclose(after[name], before[name], rtol=OUTPUT_RTOL[dtype],
+                                       atol=OUTPUT_RTOL[dtype] * scale, err_msg=name)
     assert len(file_sha256(path)) == 64
 
 
@@ -246,8 +256,8 @@ def test_method_api_round_trip(tmp_path):
 
 
 def _assert_same_model(loaded, model):
-    """Same architecture and bit-identical weights and buffers, hence the same outputs (checked through the energy
-    here; test_model_round_trip_is_bit_identical checks every derivative)."""
+    """Same architecture and bit-identical weights and buffers, hence the same outputs to rounding (checked through
+    the energy here; test_model_round_trip_keeps_every_tensor_and_output checks every derivative)."""
     assert loaded.species == model.species and loaded.cutoff == model.cutoff
     assert loaded.hyperparameters == model.hyperparameters
     assert list(loaded.state_dict()) == list(model.state_dict())
@@ -255,7 +265,8 @@ def _assert_same_model(loaded, model):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     graph = collate([atoms_to_graph(distorted_perovskite(), model.species, model.cutoff, efield=TEST_FIELD,
                                     dtype=next(model.parameters()).dtype)])
-    assert torch.equal(loaded(graph)[keys.ENERGY], model(graph)[keys.ENERGY])
+    torch.testing.assert_close(loaded(graph)[keys.ENERGY], model(graph)[keys.ENERGY],
+                               rtol=OUTPUT_RTOL[graph[keys.POSITIONS].dtype], atol=0)
 
 
 def _saved_functionally(model, path):
@@ -283,7 +294,7 @@ def test_method_api_names_the_file_of_a_corrupt_truncated_or_foreign_file(tmp_pa
 
 def test_file_from_before_the_field_readout_and_scale_loads_its_old_architecture(tmp_path):
     """Files written before field_readout and the field scale existed hold the gate-only field coupling and saw
-    the field in V/Å; they load as such (field_readout 0, field_scale 1) and answer bit-identically."""
+    the field in V/Å; they load as such (field_readout 0, field_scale 1) and answer as before, to rounding."""
     from polmodel.nn.serialization import content_hash
 
     model = make_test_model(seed=6, field_readout=0)
