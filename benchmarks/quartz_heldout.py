@@ -113,8 +113,7 @@ def report(loop, output):
     from ase.io import write
 
     from polmodel import load
-    from polmodel.training.parity_plots import write_parity_plots
-    from polmodel.training.train import metrics_from_pairs, predict_pairs
+    from polmodel.cli.evaluate import evaluate_frames, print_errors
 
     group = orm.load_group(GROUP)
     frames, done = [], []
@@ -126,12 +125,9 @@ def report(loop, output):
     output.mkdir(parents=True, exist_ok=True)
     write(output / "heldout_frames.xyz", frames, format="extxyz")
     model = load(loop_model(loop, output))  # the loop's final ensemble
-    pairs = predict_pairs(model, frames)
-    result = {"loop": loop.uuid, "labels": done, "num_frames": len(frames), "errors": metrics_from_pairs(pairs),
-              "plots": [str(path) for path in write_parity_plots(pairs, output / "plots")]}
+    result = {"loop": loop.uuid, "labels": done, **evaluate_frames(model, frames, output / "plots")}
     (output / "heldout_errors.json").write_text(json.dumps(result, indent=2))
-    for quantity, entry in result["errors"].items():
-        print(f"{quantity:24s} MAE {entry['mae']:.4g} RMSE {entry['rmse']:.4g} {entry['unit']} ({entry['count']})")
+    print_errors(result["errors"])
     return result
 
 

@@ -109,6 +109,15 @@ def aiida_localhost(aiida_profile, aiida_work_directory):
 
 
 @pytest.fixture
+def aiida_profile_for_import(aiida_profile_clean):
+    """The session profile with empty storage, emptied again when the test ends (pass or fail): for tests that
+    import an archive. The import lands as on a new machine, and the archive's own ``localhost`` computer and codes
+    (another machine's executable paths) cannot serve later tests' ``polmodel@localhost``."""
+    yield aiida_profile_clean
+    aiida_profile_clean.reset_storage()
+
+
+@pytest.fixture
 def generate_code(aiida_localhost):
     """Factory ``generate_code(label) -> InstalledCode`` for the project's executables (``pw``, ``ph``, ``polmodel``).
 

@@ -8,47 +8,25 @@ a warm start from the imported ensemble, and the new model's provenance reaches 
 import pytest
 from aiida import orm
 
-from fixtures_al import TINY_HYPERPARAMETERS
-from toy_oracle import ToyOracleActiveLearningWorkChain, toy_structure
+from toy_oracle import ToyOracleActiveLearningWorkChain, toy_loop_inputs
 
 pytestmark = [pytest.mark.aiida, pytest.mark.slow]
 
 
-def toy_loop_inputs(polmodel_code, pw_code):
+def one_iteration_inputs(pw_code, polmodel_code):
     """One iteration of the toy loop: initial labels, training, exploration (its candidates stay unlabelled)."""
-    return {
-        "structures": {"nacl": orm.StructureData(ase=toy_structure())},
-        "initial_data": {"count": orm.Int(3), "max_strain": orm.Float(0.03), "max_displacement": orm.Float(0.1),
-                         "seed": orm.Int(0)},
-        "label": {"code": pw_code, "protocol": orm.Str("fast")},
-        "label_budget": orm.Int(6),
-        "full_label_cost": orm.Int(10),
-        "max_full_labels": orm.Int(0),
-        "train": {
-            "train": {"code": polmodel_code, "parameters": orm.Dict({
-                "epochs": 5, "bootstrap": True, "validation_fraction": 0.0,
-                "hyperparameters": {**TINY_HYPERPARAMETERS, "cutoff": 4.5, "batch_size": 2}})},
-            "ensemble_size": orm.Int(2),
-        },
-        "explore": {
-            "md": {"code": polmodel_code},
-            "parameters": orm.Dict({"steps": 20, "timestep": 1.0, "thermostat": "langevin", "interval": 5,
-                                    "seed": 1}),
-            "fields": orm.List([{"kind": "static", "vector": [0.0, 0.0, 0.0]}]),
-            "temperatures": orm.List([300.0]),
-            # an untrained ensemble disagrees everywhere: a wide window so that candidates exist
-            "selection": orm.Dict({"force_lower": 1e-6, "force_upper": 1e6, "force_lower_factor": None,
-                                   "max_candidates": 3, "min_distance": 0.0}),
-        },
-        "schedule": orm.List([{"temperatures": [300.0], "field_amplitude": 0.0, "steps": 20},
-                              {"temperatures": [300.0, 600.0], "field_amplitude": 0.0, "steps": 20}]),
-        "stage_threshold": orm.Float(0.0),  # every iteration earns the next stage
-        "candidate_fraction_threshold": orm.Float(0.0),
-        "max_iterations": orm.Int(1),
-    }
+    return toy_loop_inputs(
+        pw_code, polmodel_code, initial_count=3, label_budget=6, max_full_labels=0, epochs=5,
+        schedule=[{"temperatures": [300.0], "field_amplitude": 0.0, "steps": 20},
+                  {"temperatures": [300.0, 600.0], "field_amplitude": 0.0, "steps": 20}],
+        # an untrained ensemble disagrees everywhere: a wide window so that candidates exist
+        selection={"force_lower": 1e-6, "force_upper": 1e6, "force_lower_factor": None, "max_candidates": 3,
+                   "min_distance": 0.0},
+        stage_threshold=0.0)  # every iteration earns the next stage
 
 
-def test_exported_loop_continues_in_an_empty_profile(aiida_profile, polmodel_code, generate_code, tmp_path):
+def test_exported_loop_continues_in_an_empty_profile(aiida_profile_for_import, polmodel_code, generate_code,
+                                                     tmp_path):
     from aiida.common.links import LinkType
     from aiida.engine import run_get_node
     from aiida.tools.archive import create_archive, import_archive
@@ -56,7 +34,7 @@ def test_exported_loop_continues_in_an_empty_profile(aiida_profile, polmodel_cod
     from polmodel.workflows.active_learning import ActiveLearningWorkChain
     from polmodel.workflows.provenance import data_ancestors
 
-    _, first = run_get_node(ToyOracleActiveLearningWorkChain, **toy_loop_inputs(polmodel_code, generate_code("pw")))
+    _, first = run_get_node(ToyOracleActiveLearningWorkChain, **one_iteration_inputs(generate_code("pw"), polmodel_code))
     assert first.is_finished_ok, first.exit_status
     candidates = [link.node for link in first.base.links.get_outgoing(link_label_filter="explore_%").all()]
     pending = candidates[0].outputs.candidates
@@ -67,7 +45,7 @@ def test_exported_loop_continues_in_an_empty_profile(aiida_profile, polmodel_cod
     archive = tmp_path / "loop.aiida"
     create_archive([first], filename=archive)
 
-    aiida_profile.reset_storage()
+    aiida_profile_for_import.reset_storage()
     assert not orm.QueryBuilder().append(orm.Node).count()
     import_archive(archive)
     imported = orm.load_node(uuids["loop"])
@@ -100,4 +78,3 @@ def test_exported_loop_continues_in_an_empty_profile(aiida_profile, polmodel_cod
     ancestors = data_ancestors(second.outputs.model)
     original = [called for uuid in labels_before for called in orm.load_node(uuid).called]
     assert original and all(node.pk in ancestors for node in original)
-    aiida_profile.reset_storage()  # the imported computer and codes must not serve later tests

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from aiida import orm
 
-from fixtures_al import TINY_HYPERPARAMETERS
-from toy_oracle import ToyOracleActiveLearningWorkChain, toy_structure
+from toy_oracle import ToyOracleActiveLearningWorkChain, toy_loop_inputs
 
 pytestmark = [pytest.mark.aiida, pytest.mark.slow]
 
@@ -21,39 +20,15 @@ THRESHOLD = 0.6
 def test_toy_oracle_loop_learns(polmodel_code, generate_code):
     from aiida.engine import run_get_node
 
-    inputs = {
-        "structures": {"nacl": orm.StructureData(ase=toy_structure())},
-        "initial_data": {"count": orm.Int(5), "max_strain": orm.Float(0.03), "max_displacement": orm.Float(0.1),
-                         "seed": orm.Int(0)},
-        "label": {"code": generate_code("pw"), "protocol": orm.Str("fast")},
-        "label_budget": orm.Int(16),
-        "full_label_cost": orm.Int(10),
-        "max_full_labels": orm.Int(1),
-        "train": {
-            "train": {"code": polmodel_code, "parameters": orm.Dict({
-                # no validation split: with six structures it holds one, and when that is the ideal crystal (zero
-                # forces by symmetry) early stopping keeps a near-untrained model whose members agree everywhere
-                # a high learning rate and small batches: the tiny model learns the toy's forces in 60 epochs (at
-                # 5e-3 and batches of 4 it still predicts ~0 forces after 40, and its members agree everywhere)
-                "epochs": 60, "bootstrap": True, "validation_fraction": 0.0,
-                "hyperparameters": {**TINY_HYPERPARAMETERS, "cutoff": 4.5, "batch_size": 2, "learning_rate": 0.03}})},
-            "ensemble_size": orm.Int(2),
-        },
-        "explore": {
-            "md": {"code": polmodel_code},
-            "parameters": orm.Dict({"steps": 100, "timestep": 1.0, "thermostat": "langevin", "interval": 5,
-                                    "seed": 1}),
-            "fields": orm.List([{"kind": "static", "vector": [0.0, 0.0, 1.0]}]),
-            "temperatures": orm.List([200.0]),
-            "selection": orm.Dict({"force_lower": 0.01, "force_upper": 1.5, "force_lower_factor": 1.0,
-                                   "max_candidates": 4, "min_distance": 1.0}),
-        },
-        "schedule": orm.List([{"temperatures": [200.0], "field_amplitude": 0.03, "steps": 100}]),
-        "stage_threshold": orm.Float(0.9),
-        "field_margin": orm.Float(0.03),
-        "candidate_fraction_threshold": orm.Float(THRESHOLD),
-        "max_iterations": orm.Int(MAX_ITERATIONS),
-    }
+    inputs = toy_loop_inputs(
+        generate_code("pw"), polmodel_code, initial_count=5, label_budget=16, max_full_labels=1,
+        # a high learning rate: the tiny model learns the toy's forces in 60 epochs (at 5e-3 and batches of 4 it
+        # still predicts ~0 forces after 40, and its members agree everywhere)
+        epochs=60, learning_rate=0.03, field=(0.0, 0.0, 1.0),
+        schedule=[{"temperatures": [200.0], "field_amplitude": 0.03, "steps": 100}],
+        selection={"force_lower": 0.01, "force_upper": 1.5, "force_lower_factor": 1.0, "max_candidates": 4,
+                   "min_distance": 1.0},
+        stage_threshold=0.9, field_margin=0.03, candidate_fraction_threshold=THRESHOLD, max_iterations=MAX_ITERATIONS)
     _, node = run_get_node(ToyOracleActiveLearningWorkChain, **inputs)
     logs = [log.message for log in orm.Log.collection.get_logs_for(node)]
     assert node.is_finished_ok, (node.exit_status, node.exit_message, logs)

@@ -25,26 +25,22 @@ def test_shipped_ensemble_loads_and_answers_on_the_cif_structure():
 
 
 @pytest.mark.aiida
-def test_shipped_archive_imports_with_provenance_to_the_pw_runs(aiida_profile_clean):
+def test_shipped_archive_imports_with_provenance_to_the_pw_runs(aiida_profile_for_import):
     from aiida import orm
     from aiida.tools.archive import import_archive
 
     from polmodel.workflows.active_learning import ActiveLearningWorkChain
     from polmodel.workflows.provenance import pw_runs_for_model
 
-    try:
-        import_archive(QUARTZ / "campaign.aiida")
-        loops = orm.QueryBuilder().append(ActiveLearningWorkChain,
-                                          filters={"attributes.exit_status": 0}).all(flat=True)
-        assert loops, "the archive holds no finished active-learning loop"
-        loop = max(loops, key=lambda node: node.ctime)
-        runs = pw_runs_for_model(loop.outputs.model)
-        assert len(runs) >= 10 and all(run.is_finished_ok for run in runs)
-        shipped = hashlib.sha256((QUARTZ / "ensemble.pt").read_bytes()).hexdigest()
-        assert hashlib.sha256(loop.outputs.model.get_content()).hexdigest() == shipped
-        # a continuation can be built from the imported loop (codes are this machine's)
-        builder = ActiveLearningWorkChain.get_builder_continuing(loop.uuid, max_iterations=1)
-        assert builder.initial_frames.uuid == loop.outputs.dataset.uuid
-    finally:
-        # the archive brings its own `localhost` computer and codes (another machine's paths): leave none behind
-        aiida_profile_clean.reset_storage()
+    import_archive(QUARTZ / "campaign.aiida")
+    loops = orm.QueryBuilder().append(ActiveLearningWorkChain,
+                                      filters={"attributes.exit_status": 0}).all(flat=True)
+    assert loops, "the archive holds no finished active-learning loop"
+    loop = max(loops, key=lambda node: node.ctime)
+    runs = pw_runs_for_model(loop.outputs.model)
+    assert len(runs) >= 10 and all(run.is_finished_ok for run in runs)
+    shipped = hashlib.sha256((QUARTZ / "ensemble.pt").read_bytes()).hexdigest()
+    assert hashlib.sha256(loop.outputs.model.get_content()).hexdigest() == shipped
+    # a continuation can be built from the imported loop (codes are this machine's)
+    builder = ActiveLearningWorkChain.get_builder_continuing(loop.uuid, max_iterations=1)
+    assert builder.initial_frames.uuid == loop.outputs.dataset.uuid

@@ -104,7 +104,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_differs(small_frames
                if t.dtype.is_floating_point and t.numel() > 1)
     # the model handed back carries the best validation weights of the run
     valid_set = training_frame_set(valid, first.species, _config())
-    assert _epoch_loss(first, valid_set, _config().loss_weights, 8) == pytest.approx(history["best_valid_loss"],
+    assert _epoch_loss(first, valid_set, _config().loss_weights, 8)[0] == pytest.approx(history["best_valid_loss"],
                                                                                   rel=1e-6)
     assert history["best_valid_loss"] == min(e["valid_loss"] for e in history["epochs"])
 
@@ -217,7 +217,7 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_un
 
     def killed_during_epoch_3(*args, **kwargs):
         validations["count"] += 1
-        if validations["count"] == 3:
+        if validations["count"] == 4:  # the untrained model's, then epochs 1, 2 and 3
             raise Killed()
         return real_epoch_loss(*args, **kwargs)
 
@@ -316,7 +316,7 @@ def test_validation_and_the_result_use_the_weight_average(small_frames):
     assert [e["train_loss"] for e in history["epochs"]] == [e["train_loss"] for e in raw_history["epochs"]]
     assert [e["valid_loss"] for e in history["epochs"]] != [e["valid_loss"] for e in raw_history["epochs"]]
     valid_set = training_frame_set(valid_frames, averaged.species, _config(dtype="float64"))
-    assert _epoch_loss(averaged, valid_set, _config().loss_weights, 8) == history["best_valid_loss"]
+    assert _epoch_loss(averaged, valid_set, _config().loss_weights, 8)[0] == history["best_valid_loss"]
 
 
 # --- frames weighted by field magnitude -------------------------------------------------------------------------------
@@ -356,12 +356,12 @@ def test_training_loss_weights_frames_by_field_magnitude(small_frames):
     model = initialize_model(frames, config)
     balanced = training_frame_set(frames, model.species, config)
     plain = training_frame_set(frames, model.species, _config(dtype="float64", balance_field_magnitudes=False))
-    per_frame = np.array([_epoch_loss(model, training_frame_set([frame], model.species, config), config.loss_weights, 8)
-                          for frame in frames])
+    per_frame = np.array([_epoch_loss(model, training_frame_set([frame], model.species, config),
+                                      config.loss_weights, 8)[0] for frame in frames])
     weights = field_magnitude_weights(frames)
-    assert _epoch_loss(model, balanced, config.loss_weights, 8) == pytest.approx(np.sum(weights * per_frame)
+    assert _epoch_loss(model, balanced, config.loss_weights, 8)[0] == pytest.approx(np.sum(weights * per_frame)
                                                                                 / np.sum(weights), rel=1e-10)
-    assert _epoch_loss(model, plain, config.loss_weights, 8) == pytest.approx(per_frame.mean(), rel=1e-10)
+    assert _epoch_loss(model, plain, config.loss_weights, 8)[0] == pytest.approx(per_frame.mean(), rel=1e-10)
     assert not np.isclose(np.sum(weights * per_frame) / np.sum(weights), per_frame.mean())
 
 
@@ -430,8 +430,13 @@ def test_polmodel_evaluate_reports_errors_on_frames_it_did_not_train_on(real_tra
     # float32 model: batched and single-frame evaluation round differently (~1e-5 eV/atom here)
     assert errors["energy"]["mae"] == pytest.approx(expected, rel=1e-3)
     assert {"energy", "forces"} <= set(errors) and (tmp_path / "plots").is_dir()
+    from ase import Atoms
+
+    bare = [Atoms(frame.get_chemical_symbols(), frame.positions, cell=frame.cell, pbc=True) for frame in held_out]
+    write(tmp_path / "unlabelled.xyz", bare, format="extxyz")
     executable = [sys.executable, "-m", "polmodel.cli", "evaluate"]
     for arguments, message in ((["missing.pt", "held_out.xyz"], "model missing.pt does not exist"),
+                               ([str(real_train_run / "model.pt"), "unlabelled.xyz"], "hold no labels"),
                                ([str(real_train_run / "model.pt"), "missing.xyz"],
                                 "frames file missing.xyz does not exist"),
                                ([str(real_train_run / "frames.xyz"), "held_out.xyz"], "model: ")):

@@ -9,7 +9,8 @@ Nothing here is physics of a real material, and no production path uses it: prod
 - `ToyOracleWorkChain`: the same behind the labelling workchain's interface (`structure`, `tier`,
   `field_vectors` in; `frames` out; `get_builder_from_protocol(code, structure, ...)`), one calcfunction inside,
   so every toy frame has provenance like a DFT label;
-- `ToyOracleActiveLearningWorkChain`: the active-learning loop with this oracle as its labelling workchain.
+- `ToyOracleActiveLearningWorkChain`: the active-learning loop with this oracle as its labelling workchain;
+- `toy_loop_inputs`: that loop's inputs on the toy crystal, with a tiny ensemble.
 
 The toy crystal is rocksalt "NaCl" made of `REPEAT` primitive cells (`toy_structure`); the oracle needs structures
 whose atoms keep the order of that crystal (MD and the loop never reorder atoms), because the toy cell dipole is
@@ -22,6 +23,7 @@ from aiida.engine import WorkChain, calcfunction
 from polmodel.active_learning.selection import ENERGY_FORCES, FIELD_FRAMES, FULL
 from polmodel.plugins.data import FramesData
 from polmodel.workflows.active_learning import ActiveLearningWorkChain
+from fixtures_al import TINY_HYPERPARAMETERS
 from toy_potential import reference_crystal, toy_labels
 
 #: Primitive rocksalt cells in the toy crystal: 8 atoms, cell vectors of about 4 Å (a = 5.6 Å).
@@ -120,3 +122,41 @@ class ToyOracleActiveLearningWorkChain(ActiveLearningWorkChain):
 
     def label_workchain(self):
         return ToyOracleWorkChain
+
+
+def toy_loop_inputs(pw_code, polmodel_code, *, schedule, initial_count, label_budget, max_full_labels, epochs,
+                    selection, field=(0.0, 0.0, 0.0), learning_rate=None, stage_threshold=0.0, field_margin=None,
+                    candidate_fraction_threshold=0.0, max_iterations=1):
+    """Inputs of `ToyOracleActiveLearningWorkChain` on the toy crystal. Fixed: an ensemble of 2 bootstrap members of
+    the tiny model trained without a validation split (with a handful of structures a split holds one, and when
+    that is the ideal crystal, with zero forces by symmetry, early stopping keeps a near-untrained model whose
+    members agree everywhere); Langevin MD at a static `field` with the first stage's temperatures and steps."""
+    architecture = {**TINY_HYPERPARAMETERS, "cutoff": 4.5, "batch_size": 2}
+    if learning_rate is not None:
+        architecture["learning_rate"] = learning_rate
+    inputs = {
+        "structures": {"nacl": orm.StructureData(ase=toy_structure())},
+        "initial_data": {"count": orm.Int(initial_count), "max_strain": orm.Float(0.03),
+                         "max_displacement": orm.Float(0.1), "seed": orm.Int(0)},
+        "label": {"code": pw_code, "protocol": orm.Str("fast")},
+        "label_budget": orm.Int(label_budget),
+        "full_label_cost": orm.Int(10),
+        "max_full_labels": orm.Int(max_full_labels),
+        "train": {"train": {"code": polmodel_code, "parameters": orm.Dict({
+                      "epochs": epochs, "bootstrap": True, "validation_fraction": 0.0,
+                      "hyperparameters": architecture})},
+                  "ensemble_size": orm.Int(2)},
+        "explore": {"md": {"code": polmodel_code},
+                    "parameters": orm.Dict({"steps": schedule[0]["steps"], "timestep": 1.0, "thermostat": "langevin",
+                                            "interval": 5, "seed": 1}),
+                    "fields": orm.List([{"kind": "static", "vector": [float(x) for x in field]}]),
+                    "temperatures": orm.List(list(schedule[0]["temperatures"])),
+                    "selection": orm.Dict(selection)},
+        "schedule": orm.List(schedule),
+        "stage_threshold": orm.Float(stage_threshold),
+        "candidate_fraction_threshold": orm.Float(candidate_fraction_threshold),
+        "max_iterations": orm.Int(max_iterations),
+    }
+    if field_margin is not None:
+        inputs["field_margin"] = orm.Float(field_margin)
+    return inputs

@@ -43,21 +43,35 @@ def run(args):
     if unknown:
         raise InputError(f"frames file {args.frames} has {', '.join(unknown)}, which the model does not know "
                          f"(it knows {', '.join(model.species)})")
+    try:
+        result = evaluate_frames(model, frames, args.plots)
+    except ValueError as error:
+        raise InputError(f"frames file {args.frames}: {error}") from error
+    print_errors(result["errors"])
+    if args.metrics:
+        metrics = {"model": os.path.abspath(args.model), "frames": os.path.abspath(args.frames), **result}
+        with open(args.metrics, "w") as handle:
+            json.dump(metrics, handle, indent=2)
+    return 0
+
+
+def evaluate_frames(model, frames, plots_dir=None):
+    """{"num_frames", "errors": MAE/RMSE per labelled quantity, "plots": parity plot paths} of a model or ensemble
+    on labelled frames; ValueError when the frames carry no label to compare with."""
     from polmodel.training.train import metrics_from_pairs, predict_pairs
 
     pairs = predict_pairs(model, frames)
     if not pairs:
-        raise InputError(f"frames file {args.frames} holds no labels (energy, forces, dipole, ...) to compare with")
-    metrics = {"model": os.path.abspath(args.model), "frames": os.path.abspath(args.frames),
-               "num_frames": len(frames), "errors": metrics_from_pairs(pairs)}
-    if args.plots:
+        raise ValueError("the frames hold no labels (energy, forces, dipole, ...) to compare with")
+    result = {"num_frames": len(frames), "errors": metrics_from_pairs(pairs), "plots": []}
+    if plots_dir:
         from polmodel.training.parity_plots import write_parity_plots
 
-        metrics["plots"] = [os.path.abspath(path) for path in write_parity_plots(pairs, args.plots)]
-    for quantity, entry in metrics["errors"].items():
+        result["plots"] = [os.path.abspath(path) for path in write_parity_plots(pairs, plots_dir)]
+    return result
+
+
+def print_errors(errors):
+    for quantity, entry in errors.items():
         print(f"{quantity:24s} MAE {entry['mae']:.4g}  RMSE {entry['rmse']:.4g}  {entry['unit']}  "
               f"({entry['count']} values)")
-    if args.metrics:
-        with open(args.metrics, "w") as handle:
-            json.dump(metrics, handle, indent=2)
-    return 0

@@ -364,15 +364,22 @@ class WeightAverage:
 
 # --- one model -----------------------------------------------------------------------------------------------
 def _epoch_loss(model, frame_set, weights, batch_size):
-    """Validation loss: frame-weighted mean of the batch losses (no parameter update), on the model's device."""
+    """Validation pass (no parameter update, on the model's device): (loss, {quantity: RMSE}). The loss is the
+    frame-weighted mean of the batch losses; a quantity's RMSE (in the loss's units) is the root of its batch mean
+    squared errors averaged over the frames of the batches that carry it."""
     device = _model_device(model)
     total, count = 0.0, 0
+    squared, counted = {}, {}
     for data, targets in frame_set.batches(batch_size):
         prediction = predict(model, to_device(data, device), targets)
-        loss, _ = weighted_loss(paired_values(prediction, targets), weights, targets)
-        total += float(loss) * len(targets.num_atoms)
-        count += len(targets.num_atoms)
-    return total / count
+        loss, terms = weighted_loss(paired_values(prediction, targets), weights, targets)
+        frames = len(targets.num_atoms)
+        total += float(loss) * frames
+        count += frames
+        for quantity, term in terms.items():
+            squared[quantity] = squared.get(quantity, 0.0) + float(term) * frames
+            counted[quantity] = counted.get(quantity, 0) + frames
+    return total / count, {quantity: math.sqrt(squared[quantity] / counted[quantity]) for quantity in squared}
 
 
 def _make_scheduler(optimizer, config):
@@ -446,7 +453,8 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
     averaged weights are validated and returned. `initial_model` (a PolModel) is a warm start. `checkpoint` (a
     path): the training state is saved there every `config.checkpoint_every` epochs and at the end, and resumed
     from it when the file exists (CheckpointError if it belongs to another run); a finished run's checkpoint
-    returns its result at once. `history["epochs"]` lists per epoch the training and validation loss and the
+    returns its result at once. `history["epochs"]` lists per epoch the training and validation loss, the validation
+    RMSE per quantity (`valid_rmse`, in the loss's units; `initial_valid_rmse` before the first epoch) and the
     learning rate; `best_epoch`, `stopped` ("epochs", "patience", "max_time_s"), `wall_time_s` (of all sessions),
     `resumed_from_epoch` (None for a fresh start) and `field_magnitude_weights` summarize the run.
     """
@@ -479,7 +487,8 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
     start = time.monotonic()
     with evaluated():
         best = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    history = {"epochs": [], "stopped": "epochs"}
+    initial_rmse = _epoch_loss(model, valid_set, weights, config.batch_size)[1] if valid_set else {}
+    history = {"epochs": [], "stopped": "epochs", "initial_valid_rmse": initial_rmse}
     first_epoch, earlier_time, finished, resumed_from = 1, 0.0, False, None
     fingerprint = _run_fingerprint(config, train_frames, valid_frames, initial_model) if checkpoint else None
     if checkpoint and os.path.exists(checkpoint):
@@ -527,7 +536,8 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
         model.eval()
         train_loss = train_total / train_count
         with evaluated():
-            valid_loss = _epoch_loss(model, valid_set, weights, config.batch_size) if valid_set else train_loss
+            valid_loss, valid_rmse = (_epoch_loss(model, valid_set, weights, config.batch_size) if valid_set
+                                      else (train_loss, {}))
             if valid_loss < best["loss"]:
                 best = {"loss": valid_loss, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -536,7 +546,7 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
             scheduler.step()
         learning_rate = optimizer.param_groups[0]["lr"]
         history["epochs"].append({"epoch": epoch, "train_loss": train_loss, "valid_loss": valid_loss,
-                                  "learning_rate": learning_rate})
+                                  "valid_rmse": valid_rmse, "learning_rate": learning_rate})
         progress.set_postfix(train=f"{train_loss:.3g}", valid=f"{valid_loss:.3g}", best=best["epoch"])
         if epoch - best["epoch"] >= config.patience:
             history["stopped"] = "patience"
