@@ -231,6 +231,24 @@ def test_al_initial_labels_failed_label_skipped(generate_al_workchain, al_inputs
     assert any("label_initial_s1_000" in message and "skipped" in message for message in reports)
 
 
+def test_al_given_structures_get_their_own_tier(generate_al_workchain, al_inputs, generate_fake_child):
+    """`initial_data.given_tier` full: the given structures get the full response, their copies stay cheap."""
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(
+        initial_data={"count": orm.Int(2), "given_tier": orm.Str("full")}))
+    process.setup()
+    process.submit = SubmitRecorder(generate_fake_child)
+    tiers = []
+    process.label_builder = lambda structure, tier, field_vectors=(): tiers.append(tier) or fake_builder()
+    process.run_initial_labels()
+    # labels are submitted in key order: each given structure (_000), then its two copies
+    assert process.ctx.label_keys == [f"label_initial_s{s}_{i:03d}" for s in range(2) for i in range(3)]
+    assert tiers == ["full", "energy_forces", "energy_forces"] * 2
+
+    wrong = generate_al_workchain("polmodel.active_learning", al_inputs(
+        initial_data={"count": orm.Int(2), "given_tier": orm.Str("everything")}))
+    assert wrong.setup().status == wrong.exit_codes.ERROR_INVALID_SCHEDULE.status
+
+
 def test_al_structure_refused_by_the_label_builder_is_skipped(generate_al_workchain, al_inputs, generate_fake_child):
     process = generate_al_workchain("polmodel.active_learning", al_inputs())
     process.setup()

@@ -57,6 +57,11 @@ def initial_structures(parameters, **structures):
     return result
 
 
+def is_given_structure(key):
+    """Whether a key of `initial_structures` names a given structure (`<key>_000`) rather than a copy of one."""
+    return key.rsplit("_", 1)[-1] == "000"
+
+
 @calcfunction
 def plan_candidate_labels(candidates, budget, full_cost, max_full):
     """The label plan of the candidates within `budget` pw.x runs
@@ -199,6 +204,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         spec.input("initial_data.tier", valid_type=orm.Str, default=lambda: orm.Str("energy_forces"),
                    help="Label tier of the initial structures: the cheapest by default (DP-GEN); `full` gives the "
                         "first model Born charges and polarizability from the start.")
+        spec.input("initial_data.given_tier", valid_type=orm.Str, required=False,
+                   help="Label tier of the given structures themselves (default: `tier`): `full` here gives the "
+                        "first model Born charges and polarizability at one full label per structure, while their "
+                        "copies stay at `tier`.")
         spec.input_namespace("label", help="Inputs of the DFT labelling (FieldResponseWorkChain protocol builder).")
         spec.input("label.code", valid_type=orm.AbstractCode, help="pw.x code.")
         spec.input("label.protocol", valid_type=orm.Str, default=lambda: orm.Str("fast"))
@@ -280,8 +289,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                 )]
             from polmodel.active_learning.selection import TIERS
 
-            if self.inputs.initial_data.tier.value not in TIERS:
-                raise ValueError(f"initial_data.tier must be one of {TIERS}, got {self.inputs.initial_data.tier.value!r}")
+            for name in ("tier", "given_tier"):
+                if name in self.inputs.initial_data and self.inputs.initial_data[name].value not in TIERS:
+                    raise ValueError(f"initial_data.{name} must be one of {TIERS}, "
+                                     f"got {self.inputs.initial_data[name].value!r}")
             if min(self.inputs.label_budget.value, self.inputs.full_label_cost.value) < 1:
                 raise ValueError("label_budget and full_label_cost must be >= 1 pw.x run")
             if self.inputs.max_full_labels.value < 0:
@@ -339,11 +350,14 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         return ToContext(**futures)
 
     def run_initial_labels(self):
-        """Label each structure and its perturbed copies with `initial_data.tier` (by default the cheapest: one
-        zero-field SCF each)."""
-        perturbation = {key: node.value for key, node in self.inputs.initial_data.items() if key != "tier"}
+        """Label each structure with `initial_data.given_tier` and its perturbed copies with `initial_data.tier` (by
+        default both the cheapest: one zero-field SCF each)."""
+        settings = self.inputs.initial_data
+        perturbation = {key: node.value for key, node in settings.items() if key not in ("tier", "given_tier")}
         structures = initial_structures(orm.Dict(perturbation), **self.inputs.structures)
-        plan = {key: {"tier": self.inputs.initial_data.tier.value} for key in structures}
+        copy_tier = settings.tier.value
+        given_tier = settings.given_tier.value if "given_tier" in settings else copy_tier
+        plan = {key: {"tier": given_tier if is_given_structure(key) else copy_tier} for key in structures}
         return self.submit_labels(structures, plan, "label_initial")
 
     def should_label_pending(self):
@@ -628,6 +642,8 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         builder.initial_data.max_displacement = orm.Float(initial_data["max_displacement"])
         builder.initial_data.seed = orm.Int(initial_data["seed"])
         builder.initial_data.tier = orm.Str(initial_data["tier"])
+        if "given_tier" in initial_data:
+            builder.initial_data.given_tier = orm.Str(initial_data["given_tier"])
         builder.label_budget = orm.Int(inputs["label_budget"])
         builder.full_label_cost = orm.Int(inputs["full_label_cost"])
         builder.max_full_labels = orm.Int(inputs["max_full_labels"])
