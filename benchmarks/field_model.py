@@ -8,7 +8,8 @@ comparison isolates the field coupling.
 
 Frames: `--frames FILE` (labelled extended XYZ, e.g. an active-learning loop's dataset written by
 `verdi data core.array ...` or `FramesData.get_atoms()`), split by structure with `--validation-fraction`; or
-`--toy` (THE ANALYTIC TOY POTENTIAL of tests/toy_potential.py, not DFT: 16 training and 5 validation structures).
+`--toy` (THE ANALYTIC TOY POTENTIAL of tests/toy_potential.py, not DFT: 16 training and 5 validation structures,
+each at zero field and at three fields of magnitude `--toy-field`, V/Å; 0.0364 is that of the DFT protocols).
 
 Per layout and seed it prints the validation MAEs (E and α per atom, F, P as cell dipole per atom, Z*) of the
 returned model, the epoch at which the validation Z* RMSE first fell to half its untrained value, and the epoch at
@@ -24,27 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from polmodel.training.train import TrainingConfig, evaluate, initialize_model, split_frames, train_model
+from polmodel.training.train import (TrainingConfig, evaluate, initialize_model, learning_milestones, split_frames,
+                                     train_model)
 
 BORN = "born_effective_charges"
 LAYOUTS = {"before": {"field_readout": 0}, "after": {}}
 #: The quantities of the table: (metric key, column title)
 COLUMNS = (("energy", "E eV/atom"), ("forces", "F eV/Å"), ("dipole", "P e·Å/atom"), (BORN, "Z* e"),
            ("polarizability", "α e·Å²/V/atom"))
-
-
-def born_charge_epochs(history):
-    """(epoch where the validation Z* RMSE first fell to half its untrained value, epoch where it first came within
-    10 % of its lowest value); None where it never did or no Z* was validated."""
-    initial = history["initial_valid_rmse"].get(BORN)
-    curve = [(entry["epoch"], entry["valid_rmse"].get(BORN)) for entry in history["epochs"]]
-    curve = [(epoch, value) for epoch, value in curve if value is not None]
-    if initial is None or not curve:
-        return None, None
-    lowest = min(value for _, value in curve)
-    halved = next((epoch for epoch, value in curve if value <= 0.5 * initial), None)
-    converged = next(epoch for epoch, value in curve if value <= 1.1 * lowest)
-    return halved, converged
 
 
 def train_layout(train, valid, layout, seed, options):
@@ -54,17 +42,18 @@ def train_layout(train, valid, layout, seed, options):
     if layout == "before":
         start.set_field_scale(1.0)   # the network saw the field in V/Å
     model, history = train_model(train, valid, config, initial_model=start)
-    halved, converged = born_charge_epochs(history)
+    halved, converged = learning_milestones(history, BORN)
     return {"layout": layout, "seed": seed, "errors": {key: entry["mae"] for key, entry in evaluate(model, valid).items()},
             "field_scale": float(model.field_scale), "zstar_halved_epoch": halved, "zstar_converged_epoch": converged,
             "epochs_run": len(history["epochs"]), "best_epoch": history["best_epoch"]}
 
 
-def toy_frames():
+def toy_frames(field):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from toy_potential import make_toy_frames
 
-    return make_toy_frames(16, seed=0), make_toy_frames(5, seed=1)
+    fields = field * np.eye(3)
+    return make_toy_frames(16, seed=0, fields=fields), make_toy_frames(5, seed=1, fields=fields)
 
 
 def main(argv=None):
@@ -72,6 +61,7 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--frames", help="labelled frames (extended XYZ), split by structure")
     source.add_argument("--toy", action="store_true", help="the analytic toy potential (not DFT)")
+    parser.add_argument("--toy-field", type=float, default=0.1, help="|ε| of the toy's field frames, V/Å")
     parser.add_argument("--validation-fraction", type=float, default=0.25)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -82,7 +72,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.toy:
-        train, valid = toy_frames()
+        train, valid = toy_frames(args.toy_field)
         options = {"architecture": dict(num_features=8, num_layers=1, radial_hidden=16, readout_hidden=8, lmax=1),
                    "batch_size": 4, "learning_rate": 5e-3, "cutoff": 5.0}
     else:

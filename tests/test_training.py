@@ -107,6 +107,25 @@ def test_same_seed_gives_identical_weights_and_another_seed_differs(small_frames
     assert _epoch_loss(first, valid_set, _config().loss_weights, 8)[0] == pytest.approx(history["best_valid_loss"],
                                                                                   rel=1e-6)
     assert history["best_valid_loss"] == min(e["valid_loss"] for e in history["epochs"])
+    # per-quantity validation errors of every epoch and of the untrained model: the returned model's are its epoch's
+    best = next(entry for entry in history["epochs"] if entry["epoch"] == history["best_epoch"])
+    rmse = _epoch_loss(first, valid_set, _config().loss_weights, 8)[1]
+    assert set(best["valid_rmse"]) == set(history["initial_valid_rmse"]) == set(rmse) >= {"energy", "forces"}
+    assert rmse == pytest.approx(best["valid_rmse"], rel=1e-6)
+
+
+def test_learning_milestones_read_the_validation_curve():
+    from polmodel.training.train import learning_milestones
+
+    curve = [0.9, 0.6, 0.45, 0.2, 0.12, 0.105, 0.1, 0.1]
+    history = {"initial_valid_rmse": {"born_effective_charges": 1.0},
+               "epochs": [{"epoch": epoch, "valid_rmse": {"born_effective_charges": value, "forces": 1.0}}
+                          for epoch, value in enumerate(curve, start=1)]}
+    # half of 1.0 first reached at epoch 3 (0.45); within 10 % of the lowest (0.1) first at epoch 6 (0.105)
+    assert learning_milestones(history, "born_effective_charges") == (3, 6)
+    assert learning_milestones(history, "born_effective_charges", converged_within=0.25) == (3, 5)
+    assert learning_milestones(history, "forces") == (None, None)       # not in the untrained model's errors
+    assert learning_milestones(history, "polarizability") == (None, None)
 
 
 def test_frames_without_any_label_are_refused(small_frames):

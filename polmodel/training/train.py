@@ -573,6 +573,21 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
     return model, history
 
 
+def learning_milestones(history, quantity, converged_within=0.1):
+    """(epoch at which the validation RMSE of `quantity` first fell to half its untrained value, epoch at which it
+    first came within `converged_within` of its lowest value in the run) from `train_model`'s history; None where
+    it never did or `quantity` was not validated."""
+    initial = history.get("initial_valid_rmse", {}).get(quantity)
+    curve = [(entry["epoch"], entry.get("valid_rmse", {}).get(quantity)) for entry in history["epochs"]]
+    curve = [(epoch, value) for epoch, value in curve if value is not None]
+    if initial is None or not curve:
+        return None, None
+    lowest = min(value for _, value in curve)
+    halved = next((epoch for epoch, value in curve if value <= 0.5 * initial), None)
+    converged = next(epoch for epoch, value in curve if value <= (1.0 + converged_within) * lowest)
+    return halved, converged
+
+
 # --- evaluation ----------------------------------------------------------------------------------------------
 def _model_dtype(model_or_ensemble):
     return next(model_or_ensemble.parameters()).dtype
