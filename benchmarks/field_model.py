@@ -82,14 +82,17 @@ def main(argv=None):
         options = {}
     options.update(epochs=args.epochs, patience=args.patience, **json.loads(args.options))
     print(f"{len(train)} training and {len(valid)} validation frames; options {options}", flush=True)
-    rows = [train_layout(train, valid, layout, seed, options) for layout in LAYOUTS for seed in args.seeds]
     print("| layout | seed | field scale V/Å | " + " | ".join(title for _, title in COLUMNS)
           + " | Z* halved at epoch | Z* converged at epoch | epochs run |")
-    print("|---" * (6 + len(COLUMNS)) + "|")
-    for row in rows:
-        errors = " | ".join(f"{row['errors'][key]:.4g}" if key in row["errors"] else "–" for key, _ in COLUMNS)
-        print(f"| {row['layout']} | {row['seed']} | {row['field_scale']:.3g} | {errors} | {row['zstar_halved_epoch']} "
-              f"| {row['zstar_converged_epoch']} | {row['epochs_run']} |")
+    print("|---" * (6 + len(COLUMNS)) + "|", flush=True)
+    rows = []
+    for seed in args.seeds:
+        for layout in LAYOUTS:
+            row = train_layout(train, valid, layout, seed, options)
+            rows.append(row)
+            errors = " | ".join(f"{row['errors'][key]:.4g}" if key in row["errors"] else "–" for key, _ in COLUMNS)
+            print(f"| {row['layout']} | {row['seed']} | {row['field_scale']:.3g} | {errors} "
+                  f"| {row['zstar_halved_epoch']} | {row['zstar_converged_epoch']} | {row['epochs_run']} |", flush=True)
     for layout in LAYOUTS:
         ratios = [row["zstar_halved_epoch"] / row["zstar_converged_epoch"] for row in rows
                   if row["layout"] == layout and row["zstar_halved_epoch"] and row["zstar_converged_epoch"]]
