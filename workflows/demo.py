@@ -9,14 +9,14 @@ the same loop again), prints the loop's progress, and finally writes ./report: t
 plots of the last training (E, F, P, Z*), the model's Born charges against DFT, and a P–E loop of the final
 model under a cyclic field (one more MdCalculation, so the loop is in the provenance graph too).
 
-The parameters below are sized for under half an hour on 2 cores, DFT being most of it: 5-atom cells, 'fast' DFT
-with a 3x3x3 k-point grid and 75 % cutoffs (Born charges to a few tenths of e, docs/conventions.md). The two given
-cells (ideal and randomly displaced) get the full field response (zero-field SCF, Berry-phase and finite-field
-runs: 10 pw.x runs each), so that the first model already has Born charges and polarizability to learn; their 12
-strained and displaced copies get one SCF each (DP-GEN's start). Each iteration trains an ensemble of 3 small
-models, explores with 150-step MD under 2 field protocols at 2 temperatures from both cells, and labels at most 2
-candidates within 20 pw.x runs (the most uncertain polarization gets the full response, the other the cheap tier
-at its field). Iteration 3 trains, explores and ends the loop (max_iterations).
+The parameters below are sized for about 40 minutes on 2 cores (41–42 min measured), DFT being most of it:
+5-atom cells, 'fast' DFT with a 3x3x3 k-point grid and 75 % cutoffs (Born charges to a few tenths of e,
+docs/conventions.md). The two given cells (ideal and randomly displaced) get the full field response (zero-field
+SCF, Berry-phase and finite-field runs: 10 pw.x runs each), so that the first model already has Born charges and
+polarizability to learn; their 12 strained and displaced copies get one SCF each (DP-GEN's start). Each iteration
+trains an ensemble of 3 small models, explores with 150-step MD under 2 field protocols at 2 temperatures from
+both cells, and labels at most 2 candidates within 20 pw.x runs (the most uncertain polarization gets the full
+response, the other the cheap tier at its field). Iteration 3 trains, explores and ends the loop (max_iterations).
 """
 import argparse
 import json
