@@ -23,7 +23,6 @@ from aiida.engine import WorkChain, calcfunction
 from polmodel.active_learning.selection import ENERGY_FORCES, FIELD_FRAMES, FULL
 from polmodel.plugins.data import FramesData
 from polmodel.workflows.active_learning import ActiveLearningWorkChain
-from fixtures_al import TINY_HYPERPARAMETERS
 from toy_potential import reference_crystal, toy_labels
 
 #: Primitive rocksalt cells in the toy crystal: 8 atoms, cell vectors of about 4 Å (a = 5.6 Å).
@@ -131,6 +130,8 @@ def toy_loop_inputs(pw_code, polmodel_code, *, schedule, initial_count, label_bu
     the tiny model trained without a validation split (with a handful of structures a split holds one, and when
     that is the ideal crystal, with zero forces by symmetry, early stopping keeps a near-untrained model whose
     members agree everywhere); Langevin MD at a static `field` with the first stage's temperatures and steps."""
+    from fixtures_al import TINY_HYPERPARAMETERS   # here, so that benchmarks/al_efficiency.py need not import it
+
     architecture = {**TINY_HYPERPARAMETERS, "cutoff": 4.5, "batch_size": 2}
     if learning_rate is not None:
         architecture["learning_rate"] = learning_rate

@@ -48,9 +48,9 @@ DEMO = {
     # both of its full labels went to collapsed MD frames that DFT found metallic
     "given_tier": "full",
     "ensemble_size": 3,
-    # On the 14 initial frames a member's training loss sits on a plateau for its first ~35 epochs before the Born
-    # charges are found, hence a patience of 100 epochs (30 stopped one member at epoch 33 with Z* ≈ 0); an epoch
-    # takes about 0.1 s here. Training stops on epochs and patience only, never on wall time: a wall-clock cap
+    # Patience 100 epochs: an earlier demo's members sat on a plateau for ~35 epochs before the Born charges were
+    # found (30 stopped one at epoch 33 with Z* ≈ 0); on this demo's final dataset their validation error halves
+    # at epoch 13–16 (benchmarks/field_model.py, 2026-11-26). An epoch takes about 0.1 s here. Training stops on epochs and patience only, never on wall time: a wall-clock cap
     # made the dataset and the errors depend on the machine's load (issue 17: 14 → 28 → 42 frames on one run,
     # 14 → 28 → 35 on another). 300 MD steps with Born-charge spreads took 71 s, so MD is 150 steps.
     "train": {"epochs": 300, "validation_fraction": 0.15,

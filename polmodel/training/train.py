@@ -487,8 +487,7 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
     start = time.monotonic()
     with evaluated():
         best = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    initial_rmse = _epoch_loss(model, valid_set, weights, config.batch_size)[1] if valid_set else {}
-    history = {"epochs": [], "stopped": "epochs", "initial_valid_rmse": initial_rmse}
+    history = {"epochs": [], "stopped": "epochs", "initial_valid_rmse": {}}
     first_epoch, earlier_time, finished, resumed_from = 1, 0.0, False, None
     fingerprint = _run_fingerprint(config, train_frames, valid_frames, initial_model) if checkpoint else None
     if checkpoint and os.path.exists(checkpoint):
@@ -504,6 +503,8 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
         history, earlier_time, finished = state["history"], float(state["wall_time_s"]), bool(state["finished"])
         resumed_from = int(state["epoch"])
         first_epoch = resumed_from + 1
+    elif valid_set:   # a fresh start: the untrained model's errors (a resumed run has them in its history)
+        history["initial_valid_rmse"] = _epoch_loss(model, valid_set, weights, config.batch_size)[1]
 
     def save_checkpoint(epoch, done):
         _write_checkpoint(checkpoint, {
