@@ -470,7 +470,8 @@ def test_al_fresh_md_seeds_warm_start_and_adaptive_window(generate_al_workchain,
                                                           generate_fake_child, generate_fake_model_data):
     explore = {"md": None, "parameters": orm.Dict(dict(MD_PARAMETERS, seed=5)), "fields": orm.List(FIELDS[:1]),
                "temperatures": orm.List([300.0]),
-               "selection": orm.Dict({"force_lower": 0.05, "force_upper": 2.0, "force_lower_factor": 3.0})}
+               "selection": orm.Dict({"force_lower": 0.05, "force_upper": 2.0, "force_lower_factor": 3.0,
+                                      "min_distance_fraction": 0.8})}
     inputs = al_inputs(initial_frames=generate_frames_data(4))
     explore["md"] = inputs["explore"]["md"]
     inputs["explore"] = explore
@@ -485,6 +486,9 @@ def test_al_fresh_md_seeds_warm_start_and_adaptive_window(generate_al_workchain,
     assert selection_1["seed"] != selection_2["seed"]
     # the lower trust level is 3 × the validation force RMSE (0.2 eV/Å in the fake metrics)
     assert selection_1["force_lower"] == pytest.approx(0.6)
+    # the closest approach follows the labelled frames (BaTiO3 with 0.05 Å noise: Ti–O near 2.0 Å, O–O near 2.8 Å)
+    shortest = selection_1["labelled_pair_distances"]
+    assert 1.75 < shortest["O-Ti"] < 2.0 and 2.5 < shortest["O-O"] < 2.83 and shortest["Ba-O"] > shortest["O-Ti"]
     # warm start: the second training starts from the first model; the first from scratch
     assert "initial_model" not in first.calls[0][1]
     assert second.calls[0][1]["initial_model"].uuid == model_1.uuid

@@ -20,6 +20,7 @@ from polmodel.active_learning.selection import (
     is_converged,
     remove_near_duplicates,
     select_candidates,
+    shortest_pair_distances,
 )
 
 
@@ -160,6 +161,36 @@ def test_collapsed_frames_are_failed_not_candidates():
     selected, statistics = select_candidates(frames, [0.3, 0.35, 0.2], criteria)
     assert 1 not in selected and selected == [0, 2]
     assert (statistics["num_candidates"], statistics["num_failed"]) == (2, 1)
+
+
+def test_closest_approach_follows_the_labelled_pair_distances():
+    # the demo's first run of 2026-11-26 chose MD frames with Ti–O at 1.33-1.40 Å (DFT: metallic); BaTiO3's Ti–O
+    # bond is 2.0 Å, far above the absolute 0.5 Å limit
+    labelled = [batio3_atoms(0.03, seed=index) for index in range(4)]
+    shortest = shortest_pair_distances(labelled)
+    # Ba–Ba and Ti–Ti sit at the 4.0 Å lattice constant, beyond the 4.0 Å search: no relative limit for them
+    assert set(shortest) == {"Ba-O", "Ba-Ti", "O-O", "O-Ti"}
+    assert 1.85 < shortest["O-Ti"] < 2.0 and shortest["Ba-O"] > 2.6
+    frames = [batio3_atoms(0.03, seed=20 + index) for index in range(3)]
+    frames[1].positions[2] = frames[1].positions[1] + [1.35, 0.0, 0.0]   # Ti–O at 1.35 Å
+    absolute = SelectionCriteria(force_lower=0.1, force_upper=0.5, similarity_tolerance=1e-6)
+    relative = SelectionCriteria(force_lower=0.1, force_upper=0.5, similarity_tolerance=1e-6,
+                                 min_distance_fraction=0.8, labelled_pair_distances=shortest)
+    assert sorted(select_candidates(frames, [0.3, 0.35, 0.2], absolute)[0]) == [0, 1, 2]
+    selected, statistics = select_candidates(frames, [0.3, 0.35, 0.2], relative)
+    assert sorted(selected) == [0, 2] and statistics["num_failed"] == 1
+    assert relative.pair_limits()["O-Ti"] == pytest.approx(0.8 * shortest["O-Ti"])
+    # a pair without a labelled distance keeps the absolute limit only; the relative one never goes below it
+    only_ti_o = SelectionCriteria(min_distance_fraction=0.8, labelled_pair_distances={"O-Ti": shortest["O-Ti"]})
+    squeezed = batio3_atoms(0.0)
+    squeezed.positions[0] = squeezed.positions[2] + [-1.2, -1.2, 0.0]  # Ba–O at 1.7 Å, Ti–O untouched at 2.0 Å
+    assert not only_ti_o.too_close(squeezed) and relative.too_close(squeezed)
+    assert SelectionCriteria(min_distance=1.0, min_distance_fraction=0.1,
+                             labelled_pair_distances={"O-Ti": 2.0}).pair_limits() == {"O-Ti": 1.0}
+    with pytest.raises(ValueError, match="min_distance_fraction"):
+        SelectionCriteria(min_distance_fraction=1.5)
+    with pytest.raises(ValueError, match="labelled_pair_distances"):
+        SelectionCriteria(min_distance_fraction=0.8, labelled_pair_distances={"Ti-O": 2.0})
 
 
 def test_select_candidates_deduplicates_copies():

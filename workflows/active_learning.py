@@ -94,20 +94,25 @@ def exploration_conditions(dataset, metrics, explore_fields, schedule, stage, ma
     fields: the shapes of `explore_fields` at peak min(stage amplitude, largest labelled field + margin);
     temperatures and steps: the stage's; parameters: the MD parameters with the stage's steps and a seed of its
     own per iteration (base seed + 1000 × iteration); selection: the criteria with the lower trust level from the
-    validation force RMSE (`adapt_trust_window`) and a random-draw seed of the iteration.
+    validation force RMSE (`adapt_trust_window`), a random-draw seed of the iteration and, with
+    `min_distance_fraction`, the shortest distance of each species pair in the dataset (the closest approach a
+    candidate may reach is that fraction of it).
     """
     from polmodel.active_learning.exploration import ExplorationStage, covered_field, field_peak, stage_field_protocols
-    from polmodel.active_learning.selection import SelectionCriteria, adapt_trust_window
+    from polmodel.active_learning.selection import SelectionCriteria, adapt_trust_window, shortest_pair_distances
     from polmodel.plugins.parsers import validation_errors
 
     current = ExplorationStage.from_dict(schedule.get_list()[stage.value])
-    covered = covered_field(dataset.get_atoms())
+    labelled = dataset.get_atoms()
+    covered = covered_field(labelled)
     fields = stage_field_protocols(explore_fields.get_list(), current.field_amplitude, covered, margin.value)
     md = parameters.get_dict()
     md["steps"] = current.steps
     md["seed"] = md.get("seed", 0) + 1000 * iteration.value
     criteria = selection.get_dict()
     criteria["seed"] = criteria.get("seed", 0) + iteration.value
+    if criteria.get("min_distance_fraction") is not None:
+        criteria["labelled_pair_distances"] = shortest_pair_distances(labelled)
     force_rmse = validation_errors(metrics.get_dict()).get("forces", {}).get("rmse")
     adapted = adapt_trust_window(SelectionCriteria.from_dict(criteria), force_rmse)
     return {

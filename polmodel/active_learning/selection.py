@@ -4,8 +4,11 @@ Pure numpy + ASE. A frame is
 - *accurate* when its largest atomic force deviation is below the lower trust level and its polarization and
   Born-charge spreads are below their thresholds: the ensemble already agrees there;
 - *failed* when its force deviation is at or above the upper trust level, or two atoms are closer than
-  `min_distance`: the structure is unphysical or far outside the data, and a label there would only teach the
-  model about a place MD should never go (DP-GEN);
+  `min_distance`, or (with `min_distance_fraction`) closer than that fraction of the shortest distance of their
+  species pair in the labelled data (`labelled_pair_distances`, which the loop measures on its dataset before each
+  exploration): the structure is unphysical or far outside the data, and a label there would only teach the
+  model about a place MD should never go (DP-GEN). The relative limit follows the material: in BaTiO3 (Ti–O
+  2.0 Å) the absolute 0.5 Å let frames with Ti–O at 1.33 Å through, which DFT found metallic.
 - a *candidate* otherwise.
 Candidates are drawn at random (seeded, so a selection is reproducible) and deduplicated in that order with a
 structural fingerprint (smoothed, per species-pair histograms of interatomic distances, which are invariant to
@@ -42,6 +45,8 @@ class SelectionCriteria:
     min_distance: float = MIN_INTERATOMIC_DISTANCE
     force_lower_factor: float | None = None   # adaptive lower level = factor × validation force RMSE (eV/Å)
     seed: int = 0                             # of the random draw among the candidates
+    min_distance_fraction: float | None = None     # of each species pair's shortest labelled distance
+    labelled_pair_distances: dict | None = None    # {"A-B" (sorted symbols): shortest labelled distance, Å}
 
     def __post_init__(self):
         if not 0.0 <= self.force_lower < self.force_upper:
@@ -58,6 +63,30 @@ class SelectionCriteria:
             raise ValueError(f"force_lower_factor must be positive or None, got {self.force_lower_factor}")
         if self.similarity_tolerance < 0 or self.fingerprint_cutoff <= 0:
             raise ValueError("similarity_tolerance must be >= 0 and fingerprint_cutoff > 0")
+        if self.min_distance_fraction is not None and not 0.0 < self.min_distance_fraction <= 1.0:
+            raise ValueError(f"min_distance_fraction must be in (0, 1] or None, got {self.min_distance_fraction}")
+        for pair, distance in (self.labelled_pair_distances or {}).items():
+            if pair != pair_key(*pair.split("-")) or not float(distance) > 0:
+                raise ValueError(f"labelled_pair_distances: expected 'A-B' (symbols sorted) -> positive Å, "
+                                 f"got {pair!r}: {distance}")
+
+    def pair_limits(self):
+        """{"A-B": Å} below which a pair makes a frame failed (the relative limit, never below min_distance);
+        empty without `min_distance_fraction` or labelled distances."""
+        if self.min_distance_fraction is None:
+            return {}
+        return {pair: max(self.min_distance, self.min_distance_fraction * float(distance))
+                for pair, distance in (self.labelled_pair_distances or {}).items()}
+
+    def too_close(self, atoms):
+        """Whether two atoms of `atoms` are closer than `min_distance` or than their pair's relative limit."""
+        if closest_pair(atoms)[0] < self.min_distance:
+            return True
+        limits = self.pair_limits()
+        if not limits:
+            return False
+        shortest = shortest_pair_distances([atoms], max(limits.values()))
+        return any(distance < limits[pair] for pair, distance in shortest.items() if pair in limits)
 
     @classmethod
     def from_dict(cls, values):
@@ -180,6 +209,30 @@ def remove_near_duplicates(frames, order, tolerance, cutoff=5.0, limit=None):
     return kept
 
 
+def pair_key(first, second):
+    """The species-pair name used in `labelled_pair_distances`: the two symbols sorted, joined by '-'."""
+    return "-".join(sorted((str(first), str(second))))
+
+
+def shortest_pair_distances(frames, cutoff=4.0):
+    """{"A-B": shortest distance in Å} over all `frames`, per species pair met within `cutoff` (periodic images
+    included; a pair never closer than `cutoff` is absent)."""
+    from ase.neighborlist import neighbor_list
+
+    shortest = {}
+    for atoms in frames:
+        first, second, distances = neighbor_list("ijd", atoms, float(cutoff))
+        symbols = np.array(atoms.get_chemical_symbols())
+        species = sorted(set(symbols))
+        for index, a in enumerate(species):
+            for b in species[index:]:
+                mask = ((symbols[first] == a) & (symbols[second] == b)) | ((symbols[first] == b) & (symbols[second] == a))
+                if mask.any():
+                    key = pair_key(a, b)
+                    shortest[key] = min(shortest.get(key, np.inf), float(distances[mask].min()))
+    return shortest
+
+
 def closest_pair(atoms):
     """(distance in Å, i, j) of the closest two atoms (minimum image in periodic directions); (inf, -1, -1) for one."""
     if len(atoms) < 2:
@@ -200,7 +253,7 @@ def select_candidates(frames, max_force_std, criteria, polarization_std=None, bo
     if len(frames) != len(max_force_std):
         raise ValueError(f"{len(frames)} frames but {len(max_force_std)} force spreads")
     labels = classify(max_force_std, criteria, polarization_std, born_charge_std)
-    labels[[closest_pair(frame)[0] < criteria.min_distance for frame in frames]] = FAILED
+    labels[[criteria.too_close(frame) for frame in frames]] = FAILED
     force = np.asarray(max_force_std, dtype=float)
     candidates = np.flatnonzero(labels == CANDIDATE)
     # A seeded random order, not largest spread first (see the module docstring).
