@@ -2,7 +2,8 @@
 
     python benchmarks/quartz_heldout.py submit LOOP   # submit the held-out labels to the daemon (group quartz/heldout)
     python benchmarks/quartz_heldout.py report LOOP   # model of LOOP against them: errors JSON + parity plots
-    python benchmarks/quartz_heldout.py reference LOOP  # model of LOOP against ph.x (group quartz/dfpt): ε∞, Z*
+    python benchmarks/quartz_heldout.py reference LOOP  # model of LOOP against ph.x (group quartz/dfpt): ε∞, Z*,
+                                                        # and with ph.x phonons the Γ IR modes and harmonic ε0
 
 The held-out structures (all 9-atom cells, the loop's own cell):
 - `md_*`: frames of the 300 K MD of LOOP's latest finished exploration (its ensemble of that iteration, Langevin)
@@ -131,9 +132,50 @@ def report(loop, output):
     return result
 
 
+def perpendicular_parallel(tensor):
+    """[⊥, ∥] = [mean of xx and yy, zz] of a (3, 3) tensor of the hexagonal cell (c along z); None stays None."""
+    return None if tensor is None else [float(0.5 * (tensor[0, 0] + tensor[1, 1])), float(tensor[2, 2])]
+
+
+def gamma_modes_against_dfpt(dfpt, calculator, atoms, model_born, model_eps):
+    """The IR-active Γ modes of ph.x (intensity above 1 % of the strongest) and, for each, the model mode with the
+    most similar pattern (its Hessian by autograd, its Z* and ε∞, at the same structure), and the harmonic ε0 of
+    both. Both are evaluated at the DfptWorkChain's structure whether or not it is a minimum of either: the
+    comparison is of second derivatives at one geometry, and the largest forces of each there are reported."""
+    from polmodel.analysis import phonons
+
+    dft = dfpt.outputs.gamma_phonons
+    dft_wavenumbers = dft.get_array("wavenumbers")
+    dft_intensity = dft.get_array("ir_intensities_km_per_mol")
+    optical = ~dft.get_array("acoustic").astype(bool)
+    model = phonons.gamma_response(phonons.model_force_constants(calculator, atoms), atoms.get_masses(), model_born,
+                                   model_eps, atoms.get_volume())
+    index, overlap = phonons.match_modes(dft.get_array("eigenvectors"), model["eigenvectors"])
+    active = np.flatnonzero(optical & (dft_intensity > 0.01 * dft_intensity[optical].max()))
+    scf = next(node for node in dfpt.called if node.process_label == "PwBaseWorkChain")
+    dft_forces = scf.outputs.output_trajectory.get_array("forces")[-1]
+    dft_eps0 = dfpt.outputs.static_dielectric_tensor.get_array("static_dielectric_tensor") \
+        if "static_dielectric_tensor" in dfpt.outputs else None
+
+    return {
+        "ir_active_modes": [{"ph.x_cm-1": float(dft_wavenumbers[m]), "ph.x_km_per_mol": float(dft_intensity[m]),
+                             "model_cm-1": float(model["wavenumbers"][index[m]]),
+                             "model_km_per_mol": float(model["ir_intensities"]["km_per_mol"][index[m]]),
+                             "pattern_overlap": float(overlap[m])} for m in active],
+        "epsilon_static_harmonic": {"ph.x": perpendicular_parallel(dft_eps0),
+                                    "model": perpendicular_parallel(model["epsilon_static"]),
+                                    "order": "perpendicular, parallel; None: an unstable optical mode"},
+        "unstable_optical_modes": {"ph.x": int(np.sum(dft_wavenumbers[optical] < 0)),
+                                   "model": int(np.sum(model["wavenumbers"][~model["acoustic"]] < 0))},
+        "max_force_eV_per_A": {"pw.x": float(np.linalg.norm(dft_forces, axis=1).max()),
+                               "model": float(np.linalg.norm(atoms.get_forces(), axis=1).max())},
+    }
+
+
 def reference(loop, output):
     """The loop's ensemble against the ph.x reference of group quartz/dfpt on the same structure: ε∞ (⊥ = mean of
-    xx and yy, ∥ = zz) and Born charges (ph.x's with the acoustic sum rule imposed, like the labels)."""
+    xx and yy, ∥ = zz) and Born charges (ph.x's with the acoustic sum rule imposed, like the labels); with ph.x
+    phonons also the IR-active Γ modes and the harmonic ε0 (`gamma_modes_against_dfpt`)."""
     from aiida import orm
 
     from polmodel import PolCalculator, load
@@ -142,7 +184,8 @@ def reference(loop, output):
     dfpt = [node for node in orm.load_group("quartz/dfpt").nodes if node.is_finished_ok]
     if not dfpt:
         raise SystemExit("no finished DfptWorkChain in group quartz/dfpt")
-    dfpt = max(dfpt, key=lambda node: node.ctime)
+    with_phonons = [node for node in dfpt if "gamma_phonons" in node.outputs]
+    dfpt = max(with_phonons or dfpt, key=lambda node: node.ctime)
     atoms = dfpt.inputs.structure.get_ase()
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -154,9 +197,6 @@ def reference(loop, output):
     dft_eps = dfpt.outputs.dielectric_tensor.get_array("dielectric_tensor")
     dft_born = born_charges_obeying_sum_rule(dfpt.outputs.born_effective_charges.get_array("born_effective_charges"))
     symbols = atoms.get_chemical_symbols()
-
-    def perpendicular_parallel(tensor):
-        return [float(0.5 * (tensor[0, 0] + tensor[1, 1])), float(tensor[2, 2])]
 
     def mean_trace(born, element):
         return float(np.mean([np.trace(born[i]) / 3 for i, symbol in enumerate(symbols) if symbol == element]))
@@ -171,6 +211,8 @@ def reference(loop, output):
         "born_ensemble_std_mean": float(np.mean(model_born_std)),
         "asr_residual_ph.x": float(dfpt.outputs.asr_residual.value),
     }
+    if "gamma_phonons" in dfpt.outputs:
+        result["gamma"] = gamma_modes_against_dfpt(dfpt, calculator, atoms, model_born, model_eps)
     (output / "reference.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result

@@ -105,3 +105,19 @@ def test_mode_charges_are_the_dipole_derivative_along_each_mode():
             dipoles.append(calculator.get_property("dipole", moved))
         np.testing.assert_allclose(charges[mode], (dipoles[0] - dipoles[1]) / (2 * step),
                                    atol=1e-5 * np.abs(charges).max())
+
+
+def test_modes_are_matched_by_their_patterns_not_their_order():
+    masses = np.array([16.0, 28.0, 16.0])
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(9, 9))
+    force_constants = (matrix @ matrix.T).reshape(3, 3, 3, 3)
+    reference = phonons.gamma_modes(force_constants, masses, acoustic_sum_rule=False)
+    # a slightly perturbed copy, listed in reverse order: each mode is found by its pattern
+    perturbed = phonons.gamma_modes(force_constants + 1e-3 * rng.normal(size=(3, 3, 3, 3)), masses,
+                                    acoustic_sum_rule=False)
+    shuffled = np.array(perturbed["eigenvectors"])[::-1]
+    index, overlap = phonons.match_modes(reference["eigenvectors"], shuffled)
+    assert list(index) == list(range(8, -1, -1)) and np.all(overlap > 0.99)
+    with pytest.raises(ValueError, match="different cells"):
+        phonons.match_modes(reference["eigenvectors"], np.zeros((6, 2, 3)))

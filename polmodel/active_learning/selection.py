@@ -66,7 +66,8 @@ class SelectionCriteria:
         if self.min_distance_fraction is not None and not 0.0 < self.min_distance_fraction <= 1.0:
             raise ValueError(f"min_distance_fraction must be in (0, 1] or None, got {self.min_distance_fraction}")
         for pair, distance in (self.labelled_pair_distances or {}).items():
-            if pair != pair_key(*pair.split("-")) or not float(distance) > 0:
+            parts = str(pair).split("-")
+            if len(parts) != 2 or pair != pair_key(*parts) or not float(distance) > 0:
                 raise ValueError(f"labelled_pair_distances: expected 'A-B' (symbols sorted) -> positive Å, "
                                  f"got {pair!r}: {distance}")
 
@@ -226,7 +227,8 @@ def shortest_pair_distances(frames, cutoff=4.0):
         species = sorted(set(symbols))
         for index, a in enumerate(species):
             for b in species[index:]:
-                mask = ((symbols[first] == a) & (symbols[second] == b)) | ((symbols[first] == b) & (symbols[second] == a))
+                mask = (((symbols[first] == a) & (symbols[second] == b))
+                        | ((symbols[first] == b) & (symbols[second] == a)))
                 if mask.any():
                     key = pair_key(a, b)
                     shortest[key] = min(shortest.get(key, np.inf), float(distances[mask].min()))

@@ -85,6 +85,19 @@ def gamma_modes(force_constants, masses, *, acoustic_sum_rule=True):
     }
 
 
+def match_modes(reference_eigenvectors, eigenvectors):
+    """For each reference mode, the mode of `eigenvectors` most like it: (indices (M,), overlaps (M,)), the
+    overlap |⟨e_ref|e⟩|² of orthonormal mass-weighted patterns (M, N, 3), 1 for the same mode. A degenerate pair is
+    matched to either partner, with overlaps that share the weight; both sets must come from the same structure
+    and masses, atoms in the same order."""
+    reference = np.asarray(reference_eigenvectors, dtype=float)
+    other = np.asarray(eigenvectors, dtype=float)
+    if reference.shape[1:] != other.shape[1:]:
+        raise ValueError(f"eigenvectors of different cells: {reference.shape} and {other.shape}")
+    overlap = np.einsum("mia,nia->mn", reference, other) ** 2
+    return overlap.argmax(axis=1), overlap.max(axis=1)
+
+
 def mode_effective_charges(born_charges, eigenvectors, masses):
     """Z̃_m[a] = Σ_ib Z*[i, a, b] e_m[i, b] / √M_i (e/√amu): the dipole each normal mode carries per unit of
     mass-weighted amplitude. born_charges (N, 3, 3) [i, a, b], eigenvectors (M, N, 3), masses (N,) amu."""
