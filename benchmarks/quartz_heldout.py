@@ -141,7 +141,8 @@ def gamma_modes_against_dfpt(dfpt, calculator, atoms, model_born, model_eps):
     """The IR-active Γ modes of ph.x (intensity above 1 % of the strongest) and, for each, the model mode with the
     most similar pattern (its Hessian by autograd, its Z* and ε∞, at the same structure), and the harmonic ε0 of
     both. Both are evaluated at the DfptWorkChain's structure whether or not it is a minimum of either: the
-    comparison is of second derivatives at one geometry, and the largest forces of each there are reported."""
+    comparison is of second derivatives at one geometry, and the largest forces of each there are reported (pw.x's
+    where its scf printed them)."""
     from polmodel.analysis import phonons
 
     dft = dfpt.outputs.gamma_phonons
@@ -150,10 +151,11 @@ def gamma_modes_against_dfpt(dfpt, calculator, atoms, model_born, model_eps):
     optical = ~dft.get_array("acoustic").astype(bool)
     model = phonons.gamma_response(phonons.model_force_constants(calculator, atoms), atoms.get_masses(), model_born,
                                    model_eps, atoms.get_volume())
-    index, overlap = phonons.match_modes(dft.get_array("eigenvectors"), model["eigenvectors"])
+    index, overlap = phonons.match_modes(dft.get_array("eigenvectors"), model["eigenvectors"], model["wavenumbers"])
     active = np.flatnonzero(optical & (dft_intensity > 0.01 * dft_intensity[optical].max()))
     scf = next(node for node in dfpt.called if node.process_label == "PwBaseWorkChain")
-    dft_forces = scf.outputs.output_trajectory.get_array("forces")[-1]
+    trajectory = scf.outputs.output_trajectory
+    dft_forces = trajectory.get_array("forces")[-1] if "forces" in trajectory.get_arraynames() else None
     dft_eps0 = dfpt.outputs.static_dielectric_tensor.get_array("static_dielectric_tensor") \
         if "static_dielectric_tensor" in dfpt.outputs else None
 
@@ -167,7 +169,7 @@ def gamma_modes_against_dfpt(dfpt, calculator, atoms, model_born, model_eps):
                                     "order": "perpendicular, parallel; None: an unstable optical mode"},
         "unstable_optical_modes": {"ph.x": int(np.sum(dft_wavenumbers[optical] < 0)),
                                    "model": int(np.sum(model["wavenumbers"][~model["acoustic"]] < 0))},
-        "max_force_eV_per_A": {"pw.x": float(np.linalg.norm(dft_forces, axis=1).max()),
+        "max_force_eV_per_A": {"pw.x": None if dft_forces is None else float(np.linalg.norm(dft_forces, axis=1).max()),
                                "model": float(np.linalg.norm(atoms.get_forces(), axis=1).max())},
     }
 

@@ -121,3 +121,14 @@ def test_modes_are_matched_by_their_patterns_not_their_order():
     assert list(index) == list(range(8, -1, -1)) and np.all(overlap > 0.99)
     with pytest.raises(ValueError, match="different cells"):
         phonons.match_modes(reference["eigenvectors"], np.zeros((6, 2, 3)))
+    # a degenerate pair in another basis: each partner alone overlaps by cos² and sin², the pair's subspace by 1
+    pair = np.array(reference["eigenvectors"])
+    angle = 0.6
+    first, second = pair[3].copy(), pair[4].copy()
+    pair[3], pair[4] = np.cos(angle) * first + np.sin(angle) * second, -np.sin(angle) * first + np.cos(angle) * second
+    degenerate = np.array(reference["wavenumbers"])
+    degenerate[4] = degenerate[3]
+    _, alone = phonons.match_modes(reference["eigenvectors"], pair)
+    _, together = phonons.match_modes(reference["eigenvectors"], pair, wavenumbers=degenerate)
+    assert alone[3] == pytest.approx(np.cos(angle) ** 2) and together[3] == pytest.approx(1.0)
+    assert together[4] == pytest.approx(1.0) and together[0] == pytest.approx(1.0)

@@ -85,17 +85,23 @@ def gamma_modes(force_constants, masses, *, acoustic_sum_rule=True):
     }
 
 
-def match_modes(reference_eigenvectors, eigenvectors):
+def match_modes(reference_eigenvectors, eigenvectors, wavenumbers=None, degenerate_within=0.5):
     """For each reference mode, the mode of `eigenvectors` most like it: (indices (M,), overlaps (M,)), the
-    overlap |⟨e_ref|e⟩|² of orthonormal mass-weighted patterns (M, N, 3), 1 for the same mode. A degenerate pair is
-    matched to either partner, with overlaps that share the weight; both sets must come from the same structure
-    and masses, atoms in the same order."""
+    overlap |⟨e_ref|e⟩|² of orthonormal mass-weighted patterns (M, N, 3), 1 for the same mode. Within a degenerate
+    set any basis is as good as another, so with `wavenumbers` (of `eigenvectors`, cm⁻¹) the overlap is summed over
+    the matched mode's degenerate partners (within `degenerate_within` cm⁻¹): 1 when the reference mode lies in
+    their subspace. Both sets must come from the same structure and masses, atoms in the same order."""
     reference = np.asarray(reference_eigenvectors, dtype=float)
     other = np.asarray(eigenvectors, dtype=float)
     if reference.shape[1:] != other.shape[1:]:
         raise ValueError(f"eigenvectors of different cells: {reference.shape} and {other.shape}")
     overlap = np.einsum("mia,nia->mn", reference, other) ** 2
-    return overlap.argmax(axis=1), overlap.max(axis=1)
+    index = overlap.argmax(axis=1)
+    if wavenumbers is None:
+        return index, overlap.max(axis=1)
+    wavenumbers = np.asarray(wavenumbers, dtype=float)
+    partners = np.abs(wavenumbers[index][:, None] - wavenumbers[None, :]) <= degenerate_within
+    return index, np.sum(overlap * partners, axis=1)
 
 
 def mode_effective_charges(born_charges, eigenvectors, masses):
