@@ -203,8 +203,11 @@ def reference(loop, output):
     def mean_trace(born, element):
         return float(np.mean([np.trace(born[i]) / 3 for i, symbol in enumerate(symbols) if symbol == element]))
 
+    structure, creator = dfpt.inputs.structure, dfpt.inputs.structure.creator
     result = {
-        "loop": loop.uuid, "dfpt": dfpt.uuid, "structure": "the DfptWorkChain's (data/quartz/alpha_quartz.cif)",
+        "loop": loop.uuid, "dfpt": dfpt.uuid,
+        "structure": f"the DfptWorkChain's input, StructureData {structure.uuid}"
+                     + (f" (output of {creator.process_label} {creator.uuid})" if creator else ""),
         "epsilon_inf": {"model": perpendicular_parallel(model_eps), "ph.x": perpendicular_parallel(dft_eps),
                         "order": "perpendicular (xx, yy mean), parallel (zz)"},
         "born_mean_trace": {element: {"model": mean_trace(model_born, element), "ph.x": mean_trace(dft_born, element)}
