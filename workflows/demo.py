@@ -50,9 +50,10 @@ DEMO = {
     "ensemble_size": 3,
     # Patience 100 epochs: an earlier demo's members sat on a plateau for ~35 epochs before the Born charges were
     # found (30 stopped one at epoch 33 with Z* ≈ 0); on this demo's final dataset their validation error halves
-    # at epoch 13–16 (benchmarks/field_model.py, 2026-11-26). An epoch takes about 0.1 s here. Training stops on epochs and patience only, never on wall time: a wall-clock cap
-    # made the dataset and the errors depend on the machine's load (issue 17: 14 → 28 → 42 frames on one run,
-    # 14 → 28 → 35 on another). 300 MD steps with Born-charge spreads took 71 s, so MD is 150 steps.
+    # at epoch 13–16 (benchmarks/field_model.py, 2026-11-26). An epoch takes about 0.1 s here. Training stops on
+    # epochs and patience only, never on wall time: a wall-clock cap made the dataset and the errors depend on the
+    # machine's load (issue 17: 14 → 28 → 42 frames on one run, 14 → 28 → 35 on another). 300 MD steps with
+    # Born-charge spreads took 71 s, so MD is 150 steps.
     "train": {"epochs": 300, "validation_fraction": 0.15,
               "hyperparameters": {"num_features": 8, "lmax": 2, "num_layers": 1, "num_radial": 6, "radial_hidden": 16,
                                   "readout_hidden": 8, "cutoff": 4.5, "batch_size": 4, "patience": 100}},
