@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup setup-system setup-python setup-aiida demo test test-fast bench clean
+.PHONY: setup setup-system setup-python setup-aiida demo demo-batio3 test test-fast bench clean
 
 setup: setup-system setup-python setup-aiida
 
@@ -34,6 +34,9 @@ setup-aiida: setup-python
 
 demo: setup
 	$(PY) -m polmodel.workflows.demo
+
+demo-batio3: setup
+	$(PY) -m polmodel.workflows.demo_batio3
 
 test: setup
 	$(PYTEST) -ra

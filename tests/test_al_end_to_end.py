@@ -162,7 +162,7 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, star
     assert model.pk in drawn and {run.pk for run in pw_runs} <= drawn
 
     # the demo's report writers on this loop (the demo itself runs BaTiO3 on the `polmodel` profile)
-    from polmodel.workflows import demo
+    from polmodel.workflows import demo_batio3 as demo
 
     report = tmp_path / "report"
     report.mkdir()

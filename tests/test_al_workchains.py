@@ -410,7 +410,7 @@ def test_al_exploration_failure_is_an_exit_code(generate_al_workchain, al_inputs
 # --------------------------------------------------------------------------------------------- demo
 def test_demo_inputs_are_valid_and_the_loop_is_found_again(generate_al_workchain, polmodel_code, generate_code):
     """The demo's inputs pass the loop's spec, and a re-run finds the submitted loop through its extra."""
-    from polmodel.workflows import demo
+    from polmodel.workflows import demo_batio3 as demo
 
     generate_code("pw")
     inputs = demo.demo_inputs()

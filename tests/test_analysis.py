@@ -96,6 +96,9 @@ def test_thermostatted_run_is_refused_for_ir_and_accepted_for_fluctuations(tmp_p
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "thermostatted (langevin)" in error and "--allow-driven" in error
     assert not (tmp_path / "ir.json").exists()
+    # the settings live on the first frame: skipping it as equilibration must not hide the thermostat
+    assert main(["analyze", "ir", str(path), "--skip-fs", "50", "--output", str(tmp_path / "ir")]) == 2
+    assert "thermostatted (langevin)" in capsys.readouterr().err
     assert main(["analyze", "ir", str(path), "--allow-driven", "--output", str(tmp_path / "ir")]) == 0
     assert any("thermostatted" in note for note in json.loads((tmp_path / "ir.json").read_text())["notes"])
     # the fluctuation formula wants a canonical run, at the thermostat's target temperature

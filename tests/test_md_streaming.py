@@ -1,6 +1,7 @@
 """MD output at scale: the P(t) file streamed every step, continued exactly on restart, read by the analyses;
 memory that does not grow with the run length; --memory-limit-gb reaching the calculator."""
 import gc
+import gzip
 import json
 import os
 import pathlib
@@ -178,8 +179,10 @@ def test_analyses_read_the_polarization_file_like_the_trajectory(model, tmp_path
     assert len(frames) == 41 and frames[0].info["md_thermostat"] == "nve"
     assert frames[0].get_volume() == pytest.approx(64.0, rel=1e-12)
     reports = {}
+    gzipped = tmp_path / "shipped.csv.gz"   # how a P(t) file is shipped (data/quartz)
+    gzipped.write_bytes(gzip.compress(log.read_bytes()))
     for analysis in ("ir", "dielectric"):
-        for source in (path, log):
+        for source in (path, log, gzipped):
             prefix = tmp_path / f"{analysis}_{source.suffix[1:]}"
             assert main(["analyze", analysis, str(source), "--output", str(prefix)]) == 0
             reports[analysis, source.suffix] = json.loads(prefix.with_suffix(".json").read_text())
@@ -187,6 +190,7 @@ def test_analyses_read_the_polarization_file_like_the_trajectory(model, tmp_path
         from_trajectory, from_log = reports[analysis, ".xyz"], reports[analysis, ".csv"]
         assert from_log["frames"] == from_trajectory["frames"] == 41
         np.testing.assert_allclose(from_log[key], from_trajectory[key], rtol=1e-6, atol=1e-9)
+        assert reports[analysis, ".gz"][key] == from_log[key]
     # ε∞ from the model needs positions, which the P(t) file does not have
     assert main(["analyze", "dielectric", str(log), "--model", str(tmp_path / "absent.pt"),
                  "--output", str(tmp_path / "x")]) == 2

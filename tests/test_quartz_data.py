@@ -44,3 +44,36 @@ def test_shipped_archive_imports_with_provenance_to_the_pw_runs(aiida_profile_fo
     # a continuation can be built from the imported loop (codes are this machine's)
     builder = ActiveLearningWorkChain.get_builder_continuing(loop.uuid, max_iterations=1)
     assert builder.initial_frames.uuid == loop.outputs.dataset.uuid
+
+
+@pytest.mark.aiida
+def test_demo_goes_on_from_the_shipped_loop_and_the_model_matches_phx(aiida_profile_for_import, generate_code,
+                                                                      tmp_path):
+    """The demo's continuation of the imported campaign (one stage hotter, this machine's codes), its learning curve
+    across the three shipped loops, and the shipped ensemble against the shipped ph.x reference."""
+    from polmodel.workflows import demo
+    from polmodel.workflows.quartz import dfpt_reference
+
+    pw, polmodel_code = generate_code("pw"), generate_code("polmodel")
+    campaign = demo.import_campaign()
+    assert demo.import_campaign().pk == campaign.pk   # a second call finds it and imports nothing
+
+    builder = demo.demo_builder(campaign)
+    schedule = builder.schedule.get_list()
+    assert schedule[-1] == demo.DEMO["stage"] and builder.initial_stage.value == len(schedule) - 1 == 2
+    assert builder.label.code.pk == pw.pk and builder.train.train.code.pk == polmodel_code.pk
+    assert builder.initial_frames.uuid == campaign.outputs.dataset.uuid
+    assert builder.train.train.parameters["epochs"] == demo.DEMO["epochs"]
+
+    records = demo.write_learning_curve(campaign, tmp_path)
+    assert [record["loop"] for record in records] == [1, 1, 1, 2, 3]
+    assert [record["dataset_size"] for record in records] == sorted(record["dataset_size"] for record in records)
+
+    reference = dfpt_reference(QUARTZ / "ensemble.pt")
+    assert reference["born_mae"] < 0.05
+    assert np.allclose(reference["epsilon_inf"]["model"], reference["epsilon_inf"]["ph.x"], atol=0.15)
+    harmonic = reference["gamma"]["epsilon_static_harmonic"]
+    assert np.allclose(harmonic["model"], harmonic["ph.x"], rtol=0.1)
+    modes = reference["gamma"]["ir_active_modes"]
+    assert len(modes) >= 8 and all(mode["pattern_overlap"] > 0.9 for mode in modes)
+    assert all(abs(mode["model_cm-1"] - mode["ph.x_cm-1"]) < 25.0 for mode in modes)

@@ -1,357 +1,300 @@
-"""The embedded demo (`make demo`): active learning of cubic BaTiO3 on this machine, then a report folder.
+"""The demo (`make demo`): α-quartz, going on from the shipped campaign, then a report folder.
 
     python -m polmodel.workflows.demo [--profile polmodel] [--report report] [--new]
 
 On the profile made by `make setup` (core.sqlite_dos + ZeroMQ broker, `pw@localhost`, `polmodel@localhost`, the
-ld1.x pseudopotential family) it starts the daemon if needed, submits the `polmodel.active_learning` loop (or
-finds the one a previous run submitted: interrupting this script never stops the loop, and re-running it follows
-the same loop again), prints the loop's progress, and finally writes ./report: the learning curve, the parity
-plots of the last training (E, F, P, Z*), the model's Born charges against DFT, and a P–E loop of the final
-model under a cyclic field (one more MdCalculation, so the loop is in the provenance graph too).
+ld1.x pseudopotential family) it
+1. imports `data/quartz/campaign.aiida` (three active-learning loops with every pw.x run, held-out labels, the
+   ph.x reference) unless the profile has it;
+2. submits one more loop that goes on from the campaign's converged loop (`get_builder_continuing`: its dataset,
+   its ensemble as the warm start) at a new exploration stage, 600 K: the shipped model was converged at 300 K,
+   so its ensemble disagrees on some hotter frames, and those are labelled with real pw.x, trained on, and
+   explored again (two iterations, DEMO below); interrupting this script never stops the loop, and re-running it
+   follows the same loop again;
+3. writes ./report: the learning curve of all four loops, the parity plots of the last training, the errors on
+   held-out quartz labels (frames no loop labelled), the model against ph.x (Z*, ε∞, harmonic ε0, the IR-active
+   Γ modes), and the IR spectrum of a short NVE run of the new model at 300 K beside the harmonic ph.x spectrum.
 
-The parameters below are sized for about 40 minutes on 2 cores (41–42 min measured), DFT being most of it:
-5-atom cells, 'fast' DFT with a 3x3x3 k-point grid and 75 % cutoffs (Born charges to a few tenths of e,
-docs/conventions.md). The two given cells (ideal and randomly displaced) get the full field response (zero-field
-SCF, Berry-phase and finite-field runs: 10 pw.x runs each), so that the first model already has Born charges and
-polarizability to learn; their 12 strained and displaced copies get one SCF each (DP-GEN's start). Each iteration
-trains an ensemble of 3 small models, explores with 150-step MD under 2 field protocols at 2 temperatures from
-both cells, and labels at most 2 candidates within 20 pw.x runs (the most uncertain polarization gets the full
-response, the other the cheap tier at its field). Iteration 3 trains, explores and ends the loop (max_iterations).
+Sized for about half an hour on 2 cores (README: measured time). BaTiO3 from scratch is the second demo,
+`make demo-batio3` (polmodel/workflows/demo_batio3.py).
 """
-import argparse
 import json
-import os
 import pathlib
 import sys
 import time
 
 import numpy as np
 
-# aiida finds `verdi` (which starts the daemon) on PATH when it is first imported; it lives next to this
-# interpreter in the project's venv, which need not be activated.
-_VENV_BIN = str(pathlib.Path(sys.executable).parent)
-if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+from polmodel.workflows.demo_runner import (copy_parity_plots, find_marked_loop, load_demo_profile,
+                                            parse_demo_arguments, plot_validation_maes, pyplot, run_demo_loop,
+                                            say)
 
-DEMO_EXTRA = "polmodel_demo"          # node extra that marks the demo's loop (value: DEMO_VERSION)
-DEMO_VERSION = 4                       # 4: full labels of the given cells (a loop of an older version is not followed)
-PE_LOOP_EXTRA = "polmodel_demo_pe_loop"
-LATTICE = 4.00                        # Å, cubic BaTiO3 (DESIGN.md's reference cell)
+QUARTZ_DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "quartz"
+CAMPAIGN_ARCHIVE = QUARTZ_DATA / "campaign.aiida"
+# P(t) of 20 ps NVE at 300 K of the shipped ensemble on 5x5x5 cells (benchmarks/quartz_md_ir.py)
+SHIPPED_MD = QUARTZ_DATA / "md_nve_1125_atoms.polarization.csv.gz"
+CAMPAIGN_LOOP = "0a57ec92-bed2-4340-9943-26b15a2a87f3"   # loop 3, converged at 300 K (data/quartz/README.md)
+DEMO_EXTRA = "polmodel_quartz_demo"   # node extra that marks the demo's loop (value: DEMO_VERSION)
+DEMO_VERSION = 1
 
 DEMO = {
-    "displacements": [0.0, 0.04],     # Å: the ideal cell and one randomly displaced copy
-    # 'fast' with a 3x3x3 grid and 75 % of the recommended cutoffs: DESIGN.md puts Born charges within a few tenths
-    # of e at this k density, and they depend far less on the cutoff.
-    "label": {"protocol": "fast", "overrides": {"scf": {"kpoints_distance": 0.6},
-                                                "meta_parameters": {"cutoff_factor": 0.75}}},
-    # Born charges from the start; without them the first demo of this loop (2026-11-26) never saw a Z* label:
-    # both of its full labels went to collapsed MD frames that DFT found metallic
-    "given_tier": "full",
-    "ensemble_size": 3,
-    # Patience 100 epochs: an earlier demo's members sat on a plateau for ~35 epochs before the Born charges were
-    # found (30 stopped one at epoch 33 with Z* ≈ 0); on this demo's final dataset their validation error halves
-    # at epoch 13–16 (benchmarks/field_model.py, 2026-11-26). An epoch takes about 0.1 s here. Training stops on
-    # epochs and patience only, never on wall time: a wall-clock cap made the dataset and the errors depend on the
-    # machine's load (issue 17: 14 → 28 → 42 frames on one run, 14 → 28 → 35 on another). 300 MD steps with
-    # Born-charge spreads took 71 s, so MD is 150 steps.
-    "train": {"epochs": 300, "validation_fraction": 0.15,
-              "hyperparameters": {"num_features": 8, "lmax": 2, "num_layers": 1, "num_radial": 6, "radial_hidden": 16,
-                                  "readout_hidden": 8, "cutoff": 4.5, "batch_size": 4, "patience": 100}},
-    "md": {"steps": 150, "timestep": 2.0, "thermostat": "langevin", "interval": 10, "born_spread": True,
-           "friction": 0.02},
-    "fields": [{"kind": "static", "vector": [0.0, 0.0, 0.05]},
-               {"kind": "cosine", "amplitude": 0.1, "period_fs": 200.0, "axis": [0, 0, 1]}],
-    "temperatures": [100.0, 300.0],
-    # min_distance: the shortest bond of BaTiO3 is Ti–O at 2.0 Å. The untrained first ensembles agree (force spread
-    # below the upper level) on MD frames with O–Ti or O–O at 1.3–1.4 Å, which DFT finds metallic (gaps of −0.13
-    # and −0.38 eV, against 1.6–2.0 eV for the copies): a label refused after its first SCF, so never labelled.
-    "selection": {"force_lower": 0.05, "force_upper": 0.6, "polarization_threshold": 0.002,
-                  "born_charge_threshold": 0.3, "max_candidates": 2, "similarity_tolerance": 0.02,
-                  "min_distance": 1.6},
-    "candidate_fraction_threshold": 0.1,
-    "max_iterations": 3,
-    "pe_loop": {"steps": 1000, "timestep": 2.0, "thermostat": "langevin", "interval": 5, "temperature": 50.0,
-                "friction": 0.02, "field": {"kind": "cosine", "amplitude": 0.2, "period_fs": 1000.0,
-                                            "axis": [0, 0, 1]}},
+    # appended to the campaign's schedule (300 K at zero field, 300 K under static fields up to 0.03 V/Å)
+    "stage": {"temperatures": [600.0], "field_amplitude": 0.03, "steps": 400},
+    # two trainings: the warm-started ensemble explores 600 K and its candidates are labelled; the second
+    # training includes them and explores again (the last iteration labels nothing)
+    "max_iterations": 2,
+    # warm start from the campaign's ensemble: 60 epochs (an epoch of one member takes about 1 s here)
+    "epochs": 60,
+    # pw.x runs per labelling: at most one full response (10 runs) beside the cheap tiers
+    "label_budget": 14,
+    "md_ir": {"repeat": 2, "equilibration_steps": 250, "nve_steps": 2000, "timestep_fs": 2.0, "temperature": 300.0},
 }
 
 
-def say(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def batio3_structures():
+def import_campaign():
+    """Import the shipped campaign unless this profile already has its loop; returns the loop node."""
     from aiida import orm
-    from ase import Atoms
+    from aiida.common.exceptions import NotExistent
 
-    structures = {}
-    rng = np.random.default_rng(1)
-    for index, displacement in enumerate(DEMO["displacements"]):
-        atoms = Atoms("BaTiO3", cell=np.eye(3) * LATTICE, pbc=True,
-                      scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-        atoms.positions += rng.normal(scale=displacement, size=atoms.positions.shape)
-        structures[f"batio3_{index}"] = orm.StructureData(ase=atoms)
-    return structures
+    try:
+        return orm.load_node(CAMPAIGN_LOOP)
+    except NotExistent:
+        from aiida.tools.archive import import_archive
+
+        say(f"importing {CAMPAIGN_ARCHIVE.name} ({CAMPAIGN_ARCHIVE.stat().st_size / 1e6:.1f} MB)")
+        import_archive(CAMPAIGN_ARCHIVE)
+        return orm.load_node(CAMPAIGN_LOOP)
 
 
-def demo_inputs():
-    """Inputs of the demo's ActiveLearningWorkChain (codes and family as `make setup` registers them)."""
+def demo_builder(campaign):
+    """The continuing loop: the campaign's loop, one stage hotter, with this machine's codes."""
     from aiida import orm
 
-    from polmodel.plugins.pseudos import DEFAULT_PSEUDO_FAMILY
+    from polmodel.workflows.active_learning import ActiveLearningWorkChain
 
-    polmodel_code = orm.load_code("polmodel@localhost")
-    return {
-        "structures": batio3_structures(),
-        "initial_data": {"given_tier": orm.Str(DEMO["given_tier"])},
-        "label": {
-            "code": orm.load_code("pw@localhost"),
-            "protocol": orm.Str(DEMO["label"]["protocol"]),
-            "overrides": orm.Dict(DEMO["label"]["overrides"]),
-            "pseudo_family": orm.Str(DEFAULT_PSEUDO_FAMILY),
-        },
-        "train": {"train": {"code": polmodel_code, "parameters": orm.Dict(DEMO["train"])},
-                  "ensemble_size": orm.Int(DEMO["ensemble_size"])},
-        "explore": {"md": {"code": polmodel_code}, "parameters": orm.Dict(DEMO["md"]),
-                    "fields": orm.List(DEMO["fields"]), "temperatures": orm.List(DEMO["temperatures"]),
-                    "selection": orm.Dict(DEMO["selection"])},
-        "candidate_fraction_threshold": orm.Float(DEMO["candidate_fraction_threshold"]),
-        "max_iterations": orm.Int(DEMO["max_iterations"]),
-        "metadata": {"label": "polmodel demo: BaTiO3 active learning"},
-    }
+    builder = ActiveLearningWorkChain.get_builder_continuing(campaign, max_iterations=DEMO["max_iterations"],
+                                                             pw_code="pw@localhost",
+                                                             polmodel_code="polmodel@localhost")
+    schedule = campaign.inputs.schedule.get_list() + [DEMO["stage"]]
+    builder.schedule = orm.List(schedule)
+    builder.initial_stage = orm.Int(len(schedule) - 1)
+    builder.label_budget = orm.Int(DEMO["label_budget"])
+    train = campaign.inputs.train.train.parameters.get_dict()
+    builder.train.train.parameters = orm.Dict({**train, "epochs": DEMO["epochs"]})
+    builder.metadata.label = "polmodel demo: α-quartz at 600 K, going on from the shipped campaign"
+    return builder
 
 
 def find_demo_loop():
-    """The most recent loop this demo submitted, or None."""
-    from aiida import orm
-
-    builder = orm.QueryBuilder()
-    builder.append(orm.WorkChainNode, filters={f"extras.{DEMO_EXTRA}": DEMO_VERSION}, tag="loop")
-    builder.order_by({"loop": {"ctime": "desc"}})
-    return builder.first(flat=True)
+    return find_marked_loop(DEMO_EXTRA, DEMO_VERSION)
 
 
-def ensure_daemon():
-    from aiida.engine.daemon.client import get_daemon_client
-
-    client = get_daemon_client()
-    if not client.is_daemon_running:
-        say("starting the AiiDA daemon (1 worker)")
-        client.start_daemon(number_workers=1)
-    return client
-
-
-def follow(node, poll_seconds):
-    """Print the loop's new report lines (its own and its children's) until it terminates."""
-    from aiida import orm
-
-    seen = set()
-    started = time.time()
-    while True:
-        node = orm.load_node(node.pk)
-        pks = [node.pk] + [child.pk for child in node.called_descendants]
-        builder = orm.QueryBuilder().append(orm.Log, filters={"dbnode_id": {"in": pks}, "levelname": "REPORT"},
-                                            project=["id", "time", "message", "dbnode_id"], tag="log")
-        builder.order_by({"log": {"id": "asc"}})
-        for log_id, logged_at, message, dbnode in builder.all():
-            if log_id not in seen:
-                seen.add(log_id)
-                print(f"  {logged_at:%H:%M:%S} <{dbnode}> {message}", flush=True)
-        if node.is_terminated:
-            say(f"loop {node.pk} {node.process_state.value} (exit status {node.exit_status}) after "
-                f"{(time.time() - started) / 60:.1f} min of following")
-            return node
-        time.sleep(poll_seconds)
-
-
-def submit_pe_loop(model, structure):
-    """The P–E loop MdCalculation of the final model (found again through its extra)."""
-    from aiida import orm
-    from aiida.engine import submit
-
-    from polmodel.plugins.calculations import MdCalculation
-
-    builder = orm.QueryBuilder().append(orm.CalcJobNode, filters={f"extras.{PE_LOOP_EXTRA}": model.uuid})
-    existing = builder.first(flat=True)
-    if existing is not None and not (existing.is_terminated and not existing.is_finished_ok):
-        return existing
-    node = submit(MdCalculation, model=model, structure=structure, parameters=orm.Dict(DEMO["pe_loop"]),
-                  code=orm.load_code("polmodel@localhost"), metadata={"label": "P-E loop of the final model"})
-    node.base.extras.set(PE_LOOP_EXTRA, model.uuid)
-    return node
+def previous_loop(loop):
+    """The loop `loop` went on from (its initial_frames came out of that loop), or None."""
+    if "initial_frames" not in loop.inputs:
+        return None
+    creator = loop.inputs.initial_frames.creator
+    caller = creator.caller if creator is not None else None
+    return caller if caller is not None and caller.process_label == loop.process_label else None
 
 
 # ----------------------------------------------------------------------------------------------- report
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_learning_curve(loop, directory):
-    from polmodel.workflows.provenance import LEARNING_CURVE_QUANTITIES, format_learning_curve, learning_curve
+    """Every iteration of `loop` and the loops it went on from, oldest first, numbered across loops."""
+    from polmodel.workflows.provenance import learning_curve
 
-    records = learning_curve(loop)
-    (directory / "learning_curve.txt").write_text(format_learning_curve(records) + "\n")
+    chain = []
+    while loop is not None:
+        chain.insert(0, loop)
+        loop = previous_loop(loop)
+    records = []
+    for number, node in enumerate(chain, start=1):
+        for record in learning_curve(node):
+            records.append({"loop": number, "loop_uuid": node.uuid, **record})
     (directory / "learning_curve.json").write_text(json.dumps(records, indent=2))
-    if not records:
-        return
-    plt = _pyplot()
+    lines = [f"{'#':>2} {'loop':>4} {'stage':>5} {'frames':>6} {'F MAE eV/Å':>10} {'Z* MAE e':>9} {'accurate':>8} "
+             f"{'labelled':>8}"]
+    for number, record in enumerate(records, start=1):
+        validation = record["validation"]
+        lines.append(f"{number:>2} {record['loop']:>4} {record['stage']:>5} {record['dataset_size']:>6} "
+                     f"{validation.get('forces', {}).get('mae', np.nan):10.4f} "
+                     f"{validation.get('born_effective_charges', {}).get('mae', np.nan):9.4f} "
+                     f"{record['accurate_fraction']:8.2f} {record['num_selected']:>8}")
+    (directory / "learning_curve.txt").write_text(
+        "validation MAEs of each iteration's training (its own validation split), the accurate fraction of its "
+        "exploration, and how many frames it selected for labelling\n" + "\n".join(lines) + "\n")
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    iterations = [record["iteration"] for record in records]
-    for quantity in LEARNING_CURVE_QUANTITIES:
-        values = [record["validation"].get(quantity, {}).get("mae", np.nan) for record in records]
-        if np.any(np.isfinite(values)):
-            left.semilogy(iterations, values, "o-", label=quantity)
-    left.set_xlabel("iteration")
-    left.set_ylabel("validation MAE (eV/atom, eV/Å, e·Å/atom, e)")
-    left.legend(fontsize=7)
-    right.plot(iterations, [record["candidate_fraction"] for record in records], "o-", label="candidates")
-    right.plot(iterations, [record["failed_fraction"] for record in records], "s-", label="failed")
-    right.axhline(records[-1]["threshold"], color="grey", ls=":", label="threshold")
-    right.set_xlabel("iteration")
-    right.set_ylabel("fraction of explored frames")
+    steps = np.arange(1, len(records) + 1)
+    plot_validation_maes(left, steps, records)
+    left.set_xlabel("iteration (all loops)")
+    right.plot(steps, [record["accurate_fraction"] for record in records], "o-", label="accurate")
+    right.plot(steps, [record["dataset_size"] / max(r["dataset_size"] for r in records) for record in records],
+               "s-", label="dataset size (of the last)")
+    right.set_xlabel("iteration (all loops)")
     right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(directory / "learning_curve.png", dpi=120)
     plt.close(figure)
+    return records
 
 
-def copy_parity_plots(model, directory):
-    training = model.creator
-    if training is None or "plots" not in training.outputs:
-        return []
-    plots = training.outputs.plots
-    names = plots.base.repository.list_object_names()
-    for name in names:
-        (directory / f"parity_{name}").write_bytes(plots.base.repository.get_object_content(name, mode="rb"))
-    return names
+def write_heldout_errors(model_path, directory):
+    from polmodel import load
+    from polmodel.cli.evaluate import evaluate_frames
+    from polmodel.workflows.quartz import heldout_frames
+
+    frames, labels = heldout_frames()
+    result = {"structures": "quartz/heldout: 300 K MD frames no loop selected, strained cells (9 atoms each)",
+              "labels": labels, **evaluate_frames(load(model_path), frames, directory / "heldout_parity")}
+    (directory / "heldout_errors.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
-def write_born_charges_against_dft(model, dataset, directory):
-    """Model Z* (ensemble mean) against the DFT Z* of every labelled frame that has them: frames the model trained on
-    (the validation split aside), so this shows the fit, not an accuracy on unseen structures."""
-    from polmodel.data.frames import frame_born_charges, frame_efield
-    from polmodel.dynamics.calculator import PolCalculator
+def md_ir_spectrum(model_path, structure, directory):
+    """Langevin equilibration, then NVE at zero field on a small supercell; the IR spectrum of its dipole series
+    (harmonic quantum correction applied once)."""
+    from polmodel import PolCalculator, load
+    from polmodel.dynamics.fields import StaticField
+    from polmodel.dynamics.md import run_md
+    from polmodel.dynamics.polarization_log import polarization_log_path
 
-    calculator = PolCalculator(model.load())
-    rows, dft_all, model_all = [], [], []
-    for atoms in dataset.get_atoms():
-        reference = frame_born_charges(atoms)
-        efield = frame_efield(atoms)
-        if reference is None or (efield is not None and np.any(np.asarray(efield) != 0)):
-            continue
-        probe = atoms.copy()
-        probe.calc = calculator
-        predicted = np.asarray(calculator.get_property("born_effective_charges", probe)).reshape(len(atoms), 3, 3)
-        dft_all.append(reference.reshape(-1))
-        model_all.append(predicted.reshape(-1))
-        for index, symbol in enumerate(atoms.get_chemical_symbols()):
-            rows.append((symbol, index, np.trace(reference[index]) / 3, np.trace(predicted[index]) / 3))
-    lines = ["Born charges of the dataset's labelled frames (training set: the fit, not a held-out accuracy)",
-             f"{'atom':>6} {'index':>5} {'Z*_DFT (trace/3)':>18} {'Z*_model':>10}"]
-    lines += [f"{symbol:>6} {index:>5} {dft:18.3f} {pred:10.3f}" for symbol, index, dft, pred in rows]
-    if dft_all:
-        dft_all, model_all = np.concatenate(dft_all), np.concatenate(model_all)
-        lines.append(f"MAE over all components: {np.mean(np.abs(dft_all - model_all)):.3f} e "
-                     f"({len(dft_all)} components)")
-        plt = _pyplot()
-        figure, ax = plt.subplots(figsize=(4.2, 4))
-        ax.plot(dft_all, model_all, ".", ms=4)
-        limits = [min(dft_all.min(), model_all.min()) - 0.5, max(dft_all.max(), model_all.max()) + 0.5]
-        ax.plot(limits, limits, "k--", lw=0.7)
-        ax.set_xlabel("Z* DFT (e)")
-        ax.set_ylabel("Z* model (e)")
-        ax.set_title("Born charges, zero-field frames")
-        figure.tight_layout()
-        figure.savefig(directory / "born_charges_vs_dft.png", dpi=120)
-        plt.close(figure)
-    (directory / "born_charges_vs_dft.txt").write_text("\n".join(lines) + "\n")
+    settings = DEMO["md_ir"]
+    calculator = PolCalculator(load(model_path))
+    atoms = structure.get_ase().repeat((settings["repeat"],) * 3)
+    common = dict(timestep_fs=settings["timestep_fs"], temperature_K=settings["temperature"], progress=False,
+                  spread_threshold=None, interval=500)
+    atoms = run_md(atoms, calculator, StaticField(np.zeros(3)), steps=settings["equilibration_steps"],
+                   thermostat="langevin", friction=0.01, trajectory_path=directory / "md_equilibration.xyz", **common)
+    run_md(atoms, calculator, StaticField(np.zeros(3)), steps=settings["nve_steps"], thermostat="nve",
+           trajectory_path=directory / "md_nve.xyz", **common)
+    return spectrum_of_polarization_log(polarization_log_path(directory / "md_nve.xyz"))
 
 
-def write_pe_loop(md_node, directory):
-    from polmodel.analysis.observables import NoSwitchingError, hysteresis_loop, plot_hysteresis
+def spectrum_of_polarization_log(path, skip_fs=0.0):
+    """The IR spectrum (ir_absorption_from_dipoles) of an NVE run's P(t) file, after `skip_fs` of it."""
+    from polmodel.analysis.observables import uniform_timestep
+    from polmodel.analysis.spectra import ir_absorption_from_dipoles
+    from polmodel.dynamics.polarization_log import read_polarization_log
 
-    if not md_node.is_finished_ok:
-        (directory / "pe_loop.txt").write_text(f"P-E loop MD {md_node.pk} failed: exit {md_node.exit_status}\n")
-        return
-    trajectory = md_node.outputs.trajectory
-    try:
-        loop = hysteresis_loop(trajectory.get_array("efield"), trajectory.get_array("polarization"))
-    except NoSwitchingError as error:   # a model that does not switch at the demo's field is a result to report
-        (directory / "pe_loop.txt").write_text(f"P-E loop MD {md_node.pk}: no hysteresis: {error}\n")
-        return
-    plot_hysteresis(loop, directory / "pe_loop.png")
-    summary = {key: value for key, value in loop.items() if key not in ("field", "polarization")}
-    (directory / "pe_loop.json").write_text(json.dumps(summary, indent=2))
+    header, log = read_polarization_log(path)
+    if header["settings"].get("md_thermostat") != "nve":
+        raise ValueError(f"{path} is not an NVE run")
+    keep = log["time_fs"] >= log["time_fs"][0] + skip_fs
+    times = log["time_fs"][keep]
+    dipoles = np.stack([log[f"dipole_{axis}"][keep] for axis in "xyz"], axis=1)
+    temperature = float(np.mean(log["temperature"][keep]))
+    result = ir_absorption_from_dipoles(dipoles, uniform_timestep(times), float(np.mean(log["volume_A3"][keep])),
+                                        temperature)
+    return {"atoms": header["natoms"], "nve_ps": float(times[-1] - times[0]) / 1000, "temperature_K": temperature,
+            **result}
 
 
-def write_report(loop, pe_node, directory):
+def write_ir_comparison(spectrum, directory, max_wavenumber=1400.0):
+    """The demo's MD spectrum beside the harmonic ph.x one and, when shipped, the campaign ensemble's long run."""
+    from polmodel.analysis.observables import spectrum_peaks
+    from polmodel.workflows.quartz import harmonic_dfpt_spectrum, reference_dfpt
+
+    keep = spectrum["wavenumber"] <= max_wavenumber
+    wavenumber, absorption = spectrum["wavenumber"][keep], spectrum["absorption"][keep]
+    harmonic = harmonic_dfpt_spectrum(reference_dfpt(), wavenumber, fwhm=spectrum["resolution_cm-1"])
+    peaks = spectrum_peaks(wavenumber, absorption, prominence=0.05)
+    plt = pyplot()
+    figure, ax = plt.subplots(figsize=(7, 3.6))
+    shipped = spectrum_of_polarization_log(SHIPPED_MD, skip_fs=1000.0) if SHIPPED_MD.is_file() else None
+    if shipped is not None:
+        inside = shipped["wavenumber"] <= max_wavenumber
+        ax.plot(shipped["wavenumber"][inside], shipped["absorption"][inside], color="0.6", lw=0.8,
+                label=f"shipped ensemble, NVE MD, {shipped['atoms']} atoms, {shipped['nve_ps']:.0f} ps")
+    ax.plot(wavenumber, absorption, label=f"new model NVE MD, {spectrum['atoms']} atoms, {spectrum['nve_ps']:g} ps, "
+                                          f"{spectrum['temperature_K']:.0f} K")
+    ax.plot(wavenumber, harmonic, "--", label="ph.x harmonic (Γ modes, same line width)")
+    ax.set_xlabel("wavenumber (cm⁻¹)")
+    ax.set_ylabel("absorption α n (cm⁻¹)")
+    ax.set_xlim(0, max_wavenumber)
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(directory / "ir_spectrum.png", dpi=120)
+    plt.close(figure)
+    summary = {key: spectrum[key] for key in ("atoms", "nve_ps", "temperature_K", "resolution_cm-1", "statement")}
+    summary["peaks_cm-1"] = [round(float(peak), 1) for peak in peaks[:8]]
+    summary["integrated_absorption_cm-2"] = {"model_md": float(np.trapezoid(absorption, wavenumber)),
+                                             "ph.x_harmonic": float(np.trapezoid(harmonic, wavenumber))}
+    if shipped is not None:
+        inside = shipped["wavenumber"] <= max_wavenumber
+        summary["shipped_run"] = {"file": str(SHIPPED_MD), "atoms": shipped["atoms"], "nve_ps": shipped["nve_ps"],
+                                  "temperature_K": shipped["temperature_K"],
+                                  "peaks_cm-1": [round(float(peak), 1) for peak in spectrum_peaks(
+                                      shipped["wavenumber"][inside], shipped["absorption"][inside],
+                                      prominence=0.05)[:8]]}
+    (directory / "ir_spectrum.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_report(loop, directory):
+    from polmodel.workflows.quartz import dfpt_reference, reference_dfpt
+
     directory.mkdir(parents=True, exist_ok=True)
-    model, dataset = loop.outputs.model, loop.outputs.dataset
+    model = loop.outputs.model
+    model_path = directory / "model.pt"
+    model.write(model_path)
     write_learning_curve(loop, directory)
     plots = copy_parity_plots(model, directory)
-    write_born_charges_against_dft(model, dataset, directory)
-    write_pe_loop(pe_node, directory)
-    (directory / "README.txt").write_text(
-        f"polmodel demo report\n"
-        f"active-learning loop: {loop.pk} ({loop.uuid}), exit status {loop.exit_status}\n"
-        f"final model: ModelData {model.pk} ({model.kind}, {model.ensemble_size} members, sha256 {model.sha256})\n"
-        f"dataset: FramesData {dataset.pk}, {dataset.count} frames\n"
-        f"P-E loop MD: {pe_node.pk}\n"
-        f"parity plots: {', '.join(plots) or 'none'}\n"
-        f"provenance: polmodel provenance pw-runs {model.pk};  polmodel provenance graph {model.pk}\n")
+    say("report: held-out errors and the ph.x comparison")
+    heldout = write_heldout_errors(model_path, directory)
+    reference = dfpt_reference(model_path)
+    (directory / "dfpt_reference.json").write_text(json.dumps(reference, indent=2))
+    say(f"report: NVE MD for the IR spectrum ({DEMO['md_ir']['nve_steps']} steps)")
+    spectrum = write_ir_comparison(md_ir_spectrum(model_path, reference_dfpt().inputs.structure, directory),
+                                   directory)
+    errors = heldout["errors"]
+    lines = [
+        "polmodel demo report: α-quartz",
+        f"loop: {loop.pk} ({loop.uuid}), exit status {loop.exit_status}; went on from {previous_loop(loop).uuid}",
+        f"final model: ModelData {model.pk} ({model.ensemble_size} members, sha256 {model.sha256})",
+        f"dataset: FramesData {loop.outputs.dataset.pk}, {loop.outputs.dataset.count} frames (the campaign's "
+        f"loop ended with {previous_loop(loop).outputs.dataset.count})",
+        "",
+        f"held-out errors ({heldout['num_frames']} frames no loop labelled; MAE): "
+        + ", ".join(f"{name} {value['mae']:.4g}" for name, value in errors.items()),
+        f"ε∞ ⊥/∥: model {_pair(reference['epsilon_inf']['model'])}, ph.x {_pair(reference['epsilon_inf']['ph.x'])}",
+        f"Z* MAE against ph.x: {reference['born_mae']:.3f} e",
+    ]
+    if "gamma" in reference:
+        gamma = reference["gamma"]
+        lines.append(f"harmonic ε0 ⊥/∥: model {_pair(gamma['epsilon_static_harmonic']['model'])}, "
+                     f"ph.x {_pair(gamma['epsilon_static_harmonic']['ph.x'])}")
+        pairs = dict.fromkeys(f"{mode['ph.x_cm-1']:.0f}→{mode['model_cm-1']:.0f}" for mode in gamma["ir_active_modes"])
+        lines.append("IR-active Γ modes (cm⁻¹, ph.x → model; E pairs once): " + ", ".join(pairs))
+    lines += [f"MD IR peaks (cm⁻¹, {spectrum['atoms']} atoms, {spectrum['nve_ps']:g} ps NVE): "
+              + ", ".join(f"{peak:.0f}" for peak in spectrum["peaks_cm-1"]),
+              f"parity plots: {', '.join(plots) or 'none'}",
+              f"provenance: polmodel provenance pw-runs {model.pk};  polmodel provenance graph {model.pk}"]
+    (directory / "README.txt").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def _pair(values):
+    return "–" if values is None else "/".join(f"{value:.2f}" for value in values)
 
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m polmodel.workflows.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="polmodel", help="AiiDA profile (default: polmodel, made by make setup)")
-    parser.add_argument("--report", default="report", help="report folder (default: ./report)")
-    parser.add_argument("--new", action="store_true", help="submit a new loop even if one exists")
-    parser.add_argument("--poll", type=float, default=15.0, help="seconds between progress checks")
-    args = parser.parse_args(argv)
-
-    from aiida import load_profile
-    from aiida.common.exceptions import ProfileConfigurationError
-
-    try:
-        load_profile(args.profile)
-    except ProfileConfigurationError as error:
-        print(f"demo: profile `{args.profile}` not found ({error}); run `make setup` first", file=sys.stderr)
+    args = parse_demo_arguments(argv, prog="python -m polmodel.workflows.demo", description=__doc__.splitlines()[0],
+                                report="report")
+    if not load_demo_profile(args.profile):
         return 2
     from aiida.engine import submit
 
-    from polmodel.workflows.active_learning import ActiveLearningWorkChain
-
     started = time.time()
-    ensure_daemon()
-    loop = None if args.new else find_demo_loop()
-    if loop is not None and loop.is_terminated and not loop.is_finished_ok:
-        say(f"the previous demo loop {loop.pk} ended with exit status {loop.exit_status}: "
-            f"{loop.exit_message}; submitting a new one (see `verdi process report {loop.pk}`)")
-        loop = None
+    campaign = import_campaign()
+    loop = run_demo_loop(lambda: submit(demo_builder(campaign)), extra=DEMO_EXTRA, version=DEMO_VERSION,
+                         new=args.new, poll=args.poll)
     if loop is None:
-        loop = submit(ActiveLearningWorkChain, **demo_inputs())
-        loop.base.extras.set(DEMO_EXTRA, DEMO_VERSION)
-        say(f"submitted the active-learning loop: ActiveLearningWorkChain<{loop.pk}>")
-    else:
-        say(f"continuing the demo loop ActiveLearningWorkChain<{loop.pk}> ({loop.process_state.value})")
-    say("progress below; Ctrl-C stops following only (the daemon keeps working; re-run to follow again)")
-    loop = follow(loop, args.poll)
-    if not loop.is_finished_ok:
-        print(f"demo: the loop failed: {loop.exit_message}; see `verdi process report {loop.pk}`", file=sys.stderr)
         return 1
-
-    structure = next(iter(sorted(loop.inputs.structures.items())))[1]
-    pe_node = submit_pe_loop(loop.outputs.model, structure)
-    say(f"P-E loop of the final model: MdCalculation<{pe_node.pk}>")
-    pe_node = follow(pe_node, min(args.poll, 5.0))
     report = pathlib.Path(args.report).resolve()
-    write_report(loop, pe_node, report)
+    for line in write_report(loop, report):
+        print(line)
     say(f"report written to {report} ({(time.time() - started) / 60:.1f} min in this run)")
     return 0
 

@@ -77,7 +77,8 @@ def read_md_trajectory(path, required=("time_fs", "dipole")):
     if path.suffix.lower() == ".cif":
         raise InputError(f"{path} is a CIF structure, not a `polmodel md` trajectory (extended XYZ)")
     try:
-        frames = polarization_frames(path) if path.suffix.lower() == ".csv" else read_trajectory(path)
+        is_log = path.name.lower().endswith((".csv", ".csv.gz"))
+        frames = polarization_frames(path) if is_log else read_trajectory(path)
     except Exception as error:  # ASE raises many kinds on a file it cannot parse
         raise InputError(f"{path} is not an extended-XYZ trajectory ({_first_line(error)})") from None
     if not frames:
@@ -96,6 +97,11 @@ def _after_skip(args, frames, minimum=8):
         raise InputError(f"--skip-fs must be >= 0, got {args.skip_fs}")
     times = observables.trajectory_series(frames, "time_fs")
     kept = [frame for frame, time in zip(frames, times) if time >= args.skip_fs]
+    if kept and kept[0] is not frames[0]:
+        # the run's settings (thermostat, field) live on its first frame: skipping it must not hide them
+        settings = {key: value for key, value in frames[0].info.items() if key.startswith(observables.SETTINGS_PREFIX)}
+        kept[0] = kept[0].copy()
+        kept[0].info = {**settings, **kept[0].info}
     if len(kept) < minimum:
         raise InputError(f"only {len(kept)} frames after --skip-fs {args.skip_fs} (need {minimum})")
     if not all(frame.pbc.all() for frame in kept):

@@ -12,6 +12,7 @@ A restarted run continues the file from the trajectory's last frame: rows after 
 interrupted run after its last checkpoint, and recomputed identically) are cut off first, so no step appears
 twice.
 """
+import gzip
 import json
 import warnings
 from pathlib import Path
@@ -123,9 +124,10 @@ def _scan_for_cut(path, step):
 
 
 def read_polarization_log(path):
-    """(header dict, {column: (T,) array}) of a P(t) file."""
+    """(header dict, {column: (T,) array}) of a P(t) file, plain or gzipped (`.gz`)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         first = handle.readline()
         if not first.startswith(_MARK):
             raise PolarizationLogError(f"{path} is not a `polmodel md` P(t) file (no '{_MARK.strip()}' line)")
