@@ -15,7 +15,7 @@ ld1.x pseudopotential family) it
    held-out quartz labels (frames no loop labelled), the model against ph.x (Z*, ε∞, harmonic ε0, the IR-active
    Γ modes), and the IR spectrum of a short NVE run of the new model at 300 K beside the harmonic ph.x spectrum.
 
-Sized for about half an hour on 2 cores (README: measured time). BaTiO3 from scratch is the second demo,
+Sized for about 25 minutes on 2 cores (README: measured time). BaTiO3 from scratch is the second demo,
 `make demo-batio3` (polmodel/workflows/demo_batio3.py).
 """
 import json
@@ -113,7 +113,7 @@ def write_learning_curve(loop, directory):
             records.append({"loop": number, "loop_uuid": node.uuid, **record})
     (directory / "learning_curve.json").write_text(json.dumps(records, indent=2))
     lines = [f"{'#':>2} {'loop':>4} {'stage':>5} {'frames':>6} {'F MAE eV/Å':>10} {'Z* MAE e':>9} {'accurate':>8} "
-             f"{'labelled':>8}"]
+             f"{'selected':>8}"]
     for number, record in enumerate(records, start=1):
         validation = record["validation"]
         lines.append(f"{number:>2} {record['loop']:>4} {record['stage']:>5} {record['dataset_size']:>6} "
@@ -122,7 +122,8 @@ def write_learning_curve(loop, directory):
                      f"{record['accurate_fraction']:8.2f} {record['num_selected']:>8}")
     (directory / "learning_curve.txt").write_text(
         "validation MAEs of each iteration's training (its own validation split), the accurate fraction of its "
-        "exploration, and how many frames it selected for labelling\n" + "\n".join(lines) + "\n")
+        "exploration, and how many frames it selected for labelling (the budget may label fewer)\n"
+        + "\n".join(lines) + "\n")
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     steps = np.arange(1, len(records) + 1)
