@@ -16,7 +16,7 @@ ld1.x pseudopotential family) it
    Γ modes), and the IR spectrum of a short NVE run of the new model at 300 K beside the harmonic ph.x spectrum.
 
 Sized for about 25 minutes on 2 cores (README: measured time). BaTiO3 from scratch is the second demo,
-`make demo-batio3` (polmodel/workflows/demo_batio3.py).
+`make demo-batio3` (workflows/demo_batio3.py).
 """
 import json
 import pathlib
