@@ -173,39 +173,44 @@ def md_ir_spectrum(model_path, structure, directory):
 
 
 def spectrum_of_polarization_log(path, skip_fs=0.0):
-    """The IR spectrum (ir_absorption_from_dipoles) of an NVE run's P(t) file, after `skip_fs` of it."""
-    from polmodel.analysis.observables import uniform_timestep
+    """The IR spectrum (ir_absorption_from_dipoles) of an NVE run's P(t) file, after `skip_fs` of it; a
+    thermostatted or field-driven run is refused (DrivenTrajectoryError), as `polmodel analyze ir` refuses it."""
+    from ase.formula import Formula
+
+    from polmodel.analysis import observables
     from polmodel.analysis.spectra import ir_absorption_from_dipoles
-    from polmodel.dynamics.polarization_log import read_polarization_log
+    from polmodel.dynamics.polarization_log import polarization_frames
 
-    header, log = read_polarization_log(path)
-    if header["settings"].get("md_thermostat") != "nve":
-        raise ValueError(f"{path} is not an NVE run")
-    keep = log["time_fs"] >= log["time_fs"][0] + skip_fs
-    times = log["time_fs"][keep]
-    dipoles = np.stack([log[f"dipole_{axis}"][keep] for axis in "xyz"], axis=1)
-    temperature = float(np.mean(log["temperature"][keep]))
-    result = ir_absorption_from_dipoles(dipoles, uniform_timestep(times), float(np.mean(log["volume_A3"][keep])),
-                                        temperature)
-    return {"atoms": header["natoms"], "nve_ps": float(times[-1] - times[0]) / 1000, "temperature_K": temperature,
-            **result}
+    frames = polarization_frames(path)
+    observables.check_equilibrium_run(observables.trajectory_conditions(frames), allow_thermostat=False)
+    times = observables.trajectory_series(frames, "time_fs")
+    frames = [frame for frame, time in zip(frames, times) if time >= times[0] + skip_fs]
+    times = times[times >= times[0] + skip_fs]
+    temperature = float(np.mean(observables.trajectory_series(frames, "temperature")))
+    result = ir_absorption_from_dipoles(observables.trajectory_series(frames, "dipole"),
+                                        observables.uniform_timestep(times),
+                                        float(np.mean([frame.get_volume() for frame in frames])), temperature)
+    return {"atoms": len(Formula(frames[0].info["formula"])), "nve_ps": float(times[-1] - times[0]) / 1000,
+            "temperature_K": temperature, **result}
 
 
-def write_ir_comparison(spectrum, directory, max_wavenumber=1400.0):
-    """The demo's MD spectrum beside the harmonic ph.x one and, when shipped, the campaign ensemble's long run."""
+def write_ir_comparison(spectrum, dfpt, directory, max_wavenumber=1400.0):
+    """The demo's MD spectrum beside the harmonic one of ph.x (`dfpt`, a DfptWorkChain with Γ phonons) and, when
+    shipped, the campaign ensemble's long run."""
     from polmodel.analysis.observables import spectrum_peaks
-    from polmodel.workflows.quartz import harmonic_dfpt_spectrum, reference_dfpt
+    from polmodel.workflows.quartz import harmonic_dfpt_spectrum
 
     keep = spectrum["wavenumber"] <= max_wavenumber
     wavenumber, absorption = spectrum["wavenumber"][keep], spectrum["absorption"][keep]
-    harmonic = harmonic_dfpt_spectrum(reference_dfpt(), wavenumber, fwhm=spectrum["resolution_cm-1"])
+    harmonic = harmonic_dfpt_spectrum(dfpt, wavenumber, fwhm=spectrum["resolution_cm-1"])
     peaks = spectrum_peaks(wavenumber, absorption, prominence=0.05)
     plt = pyplot()
     figure, ax = plt.subplots(figsize=(7, 3.6))
     shipped = spectrum_of_polarization_log(SHIPPED_MD, skip_fs=1000.0) if SHIPPED_MD.is_file() else None
     if shipped is not None:
         inside = shipped["wavenumber"] <= max_wavenumber
-        ax.plot(shipped["wavenumber"][inside], shipped["absorption"][inside], color="0.6", lw=0.8,
+        shipped_wavenumber, shipped_absorption = shipped["wavenumber"][inside], shipped["absorption"][inside]
+        ax.plot(shipped_wavenumber, shipped_absorption, color="0.6", lw=0.8,
                 label=f"shipped ensemble, NVE MD, {shipped['atoms']} atoms, {shipped['nve_ps']:.0f} ps")
     ax.plot(wavenumber, absorption, label=f"new model NVE MD, {spectrum['atoms']} atoms, {spectrum['nve_ps']:g} ps, "
                                           f"{spectrum['temperature_K']:.0f} K")
@@ -222,12 +227,10 @@ def write_ir_comparison(spectrum, directory, max_wavenumber=1400.0):
     summary["integrated_absorption_cm-2"] = {"model_md": float(np.trapezoid(absorption, wavenumber)),
                                              "ph.x_harmonic": float(np.trapezoid(harmonic, wavenumber))}
     if shipped is not None:
-        inside = shipped["wavenumber"] <= max_wavenumber
+        shipped_peaks = spectrum_peaks(shipped_wavenumber, shipped_absorption, prominence=0.05)
         summary["shipped_run"] = {"file": str(SHIPPED_MD), "atoms": shipped["atoms"], "nve_ps": shipped["nve_ps"],
                                   "temperature_K": shipped["temperature_K"],
-                                  "peaks_cm-1": [round(float(peak), 1) for peak in spectrum_peaks(
-                                      shipped["wavenumber"][inside], shipped["absorption"][inside],
-                                      prominence=0.05)[:8]]}
+                                  "peaks_cm-1": [round(float(peak), 1) for peak in shipped_peaks[:8]]}
     (directory / "ir_spectrum.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -243,18 +246,19 @@ def write_report(loop, directory):
     plots = copy_parity_plots(model, directory)
     say("report: held-out errors and the ph.x comparison")
     heldout = write_heldout_errors(model_path, directory)
-    reference = dfpt_reference(model_path)
+    dfpt = reference_dfpt()
+    reference = dfpt_reference(model_path, dfpt)
     (directory / "dfpt_reference.json").write_text(json.dumps(reference, indent=2))
     say(f"report: NVE MD for the IR spectrum ({DEMO['md_ir']['nve_steps']} steps)")
-    spectrum = write_ir_comparison(md_ir_spectrum(model_path, reference_dfpt().inputs.structure, directory),
-                                   directory)
+    spectrum = write_ir_comparison(md_ir_spectrum(model_path, dfpt.inputs.structure, directory), dfpt, directory)
     errors = heldout["errors"]
+    previous = previous_loop(loop)
     lines = [
         "polmodel demo report: α-quartz",
-        f"loop: {loop.pk} ({loop.uuid}), exit status {loop.exit_status}; went on from {previous_loop(loop).uuid}",
+        f"loop: {loop.pk} ({loop.uuid}), exit status {loop.exit_status}; went on from {previous.uuid}",
         f"final model: ModelData {model.pk} ({model.ensemble_size} members, sha256 {model.sha256})",
         f"dataset: FramesData {loop.outputs.dataset.pk}, {loop.outputs.dataset.count} frames (the campaign's "
-        f"loop ended with {previous_loop(loop).outputs.dataset.count})",
+        f"loop ended with {previous.outputs.dataset.count})",
         "",
         f"held-out errors ({heldout['num_frames']} frames no loop labelled; MAE): "
         + ", ".join(f"{name} {value['mae']:.4g}" for name, value in errors.items()),

@@ -86,14 +86,14 @@ def gamma_modes_against_dfpt(dfpt, calculator, atoms, model_born, model_eps):
     }
 
 
-def dfpt_reference(model_path):
-    """A model or ensemble file against the ph.x reference (`reference_dfpt`) on its structure: ε∞ (⊥ = mean of xx and
-    yy, ∥ = zz) and Born charges (ph.x's with the acoustic sum rule imposed, like the labels); with ph.x phonons also
-    the IR-active Γ modes and the harmonic ε0 (`gamma_modes_against_dfpt`)."""
+def dfpt_reference(model_path, dfpt=None):
+    """A model or ensemble file against the ph.x reference `dfpt` (default `reference_dfpt()`) on its structure: ε∞
+    (⊥ = mean of xx and yy, ∥ = zz) and Born charges (ph.x's with the acoustic sum rule imposed, like the labels);
+    with ph.x phonons also the IR-active Γ modes and the harmonic ε0 (`gamma_modes_against_dfpt`)."""
     from polmodel import PolCalculator, load
     from polmodel.analysis.phonons import born_charges_obeying_sum_rule
 
-    dfpt = reference_dfpt()
+    dfpt = reference_dfpt() if dfpt is None else dfpt
     atoms = dfpt.inputs.structure.get_ase()
     calculator = PolCalculator(load(model_path))
     atoms.calc = calculator
