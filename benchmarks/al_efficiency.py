@@ -90,7 +90,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--force-upper", type=float, default=1.0)
     parser.add_argument("--born-charge-threshold", type=float, default=0.0,
                         help="e; a frame whose largest per-atom Z* spread reaches this is a candidate too (0: off; "
-                             "the protocols' 0.3 is above the toy's spreads; 0.12 measured ratio 0.76, README)")
+                             "0.12 measured ratio 0.76, README)")
     parser.add_argument("--stage-threshold", type=float, default=0.8)
     parser.add_argument("--field-margin", type=float, default=0.03)
     parser.add_argument("--test-frames", type=int, default=30)
