@@ -4,21 +4,26 @@ ON THE ANALYTIC TOY ORACLE (tests/toy_labelling.py: a field-dependent toy potent
 comparison on real pw.x labels belongs to the α-quartz issue). Pure Python: polmodel.training.train,
 polmodel.dynamics.md, polmodel.active_learning.selection, .exploration and .initial_structures; no AiiDA.
 
-For each seed, both methods start from the same initial set (the ideal toy crystal and `--initial` strained and
-displaced copies, cheap tier) and the same first model. Then, per iteration:
+For each seed, both methods start from the same initial set (the ideal toy crystal at `--given-tier`, by default
+the full response as the workchain's `initial_data.given_tier`, and `--initial` strained and displaced copies at
+the cheap tier) and the same first model. Then, per iteration:
 - loop: train an ensemble on its data (from the loop's previous ensemble after the first iteration, as the
   workchain does), explore the current stage with ensemble MD (fresh seeds; fields capped at the labelled range
   plus the margin; the stage advances once the accurate fraction reaches the threshold), select with the adaptive
   trust window (lower level `--force-lower-factor` x the training force RMSE, as in the protocols; with
   `--born-charge-threshold`, a frame whose Z* spread reaches it is a candidate too; random draws within it,
-  near-duplicates removed), label within the budget (cheap tier at the sampled field, the largest polarization
-  spread gets the full response);
+  near-duplicates removed), label within the budget (cheap tier at the sampled field; the full response for the
+  largest response spread, the Z* spread where the MD records it, else the polarization spread, as in
+  workflows/explore.py; with `--full-label-born-spread`, as the workchain's `full_label_born_spread`, only where
+  that Z* spread exceeds it);
 - random: train the same way on its own data (from its own previous ensemble), then draw frames uniformly from ALL
-  trajectories the loop has run so far (the same MD), labelled with the same tier rule, spending the same budget
-  of pw.x runs per iteration (one or two fewer where the tier costs of the draws do not add up to it). The loop
-  spends less than the budget when its trust window holds fewer candidates, and nothing once its ensemble agrees
-  on every explored frame; random sampling has no such signal. `--random-budget loop` makes random spend only
-  what the loop spent in the same iteration instead, which compares the two at equal label counts.
+  trajectories the loop has run so far (the same MD), labelled at the cheap tier at each frame's field, the first
+  `--max-full` of each `--max-candidates` draws with the full response instead (no model signal: random sampling
+  has none; until 4ff0e52 the draw with the largest polarization spread of the loop's MD got it), spending the
+  same budget of pw.x runs per iteration (one or two fewer where the tier costs of the draws do not add up to
+  it). The loop spends less than the budget when its trust window holds fewer candidates, and nothing once its
+  ensemble agrees on every explored frame; random sampling has no such signal. `--random-budget loop` makes random
+  spend only what the loop spent in the same iteration instead, which compares the two at equal label counts.
 After each training, both models (ensemble means) are evaluated on a held-out set drawn from a long toy MD under a
 cosine field at the hardest stage's conditions: forces (at each frame's field) and Born charges. Labels are
 counted in pw.x runs (energy_forces 1, field_frames 2, full 10). "Labels to target" is the label count at the
@@ -28,9 +33,10 @@ lower bound (marked with >). Seeds run side by side (`--workers` processes, one 
 
 What this measures at the default size, and what it does not: the tiny models are far from converged after 30
 epochs, so their held-out errors keep falling with more epochs on unchanged labels, and the errors differ more
-between seeds than between the methods. With the default `--random-budget full`, much of the loop's saving is
-that it stops labelling once its ensemble agrees while training goes on improving both models; `--random-budget
-loop` measures the choice of frames alone (README, "Active learning", has both).
+between seeds than between the methods. With the default `--random-budget full`, the loop's saving is that it
+spends less: nothing once its ensemble agrees, and no full response where the members agree on Z*, while
+training goes on improving both models. `--random-budget loop` measures the choice of frames alone (README,
+"Active learning", has both).
 
 Usage: python benchmarks/al_efficiency.py [--seeds 4] [--iterations 8] [--workers 2] ...
 The last line reads `labels to target: loop N, random M, ratio R` (N, M means over the seeds, R = N / M).
@@ -91,6 +97,14 @@ def parse_arguments(argv=None):
     parser.add_argument("--born-charge-threshold", type=float, default=0.0,
                         help="e; a frame whose largest per-atom Z* spread reaches this is a candidate too (0: off; "
                              "0.12 measured ratio 0.76, README)")
+    parser.add_argument("--full-label-born-spread", type=float, default=0.3,
+                        help="e; the loop gives the full response only to a frame whose Born-charge spread exceeds "
+                             "this (the MD records Z* spreads; 0: to the largest polarization spread, any size)")
+    parser.add_argument("--given-tier", choices=(ENERGY_FORCES, FULL), default=FULL,
+                        help="label of the ideal crystal in the initial set of both methods (its copies: "
+                             "energy_forces)")
+    parser.add_argument("--scheduler", choices=("plateau", "cosine", "constant"), default="plateau",
+                        help="learning-rate schedule of every training (both methods)")
     parser.add_argument("--stage-threshold", type=float, default=0.8)
     parser.add_argument("--field-margin", type=float, default=0.03)
     parser.add_argument("--test-frames", type=int, default=30)
@@ -104,7 +118,8 @@ def training_config(args, seed, epochs=None):
     from polmodel.training.train import TrainingConfig
 
     return TrainingConfig(cutoff=4.5, architecture=HYPERPARAMETERS, epochs=epochs or args.epochs,
-                          batch_size=2, learning_rate=args.learning_rate, patience=epochs or args.epochs,
+                          batch_size=2, learning_rate=args.learning_rate, scheduler=args.scheduler,
+                          patience=epochs or args.epochs,
                           validation_fraction=0.0, seed=seed, quiet=True)
 
 
@@ -167,17 +182,25 @@ def explore(ensemble, dataset, stage, args, seed, iteration, workdir):
             run_md(reference_crystal(REPEAT), calculator, field_protocol_from_dict(field), steps=stage.steps,
                    timestep_fs=2.0, temperature_K=temperature, thermostat="langevin", friction=0.02, interval=5,
                    trajectory_path=path, restart=False, progress=False,
-                   born_spread=bool(args.born_charge_threshold),
+                   born_spread=bool(args.born_charge_threshold or args.full_label_born_spread),
                    seed=1000 * seed + 10 * iteration + index)
             frames.extend(frame for frame in read_trajectory(path) if frame.info.get("step", 0) != 0)
     return frames
 
 
-def plan_and_label(frames, order, args, source):
-    """Labels of frames[order] under the tier rule within the budget; returns (new labelled frames, pw.x runs)."""
+def response_spread(frame):
+    """The spread that decides the full response, as the loop's selection records it: the Born-charge spread (e)
+    where the MD recorded one, else the norm of the polarization spread (e/Å²)."""
+    if "max_born_charge_std" in frame.info:
+        return float(frame.info["max_born_charge_std"])
+    return float(np.linalg.norm(frame.info.get("polarization_std", np.zeros(3))))
+
+
+def plan_and_label(frames, order, args, source, spread, min_full_spread=0.0):
+    """Labels of frames[order] under the tier rule within the budget, `spread` (one per frame of `order`) deciding
+    the full response; returns (new labelled frames, pw.x runs)."""
     efields = [frames[i].info.get("efield", np.zeros(3)) for i in order]
-    spread = [float(np.linalg.norm(frames[i].info.get("polarization_std", np.zeros(3)))) for i in order]
-    plans = assign_label_tiers(efields, spread, args.budget, FULL_COST, args.max_full)
+    plans = assign_label_tiers(efields, spread, args.budget, FULL_COST, args.max_full, min_full_spread)
     labelled = []
     for plan in plans:
         atoms = frames[order[plan.index]].copy()
@@ -193,8 +216,8 @@ def run_seed(args, seed, workdir, log):
     held_out = held_out_frames(args, seed)
     initial = []
     for index, atoms in enumerate([reference, *perturbed_structures(reference, args.initial, 0.03, 0.1, seed=seed)]):
-        initial.extend(label(atoms, ENERGY_FORCES, (), f"initial-{index}"))
-    initial_runs = 1 + args.initial
+        initial.extend(label(atoms, args.given_tier if index == 0 else ENERGY_FORCES, (), f"initial-{index}"))
+    initial_runs = (FULL_COST if args.given_tier == FULL else 1) + args.initial
     loop_data, random_data = list(initial), list(initial)
     curves = {"loop": [], "random": []}
     runs = {"loop": initial_runs, "random": initial_runs}
@@ -221,10 +244,12 @@ def run_seed(args, seed, workdir, log):
         window = adapt_trust_window(SelectionCriteria(**{**criteria.as_dict(), "seed": 1000 * seed + iteration}),
                                     force_rmse)
         spreads = np.array([frame.info["max_force_std"] for frame in explored])
-        born_spreads = ([frame.info["max_born_charge_std"] for frame in explored] if args.born_charge_threshold
-                        else None)
+        recorded_born = [frame.info["max_born_charge_std"] for frame in explored
+                         if "max_born_charge_std" in frame.info]
+        born_spreads = recorded_born if args.born_charge_threshold else None
         selected, statistics = select_candidates(explored, spreads, window, born_charge_std=born_spreads)
-        new, spent = plan_and_label(explored, selected, args, f"loop-{iteration}")
+        new, spent = plan_and_label(explored, selected, args, f"loop-{iteration}",
+                                    [response_spread(explored[i]) for i in selected], args.full_label_born_spread)
         loop_data.extend(new)
         runs["loop"] += spent
         # random: uniform draws from every trajectory the loop has run so far
@@ -234,7 +259,9 @@ def run_seed(args, seed, workdir, log):
         while spent_random < random_budget and order:
             chunk, order = order[:args.max_candidates], order[args.max_candidates:]
             remaining = argparse.Namespace(**{**vars(args), "budget": random_budget - spent_random})
-            labelled, cost = plan_and_label(pool, chunk, remaining, f"random-{iteration}")
+            # no model signal: the first `max_full` draws of each chunk get the full response
+            labelled, cost = plan_and_label(pool, chunk, remaining, f"random-{iteration}",
+                                            list(range(len(chunk), 0, -1)))
             if not cost:
                 break
             new_random.extend(labelled)
@@ -248,9 +275,10 @@ def run_seed(args, seed, workdir, log):
             f"{statistics['accurate_fraction']:.2f}, window [{window.force_lower:.3f}, {window.force_upper:.2f}], "
             f"spread p10/50/90 {np.percentile(spreads, 10):.3f}/{np.percentile(spreads, 50):.3f}/"
             f"{np.percentile(spreads, 90):.3f}, Z* spread p50/90 "
-            f"{np.percentile(born_spreads, 50) if born_spreads else np.nan:.3f}/"
-            f"{np.percentile(born_spreads, 90) if born_spreads else np.nan:.3f}, "
-            f"selected {len(selected)}, loop runs {runs['loop']}, "
+            f"{np.percentile(recorded_born, 50) if recorded_born else np.nan:.3f}/"
+            f"{np.percentile(recorded_born, 90) if recorded_born else np.nan:.3f}, "
+            f"selected {len(selected)} (full {sum('born_effective_charges' in f.arrays for f in new)}), "
+            f"loop runs {runs['loop']}, "
             f"random runs {runs['random']}")
         stage_index = next_stage(stage_index, statistics["accurate_fraction"], args.stage_threshold, len(STAGES))
     return curves

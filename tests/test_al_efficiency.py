@@ -37,7 +37,8 @@ def test_benchmark_compares_the_loop_with_random_sampling_within_the_budget(tmp_
 
     assert len(curves["loop"]) == len(curves["random"]) == 2
     assert curves["loop"][0] == curves["random"][0]  # one initial set, one first model
-    assert curves["loop"][0][0] == 1 + 3  # the ideal crystal and 3 perturbed copies, one SCF each
+    # the ideal crystal's full response (10 runs) and 3 perturbed copies, one SCF each
+    assert curves["loop"][0][0] == 10 + 3
     loop_spent = curves["loop"][1][0] - curves["loop"][0][0]
     random_spent = curves["random"][1][0] - curves["random"][0][0]
     assert 0 <= loop_spent <= BUDGET

@@ -462,6 +462,35 @@ def test_al_labels_candidates_at_their_tiers_within_the_budget(generate_al_workc
     assert plan["pw_runs"] == 13 and plan["budget"] == 14 and plan["num_candidates"] == 5
 
 
+def test_al_full_response_only_where_the_born_charge_spread_exceeds_the_limit(
+        generate_al_workchain, al_inputs, generate_frames_data, generate_fake_child):
+    """`full_label_born_spread`: no full response where the ensemble agrees on Z*; the limit needs MD Z* spreads."""
+    def planned_tiers(limit):
+        process = generate_al_workchain("polmodel.active_learning", al_inputs(
+            initial_frames=generate_frames_data(4), label_budget=orm.Int(14), full_label_cost=orm.Int(10),
+            max_full_labels=orm.Int(1), full_label_born_spread=orm.Float(limit),
+            explore={**al_inputs()["explore"], "parameters": orm.Dict({**MD_PARAMETERS, "born_spread": True})}))
+        assert process.setup() is None
+        process.ctx.iteration = 1
+        process.ctx.candidates = candidate_frames(
+            [[0, 0, 0], [0, 0, 0.02], [0, 0, 0], [0.03, 0, 0], [0, 0, 0.01]], [0.1, 0.2, 0.9, 0.3, 0.05])
+        process.submit = SubmitRecorder(generate_fake_child)
+        tiers = []
+        process.label_builder = lambda structure, tier, field_vectors=(): tiers.append(tier) or fake_builder()
+        process.run_candidate_labels()
+        return tiers
+
+    # below the largest spread (0.9 e): candidate 2 is labelled fully, as without a limit
+    assert planned_tiers(0.5).count("full") == 1
+    # above it: all five get the cheap tier (1 + 2 + 1 + 2 + 2 = 8 of 14 runs)
+    assert planned_tiers(0.95) == ["energy_forces", "field_frames", "energy_forces", "field_frames", "field_frames"]
+    without_spreads = generate_al_workchain("polmodel.active_learning", al_inputs(
+        initial_frames=generate_frames_data(4), full_label_born_spread=orm.Float(0.3)))
+    exit_code = without_spreads.setup()
+    assert exit_code.status == without_spreads.exit_codes.ERROR_INVALID_SCHEDULE.status
+    assert "born_spread" in exit_code.message
+
+
 def explore_call(recorder):
     return next(inputs for process, inputs in recorder.calls if getattr(process, "__name__", "") == "ExploreWorkChain")
 

@@ -153,6 +153,17 @@ def test_label_tiers_follow_the_sampled_field_and_the_budget():
     assert len(assign_label_tiers(efields, spread, budget=0, full_cost=10, max_full=1)) == 0
 
 
+def test_full_response_only_where_the_response_spread_exceeds_the_minimum():
+    efields = [[0, 0, 0], [0, 0, 0.02], [0, 0, 0]]
+    spread = [0.1, 0.5, 0.3]
+    tiers = {plan.index: plan.tier for plan in assign_label_tiers(efields, spread, 40, 10, 2, min_full_spread=0.4)}
+    # two full labels allowed, but only frame 1 disagrees enough; frame 2 (0.3) gets the cheap tier
+    assert tiers == {0: ENERGY_FORCES, 1: FULL, 2: ENERGY_FORCES}
+    assert FULL not in {plan.tier for plan in assign_label_tiers(efields, spread, 40, 10, 2, min_full_spread=0.5)}
+    with pytest.raises(ValueError, match="min_full_spread"):
+        assign_label_tiers(efields, spread, 40, 10, 2, min_full_spread=-0.1)
+
+
 def test_collapsed_frames_are_failed_not_candidates():
     frames = [batio3_atoms(0.12, seed=10 + index) for index in range(3)]
     collapsed = frames[1]

@@ -63,10 +63,11 @@ def is_given_structure(key):
 
 
 @calcfunction
-def plan_candidate_labels(candidates, budget, full_cost, max_full):
+def plan_candidate_labels(candidates, budget, full_cost, max_full, min_full_spread=None):
     """The label plan of the candidates within `budget` pw.x runs
-    (`polmodel.active_learning.selection.assign_label_tiers`): one StructureData per labelled candidate, keyed
-    `structure_000`, ..., and `plan` (a Dict with per key the tier, the field vectors and the pw.x runs)."""
+    (`polmodel.active_learning.selection.assign_label_tiers`; a full response only above `min_full_spread`, when
+    given): one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key
+    the tier, the field vectors and the pw.x runs)."""
     import numpy as np
 
     from polmodel.active_learning.selection import assign_label_tiers
@@ -74,7 +75,8 @@ def plan_candidate_labels(candidates, budget, full_cost, max_full):
     frames = candidates.get_atoms()
     efields = [np.asarray(frame.info.get("efield", np.zeros(3)), dtype=float) for frame in frames]
     spread = [float(frame.info.get("response_spread", 0.0)) for frame in frames]
-    plans = assign_label_tiers(efields, spread, budget.value, full_cost.value, max_full.value)
+    plans = assign_label_tiers(efields, spread, budget.value, full_cost.value, max_full.value,
+                               min_full_spread.value if min_full_spread is not None else 0.0)
     result, plan = {}, {}
     for entry in plans:
         key = f"structure_{entry.index:03d}"
@@ -227,6 +229,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                    help="pw.x runs of one full field-response label under the chosen protocol.")
         spec.input("max_full_labels", valid_type=orm.Int, default=lambda: orm.Int(1),
                    help="Frames per iteration, those of largest P / Z* spread, that get the full response.")
+        spec.input("full_label_born_spread", valid_type=orm.Float, required=False,
+                   help="e; a candidate gets the full response only where its Born-charge spread exceeds this: "
+                        "where the ensemble already agrees on Z*, a full label spends `full_label_cost` runs to "
+                        "confirm it. Needs `born_spread` in `explore.parameters` (the MD records the spread).")
         spec.expose_inputs(TrainEnsembleWorkChain, namespace="train", exclude=("frames", "initial_model"))
         spec.expose_inputs(ExploreWorkChain, namespace="explore", exclude=("model", "structures"))
         spec.input("schedule", valid_type=orm.List, required=False,
@@ -302,6 +308,12 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                 raise ValueError("label_budget and full_label_cost must be >= 1 pw.x run")
             if self.inputs.max_full_labels.value < 0:
                 raise ValueError("max_full_labels must be >= 0")
+            if "full_label_born_spread" in self.inputs:
+                if not self.inputs.full_label_born_spread.value > 0:
+                    raise ValueError("full_label_born_spread must be > 0 e")
+                if not self.inputs.explore.parameters.get_dict().get("born_spread"):
+                    raise ValueError("full_label_born_spread needs born_spread: true in explore.parameters, or the "
+                                     "MD records no Born-charge spread to compare with it")
             if self.inputs.field_margin.value < 0:
                 raise ValueError("field_margin must be >= 0 V/Å")
             if not 0 <= self.inputs.initial_stage.value < len(stages):
@@ -512,8 +524,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         return self.label_candidates(self.ctx.candidates, f"label_iter{self.ctx.iteration:02d}")
 
     def label_candidates(self, candidates, prefix):
+        limits = ({"min_full_spread": self.inputs.full_label_born_spread}
+                  if "full_label_born_spread" in self.inputs else {})
         result = plan_candidate_labels(candidates, self.inputs.label_budget, self.inputs.full_label_cost,
-                                       self.inputs.max_full_labels)
+                                       self.inputs.max_full_labels, **limits)
         plan = result.pop("plan").get_dict()
         self.report(f"label plan: {len(plan['labels'])} of {plan['num_candidates']} candidates, "
                     f"{plan['pw_runs']} of {plan['budget']} pw.x runs")
@@ -652,6 +666,8 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         builder.label_budget = orm.Int(inputs["label_budget"])
         builder.full_label_cost = orm.Int(inputs["full_label_cost"])
         builder.max_full_labels = orm.Int(inputs["max_full_labels"])
+        if "full_label_born_spread" in inputs:
+            builder.full_label_born_spread = orm.Float(inputs["full_label_born_spread"])
         builder.schedule = orm.List(inputs["schedule"])
         builder.stage_threshold = orm.Float(inputs["stage_threshold"])
         builder.field_margin = orm.Float(inputs["field_margin"])

@@ -314,18 +314,21 @@ def cheap_tier(efield, field_tolerance=1e-8):
     return FIELD_FRAMES, (tuple(float(x) for x in efield),), 2
 
 
-def assign_label_tiers(efields, response_spread, budget, full_cost, max_full):
+def assign_label_tiers(efields, response_spread, budget, full_cost, max_full, min_full_spread=0.0):
     """Plan the labels of selected frames within `budget` pw.x runs.
 
     The rule: every frame gets the cheap tier at the field it was sampled at (`cheap_tier`); the `max_full` frames
     with the largest polarization / Born-charge spread (`response_spread`, one number per frame; None: no spread
-    known, nobody is upgraded) get the full central-difference response instead (`full_cost` pw.x runs), as long
-    as the budget allows it. Frames are then taken in the given order (the selection's random order), full ones
-    first, until the budget is spent; frames that no longer fit are left out. Returns [LabelPlan] in frame order.
+    known, nobody is upgraded) above `min_full_spread` get the full central-difference response instead
+    (`full_cost` pw.x runs), as long as the budget allows it: where the ensemble already agrees on the response, a
+    full label would spend `full_cost` runs to confirm it. Frames are then taken in the given order (the
+    selection's random order), full ones first, until the budget is spent; frames that no longer fit are left out.
+    Returns [LabelPlan] in frame order.
     """
     count = len(efields)
-    if budget < 0 or full_cost < 1 or max_full < 0:
-        raise ValueError(f"need budget >= 0, full_cost >= 1, max_full >= 0; got {budget}, {full_cost}, {max_full}")
+    if budget < 0 or full_cost < 1 or max_full < 0 or min_full_spread < 0:
+        raise ValueError(f"need budget >= 0, full_cost >= 1, max_full >= 0, min_full_spread >= 0; got {budget}, "
+                         f"{full_cost}, {max_full}, {min_full_spread}")
     cheap = [cheap_tier(efield) for efield in efields]
     upgraded = set()
     if response_spread is not None and max_full:
@@ -333,7 +336,7 @@ def assign_label_tiers(efields, response_spread, budget, full_cost, max_full):
         if spread.shape != (count,):
             raise ValueError(f"response_spread has shape {spread.shape}, expected ({count},)")
         order = np.argsort(-spread, kind="stable")
-        upgraded = {int(index) for index in order[:max_full] if spread[index] > 0}
+        upgraded = {int(index) for index in order[:max_full] if spread[index] > min_full_spread}
     plans, spent = {}, 0
     for index in sorted(upgraded, key=lambda i: -float(response_spread[i])):
         if spent + full_cost <= budget:
