@@ -58,7 +58,8 @@ from polmodel.active_learning.exploration import (ExplorationStage, covered_fiel
                                                   stage_field_protocols)
 from polmodel.active_learning.initial_structures import perturbed_structures  # noqa: E402
 from polmodel.active_learning.selection import (ENERGY_FORCES, FULL, SelectionCriteria,  # noqa: E402
-                                                adapt_trust_window, assign_label_tiers, select_candidates)
+                                                adapt_trust_window, assign_label_tiers, full_response_spread,
+                                                select_candidates)
 
 REPEAT = (2, 1, 1)  # 4-atom toy cell: seconds per training on one loaded core
 HYPERPARAMETERS = {"num_features": 4, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
@@ -189,11 +190,9 @@ def explore(ensemble, dataset, stage, args, seed, iteration, workdir):
 
 
 def response_spread(frame):
-    """The spread that decides the full response, as the loop's selection records it: the Born-charge spread (e)
-    where the MD recorded one, else the norm of the polarization spread (e/Å²)."""
-    if "max_born_charge_std" in frame.info:
-        return float(frame.info["max_born_charge_std"])
-    return float(np.linalg.norm(frame.info.get("polarization_std", np.zeros(3))))
+    """The spread of an explored frame that decides the full response, as the loop's selection takes it."""
+    return full_response_spread(frame.info.get("max_born_charge_std", 0.0),
+                                np.linalg.norm(frame.info.get("polarization_std", np.zeros(3))))
 
 
 def plan_and_label(frames, order, args, source, spread, min_full_spread=0.0):

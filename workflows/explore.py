@@ -24,7 +24,7 @@ def select_from_trajectories(criteria, **trajectories):
     starting structure, which the loop has labelled already (the demo once spent a DFT label on it): it is neither
     classified nor counted.
     """
-    from polmodel.active_learning.selection import SelectionCriteria, select_candidates
+    from polmodel.active_learning.selection import SelectionCriteria, full_response_spread, select_candidates
     from polmodel.plugins.parsers import trajectory_frames
 
     import numpy as np
@@ -64,9 +64,8 @@ def select_from_trajectories(criteria, **trajectories):
     candidates = []
     for index in selected:
         atoms = frames[index].copy()
-        spread = born_all[index] if born_all[index] > 0 else polarization_all[index]
         atoms.info = {"origin": origins[index], "efield": np.asarray(efields[index], dtype=float),
-                      "response_spread": float(spread)}
+                      "response_spread": full_response_spread(born_all[index], polarization_all[index])}
         candidates.append(atoms)
     statistics["selected_origins"] = [origins[index] for index in selected]
     return {"candidates": FramesData.from_atoms(candidates), "statistics": orm.Dict(statistics)}

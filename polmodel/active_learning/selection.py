@@ -314,6 +314,12 @@ def cheap_tier(efield, field_tolerance=1e-8):
     return FIELD_FRAMES, (tuple(float(x) for x in efield),), 2
 
 
+def full_response_spread(max_born_charge_std, polarization_std_norm):
+    """The spread that decides who gets the full response: the Born-charge spread (e) where the MD recorded one
+    (> 0), else the norm of the polarization spread (e/Å²)."""
+    return float(max_born_charge_std) if max_born_charge_std > 0 else float(polarization_std_norm)
+
+
 def assign_label_tiers(efields, response_spread, budget, full_cost, max_full, min_full_spread=0.0):
     """Plan the labels of selected frames within `budget` pw.x runs.
 
