@@ -21,6 +21,7 @@ TRAIN_PARAMETER_TYPES = {
     "bootstrap": bool,
     "validation_fraction": float,
     "device": str,
+    "checkpoint": bool,
 }
 MD_PARAMETER_TYPES = {
     "steps": int,
@@ -179,6 +180,9 @@ class TrainCalculation(_PolmodelCalculation):
     _PLOTS = "plots"
     _HYPERPARAMETERS = "hyperparameters.json"
     _INITIAL_MODEL = "initial_model.pt"
+    # `polmodel train --checkpoint` writes the state of member k of an ensemble to checkpoint.memberK.pt
+    _CHECKPOINT = "checkpoint.pt"
+    _CHECKPOINT_GLOB = "checkpoint*.pt"
 
     @classmethod
     def define(cls, spec):
@@ -186,6 +190,9 @@ class TrainCalculation(_PolmodelCalculation):
         spec.input("frames", valid_type=FramesData, validator=validate_frames, help="Labelled training frames.")
         spec.input("initial_model", valid_type=ModelData, required=False,
                    help="Warm start: training starts from this model or ensemble (member k from member k mod M).")
+        spec.input("checkpoint", valid_type=orm.FolderData, required=False,
+                   help="Resume: the training state a run of the same frames and settings left (its `checkpoint` "
+                        "output); the run goes on where that one stopped.")
         spec.inputs.validator = validate_train_inputs
         spec.input(
             "parameters",
@@ -198,12 +205,18 @@ class TrainCalculation(_PolmodelCalculation):
         spec.output("model", valid_type=ModelData, help="The trained model or ensemble.")
         spec.output("metrics", valid_type=orm.Dict, help="Validation metrics as written by `polmodel train`.")
         spec.output("plots", valid_type=orm.FolderData, required=False, help="Parity plots (PNG).")
+        spec.output("checkpoint", valid_type=orm.FolderData, required=False,
+                    help="The training state of a run that stopped before its end (time limit, kill): the "
+                         "`checkpoint` input of the run that resumes it.")
         spec.default_output_node = "metrics"
 
         # 300-399: the executable did not leave usable output.
         spec.exit_code(300, "ERROR_MISSING_OUTPUT", message="`polmodel train` did not write {filename}; stderr: {stderr}")
         spec.exit_code(310, "ERROR_CORRUPT_METRICS", message="the metrics file could not be parsed: {error}")
         spec.exit_code(311, "ERROR_CORRUPT_MODEL", message="the model file could not be loaded: {error}")
+        spec.exit_code(320, "ERROR_INTERRUPTED",
+                       message="`polmodel train` stopped before writing a model but left its training state: "
+                               "resume from outputs.checkpoint; stderr: {stderr}")
 
     def prepare_for_submission(self, folder):
         parameters = self.inputs.parameters.get_dict() if "parameters" in self.inputs else {}
@@ -229,13 +242,20 @@ class TrainCalculation(_PolmodelCalculation):
             with folder.open(self._INITIAL_MODEL, "wb") as handle:
                 handle.write(self.inputs.initial_model.get_content())
             cmdline += ["--initial-model", self._INITIAL_MODEL]
+        checkpointed = parameters.get("checkpoint", False) or "checkpoint" in self.inputs
+        if "checkpoint" in self.inputs:
+            for name in self.inputs.checkpoint.base.repository.list_object_names():
+                with folder.open(name, "wb") as handle:
+                    handle.write(self.inputs.checkpoint.base.repository.get_object_content(name, mode="rb"))
+        if checkpointed:
+            cmdline += ["--checkpoint", self._CHECKPOINT]
 
         calcinfo = datastructures.CalcInfo()
         calcinfo.codes_info = [self._code_info(cmdline)]
         calcinfo.retrieve_list = [self._METRICS, self._PLOTS, self._STDOUT, self._STDERR]
         # The model file becomes the ModelData node's own repository content; keeping it in `retrieved` as well
-        # would store every model twice.
-        calcinfo.retrieve_temporary_list = [self._MODEL]
+        # would store every model twice. The checkpoints become an output only when the run stopped early.
+        calcinfo.retrieve_temporary_list = [self._MODEL] + ([self._CHECKPOINT_GLOB] if checkpointed else [])
         return calcinfo
 
 

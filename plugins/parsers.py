@@ -163,6 +163,8 @@ class TrainParser(Parser):
 
         model_path = os.path.join(temporary, TrainCalculation._MODEL) if temporary else None
         if model_path is None or not os.path.isfile(model_path):
+            if self._output_unfinished_checkpoint(temporary, metrics=None):
+                return self.exit_codes.ERROR_INTERRUPTED.format(stderr=stderr)
             return self.exit_codes.ERROR_MISSING_OUTPUT.format(filename=TrainCalculation._MODEL, stderr=stderr)
         try:
             metrics_text = retrieved.base.repository.get_object_content(TrainCalculation._METRICS, mode="r")
@@ -181,6 +183,7 @@ class TrainParser(Parser):
             return self.exit_codes.ERROR_CORRUPT_MODEL.format(error=error)
         self.out("model", model)
         self.out("metrics", orm.Dict(metrics))
+        self._output_unfinished_checkpoint(temporary, metrics)
 
         plots = orm.FolderData()
         try:
@@ -194,6 +197,37 @@ class TrainParser(Parser):
         if plots.base.repository.list_object_names():
             self.out("plots", plots)
         return None
+
+
+    def _output_unfinished_checkpoint(self, temporary, metrics):
+        """Output the checkpoint files as `checkpoint` when the training can go on from them: always for a run that
+        wrote no model, else when a member stopped at its time limit (`stopped_early`). Returns whether it did."""
+        paths = checkpoint_files(temporary)
+        if not paths or (metrics is not None and not stopped_early(metrics)):
+            return False
+        folder = orm.FolderData()
+        for path in paths:
+            with open(path, "rb") as handle:
+                folder.base.repository.put_object_from_filelike(handle, os.path.basename(path))
+        self.out("checkpoint", folder)
+        return True
+
+
+def checkpoint_files(folder):
+    """The `polmodel train --checkpoint` files in `folder` (one per ensemble member), sorted; [] if none."""
+    import glob
+
+    from polmodel.plugins.calculations import TrainCalculation
+
+    if not folder:
+        return []
+    return sorted(glob.glob(os.path.join(folder, TrainCalculation._CHECKPOINT_GLOB)))
+
+
+def stopped_early(metrics):
+    """Whether a member of a finished `polmodel train` run stopped at its time limit (so it can be resumed)."""
+    members = metrics.get("members") or [metrics]
+    return any(member.get("stopped") == "max_time_s" for member in members)
 
 
 class MdParser(Parser):

@@ -5,6 +5,8 @@
 - `models_trained_by(frames)` / `models_trained_by_source(uuid)`: the models whose training set contained a frame
   set, following only the dataset merges (a frame set that merely seeded an MD run does not count).
 - `learning_curve(workchain)`: the iteration records of an active-learning loop (also while it still runs).
+- `external_sources(model)`: the published files (repository, commit, path, sha256, licence) whose labels flowed
+  into a model through `import_external_frames` (polmodel.plugins.external).
 
 Every walk is breadth-first over the link table, one query per frontier (all of the frontier's nodes at once),
 so its cost grows with the number of nodes reached. QueryBuilder's `with_ancestors` / `with_descendants` join a
@@ -23,6 +25,7 @@ from polmodel.plugins.data import FramesData, ModelData
 PW_PROCESS_TYPE = "aiida.calculations:quantumespresso.pw"
 TRAIN_PROCESS_TYPE = "aiida.calculations:polmodel.train"
 MERGE_FUNCTION_LABEL = "merge_frames"
+IMPORT_FUNCTION_LABEL = "import_external_frames"
 #: the links along which data flows (what `with_ancestors` follows): a calculation's inputs and its outputs
 DATA_PROVENANCE_LINKS = (LinkType.INPUT_CALC, LinkType.CREATE)
 #: the links from a workflow to the processes it called
@@ -171,6 +174,38 @@ def models_trained_by_source(source_uuid):
     """The models trained on any frame whose label came from the node `source_uuid` (e.g. a pw.x run)."""
     frame_sets = frame_sets_with_source(source_uuid)
     return _models_trained_on(datasets_containing(frame_sets)) if frame_sets else []
+
+
+def external_sources(model):
+    """One record per published file (by sha256) among a model's data ancestors: the origin its import recorded
+    (repository, commit, path, sha256, licence, ...) and `imports`, the (stored file, FramesData) pairs of every
+    `import_external_frames` of it (a resumed training may carry two imports of one file)."""
+    model = load_model(model)
+    imports = nodes_by_pk(data_ancestors(model), orm.CalcFunctionNode,
+                          filters={"attributes.process_label": IMPORT_FUNCTION_LABEL})
+    records = {}
+    for node in imports:
+        origin = node.inputs.origin.get_dict()
+        origin.pop("licence_text", None)
+        record = records.setdefault(origin["sha256"], {**origin, "imports": []})
+        record["imports"].append((node.inputs.source, node.outputs.result))
+    return list(records.values())
+
+
+def format_external_sources(records):
+    """The published files of `external_sources`, one block each."""
+    lines = []
+    for record in records:
+        lines += [f"{record['repository']} @ {record['commit']}",
+                  f"    path     {record['path']}",
+                  f"    sha256   {record['sha256']}",
+                  f"    licence  {record['licence']}"]
+        if record.get("note"):
+            lines.append(f"    note     {record['note']}")
+        for source, frames in record["imports"]:
+            lines.append(f"    stored   SinglefileData<{source.pk}> {source.uuid} -> FramesData<{frames.pk}> "
+                         f"({frames.count} frames)")
+    return "\n".join(lines)
 
 
 def learning_curve(workchain):

@@ -63,6 +63,14 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
             return self.exit_codes.ERROR_INVALID_ENSEMBLE_SIZE.format(size=self.inputs.ensemble_size.value)
         return None
 
+    @process_handler(priority=600, exit_codes=[TrainCalculation.exit_codes.ERROR_INTERRUPTED])
+    def handle_interrupted_training(self, node):
+        """The trainer stopped before writing a model but left its training state (killed, machine lost): resume
+        from that state with the same seed and settings, so the result is that of an uninterrupted run."""
+        self.ctx.inputs["checkpoint"] = node.outputs.checkpoint
+        self.report(f"{node.process_label}<{node.pk}> was interrupted; resuming from its checkpoint")
+        return ProcessHandlerReport(do_break=True)
+
     @process_handler(priority=500, exit_codes=[TrainCalculation.exit_codes.ERROR_MISSING_OUTPUT])
     def handle_crashed_training(self, node):
         """The trainer crashed without writing a model (e.g. a diverging loss): retry once more with a new seed,

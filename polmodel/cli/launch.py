@@ -1,5 +1,6 @@
-"""Start a workflow on your own structures (`polmodel launch active-learning|field-response|dfpt FILE...`), or go
-on with a finished active-learning loop (`polmodel launch continue LOOP`).
+"""Start a workflow on your own structures (`polmodel launch active-learning|field-response|dfpt FILE...`), go on
+with a finished active-learning loop (`polmodel launch continue LOOP`), or train an ensemble on labelled data
+another code published (`polmodel launch train SOURCE_CARD.yaml`, polmodel.workflows.external_training).
 
 Reads every structure in the files (CIF, POSCAR and Materials Project JSON through pymatgen; extended XYZ, QE
 input/output and anything else ASE reads through ASE), builds the workflow from its protocol and runs it here, or
@@ -10,13 +11,15 @@ Examples:
     polmodel launch field-response frames.extxyz --overrides '{"scf": {"kpoints_distance": 0.3}}'
     polmodel launch dfpt POSCAR --ph-code ph@cluster --pw-code pw@cluster --daemon
     polmodel launch continue 1234 --max-iterations 2 --daemon
+    polmodel launch train data/allegro_pol/SiO2.yaml --output SiO2.pt
+    polmodel launch train data/allegro_pol/SiO2.yaml --resume 5678 --output SiO2.pt   # 5678: a stopped training
       (after `verdi archive import loop.aiida` on another machine, too: the new loop starts from the old one's
       frames, ensemble, exploration stage and unlabelled candidates)
 """
 import json
 import pathlib
 
-WORKFLOWS = ("active-learning", "field-response", "dfpt", "continue")
+WORKFLOWS = ("active-learning", "field-response", "dfpt", "continue", "train")
 PROTOCOLS = ("fast", "balanced", "stringent")
 
 
@@ -25,7 +28,7 @@ def add_arguments(parser):
                         help="the workflow to start; `continue`: a new active-learning loop from a finished one")
     parser.add_argument("structure_files", nargs="+", metavar="STRUCTURE_FILE",
                         help="structure files (every structure in each file is used); for `continue` the finished "
-                             "loop's pk or uuid")
+                             "loop's pk or uuid; for `train` one source card (YAML)")
     parser.add_argument("--max-iterations", type=int, default=None,
                         help="continue: trainings of the new loop (default: the previous loop's)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="protocol (default: the workflow's)")
@@ -38,6 +41,10 @@ def add_arguments(parser):
     parser.add_argument("--polmodel-code", default="polmodel@localhost",
                         help="polmodel code for training and MD (default: polmodel@localhost)")
     parser.add_argument("--pseudo-family", default=None, help="pseudopotential family (default: the project's)")
+    parser.add_argument("--output", default=None, help="train: write the trained model file here when it finishes")
+    parser.add_argument("--resume", default=None, metavar="NODE",
+                        help="train: go on from a stopped training (pk or uuid of its TrainCalculation, or of the "
+                             "workchain around it)")
 
 
 def read_overrides(text):
@@ -95,6 +102,10 @@ def build(args):
 
     if args.workflow == "continue":
         return [build_continuation(args)]
+    if args.workflow == "train":
+        return [build_training(args)]
+    if args.output or args.resume:
+        raise InputError("--output and --resume go with `train`")
     if args.max_iterations is not None:
         raise InputError("--max-iterations goes with `continue`; a new loop takes max_iterations from --overrides")
     overrides = read_overrides(args.overrides)
@@ -150,6 +161,61 @@ def build_continuation(args):
     return (f"active learning continuing loop {loop}", builder)
 
 
+def stopped_training_checkpoint(identifier):
+    """The `checkpoint` output of a stopped TrainCalculation (or of the last one under a workchain)."""
+    from aiida import orm
+    from aiida.common.exceptions import MultipleObjectsError, NotExistent
+
+    from polmodel.cli import InputError
+
+    try:
+        node = orm.load_node(identifier)
+    except (NotExistent, MultipleObjectsError, ValueError) as error:
+        raise InputError(f"--resume {identifier}: {error}") from error
+    calculations = [node] if isinstance(node, orm.CalcJobNode) else [
+        child for child in node.called_descendants if isinstance(child, orm.CalcJobNode)]
+    for calculation in sorted(calculations, key=lambda calculation: calculation.ctime, reverse=True):
+        if "checkpoint" in calculation.outputs:
+            return calculation.outputs.checkpoint
+    raise InputError(f"--resume {identifier}: no training under it left a checkpoint (it finished, or it never "
+                     "ran with `checkpoint: true`)")
+
+
+def build_training(args):
+    """The builder of an ensemble training on a source card's published frames (external_training)."""
+    from polmodel.cli import InputError, check_output_file
+
+    if len(args.structure_files) != 1 or args.overrides or args.protocol or args.pseudo_family \
+            or args.max_iterations is not None:
+        raise InputError("train takes one source card (YAML) and no --protocol, --overrides, --pseudo-family or "
+                         "--max-iterations: the card holds the training settings")
+    if args.output:
+        if args.daemon:
+            raise InputError("--output writes the model when the training ends here: leave out --daemon (or take "
+                             "the model from the workchain's `model` output later)")
+        check_output_file(args.output, "--output")
+    from polmodel.workflows.external_training import get_builder_from_card, read_source_card
+
+    try:
+        card = read_source_card(args.structure_files[0])
+    except ValueError as error:
+        raise InputError(str(error)) from error
+    checkpoint = stopped_training_checkpoint(args.resume) if args.resume else None
+    polmodel_code = load_code(args.polmodel_code, "--polmodel-code")
+    try:
+        builder = get_builder_from_card(card, polmodel_code, checkpoint=checkpoint)
+    except ValueError as error:   # the file's content is not the recorded one, or its labels are refused
+        raise InputError(f"{args.structure_files[0]}: {error}") from error
+    return (f"training on {card['origin']['repository']} {card['origin']['path']}", builder)
+
+
+def write_trained_model(node, path):
+    """Write the model a finished training workchain made to `path`."""
+    if path and "model" in node.outputs:
+        node.outputs.model.write(path)
+        print(f"wrote {path} (ModelData<{node.outputs.model.pk}>)")
+
+
 def follow_commands(pk):
     return [f"verdi process status {pk}", f"verdi process report {pk}", f"verdi process show {pk}"]
 
@@ -176,6 +242,7 @@ def run(args):
         print(f"running {description} here (Ctrl-C stops it; --daemon submits instead)", flush=True)
         _, node = engine.run_get_node(builder)
         print(f"{node.process_label}<{node.pk}> finished with exit status {node.exit_status}; inspect it with:")
+        write_trained_model(node, args.output)
         for command in follow_commands(node.pk):
             print(f"    {command}")
         status = status or (1 if node.exit_status else 0)

@@ -4,6 +4,7 @@ Examples:
     polmodel provenance pw-runs 1234              # which pw.x runs fed model 1234
     polmodel provenance models --frames 567       # which models were trained on FramesData 567
     polmodel provenance models --source UUID      # ... on the frames labelled by node UUID (frame info 'source')
+    polmodel provenance sources 1234              # the published files (repository, commit, sha256) behind model 1234
     polmodel provenance learning-curve 890        # the iterations of active-learning loop 890
     polmodel provenance graph 890 --output loop.svg   # loop 890 drawn: one box per labelling/training/exploration
 """
@@ -20,6 +21,9 @@ def add_arguments(parser):
     sub = parser.add_subparsers(dest="question", required=True)
     pw_runs = sub.add_parser("pw-runs", help="the pw.x calculations whose outputs fed a model")
     pw_runs.add_argument("model", help="pk or UUID of a ModelData")
+    sources = sub.add_parser("sources", help="the published data files (repository, commit, path, sha256, licence) "
+                                             "whose labels trained a model")
+    sources.add_argument("model", help="pk or UUID of a ModelData")
     models = sub.add_parser("models", help="the models trained on a frame set or on one source's frames")
     which = models.add_mutually_exclusive_group(required=True)
     which.add_argument("--frames", help="pk or UUID of a FramesData")
@@ -65,6 +69,11 @@ def run(args):
             nodes = provenance.pw_runs_for_model(args.model)
             print(f"{len(nodes)} pw.x calculation(s) fed ModelData {args.model}:")
             print(provenance.format_calculations(nodes))
+        elif args.question == "sources":
+            records = provenance.external_sources(args.model)
+            print(f"{len(records)} published data file(s) fed ModelData {args.model}" + (":" if records else ""))
+            if records:
+                print(provenance.format_external_sources(records))
         elif args.question == "models":
             models = (provenance.models_trained_by(args.frames) if args.frames
                       else provenance.models_trained_by_source(args.source))

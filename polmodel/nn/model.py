@@ -237,6 +237,14 @@ class FieldProduct(torch.nn.Module):
         return torch.cat(outputs, dim=-1)
 
 
+def _reachable(irreps_hidden, irreps_in, irreps_other, include_input):
+    """The blocks of `irreps_hidden` whose irrep appears in in ⊗ other (or in `irreps_in` itself)."""
+    produced = {ir_out for _, ir_in in irreps_in for _, ir_other in irreps_other for ir_out in ir_in * ir_other}
+    if include_input:
+        produced |= {ir for _, ir in irreps_in}
+    return o3.Irreps([(mul, ir) for mul, ir in irreps_hidden if ir in produced])
+
+
 class InteractionBlock(torch.nn.Module):
     """One message-passing layer with field coupling; `irreps_out` = the hidden irreps."""
 
@@ -244,8 +252,14 @@ class InteractionBlock(torch.nn.Module):
                  field_projected_messages=False, exact_field_product=True):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
-        self.irreps_out = o3.Irreps(irreps_hidden)
-        allowed = {ir for _, ir in self.irreps_out}
+        # Only the hidden irreps this layer can produce are kept: the messages and the self-connection reach
+        # in ⊗ sh and in (`irreps_mixed`), the field product mixed ⊗ field. An irrep nothing produces would be a
+        # constant zero whose weights never change E (e.g. 2e features in a first layer with lmax 1).
+        irreps_hidden = o3.Irreps(irreps_hidden)
+        irreps_mixed = _reachable(irreps_hidden, self.irreps_in, irreps_sh, include_input=True)
+        self.irreps_out = (_reachable(irreps_hidden, irreps_mixed, irreps_field, include_input=True)
+                           if couple_field else irreps_mixed)
+        allowed = {ir for _, ir in irreps_mixed}
 
         self.linear_up = o3.Linear(self.irreps_in, self.irreps_in)
         self.edge_messages = EdgeMessages(self.irreps_in, irreps_sh, allowed)
@@ -255,7 +269,7 @@ class InteractionBlock(torch.nn.Module):
         self._y1_slice = o3.Irreps(irreps_sh).slices()[1]
         radial_out = self.edge_messages.weight_numel + self.edge_messages.multiplicity * self.field_projected_messages
         self.radial = RadialNetwork([num_radial, radial_hidden, radial_out], torch.nn.functional.silu)
-        self.linear_message = o3.Linear(self.edge_messages.irreps_out, self.irreps_out)
+        self.linear_message = o3.Linear(self.edge_messages.irreps_out, irreps_mixed)
 
         scalars = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l == 0])
         gated = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l > 0])
@@ -263,16 +277,17 @@ class InteractionBlock(torch.nn.Module):
         self.gate = Gate(scalars, [torch.nn.functional.silu], gates, [torch.sigmoid], gated)
 
         self.couple_field = bool(couple_field)
+        allowed_out = {ir for _, ir in self.irreps_out}
         if self.couple_field and exact_field_product:
-            self.field_tp = FieldProduct(self.irreps_out, irreps_field, allowed)
+            self.field_tp = FieldProduct(irreps_mixed, irreps_field, allowed_out)
             self.linear_field = o3.Linear(self.field_tp.irreps_out, self.gate.irreps_in)
         elif self.couple_field:      # the layout of files written before the field readout
-            irreps_field_out, field_instructions = uvu_paths(self.irreps_out, irreps_field, allowed)
-            self.field_tp = o3.TensorProduct(self.irreps_out, irreps_field, irreps_field_out,
+            irreps_field_out, field_instructions = uvu_paths(irreps_mixed, irreps_field, allowed_out)
+            self.field_tp = o3.TensorProduct(irreps_mixed, irreps_field, irreps_field_out,
                                                   field_instructions, shared_weights=True, internal_weights=True)
             self.linear_field = o3.Linear(irreps_field_out, self.gate.irreps_in)
-        self.linear_mix = o3.Linear(self.irreps_out, self.gate.irreps_in)
-        self.self_connection = o3.Linear(self.irreps_in, self.irreps_out)
+        self.linear_mix = o3.Linear(irreps_mixed, self.gate.irreps_in)
+        self.self_connection = o3.Linear(self.irreps_in, irreps_mixed)
         self.residual = self.irreps_in == self.irreps_out
         self.register_load_state_dict_pre_hook(_drop_e3nn_edge_product_constants)
 
@@ -387,11 +402,12 @@ class PolModel(torch.nn.Module):
                                            couple_field=index >= first_field_layer,
                                            field_projected_messages=projected and index == hp["num_layers"] - 1,
                                            exact_field_product=self.field_readout))
-            irreps_in = irreps_hidden
+            irreps_in = layers[-1].irreps_out
         self.layers = torch.nn.ModuleList(layers)
         # the readout's invariants: the scalars, and with the field readout each l = 1, 2 block contracted with
         # Y^l(ε̃) (one invariant per channel; the field-projected messages stand in for an absent 2e block)
-        readout_irreps = o3.Irreps(f"{3 * f}x0e") if self.field_readout else irreps_in
+        num_invariants = sum(mul for mul, _ in irreps_in) + (f if projected else 0)
+        readout_irreps = o3.Irreps(f"{num_invariants}x0e") if self.field_readout else irreps_in
         self.readout_in = o3.Linear(readout_irreps, o3.Irreps(f"{hp['readout_hidden']}x0e"))
         self.readout_out = o3.Linear(o3.Irreps(f"{hp['readout_hidden']}x0e"), o3.Irreps("0e"))
 
