@@ -83,6 +83,25 @@ def test_train_ensemble_workchain_passes_the_initial_model(generate_al_workchain
     assert "initial_model" not in without.ctx.inputs
 
 
+def test_train_ensemble_workchain_resumes_an_interrupted_training(generate_al_workchain, generate_frames_data,
+                                                                   generate_calc_job_node, polmodel_code, tmp_path):
+    """An interrupted training (exit 320, its state an output) is run again from that state, not with a new seed."""
+    from aiida.common.links import LinkType
+
+    process = generate_al_workchain("polmodel.train_ensemble", {
+        "frames": generate_frames_data(2), "train": {"code": polmodel_code}, "ensemble_size": orm.Int(2)})
+    process.setup()
+    interrupted = generate_calc_job_node("polmodel.train", tmp_path)
+    interrupted.set_exit_status(320)
+    checkpoint = orm.FolderData()
+    checkpoint.base.links.add_incoming(interrupted, link_type=LinkType.CREATE, link_label="checkpoint")
+    checkpoint.store()
+    seed = process.ctx.parameters["seed"]
+    report = process.handle_interrupted_training(interrupted)
+    assert report.do_break and process.ctx.inputs["checkpoint"].uuid == checkpoint.uuid
+    assert process.ctx.parameters["seed"] == seed
+
+
 @pytest.mark.parametrize("parameters, message", [
     ({"ensemble_size": 0}, "ensemble_size"),
     ({"epochs": 2.5}, "integer"),
@@ -228,3 +247,35 @@ def test_train_parser_missing_and_corrupt_output(generate_calc_job_node, tmp_pat
     node = generate_calc_job_node("polmodel.train", directory, names={"metrics.json"})
     _, calcfunction = run_parser("polmodel.train", node, directory)
     assert calcfunction.exit_status == 311
+
+
+def test_train_resumes_from_a_checkpoint_input(generate_al_calc_job, generate_frames_data, polmodel_code):
+    import io
+
+    checkpoint = orm.FolderData()
+    for member in (0, 1):
+        checkpoint.base.repository.put_object_from_filelike(io.BytesIO(b"state %d" % member),
+                                                            f"checkpoint.member{member}.pt")
+    folder, calcinfo = generate_al_calc_job("polmodel.train", {
+        "frames": generate_frames_data(count=3), "checkpoint": checkpoint, "code": polmodel_code,
+        "parameters": orm.Dict({"ensemble_size": 2})})
+    (codeinfo,) = calcinfo.codes_info
+    assert codeinfo.cmdline_params[-2:] == ["--checkpoint", "checkpoint.pt"]
+    with folder.open("checkpoint.member1.pt", "rb") as handle:
+        assert handle.read() == b"state 1"
+    assert "checkpoint*.pt" in calcinfo.retrieve_temporary_list
+
+
+def test_train_parser_keeps_the_state_of_an_interrupted_training(generate_calc_job_node, tmp_path):
+    """A killed training wrote no model but its checkpoints: exit 320 with the state as the `checkpoint` output
+    (TrainEnsembleWorkChain.handle_interrupted_training resumes from it); without checkpoints it stays 300."""
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / "checkpoint.member0.pt").write_bytes(b"state 0")
+    node = generate_calc_job_node("polmodel.train", directory, names=set())
+    results, calcfunction = run_parser("polmodel.train", node, directory)
+    assert calcfunction.exit_status == 320
+    assert results["checkpoint"].base.repository.list_object_names() == ["checkpoint.member0.pt"]
+    (directory / "checkpoint.member0.pt").unlink()
+    _, calcfunction = run_parser("polmodel.train", node, directory)
+    assert calcfunction.exit_status == 300

@@ -266,3 +266,17 @@ def test_md_spread_warning_is_one_line_and_stop_on_spread_stops(files, capsys):
     assert len(err) == 1 and err[0].startswith("polmodel md: ForceSpreadWarning: step 0: the ensemble's force spread")
     frames = read_trajectory(files / "spread.xyz")
     assert len(frames) == 1 and frames[0].info["stopped_on_spread"] and frames[0].info["force_spread_threshold"] == 1e-9
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_no_file_can_be_made_in_is_refused_and_a_probe_leaves_no_trace(tmp_path):
+    """access() tells root that /proc is writable; the check tries to make the file instead."""
+    from polmodel.cli import InputError, check_output_file
+
+    with pytest.raises(InputError, match="cannot be written"):
+        check_output_file("/proc/polmodel-output.pt", "--output")
+    check_output_file(tmp_path / "model.pt", "--output")
+    assert not (tmp_path / "model.pt").exists()
+    (tmp_path / "kept.pt").write_bytes(b"old")
+    check_output_file(tmp_path / "kept.pt", "--output")
+    assert (tmp_path / "kept.pt").read_bytes() == b"old"

@@ -66,6 +66,15 @@ def check_output_file(path, what):
         raise InputError(f"{what} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise InputError(f"{what} {path} is not writable")
+    # access() says yes for root in folders no file can be made in (/proc, /sys): try, and leave no trace
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise InputError(f"{what} {path} cannot be written ({error.strerror})") from None
+    if not existed:
+        os.remove(path)
 
 
 def check_output_folder(path, what):
