@@ -60,6 +60,10 @@ def test_a_model_trained_on_imported_frames_names_its_source_and_a_stopped_train
     assert "scripts/3.Parity/SiO2/SiO2.xyz" in format_external_sources([record])
     assert first.outputs.metrics["members"][0]["stopped"] == "max_time_s"
     checkpoint = first.outputs.checkpoint
+    from polmodel.cli import InputError
+    from polmodel.cli.launch import stopped_training_checkpoint
+
+    assert stopped_training_checkpoint(str(first.pk)).uuid == checkpoint.uuid      # what `--resume PK` takes
 
     # the same card without the time limit (how a run executes, not what it computes) goes on from epoch 1
     card["training"]["hyperparameters"].pop("max_time_s")
@@ -68,6 +72,8 @@ def test_a_model_trained_on_imported_frames_names_its_source_and_a_stopped_train
     member = second.outputs.metrics["members"][0]
     assert member["resumed_from_epoch"] == 1 and member["stopped"] == "epochs"
     assert "checkpoint" not in second.outputs
+    with pytest.raises(InputError, match="no training under it left a checkpoint"):
+        stopped_training_checkpoint(second.uuid)
     assert checkpoint.pk in data_ancestors(second.outputs.model)
     (record,) = external_sources(second.outputs.model)   # two imports of one published file
     assert record["sha256"] == card["origin"]["sha256"] and len(record["imports"]) == 2
