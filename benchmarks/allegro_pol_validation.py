@@ -33,11 +33,10 @@ def read_card(path):
 
 
 def validation_frames(card):
-    from polmodel.data.external import CONVENTIONS, LabelMapping, read_external_frames
+    from polmodel.data.external import LabelMapping, read_external_frames
     from polmodel.training.train import split_frames
 
-    mapping = LabelMapping.from_dict({**CONVENTIONS[card.get("convention", "polmodel")].as_dict(),
-                                      **(card.get("mapping") or {})})
+    mapping = LabelMapping.from_convention(card.get("convention", "polmodel"), card.get("mapping"))
     frames = read_external_frames(card["file"], mapping)
     training = card.get("training", {})
     train, valid = split_frames(frames, training.get("validation_fraction", 0.1), training.get("seed", 0))
@@ -70,6 +69,8 @@ def allegro_pol_predictions(path, label_frames):
 
 def model_predictions(model, label_frames):
     """The model's E, F, stress, dipole, Z*, α on each frame, as polmodel frames."""
+    from ase.stress import voigt_6_to_full_3x3_stress
+
     from polmodel.dynamics.calculator import PolCalculator
 
     calculator = PolCalculator(model)
@@ -80,8 +81,6 @@ def model_predictions(model, label_frames):
         calculator.calculate(atoms, properties=["energy", "forces", "stress", "dipole", "born_effective_charges",
                                                 "polarizability"])
         results = calculator.results
-        from ase.stress import voigt_6_to_full_3x3_stress
-
         prediction = label.copy()
         prediction.info.update(energy=float(results["energy"]), stress=voigt_6_to_full_3x3_stress(results["stress"]),
                                dipole=np.asarray(results["dipole"]),

@@ -7,7 +7,6 @@ LabelMapping fields, or both: the mapping's fields override the convention's) an
 `import_external_frames` calcfunction and returns a TrainEnsembleWorkChain builder: the same TrainCalculation the
 active-learning loop trains with. `polmodel launch train CARD` runs it.
 """
-import dataclasses
 import pathlib
 
 import yaml
@@ -19,7 +18,7 @@ CARD_KEYS = {"file", "origin", "convention", "mapping", "training"}
 def read_source_card(path):
     """The card as a dict with `file` resolved against the card's folder and the licence text read in;
     ValueError naming what is wrong."""
-    from polmodel.data.external import CONVENTIONS, LabelMapping
+    from polmodel.data.external import LabelMapping
     from polmodel.plugins.calculations import TRAIN_PARAMETER_TYPES, validate_train_parameters
     from polmodel.plugins.external import validate_origin
 
@@ -48,11 +47,11 @@ def read_source_card(path):
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"source card {path}: licence_file {licence_file}: {error}") from error
     card["origin"] = origin
-    convention = card.get("convention", "polmodel")
-    if convention not in CONVENTIONS:
-        raise ValueError(f"source card {path}: unknown convention {convention!r}; known: {sorted(CONVENTIONS)}")
-    mapping = {**dataclasses.asdict(CONVENTIONS[convention]), **(card.get("mapping") or {})}
-    card["mapping"] = LabelMapping.from_dict(mapping).as_dict()
+    try:
+        mapping = LabelMapping.from_convention(card.get("convention", "polmodel"), card.get("mapping"))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"source card {path}: {error}") from error
+    card["mapping"] = mapping.as_dict()
     training = dict(card.get("training") or {})
     message = validate_train_parameters(orm.Dict(training), None)
     if message:

@@ -80,6 +80,13 @@ class LabelMapping:
             raise ValueError(f"unknown label mapping option(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
+    @classmethod
+    def from_convention(cls, convention, overrides=None):
+        """The named convention of CONVENTIONS with the fields in `overrides` changed (a source card's `mapping`)."""
+        if convention not in CONVENTIONS:
+            raise ValueError(f"unknown convention {convention!r}; known: {sorted(CONVENTIONS)}")
+        return cls.from_dict({**CONVENTIONS[convention].as_dict(), **(overrides or {})})
+
     def as_dict(self):
         return dataclasses.asdict(self)
 
@@ -252,9 +259,7 @@ def read_external_frames(path, mapping, source=None):
     import ase.io
 
     if isinstance(mapping, str):
-        if mapping not in CONVENTIONS:
-            raise ValueError(f"unknown convention {mapping!r}; known: {sorted(CONVENTIONS)}")
-        mapping = CONVENTIONS[mapping]
+        mapping = LabelMapping.from_convention(mapping)
     elif isinstance(mapping, dict):
         mapping = LabelMapping.from_dict(mapping)
     if not os.path.isfile(path):

@@ -237,11 +237,10 @@ class FieldProduct(torch.nn.Module):
         return torch.cat(outputs, dim=-1)
 
 
-def _reachable(irreps_hidden, irreps_in, irreps_other, include_input):
-    """The blocks of `irreps_hidden` whose irrep appears in in ⊗ other (or in `irreps_in` itself)."""
+def _reachable(irreps_hidden, irreps_in, irreps_other):
+    """The blocks of `irreps_hidden` whose irrep appears in in ⊗ other or in `irreps_in` itself."""
     produced = {ir_out for _, ir_in in irreps_in for _, ir_other in irreps_other for ir_out in ir_in * ir_other}
-    if include_input:
-        produced |= {ir for _, ir in irreps_in}
+    produced |= {ir for _, ir in irreps_in}
     return o3.Irreps([(mul, ir) for mul, ir in irreps_hidden if ir in produced])
 
 
@@ -256,9 +255,9 @@ class InteractionBlock(torch.nn.Module):
         # in ⊗ sh and in (`irreps_mixed`), the field product mixed ⊗ field. An irrep nothing produces would be a
         # constant zero whose weights never change E (e.g. 2e features in a first layer with lmax 1).
         irreps_hidden = o3.Irreps(irreps_hidden)
-        irreps_mixed = _reachable(irreps_hidden, self.irreps_in, irreps_sh, include_input=True)
-        self.irreps_out = (_reachable(irreps_hidden, irreps_mixed, irreps_field, include_input=True)
-                           if couple_field else irreps_mixed)
+        irreps_mixed = _reachable(irreps_hidden, self.irreps_in, irreps_sh)
+        self.irreps_out = (_reachable(irreps_hidden, irreps_mixed, irreps_field) if couple_field
+                           else irreps_mixed)
         allowed = {ir for _, ir in irreps_mixed}
 
         self.linear_up = o3.Linear(self.irreps_in, self.irreps_in)
