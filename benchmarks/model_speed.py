@@ -7,12 +7,14 @@ sampler thread; tracemalloc does not see torch's allocator) on CPU, torch.cuda.m
 scaling exponent is the slope of log t vs log N over the sizes with N >= --fit-min-atoms.
 
     python benchmarks/model_speed.py --max-atoms 20000 --repeats 3 --json polmodel.json
+    python benchmarks/model_speed.py --against 0d343c3     # the default model now against an older revision's
 The MACE comparison runs in its own environment (mace-torch pins e3nn 0.4.4, polmodel needs a newer one):
 benchmarks/mace_speed.py reads the --json file and times a MACE model of comparable size on the same cells.
 `make bench` runs both.
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +27,55 @@ from measurement import SPECIES, batio3_supercell, supercell_repeats, timed  # n
 from polmodel.dynamics.calculator import PolCalculator  # noqa: E402
 from polmodel.nn.model import PolModel  # noqa: E402
 
+def compare_revisions(revision, *, rounds, calls, repeat):
+    """Side by side: the working tree's default PolModel against the one at `revision` (a git worktree made for
+    the run), on the same 5·repeat³-atom cell, in alternating one-thread processes (`revision_timing.py`), so that
+    a change of the machine's load hits both alike. Prints best and median CPU times and their ratios."""
+    import statistics
+    import subprocess
+    import tempfile
+
+    here = Path(__file__).resolve().parent
+    root = here.parent
+    worker = here / "revision_timing.py"
+    results = {"current": {"ef": [], "efp": []}, revision: {"ef": [], "efp": []}}
+    with tempfile.TemporaryDirectory() as scratch:
+        worktree = Path(scratch) / "old"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(worktree), revision], check=True,
+                       capture_output=True)
+        try:
+            for _ in range(rounds):
+                for label, checkout in (("current", root), (revision, worktree)):
+                    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+                    done = subprocess.run([sys.executable, str(worker), str(checkout), "--calls", str(calls),
+                                           "--repeat", str(repeat)], check=True, capture_output=True, text=True,
+                                          env=environment)
+                    record = json.loads(done.stdout.strip().splitlines()[-1])
+                    if not record["polmodel"].startswith(str(checkout)):
+                        raise RuntimeError(f"{label}: imported {record['polmodel']}, not the checkout's polmodel")
+                    for kind, values in record["times_s"].items():
+                        results[label][kind].extend(values)
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(worktree)],
+                           capture_output=True)
+    print(f"default PolModel on {5 * repeat ** 3}-atom BaTiO3, one thread, CPU time per call; {rounds} alternating "
+          f"rounds of {calls} calls each")
+    print(f"{'':>10} {'current best':>13} {'median':>8} {revision + ' best':>13} {'median':>8} {'ratio best':>11} "
+          f"{'ratio median':>13}")
+    for kind, name in (("ef", "E+F"), ("efp", "E+F+P")):
+        new, old = results["current"][kind], results[revision][kind]
+        print(f"{name:>10} {min(new) * 1e3:11.1f}ms {statistics.median(new) * 1e3:6.1f}ms "
+              f"{min(old) * 1e3:11.1f}ms {statistics.median(old) * 1e3:6.1f}ms {min(new) / min(old):11.2f} "
+              f"{statistics.median(new) / statistics.median(old):13.2f}")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", default=None, metavar="REVISION",
+                        help="instead of the size ladder: time the default model of the working tree against the one "
+                             "at this git revision side by side (320 atoms, one thread; ratios > 1 are slower now)")
+    parser.add_argument("--rounds", type=int, default=3, help="--against: alternating rounds per revision")
     parser.add_argument("--max-atoms", type=int, default=None,
                         help="largest supercell (default 20,480 on CPU, 10^6 on GPU)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per size and mode (median)")
@@ -45,6 +94,9 @@ def main(argv=None):
                         help="torch CPU threads (default torch's own; 1 gives the least noisy CPU times)")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
+    if args.against:
+        compare_revisions(args.against, rounds=args.rounds, calls=max(args.repeats, 9), repeat=4)
+        return
 
     if args.threads:
         torch.set_num_threads(args.threads)

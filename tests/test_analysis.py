@@ -47,6 +47,32 @@ def test_hysteresis_discards_the_first_cycle_and_reports_each_branch(coercive, b
     assert abs(kept["coercive_field_falling"] + coercive) > 5e-4
 
 
+def test_hysteresis_takes_the_loop_centre_from_the_data():
+    """A loop whose polarization carries an offset (a model's arbitrary reference) has the same coercive fields
+    and remanent polarization about its centre; measured from P = 0 the offset would shift both crossings."""
+    coercive, offset = 0.01, 0.12
+    fields, polarizations, remanent, times = synthetic_loop(coercive, virgin=False)
+    axis = np.array([1.0, 1.0, 0.0]) / np.sqrt(2)
+    loop = observables.hysteresis_loop(fields, polarizations + offset * axis, discard_cycles=0)
+    assert loop["polarization_centre"] == pytest.approx(offset, abs=1e-6)
+    assert loop["coercive_field_rising"] == pytest.approx(coercive, abs=2e-4)
+    assert loop["coercive_field_falling"] == pytest.approx(-coercive, abs=2e-4)
+    assert loop["field_bias"] == pytest.approx(0.0, abs=2e-4)
+    assert loop["remanent_polarization"] == pytest.approx(remanent, rel=1e-2)
+    saturated = 0.3 * np.tanh((0.05 - coercive) / 0.004)
+    assert loop["polarization_at_max_field"] == pytest.approx(saturated, rel=1e-3)
+    # a loop shifted along the field (an imprint) reports the shift as the bias, not as a coercive field
+    shifted = observables.hysteresis_loop(fields, shifted_loop(fields, coercive, 0.004), discard_cycles=0)
+    assert shifted["field_bias"] == pytest.approx(0.004, abs=3e-4)
+    assert shifted["coercive_field"] == pytest.approx(coercive, abs=3e-4)
+
+
+def shifted_loop(fields, coercive, bias, saturation=0.3, width=0.004):
+    field = fields @ (np.array([1.0, 1.0, 0.0]) / np.sqrt(2))
+    shift = np.where(np.gradient(field) > 0, coercive, -coercive) + bias
+    return np.outer(saturation * np.tanh((field - shift) / width), np.array([1.0, 1.0, 0.0]) / np.sqrt(2))
+
+
 def test_hysteresis_refuses_a_loop_that_does_not_switch():
     time = np.linspace(0, 3, 1200, endpoint=False)
     field = np.zeros((1200, 3))

@@ -220,3 +220,61 @@ def test_overlapping_atoms_are_an_error_not_a_number(model):
         atoms.get_forces()
     with pytest.raises(ValueError, match="below the model's cutoff"):   # pairs beyond it are not in the graph
         PolCalculator(model, min_distance=4.0)
+
+
+def test_first_order_coupling_adds_born_charges_and_polarizability_times_field(model):
+    """Allegro-pol's coupling: at field ε the forces are F(0) + Z*ᵀε and the dipole ΩP(0) + αε, with Z* and α the
+    full second derivatives at zero field (float64), while the network coupling at the same field differs."""
+    atoms = batio3(repeat=(2, 1, 1))
+    field = np.array([0.05, -0.08, 0.12])
+    zero = PolCalculator(model)
+    atoms.calc = zero
+    forces0, dipole0 = atoms.get_forces(), atoms.get_dipole_moment()
+    born = zero.get_property("born_effective_charges", atoms)          # [i, a, b] = ∂(ΩP_a)/∂R_ib
+    alpha = zero.get_property("polarizability", atoms)
+    first_order = PolCalculator(model, efield=field, coupling="first-order")
+    atoms.calc = first_order
+    np.testing.assert_allclose(atoms.get_forces(), forces0 + np.einsum("iab,a->ib", born, field), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(atoms.get_dipole_moment(), dipole0 + alpha @ field, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(first_order.get_property("polarization", atoms),
+                               (dipole0 + alpha @ field) / atoms.get_volume(), rtol=0, atol=1e-12)
+    assert np.isclose(atoms.get_potential_energy(), zero.get_property("energy", atoms) - dipole0 @ field,
+                      rtol=0, atol=1e-10)
+    np.testing.assert_allclose(first_order.get_property("born_effective_charges", atoms), born, rtol=0, atol=1e-10)
+    with pytest.raises(PropertyNotImplementedError):
+        atoms.get_stress()
+    network = PolCalculator(model, efield=field)
+    atoms.calc = network
+    assert np.abs(atoms.get_forces() - forces0 - np.einsum("iab,a->ib", born, field)).max() > 1e-6
+
+
+def test_first_order_coupling_of_an_ensemble_is_the_mean_of_its_members():
+    from polmodel.nn.ensemble import PolEnsemble
+    ensemble = PolEnsemble([tiny_model(seed=1), tiny_model(seed=2)])
+    atoms = batio3()
+    members = []
+    for member in ensemble.members:
+        atoms.calc = PolCalculator(member, efield=FIELD, coupling="first-order")
+        members.append(atoms.get_forces())
+    atoms.calc = PolCalculator(ensemble, efield=FIELD, coupling="first-order")
+    np.testing.assert_allclose(atoms.get_forces(), np.mean(members, axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(atoms.calc.get_property("forces_std", atoms), np.std(members, axis=0), rtol=0,
+                               atol=1e-12)
+
+
+def test_unknown_coupling_is_refused(model):
+    with pytest.raises(ValueError, match="coupling must be one of network, first-order"):
+        PolCalculator(model, coupling="second-order")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, "float16", torch.int64, "double"])
+def test_a_dtype_without_second_derivatives_is_refused(model, dtype):
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        PolCalculator(model, dtype=dtype)
+    assert PolCalculator(model, dtype="float32").dtype == torch.float32
+
+
+def test_a_list_of_structures_is_refused(model):
+    calculator = PolCalculator(model)
+    with pytest.raises(TypeError, match="one ase.Atoms at a time, got list"):
+        calculator.get_potential_energy([batio3(), batio3()])

@@ -49,6 +49,15 @@ def files(tmp_path_factory):
     overlapping = _batio3()
     overlapping.positions[2] = overlapping.positions[1] + [0.01, 0.0, 0.0]
     overlapping.write(folder / "overlapping.xyz")
+    not_a_number = _batio3()
+    not_a_number.positions[3, 1] = np.nan
+    not_a_number.write(folder / "nan.xyz")
+    (folder / "zero_cell.xyz").write_text("1\nLattice=\"0 0 0 0 0 0 0 0 0\" Properties=species:S:1:pos:R:3 "
+                                          "pbc=\"T T T\"\nBa 0 0 0\n")
+    cluster = _batio3()
+    cluster.pbc = False
+    cluster.cell = np.zeros((3, 3))
+    cluster.write(folder / "cluster.xyz")
     (folder / "garbage.xyz").write_text("this is\nnot a structure\n")
     (folder / "binary.xyz").write_bytes(bytes(range(256)))
     (folder / "empty.xyz").write_text("")
@@ -92,6 +101,14 @@ MD_TABLE = [
     ("model given as structure", lambda f: _md(f, **{"--structure": f / "model.pt"}), "not a structure file"),
     ("unknown species", lambda f: _md(f, **{"--structure": f / "strontium.xyz"}), "has Sr, which the model"),
     ("overlapping atoms", lambda f: _md(f, **{"--structure": f / "overlapping.xyz"}), "0.010 Å apart"),
+    ("NaN positions", lambda f: _md(f, **{"--structure": f / "nan.xyz"}), "nan.xyz has NaN or infinite positions"),
+    ("all-zero cell", lambda f: _md(f, **{"--structure": f / "zero_cell.xyz"}), "periodic but its cell has no volume"),
+    ("timestep too long for O", lambda f: _md(f, **{"--timestep": 100}),
+     "timestep 100 fs is too long for the lightest atom .16 amu.*at most 5 fs"),
+    ("negative seed", lambda f: _md(f, **{"--seed": -1}), "seed must be a non-negative integer, got -1"),
+    ("npt without a cell", lambda f: _md(f, **{"--structure": f / "cluster.xyz", "--thermostat": "npt"}),
+     "--thermostat npt needs a periodic cell"),
+    ("memory budget below one chunk", lambda f: _md(f, **{"--memory-limit-gb": 0.000001}), "--memory-limit-gb: "),
     ("negative steps", lambda f: _md(f, **{"--steps": -5}), "steps must be a non-negative integer, got -5"),
     ("steps not a number", lambda f: _md(f, **{"--steps": "abc"}), "argument --steps: invalid int value"),
     ("negative timestep", lambda f: _md(f, **{"--timestep": -1}), "timestep must be a positive"),
@@ -261,9 +278,12 @@ def test_md_spread_warning_is_one_line_and_stop_on_spread_stops(files, capsys):
     save(PolEnsemble(members), files / "ensemble.pt")
     argv = _md(files, **{"--model": files / "ensemble.pt", "--output": files / "spread.xyz", "--steps": 6,
                          "--interval": 2, "--spread-threshold": 1e-9, "--stop-on-spread": True})
-    assert main(argv) == 0
+    assert main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("polmodel md: ForceSpreadWarning: step 0: the ensemble's force spread")
+    assert len(err) == 2 and err[0].startswith("polmodel md: ForceSpreadWarning: step 0: the ensemble's force spread")
+    assert err[1] == "polmodel md: stopped at step 0: the ensemble's force spread passed --spread-threshold"
+    status, captured = _run_main(argv + ["--memory-limit-gb", "1"], capsys)
+    _assert_one_line_error(status, captured, "--memory-limit-gb applies to a single model")
     frames = read_trajectory(files / "spread.xyz")
     assert len(frames) == 1 and frames[0].info["stopped_on_spread"] and frames[0].info["force_spread_threshold"] == 1e-9
 
@@ -280,3 +300,45 @@ def test_an_output_no_file_can_be_made_in_is_refused_and_a_probe_leaves_no_trace
     (tmp_path / "kept.pt").write_bytes(b"old")
     check_output_file(tmp_path / "kept.pt", "--output")
     assert (tmp_path / "kept.pt").read_bytes() == b"old"
+
+
+def test_ctrl_c_in_md_is_one_line_and_the_same_command_continues(files, tmp_path):
+    """SIGINT mid-run: exit 130 with one line naming the step to continue from, no traceback; the rerun ends the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from polmodel.dynamics.md import read_trajectory, saved_step
+
+    output = tmp_path / "interrupted.xyz"
+    argv = [sys.executable, "-m", "polmodel.cli", *[str(word) for word in
+                                                       _md(files, **{"--output": output, "--steps": 100000,
+                                                                     "--interval": 20})]]
+    process = subprocess.Popen(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and saved_step(output) < 40:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    step = saved_step(output)
+    assert lines[0] == (f"polmodel md: stopped at step {step} (the last saved one) of 100000; rerun the same command "
+                        "to continue")
+    argv[argv.index("100000")] = str(step + 20)
+    assert subprocess.run(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True).returncode == 0
+    assert read_trajectory(output, index=-1)[-1].info["step"] == step + 20
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("overlapping.xyz", "0.010 Å apart"), ("strontium.xyz", "has Sr, which the model does not know"),
+    ("nan.xyz", "has NaN or infinite positions")])
+def test_modes_refuses_structures_md_refuses(files, capsys, case, expected):
+    argv = ["analyze", "modes", str(files / case), "--model", str(files / "model.pt"), "--output",
+            str(files / "modes")]
+    status, captured = _run_main(argv, capsys)
+    _assert_one_line_error(status, captured, expected)

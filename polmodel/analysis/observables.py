@@ -10,9 +10,8 @@ import warnings
 
 import numpy as np
 
-from polmodel.data.units import E_PER_ANGSTROM2_IN_UC_PER_CM2
+from polmodel.data.units import E_PER_ANGSTROM2_IN_UC_PER_CM2, V_PER_ANGSTROM_IN_MV_PER_CM
 
-V_PER_ANGSTROM_IN_MV_PER_CM = 100.0
 # Trajectory settings that `polmodel md` writes into the first frame's info (polmodel/dynamics/md.py, `run_settings`).
 SETTINGS_PREFIX = "md_"
 
@@ -116,25 +115,48 @@ def _samples_per_cycle(field):
     return int(round(np.mean(np.diff(rising)))) if len(rising) > 1 else None
 
 
+#: a sample whose field is within this fraction of the field's extreme counts as "at the field's maximum"
+_EXTREME_FIELD_FRACTION = 0.95
+
+
+def _polarization_at_field_extremes(field, polarization):
+    """(P at the positive field extreme, its standard error, the same at the negative extreme): means over the
+    samples within _EXTREME_FIELD_FRACTION of each extreme (the error is that of independent samples)."""
+    values = []
+    for extreme in (field.max(), field.min()):
+        near = polarization[field >= _EXTREME_FIELD_FRACTION * extreme] if extreme > 0 else \
+            polarization[field <= _EXTREME_FIELD_FRACTION * extreme]
+        if extreme == 0 or len(near) == 0:
+            raise NoSwitchingError("the field does not reach both signs: there is no loop to analyse")
+        error = float(near.std(ddof=1) / np.sqrt(len(near))) if len(near) > 1 else float("nan")
+        values.extend([float(near.mean()), error])
+    return values
+
+
 def hysteresis_loop(fields, polarizations, axis=None, *, times_fs=None, period_fs=None, discard_cycles=1,
                     min_remanent_fraction=0.1):
-    """The P–E loop's landmarks per branch, after the first cycle(s) are discarded.
+    """The P–E loop's landmarks per branch, after the first cycle(s) are discarded, about the loop's centre.
 
     fields (T,3) V/Å, polarizations (T,3) e/Å², in time order. The axis defaults to the principal direction of
     the field series. The first `discard_cycles` cycles (the virgin curve) are dropped: by time when `times_fs`
     and the protocol's `period_fs` are given, else by the period the field's zero crossings show. The rest
-    is split into rising-field and falling-field branches (sign of dε/dt); on each the coercive field is where
-    P crosses zero and the remanent polarization where ε crosses zero (linear interpolation, averaged over
-    cycles).
+    is split into rising-field and falling-field branches (sign of dε/dt).
 
-    Refuses (NoSwitchingError) a series that does not switch: a branch without a P zero crossing, or remanent
+    The centre is taken from the data, not assumed at P = 0 (a model's polarization carries an arbitrary
+    offset, a lattice quantum or a reference): P_c is the mean of P at the positive and at the negative field
+    extreme (samples within 95 % of each). On each branch the coercive field is where P - P_c crosses zero and
+    the remanent polarization is P - P_c where ε crosses zero (linear interpolation, averaged over cycles).
+
+    Refuses (NoSwitchingError) a series that does not switch: a branch without a crossing, or remanent
     polarizations that are not of opposite signs (falling branch positive) and apart by at least
     `min_remanent_fraction` of the polarization range — a linear or merely lossy dielectric has no coercive
     field to report.
 
-    Returns a dict: axis, field (T',), polarization (T',) projected (kept part); coercive_field_rising /
-    _falling (V/Å) and their half difference coercive_field; remanent_polarization_rising / _falling (e/Å²)
-    and their half difference remanent_polarization; discarded_frames.
+    Returns a dict: axis, field (T',), polarization (T',) projected (kept part, not centred); polarization_centre
+    (e/Å²); coercive_field_rising / _falling (V/Å), their half difference coercive_field and half sum
+    field_bias; remanent_polarization_rising / _falling (e/Å², from the centre) and their half difference
+    remanent_polarization; polarization_at_max_field (half the difference of P at the two field extremes, e/Å²)
+    with polarization_at_max_field_error (standard error); discarded_frames.
     """
     fields = np.asarray(fields, dtype=float)
     polarizations = np.asarray(polarizations, dtype=float)
@@ -156,20 +178,25 @@ def hysteresis_loop(fields, polarizations, axis=None, *, times_fs=None, period_f
     else:
         start = 0
     rate = np.gradient(field)
+    at_positive, positive_error, at_negative, negative_error = _polarization_at_field_extremes(field, polarization)
+    centre = 0.5 * (at_positive + at_negative)
+    centred = polarization - centre
 
-    result = {"axis": axis.tolist(), "field": field, "polarization": polarization, "discarded_frames": start}
+    result = {"axis": axis.tolist(), "field": field, "polarization": polarization, "discarded_frames": start,
+              "polarization_centre": centre, "polarization_at_max_field": 0.5 * (at_positive - at_negative),
+              "polarization_at_max_field_error": 0.5 * float(np.hypot(positive_error, negative_error))}
     for name, mask in (("rising", rate > 0), ("falling", rate < 0)):
         coercive, remanent = [], []
         edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
         for segment_start, stop in zip(edges[::2], edges[1::2]):
             if stop - segment_start < 2:
                 continue
-            segment_field, segment_polarization = field[segment_start:stop], polarization[segment_start:stop]
+            segment_field, segment_polarization = field[segment_start:stop], centred[segment_start:stop]
             coercive.extend(_zero_crossings(segment_field, segment_polarization))
             remanent.extend(_zero_crossings(segment_polarization, segment_field))
         if not coercive or not remanent:
             raise NoSwitchingError(f"the polarization does not switch on the {name}-field branch "
-                                   "(no zero crossing of P or of the field on it)")
+                                   "(no crossing of the loop's centre or of zero field on it)")
         result[f"coercive_field_{name}"] = float(np.mean(coercive))
         result[f"remanent_polarization_{name}"] = float(np.mean(remanent))
     spread = float(np.ptp(polarization))
@@ -177,8 +204,9 @@ def hysteresis_loop(fields, polarizations, axis=None, *, times_fs=None, period_f
     if not (falling > 0 > rising and falling - rising >= min_remanent_fraction * spread):
         raise NoSwitchingError(
             f"the loop does not switch: remanent polarization {falling:.3g} e/Å² on the falling branch and "
-            f"{rising:.3g} on the rising one, for a polarization range of {spread:.3g} e/Å²")
+            f"{rising:.3g} on the rising one (from the loop's centre), for a polarization range of {spread:.3g} e/Å²")
     result["coercive_field"] = 0.5 * (result["coercive_field_rising"] - result["coercive_field_falling"])
+    result["field_bias"] = 0.5 * (result["coercive_field_rising"] + result["coercive_field_falling"])
     result["remanent_polarization"] = 0.5 * (falling - rising)
     return result
 
@@ -277,7 +305,7 @@ def plot_hysteresis(loop, path):
     for key in ("coercive_field_rising", "coercive_field_falling"):
         if np.isfinite(loop[key]):
             ax.axvline(loop[key] * V_PER_ANGSTROM_IN_MV_PER_CM, color="grey", ls=":", lw=0.8)
-    ax.axhline(0, color="k", lw=0.5)
+    ax.axhline(loop.get("polarization_centre", 0.0) * E_PER_ANGSTROM2_IN_UC_PER_CM2, color="k", lw=0.5)
     ax.axvline(0, color="k", lw=0.5)
     ax.set_xlabel("field (MV/cm)")
     ax.set_ylabel("polarization (µC/cm$^2$)")

@@ -1,7 +1,8 @@
 """`polmodel` command line: one sub-command per job.
 
-Each sub-command is a module of this package (train.py, evaluate.py, md.py, analyze.py, provenance.py, launch.py)
-that defines `add_arguments(parser)` and `run(args)`; this module holds `main` and the input checks they share.
+Each sub-command is a module of this package (train.py, evaluate.py, md.py, switch.py, analyze.py, provenance.py,
+launch.py) that defines `add_arguments(parser)` and `run(args)`; this module holds `main` and the input checks they
+share.
 Start-up stays light: this module and the sub-command modules import only the standard library (and numpy) at module
 level, and `main` imports only the module of the sub-command it runs; torch, ASE and AiiDA are imported inside each
 `run`. Every `run` first checks its inputs with the helpers below and raises `InputError`, which `main` prints as one
@@ -18,11 +19,14 @@ SUBCOMMANDS = {
     "train": "polmodel.cli.train",
     "evaluate": "polmodel.cli.evaluate",
     "md": "polmodel.cli.md",
+    "switch": "polmodel.cli.switch",
     "analyze": "polmodel.cli.analyze",
     "provenance": "polmodel.cli.provenance",
     "launch": "polmodel.cli.launch",
 }
 EXIT_BAD_INPUT = 2
+#: a run stopped by Ctrl-C (the shell's 128 + SIGINT) that the same command continues
+EXIT_INTERRUPTED = 130
 
 
 class InputError(Exception):
@@ -87,6 +91,25 @@ def check_output_folder(path, what):
             raise InputError(f"{what} {path} is not writable")
         return
     check_output_file(path, what)
+
+
+def check_structure(atoms, what, model=None):
+    """`atoms` can be given to a model: finite positions, fully periodic with a cell of volume, or fully open,
+    and (with `model`) only species the model knows."""
+    import numpy as np
+
+    if not np.all(np.isfinite(atoms.positions)):
+        raise InputError(f"{what} has NaN or infinite positions")
+    if np.any(atoms.pbc) and not np.all(atoms.pbc):
+        raise InputError(f"{what} is periodic along some directions only (pbc={atoms.pbc.tolist()}): give a fully "
+                         "periodic cell or an open cluster")
+    if np.all(atoms.pbc) and not (np.all(np.isfinite(atoms.cell[:])) and abs(atoms.cell.volume) > 1e-6):
+        raise InputError(f"{what} is periodic but its cell has no volume ({np.asarray(atoms.cell).tolist()})")
+    if model is not None:
+        unknown = sorted(set(atoms.get_chemical_symbols()) - set(model.species))
+        if unknown:
+            raise InputError(f"{what} has {', '.join(unknown)}, which the model does not know (it knows "
+                             f"{', '.join(model.species)})")
 
 
 def check_number(value, name, *, minimum=None, maximum=None, above=None, below=None):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polmodel.cli import InputError, check_input_file
+from polmodel.cli import InputError, check_input_file, check_structure
 
 ANALYSES = ("ir", "dielectric", "hysteresis", "modes")
 
@@ -315,9 +315,16 @@ def run_modes(args):
         atoms = ase.io.read(path, index=-1)
     except Exception as error:
         raise InputError(f"cannot read a structure from {path} ({_first_line(error)})") from None
+    check_structure(atoms, f"structure {path}")
     if not atoms.pbc.all():
         raise InputError(f"{path} is not a periodic crystal: Γ phonons and ε need a cell")
     calculator = _load_calculator(args.model)
+    from polmodel.dynamics.calculator import OverlappingAtomsError
+    check_structure(atoms, f"structure {path}", calculator.model)
+    try:
+        calculator.check_atoms(atoms)
+    except OverlappingAtomsError as error:
+        raise InputError(f"structure {path}: {error}") from None
     atoms.calc = calculator
     forces = atoms.get_forces()
     born = calculator.get_property("born_effective_charges", atoms)

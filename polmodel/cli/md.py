@@ -10,8 +10,11 @@ import math
 import sys
 import warnings
 
-from polmodel.cli import InputError, check_input_file, check_output_file, load_model_file
+from polmodel.cli import EXIT_INTERRUPTED, InputError, check_input_file, check_output_file, check_structure, load_model_file
 from polmodel.dynamics.md import DEFAULT_SPREAD_THRESHOLD, SPREAD_THRESHOLD_PER_VALIDATION_RMSE, THERMOSTATS
+
+#: the exit status of a run stopped on the ensemble's spread (--stop-on-spread)
+EXIT_STOPPED_ON_SPREAD = 3
 
 
 def add_arguments(parser):
@@ -43,7 +46,8 @@ def add_arguments(parser):
                              "validation force RMSE the model file records, or "
                              f"{DEFAULT_SPREAD_THRESHOLD} for files without one)")
     parser.add_argument("--stop-on-spread", action="store_true",
-                        help="stop the run at the first step whose force spread passes --spread-threshold")
+                        help="stop the run at the first step whose force spread passes --spread-threshold "
+                             f"(exit status {EXIT_STOPPED_ON_SPREAD})")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                         help="run the model in this precision (default: as saved)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -62,7 +66,7 @@ def _check_inputs(args):
         check_run_arguments(steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
                             thermostat=args.thermostat, friction=args.friction, interval=args.interval,
                             pressure_GPa=args.pressure, spread_threshold=args.spread_threshold,
-                            polarization_interval=args.polarization_interval)
+                            polarization_interval=args.polarization_interval, seed=args.seed)
     except ValueError as error:
         raise InputError(str(error)) from error
     if args.memory_limit_gb is not None and not (math.isfinite(args.memory_limit_gb) and args.memory_limit_gb > 0):
@@ -82,10 +86,16 @@ def _check_inputs(args):
     except ValueError as error:
         raise InputError(str(error)) from error
     model = load_model_file(args.model)
-    unknown = sorted(set(atoms.get_chemical_symbols()) - set(model.species))
-    if unknown:
-        raise InputError(f"--structure {args.structure} has {', '.join(unknown)}, which the model does not know "
-                         f"(it knows {', '.join(model.species)})")
+    check_structure(atoms, f"--structure {args.structure}", model)
+    from polmodel.dynamics.md import check_timestep
+    try:
+        check_timestep(args.timestep, atoms.get_masses())
+    except ValueError as error:
+        raise InputError(f"--timestep: {error}") from error
+    if args.thermostat == "npt" and not all(atoms.pbc):
+        raise InputError(f"--thermostat npt needs a periodic cell; --structure {args.structure} has none")
+    if args.memory_limit_gb is not None and hasattr(model, "members"):
+        raise InputError("--memory-limit-gb applies to a single model: an ensemble is evaluated whole")
     if args.born_spread and not hasattr(model, "members"):
         raise InputError("--born-spread needs an ensemble (it is the spread over members); --model is one model")
     return model, atoms, protocol, device
@@ -129,6 +139,10 @@ def run(args):
         calculator.check_atoms(atoms)   # overlapping atoms fail here, before the trajectory is touched
     except OverlappingAtomsError as error:
         raise InputError(f"--structure {args.structure}: {error}") from error
+    _check_memory_budget(calculator, atoms)
+    if not any(atoms.pbc):
+        print(f"polmodel md: --structure {args.structure} has no periodic cell: running it as an open cluster "
+              "(a dipole, no polarization or stress)", file=sys.stderr)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning_as_one_line
@@ -140,10 +154,31 @@ def run(args):
                            stop_on_spread=args.stop_on_spread, polarization_interval=args.polarization_interval)
     except RestartMismatchError as error:  # run_md checks a restart before it touches anything
         raise InputError(f"{error} (--no-restart)") from error
+    except KeyboardInterrupt:
+        from polmodel.dynamics.md import saved_step
+        print(f"polmodel md: stopped at step {saved_step(args.output)} (the last saved one) of {args.steps}; rerun "
+              "the same command to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not args.quiet:
         from polmodel.dynamics.polarization_log import polarization_log_path
         print(json.dumps({"trajectory": args.output, "polarization": str(polarization_log_path(args.output)),
                           "final_temperature_K": final.get_temperature(),
                           **{key: final.info[key] for key in ("force_spread_exceeded_step", "stopped_on_spread")
                              if key in final.info}}))
+    if final.info.get("stopped_on_spread"):
+        print(f"polmodel md: stopped at step {final.info['force_spread_exceeded_step']}: the ensemble's force spread "
+              "passed --spread-threshold", file=sys.stderr)
+        return EXIT_STOPPED_ON_SPREAD
     return 0
+
+
+def _check_memory_budget(calculator, atoms):
+    """InputError when no chunk of the cell fits the calculator's memory budget (before any step)."""
+    if calculator.is_ensemble:
+        return
+    from polmodel.nn.chunked import MemoryBudgetError, plan_for_cell
+    try:
+        plan_for_cell(calculator.model, atoms.positions, atoms.cell[:], atoms.pbc, calculator.memory_limit_gb,
+                      dtype=calculator.dtype, device=calculator.device)
+    except MemoryBudgetError as error:
+        raise InputError(f"--memory-limit-gb: {error}") from error

@@ -11,12 +11,14 @@ import difflib
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from polmodel.active_learning.selection import MIN_INTERATOMIC_DISTANCE
 from polmodel.data import keys
 from polmodel.dynamics.fields import validate_field_vector
+from polmodel.nn.response import FIELD_COUPLINGS, compute_response, first_order_field_response
 from polmodel.runtime.allocator import keep_heap_if_requested
 
 _BASE_PROPERTIES = ["energy", "free_energy", "forces", "stress", "dipole", "polarization"]
@@ -50,6 +52,19 @@ def _refuse_unknown(names, where):
     raise TypeError(f"{where} got unknown keyword(s) {', '.join(hints)}; its parameters are {', '.join(known)}")
 
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _checked_dtype(dtype):
+    """None, or torch.float32 / torch.float64 (also by name); the model's derivatives need one of them."""
+    if dtype is None or dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be float32 or float64 (torch dtype or name), got {dtype!r}: lower precisions "
+                     "cannot carry the second derivatives (Born charges, polarizability)")
+
+
 def _load_model(model_or_path):
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path
@@ -79,19 +94,28 @@ class PolCalculator(Calculator):
     halos, exactly (polmodel/nn/chunked.py). Default: half of the memory the device has available when the
     calculator is made.
     A budget too small for one chunk raises polmodel.nn.chunked.MemoryBudgetError. Ensembles are evaluated whole.
+    coupling: how the field enters, one of polmodel.nn.response.FIELD_COUPLINGS: "network" (default) evaluates the
+    model at the field; "first-order" evaluates it at zero field and adds Z*ᵀε to the forces and αε to the
+    dipole, as Allegro-pol's MD does (polmodel.nn.response.first_order_field_response). It has no stress (fixed
+    cells) and evaluates the cell whole.
     """
 
     default_parameters = {"efield": (0.0, 0.0, 0.0)}
 
     def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None,
-                 min_distance=MIN_INTERATOMIC_DISTANCE, keep_heap=None, memory_limit_gb=None, **kwargs):
+                 min_distance=MIN_INTERATOMIC_DISTANCE, keep_heap=None, memory_limit_gb=None, coupling="network",
+                 **kwargs):
         _refuse_unknown(set(kwargs) - _ASE_CONSTRUCTOR_ARGUMENTS, "PolCalculator()")
+        if coupling not in FIELD_COUPLINGS:
+            raise ValueError(f"coupling must be one of {', '.join(FIELD_COUPLINGS)}, got {coupling!r}")
+        self.coupling = coupling
         if not min_distance >= 0.0:
             raise ValueError(f"min_distance must be >= 0 Å, got {min_distance}")
         self.min_distance = float(min_distance)
         if memory_limit_gb is not None and not (np.isfinite(memory_limit_gb) and memory_limit_gb > 0):
             raise ValueError(f"memory_limit_gb must be a positive number of GB, got {memory_limit_gb}")
         super().__init__(efield=tuple(validate_field_vector(efield, "efield").tolist()), **kwargs)
+        dtype = _checked_dtype(dtype)
         model = _load_model(model_or_ensemble_or_path)
         parameter = next(model.parameters(), None)
         model_dtype = parameter.dtype if parameter is not None else torch.get_default_dtype()
@@ -112,8 +136,8 @@ class PolCalculator(Calculator):
         self.cutoff = float(model.cutoff)
         if self.min_distance >= self.cutoff:
             raise ValueError(f"min_distance {self.min_distance} Å must be below the model's cutoff {self.cutoff} Å")
-        self.implemented_properties = (_BASE_PROPERTIES + list(_SECOND_ORDER)
-                                       + (_ENSEMBLE_SPREAD if self.is_ensemble else []))
+        base = [name for name in _BASE_PROPERTIES if not (coupling == "first-order" and name == "stress")]
+        self.implemented_properties = base + list(_SECOND_ORDER) + (_ENSEMBLE_SPREAD if self.is_ensemble else [])
         # The field the cached results were computed at (it can differ from the parameter after
         # `set_field_for_next_positions`).
         self.results_efield = None
@@ -146,6 +170,8 @@ class PolCalculator(Calculator):
         self.results_efield = None
 
     def get_property(self, name, atoms=None, allow_calculation=True):
+        if atoms is not None and not isinstance(atoms, Atoms):
+            raise TypeError(f"PolCalculator evaluates one ase.Atoms at a time, got {type(atoms).__name__}")
         if name in _ENSEMBLE_SPREAD and not self.is_ensemble:
             raise PropertyNotImplementedError(f"{name!r} is the spread of an ensemble; this calculator holds a "
                                               "single model")
@@ -164,15 +190,17 @@ class PolCalculator(Calculator):
             if name in requested and not periodic:
                 raise PropertyNotImplementedError(f"{name!r} needs a periodic cell (a volume); these atoms have "
                                                   f"pbc={atoms.pbc.tolist()}")
-        flags = {"stress": periodic,
+        first_order = self.coupling == "first-order"
+        flags = {"stress": periodic and not first_order,
                  "born_charges": bool(requested & {"born_effective_charges", "born_effective_charges_std"}),
                  "polarizability": bool(requested & {"polarizability", "dielectric_tensor",
                                                      "polarizability_std"})}
         efield = self.efield
         if self.results and self.results_efield is not None and not np.array_equal(efield, self.results_efield):
             self.results = {}  # cached first-order results were at another field
-        response = None if self.is_ensemble else self._chunked_response(atoms, efield, flags)
+        response = None if self.is_ensemble or first_order else self._chunked_response(atoms, efield, flags)
         if response is None:
+            response_function = first_order_field_response if first_order else compute_response
             data = atoms_to_graph(atoms, self.species, self.cutoff, efield=efield, dtype=self.dtype)
             self._refuse_overlapping_atoms(atoms, data[keys.EDGE_INDEX].numpy(),
                                            data[keys.EDGE_CELL_SHIFT].double().numpy())
@@ -180,10 +208,9 @@ class PolCalculator(Calculator):
                     for key, value in data.items()}
             if self.is_ensemble:
                 from polmodel.nn.ensemble import ensemble_response
-                response = ensemble_response(self.model, data, **flags)
+                response = ensemble_response(self.model, data, response_function, **flags)
             else:
-                from polmodel.nn.response import compute_response
-                response = compute_response(self.model, data, **flags)
+                response = response_function(self.model, data, **flags)
         self.results.update(self._to_results(response))
         self.results_efield = efield
 

@@ -90,13 +90,15 @@ class RampField:
 
 @dataclass(frozen=True)
 class CosineField:
-    """ε(t) = amplitude · cos(2π t / period_fs + phase) · axis/|axis|, amplitude in V/Å, phase in radians.
+    """ε(t) = amplitude · cos(2π (t - hold_fs) / period_fs + phase) · axis/|axis|, amplitude in V/Å, phase in
+    radians; for t < hold_fs the field stays at its value at t = hold_fs (a poling hold before the cycle).
 
     With the default phase the field starts at +amplitude; a hysteresis cycle is one period."""
     amplitude: float
     period_fs: float
     axis: tuple
     phase: float = 0.0
+    hold_fs: float = 0.0
 
     def __post_init__(self):
         amplitude = _finite_number(self.amplitude, "cosine amplitude")
@@ -117,14 +119,21 @@ class CosineField:
         object.__setattr__(self, "period_fs", period)
         object.__setattr__(self, "axis", tuple((axis / norm).tolist()))
         object.__setattr__(self, "phase", _finite_number(self.phase, "cosine phase"))
+        hold = _finite_number(self.hold_fs, "cosine hold_fs")
+        if hold < 0.0:
+            raise ValueError(f"cosine hold_fs must be >= 0, got {hold:g} fs")
+        object.__setattr__(self, "hold_fs", hold)
 
     def __call__(self, time_fs):
-        angle = 2.0 * math.pi * float(time_fs) / self.period_fs + self.phase
+        angle = 2.0 * math.pi * max(float(time_fs) - self.hold_fs, 0.0) / self.period_fs + self.phase
         return self.amplitude * math.cos(angle) * np.array(self.axis)
 
     def as_dict(self):
-        return {"kind": "cosine", "amplitude": self.amplitude, "period_fs": self.period_fs,
+        data = {"kind": "cosine", "amplitude": self.amplitude, "period_fs": self.period_fs,
                 "axis": list(self.axis), "phase": self.phase}
+        if self.hold_fs:   # absent when zero, so trajectories recorded before it existed continue unchanged
+            data["hold_fs"] = self.hold_fs
+        return data
 
 
 _KINDS = {"static": StaticField, "ramp": RampField, "cosine": CosineField}

@@ -165,10 +165,12 @@ def _write_checkpoint(path, atoms, step, time_fs, dynamics, rng):
 
 
 def run_settings(protocol, *, thermostat, timestep_fs, temperature_K, friction, pressure_GPa, interval,
-                 polarization_interval=1):
+                 polarization_interval=1, coupling="network"):
     """The settings a trajectory is made with, as first-frame info entries (what a restart must repeat)."""
     settings = {"field": json.dumps(protocol.as_dict(), sort_keys=True), "thermostat": thermostat,
                 "timestep_fs": float(timestep_fs), "interval": int(interval)}
+    if coupling != "network":   # recorded only when not the default, so older trajectories still continue
+        settings["coupling"] = coupling
     if polarization_interval != 1:   # recorded only when not the default, so older trajectories still continue
         settings["polarization_interval"] = int(polarization_interval)
     if thermostat != "nve":   # NVE ignores these, so changing them on restart changes nothing
@@ -215,8 +217,18 @@ def _same_setting(old, new):
     return old == new
 
 
+def saved_step(trajectory_path):
+    """The step a restart of the trajectory at `trajectory_path` would continue from (0 when nothing is saved)."""
+    checkpoint = checkpoint_path(trajectory_path)
+    if not checkpoint.exists():
+        return 0
+    with np.load(checkpoint) as saved:
+        return int(saved["step"])
+
+
 def _resume(atoms, trajectory_path, timestep_fs):
-    """Put the last frame's state on `atoms`; returns (step, extra state dict)."""
+    """Put the saved state on `atoms`: the checkpoint's when it is at or after the last frame (it is written
+    with every frame and every `checkpoint_interval` steps), else the last frame's; returns (step, extra state)."""
     frames = read_trajectory(trajectory_path, index=-1)
     last = frames[-1]
     step = int(last.info["step"])
@@ -227,7 +239,8 @@ def _resume(atoms, trajectory_path, timestep_fs):
     checkpoint = checkpoint_path(trajectory_path)
     if checkpoint.exists():
         with np.load(checkpoint) as saved:
-            if int(saved["step"]) == step:
+            if int(saved["step"]) >= step and len(saved["positions"]) == len(atoms):
+                step = int(saved["step"])
                 positions, momenta, cell = saved["positions"], saved["momenta"], saved["cell"]
                 state = json.loads(str(saved["state"]))
     atoms.set_cell(cell, scale_atoms=False)
@@ -252,9 +265,27 @@ def spread_threshold_of(model):
             f"{SPREAD_THRESHOLD_PER_VALIDATION_RMSE:g} x the model's validation force RMSE {error:.3g} eV/Å")
 
 
+#: fs·amu^-1/2: the longest timestep for the lightest mass m is this × √m. Velocity Verlet is unstable above
+#: dt = T/π for the fastest vibration (period T); bonds of a light atom of mass m vibrate with T ∝ √m, and O–H
+#: stretches (T ≈ 9 fs) put the limit for hydrogen near 3 fs, so 1.25 √m fs (1.3 fs for H, 5 fs for O, 15 fs for
+#: Ba) refuses runs that would blow up while admitting every usual choice.
+MAX_TIMESTEP_FS_PER_SQRT_AMU = 1.25
+
+
+def check_timestep(timestep_fs, masses):
+    """ValueError when the timestep is beyond MAX_TIMESTEP_FS_PER_SQRT_AMU × √(lightest mass)."""
+    lightest = float(np.min(masses))
+    limit = MAX_TIMESTEP_FS_PER_SQRT_AMU * np.sqrt(lightest)
+    if timestep_fs > limit:
+        raise ValueError(f"timestep {timestep_fs:g} fs is too long for the lightest atom ({lightest:.3g} amu): "
+                         f"Verlet integration blows up; use at most {limit:.2g} fs")
+
+
 def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, friction, interval, pressure_GPa=0.0,
-                        spread_threshold=None, polarization_interval=1):
+                        spread_threshold=None, polarization_interval=1, seed=0):
     """ValueError for settings `run_md` cannot run with (checked before any work)."""
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
     if thermostat not in THERMOSTATS:
         raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
     if int(steps) != steps or steps < 0:
@@ -279,7 +310,7 @@ def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, fricti
 def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300.0, thermostat="nve",
            friction=0.01, interval=10, trajectory_path="md.xyz", born_spread=False, restart=True, progress=True,
            seed=0, pressure_GPa=0.0, spread_threshold=DEFAULT_SPREAD_THRESHOLD, stop_on_spread=False,
-           polarization_interval=1):
+           polarization_interval=1, checkpoint_interval=None):
     """Run MD of `atoms` with `calculator` (a PolCalculator) under the field protocol `protocol`.
 
     steps: the total length of the run in steps; a restarted run continues from the trajectory's last frame
@@ -288,6 +319,8 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     friction: 1/fs, the Langevin friction or the inverse relaxation time of the other thermostats (the NPT
     barostat relaxes 10× slower). interval: write a frame every `interval` steps. polarization_interval: write
     a row of `<trajectory>.polarization.csv` every this many steps (polmodel/dynamics/polarization_log.py).
+    checkpoint_interval: also save the exact restart state every this many steps (default: with the frames only),
+    so that a long run with sparse frames loses little work when killed.
     born_spread: also record the ensemble spread of the Born charges (costs a second-derivative pass per frame).
     restart: continue an existing trajectory (False: overwrite it); a trajectory made with other settings
     (`run_settings`) raises RestartMismatchError. seed: initial velocities and Langevin noise.
@@ -300,7 +333,12 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
 
     check_run_arguments(steps=steps, timestep_fs=timestep_fs, temperature_K=temperature_K, thermostat=thermostat,
                         friction=friction, interval=interval, pressure_GPa=pressure_GPa,
-                        spread_threshold=spread_threshold, polarization_interval=polarization_interval)
+                        spread_threshold=spread_threshold, polarization_interval=polarization_interval, seed=seed)
+    check_timestep(timestep_fs, atoms.get_masses())
+    if thermostat == "npt" and not np.all(atoms.pbc):
+        raise ValueError("the npt thermostat needs a periodic cell (a volume to hold at pressure)")
+    if checkpoint_interval is not None and (int(checkpoint_interval) != checkpoint_interval or checkpoint_interval < 1):
+        raise ValueError(f"checkpoint_interval must be a positive integer, got {checkpoint_interval}")
     if born_spread and not calculator.is_ensemble:
         raise ValueError("born_spread needs an ensemble calculator (it is the spread over members)")
     steps, interval = int(steps), int(interval)
@@ -312,7 +350,8 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
 
     settings = run_settings(protocol, thermostat=thermostat, timestep_fs=timestep_fs, temperature_K=temperature_K,
                             friction=friction, pressure_GPa=pressure_GPa, interval=interval,
-                            polarization_interval=polarization_interval)
+                            polarization_interval=polarization_interval,
+                            coupling=getattr(calculator, "coupling", "network"))
     resuming = restart and trajectory_path.exists() and trajectory_path.stat().st_size > 0
     if resuming:
         check_restart(trajectory_path, atoms, settings)
@@ -361,7 +400,8 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     try:
         step = _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_log, bar, step=step,
                           remaining=remaining, timestep_fs=timestep_fs, interval=interval,
-                          born_spread=born_spread, trajectory_path=trajectory_path, checkpoint=checkpoint)
+                          born_spread=born_spread, trajectory_path=trajectory_path, checkpoint=checkpoint,
+                          checkpoint_interval=int(checkpoint_interval or interval))
     finally:
         polarization_log.close()
         if bar is not None:
@@ -373,7 +413,7 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
 
 
 def _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_log, bar, *, step, remaining,
-               timestep_fs, interval, born_spread, trajectory_path, checkpoint):
+               timestep_fs, interval, born_spread, trajectory_path, checkpoint, checkpoint_interval):
     """The MD loop of `run_md`: every step goes to the P(t) file and every `interval`-th to the trajectory as
     it is made; nothing is kept. Returns the last step."""
     import ase.io
@@ -390,6 +430,8 @@ def _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_l
             frame = _frame(atoms, calculator, step, time_fs, born_spread)
             frame.info.update(watch.record())
             ase.io.write(trajectory_path, frame, format="extxyz", append=True)
+            _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)
+        elif step % checkpoint_interval == 0:
             _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)
         if watch.stopped:
             break

@@ -73,13 +73,14 @@ def onto_first_member_branch(dipoles, cell, periodic):
     return torch.where(periodic.view(1, -1, 1), aligned, dipoles)
 
 
-def ensemble_response(ensemble, data, **flags):
-    """compute_response of every member; mean under the standard keys, population std as `<key>_std`.
+def ensemble_response(ensemble, data, response_function=compute_response, **flags):
+    """`response_function` (compute_response, or another function of polmodel.nn.response with its signature, such as
+    first_order_field_response) of every member; mean under the standard keys, population std as `<key>_std`.
 
     Dipoles and polarizations are averaged on one branch (`onto_first_member_branch`). `flags` are those of
     polmodel.nn.response.compute_response.
     """
-    responses = [compute_response(member, data, **flags) for member in ensemble.members]
+    responses = [response_function(member, data, **flags) for member in ensemble.members]
     stacked = {name: torch.stack([response[name] for response in responses]) for name in responses[0]}
     periodic = periodic_graphs(data)
     if bool(periodic.any()):

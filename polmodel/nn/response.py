@@ -7,6 +7,11 @@ Born charges and polarizability are the derivatives of the dipole (three more ba
 component, only when asked):  Z*[i, a, b] = ∂(ΩP_a)/∂R_ib = ∂F_ib/∂ε_a,   α[a, b] = ∂(ΩP_a)/∂ε_b.
 With Born charges outside training, the leaves are the edges' harmonics and radial weights instead of the
 positions (polmodel/nn/edge_inputs.py); forces, virial and Z* then follow from the per-edge chain rule.
+
+Two couplings to the field (FIELD_COUPLINGS): "network" evaluates E(R, h, ε) at the applied field
+(`compute_response`); "first-order" evaluates the model at ε = 0 and adds the field to first order, as
+Allegro-pol's MD does (`first_order_field_response`):  F(ε) = F(0) + Z*ᵀε,  ΩP(ε) = ΩP(0) + αε,
+E(ε) = E(0) - ΩP(0)·ε.
 """
 import torch
 
@@ -56,6 +61,53 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
         raw = _derivatives_through_positions(model, data, compute_stress, born_charges, polarizability, training)
     return response_from_derivatives(raw, data, compute_stress=compute_stress, born_charges=born_charges,
                                      polarizability=polarizability, training=training)
+
+
+FIELD_COUPLINGS = ("network", "first-order")
+
+
+def first_order_field_response(model, data, *, stress=False, born_charges=False, polarizability=False,
+                               training=False, memory_limit_gb=None):
+    """compute_response's ENERGY, ATOMIC_ENERGY, FORCES, DIPOLE (and POLARIZATION for periodic graphs) with the
+    field data[EFIELD] applied to first order about ε = 0 (module docstring).
+
+    Z*ᵀε and αε come from one reverse pass of ΩP(0)·ε, a Hessian-vector product of E in the direction of the
+    field (about the cost of one Born-charge row), never the full Z*. BORN_CHARGES and POLARIZABILITY, when asked
+    for, are those at ε = 0, the ones the coupling uses. ATOMIC_ENERGY is the zero-field one. There is no stress:
+    the coupling is for fixed-cell runs, and asking for one is a ValueError, as is training or a memory limit
+    (the cell is evaluated whole)."""
+    if stress or training or memory_limit_gb is not None:
+        raise ValueError("the first-order field coupling evaluates fixed cells whole, outside training: it takes "
+                         "no stress, training or memory_limit_gb")
+    applied = data[keys.EFIELD].detach()
+    zero_field = dict(data)
+    zero_field[keys.EFIELD] = torch.zeros_like(applied)
+    if born_charges or polarizability:
+        result = compute_response(model, zero_field, stress=False, born_charges=born_charges,
+                                  polarizability=polarizability)
+    else:
+        result = {}
+    positions = data[keys.POSITIONS].detach().requires_grad_(True)
+    field = torch.zeros_like(applied, requires_grad=True)
+    zero_field[keys.POSITIONS], zero_field[keys.EFIELD] = positions, field
+    out = model(zero_field)
+    energy = out[keys.ENERGY]
+    energy_gradient, field_gradient = torch.autograd.grad(energy.sum(), [positions, field], create_graph=True)
+    dipole = -field_gradient
+    # ∂(ΩP(0)·ε)/∂R_ib = Σ_a ε_a Z*[i, a, b] and ∂(ΩP(0)·ε)/∂ε_b = (αε)_b (α is symmetric)
+    projected = (dipole * applied).sum()
+    born_times_field, alpha_times_field = (
+        torch.zeros_like(target) if gradient is None else gradient
+        for gradient, target in zip(torch.autograd.grad(projected, [positions, field], allow_unused=True),
+                                    [positions, field]))
+    dipole = dipole.detach()
+    raw = {keys.ENERGY: energy.detach() - (dipole * applied).sum(dim=-1),
+           keys.ATOMIC_ENERGY: out[keys.ATOMIC_ENERGY].detach(),
+           keys.FORCES: -energy_gradient.detach() + born_times_field,
+           keys.DIPOLE: dipole + alpha_times_field}
+    result.update(response_from_derivatives(raw, data, compute_stress=False, born_charges=False,
+                                            polarizability=False, training=False))
+    return result
 
 
 def response_from_derivatives(raw, data, *, compute_stress, born_charges, polarizability, training):
