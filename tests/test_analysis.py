@@ -202,7 +202,8 @@ def _bad_inputs(tmp_path):
         (["hysteresis", str(good), "--discard-cycles", "-1"], "--discard-cycles"),
         (["modes", str(structure)], "needs --model"),
         (["modes", str(tmp_path / "missing.cif"), "--model", str(tmp_path / "bad.pt")], "does not exist"),
-        (["ir", str(good), "--output", str(tmp_path / "no" / "such" / "dir" / "x")], "not a writable directory"),
+        (["ir", str(good), "--output", str(tmp_path / "no" / "such" / "dir" / "x")], "dir does not exist"),
+        (["ir", str(good), "--output", "/proc/ir"], "output /proc/ir.png cannot be written"),
     ], out
 
 
@@ -234,3 +235,18 @@ def test_dielectric_command_from_a_small_static_field(tmp_path):
     # the zero-field run given as TRAJ is not a field run
     assert main(["analyze", "dielectric", str(at_zero), "--zero-field-trajectory", str(at_zero),
                  "--output", str(tmp_path / "eps")]) == 2
+
+
+def test_an_ir_spectrum_of_a_short_run_says_its_resolution_is_too_coarse(tmp_path, capsys):
+    """50 fs of NVE (its every-step P(t) file): no usable peaks, and the report and stderr say why; 4 ps do not."""
+    harmonic_run(tmp_path / "short.xyz", steps=50)
+    assert main(["analyze", "ir", str(tmp_path / "short.xyz.polarization.csv"), "--output",
+                 str(tmp_path / "short")]) == 0
+    err = capsys.readouterr().err
+    assert "polmodel analyze: warning: the analysed run is 50 fs long" in err and "too coarse" in err
+    notes = json.loads((tmp_path / "short.json").read_text())["notes"]
+    assert any("too coarse to tell peaks apart" in note for note in notes)
+    harmonic_run(tmp_path / "long.xyz", steps=4000)
+    assert main(["analyze", "ir", str(tmp_path / "long.xyz.polarization.csv"), "--output",
+                 str(tmp_path / "long")]) == 0
+    assert "too coarse" not in capsys.readouterr().err

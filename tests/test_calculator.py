@@ -278,3 +278,24 @@ def test_a_list_of_structures_is_refused(model):
     calculator = PolCalculator(model)
     with pytest.raises(TypeError, match="one ase.Atoms at a time, got list"):
         calculator.get_potential_energy([batio3(), batio3()])
+
+
+def test_first_order_coupling_is_the_same_through_positions_and_through_edge_inputs(model):
+    """The edge-input path (the default for PolModel) and the plain reverse passes through the positions (any
+    energy module) give the same first-order forces and dipole."""
+    from polmodel.nn.response import first_order_field_response
+
+    class WithoutEdgeInputs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, data):
+            return self.inner(data)
+
+    atoms = batio3(repeat=(2, 1, 1))
+    graph = atoms_to_graph(atoms, SPECIES, model.cutoff, efield=np.array([0.05, -0.08, 0.12]), dtype=torch.float64)
+    through_edges = first_order_field_response(model, graph)
+    through_positions = first_order_field_response(WithoutEdgeInputs(model), graph)
+    for key in (keys.FORCES, keys.DIPOLE, keys.ENERGY, keys.POLARIZATION):
+        np.testing.assert_allclose(through_edges[key].numpy(), through_positions[key].numpy(), rtol=0, atol=1e-11)

@@ -54,6 +54,12 @@ def files(tmp_path_factory):
     not_a_number.write(folder / "nan.xyz")
     (folder / "zero_cell.xyz").write_text("1\nLattice=\"0 0 0 0 0 0 0 0 0\" Properties=species:S:1:pos:R:3 "
                                           "pbc=\"T T T\"\nBa 0 0 0\n")
+    (folder / "partial.cif").write_text(
+        "data_partial\n_cell_length_a 4.0\n_cell_length_b 4.0\n_cell_length_c 4.0\n_cell_angle_alpha 90\n"
+        "_cell_angle_beta 90\n_cell_angle_gamma 90\n_symmetry_space_group_name_H-M 'P 1'\nloop_\n"
+        "_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+        "_atom_site_occupancy\nBa1 Ba 0 0 0 0.5\nTi1 Ti 0.5 0.5 0.5 1\nO1 O 0.5 0.5 0 1\nO2 O 0.5 0 0.5 1\n"
+        "O3 O 0 0.5 0.5 1\n")
     cluster = _batio3()
     cluster.pbc = False
     cluster.cell = np.zeros((3, 3))
@@ -106,6 +112,8 @@ MD_TABLE = [
     ("timestep too long for O", lambda f: _md(f, **{"--timestep": 100}),
      "timestep 100 fs is too long for the lightest atom .16 amu.*at most 5 fs"),
     ("negative seed", lambda f: _md(f, **{"--seed": -1}), "seed must be a non-negative integer, got -1"),
+    ("partly occupied CIF site", lambda f: _md(f, **{"--structure": f / "partial.cif"}),
+     "has partly occupied sites \\(Ba\\)"),
     ("npt without a cell", lambda f: _md(f, **{"--structure": f / "cluster.xyz", "--thermostat": "npt"}),
      "--thermostat npt needs a periodic cell"),
     ("memory budget below one chunk", lambda f: _md(f, **{"--memory-limit-gb": 0.000001}), "--memory-limit-gb: "),
@@ -156,6 +164,8 @@ TRAIN_TABLE = [
     ("hyperparameter typo", lambda f: _train(f, "--hyperparameters", '{"learning_rat": 0.1}'),
      "unknown training options \\['learning_rat'\\]"),
     ("unknown device", lambda f: _train(f, "--device", "quantum"), "unknown device 'quantum'"),
+    ("an MD trajectory as labels", lambda f: _train(f, frames="done.xyz"),
+     "3 of its 3 frames are records of a `polmodel md` run.*--allow-predictions"),
 ]
 TOP_TABLE = [
     ("no command", lambda f: [], "required: COMMAND"),
@@ -166,6 +176,10 @@ TOP_TABLE = [
     ("provenance: unknown profile", lambda f: ["provenance", "--profile", "no-such-profile", "pw-runs", "12"],
      "no AiiDA profile no-such-profile"),
     ("provenance: no such node", lambda f: ["provenance", "pw-runs", "987654"], "987654"),
+    ("evaluate on an MD trajectory", lambda f: ["evaluate", str(f / "model.pt"), str(f / "done.xyz")],
+     "frames file .*done.xyz: 3 of its 3 frames are records of a `polmodel md` run"),
+    ("provenance graph into a missing folder", lambda f: ["provenance", "graph", "1", "--output",
+                                                          "/nonexistent/loop.svg"], "folder /nonexistent does not"),
 ]
 
 
@@ -342,3 +356,62 @@ def test_modes_refuses_structures_md_refuses(files, capsys, case, expected):
             str(files / "modes")]
     status, captured = _run_main(argv, capsys)
     _assert_one_line_error(status, captured, expected)
+
+
+def test_a_model_that_cannot_be_saved_after_training_is_kept_elsewhere(files, frames_file, capsys, monkeypatch,
+                                                                      tmp_path):
+    """The --output folder vanishes during training: the model is saved in the working directory, the line says
+    where, the exit status is 1; the save itself is atomic (no truncated file at the target)."""
+    import shutil
+
+    from polmodel.nn import serialization
+
+    doomed = tmp_path / "doomed"
+    doomed.mkdir()
+    monkeypatch.chdir(tmp_path)
+    real_train = __import__("polmodel.training.train", fromlist=["train_ensemble"]).train_ensemble
+
+    def train_then_lose_the_folder(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        shutil.rmtree(doomed)
+        return result
+
+    monkeypatch.setattr("polmodel.training.train.train_ensemble", train_then_lose_the_folder)
+    status, captured = _run_main(_train(files, "--epochs", "1", output=str(doomed / "model.pt")), capsys)
+    assert status == 1
+    line = captured.err.strip().splitlines()[-1]
+    assert line.startswith(f"polmodel train: cannot write --output {doomed / 'model.pt'} ")
+    kept = Path(line.rsplit(" saved at ", 1)[1])
+    assert kept.parent == tmp_path and serialization.load(kept).species
+    # a write that fails half-way leaves neither the target nor a partial file
+    def write_half_then_fail(payload, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("torch.save", write_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        serialization.save(serialization.load(kept), tmp_path / "atomic.pt")
+    assert not list(tmp_path.glob("atomic.pt*"))
+
+
+def test_threads_default_to_the_cores_not_busy_when_unset(monkeypatch):
+    import os
+
+    from polmodel import cli
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert cli.default_threads() == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["md", "--help"])
+    assert os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    with pytest.raises(SystemExit):
+        cli.main(["md", "--help"])
+    assert os.environ["OMP_NUM_THREADS"] == "5"     # a value the user set stays

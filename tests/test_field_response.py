@@ -598,6 +598,26 @@ def test_metal_stops_the_zero_field_run_before_any_restart(started_workchain, ge
     assert process.ctx.iteration == 1  # nothing restarted
 
 
+def test_the_first_run_is_capped_and_a_run_with_a_gap_gets_the_full_limit_back(
+        started_workchain, generate_workchain, generate_metal_calculation):
+    """The first pw.x run stops after FIRST_RUN_ELECTRON_MAXSTEP SCF steps (a metal shows itself there, not after
+    the protocol's 150); an unconverged run with a gap is restarted by the stock handler with the full limit."""
+    from aiida import orm
+
+    from polmodel.workflows.field_response import FIRST_RUN_ELECTRON_MAXSTEP, InsulatorPwBaseWorkChain
+
+    parent = started_workchain()
+    inputs = parent._base_inputs(parent._parameters(control={"calculation": "scf"}), "zero_field")
+    full = inputs.pw.parameters.get_dict()["ELECTRONS"]["electron_maxstep"]
+    assert full > FIRST_RUN_ELECTRON_MAXSTEP
+    inputs.min_band_gap = orm.Float(-20.0)          # the recorded Al run's gap (-10.5 eV) counts as a gap here
+    process = generate_workchain(InsulatorPwBaseWorkChain, inputs)
+    process.setup()
+    assert process.ctx.inputs.parameters["ELECTRONS"]["electron_maxstep"] == FIRST_RUN_ELECTRON_MAXSTEP
+    assert process.handle_metal(generate_metal_calculation()) is None     # a gap: the stock handlers go on
+    assert process.ctx.inputs.parameters["ELECTRONS"]["electron_maxstep"] == full
+
+
 def test_metal_exit_of_the_zero_field_run_names_the_gap(started_workchain, generate_fake_pw_base,
                                                         generate_metal_calculation):
     from polmodel.workflows.field_response import InsulatorPwBaseWorkChain

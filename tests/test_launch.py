@@ -154,6 +154,12 @@ def test_field_response_builder_takes_pymatgen_and_ase(pw_code, pseudo_family):
 def test_launch_refuses_bad_input(structure_files, tmp_path, pw_code, polmodel_code, capsys, aiida_profile):
     from polmodel.cli import main
 
+    import ase.io
+
+    not_a_number = tmp_path / "nan.extxyz"
+    broken = batio3_atoms(displacement=0.05, seed=3)
+    broken.positions[1, 2] = np.nan
+    ase.io.write(not_a_number, broken, format="extxyz")
     base = ["launch", "active-learning", "--profile", aiida_profile.name]
     cases = [
         ([str(tmp_path / "missing.cif")], "missing.cif: no such file"),
@@ -161,6 +167,8 @@ def test_launch_refuses_bad_input(structure_files, tmp_path, pw_code, polmodel_c
         ([str(structure_files["cif"]), "--pw-code", "nonexistent@nowhere"], "--pw-code nonexistent@nowhere"),
         ([str(structure_files["cif"]), "--pseudo-family", "no-such-family"], "no-such-family` is not installed"),
         ([str(structure_files["cif"]), "--max-iterations", "2"], "--max-iterations goes with `continue`"),
+        ([str(structure_files["extxyz"]), str(structure_files["extxyz"])], "structures 1 and 2 (BaO3Ti) are the same"),
+        ([str(not_a_number)], "NaN or infinite positions or cell"),
     ]
     for extra, message in cases:
         assert main(base + extra) == 2
@@ -176,6 +184,32 @@ def test_launch_refuses_bad_input(structure_files, tmp_path, pw_code, polmodel_c
     for extra, message in cases:
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err
+    assert main(["launch", "field-response", str(not_a_number), "--profile", aiida_profile.name]) == 2
+    assert "NaN or infinite positions" in capsys.readouterr().err
+    assert main(["launch", "active-learning", str(structure_files["cif"]), "--profile", "noprofile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("polmodel launch: no AiiDA profile noprofile"), err
+
+
+@pytest.mark.parametrize("workflow, expected", [
+    ("dfpt", ["dfpt: protocols (--protocol; default balanced):", "  fast: ", "scf.kpoints_distance = 0.25",
+              "field_magnitude = 0.0364"]),
+    ("active-learning", ["active-learning: protocols", "override keys"]),
+    ("train", ["train: STRUCTURE_FILE is one source card"])])
+def test_launch_help_lists_the_workflows_inputs(workflow, expected, capsys):
+    """`launch WORKFLOW --help` adds the workflow's protocols and every override key with its default."""
+    from polmodel.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["launch", workflow, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: polmodel launch")
+    for line in expected:
+        assert line in out, line
+    with pytest.raises(SystemExit):
+        main(["launch", "--help"])
+    assert "override keys (--overrides" not in capsys.readouterr().out
 
 
 # --- the protocol builder -------------------------------------------------------------------------------------------
@@ -249,6 +283,26 @@ def test_bad_protocol_inputs_are_refused(pw_code, polmodel_code, pseudo_family):
 # --- submitting to the daemon ---------------------------------------------------------------------------------------
 
 @pytest.mark.daemon
+def test_launch_daemon_starts_a_stopped_daemon(structure_files, pw_code, polmodel_code, pseudo_family,
+                                               stopped_daemon_client, aiida_profile, capsys):
+    """The state `make setup` leaves (no daemon): --daemon starts it and submits, with no traceback."""
+    from aiida.engine.processes.control import kill_processes
+
+    from polmodel.cli import main
+
+    try:
+        assert main(["launch", "field-response", str(structure_files["cif"]), "--protocol", "fast", "--daemon",
+                     "--profile", aiida_profile.name]) == 0
+        output = capsys.readouterr().out
+        assert "the AiiDA daemon is not running: starting it" in output
+        assert stopped_daemon_client.is_daemon_running
+        node = orm.load_node(int(re.search(r"FieldResponseWorkChain<(\d+)>", output).group(1)))
+        kill_processes([node], timeout=60)
+    finally:
+        stopped_daemon_client.stop_daemon(wait=True)
+
+
+@pytest.mark.daemon
 def test_launch_daemon_submits(structure_files, pw_code, polmodel_code, pseudo_family, started_daemon_client,
                                aiida_profile, capsys):
     from aiida.engine.processes.control import kill_processes
@@ -270,3 +324,30 @@ def test_launch_daemon_submits(structure_files, pw_code, polmodel_code, pseudo_f
     finally:
         if not node.is_terminated:  # do not leave pw.x runs behind
             kill_processes([node], timeout=60)
+
+
+@pytest.mark.dft
+def test_a_metal_ends_the_launch_within_one_short_pw_run(tmp_path, pw_code, pseudo_family, aiida_profile, capsys):
+    """Two-atom Al run here (no daemon): the first pw.x run (at most FIRST_RUN_ELECTRON_MAXSTEP SCF steps) shows the
+    metal and the whole workchain ends right after it, not a 60 s poll later."""
+    import time
+
+    import ase.build
+
+    from polmodel.cli import main
+    from polmodel.workflows.field_response import FIRST_RUN_ELECTRON_MAXSTEP
+
+    path = tmp_path / "al2.xyz"
+    ase.build.bulk("Al", "bcc", a=3.2, cubic=True).write(path)
+    started = time.monotonic()
+    status = main(["launch", "field-response", str(path), "--protocol", "fast", "--profile", aiida_profile.name,
+                   "--pw-code", f"{pw_code.label}@{pw_code.computer.label}", "--pseudo-family", pseudo_family.label])
+    elapsed = time.monotonic() - started
+    assert status == 1
+    pk = int(re.search(r"FieldResponseWorkChain<(\d+)> finished with exit status", capsys.readouterr().out).group(1))
+    node = orm.load_node(pk)
+    assert node.exit_status == node.process_class.exit_codes.ERROR_NOT_AN_INSULATOR.status
+    calculations = [n for n in node.called_descendants if n.process_label == "PwCalculation"]
+    assert len(calculations) == 1
+    assert calculations[0].inputs.parameters["ELECTRONS"]["electron_maxstep"] == FIRST_RUN_ELECTRON_MAXSTEP
+    assert elapsed < 45, elapsed

@@ -179,6 +179,15 @@ def test_md_and_analyze_command_line(model, tmp_path):
         assert (tmp_path / f"{analysis}.png").read_bytes()[:4] == b"\x89PNG"
         assert report["frames"] == 41
     assert np.isfinite(report["epsilon_static_isotropic"])
+    # the default outputs are named after the input and the analysis: two analyses of the P(t) file leave two
+    polarization_file = tmp_path / "traj.xyz.polarization.csv"
+    for analysis in ("ir", "dielectric"):
+        assert main(["analyze", analysis, str(polarization_file), "--allow-driven"]) == 0
+    for analysis in ("ir", "dielectric"):
+        report = json.loads((tmp_path / f"traj.xyz.polarization_{analysis}.json").read_text())
+        assert report["analysis"] == analysis
+        assert (tmp_path / f"traj.xyz.polarization_{analysis}.png").exists()
+    assert not (tmp_path / "traj.xyz.json").exists()
     assert main(["md", "--model", str(model_path), "--structure", str(structure), "--output", str(trajectory),
                  "--steps", "2", "--field", '{"kind": "cosine", "amplitude": 0.1, "period_fs": -1, "axis": [0,0,1]}'
                  ]) == 2
@@ -274,3 +283,31 @@ def test_md_default_spread_threshold_comes_from_the_model_validation_error(real_
     untrained = PolEnsemble([PolModel(["Ba", "O", "Ti"], 4.0, num_features=4, lmax=1, num_layers=1)
                              for _ in range(2)])
     assert spread_threshold_of(untrained)[0] == DEFAULT_SPREAD_THRESHOLD
+
+
+def test_the_trajectory_ends_at_the_last_step_off_the_frame_grid(model, tmp_path):
+    path = tmp_path / "off_grid.xyz"
+    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.02)), steps=15, timestep_fs=1.0,
+           temperature_K=300.0, thermostat="langevin", interval=10, trajectory_path=path, progress=False)
+    assert series(read_trajectory(path), "step").tolist() == [0, 10, 15]
+    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.02)), steps=25, timestep_fs=1.0,
+           temperature_K=300.0, thermostat="langevin", interval=10, trajectory_path=path, progress=False)
+    assert series(read_trajectory(path), "step").tolist() == [0, 10, 15, 20, 25]
+
+
+def test_a_second_process_on_the_same_trajectory_is_refused_and_changes_nothing(model, tmp_path):
+    import fcntl
+
+    from polmodel.dynamics.md import RunInProgressError
+
+    path = tmp_path / "busy.xyz"
+    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.02)), steps=4, timestep_fs=1.0,
+           temperature_K=300.0, thermostat="langevin", interval=2, trajectory_path=path, progress=False)
+    assert not (tmp_path / "busy.xyz.lock").exists()        # released and removed after the run
+    before = {name: (tmp_path / name).read_bytes() for name in ("busy.xyz", "busy.xyz.polarization.csv")}
+    with open(tmp_path / "busy.xyz.lock", "w") as held:       # as the first process holds it while running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunInProgressError, match="another process is running .*busy.xyz"):
+            run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0.02)), steps=8, timestep_fs=1.0,
+                   temperature_K=300.0, thermostat="langevin", interval=2, trajectory_path=path, progress=False)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before

@@ -8,6 +8,8 @@ everything else (extended XYZ, Quantum ESPRESSO input/output, ASE trajectories, 
 """
 import pathlib
 
+import numpy as np
+
 from aiida import orm
 
 # names pymatgen's Structure.from_file recognises and reads better than ASE (CIF symmetry, VASP, MP JSON)
@@ -24,6 +26,8 @@ def to_structure_data(structure):
     except ImportError:  # pragma: no cover - ASE is a dependency
         Atoms = ()
     if isinstance(structure, Atoms):
+        if not (np.all(np.isfinite(structure.positions)) and np.all(np.isfinite(structure.cell[:]))):
+            raise ValueError(f"{structure.get_chemical_formula()}: NaN or infinite positions or cell")
         if not all(structure.pbc):
             raise ValueError(f"{structure.get_chemical_formula()}: a crystal is needed (periodic along a, b and c); "
                              f"got pbc={structure.pbc.tolist()}")
@@ -93,4 +97,12 @@ def as_structure_namespace(structures):
     if not isinstance(structures, (list, tuple)):
         structures = [structures]
     converted = [to_structure_data(structure) for structure in structures]
+    seen = {}
+    for index, structure in enumerate(converted):
+        atoms = structure.get_ase()
+        identity = (tuple(atoms.numbers), np.round(atoms.cell[:], 6).tobytes(), np.round(atoms.positions, 6).tobytes())
+        if identity in seen:
+            raise ValueError(f"structures {seen[identity] + 1} and {index + 1} ({structure.get_formula()}) are the same: "
+                             "give each starting structure once")
+        seen[identity] = index
     return {structure_key(structure, index): structure for index, structure in enumerate(converted)}

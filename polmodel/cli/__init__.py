@@ -100,6 +100,12 @@ def check_structure(atoms, what, model=None):
 
     if not np.all(np.isfinite(atoms.positions)):
         raise InputError(f"{what} has NaN or infinite positions")
+    partial = sorted({symbol for site in (atoms.info.get("occupancy") or {}).values()
+                      for symbol, occupancy in site.items() if occupancy < 1.0 - 1e-6})
+    if partial:   # ASE's CIF reader keeps a partly occupied site as a full atom and records the occupancy here
+        raise InputError(f"{what} has partly occupied sites ({', '.join(partial)}): a disordered structure, which "
+                         "ASE reads as fully occupied; order it first (e.g. pymatgen's OrderDisorderedStructure"
+                         "Transformation)")
     if np.any(atoms.pbc) and not np.all(atoms.pbc):
         raise InputError(f"{what} is periodic along some directions only (pbc={atoms.pbc.tolist()}): give a fully "
                          "periodic cell or an open cluster")
@@ -110,6 +116,17 @@ def check_structure(atoms, what, model=None):
         if unknown:
             raise InputError(f"{what} has {', '.join(unknown)}, which the model does not know (it knows "
                              f"{', '.join(model.species)})")
+
+
+def load_aiida_profile(name):
+    """Load the AiiDA profile `name` (None: the default one); InputError naming it when there is no such profile."""
+    from aiida import load_profile
+    from aiida.common.exceptions import MissingConfigurationError, ProfileConfigurationError
+    try:
+        return load_profile(name, allow_switch=True)
+    except (MissingConfigurationError, ProfileConfigurationError) as error:
+        raise InputError(f"no AiiDA profile {name or '(default)'}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'not configured'}") from error
 
 
 def check_number(value, name, *, minimum=None, maximum=None, above=None, below=None):
@@ -145,8 +162,10 @@ def _add_subcommand(subparsers, name):
         if error.name != module_name:
             raise
         return
+    # a module with OWN_HELP adds its own -h/--help (launch: the help of the workflow named before it)
     sub = subparsers.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
-                                description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=not getattr(module, "OWN_HELP", False))
     module.add_arguments(sub)
     sub.set_defaults(_run=module.run)
 
@@ -162,7 +181,21 @@ def build_parser(argv=None):
     return parser
 
 
+def default_threads():
+    """CPU threads for this process when OMP_NUM_THREADS is unset: the cores not already busy (cores available to
+    it minus the 1-minute load average, at least 1). torch's own default takes every core, and on a loaded machine
+    its threads then wait on each other (`polmodel md` ran 9x slower on a busy 2-core machine)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(round(os.getloadavg()[0]))
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
 def main(argv=None):
+    # before torch is imported (the sub-commands import it in `run`): it reads the variable once
+    os.environ.setdefault("OMP_NUM_THREADS", str(default_threads()))
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     try:

@@ -13,13 +13,13 @@ thermostat's target), or, with --zero-field-trajectory, a run at a small static 
 the harmonic ε0 from the model's Hessian and Born charges.
 """
 import json
-import os
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from polmodel.cli import InputError, check_input_file, check_structure
+from polmodel.cli import InputError, check_input_file, check_output_file, check_structure
 
 ANALYSES = ("ir", "dielectric", "hysteresis", "modes")
 
@@ -60,10 +60,13 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _writable_prefix(prefix):
-    directory = prefix.parent if str(prefix.parent) else Path(".")
-    if not directory.is_dir() or not os.access(directory, os.W_OK):
-        raise InputError(f"cannot write the outputs {prefix}.png/.json: {directory} is not a writable directory")
+def output_paths(prefix):
+    """(PNG, JSON) paths: the prefix with .png and .json appended (never replacing a dot in the prefix, so that
+    X.polarization_ir and X.polarization_dielectric stay two outputs); InputError when either cannot be written."""
+    paths = tuple(prefix.with_name(prefix.name + suffix) for suffix in (".png", ".json"))
+    for path in paths:
+        check_output_file(path, "output")
+    return paths
 
 
 def read_md_trajectory(path, required=("time_fs", "dipole")):
@@ -187,6 +190,10 @@ def _mean_kinetic_temperature(frames):
     return float(observables.trajectory_series(frames, "temperature").mean())
 
 
+#: cm⁻¹: a spectrum whose resolution (1 / run length) is coarser than this cannot separate vibrational peaks
+MAX_USEFUL_RESOLUTION_CM = 20
+
+
 def run_ir(args, frames):
     from polmodel.analysis import observables, spectra
 
@@ -202,6 +209,13 @@ def run_ir(args, frames):
     if args.max_wavenumber > result["nyquist_cm-1"]:
         notes.append(f"frames {timestep:g} fs apart resolve only up to {result['nyquist_cm-1']:.0f} cm⁻¹ (Nyquist); "
                      "write frames more often for a wider spectrum")
+    if result["resolution_cm-1"] > MAX_USEFUL_RESOLUTION_CM:
+        duration = timestep * (len(frames) - 1)
+        notes.append(f"the analysed run is {duration:g} fs long: its spectral resolution is "
+                     f"{result['resolution_cm-1']:.0f} cm⁻¹, too coarse to tell peaks apart; a run "
+                     f"{result['resolution_cm-1'] / MAX_USEFUL_RESOLUTION_CM:.0f}x longer resolves "
+                     f"{MAX_USEFUL_RESOLUTION_CM} cm⁻¹")
+        print(f"polmodel analyze: warning: {notes[-1]}", file=sys.stderr)
     return {"sampling_fs": timestep, "temperature_K": temperature,
             "temperature_source": "mean kinetic temperature of the NVE run", "volume_A3": volume,
             "nyquist_cm-1": result["nyquist_cm-1"], "resolution_cm-1": result["resolution_cm-1"],
@@ -367,7 +381,7 @@ def run(args):
     _check_common(args)
     prefix = Path(args.output) if args.output else Path(args.trajectory).with_name(
         f"{Path(args.trajectory).stem}_{args.analysis}")
-    _writable_prefix(prefix)
+    png, report_path = output_paths(prefix)
     report = {"input": str(args.trajectory), "analysis": args.analysis}
     if args.analysis == "modes":
         summary, plot = run_modes(args)
@@ -378,7 +392,6 @@ def run(args):
         runner = {"ir": run_ir, "dielectric": run_dielectric, "hysteresis": run_hysteresis}[args.analysis]
         summary, plot = runner(args, frames)
     report.update(summary)
-    png, report_path = prefix.with_suffix(".png"), prefix.with_suffix(".json")
     plot(png)
     report["plot"] = str(png)
     report_path.write_text(json.dumps(report, indent=1))

@@ -14,6 +14,8 @@ def add_arguments(parser):
     parser.add_argument("model", help="model or ensemble file (polmodel train --output)")
     parser.add_argument("frames", help="labelled frames (extended XYZ), e.g. held-out DFT labels")
     parser.add_argument("--metrics", default=None, help="write the errors to this JSON file")
+    parser.add_argument("--allow-predictions", action="store_true",
+                        help="take frames written by `polmodel md` (a model's own predictions) as if they were labels")
     parser.add_argument("--plots", default=None, metavar="DIR", help="write parity plots (PNG) to this folder")
 
 
@@ -33,12 +35,17 @@ def run(args):
 
     _check_inputs(args)
     model = load_model_file(args.model, "model")
+    from polmodel.cli.train import refuse_predictions
     from polmodel.data.frames import read_frames
 
     try:
         frames = read_frames(args.frames)
     except (ValueError, KeyError, OSError) as error:
         raise InputError(f"frames file {args.frames}: {error}") from error
+    try:
+        refuse_predictions(frames, args)
+    except ValueError as error:
+        raise InputError(str(error)) from error
     unknown = sorted({symbol for frame in frames for symbol in frame.get_chemical_symbols()} - set(model.species))
     if unknown:
         raise InputError(f"frames file {args.frames} has {', '.join(unknown)}, which the model does not know "

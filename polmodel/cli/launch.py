@@ -16,14 +16,76 @@ Examples:
       (after `verdi archive import loop.aiida` on another machine, too: the new loop starts from the old one's
       frames, ensemble, exploration stage and unlabelled candidates)
 """
+import argparse
 import json
 import pathlib
+
+from polmodel.cli import InputError, load_aiida_profile
 
 WORKFLOWS = ("active-learning", "field-response", "dfpt", "continue", "train")
 PROTOCOLS = ("fast", "balanced", "stringent")
 
 
+_PROTOCOL_FILES = {"active-learning": "active_learning.yaml", "field-response": "field_response.yaml",
+                   "dfpt": "field_response.yaml"}
+_POSITIONAL_MEANING = {
+    "continue": "STRUCTURE_FILE is the finished loop's pk or uuid; the new loop takes its settings and "
+                "--max-iterations.",
+    "train": "STRUCTURE_FILE is one source card (YAML: the published file, its origin, the label mapping and the "
+             "training settings; data/allegro_pol/SiO2.yaml is one). --output writes the model, --resume goes on.",
+}
+
+
+def workflow_help(workflow):
+    """The inputs a workflow takes: its protocols and every override key with its default (dotted paths)."""
+    if workflow in _POSITIONAL_MEANING:
+        return f"{workflow}: {_POSITIONAL_MEANING[workflow]}"
+    import importlib.util
+
+    import yaml
+
+    folder = pathlib.Path(importlib.util.find_spec("polmodel.workflows").submodule_search_locations[0])
+    protocol = yaml.safe_load((folder / "protocols" / _PROTOCOL_FILES[workflow]).read_text())
+    lines = [f"{workflow}: protocols (--protocol; default {protocol['default_protocol']}):"]
+    for name, settings in protocol["protocols"].items():
+        description = " ".join(str(settings.get("description", "")).split())
+        lines.append(f"  {name}: {description.split('. ')[0].rstrip('.')}.")
+    lines.append("override keys (--overrides, JSON or YAML in this shape) and their defaults:")
+
+    def walk(value, prefix):
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(item, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            lines.append(f"  {prefix} = {json.dumps(value)}")
+
+    walk(protocol["default_inputs"], "")
+    return "\n".join(lines)
+
+
+class _HelpWithWorkflowInputs(argparse.Action):
+    """-h/--help: the usual help, then the inputs of the workflow named before it (`launch dfpt --help`)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        workflow = getattr(namespace, "workflow", None)
+        if workflow in WORKFLOWS:
+            print()
+            print(workflow_help(workflow))
+        parser.exit()
+
+
+OWN_HELP = True
+#: s: how often a workflow run here (no daemon) checks whether its children have ended
+LOCAL_POLL_INTERVAL_S = 1.0
+
+
 def add_arguments(parser):
+    parser.add_argument("-h", "--help", action=_HelpWithWorkflowInputs,
+                        help="show this help; after a workflow name, also that workflow's inputs and override keys")
     parser.add_argument("workflow", choices=WORKFLOWS,
                         help="the workflow to start; `continue`: a new active-learning loop from a finished one")
     parser.add_argument("structure_files", nargs="+", metavar="STRUCTURE_FILE",
@@ -49,8 +111,6 @@ def add_arguments(parser):
 
 def read_overrides(text):
     """The overrides dict from JSON text or from a .json / .yaml file; InputError when it is neither."""
-    from polmodel.cli import InputError
-
     if text is None:
         return None
     path = pathlib.Path(text)
@@ -70,7 +130,6 @@ def read_overrides(text):
 
 def read_structure_files(paths):
     """`[(file, StructureData)]` of every structure in every file; InputError on a missing or unreadable file."""
-    from polmodel.cli import InputError
     from polmodel.workflows.structures import read_structures
 
     structures = []
@@ -86,8 +145,6 @@ def load_code(label, option):
     from aiida import orm
     from aiida.common.exceptions import MultipleObjectsError, NotExistent
 
-    from polmodel.cli import InputError
-
     try:
         return orm.load_code(label)
     except (NotExistent, MultipleObjectsError, ValueError) as error:
@@ -98,8 +155,6 @@ def load_code(label, option):
 def build(args):
     """The builders to launch, `[(description, builder)]`: one loop on all structures, or one field-response /
     DFPT workchain per structure. InputError for any bad input, before anything is stored."""
-    from polmodel.cli import InputError
-
     if args.workflow == "continue":
         return [build_continuation(args)]
     if args.workflow == "train":
@@ -141,8 +196,6 @@ def build(args):
 
 def build_continuation(args):
     """The builder of a loop that goes on from a finished one (ActiveLearningWorkChain.get_builder_continuing)."""
-    from polmodel.cli import InputError
-
     if len(args.structure_files) != 1 or args.overrides or args.protocol or args.pseudo_family:
         raise InputError("continue LOOP takes one finished loop (pk or uuid) and its structures and settings: "
                          "no structure files, --protocol, --overrides or --pseudo-family")
@@ -166,8 +219,6 @@ def stopped_training_checkpoint(identifier):
     from aiida import orm
     from aiida.common.exceptions import MultipleObjectsError, NotExistent
 
-    from polmodel.cli import InputError
-
     try:
         node = orm.load_node(identifier)
     except (NotExistent, MultipleObjectsError, ValueError) as error:
@@ -183,7 +234,7 @@ def stopped_training_checkpoint(identifier):
 
 def build_training(args):
     """The builder of an ensemble training on a source card's published frames (external_training)."""
-    from polmodel.cli import InputError, check_output_file
+    from polmodel.cli import check_output_file
 
     if len(args.structure_files) != 1 or args.overrides or args.protocol or args.pseudo_family \
             or args.max_iterations is not None:
@@ -220,30 +271,55 @@ def follow_commands(pk):
     return [f"verdi process status {pk}", f"verdi process report {pk}", f"verdi process show {pk}"]
 
 
+def start_daemon_if_needed():
+    """Start the profile's AiiDA daemon (one worker) when it is not running; InputError when it cannot be."""
+    from aiida.engine.daemon.client import get_daemon_client
+
+    client = get_daemon_client()
+    if client.is_daemon_running:
+        return
+    print("the AiiDA daemon is not running: starting it with one worker (`verdi daemon stop` stops it)", flush=True)
+    try:
+        client.start_daemon(number_workers=1)
+    except Exception as error:  # circus and the process launcher raise many kinds
+        raise InputError(f"the AiiDA daemon is not running and could not be started ({error}): start it with "
+                         f"`verdi -p {client.profile.name} daemon start`") from None
+    if not client.is_daemon_running:
+        raise InputError(f"the AiiDA daemon did not start: start it with `verdi -p {client.profile.name} daemon "
+                         "start` and look at `verdi daemon logshow`")
+
+
 def run(args):
     # AiiDA is imported here only, so that `polmodel --help` and the other sub-commands stay fast.
-    from aiida import engine, load_profile
+    from aiida import engine
 
-    load_profile(args.profile, allow_switch=True)
+    load_aiida_profile(args.profile)
     builders = build(args)
     if args.daemon:
-        from aiida.engine.daemon.client import get_daemon_client
-
+        start_daemon_if_needed()
         for description, builder in builders:
             node = engine.submit(builder)
             print(f"submitted {node.process_label}<{node.pk}> ({description}); follow it with:")
             for command in follow_commands(node.pk):
                 print(f"    {command}")
-        if not get_daemon_client().is_daemon_running:
-            print("the daemon is not running: start it with `verdi daemon start`")
         return 0
     status = 0
-    for description, builder in builders:
-        print(f"running {description} here (Ctrl-C stops it; --daemon submits instead)", flush=True)
-        _, node = engine.run_get_node(builder)
-        print(f"{node.process_label}<{node.pk}> finished with exit status {node.exit_status}; inspect it with:")
-        write_trained_model(node, args.output)
-        for command in follow_commands(node.pk):
-            print(f"    {command}")
-        status = status or (1 if node.exit_status else 0)
+    from aiida.manage import get_manager
+
+    # A run here needs no broker: with the embedded profile's ZeroMQ broker living inside the daemon, a runner that
+    # asks for one fails when the daemon is stopped (the state `make setup` leaves). Without a broker the workchain
+    # learns that its child ended by polling, by default every 60 s (`runner.poll.interval`): a field-response
+    # workchain ended a minute after its pw.x run did. This runner polls every LOCAL_POLL_INTERVAL_S.
+    runner = get_manager().create_runner(poll_interval=LOCAL_POLL_INTERVAL_S, communicator=None)
+    try:
+        for description, builder in builders:
+            print(f"running {description} here (Ctrl-C stops it; --daemon submits instead)", flush=True)
+            _, node = runner.run_get_node(builder)
+            print(f"{node.process_label}<{node.pk}> finished with exit status {node.exit_status}; inspect it with:")
+            write_trained_model(node, args.output)
+            for command in follow_commands(node.pk):
+                print(f"    {command}")
+            status = status or (1 if node.exit_status else 0)
+    finally:
+        runner.close()
     return status

@@ -48,6 +48,10 @@ def add_arguments(parser):
     parser.add_argument("--stop-on-spread", action="store_true",
                         help="stop the run at the first step whose force spread passes --spread-threshold "
                              f"(exit status {EXIT_STOPPED_ON_SPREAD})")
+    parser.add_argument("--outside-domain", choices=("warn", "refuse"), default="warn",
+                        help="when the structure or the field lies outside what the model was trained on (distances, "
+                             "density, field; models saved with their training domain): warn at the start (default) "
+                             "or refuse to run")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                         help="run the model in this precision (default: as saved)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -125,7 +129,7 @@ def run(args):
     import torch
 
     from polmodel.dynamics.calculator import OverlappingAtomsError, PolCalculator
-    from polmodel.dynamics.md import RestartMismatchError, run_md, spread_threshold_of
+    from polmodel.dynamics.md import RestartMismatchError, RunInProgressError, run_md, spread_threshold_of
 
     spread_threshold = args.spread_threshold
     if spread_threshold is None and hasattr(model, "members"):
@@ -134,7 +138,8 @@ def run(args):
             print(f"force-spread threshold {spread_threshold:.3g} eV/Å: {source}", file=sys.stderr)
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
     calculator = PolCalculator(model, efield=protocol(0.0), dtype=dtype, device=device,
-                               memory_limit_gb=args.memory_limit_gb)
+                               memory_limit_gb=args.memory_limit_gb, outside_domain="ignore")
+    _check_domain(calculator, atoms, protocol, args)
     try:
         calculator.check_atoms(atoms)   # overlapping atoms fail here, before the trajectory is touched
     except OverlappingAtomsError as error:
@@ -154,6 +159,8 @@ def run(args):
                            stop_on_spread=args.stop_on_spread, polarization_interval=args.polarization_interval)
     except RestartMismatchError as error:  # run_md checks a restart before it touches anything
         raise InputError(f"{error} (--no-restart)") from error
+    except RunInProgressError as error:
+        raise InputError(str(error)) from error
     except KeyboardInterrupt:
         from polmodel.dynamics.md import saved_step
         print(f"polmodel md: stopped at step {saved_step(args.output)} (the last saved one) of {args.steps}; rerun "
@@ -170,6 +177,21 @@ def run(args):
               "passed --spread-threshold", file=sys.stderr)
         return EXIT_STOPPED_ON_SPREAD
     return 0
+
+
+def _check_domain(calculator, atoms, protocol, args):
+    """One line per way the structure or the run's largest field lies outside the model's training domain; with
+    --outside-domain refuse, an InputError instead."""
+    import numpy as np
+
+    times = np.linspace(0.0, args.steps * args.timestep, 1001)
+    field_max = max(float(np.linalg.norm(protocol(time))) for time in times)
+    notes = calculator.check_domain(atoms, field_max)
+    if notes and args.outside_domain == "refuse":
+        raise InputError(f"--structure {args.structure} and --field lie outside what the model was trained on: "
+                         + "; ".join(notes) + " (--outside-domain warn runs anyway)")
+    for note in notes:
+        print(f"polmodel md: outside the training domain: {note}", file=sys.stderr)
 
 
 def _check_memory_budget(calculator, atoms):

@@ -10,7 +10,7 @@ Examples:
 """
 import re
 
-from polmodel.cli import InputError
+from polmodel.cli import InputError, check_output_file, load_aiida_profile
 
 # a node's pk (positive integer) or its UUID (or a unique prefix of one, as verdi accepts)
 _IDENTIFIER = re.compile(r"^([1-9][0-9]*|[0-9a-fA-F]{4,8}(-[0-9a-fA-F]{0,4}){0,3}(-[0-9a-fA-F]{0,12})?)$")
@@ -44,20 +44,16 @@ def _check_inputs(args):
         value = getattr(args, name, None)
         if value is not None and not _IDENTIFIER.match(value.strip()):
             raise InputError(f"{value!r} is neither a node pk (a positive integer) nor a UUID")
-    from aiida import load_profile
-    from aiida.common.exceptions import MissingConfigurationError, ProfileConfigurationError
-    try:
-        load_profile(args.profile, allow_switch=True)
-    except (MissingConfigurationError, ProfileConfigurationError) as error:
-        raise InputError(f"no AiiDA profile {args.profile or '(default)'}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'not configured'}") from error
+    load_aiida_profile(args.profile)
 
 
 def run(args):
     from polmodel.cli import InputError
 
-    if args.question == "graph" and args.output and not args.output.endswith(GRAPH_FORMATS):
-        raise InputError(f"--output {args.output}: the drawing is written as {', '.join(GRAPH_FORMATS)}")
+    if args.question == "graph" and args.output:
+        if not args.output.endswith(GRAPH_FORMATS):
+            raise InputError(f"--output {args.output}: the drawing is written as {', '.join(GRAPH_FORMATS)}")
+        check_output_file(args.output, "--output")
     # AiiDA is imported here only: `import polmodel` and the other sub-commands never need it.
     _check_inputs(args)
     from aiida.common.exceptions import MultipleObjectsError, NotExistent

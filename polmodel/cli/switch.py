@@ -112,7 +112,7 @@ def run(args):
     import torch
 
     from polmodel.dynamics.calculator import PolCalculator
-    from polmodel.dynamics.md import saved_step, spread_threshold_of
+    from polmodel.dynamics.md import RestartMismatchError, RunInProgressError, saved_step, spread_threshold_of
     from polmodel.dynamics.switching import run_path, run_switching
 
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
@@ -122,6 +122,8 @@ def run(args):
         try:
             run_switching(atoms, calculator, protocol, seed=seed, directory=args.output, progress=not args.quiet,
                           spread_threshold=spread_threshold)
+        except (RestartMismatchError, RunInProgressError) as error:
+            raise InputError(str(error)) from error
         except KeyboardInterrupt:
             step = saved_step(run_path(args.output, seed))
             print(f"polmodel switch: stopped in run seed {seed} at step {step} of {protocol.steps}; rerun the same "

@@ -32,6 +32,8 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="save the training state here every checkpoint_every epochs; resume when it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-predictions", action="store_true",
+                        help="take frames written by `polmodel md` (a model's own predictions) as if they were labels")
 
 
 def load_options(text):
@@ -123,6 +125,7 @@ def run(args):
         config = build_config(args)
         resolve_device(config.device)
         frames = read_frames(args.frames)
+        refuse_predictions(frames, args)
         initial_model = load_initial_model(args.initial_model)
         check_checkpoint_path(args.checkpoint)
     except (ValueError, OSError) as error:   # a UnicodeDecodeError of a binary file is a ValueError
@@ -137,7 +140,9 @@ def run(args):
         return 2
     if args.ensemble == 1:
         model = model.members[0]
-    serialization.save(model, args.output)
+    saved_elsewhere = save_or_keep(model, args.output)
+    if saved_elsewhere:
+        return 1
     metrics["config"] = config.as_dict()
     metrics["model_file"] = os.path.abspath(args.output)
     metrics["model_sha256"] = serialization.file_sha256(args.output)
@@ -156,3 +161,44 @@ def run(args):
         print(f"wrote {args.output} ({metrics['num_train']} train / {metrics['num_validation']} validation frames): "
               f"{summary}")
     return 0
+
+
+def save_or_keep(model, output):
+    """Save the trained model at `output`; if that fails after the work (a full disk, a folder removed during
+    training), save it in the working directory or the temporary one instead, say where on one line and return
+    that path (None when `output` was written)."""
+    import tempfile
+    import time
+
+    from polmodel.nn import serialization
+    try:
+        serialization.save(model, output)
+        return None
+    except (OSError, RuntimeError) as error:   # torch.save reports a failed write as a RuntimeError
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    name = f"polmodel-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.pt"
+    for folder in (os.getcwd(), tempfile.gettempdir()):
+        fallback = os.path.join(folder, name)
+        try:
+            serialization.save(model, fallback)
+        except (OSError, RuntimeError):
+            continue
+        print(f"polmodel train: cannot write --output {output} ({reason}); the trained model is saved at {fallback}",
+              file=sys.stderr)
+        return fallback
+    print(f"polmodel train: cannot write --output {output} ({reason}) nor a copy in {os.getcwd()} or "
+          f"{tempfile.gettempdir()}: the trained model is lost", file=sys.stderr)
+    return output
+
+
+def refuse_predictions(frames, args):
+    """ValueError when the frames are a `polmodel md` trajectory (unless --allow-predictions): training or
+    evaluating on a model's own predictions would report agreement that measures nothing."""
+    from polmodel.data.frames import model_prediction_frames
+
+    predicted = model_prediction_frames(frames)
+    if predicted and not args.allow_predictions:
+        raise ValueError(f"frames file {args.frames}: {len(predicted)} of its {len(frames)} frames are records of a "
+                         "`polmodel md` run, whose energies and forces are a model's predictions, not DFT labels "
+                         "(--allow-predictions takes them anyway)")
+

@@ -83,6 +83,16 @@ def frame_source(atoms):
     return None if value is None else str(value)
 
 
+#: what every frame of a `polmodel md` trajectory records besides its (predicted) energy and forces
+_MD_RECORD_KEYS = ("step", "time_fs", "kinetic_energy", "temperature")
+
+
+def model_prediction_frames(frames):
+    """Indices of the frames that are records of a `polmodel md` run (step, time, kinetic energy, temperature in
+    their info): their energies and forces are a model's predictions, not labels."""
+    return [index for index, frame in enumerate(frames) if all(key in frame.info for key in _MD_RECORD_KEYS)]
+
+
 # --- branch continuity of the dipole labels ------------------------------------------------------------------
 def structure_key(frame):
     """Frames of one structure (same species, cell and positions, at any field) share this key."""

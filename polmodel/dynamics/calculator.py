@@ -8,6 +8,7 @@ so `get_forces` never pays for them.
 """
 import copy
 import difflib
+import warnings
 
 import numpy as np
 import torch
@@ -38,6 +39,17 @@ _ASE_CONSTRUCTOR_ARGUMENTS = {"restart", "ignore_bad_restart_file", "label", "at
 
 class OverlappingAtomsError(ValueError):
     """Two atoms closer than the calculator's `min_distance`."""
+
+
+class OutsideDomainWarning(UserWarning):
+    """The structure or field lies outside what the model was trained on (polmodel/data/domain.py)."""
+
+
+class OutsideDomainError(ValueError):
+    """As OutsideDomainWarning, from a calculator made with outside_domain="refuse"."""
+
+
+_OUTSIDE_DOMAIN_ACTIONS = ("warn", "refuse", "ignore")
 
 
 def _refuse_unknown(names, where):
@@ -98,17 +110,25 @@ class PolCalculator(Calculator):
     model at the field; "first-order" evaluates it at zero field and adds Z*ᵀε to the forces and αε to the
     dipole, as Allegro-pol's MD does (polmodel.nn.response.first_order_field_response). It has no stress (fixed
     cells) and evaluates the cell whole.
+    outside_domain: what the first calculation does when the structure or the field lies outside what the model
+    was trained on (polmodel/data/domain.py; models saved with their training domain): "warn" (default, one
+    OutsideDomainWarning naming each difference), "refuse" (OutsideDomainError) or "ignore".
     """
 
     default_parameters = {"efield": (0.0, 0.0, 0.0)}
 
     def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None,
                  min_distance=MIN_INTERATOMIC_DISTANCE, keep_heap=None, memory_limit_gb=None, coupling="network",
-                 **kwargs):
+                 outside_domain="warn", **kwargs):
         _refuse_unknown(set(kwargs) - _ASE_CONSTRUCTOR_ARGUMENTS, "PolCalculator()")
         if coupling not in FIELD_COUPLINGS:
             raise ValueError(f"coupling must be one of {', '.join(FIELD_COUPLINGS)}, got {coupling!r}")
         self.coupling = coupling
+        if outside_domain not in _OUTSIDE_DOMAIN_ACTIONS:
+            raise ValueError(f"outside_domain must be one of {', '.join(_OUTSIDE_DOMAIN_ACTIONS)}, got "
+                             f"{outside_domain!r}")
+        self.outside_domain = outside_domain
+        self._domain_checked = outside_domain == "ignore"
         if not min_distance >= 0.0:
             raise ValueError(f"min_distance must be >= 0 Å, got {min_distance}")
         self.min_distance = float(min_distance)
@@ -196,6 +216,9 @@ class PolCalculator(Calculator):
                  "polarizability": bool(requested & {"polarizability", "dielectric_tensor",
                                                      "polarizability_std"})}
         efield = self.efield
+        if not self._domain_checked:
+            self._domain_checked = True
+            self.check_domain(atoms, float(np.linalg.norm(efield)))
         if self.results and self.results_efield is not None and not np.array_equal(efield, self.results_efield):
             self.results = {}  # cached first-order results were at another field
         response = None if self.is_ensemble or first_order else self._chunked_response(atoms, efield, flags)
@@ -213,6 +236,21 @@ class PolCalculator(Calculator):
                 response = response_function(self.model, data, **flags)
         self.results.update(self._to_results(response))
         self.results_efield = efield
+
+    def check_domain(self, atoms, field_max=0.0):
+        """The notes (polmodel/data/domain.py) on where `atoms` and a field of magnitude `field_max` (V/Å) lie
+        outside the model's training domain; warned or refused as `outside_domain` says. Empty for models saved
+        without their domain."""
+        from polmodel.data.domain import model_domain, outside_domain
+
+        domain = model_domain(self.model)
+        notes = outside_domain(atoms, domain, field_max) if domain else []
+        if notes and self.outside_domain != "ignore":
+            message = "outside what the model was trained on: " + "; ".join(notes)
+            if self.outside_domain == "refuse":
+                raise OutsideDomainError(message)
+            warnings.warn(message, OutsideDomainWarning, stacklevel=3)
+        return notes
 
     def check_atoms(self, atoms):
         """Raise OverlappingAtomsError when two atoms of `atoms` are closer than `min_distance` (what every

@@ -5,7 +5,8 @@ For a time-dependent field the field of every force evaluation is the protocol's
 positions being evaluated: before step n → n+1 the calculator is told the field at t_{n+1}, while the cached
 forces at t_n (computed at ε(t_n)) stay valid for the first half kick.
 
-Output: an extended-XYZ trajectory, one frame every `interval` steps (frame 0 is the start), each frame's info
+Output: an extended-XYZ trajectory, one frame every `interval` steps (frame 0 is the start) and one at the last
+step when it falls between (`--steps 15 --interval 10` ends at step 15), each frame's info
 holding time_fs, step, efield, energy (enthalpy, eV), kinetic_energy, temperature, dipole, polarization (periodic
 cells), and for ensembles energy_std, polarization_std, max_force_std, max_born_charge_std (with born_spread),
 arrays forces and forces_std. The first frame also holds the run's settings (`md_*` keys: field protocol,
@@ -24,6 +25,7 @@ Trust: with an ensemble, the largest atomic force spread is checked at every ste
 `force_spread_exceeded_step` in every frame written from then on; with `stop_on_spread` the run stops there
 and writes that step's frame (off the `interval` grid when it falls between frames) with `stopped_on_spread`.
 """
+import contextlib
 import json
 import os
 import warnings
@@ -49,6 +51,10 @@ _SETTINGS_PREFIX = "md_"
 
 class RestartMismatchError(ValueError):
     """A restart whose settings (field protocol, thermostat, timestep, ...) differ from the trajectory's."""
+
+
+class RunInProgressError(ValueError):
+    """Another process is writing the same trajectory (its lock file is held)."""
 
 
 class ForceSpreadWarning(UserWarning):
@@ -327,10 +333,9 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     spread_threshold: eV/Å, the ensemble force spread above which the run warns once and records it (None: no
     check); stop_on_spread: stop at that step instead of going on (module docstring).
     Returns the final atoms (a copy without calculator); its info has `force_spread_exceeded_step` when the
-    spread passed the threshold and `stopped_on_spread` when the run stopped for it.
+    spread passed the threshold and `stopped_on_spread` when the run stopped for it. A second process on the same
+    trajectory raises RunInProgressError before it touches anything.
     """
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-
     check_run_arguments(steps=steps, timestep_fs=timestep_fs, temperature_K=temperature_K, thermostat=thermostat,
                         friction=friction, interval=interval, pressure_GPa=pressure_GPa,
                         spread_threshold=spread_threshold, polarization_interval=polarization_interval, seed=seed)
@@ -347,6 +352,41 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
     polarization_path = polarization_log_path(trajectory_path)
     atoms = atoms.copy()
     rng = np.random.default_rng(seed)
+    with _exclusive(trajectory_path):
+        return _run_locked(atoms, calculator, protocol, steps=steps, timestep_fs=timestep_fs,
+                           temperature_K=temperature_K, thermostat=thermostat, friction=friction, interval=interval,
+                           trajectory_path=trajectory_path, born_spread=born_spread, restart=restart,
+                           progress=progress, seed=seed, pressure_GPa=pressure_GPa, spread_threshold=spread_threshold,
+                           stop_on_spread=stop_on_spread, polarization_interval=polarization_interval,
+                           checkpoint_interval=checkpoint_interval, rng=rng, checkpoint=checkpoint,
+                           polarization_path=polarization_path)
+
+
+@contextlib.contextmanager
+def _exclusive(trajectory_path):
+    """Hold `<trajectory>.lock` while the run writes: a second process on the same trajectory (the same command
+    started twice) would interleave its rows and checkpoints with the first's; it gets RunInProgressError."""
+    import fcntl
+
+    lock = Path(f"{trajectory_path}.lock")
+    handle = open(lock, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RunInProgressError(f"another process is running {trajectory_path} (it holds {lock}): wait for it or "
+                                 "stop it first") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
+
+
+def _run_locked(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K, thermostat, friction, interval,
+                trajectory_path, born_spread, restart, progress, seed, pressure_GPa, spread_threshold, stop_on_spread,
+                polarization_interval, checkpoint_interval, rng, checkpoint, polarization_path):
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     settings = run_settings(protocol, thermostat=thermostat, timestep_fs=timestep_fs, temperature_K=temperature_K,
                             friction=friction, pressure_GPa=pressure_GPa, interval=interval,
@@ -438,6 +478,12 @@ def _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_l
         if bar is not None:
             bar.update(1)
             bar.set_postfix(T=f"{atoms.get_temperature():.0f}K", refresh=False)
+    if remaining and not watch.stopped and step % interval != 0:
+        # the last step off the frame grid: written, so that the trajectory ends where the run did
+        frame = _frame(atoms, calculator, step, step * timestep_fs, born_spread)
+        frame.info.update(watch.record())
+        ase.io.write(trajectory_path, frame, format="extxyz", append=True)
+        _write_checkpoint(checkpoint, atoms, step, step * timestep_fs, dynamics, rng)
     return step
 
 

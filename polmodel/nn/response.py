@@ -87,27 +87,63 @@ def first_order_field_response(model, data, *, stress=False, born_charges=False,
                                   polarizability=polarizability)
     else:
         result = {}
-    positions = data[keys.POSITIONS].detach().requires_grad_(True)
     field = torch.zeros_like(applied, requires_grad=True)
-    zero_field[keys.POSITIONS], zero_field[keys.EFIELD] = positions, field
-    out = model(zero_field)
-    energy = out[keys.ENERGY]
-    energy_gradient, field_gradient = torch.autograd.grad(energy.sum(), [positions, field], create_graph=True)
-    dipole = -field_gradient
-    # ∂(ΩP(0)·ε)/∂R_ib = Σ_a ε_a Z*[i, a, b] and ∂(ΩP(0)·ε)/∂ε_b = (αε)_b (α is symmetric)
-    projected = (dipole * applied).sum()
-    born_times_field, alpha_times_field = (
-        torch.zeros_like(target) if gradient is None else gradient
-        for gradient, target in zip(torch.autograd.grad(projected, [positions, field], allow_unused=True),
-                                    [positions, field]))
-    dipole = dipole.detach()
-    raw = {keys.ENERGY: energy.detach() - (dipole * applied).sum(dim=-1),
+    zero_field[keys.EFIELD] = field
+    if hasattr(model, "energy_from_edges"):
+        out, forces, dipole, born_times_field, alpha_times_field = _first_order_through_edge_inputs(
+            model, zero_field, applied)
+    else:
+        out, forces, dipole, born_times_field, alpha_times_field = _first_order_through_positions(
+            model, zero_field, applied)
+    raw = {keys.ENERGY: out[keys.ENERGY].detach() - (dipole * applied).sum(dim=-1),
            keys.ATOMIC_ENERGY: out[keys.ATOMIC_ENERGY].detach(),
-           keys.FORCES: -energy_gradient.detach() + born_times_field,
+           keys.FORCES: forces + born_times_field,
            keys.DIPOLE: dipole + alpha_times_field}
     result.update(response_from_derivatives(raw, data, compute_stress=False, born_charges=False,
                                             polarizability=False, training=False))
     return result
+
+
+def _gradients_or_zeros(output, leaves):
+    gradients = torch.autograd.grad(output, leaves, allow_unused=True)
+    return [torch.zeros_like(leaf) if gradient is None else gradient for gradient, leaf in zip(gradients, leaves)]
+
+
+def _first_order_through_positions(model, data, applied):
+    """(model output, F(0), ΩP(0), Z*ᵀε, αε) with the positions and the (zero) field data[EFIELD] as leaves:
+    ∂(ΩP(0)·ε)/∂R_ib = Σ_a ε_a Z*[i, a, b] and ∂(ΩP(0)·ε)/∂ε_b = (αε)_b (α is symmetric)."""
+    positions = data[keys.POSITIONS].detach().requires_grad_(True)
+    field = data[keys.EFIELD]
+    inputs = dict(data)
+    inputs[keys.POSITIONS] = positions
+    out = model(inputs)
+    energy_gradient, field_gradient = torch.autograd.grad(out[keys.ENERGY].sum(), [positions, field],
+                                                          create_graph=True)
+    dipole = -field_gradient
+    born_times_field, alpha_times_field = _gradients_or_zeros((dipole * applied).sum(), [positions, field])
+    return out, -energy_gradient.detach(), dipole.detach(), born_times_field, alpha_times_field
+
+
+def _first_order_through_edge_inputs(model, data, applied):
+    """As `_first_order_through_positions`, with the edges' harmonics and radial weights as the leaves
+    (polmodel/nn/edge_inputs.py): the second pass stops at the edges and is chained to the atoms once."""
+    inputs = edge_inputs(model, data)
+    harmonics = inputs.harmonics.requires_grad_(True)
+    weights = [[w.requires_grad_(True) for w in layer] for layer in inputs.radial_weights]
+    flat_weights = [w for layer in weights for w in layer]
+    field = data[keys.EFIELD]
+    out = model.energy_from_edges(data, harmonics, weights)
+    leaves = [harmonics, *flat_weights, field]
+    gradients = torch.autograd.grad(out[keys.ENERGY].sum(), leaves, create_graph=True, allow_unused=True)
+    gradients = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(gradients, leaves)]
+    dipole = -gradients[-1]
+    harmonics_gradient, *weight_gradients = [g.detach() for g in gradients[:-1]]
+    forces = -atom_gradients(data, edge_vector_gradients(inputs, harmonics_gradient,
+                                                         _per_layer(weight_gradients, weights)))
+    second = _gradients_or_zeros((dipole * applied).sum(), leaves)
+    born_times_field = atom_gradients(data, edge_vector_gradients(inputs, second[0],
+                                                                  _per_layer(second[1:-1], weights)))
+    return out, forces, dipole.detach(), born_times_field, second[-1]
 
 
 def response_from_derivatives(raw, data, *, compute_stress, born_charges, polarizability, training):

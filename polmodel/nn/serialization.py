@@ -91,7 +91,16 @@ def save(model_or_ensemble, path):
         "state_dicts": state_dicts,
         "content_hash": content_hash(kind, species, cutoff, architecture, state_dicts, training),
     }
-    torch.save(payload, os.fspath(path))
+    # written beside the target and moved into place: a failed or interrupted write leaves no truncated file
+    path = os.fspath(path)
+    temporary = f"{path}.{os.getpid()}.partial"
+    try:
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def _json_copy(value):

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 
+from polmodel.data.domain import training_domain
 from polmodel.data.frames import (align_dipole_branches, frame_efield, frame_energy, frame_forces, normalize_frames,
                                   structure_key)
 from polmodel.data.graphs import atoms_to_graph, average_num_neighbors, collate
@@ -698,9 +699,11 @@ def train_ensemble(frames, config, size, bootstrap=False, initial_model=None, ch
                                "best_epoch": history["best_epoch"], "stopped": history["stopped"],
                                "wall_time_s": history["wall_time_s"],
                                "resumed_from_epoch": history["resumed_from_epoch"]})
+    # saved with each member: what the structures and fields it was trained on look like (polmodel/data/domain.py)
+    domain = training_domain(train_frames, members[0].cutoff)
     for member, record in zip(members, member_metrics):
         # saved with the member: MD sets its default trust limit from it (polmodel.dynamics.md.spread_threshold_of)
-        member.training_options = {**member.training_options, "validation": {
+        member.training_options = {**member.training_options, "domain": domain, "validation": {
             "evaluated_on": "validation" if valid_frames else "train", "metrics": record["validation"]}}
     ensemble = PolEnsemble(members)
     metrics = {"num_train": len(train_frames), "num_validation": len(valid_frames),

@@ -1,0 +1,113 @@
+"""What a model was trained on, as a structure sees it, and how far a new structure lies from it.
+
+`training_domain(frames, cutoff)` summarizes the training frames: per species pair the shortest distance and the
+median of each atom's nearest-neighbour distance to that species, the number density (atoms/Å³) of the periodic
+frames, and the largest labelled field. `polmodel train` stores it with each member (training_options["domain"]).
+`outside_domain(atoms, domain, field)` lists, one sentence each, what in a structure the model never saw: a
+structure given in Bohr as Å, a squeezed or torn cell, a species pair never seen close, a field far beyond the
+labels. An ensemble's spread alone does not catch such a structure: far from every training frame the members can
+agree (the quartz ensemble gives a force spread of 0.02 eV/Å on a cell in Bohr).
+"""
+import numpy as np
+
+from polmodel.data.neighbors import neighbor_list
+
+#: a pair closer than this fraction of its shortest training distance is outside the domain
+SHORTEST_DISTANCE_FRACTION = 0.85
+#: typical nearest-neighbour distances (per pair) outside this range of the training ones are outside the domain
+TYPICAL_DISTANCE_RANGE = (0.85, 1.2)
+#: number densities outside this range of the training ones are outside the domain
+DENSITY_RANGE = (0.75, 1.3)
+#: fields beyond this multiple of the largest labelled one are outside the domain
+FIELD_FACTOR = 2.0
+
+
+def _pair(a, b):
+    return "-".join(sorted((a, b)))
+
+
+def _nearest_by_pair(atoms, cutoff):
+    """{pair: (N_pair,) distances}: for each atom, the distance to its nearest neighbour of each species (within
+    the cutoff)."""
+    edge_index, shifts = neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc, cutoff)
+    if edge_index.shape[1] == 0:
+        return {}
+    receivers, senders = edge_index
+    vectors = atoms.positions[senders] - atoms.positions[receivers] + shifts @ np.asarray(atoms.cell[:])
+    lengths = np.linalg.norm(vectors, axis=1)
+    symbols = np.array(atoms.get_chemical_symbols())
+    nearest = {}
+    for species in np.unique(symbols[senders]):
+        to_species = symbols[senders] == species
+        per_atom = np.full(len(atoms), np.inf)
+        np.minimum.at(per_atom, receivers[to_species], lengths[to_species])
+        for receiver_species in np.unique(symbols):
+            values = per_atom[(symbols == receiver_species) & np.isfinite(per_atom)]
+            if len(values):
+                nearest.setdefault(_pair(receiver_species, species), []).append(values)
+    return {pair: np.concatenate(values) for pair, values in nearest.items()}
+
+
+def _density(atoms):
+    return len(atoms) / abs(atoms.cell.volume) if np.all(atoms.pbc) else None
+
+
+def training_domain(frames, cutoff):
+    """The domain of `frames` (a JSON-able dict): pairs {"A-B": {"shortest", "typical"}} in Å, density [min,
+    max] in atoms/Å³ (None without periodic frames), field_max in V/Å (the largest |ε| of any frame)."""
+    distances, densities, fields = {}, [], [0.0]
+    for atoms in frames:
+        for pair, values in _nearest_by_pair(atoms, cutoff).items():
+            distances.setdefault(pair, []).append(values)
+        density = _density(atoms)
+        if density is not None:
+            densities.append(density)
+        efield = atoms.info.get("efield")
+        if efield is not None:
+            fields.append(float(np.linalg.norm(efield)))
+    pairs = {}
+    for pair, values in sorted(distances.items()):
+        values = np.concatenate(values)
+        pairs[pair] = {"shortest": float(values.min()), "typical": float(np.median(values))}
+    return {"pairs": pairs, "density": [min(densities), max(densities)] if densities else None,
+            "field_max": max(fields), "cutoff": float(cutoff)}
+
+
+def outside_domain(atoms, domain, field_max=None):
+    """Sentences naming what in `atoms` (and in a field of magnitude `field_max`, V/Å) lies outside `domain`;
+    empty when everything is inside."""
+    notes = []
+    found = _nearest_by_pair(atoms, domain["cutoff"])
+    for pair, values in sorted(found.items()):
+        trained = domain["pairs"].get(pair)
+        if trained is None:
+            notes.append(f"{pair} pairs within {domain['cutoff']:g} Å, which no training frame has")
+            continue
+        shortest, typical = float(values.min()), float(np.median(values))
+        if shortest < SHORTEST_DISTANCE_FRACTION * trained["shortest"]:
+            notes.append(f"{pair} closest at {shortest:.2f} Å, the training frames at {trained['shortest']:.2f} Å")
+        low, high = TYPICAL_DISTANCE_RANGE
+        if not low * trained["typical"] <= typical <= high * trained["typical"]:
+            notes.append(f"{pair} typical nearest distance {typical:.2f} Å, the training frames' "
+                         f"{trained['typical']:.2f} Å (lengths in Bohr given as Å are 1.89x longer)")
+    present = set(atoms.get_chemical_symbols())
+    for pair, trained in sorted(domain["pairs"].items()):
+        # only pairs the training frames always had well inside the cutoff are missed
+        if pair not in found and set(pair.split("-")) <= present and trained["typical"] < 0.8 * domain["cutoff"]:
+            notes.append(f"no {pair} pair within {domain['cutoff']:g} Å, the training frames' nearest at typically "
+                         f"{trained['typical']:.2f} Å (lengths in Bohr given as Å are 1.89x longer)")
+    density = _density(atoms)
+    if density is not None and domain.get("density"):
+        low, high = domain["density"]
+        if not DENSITY_RANGE[0] * low <= density <= DENSITY_RANGE[1] * high:
+            notes.append(f"number density {density:.4f} atoms/Å³, the training frames' {low:.4f}–{high:.4f}")
+    if field_max is not None and field_max > FIELD_FACTOR * domain["field_max"]:
+        notes.append(f"a field of {field_max:.3g} V/Å, {field_max / max(domain['field_max'], 1e-12):.0f}x the "
+                     f"largest labelled one ({domain['field_max']:.3g} V/Å)")
+    return notes
+
+
+def model_domain(model):
+    """The domain stored with a model (the first member's for an ensemble), or None for files without one."""
+    member = getattr(model, "members", [model])[0]
+    return (getattr(member, "training_options", None) or {}).get("domain")
