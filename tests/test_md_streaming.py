@@ -46,8 +46,8 @@ def test_polarization_file_has_every_step_and_agrees_with_the_trajectory(model, 
     np.testing.assert_array_equal(columns["time_fs"], np.arange(13) * 1.0)
     np.testing.assert_array_equal(_vectors(columns, "efield"), [PROTOCOL(t) for t in range(13)])
     frames = read_trajectory(path)
-    assert series(frames, "step").tolist() == [0, 5, 10]
-    on_grid = columns["step"] % 5 == 0
+    assert series(frames, "step").tolist() == [0, 5, 10, 12]     # the last step ends the trajectory
+    on_grid = (columns["step"] % 5 == 0) | (columns["step"] == 12)
     for name in ("dipole", "polarization", "efield"):
         np.testing.assert_allclose(_vectors(columns, name)[on_grid], series(frames, name), rtol=1e-9, atol=1e-12)
     for name in ("energy", "kinetic_energy", "temperature"):
@@ -63,13 +63,24 @@ def test_polarization_file_has_every_step_and_agrees_with_the_trajectory(model, 
     np.testing.assert_array_equal(_vectors(sparse, "dipole"), _vectors(columns, "dipole")[::3])
 
 
-def test_restart_continues_the_polarization_file_without_duplicates(model, tmp_path):
+def test_restart_continues_the_polarization_file_without_duplicates(model, tmp_path, monkeypatch):
     straight = tmp_path / "straight.xyz"
     _run(model, straight, 40)
     # an interrupted run: its last checkpoint and frame are at step 20, its P(t) file went on to step 23 and
     # ends in a torn line; the restart recomputes 21-23 and must not write them twice
     resumed = tmp_path / "resumed.xyz"
-    _run(model, resumed, 23)
+    from polmodel.dynamics.polarization_log import PolarizationLog
+    write = PolarizationLog.write
+
+    def killed_at_step_24(self, step, *args):
+        if step == 24:
+            raise KeyboardInterrupt
+        return write(self, step, *args)
+
+    monkeypatch.setattr(PolarizationLog, "write", killed_at_step_24)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, resumed, 40)
+    monkeypatch.undo()
     log = polarization_log_path(resumed)
     with open(log, "a") as handle:
         handle.write("24,24.0,0.01")

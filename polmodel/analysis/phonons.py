@@ -135,12 +135,14 @@ def static_dielectric_harmonic(epsilon_inf, mode_charges, eigenvalues, volume, *
 
 
 def as_dielectric_tensor(value):
-    """A scalar (isotropic) or (3, 3) dielectric constant as a (3, 3) array."""
+    """A scalar (isotropic), (3,) (principal values along x, y, z) or (3, 3) dielectric constant as (3, 3)."""
     value = np.asarray(value, dtype=float)
     if value.ndim == 0:
         return value * np.eye(3)
+    if value.shape == (3,):
+        return np.diag(value)
     if value.shape != (3, 3):
-        raise ValueError(f"a dielectric tensor is a scalar or (3, 3), got shape {value.shape}")
+        raise ValueError(f"a dielectric tensor is a scalar, 3 principal values or (3, 3), got shape {value.shape}")
     return value
 
 

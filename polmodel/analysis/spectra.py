@@ -153,13 +153,51 @@ def block_error(values, blocks):
     return means.std(axis=0, ddof=1) / math.sqrt(blocks)
 
 
-def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_inf=1.0, *, blocks=8):
-    """ε0_ab = ε∞_ab + (⟨M_a M_b⟩ − ⟨M_a⟩⟨M_b⟩) / (ε_vac Ω k_B T) (tin-foil boundary), with its block error.
+#: the blocking analysis stops where fewer block means than this remain (their spread is then too uncertain)
+MIN_BLOCKS = 16
+
+
+def blocked_mean_error(values):
+    """The standard error of the mean of a correlated series (T, ...) from a blocking analysis (Flyvbjerg and
+    Petersen): per component, the standard error of block means for block lengths 1, 2, 4, ... while at least
+    MIN_BLOCKS blocks remain. It grows with the block length until blocks are longer than the correlation time,
+    then stays level within its own uncertainty σ = error / √(2 (n − 1)). The plateau is the first block length
+    whose error the next two do not exceed by more than their σ.
+
+    Returns (error, plateau) per component: `plateau` False where the error still grows at the longest blocks,
+    the error given is then the last (a lower bound: the run is too short for its correlation time)."""
+    values = np.asarray(values, dtype=float)
+    length = len(values)
+    if length < 2 * MIN_BLOCKS:
+        raise ValueError(f"need at least {2 * MIN_BLOCKS} samples for a blocking analysis, got {length}")
+    flat = values.reshape(length, -1)
+    errors, plateaus = np.empty(flat.shape[1]), np.zeros(flat.shape[1], dtype=bool)
+    for column in range(flat.shape[1]):
+        series, levels = flat[:, column], []
+        while len(series) >= MIN_BLOCKS:
+            count = len(series)
+            error = float(series.std(ddof=1) / math.sqrt(count))
+            levels.append((error, error / math.sqrt(2.0 * (count - 1))))
+            series = 0.5 * (series[0:count - count % 2:2] + series[1:count - count % 2:2])
+        errors[column], plateaus[column] = levels[-1][0], False
+        for index in range(len(levels) - 2):
+            error = levels[index][0]
+            if all(later - error <= sigma for later, sigma in levels[index + 1:index + 3]):
+                errors[column], plateaus[column] = error, True
+                break
+    shape = values.shape[1:]
+    return errors.reshape(shape), plateaus.reshape(shape)
+
+
+def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_inf=1.0, *, blocks=None):
+    """ε0_ab = ε∞_ab + (⟨M_a M_b⟩ − ⟨M_a⟩⟨M_b⟩) / (ε_vac Ω k_B T) (tin-foil boundary), with its error.
 
     dipoles (T, 3) e·Å from a canonical run at zero field (continuous: the model's dipole is); volume Å³;
-    temperature_K the thermostat's target; epsilon_inf scalar or (3, 3). The error bar is the standard error of
-    the mean of δM_a δM_b over `blocks` contiguous blocks (δM about the whole run's mean): it is honest only
-    when a block is much longer than the dipole's correlation time. Returns (ε0 (3, 3), error (3, 3)).
+    temperature_K the thermostat's target; epsilon_inf scalar, (3,) diagonal or (3, 3). The error bar is the
+    standard error of the mean of δM_a δM_b (δM about the whole run's mean) from a blocking analysis
+    (`blocked_mean_error`, whose plateau flags say where the run is too short for one); with `blocks`, from that
+    many contiguous block means instead (low whenever a block is not much longer than the correlation time).
+    Returns (ε0 (3, 3), error (3, 3)); `blocked_mean_error(dipole_fluctuation_products(dipoles))` gives the flags.
     """
     from polmodel.analysis.phonons import as_dielectric_tensor
 
@@ -168,16 +206,25 @@ def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_
         raise ValueError(f"dipoles must be a (T, 3) series with T >= 2, got shape {dipoles.shape}")
     if not (volume > 0 and temperature_K > 0):
         raise ValueError(f"volume and temperature must be positive, got {volume}, {temperature_K}")
-    fluctuation = dipoles - dipoles.mean(axis=0)
-    products = np.einsum("ta,tb->tab", fluctuation, fluctuation)
+    products = dipole_fluctuation_products(dipoles)
     scale = EPSILON0_E_PER_V_ANGSTROM * volume * 8.617333262e-5 * temperature_K  # k_B in eV/K
-    return as_dielectric_tensor(epsilon_inf) + products.mean(axis=0) / scale, block_error(products, blocks) / scale
+    epsilon_static = as_dielectric_tensor(epsilon_inf) + products.mean(axis=0) / scale
+    if blocks is not None:
+        return epsilon_static, block_error(products, blocks) / scale
+    return epsilon_static, blocked_mean_error(products)[0] / scale
 
 
-def static_dielectric_from_field(dipoles_at_field, dipoles_at_zero_field, field, volume, *, blocks=8):
+def dipole_fluctuation_products(dipoles):
+    """δM_a δM_b (T, 3, 3) with δM about the run's mean: the series whose mean is the fluctuation term of ε0."""
+    fluctuation = np.asarray(dipoles, dtype=float) - np.mean(dipoles, axis=0)
+    return np.einsum("ta,tb->tab", fluctuation, fluctuation)
+
+
+def static_dielectric_from_field(dipoles_at_field, dipoles_at_zero_field, field, volume, *, blocks=None):
     """ε0 · ε̂ = ε̂ + ⟨ΔM⟩ / (ε_vac Ω |ε|): the column of ε0 along a small static field `field` (3,) V/Å, from
     the mean cell dipole (e·Å) of a run at that field and of one at zero field (same cell, same branch).
-    Electronic and ionic response both sit in ⟨ΔM⟩. Returns (column (3,), error (3,))."""
+    Electronic and ionic response both sit in ⟨ΔM⟩. The errors of the two means come from their correlation
+    times (`correlated_mean_error`), or from `blocks` block means. Returns (column (3,), error (3,))."""
     field = np.asarray(field, dtype=float)
     magnitude = float(np.linalg.norm(field))
     if magnitude == 0.0:
@@ -186,5 +233,7 @@ def static_dielectric_from_field(dipoles_at_field, dipoles_at_zero_field, field,
     at_zero = np.asarray(dipoles_at_zero_field, dtype=float)
     scale = EPSILON0_E_PER_V_ANGSTROM * volume * magnitude
     change = at_field.mean(axis=0) - at_zero.mean(axis=0)
-    error = np.hypot(block_error(at_field, blocks), block_error(at_zero, blocks)) / scale
+    mean_error = (lambda values: block_error(values, blocks)) if blocks else (
+        lambda values: blocked_mean_error(values)[0])
+    error = np.hypot(mean_error(at_field), mean_error(at_zero)) / scale
     return field / magnitude + change / scale, error

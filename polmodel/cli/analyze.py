@@ -2,7 +2,7 @@
 constant, P–E hysteresis, Γ phonons.
 
     polmodel analyze ir TRAJ [--output PREFIX] [--skip-fs T] [--max-wavenumber W] [--window NAME] [--allow-driven]
-    polmodel analyze dielectric TRAJ [--model M | --epsilon-inf X] [--temperature K] [--blocks N]
+    polmodel analyze dielectric TRAJ [--model M | --epsilon-inf X [Y Z | 9 values]] [--temperature K] [--blocks N]
                                      [--zero-field-trajectory REF] [--allow-driven]
     polmodel analyze hysteresis TRAJ [--discard-cycles N]
     polmodel analyze modes STRUCTURE --model M [--fwhm W] [--max-wavenumber W]
@@ -39,13 +39,17 @@ def add_arguments(parser):
                              "then not the equilibrium quantity)")
     parser.add_argument("--model", default=None,
                         help="dielectric: model/ensemble file for ε∞ from its polarizability; modes: the model")
-    parser.add_argument("--epsilon-inf", type=float, default=None,
-                        help="dielectric: ε∞ to add to the ionic part when no --model is given")
+    parser.add_argument("--epsilon-inf", type=float, nargs="+", default=None, metavar="X",
+                        help="dielectric: ε∞ to add to the ionic part when no --model is given: one value "
+                             "(isotropic), three (principal values along x, y, z: a uniaxial crystal's ⊥ ⊥ ∥) or "
+                             "nine (the tensor, row by row)")
     parser.add_argument("--alpha-frames", type=int, default=5,
                         help="dielectric: number of frames (evenly spaced) on which to average α (default 5)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="dielectric: temperature in K (default: the thermostat's recorded target)")
-    parser.add_argument("--blocks", type=int, default=8, help="dielectric: blocks of the error bar (default 8)")
+    parser.add_argument("--blocks", type=int, default=None,
+                        help="dielectric: the error bar from N block means (default: a blocking analysis that "
+                             "finds the plateau of the block-mean error, and says where there is none)")
     parser.add_argument("--zero-field-trajectory", default=None,
                         help="dielectric: a zero-field run of the same cell; TRAJ is then a run at a small static "
                              "field and ε0 comes from the mean polarization change")
@@ -140,7 +144,7 @@ def _check_common(args):
         except (ValueError, TypeError) as error:
             raise InputError(f"--window {args.window!r} is not a scipy.signal window ({error})") from None
     if args.analysis == "dielectric":
-        if args.blocks < 2:
+        if args.blocks is not None and args.blocks < 2:
             raise InputError(f"--blocks must be at least 2, got {args.blocks}")
         if args.temperature is not None and not args.temperature > 0:
             raise InputError(f"--temperature must be positive, got {args.temperature}")
@@ -181,7 +185,10 @@ def _epsilon_inf(args, frames, calculator):
             tensors.append(calculator.get_property("dielectric_tensor", atoms))
         return np.mean(tensors, axis=0), f"model polarizability averaged over {len(chosen)} frames"
     if args.epsilon_inf is not None:
-        return args.epsilon_inf * np.eye(3), "given"
+        from polmodel.analysis.phonons import as_dielectric_tensor
+        return as_dielectric_tensor(np.reshape(args.epsilon_inf, (3, 3)) if len(args.epsilon_inf) == 9
+                                    else args.epsilon_inf if len(args.epsilon_inf) == 3
+                                    else args.epsilon_inf[0]), "given"
     return np.eye(3), "none (vacuum): the result is the ionic part + 1"
 
 
@@ -246,7 +253,7 @@ def run_dielectric(args, frames):
     if args.zero_field_trajectory is not None:
         return _run_dielectric_from_field(args, frames, times, calculator)
     conditions, notes = _equilibrium_notes(frames, allow_thermostat=True, allow_driven=args.allow_driven)
-    if len(frames) < 2 * args.blocks:
+    if args.blocks is not None and len(frames) < 2 * args.blocks:
         raise InputError(f"{len(frames)} frames cannot make {args.blocks} blocks of at least two")
     temperature, temperature_source = _dielectric_temperature(args, conditions, frames, notes)
     dipoles = observables.trajectory_series(frames, "dipole")
@@ -254,13 +261,23 @@ def run_dielectric(args, frames):
     epsilon_inf, source = _epsilon_inf(args, frames, calculator)
     epsilon_static, error = spectra.static_dielectric_from_fluctuations(dipoles, volume, temperature, epsilon_inf,
                                                                         blocks=args.blocks)
+    _, plateau = spectra.blocked_mean_error(spectra.dipole_fluctuation_products(dipoles))
+    if args.blocks is None:
+        error_method = "blocking analysis of δM_a δM_b (the plateau of the block-mean error)"
+        missing = [f"{'xyz'[a]}{'xyz'[b]}" for a in range(3) for b in range(a, 3) if not plateau[a, b]]
+        if missing:
+            notes.append(f"no plateau in the blocking analysis of {', '.join(missing)}: the run is too short for the "
+                         "dipole's correlation time, and those error bars are lower bounds")
+    else:
+        error_method = f"{args.blocks} block means"
     return {"method": "dipole fluctuations, tin-foil boundary", "temperature_K": temperature,
             "temperature_source": temperature_source, "volume_A3": volume, "epsilon_inf": epsilon_inf.tolist(),
             "epsilon_inf_source": source, "epsilon_static": epsilon_static.tolist(),
-            "epsilon_static_error": error.tolist(), "blocks": args.blocks,
+            "epsilon_static_error": error.tolist(), "error_method": error_method,
+            "error_plateau": plateau.tolist(),
             "epsilon_static_isotropic": float(np.trace(epsilon_static) / 3.0),
             "epsilon_static_isotropic_error": float(np.sqrt(np.sum(np.diag(error) ** 2)) / 3.0),
-            "notes": notes + ["the error bar assumes blocks longer than the dipole's correlation time"]}, \
+            "notes": notes}, \
         lambda png: observables.plot_dielectric(dipoles, times, png)
 
 
