@@ -137,3 +137,31 @@ def test_dfpt_workchain_gamma_phonons_equal_dynmat_x(alas_structure, pw_code, ph
     epsilon_inf = results["dielectric_tensor"].get_array("dielectric_tensor")
     epsilon_static = results["static_dielectric_tensor"].get_array("static_dielectric_tensor")
     assert np.all(np.diag(epsilon_static) > np.diag(epsilon_inf))
+
+
+@pytest.mark.aiida
+@pytest.mark.dft
+def test_dfpt_without_phonons_computes_no_phonon(alas_structure, pw_code, ph_code, alas_lda_family):
+    """phonons=False: ph.x (real, AlAs LDA 2x2x2) computes only the electric-field perturbation: ε∞ and Z*, no
+    atomic-displacement representation, no Γ modes."""
+    from aiida.engine import run_get_node
+
+    from polmodel.workflows.dfpt import DfptWorkChain
+    from polmodel.workflows.field_response import FieldResponseWorkChain
+
+    source = FieldResponseWorkChain.get_builder_from_protocol(
+        pw_code, alas_structure, protocol="fast", pseudo_family=alas_lda_family.label,
+        overrides={"scf": {"kpoints_distance": 1.0}},
+    )
+    builder = DfptWorkChain.get_builder_from_field_response(source, ph_code, phonons=False)
+    results, node = run_get_node(builder)
+    assert node.is_finished_ok, (node.exit_status, node.exit_message)
+    ph_calculation = [c for c in node.called_descendants if c.process_type.endswith("quantumespresso.ph")][-1]
+    output = ph_calculation.outputs.retrieved.base.repository.get_object_content("aiida.out", mode="r")
+    assert "Electric Fields Calculation" in output
+    assert "Representation #" not in output and "Diagonalizing the dynamical matrix" not in output
+    assert "ldisp = .true." not in ph_calculation.base.repository.get_object_content("aiida.in", mode="r").lower()
+    assert "gamma_phonons" not in results
+    born = results["born_effective_charges"].get_array("born_effective_charges")
+    assert born.shape == (2, 3, 3) and np.abs(born).max() > 0.1
+    assert np.all(np.diag(results["dielectric_tensor"].get_array("dielectric_tensor")) > 1.0)
