@@ -114,6 +114,36 @@ def test_provenance_cli(provenance_graph, aiida_profile, capsys):
     assert "not a ModelData" in capsys.readouterr().err
 
 
+def test_labelled_frames_come_out_of_the_graph_for_train_and_evaluate(provenance_graph, aiida_profile, capsys,
+                                                                      tmp_path):
+    """`polmodel provenance frames` writes a model's training frames, a frame set or a group's frame sets as
+    extended XYZ that read_frames takes back with every label and the uuid of the pw.x run behind each frame."""
+    from polmodel.cli import main
+    from polmodel.data.frames import read_frames
+
+    graph = provenance_graph
+    out = tmp_path / "training.xyz"
+    assert main(["provenance", "--profile", aiida_profile.name, "frames", str(graph["model"].pk), "--output",
+                 str(out)]) == 0
+    assert "wrote 4 labelled frame(s) of the training frames of ModelData" in capsys.readouterr().out
+    frames = read_frames(out)
+    assert sorted({frame.info["source"] for frame in frames}) == sorted(run.uuid for run in graph["pw_runs"][:2])
+    original = graph["dataset"].get_atoms()
+    for written, stored in zip(frames, original):
+        np.testing.assert_array_equal(written.positions, stored.positions)
+        np.testing.assert_allclose(written.arrays["forces"], stored.arrays["forces"], rtol=1e-12)
+        assert written.info["energy"] == pytest.approx(stored.info["energy"], rel=1e-12)
+    group = orm.Group(label="test-frames-group").store()
+    group.add_nodes([graph["frame_sets"][2]])
+    assert main(["provenance", "--profile", aiida_profile.name, "frames", "test-frames-group", "--output",
+                 str(tmp_path / "group.xyz")]) == 0
+    assert [frame.info["source"] for frame in read_frames(tmp_path / "group.xyz")] == [graph["pw_runs"][2].uuid] * 2
+    assert main(["provenance", "--profile", aiida_profile.name, "frames", str(graph["pw_runs"][0].pk), "--output",
+                 str(tmp_path / "x.xyz")]) == 2
+    assert "give a FramesData, a loop, a ModelData or a group" in capsys.readouterr().err
+    assert not (tmp_path / "x.xyz").exists()
+
+
 def test_format_learning_curve():
     from polmodel.workflows.provenance import format_learning_curve
 

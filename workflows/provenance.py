@@ -17,6 +17,7 @@ iterations (a 3-iteration demo did not answer within 5 minutes).
 import re
 
 from aiida import orm
+from aiida.common.exceptions import NotExistent
 from aiida.common.links import LinkType
 from aiida.manage import get_manager
 
@@ -104,6 +105,41 @@ def load_frames(identifier):
     if not isinstance(node, FramesData):
         raise TypeError(f"node {node.pk} is a {type(node).__name__}, not a FramesData (polmodel.data.frames)")
     return node
+
+
+def labelled_frames(identifier):
+    """(frames as ase.Atoms with their labels, description) of a FramesData, of a loop's `dataset` output, of the
+    frames a ModelData was trained on, or of every FramesData in a group (pk, UUID or group label). Each frame's
+    info['source'] keeps the uuid of the node that produced its label; info['frames_node'] names the FramesData
+    it was read from."""
+    node = None
+    try:
+        node = identifier if isinstance(identifier, orm.Node) else orm.load_node(identifier)
+    except NotExistent:
+        group = orm.load_group(identifier)
+        sets = [member for member in group.nodes if isinstance(member, FramesData)]
+        description = f"group {group.label}: {len(sets)} frame set(s)"
+    else:
+        if isinstance(node, FramesData):
+            sets, description = [node], f"FramesData<{node.pk}>"
+        elif _is_loop(node):
+            if "dataset" not in node.outputs:
+                raise TypeError(f"loop {node.pk} has no dataset output yet (it has not finished)")
+            sets, description = [node.outputs.dataset], f"the dataset of loop {node.pk}"
+        elif isinstance(node, ModelData):
+            training = training_calculation(node)
+            if training is None or "frames" not in training.inputs:
+                raise TypeError(f"ModelData {node.pk} was not made by a TrainCalculation: no frames to write")
+            sets, description = [training.inputs.frames], f"the training frames of ModelData {node.pk}"
+        else:
+            raise TypeError(f"node {node.pk} is a {type(node).__name__}: give a FramesData, a loop, a ModelData or "
+                            "a group")
+    frames = []
+    for frame_set in sets:
+        for atoms in frame_set.get_atoms():
+            atoms.info["frames_node"] = frame_set.uuid
+            frames.append(atoms)
+    return frames, description
 
 
 def pw_runs_for_model(model):

@@ -30,6 +30,11 @@ def add_arguments(parser):
     which.add_argument("--source", help="UUID in a frame's info['source'] (the node that produced the label)")
     curve = sub.add_parser("learning-curve", help="dataset size, validation errors, candidate fraction per iteration")
     curve.add_argument("workchain", help="pk or UUID of an ActiveLearningWorkChain")
+    frames = sub.add_parser("frames", help="write labelled frames out of the graph to extended XYZ (for polmodel "
+                                           "train and evaluate), each with the uuid of the node that labelled it")
+    frames.add_argument("node", help="pk or UUID of a FramesData, a loop (its dataset), a ModelData (its training "
+                                     "frames), or a group's label")
+    frames.add_argument("--output", required=True, help="extended-XYZ file to write")
     graph = sub.add_parser("graph", help="draw a loop: each iteration's labelling, training, exploration as one node")
     graph.add_argument("node", help="pk or UUID of an ActiveLearningWorkChain, or of a ModelData one of its trainings made")
     graph.add_argument("--output", default=None, help="FILE.svg, .png, .pdf or .dot (default: loop_<pk>.svg)")
@@ -44,6 +49,8 @@ def _check_inputs(args):
         value = getattr(args, name, None)
         if value is not None and not _IDENTIFIER.match(value.strip()):
             raise InputError(f"{value!r} is neither a node pk (a positive integer) nor a UUID")
+    if args.question == "frames":
+        check_output_file(args.output, "--output")
     load_aiida_profile(args.profile)
 
 
@@ -76,6 +83,11 @@ def run(args):
             print(f"{len(models)} model(s) trained on it:")
             for model in models:
                 print(f"{model.pk:>6}  {model.uuid}  {model.kind} x{model.ensemble_size}  {model.ctime:%Y-%m-%d %H:%M}")
+        elif args.question == "frames":
+            from polmodel.data.frames import write_frames
+            frames, description = provenance.labelled_frames(args.node)
+            write_frames(args.output, frames)
+            print(f"wrote {len(frames)} labelled frame(s) of {description} to {args.output}")
         elif args.question == "learning-curve":
             print(provenance.format_learning_curve(provenance.learning_curve(args.workchain)))
         else:

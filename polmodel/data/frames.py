@@ -297,5 +297,11 @@ def write_frames(path, frames):
     import ase.io
 
     frames = normalize_frames(frames)
-    ase.io.write(path, frames, format="extxyz", write_results=False)
+    temporary = f"{path}.{os.getpid()}.partial"      # moved into place when complete: no half-written file
+    try:
+        ase.io.write(temporary, frames, format="extxyz", write_results=False)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
