@@ -329,7 +329,8 @@ def test_ctrl_c_in_md_is_one_line_and_the_same_command_continues(files, tmp_path
     output = tmp_path / "interrupted.xyz"
     argv = [sys.executable, "-m", "polmodel.cli", *[str(word) for word in
                                                        _md(files, **{"--output": output, "--steps": 100000,
-                                                                     "--interval": 20})]]
+                                                                     "--interval": 20, "--temperature": 30,
+                                                                     "--timestep": 0.5})]]
     process = subprocess.Popen(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120

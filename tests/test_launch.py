@@ -283,26 +283,6 @@ def test_bad_protocol_inputs_are_refused(pw_code, polmodel_code, pseudo_family):
 # --- submitting to the daemon ---------------------------------------------------------------------------------------
 
 @pytest.mark.daemon
-def test_launch_daemon_starts_a_stopped_daemon(structure_files, pw_code, polmodel_code, pseudo_family,
-                                               stopped_daemon_client, aiida_profile, capsys):
-    """The state `make setup` leaves (no daemon): --daemon starts it and submits, with no traceback."""
-    from aiida.engine.processes.control import kill_processes
-
-    from polmodel.cli import main
-
-    try:
-        assert main(["launch", "field-response", str(structure_files["cif"]), "--protocol", "fast", "--daemon",
-                     "--profile", aiida_profile.name]) == 0
-        output = capsys.readouterr().out
-        assert "the AiiDA daemon is not running: starting it" in output
-        assert stopped_daemon_client.is_daemon_running
-        node = orm.load_node(int(re.search(r"FieldResponseWorkChain<(\d+)>", output).group(1)))
-        kill_processes([node], timeout=60)
-    finally:
-        stopped_daemon_client.stop_daemon(wait=True)
-
-
-@pytest.mark.daemon
 def test_launch_daemon_submits(structure_files, pw_code, polmodel_code, pseudo_family, started_daemon_client,
                                aiida_profile, capsys):
     from aiida.engine.processes.control import kill_processes

@@ -161,6 +161,11 @@ def run(args):
         raise InputError(f"{error} (--no-restart)") from error
     except RunInProgressError as error:
         raise InputError(str(error)) from error
+    except OverlappingAtomsError as error:   # the model let two atoms run into each other during the run
+        from polmodel.dynamics.md import saved_step
+        print(f"polmodel md: stopped: {error}; the last saved step is {saved_step(args.output)} (the trajectory up "
+              "to there is intact)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         from polmodel.dynamics.md import saved_step
         print(f"polmodel md: stopped at step {saved_step(args.output)} (the last saved one) of {args.steps}; rerun "
