@@ -331,8 +331,10 @@ def test_ctrl_c_in_md_is_one_line_and_the_same_command_continues(files, tmp_path
                                                        _md(files, **{"--output": output, "--steps": 100000,
                                                                      "--interval": 20, "--temperature": 30,
                                                                      "--timestep": 0.5})]]
+    # a test run from a background job inherits SIGINT ignored, and Python then keeps ignoring it: restore it
     process = subprocess.Popen(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and saved_step(output) < 40:
         time.sleep(0.05)
