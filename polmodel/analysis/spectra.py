@@ -223,8 +223,8 @@ def dipole_fluctuation_products(dipoles):
 def static_dielectric_from_field(dipoles_at_field, dipoles_at_zero_field, field, volume, *, blocks=None):
     """ε0 · ε̂ = ε̂ + ⟨ΔM⟩ / (ε_vac Ω |ε|): the column of ε0 along a small static field `field` (3,) V/Å, from
     the mean cell dipole (e·Å) of a run at that field and of one at zero field (same cell, same branch).
-    Electronic and ionic response both sit in ⟨ΔM⟩. The errors of the two means come from their correlation
-    times (`correlated_mean_error`), or from `blocks` block means. Returns (column (3,), error (3,))."""
+    Electronic and ionic response both sit in ⟨ΔM⟩. The errors of the two means come from a blocking analysis
+    (`blocked_mean_error`), or from `blocks` block means. Returns (column (3,), error (3,))."""
     field = np.asarray(field, dtype=float)
     magnitude = float(np.linalg.norm(field))
     if magnitude == 0.0:
