@@ -37,6 +37,8 @@ def add_arguments(parser):
     parser.add_argument("--thermostat-time", type=float, default=0.2, help="ps, Nosé–Hoover damping (default 0.2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="velocity seeds, one run each (default 0)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto; a run may continue "
+                        "on another device (the trajectory stays one run; the last digits differ)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -75,6 +77,11 @@ def _check_inputs(args):
         check_timestep(protocol.timestep_fs, atoms.get_masses())
     except ValueError as error:
         raise InputError(f"--timestep: {error}") from error
+    from polmodel.runtime.devices import resolve_device
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        raise InputError(f"--device: {error}") from error
     model = load_model_file(args.model)
     if args.member is not None:
         members = getattr(model, "members", None)
@@ -116,7 +123,8 @@ def run(args):
     from polmodel.dynamics.switching import run_path, run_switching
 
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
-    calculator = PolCalculator(model, efield=protocol.field(0.0), dtype=dtype, coupling=args.coupling)
+    calculator = PolCalculator(model, efield=protocol.field(0.0), dtype=dtype, coupling=args.coupling,
+                               device=args.device)
     spread_threshold = spread_threshold_of(model)[0] if hasattr(model, "members") else None
     for seed in args.seeds:
         try:
