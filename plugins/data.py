@@ -72,15 +72,19 @@ class FramesData(orm.Data):
             handle.write(self.base.repository.get_object_content(FRAMES_FILENAME, mode="rb"))
 
     @classmethod
-    def concatenate(cls, frame_sets, **kwargs):
-        """One set holding the frames of `frame_sets` in order.
+    def concatenate(cls, frame_sets, added_info=None, **kwargs):
+        """One set holding the frames of `frame_sets` in order; `added_info` (one dict per set, or None) adds its
+        entries to the info of every frame of that set that lacks them.
 
         The extxyz texts are joined as they are (no parse/write round trip), so no label can be lost or rounded.
         """
         frame_sets = list(frame_sets)
+        added_info = list(added_info) if added_info is not None else [None] * len(frame_sets)
         content = b""
-        for frame_set in frame_sets:
+        for frame_set, info in zip(frame_sets, added_info):
             text = frame_set.base.repository.get_object_content(FRAMES_FILENAME, mode="rb")
+            if info:
+                text = _with_info(text, info)
             if text.strip():
                 content += text if text.endswith(b"\n") else text + b"\n"
         node = cls(**kwargs)
@@ -92,10 +96,40 @@ class FramesData(orm.Data):
         return node
 
 
+def _with_info(text, info):
+    """The extxyz `text` (bytes) with `info`'s entries appended to the comment line of each frame lacking them:
+    the labels' lines stay byte for byte as they were."""
+    from ase.io.extxyz import key_val_dict_to_str, key_val_str_to_dict
+
+    lines = text.decode().splitlines(keepends=True)
+    index = 0
+    while index < len(lines):
+        if not lines[index].strip():
+            index += 1
+            continue
+        count = int(lines[index])
+        comment = lines[index + 1].rstrip("\n")
+        missing = {key: value for key, value in info.items() if key not in key_val_str_to_dict(comment)}
+        if missing:
+            lines[index + 1] = f"{comment} {key_val_dict_to_str(missing)}\n"
+        index += count + 2
+    return "".join(lines).encode()
+
+
 @calcfunction
-def merge_frames(**frame_sets):
-    """Merge labelled-frame sets into one (inputs in sorted key order), keeping the provenance of every set."""
-    return FramesData.concatenate(frame_sets[key] for key in sorted(frame_sets))
+def merge_frames(sampled_temperatures=None, **frame_sets):
+    """Merge labelled-frame sets into one (inputs in sorted key order), keeping the provenance of every set.
+
+    `sampled_temperatures` (a Dict: set key -> K) gives each frame of those sets `info['sampled_temperature_K']`,
+    the temperature of the MD run its structure was sampled from (the active-learning loop's labels of explored
+    candidates); a model trained on the merged set records the highest (polmodel/data/domain.py)."""
+    from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY
+
+    temperatures = sampled_temperatures.get_dict() if sampled_temperatures is not None else {}
+    keys = sorted(frame_sets)
+    return FramesData.concatenate((frame_sets[key] for key in keys),
+                                  added_info=[{SAMPLED_TEMPERATURE_KEY: float(temperatures[key])}
+                                              if key in temperatures else None for key in keys])
 
 
 MODEL_FILENAME = "model.pt"

@@ -154,6 +154,8 @@ def test_explore_skips_failed_md_and_selects(generate_al_workchain, explore_inpu
     # each candidate carries the field it was sampled at (its label follows it) and its response spread
     for atoms in candidates.get_atoms():
         assert np.allclose(atoms.info["efield"], [0, 0, 0.01]) and atoms.info["response_spread"] > 0
+        # and the temperature of the MD run it came from, which its labels carry into the model's domain
+        assert atoms.info["sampled_temperature_K"] == 300.0
     process.results()
 
 
@@ -423,15 +425,51 @@ def test_demo_inputs_are_valid_and_the_loop_is_found_again(generate_al_workchain
 
 
 # --------------------------------------------------------------------------------------------- tiers, schedule, seeds
-def candidate_frames(efields, spreads):
+def candidate_frames(efields, spreads, temperatures=None):
     from polmodel.plugins.data import FramesData
 
     frames = []
     for index, (efield, spread) in enumerate(zip(efields, spreads)):
         atoms = batio3_atoms(0.1, seed=70 + index)
         atoms.info.update(origin=f"trajectory:{index}", efield=np.asarray(efield, dtype=float), response_spread=spread)
+        if temperatures is not None:
+            atoms.info["sampled_temperature_K"] = temperatures[index]
         frames.append(atoms)
     return FramesData.from_atoms(frames)
+
+
+def test_al_labels_of_explored_candidates_carry_their_md_temperature_into_the_dataset(
+        generate_al_workchain, al_inputs, generate_frames_data, generate_fake_child):
+    """The merged dataset's frames of a candidate's label record the MD temperature the candidate was sampled at
+    (a model trained on them records the highest in its domain); the initial frames record none, and every label
+    line stays as the label wrote it."""
+    from polmodel.data.domain import training_domain
+
+    process = generate_al_workchain("polmodel.active_learning", al_inputs(initial_frames=generate_frames_data(4)))
+    process.setup()
+    process.ctx.iteration = 1
+    process.ctx.candidates = candidate_frames([[0, 0, 0], [0, 0, 0]], [0.1, 0.2], temperatures=[300.0, 600.0])
+    process.submit = SubmitRecorder(generate_fake_child)
+    labelled = []
+    process.label_builder = lambda structure, tier, field_vectors=(): labelled.append(structure) or fake_builder()
+    process.run_candidate_labels()
+    keys = process.ctx.label_keys
+    plan = labelled[0].creator.outputs.plan.get_dict()["labels"]
+    expected = {key: plan[key.removeprefix("label_iter01_")]["sampled_temperature_K"] for key in keys}
+    assert sorted(expected.values()) == [300.0, 600.0]
+    labels = {key: generate_frames_data(2, seed=30 + index) for index, key in enumerate(keys)}
+    for key in keys:
+        process.ctx[key] = generate_fake_child({"frames": labels[key]})
+    process.inspect_labels()
+
+    frames = process.ctx.dataset.get_atoms()
+    assert len(frames) == 8 and all("sampled_temperature_K" not in frame.info for frame in frames[:4])
+    for key, merged in zip(keys, (frames[4:6], frames[6:8])):
+        for frame, label in zip(merged, labels[key].get_atoms()):
+            assert frame.info["sampled_temperature_K"] == expected[key]
+            assert frame.info["energy"] == label.info["energy"] and np.array_equal(frame.positions, label.positions)
+            assert np.array_equal(frame.arrays["forces"], label.arrays["forces"])
+    assert training_domain(frames, cutoff=4.0)["sampled_temperature_K"] == 600.0
 
 
 def test_al_labels_candidates_at_their_tiers_within_the_budget(generate_al_workchain, al_inputs, generate_frames_data,

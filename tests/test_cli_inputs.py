@@ -132,6 +132,7 @@ MD_TABLE = [
     ("field too strong", lambda f: _md(f, **{"--field": '{"kind": "static", "vector": [0, 0, 5]}'}), "Zener"),
     ("output folder missing", lambda f: _md(f, **{"--output": "/nonexistent/t.xyz"}), "folder /nonexistent does not"),
     ("output is a folder", lambda f: _md(f, **{"--output": f / "a_folder"}), "is a folder, not a file"),
+    ("output where no file can be made", lambda f: _md(f, **{"--output": "/proc/t.xyz"}), "--output /proc/t.xyz"),
     ("unknown device", lambda f: _md(f, **{"--device": "quantum"}), "unknown device 'quantum'"),
     ("negative spread threshold", lambda f: _md(f, **{"--spread-threshold": -1}), "must be a positive number"),
     ("Born spread of one model", lambda f: _md(f, **{"--born-spread": True}), "--born-spread needs an ensemble"),
@@ -155,6 +156,7 @@ TRAIN_TABLE = [
     ("output folder missing", lambda f: _train(f, output="/nonexistent/t.pt"),
      "--output .*t.pt: folder .* does not exist"),
     ("output is a folder", lambda f: _train(f, output="a_folder"), "is a folder, not a file"),
+    ("output where no file can be made", lambda f: _train(f, output="/proc/t.pt"), "--output /proc/t.pt"),
     ("metrics folder missing", lambda f: _train(f, "--metrics", "/nonexistent/m.json"), "--metrics"),
     ("plots under a file", lambda f: _train(f, "--plots", str(f / "a_file" / "plots")), "a_file is a file, not a"),
     ("no members", lambda f: _train(f, "--ensemble", "0"), "--ensemble must be >= 1, got 0"),
@@ -178,6 +180,8 @@ TOP_TABLE = [
     ("provenance: no such node", lambda f: ["provenance", "pw-runs", "987654"], "987654"),
     ("evaluate on an MD trajectory", lambda f: ["evaluate", str(f / "model.pt"), str(f / "done.xyz")],
      "frames file .*done.xyz: 3 of its 3 frames are records of a `polmodel md` run"),
+    ("evaluate: metrics where no file can be made", lambda f: ["evaluate", str(f / "model.pt"), str(f / "done.xyz"),
+                                                                "--metrics", "/proc/m.json"], "--metrics /proc/m.json"),
     ("provenance graph into a missing folder", lambda f: ["provenance", "graph", "1", "--output",
                                                           "/nonexistent/loop.svg"], "folder /nonexistent does not"),
 ]
@@ -248,6 +252,13 @@ def test_a_good_md_run_still_runs(files, capsys):
     assert main(_md(files, **{"--output": files / "good.xyz", "--interval": 1})) == 0
     assert [frame.info["step"] for frame in read_trajectory(files / "good.xyz")] == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_md_on_a_structure_without_a_cell_says_it_runs_an_open_cluster(files, capsys):
+    assert main(_md(files, **{"--structure": files / "cluster.xyz", "--output": files / "cluster_run.xyz"})) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"polmodel md: --structure {files / 'cluster.xyz'} has no periodic cell: running it as an open "
+                   "cluster (a dipole, no polarization or stress)"]
 
 
 @pytest.mark.parametrize("argv, expected", [

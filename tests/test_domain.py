@@ -1,5 +1,7 @@
-"""The model knows its domain: the training frames' distances, density and fields are saved with the model, and a
-structure in Bohr given as Å, a squeezed cell or a field far beyond the labels is named before any step."""
+"""The model knows its domain: the training frames' distances, density, fields and sampling temperature are saved
+with the model, and a structure in Bohr given as Å, a squeezed cell, a field far beyond the labels or MD far hotter
+than the frames were sampled at is named before any step."""
+import json
 import warnings
 
 import numpy as np
@@ -8,7 +10,7 @@ import torch
 
 from toy_potential import make_toy_frames
 from polmodel.cli import main
-from polmodel.data.domain import outside_domain, training_domain
+from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY, TEMPERATURE_FACTOR, outside_domain, training_domain
 from polmodel.dynamics.calculator import OutsideDomainError, OutsideDomainWarning, PolCalculator
 from polmodel.nn.serialization import load, save
 from polmodel.training.train import TrainingConfig, train_ensemble
@@ -18,8 +20,12 @@ BOHR_IN_ANGSTROM = 0.529177
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A one-epoch ensemble of two on toy rocksalt frames (repeat 2: 16 atoms), saved and read back."""
+    """A one-epoch ensemble of two on toy rocksalt frames (repeat 2: 16 atoms), saved and read back. Three of the
+    four frames say they were sampled by MD at 300 K, as the active-learning loop's labels do; the fourth records no
+    temperature, like a given or perturbed structure."""
     frames = make_toy_frames(4, seed=1, repeat=(2, 2, 2))
+    for frame in frames[:3]:
+        frame.info[SAMPLED_TEMPERATURE_KEY] = 300.0
     config = TrainingConfig(cutoff=3.5, epochs=1, seed=0, architecture={"num_features": 4, "lmax": 1}, quiet=True)
     ensemble, _ = train_ensemble(frames, config, size=2)
     path = tmp_path_factory.mktemp("domain") / "model.pt"
@@ -37,7 +43,8 @@ def in_bohr(atoms):
 def test_the_domain_is_saved_with_the_model_and_a_training_structure_is_inside(trained):
     path, frames = trained
     domain = load(path).members[0].training_options["domain"]
-    assert set(domain) == {"pairs", "density", "field_max", "cutoff"}
+    assert set(domain) == {"pairs", "density", "field_max", "cutoff", SAMPLED_TEMPERATURE_KEY}
+    assert domain[SAMPLED_TEMPERATURE_KEY] == 300.0
     assert domain["field_max"] == pytest.approx(max(np.linalg.norm(f.info["efield"]) for f in frames))
     assert outside_domain(frames[0], domain) == []
     assert outside_domain(frames[0], domain, field_max=domain["field_max"]) == []
@@ -80,9 +87,66 @@ def test_md_names_the_domain_at_the_start_or_refuses(trained, tmp_path, capsys):
             str(tmp_path / "t.xyz"), "--steps", "1", "--quiet", "--outside-domain", "refuse"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lie outside what the model was trained on" in err[0] and "Bohr" in err[0]
+    assert len(err) == 1 and "lies outside what the model was trained on" in err[0] and "Bohr" in err[0]
     assert not (tmp_path / "t.xyz").exists()
     argv[-1] = "warn"
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "polmodel md: outside the training domain: " in err and (tmp_path / "t.xyz").exists()
+
+
+def test_md_far_hotter_than_the_sampled_frames_is_named_only_where_the_domain_records_a_temperature(trained):
+    path, frames = trained
+    domain = load(path).members[0].training_options["domain"]
+    notes = outside_domain(frames[0], domain, temperature_K=3000.0)
+    assert len(notes) == 1 and "MD at 3000 K" in notes[0] and "(300 K)" in notes[0], notes
+    assert outside_domain(frames[0], domain, temperature_K=300.0) == []
+    assert outside_domain(frames[0], domain, temperature_K=TEMPERATURE_FACTOR * 300.0) == []
+    assert training_domain(frames[3:], cutoff=3.5)[SAMPLED_TEMPERATURE_KEY] is None   # never guessed
+    # a model file saved before domains had a temperature loads, and says nothing about the temperature
+    old_model = load(path)
+    for member in old_model.members:
+        member.training_options["domain"] = {key: value for key, value in domain.items()
+                                             if key != SAMPLED_TEMPERATURE_KEY}
+    save(old_model, path.parent / "old.pt")
+    calculator = PolCalculator(str(path.parent / "old.pt"))
+    assert calculator.check_domain(frames[0], 0.0, temperature_K=3000.0) == []
+
+
+def test_md_at_3000_k_with_a_300_k_model_warns_before_the_first_step_or_refuses(trained, tmp_path, capsys,
+                                                                               monkeypatch):
+    import polmodel.dynamics.md as md
+
+    path, frames = trained
+    frames[0].write(tmp_path / "start.xyz")
+    output = tmp_path / "t.xyz"
+    argv = ["md", "--model", str(path), "--structure", str(tmp_path / "start.xyz"), "--output", str(output),
+            "--steps", "1", "--quiet", "--temperature", "3000", "--outside-domain", "refuse"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MD at 3000 K" in err[0] and "(300 K)" in err[0], err
+    assert list(tmp_path.iterdir()) == [tmp_path / "start.xyz"]   # no trajectory, no P(t) file
+    field = json.dumps({"kind": "static", "vector": [0.0, 0.0, 5 * load(path).members[0].training_options[
+        "domain"]["field_max"]]})
+    assert main(argv[:-4] + ["--field", field, "--outside-domain", "refuse"]) == 2   # a field 5x the labels
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "5x the largest labelled one" in err[0], err
+    assert list(tmp_path.iterdir()) == [tmp_path / "start.xyz"]
+
+    said_before_the_first_step = []
+    real_run_md = md.run_md
+
+    def run_md_after_reading_stderr(*args, **kwargs):
+        said_before_the_first_step.append(capsys.readouterr().err)
+        return real_run_md(*args, **kwargs)
+
+    monkeypatch.setattr(md, "run_md", run_md_after_reading_stderr)
+    argv[-1] = "warn"
+    assert main(argv) == 0 and output.exists()
+    lines = said_before_the_first_step[0].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("polmodel md: outside the training domain: MD at 3000 K"), lines
+    assert "(300 K)" in lines[0]
+
+    argv[argv.index("--temperature") + 1] = "300"
+    assert main(argv + ["--no-restart"]) == 0
+    assert "outside the training domain" not in said_before_the_first_step[1] + capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Structures in (StructureData, ase.Atoms, pymatgen Structure, files), the active-learning protocols and
 `polmodel launch`."""
+import os
 import re
 import subprocess
 import sys
@@ -281,6 +282,57 @@ def test_bad_protocol_inputs_are_refused(pw_code, polmodel_code, pseudo_family):
 
 
 # --- submitting to the daemon ---------------------------------------------------------------------------------------
+
+#: Run in a throwaway configuration (AIIDA_PATH): the profile `make setup` makes (core.sqlite_dos + core.zeromq, no
+#: daemon started), its `localhost` computer and `stand-in@localhost`, a code whose executable does nothing, so that a
+#: job the daemon may start before it is stopped costs nothing beside the other tests.
+THROWAWAY_SETUP = """
+from aiida import orm
+from aiida.manage.configuration import get_config
+
+from polmodel.plugins.bootstrap import PROFILE_NAME, ensure_computer, ensure_profile
+
+ensure_profile(print)
+config = get_config()
+config.set_option("daemon.timeout", 30, scope=PROFILE_NAME)   # circus calls on two busy cores (fixtures_aiida.py)
+config.store()
+ensure_computer(print)
+orm.InstalledCode(label="stand-in", computer=orm.load_computer("localhost"), filepath_executable="/bin/true").store()
+"""
+
+
+@pytest.mark.daemon
+def test_launch_daemon_starts_the_daemon_that_make_setup_leaves_stopped(tmp_path):
+    """`polmodel launch ... --daemon` with the daemon not running (the state `make setup` leaves) starts it and
+    submits. Everything happens in a profile of its own under tmp_path, so the session's test daemon is never
+    touched; the daemon it starts is stopped at the end, waiting until it is down."""
+    bin_folder = Path(sys.executable).parent
+    environment = {**os.environ, "AIIDA_PATH": str(tmp_path / "config"), "OMP_NUM_THREADS": "1"}
+
+    def run(*argv, timeout=300):
+        return subprocess.run([str(word) for word in argv], env=environment, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def daemon_running():
+        return run(bin_folder / "verdi", "-p", "polmodel", "daemon", "status").returncode == 0
+
+    setup = run(sys.executable, "-c", THROWAWAY_SETUP)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert not daemon_running()
+    card = Path(__file__).resolve().parents[1] / "data" / "allegro_pol" / "BaTiO3.yaml"
+    try:
+        launched = run(bin_folder / "polmodel", "launch", "train", card, "--daemon", "--profile", "polmodel",
+                       "--polmodel-code", "stand-in@localhost")
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        assert "the AiiDA daemon is not running: starting it" in launched.stdout
+        assert re.search(r"^submitted TrainEnsembleWorkChain<\d+>", launched.stdout, flags=re.MULTILINE), \
+            launched.stdout
+        assert daemon_running()
+    finally:
+        stopped = run(bin_folder / "verdi", "-p", "polmodel", "daemon", "stop")   # waits for the shutdown
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not daemon_running()
+
 
 @pytest.mark.daemon
 def test_launch_daemon_submits(structure_files, pw_code, polmodel_code, pseudo_family, started_daemon_client,

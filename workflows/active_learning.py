@@ -67,10 +67,13 @@ def plan_candidate_labels(candidates, budget, full_cost, max_full, min_full_spre
     """The label plan of the candidates within `budget` pw.x runs
     (`polmodel.active_learning.selection.assign_label_tiers`; a full response only above `min_full_spread`, when
     given): one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key
-    the tier, the field vectors and the pw.x runs)."""
+    the tier, the field vectors, the pw.x runs and, where the candidate records it, the MD temperature it was
+    sampled at: a StructureData has no place for it, and the loop gives it to the label's frames when it merges
+    them)."""
     import numpy as np
 
     from polmodel.active_learning.selection import assign_label_tiers
+    from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY
 
     frames = candidates.get_atoms()
     efields = [np.asarray(frame.info.get("efield", np.zeros(3)), dtype=float) for frame in frames]
@@ -83,6 +86,8 @@ def plan_candidate_labels(candidates, budget, full_cost, max_full, min_full_spre
         result[key] = orm.StructureData(ase=frames[entry.index])
         plan[key] = {"tier": entry.tier, "field_vectors": [list(vector) for vector in entry.fields],
                      "cost": entry.cost}
+        if frames[entry.index].info.get(SAMPLED_TEMPERATURE_KEY) is not None:
+            plan[key][SAMPLED_TEMPERATURE_KEY] = float(frames[entry.index].info[SAMPLED_TEMPERATURE_KEY])
     result["plan"] = orm.Dict({"labels": plan, "num_candidates": len(frames),
                                "pw_runs": sum(entry.cost for entry in plans), "budget": budget.value})
     return result
@@ -362,6 +367,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             builder.metadata.call_link_label = f"{prefix}_{key}"
             futures[f"{prefix}_{key}"] = self.submit(builder)
         self.ctx.label_keys = sorted(futures)
+        # the MD temperatures of explored candidates, for their frames when they are merged (inspect_labels)
+        from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY
+        self.ctx.label_temperatures = {f"{prefix}_{key}": plan[key][SAMPLED_TEMPERATURE_KEY] for key in structures
+                                       if f"{prefix}_{key}" in futures and SAMPLED_TEMPERATURE_KEY in plan[key]}
         tiers = sorted({plan[key]["tier"] for key in structures})
         self.report(f"submitted {len(futures)} labels ({prefix}; tiers {', '.join(tiers)})")
         return ToContext(**futures)
@@ -402,6 +411,9 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         to_merge = dict(new_sets)
         if self.ctx.dataset is not None:
             to_merge["dataset"] = self.ctx.dataset
+        sampled = {key: value for key, value in self.ctx.get("label_temperatures", {}).items() if key in new_sets}
+        if sampled:
+            to_merge["sampled_temperatures"] = orm.Dict(sampled)
         # "dataset" sorts before "label_*": previous frames first, new ones appended.
         self.ctx.dataset = merge_frames(**to_merge)
         self.report(f"dataset now holds {self.ctx.dataset.count} frames (FramesData<{self.ctx.dataset.pk}>)")

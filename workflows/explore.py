@@ -14,23 +14,27 @@ MdCalculation = CalculationFactory("polmodel.md")
 
 
 @calcfunction
-def select_from_trajectories(criteria, **trajectories):
+def select_from_trajectories(criteria, temperatures=None, **trajectories):
     """Candidates (a FramesData of unlabelled structures) and statistics from ensemble-MD trajectories.
 
     Each candidate's `info['origin']` is "<trajectory UUID>:<frame index>", `info['efield']` the field (V/Å) it was
     sampled at (its label follows that field), and `info['response_spread']` its Born-charge spread (e) where the
     MD recorded one, else the norm of its polarization spread (e/Å²), which decides who gets the full response
-    label (`polmodel.active_learning.selection.assign_label_tiers`). A trajectory's frame at step 0 is its
-    starting structure, which the loop has labelled already (the demo once spent a DFT label on it): it is neither
-    classified nor counted.
+    label (`polmodel.active_learning.selection.assign_label_tiers`). `temperatures` (a Dict: trajectory key ->
+    the MD run's temperature in K) gives each candidate `info['sampled_temperature_K']`, which its labels carry into
+    the dataset and a model trained on them into its domain (polmodel/data/domain.py). A trajectory's frame at
+    step 0 is its starting structure, which the loop has labelled already (the demo once spent a DFT label on it):
+    it is neither classified nor counted.
     """
     from polmodel.active_learning.selection import SelectionCriteria, full_response_spread, select_candidates
+    from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY
     from polmodel.plugins.parsers import trajectory_frames
 
     import numpy as np
 
     rules = SelectionCriteria.from_dict(criteria.get_dict())
-    frames, force_std, polarization_std, born_std, origins, efields = [], [], [], [], [], []
+    run_temperatures = temperatures.get_dict() if temperatures is not None else {}
+    frames, force_std, polarization_std, born_std, origins, efields, sampled_at = [], [], [], [], [], [], []
     for key in sorted(trajectories):
         trajectory = trajectories[key]
         names = trajectory.get_arraynames()
@@ -51,6 +55,7 @@ def select_from_trajectories(criteria, **trajectories):
         origins.extend(f"{trajectory.uuid}:{index}" for index in np.flatnonzero(explored))
         field = trajectory.get_array("efield").reshape(count, 3) if "efield" in names else np.zeros((count, 3))
         efields.extend(field[explored])
+        sampled_at.extend([run_temperatures.get(key)] * int(explored.sum()))
 
     selected, statistics = select_candidates(
         frames,
@@ -66,6 +71,8 @@ def select_from_trajectories(criteria, **trajectories):
         atoms = frames[index].copy()
         atoms.info = {"origin": origins[index], "efield": np.asarray(efields[index], dtype=float),
                       "response_spread": full_response_spread(born_all[index], polarization_all[index])}
+        if sampled_at[index] is not None:
+            atoms.info[SAMPLED_TEMPERATURE_KEY] = float(sampled_at[index])
         candidates.append(atoms)
     statistics["selected_origins"] = [origins[index] for index in selected]
     return {"candidates": FramesData.from_atoms(candidates), "statistics": orm.Dict(statistics)}
@@ -171,7 +178,10 @@ class ExploreWorkChain(WorkChain):
         return None
 
     def select(self):
-        result = select_from_trajectories(criteria=self.inputs.selection, **self.ctx.trajectories)
+        temperatures = {f"md_{key}": temperature for key, _, _, temperature in self.md_runs()
+                        if f"md_{key}" in self.ctx.trajectories}
+        result = select_from_trajectories(criteria=self.inputs.selection, temperatures=orm.Dict(temperatures),
+                                          **self.ctx.trajectories)
         self.ctx.candidates = result["candidates"]
         self.ctx.statistics = result["statistics"]
         stats = self.ctx.statistics.get_dict()

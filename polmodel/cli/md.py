@@ -49,9 +49,9 @@ def add_arguments(parser):
                         help="stop the run at the first step whose force spread passes --spread-threshold "
                              f"(exit status {EXIT_STOPPED_ON_SPREAD})")
     parser.add_argument("--outside-domain", choices=("warn", "refuse"), default="warn",
-                        help="when the structure or the field lies outside what the model was trained on (distances, "
-                             "density, field; models saved with their training domain): warn at the start (default) "
-                             "or refuse to run")
+                        help="when the structure, the field or the temperature lies outside what the model was "
+                             "trained on (distances, density, field, the temperature its frames were sampled at; "
+                             "models saved with their training domain): warn at the start (default) or refuse to run")
     parser.add_argument("--dtype", choices=("float32", "float64"), default=None,
                         help="run the model in this precision (default: as saved)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
@@ -185,16 +185,16 @@ def run(args):
 
 
 def _check_domain(calculator, atoms, protocol, args):
-    """One line per way the structure or the run's largest field lies outside the model's training domain; with
-    --outside-domain refuse, an InputError instead."""
+    """One line per way the structure, the run's largest field or its temperature lies outside the model's training
+    domain; with --outside-domain refuse, an InputError instead."""
     import numpy as np
 
     times = np.linspace(0.0, args.steps * args.timestep, 1001)
     field_max = max(float(np.linalg.norm(protocol(time))) for time in times)
-    notes = calculator.check_domain(atoms, field_max)
+    notes = calculator.check_domain(atoms, field_max, args.temperature)
     if notes and args.outside_domain == "refuse":
-        raise InputError(f"--structure {args.structure} and --field lie outside what the model was trained on: "
-                         + "; ".join(notes) + " (--outside-domain warn runs anyway)")
+        raise InputError(f"this run (--structure {args.structure}, --field, --temperature) lies outside what the "
+                         "model was trained on: " + "; ".join(notes) + " (--outside-domain warn runs anyway)")
     for note in notes:
         print(f"polmodel md: outside the training domain: {note}", file=sys.stderr)
 

@@ -2,11 +2,13 @@
 
 `training_domain(frames, cutoff)` summarizes the training frames: per species pair the shortest distance and the
 median of each atom's nearest-neighbour distance to that species, the number density (atoms/Å³) of the periodic
-frames, and the largest labelled field. `polmodel train` stores it with each member (training_options["domain"]).
-`outside_domain(atoms, domain, field)` lists, one sentence each, what in a structure the model never saw: a
-structure given in Bohr as Å, a squeezed or torn cell, a species pair never seen close, a field far beyond the
-labels. An ensemble's spread alone does not catch such a structure: far from every training frame the members can
-agree (the quartz ensemble gives a force spread of 0.02 eV/Å on a cell in Bohr).
+frames, the largest labelled field and, where the frames record it, the highest MD temperature they were sampled at
+(`info['sampled_temperature_K']`, which the active-learning loop gives the frames it labels from its explorations).
+`polmodel train` stores it with each member (training_options["domain"]). `outside_domain(atoms, domain, field,
+temperature)` lists, one sentence each, what in a structure or a run the model never saw: a structure given in Bohr as
+Å, a squeezed or torn cell, a species pair never seen close, a field far beyond the labels, MD far hotter than the
+frames were sampled at. An ensemble's spread alone does not catch such a structure: far from every training frame the
+members can agree (the quartz ensemble gives a force spread of 0.02 eV/Å on a cell in Bohr).
 """
 import numpy as np
 
@@ -20,6 +22,14 @@ TYPICAL_DISTANCE_RANGE = (0.85, 1.2)
 DENSITY_RANGE = (0.75, 1.3)
 #: fields beyond this multiple of the largest labelled one are outside the domain
 FIELD_FACTOR = 2.0
+#: MD temperatures beyond this multiple of the highest temperature the training frames were sampled at are outside
+#: the domain. 2x is already past the edge: the α-quartz loop, converged at 300 K (all 80 explored frames within its
+#: trust level), retrained on the same frames was unsure of 11 of 80 frames at 600 K (README, `make demo`). Thermal
+#: displacements grow as sqrt(T): at 1.5x they are 1.22x the sampled ones, so the warning comes before that measured
+#: edge, while a run some tens of kelvin above the sampled temperature stays quiet.
+TEMPERATURE_FACTOR = 1.5
+#: the frame info key of the MD temperature (K) a labelled structure was sampled at
+SAMPLED_TEMPERATURE_KEY = "sampled_temperature_K"
 
 
 def _pair(a, b):
@@ -54,8 +64,10 @@ def _density(atoms):
 
 def training_domain(frames, cutoff):
     """The domain of `frames` (a JSON-able dict): pairs {"A-B": {"shortest", "typical"}} in Å, density [min,
-    max] in atoms/Å³ (None without periodic frames), field_max in V/Å (the largest |ε| of any frame)."""
-    distances, densities, fields = {}, [], [0.0]
+    max] in atoms/Å³ (None without periodic frames), field_max in V/Å (the largest |ε| of any frame),
+    sampled_temperature_K: the highest `info['sampled_temperature_K']` of the frames that record one (None when none
+    does: a temperature nobody recorded is not guessed)."""
+    distances, densities, fields, temperatures = {}, [], [0.0], []
     for atoms in frames:
         for pair, values in _nearest_by_pair(atoms, cutoff).items():
             distances.setdefault(pair, []).append(values)
@@ -65,17 +77,21 @@ def training_domain(frames, cutoff):
         efield = atoms.info.get("efield")
         if efield is not None:
             fields.append(float(np.linalg.norm(efield)))
+        if atoms.info.get(SAMPLED_TEMPERATURE_KEY) is not None:
+            temperatures.append(float(atoms.info[SAMPLED_TEMPERATURE_KEY]))
     pairs = {}
     for pair, values in sorted(distances.items()):
         values = np.concatenate(values)
         pairs[pair] = {"shortest": float(values.min()), "typical": float(np.median(values))}
     return {"pairs": pairs, "density": [min(densities), max(densities)] if densities else None,
-            "field_max": max(fields), "cutoff": float(cutoff)}
+            "field_max": max(fields), "cutoff": float(cutoff),
+            SAMPLED_TEMPERATURE_KEY: max(temperatures) if temperatures else None}
 
 
-def outside_domain(atoms, domain, field_max=None):
-    """Sentences naming what in `atoms` (and in a field of magnitude `field_max`, V/Å) lies outside `domain`;
-    empty when everything is inside."""
+def outside_domain(atoms, domain, field_max=None, temperature_K=None):
+    """Sentences naming what in `atoms` (and in a field of magnitude `field_max`, V/Å, and MD at `temperature_K`)
+    lies outside `domain`; empty when everything is inside. Domains saved without a sampled temperature (older
+    files, frames that record none) say nothing about the temperature."""
     notes = []
     found = _nearest_by_pair(atoms, domain["cutoff"])
     for pair, values in sorted(found.items()):
@@ -104,6 +120,11 @@ def outside_domain(atoms, domain, field_max=None):
     if field_max is not None and field_max > FIELD_FACTOR * domain["field_max"]:
         notes.append(f"a field of {field_max:.3g} V/Å, {field_max / max(domain['field_max'], 1e-12):.0f}x the "
                      f"largest labelled one ({domain['field_max']:.3g} V/Å)")
+    sampled = domain.get(SAMPLED_TEMPERATURE_KEY)
+    if temperature_K is not None and sampled is not None and temperature_K > TEMPERATURE_FACTOR * sampled:
+        hotter = f"{temperature_K / sampled:.1f}x the" if sampled > 0 else "above the"
+        notes.append(f"MD at {temperature_K:g} K, {hotter} highest temperature the training frames were sampled at "
+                     f"({sampled:g} K)")
     return notes
 
 

@@ -112,7 +112,9 @@ class PolCalculator(Calculator):
     cells) and evaluates the cell whole.
     outside_domain: what the first calculation does when the structure or the field lies outside what the model
     was trained on (polmodel/data/domain.py; models saved with their training domain): "warn" (default, one
-    OutsideDomainWarning naming each difference), "refuse" (OutsideDomainError) or "ignore".
+    OutsideDomainWarning naming each difference), "refuse" (OutsideDomainError) or "ignore". A calculator does not
+    know the temperature of the MD that drives it: `check_domain(atoms, field_max, temperature_K)` checks that too
+    (`polmodel md` calls it before the first step).
     """
 
     default_parameters = {"efield": (0.0, 0.0, 0.0)}
@@ -237,14 +239,14 @@ class PolCalculator(Calculator):
         self.results.update(self._to_results(response))
         self.results_efield = efield
 
-    def check_domain(self, atoms, field_max=0.0):
-        """The notes (polmodel/data/domain.py) on where `atoms` and a field of magnitude `field_max` (V/Å) lie
-        outside the model's training domain; warned or refused as `outside_domain` says. Empty for models saved
-        without their domain."""
+    def check_domain(self, atoms, field_max=0.0, temperature_K=None):
+        """The notes (polmodel/data/domain.py) on where `atoms`, a field of magnitude `field_max` (V/Å) and MD at
+        `temperature_K` lie outside the model's training domain; warned or refused as `outside_domain` says. Empty
+        for models saved without their domain."""
         from polmodel.data.domain import model_domain, outside_domain
 
         domain = model_domain(self.model)
-        notes = outside_domain(atoms, domain, field_max) if domain else []
+        notes = outside_domain(atoms, domain, field_max, temperature_K) if domain else []
         if notes and self.outside_domain != "ignore":
             message = "outside what the model was trained on: " + "; ".join(notes)
             if self.outside_domain == "refuse":
