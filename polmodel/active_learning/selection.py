@@ -39,11 +39,14 @@ class SelectionCriteria:
     force_upper: float = 0.5
     polarization_threshold: float | None = None
     born_charge_threshold: float | None = None
+    polarizability_threshold: float | None = None  # e·Å²/V, of the Frobenius norm of the α spread
     max_candidates: int = 10
     similarity_tolerance: float = 0.05
     fingerprint_cutoff: float = 5.0
     min_distance: float = MIN_INTERATOMIC_DISTANCE
     force_lower_factor: float | None = None   # adaptive lower level = factor × validation force RMSE (eV/Å)
+    # adaptive Z* and α thresholds = factor × the model's current Z* and α RMSE (adapt_trust_window)
+    response_threshold_factor: float | None = None
     seed: int = 0                             # of the random draw among the candidates
     min_distance_fraction: float | None = None     # of each species pair's shortest labelled distance
     labelled_pair_distances: dict | None = None    # {"A-B" (sorted symbols): shortest labelled distance, Å}
@@ -53,7 +56,8 @@ class SelectionCriteria:
             raise ValueError(
                 f"trust levels need 0 <= force_lower < force_upper, got {self.force_lower}, {self.force_upper}"
             )
-        for name in ("polarization_threshold", "born_charge_threshold"):
+        for name in ("polarization_threshold", "born_charge_threshold", "polarizability_threshold",
+                     "response_threshold_factor"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
@@ -101,22 +105,35 @@ class SelectionCriteria:
         return asdict(self)
 
 
-def adapt_trust_window(criteria, validation_force_rmse):
-    """The criteria with the lower trust level set from the model's current validation force error.
+def _checked_error(value, name):
+    error = float(value)
+    if not np.isfinite(error) or error < 0:
+        raise ValueError(f"validation {name} error must be a finite, non-negative number, got {value}")
+    return error
+
+
+def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, polarizability_rmse=None):
+    """The criteria with the lower trust level, and the response thresholds, set from the model's current errors.
 
     force_lower = clip(force_lower_factor × validation_force_rmse, criteria.force_lower, criteria.force_upper / 2):
     `criteria.force_lower` is the floor, and half the upper level the ceiling, so a window always remains.
-    Without `force_lower_factor` (or without an error) the criteria are returned unchanged.
+    With `response_threshold_factor`, the Z* and α thresholds become that factor times the model's Z* and α RMSE
+    (where given and > 0), so the response, like the forces, is asked for where the members disagree by more
+    than the model's own error. Quantities without a factor or an error keep their criteria.
     """
     from dataclasses import replace
 
-    if criteria.force_lower_factor is None or validation_force_rmse is None:
-        return criteria
-    error = float(validation_force_rmse)
-    if not np.isfinite(error) or error < 0:
-        raise ValueError(f"validation force error must be a finite, non-negative number, got {validation_force_rmse}")
-    lower = min(max(criteria.force_lower_factor * error, criteria.force_lower), 0.5 * criteria.force_upper)
-    return replace(criteria, force_lower=lower)
+    changes = {}
+    if criteria.force_lower_factor is not None and validation_force_rmse is not None:
+        error = _checked_error(validation_force_rmse, "force")
+        changes["force_lower"] = min(max(criteria.force_lower_factor * error, criteria.force_lower),
+                                     0.5 * criteria.force_upper)
+    if criteria.response_threshold_factor is not None:
+        for name, value in (("born_charge_threshold", born_charge_rmse),
+                            ("polarizability_threshold", polarizability_rmse)):
+            if value is not None and _checked_error(value, name) > 0:
+                changes[name] = criteria.response_threshold_factor * float(value)
+    return replace(criteria, **changes) if changes else criteria
 
 
 def _spread_norm(spread, count):
@@ -131,8 +148,10 @@ def _spread_norm(spread, count):
     return spread
 
 
-def classify(max_force_std, criteria, polarization_std=None, born_charge_std=None):
-    """Per-frame labels ACCURATE / CANDIDATE / FAILED (numpy array of str)."""
+def classify(max_force_std, criteria, polarization_std=None, born_charge_std=None, polarizability_std=None):
+    """Per-frame labels ACCURATE / CANDIDATE / FAILED (numpy array of str). The spreads are one number per frame
+    (polarization also (T, 3)): a frame is a candidate when its force spread is inside the trust window or any
+    response spread is above its threshold."""
     force = np.asarray(max_force_std, dtype=float)
     if force.ndim != 1:
         raise ValueError(f"max_force_std must be one value per frame, got shape {force.shape}")
@@ -140,12 +159,15 @@ def classify(max_force_std, criteria, polarization_std=None, born_charge_std=Non
         raise ValueError("max_force_std contains non-finite values")
     polarization = _spread_norm(polarization_std, len(force))
     born = _spread_norm(born_charge_std, len(force))
+    polarizability = _spread_norm(polarizability_std, len(force))
 
     uncertain = force >= criteria.force_lower
     if polarization is not None and criteria.polarization_threshold is not None:
         uncertain |= polarization > criteria.polarization_threshold
     if born is not None and criteria.born_charge_threshold is not None:
         uncertain |= born > criteria.born_charge_threshold
+    if polarizability is not None and criteria.polarizability_threshold is not None:
+        uncertain |= polarizability > criteria.polarizability_threshold
     labels = np.full(len(force), ACCURATE, dtype=object)
     labels[uncertain] = CANDIDATE
     labels[force >= criteria.force_upper] = FAILED
@@ -245,7 +267,8 @@ def closest_pair(atoms):
     return float(distances[i, j]), int(i), int(j)
 
 
-def select_candidates(frames, max_force_std, criteria, polarization_std=None, born_charge_std=None):
+def select_candidates(frames, max_force_std, criteria, polarization_std=None, born_charge_std=None,
+                      polarizability_std=None):
     """Classify `frames`, deduplicate the candidates and keep at most `criteria.max_candidates`.
 
     Returns (selected indices, statistics dict). The fractions refer to all frames: `candidate_fraction` is the
@@ -254,7 +277,7 @@ def select_candidates(frames, max_force_std, criteria, polarization_std=None, bo
     """
     if len(frames) != len(max_force_std):
         raise ValueError(f"{len(frames)} frames but {len(max_force_std)} force spreads")
-    labels = classify(max_force_std, criteria, polarization_std, born_charge_std)
+    labels = classify(max_force_std, criteria, polarization_std, born_charge_std, polarizability_std)
     labels[[criteria.too_close(frame) for frame in frames]] = FAILED
     force = np.asarray(max_force_std, dtype=float)
     candidates = np.flatnonzero(labels == CANDIDATE)
@@ -318,6 +341,17 @@ def full_response_spread(max_born_charge_std, polarization_std_norm):
     """The spread that decides who gets the full response: the Born-charge spread (e) where the MD recorded one
     (> 0), else the norm of the polarization spread (e/Å²)."""
     return float(max_born_charge_std) if max_born_charge_std > 0 else float(polarization_std_norm)
+
+
+def response_spread_ratio(criteria, born_charge_std=None, polarizability_std=None):
+    """Per frame, the largest ratio of a response spread (Z*, α; one number per frame) to its threshold in
+    `criteria`; None when no spread has a threshold. Above 1 the members disagree on the response by more than
+    the threshold: `assign_label_tiers(..., response_spread=ratio, min_full_spread=1.0)` upgrades those frames."""
+    ratios = [np.asarray(spread, dtype=float) / threshold
+              for spread, threshold in ((born_charge_std, criteria.born_charge_threshold),
+                                        (polarizability_std, criteria.polarizability_threshold))
+              if spread is not None and threshold is not None]
+    return np.max(ratios, axis=0) if ratios else None
 
 
 def assign_label_tiers(efields, response_spread, budget, full_cost, max_full, min_full_spread=0.0):
