@@ -150,3 +150,59 @@ def test_md_at_3000_k_with_a_300_k_model_warns_before_the_first_step_or_refuses(
     argv[argv.index("--temperature") + 1] = "300"
     assert main(argv + ["--no-restart"]) == 0
     assert "outside the training domain" not in said_before_the_first_step[1] + capsys.readouterr().err
+
+
+# --- model files saved without their domain: the record beside them -------------------------------------------------
+SHIPPED = {"data/quartz/ensemble.pt": 300.0, "data/allegro_pol/SiO2.pt": 600.0, "data/allegro_pol/BaTiO3.pt": None}
+
+
+@pytest.mark.parametrize("model_path, sampled", sorted(SHIPPED.items()))
+def test_every_shipped_model_knows_its_domain_from_the_record_written_for_that_very_file(model_path, sampled):
+    import hashlib
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    record = json.loads((root / f"{model_path}.domain.json").read_text())
+    assert record["model"]["sha256"] == hashlib.sha256((root / model_path).read_bytes()).hexdigest()
+    assert record["frames"]["sha256"] == hashlib.sha256((root / record["frames"]["file"]).read_bytes()).hexdigest()
+    domain = load(root / model_path).members[0].training_options["domain"]
+    assert domain == record["domain"] and domain[SAMPLED_TEMPERATURE_KEY] == sampled
+    assert domain["field_max"] > 0
+
+
+def test_the_shipped_quartz_ensemble_names_a_cell_in_bohr_before_the_first_step(tmp_path, capsys):
+    import pathlib
+
+    import ase.io
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    quartz = ase.io.read(root / "data/quartz/alpha_quartz.cif")
+    ase.io.write(tmp_path / "bohr.xyz", in_bohr(quartz))
+    status = main(["md", "--model", str(root / "data/quartz/ensemble.pt"), "--structure", str(tmp_path / "bohr.xyz"),
+                   "--output", str(tmp_path / "out.xyz"), "--steps", "1", "--outside-domain", "refuse", "--quiet"])
+    assert status == 2
+    assert "Bohr" in capsys.readouterr().err and not (tmp_path / "out.xyz").exists()
+
+
+def test_polmodel_domain_records_a_file_without_one_and_a_changed_file_drops_its_record(trained, tmp_path, capsys):
+    from ase.io import write
+
+    from polmodel.data.domain import StaleDomainRecordWarning
+
+    path, frames = trained
+    bare = load(path)
+    for member in bare.members:
+        member.training_options = {key: value for key, value in member.training_options.items() if key != "domain"}
+    model_path, frames_path = tmp_path / "bare.pt", tmp_path / "frames.xyz"
+    save(bare, model_path)
+    write(frames_path, frames)
+    assert "domain" not in load(model_path).members[0].training_options
+    assert main(["domain", str(model_path), str(frames_path), "--labelled-field", "0.01"]) == 0
+    domain = load(model_path).members[0].training_options["domain"]
+    assert domain[SAMPLED_TEMPERATURE_KEY] == 300.0                 # the frames' own, not asked for
+    assert domain["field_max"] == pytest.approx(max(np.linalg.norm(f.info["efield"]) for f in frames))
+    assert main(["domain", str(path), str(frames_path)]) == 2          # stores its own domain: no record
+    assert "stores its training domain already" in capsys.readouterr().err
+    save(bare.members[0], model_path)                                  # another file under the same name
+    with pytest.warns(StaleDomainRecordWarning, match="another version"):
+        assert "domain" not in load(model_path).training_options

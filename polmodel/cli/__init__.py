@@ -18,6 +18,7 @@ import sys
 SUBCOMMANDS = {
     "train": "polmodel.cli.train",
     "evaluate": "polmodel.cli.evaluate",
+    "domain": "polmodel.cli.domain",
     "md": "polmodel.cli.md",
     "switch": "polmodel.cli.switch",
     "analyze": "polmodel.cli.analyze",

@@ -10,6 +10,10 @@ temperature)` lists, one sentence each, what in a structure or a run the model n
 frames were sampled at. An ensemble's spread alone does not catch such a structure: far from every training frame the
 members can agree (the quartz ensemble gives a force spread of 0.02 eV/Å on a cell in Bohr).
 """
+import hashlib
+import json
+import os
+
 import numpy as np
 
 from polmodel.data.neighbors import neighbor_list
@@ -30,6 +34,9 @@ FIELD_FACTOR = 2.0
 TEMPERATURE_FACTOR = 1.5
 #: the frame info key of the MD temperature (K) a labelled structure was sampled at
 SAMPLED_TEMPERATURE_KEY = "sampled_temperature_K"
+#: a model file written before domains were stored (and that must stay byte-identical to its node in a provenance
+#: archive) gets its domain from a record beside it: MODEL + this suffix (`polmodel domain`)
+DOMAIN_RECORD_SUFFIX = ".domain.json"
 
 
 def _pair(a, b):
@@ -118,8 +125,9 @@ def outside_domain(atoms, domain, field_max=None, temperature_K=None):
         if not DENSITY_RANGE[0] * low <= density <= DENSITY_RANGE[1] * high:
             notes.append(f"number density {density:.4f} atoms/Å³, the training frames' {low:.4f}–{high:.4f}")
     if field_max is not None and field_max > FIELD_FACTOR * domain["field_max"]:
-        notes.append(f"a field of {field_max:.3g} V/Å, {field_max / max(domain['field_max'], 1e-12):.0f}x the "
-                     f"largest labelled one ({domain['field_max']:.3g} V/Å)")
+        notes.append(f"a field of {field_max:.3g} V/Å, {field_max / domain['field_max']:.0f}x the largest labelled "
+                     f"one ({domain['field_max']:.3g} V/Å)" if domain["field_max"] > 0 else
+                     f"a field of {field_max:.3g} V/Å, where every label is at zero field")
     sampled = domain.get(SAMPLED_TEMPERATURE_KEY)
     if temperature_K is not None and sampled is not None and temperature_K > TEMPERATURE_FACTOR * sampled:
         hotter = f"{temperature_K / sampled:.1f}x the" if sampled > 0 else "above the"
@@ -132,3 +140,60 @@ def model_domain(model):
     """The domain stored with a model (the first member's for an ensemble), or None for files without one."""
     member = getattr(model, "members", [model])[0]
     return (getattr(member, "training_options", None) or {}).get("domain")
+
+
+def domain_record_path(model_path):
+    return os.fspath(model_path) + DOMAIN_RECORD_SUFFIX
+
+
+class StaleDomainRecordWarning(UserWarning):
+    """The domain record beside a model file was written for another version of the file: it is not used."""
+
+
+def _sha256(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def read_domain_record(model_path):
+    """The domain in the record beside `model_path` (`write_domain_record`), or None when there is none, or when
+    the record was written for another file than the one there now (StaleDomainRecordWarning)."""
+    import warnings
+
+    path = domain_record_path(model_path)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        record = json.load(handle)
+    if not isinstance(record, dict) or not isinstance(record.get("domain"), dict):
+        raise ValueError(f"{path}: not a domain record (no 'domain' object)")
+    if record.get("model", {}).get("sha256") != _sha256(model_path):
+        warnings.warn(f"{path} was written for another version of {os.fspath(model_path)} (sha256 differs): the "
+                      "model's training domain is unknown; rerun `polmodel domain`", StaleDomainRecordWarning,
+                      stacklevel=3)
+        return None
+    return record["domain"]
+
+
+def write_domain_record(model_path, frames, cutoff, frames_path, sampled_temperature_K=None, labelled_field=None,
+                        note=None):
+    """Measure the domain of `frames` (read from `frames_path`) and write it beside `model_path` with where it came
+    from (the frames file's sha256 and frame count, the model file's sha256). `sampled_temperature_K` (K) and
+    `labelled_field` (V/Å) set the sampled temperature and the largest labelled field where the frames record none
+    (zero-field frames whose Z* and α come from finite differences at that field). Returns the record."""
+    domain = training_domain(frames, cutoff)
+    if labelled_field is not None and domain["field_max"] == 0.0:
+        domain["field_max"] = float(labelled_field)
+    if sampled_temperature_K is not None and domain[SAMPLED_TEMPERATURE_KEY] is None:
+        domain[SAMPLED_TEMPERATURE_KEY] = float(sampled_temperature_K)
+    record = {"domain": domain,
+              "model": {"file": os.path.basename(os.fspath(model_path)), "sha256": _sha256(model_path)},
+              "frames": {"file": os.fspath(frames_path), "sha256": _sha256(frames_path), "count": len(frames)},
+              "note": note}
+    path = domain_record_path(model_path)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(record, handle, indent=1)
+        handle.write("\n")
+    os.replace(temporary, path)
+    return record

@@ -174,9 +174,26 @@ def load(path):
         if training is not None:
             member.training_options = training
         members.append(member)
+    _attach_domain_record(path, members)
     if payload["kind"] == "model":
         return members[0]
     return PolEnsemble(members)
+
+
+def _attach_domain_record(path, members):
+    """Members saved without a training domain take the one recorded beside the file, if any
+    (polmodel/data/domain.py `write_domain_record`); the file itself stays as it was written."""
+    from polmodel.data.domain import read_domain_record
+
+    if all("domain" in (getattr(member, "training_options", None) or {}) for member in members):
+        return
+    try:
+        domain = read_domain_record(path)
+    except (ValueError, OSError) as error:
+        raise ModelFileError(str(error)) from error
+    if domain is not None:
+        for member in members:
+            member.training_options = {**(getattr(member, "training_options", None) or {}), "domain": domain}
 
 
 def load_model(path):
