@@ -78,6 +78,9 @@ def parse_arguments(argv=None):
                         help="lower trust level / training force RMSE (the protocols' 2.0)")
     parser.add_argument("--response-factor", type=float, default=2.0,
                         help="Z* and α thresholds / the ensemble's Z* and α RMSE")
+    parser.add_argument("--draw", choices=("random", "largest-spread-first"), default="random",
+                        help="the loop's order among candidates: the workchain's seeded random draw (default) or "
+                             "largest spread (relative to its level) first")
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=6, help="epochs per iteration, from the last weights")
     parser.add_argument("--initial-epochs", type=int, default=20, help="epochs of the first, shared ensemble")
@@ -192,7 +195,7 @@ def loop_choice(frames, spreads, training_errors, args, seed):
     """The loop's labels for this iteration: [(index into `frames`, tier)], as the workchain decides them."""
     criteria = SelectionCriteria(force_lower=0.0, force_upper=POOL_FORCE_UPPER, max_candidates=args.max_candidates,
                                  force_lower_factor=args.force_lower_factor,
-                                 response_threshold_factor=args.response_factor, seed=seed)
+                                 response_threshold_factor=args.response_factor, seed=seed, draw=args.draw)
     criteria = adapt_trust_window(criteria, training_errors.get("forces"),
                                   born_charge_rmse=training_errors.get("born_effective_charges"),
                                   polarizability_rmse=training_errors.get("polarizability"))
@@ -277,10 +280,16 @@ def reference(args, pool, test, species, log):
     return errors
 
 
-def settings_key(args):
-    """Tasks of one setting share a key: a rerun with other settings does not reuse their results."""
-    settings = {name: value for name, value in vars(args).items() if name not in ("workers", "workdir", "quiet",
-                                                                               "seeds", "first_seed")}
+#: what the reference depends on; a seed's task depends on every setting
+REFERENCE_SETTINGS = ("frames", "convention", "test_fraction", "members", "reference_epochs", "architecture")
+
+
+def settings_key(args, task):
+    """Tasks of one setting share a key: a rerun with other settings does not reuse their results; the reference
+    is reused by runs that differ only in how the methods choose."""
+    settings = {name: value for name, value in vars(args).items()
+                if name not in ("workers", "workdir", "quiet", "seeds", "first_seed")
+                and (task != "reference" or name in REFERENCE_SETTINGS)}
     settings["frames_sha256"] = hashlib.sha256(Path(args.frames).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -290,7 +299,7 @@ def run_task(args, task, start):
     import torch
 
     torch.set_num_threads(1)   # tasks run side by side, one core each
-    path = Path(args.workdir) / f"{settings_key(args)}-{task}.json"
+    path = Path(args.workdir) / f"{settings_key(args, task)}-{task}.json"
     if path.exists():
         return json.loads(path.read_text())
 

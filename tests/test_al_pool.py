@@ -125,3 +125,15 @@ def test_the_printed_counts_are_the_sums_of_the_labels_taken(tmp_path, capsys):
                   "--architecture", '{"num_features": 4, "num_layers": 1, "lmax": 1}', "--workdir", str(workdir),
                   "--quiet"])
     assert seed_file.stat().st_mtime_ns == before
+
+
+def test_largest_spread_first_takes_the_most_uncertain_of_several_candidates_first(frames):
+    spreads = planted_spreads(len(frames), 6, force=3.0)
+    spreads["force"][[1, 2, 8]] = [0.5, 0.8, 0.4]                 # candidates too, less uncertain
+    picked, _, statistics = al_pool.loop_choice(frames, spreads, TRAINING_ERRORS,
+                                                arguments(draw="largest-spread-first", max_full="0"), seed=0)
+    assert statistics["num_candidates"] == 4
+    assert [index for index, _ in picked] == [6, 2, 1, 8]
+    random_order = [index for index, _ in al_pool.loop_choice(frames, spreads, TRAINING_ERRORS,
+                                                              arguments(max_full="0"), seed=0)[0]]
+    assert sorted(random_order) == [1, 2, 6, 8]                     # the same candidates, drawn at random

@@ -10,7 +10,8 @@ Pure numpy + ASE. A frame is
   model about a place MD should never go (DP-GEN). The relative limit follows the material: in BaTiO3 (Ti–O
   2.0 Å) the absolute 0.5 Å let frames with Ti–O at 1.33 Å through, which DFT found metallic.
 - a *candidate* otherwise.
-Candidates are drawn at random (seeded, so a selection is reproducible) and deduplicated in that order with a
+Candidates are drawn at random (seeded, so a selection is reproducible; or, with `draw` LARGEST_SPREAD_FIRST, in the
+order of their spread relative to its level) and deduplicated in that order with a
 structural fingerprint (smoothed, per species-pair histograms of interatomic distances, which are invariant to
 rotations, translations and permutations of like atoms); at most `max_candidates` are kept. Random draws, not
 largest spread first: the most uncertain frames of a trust window sit at its upper edge, next to the blow-ups,
@@ -27,6 +28,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
+RANDOM_DRAW, LARGEST_SPREAD_FIRST = "random", "largest-spread-first"
+DRAWS = (RANDOM_DRAW, LARGEST_SPREAD_FIRST)
 #: Å; atoms closer than this are a collapsed structure, not one to label with DFT (also the DFT input check)
 MIN_INTERATOMIC_DISTANCE = 0.5
 
@@ -48,6 +51,9 @@ class SelectionCriteria:
     # adaptive Z* and α thresholds = factor × the model's current Z* and α RMSE (adapt_trust_window)
     response_threshold_factor: float | None = None
     seed: int = 0                             # of the random draw among the candidates
+    # RANDOM_DRAW: candidates in a seeded random order (explored MD frames); LARGEST_SPREAD_FIRST: in the order of
+    # their largest spread relative to its level (a pool of real structures, where no frame is a blow-up)
+    draw: str = "random"
     min_distance_fraction: float | None = None     # of each species pair's shortest labelled distance
     labelled_pair_distances: dict | None = None    # {"A-B" (sorted symbols): shortest labelled distance, Å}
 
@@ -61,6 +67,8 @@ class SelectionCriteria:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
+        if self.draw not in DRAWS:
+            raise ValueError(f"draw must be one of {DRAWS}, got {self.draw!r}")
         if self.max_candidates < 0:
             raise ValueError(f"max_candidates must be >= 0, got {self.max_candidates}")
         if self.force_lower_factor is not None and not self.force_lower_factor > 0:
@@ -281,8 +289,12 @@ def select_candidates(frames, max_force_std, criteria, polarization_std=None, bo
     labels[[criteria.too_close(frame) for frame in frames]] = FAILED
     force = np.asarray(max_force_std, dtype=float)
     candidates = np.flatnonzero(labels == CANDIDATE)
-    # A seeded random order, not largest spread first (see the module docstring).
-    order = np.random.default_rng(criteria.seed).permutation(candidates)
+    if criteria.draw == LARGEST_SPREAD_FIRST:
+        relative = relative_spread(criteria, force, born_charge_std, polarizability_std)
+        order = candidates[np.argsort(-relative[candidates], kind="stable")]
+    else:
+        # A seeded random order, not largest spread first (see the module docstring).
+        order = np.random.default_rng(criteria.seed).permutation(candidates)
     selected = remove_near_duplicates(
         frames, order, criteria.similarity_tolerance, criteria.fingerprint_cutoff, limit=criteria.max_candidates
     )
@@ -302,6 +314,18 @@ def select_candidates(frames, max_force_std, criteria, polarization_std=None, bo
         "criteria": criteria.as_dict(),
     }
     return selected, statistics
+
+
+def relative_spread(criteria, max_force_std, born_charge_std=None, polarizability_std=None):
+    """Per frame, the largest of its spreads each divided by its level: the force spread by the lower trust level,
+    the Z* and α spreads by their thresholds (where set); the order of LARGEST_SPREAD_FIRST."""
+    force = np.asarray(max_force_std, dtype=float)
+    ratios = [force / criteria.force_lower if criteria.force_lower > 0 else force]
+    response = response_spread_ratio(criteria, _spread_norm(born_charge_std, len(force)),
+                                     _spread_norm(polarizability_std, len(force)))
+    if response is not None:
+        ratios.append(response)
+    return np.max(ratios, axis=0)
 
 
 def is_converged(statistics, threshold):
