@@ -29,7 +29,9 @@ PW_RUN_LABELS = ("zero_field", "berry_phase_1", "berry_phase_2", "berry_phase_3"
 class FakeLoopGraph:
     """Builds the graph; the attributes name the (loaded) nodes a test asks about."""
 
-    def __init__(self, computer, iterations=10, structures_per_label_round=2):
+    def __init__(self, computer, iterations=10, structures_per_label_round=2, first_labels="label_initial"):
+        """first_labels: the call-link prefix of the loop's first labelling: "label_initial" for a fresh loop,
+        "label_pending" for a loop continued from another (it labels the candidates the previous loop left)."""
         from polmodel.plugins.data import FramesData, ModelData
 
         self.FramesData, self.ModelData = FramesData, ModelData
@@ -43,7 +45,7 @@ class FakeLoopGraph:
         self.pw_runs = []  # every PwCalculation, in creation order
         self.label_frames = []  # [round][structure] FramesData returned by each label
         self.datasets, self.models, self.candidates = [], [], []
-        self._build(iterations, structures_per_label_round)
+        self._build(iterations, structures_per_label_round, first_labels)
         self._store()
 
     # --- rows ---------------------------------------------------------------------------------------------------
@@ -165,12 +167,12 @@ class FakeLoopGraph:
         sources = {source for frames in inputs.values() for source in self._attributes[frames]["sources"]}
         self.datasets.append(self._create(merge, {"result": self._frames(count, sources)})["result"])
 
-    def _build(self, iterations, per_round):
+    def _build(self, iterations, per_round, first_labels):
         self.pseudo = self._node(orm.Data)
         self.structures = [self._structure() for _ in range(per_round)]
         self.loop = self._workchain("ActiveLearningWorkChain",
                                     {f"structures__s{i}": s for i, s in enumerate(self.structures)})
-        self._label_round(self.structures, "label_initial")
+        self._label_round(self.structures, first_labels)
         criteria = self._dict({"lower": 0.05})
         records = {}
         for iteration in range(1, iterations + 1):

@@ -254,7 +254,7 @@ def timed(function, *args):
     return result, time.perf_counter() - start
 
 
-def make_fake_loop(iterations=10):
+def make_fake_loop(iterations=10, first_labels="label_initial"):
     from fake_loop_graph import FakeLoopGraph
 
     try:
@@ -263,7 +263,7 @@ def make_fake_loop(iterations=10):
         computer = orm.Computer(label="fake-cluster", hostname="localhost", transport_type="core.local",
                                 scheduler_type="core.direct", workdir="/tmp/fake-cluster").store()
     start = time.perf_counter()
-    graph = FakeLoopGraph(computer, iterations=iterations)
+    graph = FakeLoopGraph(computer, iterations=iterations, first_labels=first_labels)
     print(f"built a fake {iterations}-iteration loop: {len(graph.pw_runs)} pw.x runs in "
           f"{time.perf_counter() - start:.1f} s")
     return graph
@@ -371,6 +371,25 @@ def test_graph_of_ten_iteration_loop(ten_iteration_loop, aiida_profile, tmp_path
     with capsys.disabled():
         print(f"graph: {len(names)} nodes; .dot {seconds:.2f} s, .svg (with graphviz dot) {svg_seconds:.2f} s")
     assert max(seconds, svg_seconds) < TIME_BOUND_S
+
+
+def test_graph_of_a_continued_loop_draws_its_first_labelling_with_its_pw_runs(aiida_profile, tmp_path, capsys):
+    """A continued loop first labels what the previous loop left pending (`label_pending_...`): that step is drawn
+    with its pw.x runs and feeds the first dataset, as a fresh loop's initial labelling does."""
+    from polmodel.cli import main
+
+    graph = make_fake_loop(iterations=2, first_labels="label_pending")
+    dot_file = tmp_path / "continued.dot"
+    assert main(["provenance", "--profile", aiida_profile.name, "graph", str(graph.loop.pk), "--output",
+                 str(dot_file)]) == 0
+    capsys.readouterr()
+    text = dot_file.read_text()
+    names = re.findall(r"^\s*(\w+) \[", text, flags=re.MULTILINE)
+    edges = set(re.findall(r"^\s*(\w+) -> (\w+)", text, flags=re.MULTILINE))
+    assert sorted(name for name in names if name.startswith(("labelling_", "training_", "exploration_"))) == [
+        "exploration_1", "exploration_2", "labelling_0", "labelling_1", "training_1", "training_2"]
+    assert text.count("20 pw.x runs") == 2       # both labellings: 2 structures x 10 runs
+    assert ("labelling_0", f"N{graph.datasets[0].pk}") in edges
 
 
 def test_graph_refuses_other_nodes(provenance_graph, aiida_profile, capsys):

@@ -301,6 +301,8 @@ ACTIVE_LEARNING_LABEL = "ActiveLearningWorkChain"
 # the loop's call-link labels of its steps (ActiveLearningWorkChain.submit_labels / run_train / run_explore)
 _STEP_PATTERNS = (
     ("labelling", re.compile(r"^label_initial_"), 0),
+    # a continued loop's first labelling: the candidates the previous loop selected but did not label
+    ("labelling", re.compile(r"^label_pending_"), 0),
     ("labelling", re.compile(r"^label_iter(\d+)_"), None),
     ("training", re.compile(r"^train_iteration_(\d+)$"), None),
     ("exploration", re.compile(r"^explore_iteration_(\d+)$"), None),
