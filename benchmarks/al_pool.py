@@ -24,9 +24,9 @@ runs:
 - random: frames in a seeded random order, each with both parts, as many as the budget pays for.
 Both train the same way after each iteration (`--epochs` epochs from their last weights). The target is the
 held-out force and Z* RMSE of the reference, an ensemble trained from scratch on every non-test frame of the pool
-for `--reference-epochs` epochs, each within `--tolerance` (10 %). "Labels to target" is the pw.x count at the
-first evaluation that meets both; a method that never does is counted at its last count plus one budget, marked
-with > (a lower bound).
+for `--reference-epochs` epochs (computed first), each within `--tolerance` (10 %); a method stops at the first
+evaluation that meets both, and "labels to target" is its pw.x count there. A method that never does within
+`--iterations` is counted at its last count plus one budget, marked with > (a lower bound).
 
 The model is small (`--architecture`, default 1 layer, 8 channels, lmax 1) so that the defaults fit in about
 30 minutes on 2 cores for SiO2 (`--workers` processes, one thread each; tasks are the reference and each seed's
@@ -70,10 +70,10 @@ def parse_arguments(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--initial", type=int, default=4, help="frames both methods start from (full labels)")
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--budget", type=int, default=8, help="pw.x runs per iteration")
-    parser.add_argument("--max-candidates", type=int, default=8, help="frames the loop draws per iteration")
-    parser.add_argument("--max-full", type=int, default=2, help="frames per iteration that get the response part")
+    parser.add_argument("--iterations", type=int, default=12, help="at most; a method stops at the target")
+    parser.add_argument("--budget", type=int, default=16, help="pw.x runs per iteration")
+    parser.add_argument("--max-candidates", type=int, default=16, help="frames the loop draws per iteration")
+    parser.add_argument("--max-full", type=int, default=4, help="frames per iteration that get the response part")
     parser.add_argument("--force-lower-factor", type=float, default=2.0,
                         help="lower trust level / training force RMSE (the protocols' 2.0)")
     parser.add_argument("--response-factor", type=float, default=2.0,
@@ -85,7 +85,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--epochs", type=int, default=6, help="epochs per iteration, from the last weights")
     parser.add_argument("--initial-epochs", type=int, default=20, help="epochs of the first, shared ensemble")
     parser.add_argument("--reference-epochs", type=int, default=20)
-    parser.add_argument("--tolerance", type=float, default=0.10, help="of the reference's errors")
+    parser.add_argument("--tolerance", type=float, default=0.10,
+                        help="of the reference's errors (above -1; negative asks for errors below the reference's)")
     parser.add_argument("--architecture", type=json.loads,
                         default={"num_features": 8, "num_layers": 1, "lmax": 1})
     parser.add_argument("--workers", type=int, default=2)
@@ -95,6 +96,8 @@ def parse_arguments(argv=None):
     for name in ("seeds", "initial", "iterations", "budget", "members", "epochs", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.tolerance > -1.0:
+        parser.error("--tolerance must be above -1")
     if not 0.0 < args.test_fraction < 1.0:
         parser.error("--test-fraction must lie in (0, 1)")
     return args
@@ -222,8 +225,13 @@ def random_choice(order, taken, budget):
 
 
 # --- one seed ------------------------------------------------------------------------------------------------------
-def run_seed(args, seed, pool, test, species, log):
-    """{"loop": curve, "random": curve, "loop_choices": [...]}; a curve is [(pw.x runs, test errors)]."""
+def meets(errors, target):
+    return all(errors[quantity] <= limit for quantity, limit in target.items())
+
+
+def run_seed(args, seed, pool, test, species, log, target):
+    """{"loop": curve, "random": curve, "loop_choices": [...]}; a curve is [(pw.x runs, test errors)]. A method
+    stops once its test errors meet `target` ({quantity: RMSE})."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool)).tolist()
     initial = order[:args.initial]
@@ -235,8 +243,12 @@ def run_seed(args, seed, pool, test, species, log):
     random_order = order[args.initial:]
     choices = []
     for iteration in range(args.iterations):
+        if all(meets(state[method]["curve"][-1][1], target) for method in state):
+            break
         for method in ("loop", "random"):
             current = state[method]
+            if meets(current["curve"][-1][1], target):
+                continue
             if method == "loop":
                 open_indices = [index for index in range(len(pool)) if index not in current["labels"]]
                 if not open_indices:
@@ -294,8 +306,9 @@ def settings_key(args, task):
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_task(args, task, start):
-    """Run one task ("reference" or a seed), or read its result when a previous run finished it."""
+def run_task(args, task, start, target=None):
+    """Run one task ("reference", or a seed with the reference's `target`), or read its result when a previous run
+    finished it."""
     import torch
 
     torch.set_num_threads(1)   # tasks run side by side, one core each
@@ -312,7 +325,7 @@ def run_task(args, task, start):
     pool, test = split_test(all_frames, args.test_fraction)
     began = time.monotonic()
     result = (reference(args, pool, test, species, log) if task == "reference"
-              else run_seed(args, int(task), pool, test, species, log))
+              else run_seed(args, int(task), pool, test, species, log, target))
     result = {"task": task, "result": result, "wall_s": time.monotonic() - began}
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
@@ -324,7 +337,7 @@ def run_task(args, task, start):
 def labels_to_target(curve, target, budget):
     """(pw.x runs, reached) at the first point of `curve` whose force and Z* errors meet `target`."""
     for runs, errors in curve:
-        if all(errors[quantity] <= limit for quantity, limit in target.items()):
+        if meets(errors, target):
             return runs, True
     return curve[-1][0] + budget, False
 
@@ -341,15 +354,16 @@ def main(argv=None):
     args = parse_arguments(argv)
     start = time.monotonic()
     seeds = [str(seed) for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    tasks = ["reference"] + seeds
-    if args.workers == 1:
-        results = [run_task(args, task, start) for task in tasks]
-    else:
-        with ProcessPoolExecutor(max_workers=args.workers) as executor:
-            results = list(executor.map(run_task, [args] * len(tasks), tasks, [start] * len(tasks)))
-    reference_errors = results[0]["result"]
+    # the reference first: its errors make the target at which each method stops
+    reference_errors = run_task(args, "reference", start)["result"]
     target = {quantity: (1.0 + args.tolerance) * reference_errors[quantity]
               for quantity in ("forces", "born_effective_charges")}
+    if args.workers == 1:
+        results = [run_task(args, seed, start, target) for seed in seeds]
+    else:
+        with ProcessPoolExecutor(max_workers=args.workers) as executor:
+            results = list(executor.map(run_task, [args] * len(seeds), seeds, [start] * len(seeds),
+                                        [target] * len(seeds)))
     print(f"pool {args.frames}: test part {args.test_fraction:.0%} (seed {TEST_SPLIT_SEED}); reference "
           f"F {reference_errors['forces']:.4f} eV/Å, Z* {reference_errors['born_effective_charges']:.4f} e; target "
           f"F <= {target['forces']:.4f}, Z* <= {target['born_effective_charges']:.4f}; labels in pw.x runs "
@@ -357,7 +371,7 @@ def main(argv=None):
     print("seed  loop  random  ratio   at the loop's last count: runs, F loop/random (eV/Å), Z* loop/random (e); "
           "loop labels full/cheap")
     rows = []
-    for result in results[1:]:
+    for result in results:
         seed, curves = result["task"], result["result"]
         loop_runs, loop_reached = labels_to_target(curves["loop"], target, args.budget)
         random_runs, random_reached = labels_to_target(curves["random"], target, args.budget)

@@ -1,6 +1,6 @@
 """AiiDA data types of polmodel.
 
-`FramesData` (`polmodel.data.frames`): a set of labelled frames (DESIGN.md format) as one extended-XYZ file in the
+`FramesData` (`polmodel.data.frames`): a set of labelled frames (docs/conventions.md) as one extended-XYZ file in the
 node's repository, with searchable attributes. A dataset's history is a chain of such nodes.
 """
 import io
@@ -16,7 +16,7 @@ class FramesData(orm.Data):
 
     @classmethod
     def from_atoms(cls, frames, **kwargs):
-        """Build the node from a list of `ase.Atoms` carrying DESIGN.md labels in `info` / `arrays`."""
+        """Build the node from a list of `ase.Atoms` carrying the labels of docs/conventions.md in `info` / `arrays`."""
         import ase.io
 
         frames = list(frames)
@@ -50,7 +50,7 @@ class FramesData(orm.Data):
     def get_atoms(self, normalize=True):
         """The frames as a list of `ase.Atoms`.
 
-        With `normalize` (default) every label sits in `info` / `arrays` as DESIGN.md specifies
+        With `normalize` (default) every label sits in `info` / `arrays` as docs/conventions.md specifies
         (`polmodel.data.frames.normalize_frames`); ASE's extxyz reader alone would move energy, forces, stress, dipole
         and Born charges into a SinglePointCalculator.
         """

@@ -27,7 +27,7 @@ def batio3_atoms(displacement=0.0, seed=0, a=4.0):
 
 
 def labelled_frames(count, seed=0, source=None):
-    """`count` BaTiO3 frames with made-up but well-formed DESIGN.md labels (for data-type and logic tests)."""
+    """`count` BaTiO3 frames with made-up but well-formed docs/conventions.md labels (for data-type and logic tests)."""
     rng = np.random.default_rng(seed)
     frames = []
     for index in range(count):

@@ -102,12 +102,13 @@ def test_frame_spreads_vanish_for_identical_members_and_not_for_different_ones(f
 
 
 @pytest.mark.slow
-def test_the_printed_counts_are_the_sums_of_the_labels_taken(tmp_path, capsys):
+def test_the_printed_counts_are_the_sums_of_the_labels_taken_and_methods_stop_at_the_target(tmp_path, capsys):
     workdir = tmp_path / "work"
-    al_pool.main(["--frames", str(CUT), "--seeds", "1", "--workers", "1", "--iterations", "2", "--epochs", "1",
-                  "--initial-epochs", "1", "--reference-epochs", "1", "--initial", "2", "--budget", "5",
-                  "--architecture", '{"num_features": 4, "num_layers": 1, "lmax": 1}', "--workdir", str(workdir),
-                  "--quiet"])
+    common = ["--frames", str(CUT), "--seeds", "1", "--workers", "1", "--iterations", "2", "--epochs", "1",
+              "--initial-epochs", "1", "--reference-epochs", "1", "--initial", "2", "--budget", "5",
+              "--architecture", '{"num_features": 4, "num_layers": 1, "lmax": 1}', "--workdir", str(workdir),
+              "--quiet"]
+    al_pool.main(common + ["--tolerance", "-0.99"])               # a target no method reaches: every iteration runs
     lines = capsys.readouterr().out.strip().splitlines()
     match = re.fullmatch(r"labels to target: loop (\d+), random (\d+), ratio ([0-9.]+)", lines[-1])
     assert match, lines[-1]
@@ -118,22 +119,11 @@ def test_the_printed_counts_are_the_sums_of_the_labels_taken(tmp_path, capsys):
     assert [runs for runs, _ in curves["random"]] == [8, 12, 16]      # one full frame (4 runs) fits in 5
     row = next(line for line in lines if line.lstrip().startswith("0 "))
     assert f"{curves['loop'][-1][0]}," in row                         # the table's count is the JSON's sum
+    assert int(match[2]) == 16 + 5                                    # not reached: last count plus one budget
     # a rerun reads the finished tasks instead of training again
     before = seed_file.stat().st_mtime_ns
-    al_pool.main(["--frames", str(CUT), "--seeds", "1", "--workers", "1", "--iterations", "2", "--epochs", "1",
-                  "--initial-epochs", "1", "--reference-epochs", "1", "--initial", "2", "--budget", "5",
-                  "--architecture", '{"num_features": 4, "num_layers": 1, "lmax": 1}', "--workdir", str(workdir),
-                  "--quiet"])
+    al_pool.main(common + ["--tolerance", "-0.99"])
     assert seed_file.stat().st_mtime_ns == before
-
-
-def test_largest_spread_first_takes_the_most_uncertain_of_several_candidates_first(frames):
-    spreads = planted_spreads(len(frames), 6, force=3.0)
-    spreads["force"][[1, 2, 8]] = [0.5, 0.8, 0.4]                 # candidates too, less uncertain
-    picked, _, statistics = al_pool.loop_choice(frames, spreads, TRAINING_ERRORS,
-                                                arguments(draw="largest-spread-first", max_full="0"), seed=0)
-    assert statistics["num_candidates"] == 4
-    assert [index for index, _ in picked] == [6, 2, 1, 8]
-    random_order = [index for index, _ in al_pool.loop_choice(frames, spreads, TRAINING_ERRORS,
-                                                              arguments(max_full="0"), seed=0)[0]]
-    assert sorted(random_order) == [1, 2, 6, 8]                     # the same candidates, drawn at random
+    capsys.readouterr()
+    al_pool.main(common + ["--tolerance", "1000"])                # met by the first ensemble: nothing more is taken
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "labels to target: loop 8, random 8, ratio 1.00"

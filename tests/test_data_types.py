@@ -19,7 +19,7 @@ def test_frames_roundtrip_keeps_labels_and_attributes(generate_frames_data):
     assert len(frames) == 3
     assert np.allclose(frames[2].positions, original[2].positions)
     assert np.allclose(frames[2].info["efield"], [0, 0, 0.02])
-    # labels are where DESIGN.md puts them, not in the SinglePointCalculator ASE's reader makes
+    # labels are where docs/conventions.md puts them, not in the SinglePointCalculator ASE's reader makes
     assert frames[1].info["energy"] == pytest.approx(original[1].info["energy"])
     assert np.allclose(frames[1].info["dipole"], original[1].info["dipole"])
     assert np.allclose(frames[1].arrays["forces"], original[1].arrays["forces"])

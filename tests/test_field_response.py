@@ -722,7 +722,7 @@ def test_mgo_end_to_end_through_the_daemon(mgo_structure, pw_code, ph_code, mgo_
     volume = mgo_structure.get_cell_volume()
     assert polarization.get_array("polarization") == pytest.approx(polarization.get_array("dipole") / volume)
 
-    # Frames: seven, DESIGN.md labels, each traced to its pw.x run.
+    # Frames: seven, labelled as docs/conventions.md says, each traced to its pw.x run.
     assert len(frames) == 7
     zero = frames[0]
     assert zero.info["efield"] == pytest.approx(np.zeros(3)) and zero.info["stress"].shape == (3, 3)

@@ -1,4 +1,4 @@
-"""Exact minimum image of dipole differences in skewed cells (DESIGN.md Amendments "Minimum image, exactly")."""
+"""Exact minimum image of dipole differences in skewed cells (docs/conventions.md "The polarization quantum")."""
 import itertools
 
 import numpy as np

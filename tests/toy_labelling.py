@@ -2,7 +2,7 @@
 
 The toy potential (tests/toy_potential.py) stands in for DFT: `toy_label_frames` answers the question of the DFT
 labelling (`polmodel.dft.field_response`, FieldResponseWorkChain) with the same tiers and the same frame format
-(DESIGN.md, "Label tiers"). Pure numpy + torch + ASE, no AiiDA: tests/toy_oracle.py puts it behind the labelling
+(docs/design.md "Label tiers"). Pure numpy + torch + ASE, no AiiDA: tests/toy_oracle.py puts it behind the labelling
 workchain's interface, and benchmarks/al_efficiency.py calls it directly. Nothing here is the physics of a real
 material.
 

@@ -1,7 +1,7 @@
 """A label oracle for LOOP-LOGIC TESTS ONLY: the analytic toy potential (tests/toy_potential.py) stands in for DFT.
 
 It answers the same question as the DFT labelling (`polmodel.dft.field_response`, FieldResponseWorkChain) with the
-same tiers and the same frame format (DESIGN.md, "Label tiers"), so the whole active-learning loop — label,
+same tiers and the same frame format (docs/design.md "Label tiers"), so the whole active-learning loop — label,
 train, explore, select, label — can run in the test suite and in `benchmarks/al_efficiency.py` in minutes.
 Nothing here is physics of a real material, and no production path uses it: production loops label with pw.x.
 

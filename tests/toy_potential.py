@@ -155,7 +155,7 @@ DEFAULT_FIELDS = ((0.1, 0.0, 0.0), (0.0, -0.1, 0.0), (0.0, 0.0, 0.1))
 
 def make_toy_frames(n, seed, fields=DEFAULT_FIELDS, *, repeat=(1, 1, 1), displacement=0.12, strain=0.02,
                     response_fraction=0.6, branch_shift_fraction=0.3, params=ToyParameters()):
-    """Labelled frames (DESIGN.md format) for `n` randomly displaced and strained toy structures.
+    """Labelled frames (docs/conventions.md) for `n` randomly displaced and strained toy structures.
 
     Each structure gives one zero-field frame (energy, forces, stress, dipole, polarization quantum; with
     probability `response_fraction` also Born charges and polarizability, as if it had been run at ±ε) and one

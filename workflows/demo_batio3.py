@@ -32,11 +32,11 @@ from polmodel.workflows.demo_runner import (copy_parity_plots, find_marked_loop,
 DEMO_EXTRA = "polmodel_demo"          # node extra that marks the demo's loop (value: DEMO_VERSION)
 DEMO_VERSION = 4                       # 4: full labels of the given cells (a loop of an older version is not followed)
 PE_LOOP_EXTRA = "polmodel_demo_pe_loop"
-LATTICE = 4.00                        # Å, cubic BaTiO3 (DESIGN.md's reference cell)
+LATTICE = 4.00                        # Å, cubic BaTiO3 (the cell of docs/design.md "DFT labels")
 
 DEMO = {
     "displacements": [0.0, 0.04],     # Å: the ideal cell and one randomly displaced copy
-    # 'fast' with a 3x3x3 grid and 75 % of the recommended cutoffs: DESIGN.md puts Born charges within a few tenths
+    # 'fast' with a 3x3x3 grid and 75 % of the recommended cutoffs: ph.x puts Born charges within a few tenths
     # of e at this k density, and they depend far less on the cutoff.
     "label": {"protocol": "fast", "overrides": {"scf": {"kpoints_distance": 0.6},
                                                 "meta_parameters": {"cutoff_factor": 0.75}}},
@@ -48,7 +48,7 @@ DEMO = {
     # found (30 stopped one at epoch 33 with Z* ≈ 0); on this demo's final dataset their validation error halves
     # at epoch 13–16 (benchmarks/field_model.py, 2026-11-26). An epoch takes about 0.1 s here. Training stops on
     # epochs and patience only, never on wall time: a wall-clock cap made the dataset and the errors depend on the
-    # machine's load (issue 17: 14 → 28 → 42 frames on one run, 14 → 28 → 35 on another). 300 MD steps with
+    # machine's load (14 → 28 → 42 frames on one run, 14 → 28 → 35 on another). 300 MD steps with
     # Born-charge spreads took 71 s, so MD is 150 steps.
     "train": {"epochs": 300, "validation_fraction": 0.15,
               "hyperparameters": {"num_features": 8, "lmax": 2, "num_layers": 1, "num_radial": 6, "radial_hidden": 16,

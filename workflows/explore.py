@@ -1,7 +1,7 @@
 """`polmodel.explore`: MD with a model ensemble over fields x temperatures, then select frames worth a DFT label.
 
 Every (structure, field protocol, temperature) triple is one `MdCalculation`, all submitted at once. The selection
-(`polmodel.active_learning.selection`, DESIGN.md trust levels) runs in the calcfunction `select_from_trajectories`,
+(docs/design.md "Uncertainty and selection") runs in the calcfunction `select_from_trajectories`,
 so the candidate set links back to the trajectories it was chosen from.
 """
 from aiida import orm

@@ -4,7 +4,7 @@ Every derived number of `FieldResponseWorkChain` is made here, so provenance lea
 pw.x runs it came from. The arithmetic lives in pure numpy functions (tested without AiiDA); the calcfunctions
 only unpack nodes, call them and pack the results.
 
-Conventions: DESIGN.md. Inputs are the `output_parameters` written by `polmodel.pw` (`PolPwParser`): `berry_phase`
+Units: docs/conventions.md. Inputs are the `output_parameters` written by `polmodel.pw` (`PolPwParser`): `berry_phase`
 (dipole and quantum in e·Å), `finite_field` (dipole in e·Å, field in V/Å), `energy` (eV); forces come from
 `output_trajectory` (eV/Å), stress from it too (GPa, pw.x sign).
 """
@@ -107,7 +107,7 @@ def born_charges_one_sided(forces_field, forces_zero, field):
 
 
 def enforce_acoustic_sum_rule(born_charges):
-    """Z* with the mean over atoms subtracted per component, so that Σ_i Z*[i] = 0 exactly (DESIGN.md amendment).
+    """Z* with the mean over atoms subtracted per component, so that Σ_i Z*[i] = 0 exactly.
 
     The residual of DFT Born charges is a k-point convergence error, not physics: the model's sum rule is exact, so
     the labels must be too. The raw charges' residual (`acoustic_sum_rule_residual`) is kept as its own output.
@@ -348,7 +348,7 @@ def extrapolate_polarizability(structure, polarizability_dense, polarizability_c
 
 
 def _new_frame(structure, parameters, trajectory):
-    """A frame of `structure` with the energy, forces and source of one pw.x run (DESIGN.md's labels)."""
+    """A frame of `structure` with the energy, forces and source of one pw.x run (labels as in docs/conventions.md)."""
     atoms = structure.get_ase()
     atoms.info["energy"] = float(parameters["energy"])
     atoms.arrays["forces"] = _last(trajectory, "forces")
@@ -368,7 +368,7 @@ def _add_field_frame(frames, atoms, parameters, dipole_on_branch, shift):
 
 @calcfunction
 def build_frames(structure, polarization, born_effective_charges, polarizability, **pw_outputs):
-    """The labelled frames (DESIGN.md) of the full response: zero field, ±ε along x, y, z, then any further field runs.
+    """The labelled frames of the full response: zero field, ±ε along x, y, z, then any further field runs.
 
     `pw_outputs` holds `parameters_<label>` and `trajectory_<label>` for 'zero_field', every FIELD_LABELS entry and
     any further field run (`field_vector_<i>`). `info['source']` is the UUID of the pw.x calculation that produced

@@ -1,4 +1,4 @@
-"""Choosing the frames of an exploration that are worth a DFT label (DESIGN.md "Uncertainty and selection").
+"""Choosing the frames of an exploration that are worth a DFT label (docs/design.md "Uncertainty and selection").
 
 Pure numpy + ASE. A frame is
 - *accurate* when its largest atomic force deviation is below the lower trust level and its polarization and
@@ -336,7 +336,7 @@ def is_converged(statistics, threshold):
 
 
 # --- label tiers ---------------------------------------------------------------------------------------------------
-#: The label tiers of the DFT labelling, cheapest first (DESIGN.md Amendments, "Label tiers").
+#: The label tiers of the DFT labelling, cheapest first (docs/design.md "Label tiers").
 ENERGY_FORCES, FIELD_FRAMES, FULL = "energy_forces", "field_frames", "full"
 TIERS = (ENERGY_FORCES, FIELD_FRAMES, FULL)
 

@@ -44,7 +44,7 @@ def impose_translation_invariance(force_constants):
 
 
 def born_charges_obeying_sum_rule(born_charges):
-    """Z* (N, 3, 3) with the mean over atoms subtracted per component (DESIGN.md: Σ_i Z*_i = 0)."""
+    """Z* (N, 3, 3) with the mean over atoms subtracted per component (the acoustic sum rule Σ_i Z*_i = 0)."""
     born_charges = np.asarray(born_charges, dtype=float)
     return born_charges - born_charges.mean(axis=0, keepdims=True)
 

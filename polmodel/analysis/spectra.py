@@ -1,4 +1,4 @@
-"""Spectra and static response (DESIGN.md, Amendments, "Spectra and static response"): ε∞ from α, the IR
+"""Spectra and static response (docs/design.md "Spectra and static response"): ε∞ from α, the IR
 absorption coefficient from an NVE dipole time series or from harmonic modes, and ε0 from dipole fluctuations,
 from the mean response to a small static field, or harmonically (polmodel.analysis.phonons).
 

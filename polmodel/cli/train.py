@@ -15,7 +15,7 @@ import sys
 
 
 def add_arguments(parser):
-    parser.add_argument("frames", help="labelled frames, extended XYZ (DESIGN.md format)")
+    parser.add_argument("frames", help="labelled frames, extended XYZ (docs/conventions.md)")
     parser.add_argument("--output", required=True, help="model file to write (polmodel format)")
     parser.add_argument("--ensemble", type=int, default=1, metavar="K", help="number of members (default 1)")
     parser.add_argument("--bootstrap", action="store_true", help="train each member on a bootstrap resample")

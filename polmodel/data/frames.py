@@ -1,4 +1,4 @@
-"""Labelled frames (DESIGN.md "The labelled-frame format"): read, write, validate, and read single labels.
+"""Labelled frames: read, write, validate, read single labels (docs/conventions.md "Labelled frames (extended XYZ)").
 
 A frame is an `ase.Atoms` whose labels live in `info` (energy, efield, stress (3, 3), dipole,
 polarization_quantum (3, 3), polarizability (3, 3), source) and `arrays` (forces (N, 3),
@@ -6,7 +6,7 @@ born_effective_charges (N, 9), row-major [a, b]). A missing label is absent, nev
 
 ASE's extxyz reader moves the labels it recognises (energy, forces, stress, dipole, born_effective_charges)
 into a SinglePointCalculator and turns the stress into Voigt order; `normalize_frame` puts them back where
-DESIGN.md says they live, so every label is read through the accessors below whatever produced the Atoms.
+docs/conventions.md says they live, so every label is read through the accessors below whatever produced the Atoms.
 """
 import io
 import os
@@ -32,7 +32,7 @@ _OTHER_CALCULATOR_RESULTS = ("free_energy", "polarization", "dielectric_tensor",
 
 
 class FrameError(ValueError):
-    """A frame or frames file that does not follow the DESIGN.md labelled-frame format."""
+    """A frame or frames file that does not follow the labelled-frame format of docs/conventions.md."""
 
 
 # --- label accessors (None when the label is absent) ---------------------------------------------------------
@@ -123,7 +123,7 @@ def _move_dipole(frame, shift):
 def align_dipole_branches(frames):
     """Copies of `frames` with the dipole labels of each structure, and of each trajectory, on one branch.
 
-    The reference never depends on a model (DESIGN.md Amendments, "Branch continuity"):
+    The reference never depends on a model (docs/design.md "Branch alignment of dipoles"):
     - frames of one structure (`structure_key`: the zero-field and ±ε runs) are moved onto the branch of its
       zero-field frame (else its first dipole frame): their dipoles differ by α·ε, far less than a quantum, so the
       minimum image of the difference is unambiguous;
@@ -201,7 +201,7 @@ def _as_label_array(value, name, shape, index):
 
 
 def normalize_frame(atoms, index=None):
-    """Return a validated copy of `atoms` with every label in `info`/`arrays` as DESIGN.md specifies.
+    """Return a validated copy of `atoms` with every label in `info`/`arrays` as docs/conventions.md specifies.
 
     Accepts the Atoms that `ase.io.read` returns (labels inside a SinglePointCalculator, stress in Voigt order)
     as well as Atoms built in memory. Raises `FrameError` naming the frame and the label for a wrong shape,

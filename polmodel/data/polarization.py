@@ -1,4 +1,4 @@
-"""Minimum-image arithmetic on the multivalued cell dipole (DESIGN.md "Polarization is multivalued", Amendments).
+"""Minimum-image arithmetic on the multivalued cell dipole (docs/conventions.md "The polarization quantum").
 
 A Berry-phase cell dipole ΩP is defined modulo the lattice of quantum vectors f·e·R_i (rows of `quantum`).
 The difference of two dipoles is therefore compared only after folding onto its minimum image: the shortest

@@ -68,12 +68,12 @@ DEFAULT_HYPERPARAMETERS = {
 }
 # The labelled fields sit at |ε̃| ≈ 0.1 field scales: the field's share of a solid's energy at the fields DFT is run
 # at is a few per cent, and an untrained model's field terms are ~|ε̃| of its structural ones. Measured on the toy
-# potential (notes of issue 12): with the labelled fields at |ε̃| ≈ 1, force learning stalls for over 40 epochs;
+# potential (tests/toy_potential.py): with the labelled fields at |ε̃| ≈ 1, force learning stalls for over 40 epochs;
 # at 0.1 forces learn about as with the field in V/Å and the Born charges' error halves after 7 epochs (0.5: 6 epochs,
 # forces ~5 epochs later). An untrained model's Z* is then ~1 % of the labels' (its forces ~1 % too: the untrained
 # network is soft in R); an extra gain of 3–30 on the readout's ε̃·v terms made it O(1) but delayed force learning by
 # 5–70 epochs, as large early field-term gradients fill Adam's second moments, while Z* halves within 4–5 of ~130
-# epochs without it (tests/test_training.py::test_fitting_born_charges_starts_at_once; notes of issue 12).
+# epochs without it (tests/test_training.py::test_fitting_born_charges_starts_at_once).
 LABELLED_FIELD_IN_SCALES = 0.1
 # V/Å: the reference field when the training frames are all at zero field (their Z* and α come from ±ε runs at
 # about 0.05 V/Å). A model built directly sees the field in V/Å (scale 1) until `set_field_scale`.
