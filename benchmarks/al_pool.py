@@ -15,8 +15,8 @@ runs:
 - loop: the ensemble (`--members`, warm-started from its last weights each iteration) predicts forces, Z* and α
   on every frame not taken yet; the frames are classified and drawn exactly as the workchain draws explored
   frames (polmodel.active_learning.selection: a candidate when its largest atomic force spread lies in the trust
-  window, whose lower level is `--force-lower-factor` × the ensemble's current training force RMSE, or when its Z*
-  or α spread exceeds `--response-factor` × the ensemble's Z* or α RMSE; candidates drawn at random,
+  window, whose lower level is `--force-lower-factor` × the ensemble's current validation force RMSE, or when its
+  Z* or α spread exceeds `--response-factor` × the ensemble's validation Z* or α RMSE; candidates drawn at random,
   near-duplicates removed), and labelled within the budget: the cheap part for each, the response part too for
   the `--max-full` frames whose response spread is largest above its threshold (`response_spread_ratio`). The
   upper trust level is set out of reach (`POOL_FORCE_UPPER`): in MD it marks frames that went where no structure
@@ -75,12 +75,15 @@ def parse_arguments(argv=None):
     parser.add_argument("--max-candidates", type=int, default=16, help="frames the loop draws per iteration")
     parser.add_argument("--max-full", type=int, default=4, help="frames per iteration that get the response part")
     parser.add_argument("--force-lower-factor", type=float, default=2.0,
-                        help="lower trust level / training force RMSE (the protocols' 2.0)")
+                        help="lower trust level / validation force RMSE (the protocols' 2.0)")
     parser.add_argument("--response-factor", type=float, default=2.0,
                         help="Z* and α thresholds / the ensemble's Z* and α RMSE")
     parser.add_argument("--draw", choices=("random", "largest-spread-first"), default="random",
                         help="the loop's order among candidates: the workchain's seeded random draw (default) or "
                              "largest spread (relative to its level) first")
+    parser.add_argument("--validation-fraction", type=float, default=0.1,
+                        help="of each method's frames, kept for validation (the protocols' 0.1); the reference "
+                             "trains on every pool frame")
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=6, help="epochs per iteration, from the last weights")
     parser.add_argument("--initial-epochs", type=int, default=20, help="epochs of the first, shared ensemble")
@@ -138,23 +141,27 @@ def label_runs(tier):
 
 
 # --- models --------------------------------------------------------------------------------------------------------
-def training_config(args, seed, epochs):
+def training_config(args, seed, epochs, validation_fraction):
     from polmodel.training.train import TrainingConfig
 
     # the shipped cards' settings (data/allegro_pol/*.yaml): small response weights, batches of 2
     return TrainingConfig(architecture=dict(args.architecture), epochs=epochs, batch_size=2, learning_rate=0.01,
-                          validation_fraction=0.0, seed=seed, patience=10 ** 6, scheduler="constant", quiet=True,
+                          validation_fraction=validation_fraction, seed=seed, patience=10 ** 6,
+                          scheduler="constant", quiet=True,
                           loss_weights={"energy": 1.0, "forces": 1.0, "stress": 10.0, "dipole": 1.0,
                                         "born_effective_charges": 0.1, "polarizability": 0.1})
 
 
-def train(frames, args, seed, epochs, initial=None, species=None):
-    """(ensemble, training-set metrics) after `epochs` epochs from `initial` (or from scratch)."""
+def train(frames, args, seed, epochs, initial=None, species=None, validation_fraction=None):
+    """(ensemble, its validation RMSE per quantity) after `epochs` epochs from `initial` (or from scratch); the
+    methods keep `--validation-fraction` of their frames for validation, as the workchain's training does, and the
+    trust window and the response thresholds follow those errors (the training frames' where too few frames make
+    no validation part)."""
     from polmodel.training.train import train_ensemble
 
-    config = replace(training_config(args, seed, epochs), species=species)
+    fraction = args.validation_fraction if validation_fraction is None else validation_fraction
+    config = replace(training_config(args, seed, epochs, fraction), species=species)
     ensemble, metrics = train_ensemble(frames, config, args.members, initial_model=initial)
-    # measured on the training frames (validation_fraction is 0): what the trust window follows
     return ensemble, {quantity: values["rmse"] for quantity, values in metrics["validation"].items()}
 
 
@@ -239,7 +246,8 @@ def run_seed(args, seed, pool, test, species, log, target):
     first, first_training = train(start_frames, args, seed, args.initial_epochs, species=species)
     runs0 = len(initial) * label_runs(FULL)
     state = {method: {"labels": {index: FULL for index in initial}, "runs": runs0, "ensemble": first,
-                      "training": first_training, "curve": [(runs0, test_errors(first, test))]} for method in ("loop", "random")}
+                      "training": first_training, "curve": [(runs0, test_errors(first, test))]}
+             for method in ("loop", "random")}
     random_order = order[args.initial:]
     choices = []
     for iteration in range(args.iterations):
@@ -285,7 +293,7 @@ def run_seed(args, seed, pool, test, species, log, target):
 # --- the whole benchmark -------------------------------------------------------------------------------------------
 def reference(args, pool, test, species, log):
     """Test errors of an ensemble trained from scratch on every pool frame (full labels)."""
-    ensemble, _ = train(pool, args, 0, args.reference_epochs, species=species)
+    ensemble, _ = train(pool, args, 0, args.reference_epochs, species=species, validation_fraction=0.0)
     errors = test_errors(ensemble, test)
     log(f"reference ({len(pool)} frames, {args.reference_epochs} epochs): F {errors['forces']:.4f} eV/Å, "
         f"Z* {errors['born_effective_charges']:.4f} e, α {errors.get('polarizability', float('nan')):.4f} e·Å²/V")

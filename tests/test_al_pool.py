@@ -62,7 +62,8 @@ def test_agreement_on_the_response_gives_the_cheap_part_and_agreement_on_everyth
 
 def test_random_order_follows_its_seed_skips_taken_frames_and_stays_in_the_budget():
     order = np.random.default_rng(7).permutation(20).tolist()
-    assert order == np.random.default_rng(7).permutation(20).tolist() != np.random.default_rng(8).permutation(20).tolist()
+    same_seed, other_seed = (np.random.default_rng(seed).permutation(20).tolist() for seed in (7, 8))
+    assert order == same_seed != other_seed
     chosen = al_pool.random_choice(order, taken={order[1]: FULL}, budget=9)
     assert chosen == [(order[0], FULL), (order[2], FULL)]      # two full labels (4 runs each) fit in 9
 
