@@ -1,4 +1,4 @@
-"""α-quartz MD for the IR spectrum and ε0: the shipped ensemble on an N×N×N supercell, equilibrated with Langevin
+"""α-quartz MD for the IR spectrum and ε0: the shipped ensemble (or one member) on a supercell, equilibrated with Langevin
 at T, then NVE; the P(t) file of the NVE run (every step) is the input of `polmodel analyze ir` and
 `polmodel analyze dielectric`.
 
@@ -10,7 +10,12 @@ The NVE run goes on in chunks of --chunk steps (each a restart of `run_md`, whic
 its P(t) file exactly) until --nve-ps or --wall-limit-s, whichever comes first, so a run cut short by the wall
 limit is still a complete, analysable NVE series; rerunning the command continues it. Prints one JSON line:
 atoms, device, ms per step, NVE length, mean temperature and the drift of the conserved energy.
-Measured: README, α-quartz section (5×5×5 = 1125 atoms, 20 ps, on one H200).
+Measured: README, α-quartz section (5×5×5 = 1125 atoms, 20 ps, on one H200). With Allegro-pol's SiO2 ensemble on
+its relaxed 72-atom cell (data/allegro_pol/README.md, "SiO2 MD"):
+
+    python benchmarks/quartz_md_ir.py --model data/allegro_pol/SiO2.pt --member 0 \
+        --structure data/allegro_pol/SiO2-72-ortho-phrelax.xyz --repeat 3 3 2 --timestep 2 --nve-ps 20 \
+        --workdir data/allegro_pol/sio2_md
 """
 import argparse
 import json
@@ -26,7 +31,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(QUARTZ / "ensemble.pt"))
     parser.add_argument("--structure", default=str(QUARTZ / "alpha_quartz.cif"))
-    parser.add_argument("--repeat", type=int, default=5, help="unit cells along each axis (9 atoms each)")
+    parser.add_argument("--repeat", type=int, nargs="+", default=[5],
+                        help="unit cells along each axis: one number for all three, or three (default 5)")
+    parser.add_argument("--member", type=int, default=None, metavar="K",
+                        help="run one member of the ensemble (default: the ensemble's mean)")
     parser.add_argument("--temperature", type=float, default=300.0)
     parser.add_argument("--timestep", type=float, default=1.0, help="fs (equilibration, and NVE unless too slow)")
     parser.add_argument("--longest-timestep", type=float, default=None, metavar="FS",
@@ -40,6 +48,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="quartz_md")
     args = parser.parse_args()
+    if len(args.repeat) not in (1, 3) or min(args.repeat) < 1:
+        parser.error("--repeat takes one positive number or three")
+    repeat = tuple(args.repeat) * (3 if len(args.repeat) == 1 else 1)
 
     import ase.io
     import polmodel
@@ -52,6 +63,8 @@ def main():
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model = polmodel.load(args.model)
+    if args.member is not None:
+        model = model.members[args.member]
     calculator = PolCalculator(model, efield=np.zeros(3), device=args.device)
     zero_field = StaticField(np.zeros(3))
     equilibration, nve = workdir / "equilibration.xyz", workdir / "nve.xyz"
@@ -61,7 +74,7 @@ def main():
     if nve.exists():
         atoms = read_trajectory(nve, index=-1)[0]   # run_md resumes from the trajectory's checkpoint
     else:
-        atoms = ase.io.read(args.structure).repeat((args.repeat,) * 3)
+        atoms = ase.io.read(args.structure).repeat(repeat)
         warm_up = max(equilibration_steps // 10, 1)   # the first steps pay for loading and kernel selection
         for steps in (warm_up, equilibration_steps):
             warmed = time.perf_counter()
