@@ -1,6 +1,6 @@
 """`FieldResponseWorkChain` (`polmodel.dft.field_response`): DFT labels of one structure at zero and finite field.
 
-Three label tiers (input `tier`, DESIGN.md "Label tiers"), one workchain: they share the zero-field scf, its metal
+Three label tiers (input `tier`, docs/design.md "Label tiers"), one workchain: they share the zero-field scf, its metal
 check, the k-mesh, the Zener limit and the field-breakdown handling, and the loop switches tier per structure with
 one input instead of choosing among process classes.
 - `energy_forces`: one zero-field scf → one frame with E, F, stress.
@@ -39,7 +39,7 @@ from .response_functions import FIELD_LABELS, band_gap, field_run_label
 
 PwCalculation = CalculationFactory("quantumespresso.pw")
 
-#: The label tiers, cheapest first (DESIGN.md amendment "Label tiers").
+#: The label tiers, cheapest first (docs/design.md "Label tiers").
 TIERS = ("energy_forces", "field_frames", "full")
 
 PARSER_NAME = "polmodel.pw"
@@ -285,7 +285,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         )
         spec.input(
             "tier", valid_type=orm.Str, default=lambda: orm.Str("full"),
-            help=f"Label tier, one of {', '.join(TIERS)} (DESIGN.md, label tiers).",
+            help=f'Label tier, one of {", ".join(TIERS)} (docs/design.md "Label tiers").',
         )
         spec.input(
             "field_vectors", valid_type=orm.List, required=False,
@@ -410,7 +410,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         may not hold keys the protocol and the input spec do not know. `tier` (default: the protocol's, `full`) is one
         of TIERS. `field_vectors` (V/Å, (n, 3)): the fields of `field_frames`, or extra frames of `full`; without them
         `field_frames` runs +m·x̂, +m·ŷ, +m·ẑ for m in [`field_magnitude`] + `field_magnitudes` and `full` adds the
-        same for each m in `field_magnitudes` (labels at several magnitudes, DESIGN.md / issue 12).
+        same for each m in `field_magnitudes` (labels at several magnitudes, so that they reach the fields MD drives).
         """
         from aiida_pseudo.groups.family import PseudoPotentialFamily
         from aiida_pseudo.groups.mixins import RecommendedCutoffMixin
