@@ -42,7 +42,7 @@ test: setup
 	$(PYTEST) -ra
 
 test-fast: setup-python
-	$(PYTEST) -ra -m "not slow and not dft and not daemon and not postgres"
+	$(PYTEST) -ra -m "not slow and not dft and not daemon and not postgres and not slurm"
 
 # polmodel without its dependencies: mace_speed.py uses only its neighbour list and allocator
 $(BENCH_VENV)/.installed: pyproject.toml

@@ -49,6 +49,11 @@ from aiida.tools.pytest_fixtures import (  # noqa: E402,F401  (re-exported as fi
 
 #: Label of the computer the fixtures and the embedded profile use.
 LOCALHOST_LABEL = "localhost"
+#: Seconds between a waiting process's checks that its children have ended, the backup of the broker's broadcast.
+#: aiida checks every 0 s on a test profile: a daemon worker waiting on a few children then re-reads their nodes in a
+#: busy loop (80 % of a core by `ps`, SQLite queries by py-spy), and on two cores it starved the daemon tests' jobs
+#: (a 2-rank pw.x run of 9 s took 5-7 min through SLURM beside it). Production profiles use aiida's 60 s.
+PROCESS_POLL_INTERVAL_S = 1
 #: Executables of the codes, keyed by the code label.
 CODE_EXECUTABLES = {
     "pw": ("/usr/bin/pw.x", "quantumespresso.pw"),
@@ -67,6 +72,12 @@ def aiida_profile(aiida_config, aiida_profile_factory):
     with aiida_profile_factory(aiida_config, storage_backend="core.sqlite_dos", broker_backend="core.zeromq") as profile:
         # Two busy cores make the 2 s default too short for circus calls (start/stop of the daemon).
         aiida_config.set_option("daemon.timeout", 30, scope=profile.name)
+        # Not a test profile for aiida's runners, so that they poll every PROCESS_POLL_INTERVAL_S and not in a busy
+        # loop (aiida's only other uses of the flag: RabbitMQ's testing mode, not used here, and `verdi daemon
+        # start-all`); the storage is still this session's own, emptied by `reset_storage` as before.
+        profile.is_test_profile = False
+        aiida_config.update_profile(profile)
+        aiida_config.set_option("runner.poll.interval", PROCESS_POLL_INTERVAL_S, scope=profile.name)
         aiida_config.store()
         yield profile
 

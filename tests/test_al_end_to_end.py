@@ -1,6 +1,10 @@
 """The real loop: AlAs (2 atoms, tiny cutoff and k-points), real pw.x labels, real training, real ensemble MD,
-submitted to a running daemon (ZeroMQ broker), then the provenance questions answered on the graph it left."""
+submitted to a running daemon that is stopped and started again mid-iteration, then the provenance questions answered
+on the graph it left. It runs on both kinds of profile: the embedded one (core.sqlite_dos + core.zeromq, the default
+of `make setup`) and the production one (core.psql_dos + core.rabbitmq, setup_profiles/profile_production.yaml)."""
+import dataclasses
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -11,8 +15,72 @@ from aiida import orm
 from aiida.common.links import LinkType
 
 from fixtures_al import TINY_TRAINING
+from test_setup_profiles import throwaway_postgres_database  # noqa: F401  (fixture, requested by `loop_profile`)
 
 pytestmark = [pytest.mark.aiida, pytest.mark.dft, pytest.mark.daemon, pytest.mark.slow]
+
+#: RabbitMQ of the production profile: aiida's defaults (guest/guest on localhost), as profile_production.yaml.
+RABBITMQ_ADDRESS = ("127.0.0.1", 5672)
+
+
+@dataclasses.dataclass
+class LoopProfile:
+    """A loaded profile and the client of its running daemon."""
+    profile: object
+    daemon_client: object
+
+
+@pytest.fixture(params=["embedded", pytest.param("production", marks=pytest.mark.postgres)])
+def loop_profile(request, aiida_profile, aiida_config, aiida_profile_factory, tmp_path):
+    """The profile the loop runs on, loaded, with its daemon running.
+
+    `embedded`: the session's profile (core.sqlite_dos + core.zeromq). `production`: a profile of its own on a
+    throw-away PostgreSQL database and RabbitMQ on localhost (trust authentication, guest/guest), loaded for this test
+    only; the nodes, computer and codes the test makes live there. Request it before any fixture that stores nodes.
+    """
+    if request.param == "embedded":
+        yield LoopProfile(aiida_profile, request.getfixturevalue("started_daemon_client"))
+        return
+
+    from aiida.engine.daemon.client import DaemonNotRunningException, get_daemon_client
+
+    try:
+        socket.create_connection(RABBITMQ_ADDRESS, timeout=5).close()
+    except OSError as exception:
+        pytest.skip(f"no RabbitMQ on {RABBITMQ_ADDRESS[0]}:{RABBITMQ_ADDRESS[1]}: {exception}")
+    database = request.getfixturevalue("throwaway_postgres_database")
+    storage = {"database_engine": "postgresql_psycopg", "database_hostname": "localhost", "database_port": 5432,
+               "database_name": database["name"], "database_username": database["username"],
+               "database_password": database["password"], "repository_uri": (tmp_path / "repository").as_uri()}
+    with aiida_profile_factory(aiida_config, storage_backend="core.psql_dos", storage_config=storage,
+                               broker_backend="core.rabbitmq") as profile:
+        # as the session profile: two busy cores make circus' 2 s default too short to start and stop the daemon
+        aiida_config.set_option("daemon.timeout", 30, scope=profile.name)
+        # the factory made this profile the default; a `verdi` without `-p` in a later test must not find it gone
+        aiida_config.set_default_profile(aiida_profile.name, overwrite=True)
+        aiida_config.store()
+        daemon_client = get_daemon_client(profile.name)
+        daemon_client.start_daemon()
+        try:
+            yield LoopProfile(profile, daemon_client)
+        finally:
+            try:
+                daemon_client.stop_daemon(wait=True)
+            except DaemonNotRunningException:
+                pass
+
+
+def await_terminated(node, daemon_client, timeout):
+    """Wait until the process of `node` is terminated; on timeout fail with the daemon's log."""
+    deadline = time.monotonic() + timeout
+    while not node.is_terminated:
+        if time.monotonic() > deadline:
+            log = Path(daemon_client.daemon_log_file).read_text(encoding="utf-8") if Path(
+                daemon_client.daemon_log_file).is_file() else "(no daemon log)"
+            pytest.fail(f"{node.process_label}<{node.pk}> still {node.process_state} after {timeout} s; daemon log:\n"
+                        f"{log[-20000:]}")
+        time.sleep(1.0)
+    return node
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +100,9 @@ def pseudo_family(aiida_profile, pseudopotential_files):
 
 
 @pytest.fixture
-def al_loop_inputs(alas_structure, pw_code, polmodel_code, pseudo_family):
+def al_loop_inputs(loop_profile, alas_structure, pw_code, polmodel_code, pseudo_family):
+    """Inputs of a one-iteration loop, stored in the profile of `loop_profile` (listed first, so it is loaded before
+    the computer, codes and pseudopotentials are made)."""
     def factory(max_iterations=1):
         return {
             "structures": {"alas": alas_structure},
@@ -86,24 +156,28 @@ def interrupt_daemon_mid_loop(loop, daemon_client, timeout=300):
     return len(running_jobs) if time.time() < deadline else 0
 
 
-def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, started_daemon_client, aiida_profile,
-                                         tmp_path, capsys):
+def test_one_real_iteration_on_the_daemon(al_loop_inputs, loop_profile, tmp_path, capsys):
     """Submit, stop the daemon mid-loop and start it again, then check the loop and ask the provenance questions."""
     from aiida.engine import submit
+    from aiida.manage import get_manager
 
     from polmodel.workflows.active_learning import ActiveLearningWorkChain
     from polmodel.workflows.provenance import learning_curve, models_trained_by, pw_runs_for_model
 
+    profile, daemon_client = loop_profile.profile, loop_profile.daemon_client
+    storage = profile.storage_backend
+    assert get_manager().get_profile().name == profile.name  # the loop is stored where its daemon looks
     started = time.time()
     loop = submit(ActiveLearningWorkChain, **al_loop_inputs())
-    interrupted_jobs = interrupt_daemon_mid_loop(loop, started_daemon_client)
+    interrupted_jobs = interrupt_daemon_mid_loop(loop, daemon_client)
     with capsys.disabled():
-        print(f"daemon stopped and restarted while {interrupted_jobs} pw.x/polmodel job(s) were running")
-    node = submit_and_await(loop, timeout=900)
+        print(f"[{storage} + {profile.process_control_backend}] daemon stopped and restarted while "
+              f"{interrupted_jobs} pw.x/polmodel job(s) were running")
+    node = await_terminated(loop, daemon_client, timeout=900)
     durations = sorted(((child.mtime - child.ctime).total_seconds(), child.process_label, child.pk)
                        for child in node.called_descendants)
     with capsys.disabled():
-        print(f"loop took {time.time() - started:.0f} s; slowest children: {durations[-5:]}")
+        print(f"[{storage}] loop took {time.time() - started:.0f} s; slowest children: {durations[-5:]}")
     assert node.is_finished_ok, (node.exit_status, node.exit_message,
                                  [log.message for log in orm.Log.collection.get_logs_for(node)])
 
@@ -146,9 +220,9 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, star
     # the same questions through the command line
     from polmodel.cli import main
 
-    assert main(["provenance", "--profile", aiida_profile.name, "pw-runs", str(model.pk)]) == 0
-    assert main(["provenance", "--profile", aiida_profile.name, "models", "--source", sorted(dataset.sources)[0]]) == 0
-    assert main(["provenance", "--profile", aiida_profile.name, "learning-curve", str(node.pk)]) == 0
+    assert main(["provenance", "--profile", profile.name, "pw-runs", str(model.pk)]) == 0
+    assert main(["provenance", "--profile", profile.name, "models", "--source", sorted(dataset.sources)[0]]) == 0
+    assert main(["provenance", "--profile", profile.name, "learning-curve", str(node.pk)]) == 0
     printed = capsys.readouterr().out
     assert f"{len(pw_runs)} pw.x calculation(s)" in printed and "1 model(s)" in printed
     assert printed.strip().splitlines()[-1].split()[:2] == ["1", "7"]
@@ -156,7 +230,7 @@ def test_one_real_iteration_on_the_daemon(al_loop_inputs, submit_and_await, star
     # `verdi node graph generate` on the model draws the chain back to the pw.x runs
     output = tmp_path / "model.dot"
     verdi = Path(sys.executable).parent / "verdi"
-    subprocess.run([str(verdi), "-p", aiida_profile.name, "node", "graph", "generate", "-l", "data", "-f", "dot",
+    subprocess.run([str(verdi), "-p", profile.name, "node", "graph", "generate", "-l", "data", "-f", "dot",
                     "-d", "0", "-O", str(output), str(model.pk)], check=True, capture_output=True, timeout=300)
     drawn = {int(pk) for pk in re.findall(r"\bN(\d+)\s*\[", output.read_text())}
     assert model.pk in drawn and {run.pk for run in pw_runs} <= drawn

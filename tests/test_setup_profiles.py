@@ -39,10 +39,16 @@ def setup_file(name):
 # --------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.aiida
-def test_profile_uses_sqlite_and_zeromq(aiida_profile):
+def test_profile_uses_sqlite_and_zeromq(aiida_profile, aiida_config, tmp_path_factory):
+    from fixtures_aiida import PROCESS_POLL_INTERVAL_S
+
     assert aiida_profile.storage_backend == "core.sqlite_dos"
     assert aiida_profile.process_control_backend == "core.zeromq"
-    assert aiida_profile.is_test_profile
+    # a throw-away profile in the session's temporary configuration, never a user's
+    assert pathlib.Path(aiida_config.dirpath).resolve().is_relative_to(tmp_path_factory.getbasetemp().resolve())
+    # not flagged a test profile, so that aiida's runners check for ended children every second and not in a busy loop
+    assert not aiida_profile.is_test_profile
+    assert aiida_profile.get_option("runner.poll.interval") == PROCESS_POLL_INTERVAL_S
 
 
 @pytest.mark.aiida

@@ -14,8 +14,9 @@ Full tier: zero-field scf (E, F, stress, band edges) → Berry-phase nscf along 
 field runs are repeated on a coarser k-mesh and α, ε∞ are Richardson-extrapolated to infinitely dense Berry strings
 (lelfield's discretized dψ/dk makes α converge only as 1/N²; Born charges converge far faster and are not).
 
-Every pw.x run is a `PwBaseWorkChain`, so walltime / killed runs are restarted there; this chain handles what is
-specific to fields: metals are refused right after the first zero-field pw.x run (`InsulatorPwBaseWorkChain`, before
+Every pw.x run is a `PwBaseWorkChain` (`ResubmittingPwBaseWorkChain`), so walltime runs are restarted there and a job
+the scheduler ended (`scancel`, preemption, a failed node) is resubmitted; this chain handles what is specific to
+fields: metals are refused right after the first zero-field pw.x run (`InsulatorPwBaseWorkChain`, before
 any restart), a field above the Zener limit is halved before it is applied, and a field run that does not converge
 halves every field and reruns all of them (bounded), then exits with a clear code.
 """
@@ -36,6 +37,7 @@ from polmodel.data import units
 from . import response_functions
 from .protocol_utils import PW_NAMELISTS, merge_overrides
 from .response_functions import FIELD_LABELS, band_gap, field_run_label
+from .scheduler_restarts import resubmit_jobs_ended_by_the_scheduler
 
 PwCalculation = CalculationFactory("quantumespresso.pw")
 
@@ -211,7 +213,16 @@ def pw_runs_per_label(tier, field_vectors=(), string_extrapolation=False):
     return runs
 
 
-class InsulatorPwBaseWorkChain(PwBaseWorkChain):
+class ResubmittingPwBaseWorkChain(PwBaseWorkChain):
+    """`PwBaseWorkChain` that also resubmits a pw.x job that the scheduler ended before it finished (`scancel`,
+    preemption, a failed node): `PwBaseWorkChain` has no handler for it and would abort with an unhandled failure."""
+
+    # Above every handler of PwBaseWorkChain and the metal check: the cut-short output of an ended job says nothing
+    # about the inputs, and none of those handlers may change them for it.
+    handle_job_ended_by_the_scheduler = resubmit_jobs_ended_by_the_scheduler(priority=750)
+
+
+class InsulatorPwBaseWorkChain(ResubmittingPwBaseWorkChain):
     """`PwBaseWorkChain` that stops at the first pw.x run whose band gap shows a metal, before any restart.
 
     A metal with fixed occupations often does not converge; the stock handlers would then restart it with smaller
@@ -627,8 +638,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             parameters = self._parameters(control={"calculation": "nscf", "lberry": True, "gdir": gdir, "nppstr": nppstr})
             inputs = self._base_inputs(parameters, f"berry_phase_{gdir}")
             inputs.pw.parent_folder = self.ctx.zero_field.outputs.remote_folder
-            node = self.submit(PwBaseWorkChain, **inputs)
-            self.report(f"launching Berry-phase nscf gdir={gdir} PwBaseWorkChain<{node.pk}>")
+            node = self.submit(ResubmittingPwBaseWorkChain, **inputs)
+            self.report(f"launching Berry-phase nscf gdir={gdir} {node.process_label}<{node.pk}>")
             self.to_context(**{f"berry_phase_{gdir}": node})
 
     def should_run_field_runs(self):
@@ -654,8 +665,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         for key, (field, kpoints) in self._field_runs().items():
             control, electrons = self._lelfield(field)
             parameters = self._parameters(control=control, electrons=electrons)
-            node = self.submit(PwBaseWorkChain, **self._base_inputs(parameters, key, kpoints))
-            self.report(f"launching {key} ({np.round(field, 5).tolist()} V/Å) PwBaseWorkChain<{node.pk}>")
+            node = self.submit(ResubmittingPwBaseWorkChain, **self._base_inputs(parameters, key, kpoints))
+            self.report(f"launching {key} ({np.round(field, 5).tolist()} V/Å) {node.process_label}<{node.pk}>")
             self.to_context(**{key: node})
 
     def inspect_field_runs(self):

@@ -5,13 +5,16 @@ not K calculations in parallel. The ensemble file is then written by the code th
 combining of K files inside the daemon), the members' metrics come from one consistent validation split, and it is
 one scheduler job: on a cluster the queue wait dominates the training time of small models, and on a 2-core
 laptop K parallel trainings would only compete for the same cores. The restart loop (BaseRestartWorkChain) makes a
-crashed training retry with a new seed.
+crashed training retry with a new seed, resumes an interrupted one from its checkpoint and resubmits one that the
+scheduler ended without a checkpoint unchanged.
 """
 from aiida import orm
 from aiida.engine import BaseRestartWorkChain, ProcessHandlerReport, process_handler, while_
 from aiida.plugins import CalculationFactory
 
 from polmodel.plugins.data import FramesData, ModelData
+
+from .scheduler_restarts import resubmit_jobs_ended_by_the_scheduler
 
 TrainCalculation = CalculationFactory("polmodel.train")
 
@@ -70,6 +73,10 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
         self.ctx.inputs["checkpoint"] = node.outputs.checkpoint
         self.report(f"{node.process_label}<{node.pk}> was interrupted; resuming from its checkpoint")
         return ProcessHandlerReport(do_break=True)
+
+    # Below the resume from a checkpoint (an ended job that left one goes on from it), above the new-seed retry: a job
+    # the scheduler ended did not crash, and a new seed would change the ensemble for no reason.
+    handle_job_ended_by_the_scheduler = resubmit_jobs_ended_by_the_scheduler(priority=550)
 
     @process_handler(priority=500, exit_codes=[TrainCalculation.exit_codes.ERROR_MISSING_OUTPUT])
     def handle_crashed_training(self, node):
