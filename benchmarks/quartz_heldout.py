@@ -2,6 +2,7 @@
 
     python benchmarks/quartz_heldout.py submit LOOP   # submit the held-out labels to the daemon (group quartz/heldout)
     python benchmarks/quartz_heldout.py report LOOP   # model of LOOP against them: errors JSON + parity plots
+    python benchmarks/quartz_heldout.py link-existing  # link held-out structures made before the calcfunctions did
     python benchmarks/quartz_heldout.py reference LOOP  # model of LOOP against ph.x (group quartz/dfpt): ε∞, Z*,
                                                         # and with ph.x phonons the Γ IR modes and harmonic ε0
 
@@ -26,6 +27,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 CIF = HERE.parent / "data" / "quartz" / "alpha_quartz.cif"
 MD_SEED = 20261126
 MD_FRAMES = 3
+#: the strained held-out cell: +1.5 % along a, -1 % along c, every coordinate moved by up to 0.04 Å (seed MD_SEED)
+STRAIN = np.diag([1.015, 1.0, 0.99])
+DISPLACEMENT_A = 0.04
 
 
 def latest_model(loop):
@@ -49,7 +53,8 @@ def loop_model(loop, directory):
 
 
 def md_frames(loop):
-    """MD_FRAMES 300 K frames (ase.Atoms) of the loop's latest finished exploration that it did not select."""
+    """MD_FRAMES 300 K frames of the loop's latest finished exploration that it did not select, each as
+    (TrajectoryData, step index)."""
     explorations = [link.node for link in loop.base.links.get_outgoing(link_label_filter="explore_iteration_%").all()
                     if link.node.is_finished_ok]
     if not explorations:
@@ -59,28 +64,30 @@ def md_frames(loop):
     trajectory = exploration.outputs.trajectories[sorted(exploration.outputs.trajectories)[0]]
     frames = []
     for index in range(trajectory.numsteps - 1, 0, -5):  # 50 fs apart (frames every 10 fs), from the end
-        atoms = trajectory.get_step_structure(index).get_ase()
-        if not any(np.allclose(atoms.positions, positions, atol=1e-6) for positions in selected):
-            atoms.info["exploration"] = f"{exploration.pk}/{index}"
-            frames.append(atoms)
+        positions = trajectory.get_step_structure(index).get_ase().positions
+        if not any(np.allclose(positions, other, atol=1e-6) for other in selected):
+            frames.append((trajectory, index))
         if len(frames) == MD_FRAMES:
             break
     return frames[::-1]
 
 
-def strained_cell():
-    from polmodel.workflows.structures import read_structures
+def heldout_structures(loop):
+    """{key: StructureData} of the held-out structures, each made by a calcfunction from the node it comes from (an
+    MD trajectory's step; the CIF structure strained and displaced), so that the graph links them."""
+    from aiida import orm
 
-    atoms = read_structures(CIF)[0].get_ase()
-    strain = np.diag([1.015, 1.0, 0.99])
-    atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
-    atoms.positions += np.random.default_rng(MD_SEED).uniform(-0.04, 0.04, size=atoms.positions.shape)
-    return atoms
+    from polmodel.workflows.structures import read_structures, strained_structure, trajectory_frame
+
+    structures = {f"md_{number}": trajectory_frame(trajectory, orm.Int(index))
+                  for number, (trajectory, index) in enumerate(md_frames(loop))}
+    structures["strained"] = strained_structure(read_structures(CIF)[0], orm.List(STRAIN.tolist()),
+                                                orm.Float(DISPLACEMENT_A), orm.Int(MD_SEED))
+    return structures
 
 
 def submit(loop, with_full=False):
     from aiida import engine, orm
-    from ase import Atoms
 
     from polmodel.workflows.field_response import FieldResponseWorkChain
     from polmodel.workflows.quartz import HELDOUT_GROUP
@@ -91,20 +98,15 @@ def submit(loop, with_full=False):
         kwargs["overrides"] = label.overrides.get_dict()
     if "pseudo_family" in label:
         kwargs["pseudo_family"] = label.pseudo_family.value
-    structures = {f"md_{index}": frame for index, frame in enumerate(md_frames(loop))}
-    structures["strained"] = strained_cell()
+    structures = heldout_structures(loop)
     plan = [(key, "energy_forces") for key in structures]
     if with_full:
         plan.append((f"md_{len(structures) - 2}", "full"))
     group, _ = orm.Group.collection.get_or_create(HELDOUT_GROUP)
     for key, tier in plan:
-        atoms = structures[key]
-        plain = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
-        builder = FieldResponseWorkChain.get_builder_from_protocol(label.code, orm.StructureData(ase=plain),
-                                                                   tier=tier, **kwargs)
+        builder = FieldResponseWorkChain.get_builder_from_protocol(label.code, structures[key], tier=tier, **kwargs)
         node = engine.submit(builder)
-        node.base.extras.set_many({"heldout": key, "tier": tier, "loop": loop.uuid,
-                                   "source": atoms.info.get("exploration", "strained CIF cell")})
+        node.base.extras.set_many({"heldout": key, "tier": tier, "loop": loop.uuid})
         group.add_nodes(node)
         print(f"submitted {key} ({tier}): FieldResponseWorkChain<{node.pk}>")
 
@@ -139,16 +141,63 @@ def reference(loop, output):
     return result
 
 
+def link_existing(log=print):
+    """Link the held-out structures of group quartz/heldout made before `heldout_structures` made them by
+    calcfunctions: each is remade by the calcfunction from what it came from (the trajectory step with its positions,
+    searched in every TrajectoryData; the CIF structure strained) and a `structure_difference` record joins the
+    remake and the structure. Returns how many were linked with differences below 1e-6 Å; a structure that matches
+    nothing is reported, not guessed."""
+    from aiida import orm
+
+    from polmodel.workflows.quartz import HELDOUT_GROUP
+    from polmodel.workflows.structures import (read_structures, strained_structure, structure_difference,
+                                               trajectory_frame)
+
+    trajectories = orm.QueryBuilder().append(orm.TrajectoryData).all(flat=True)
+    linked, seen = 0, set()
+    for node in sorted(orm.load_group(HELDOUT_GROUP).nodes, key=lambda node: node.pk):
+        structure, key = node.inputs.structure, node.base.extras.get("heldout")
+        if structure.creator is not None or structure.uuid in seen:
+            continue
+        seen.add(structure.uuid)
+        if key == "strained":
+            remade = strained_structure(read_structures(CIF)[0], orm.List(STRAIN.tolist()), orm.Float(DISPLACEMENT_A),
+                                        orm.Int(MD_SEED))
+        else:
+            positions = structure.get_ase().positions
+            remade = None
+            for trajectory in trajectories:
+                steps = trajectory.get_positions()
+                if steps.shape[1:] != positions.shape:
+                    continue
+                matching = np.flatnonzero(np.max(np.abs(steps - positions), axis=(1, 2)) < 1e-6)
+                if matching.size:
+                    remade = trajectory_frame(trajectory, orm.Int(int(matching[0])))
+                    break
+            if remade is None:
+                log(f"{node.pk} {key}: no trajectory step has its positions")
+                continue
+        record = structure_difference(remade, structure).get_dict()
+        log(f"{node.pk} {key}: remade as StructureData<{remade.pk}> by {remade.creator.process_label}, {record}")
+        linked += max(record.values()) < 1e-6
+    return linked
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("submit", "report", "reference"))
-    parser.add_argument("loop", help="pk or uuid of the finished ActiveLearningWorkChain")
+    parser.add_argument("action", choices=("submit", "report", "reference", "link-existing"))
+    parser.add_argument("loop", nargs="?", help="pk or uuid of the finished ActiveLearningWorkChain")
     parser.add_argument("--output", default="quartz_heldout", help="report: folder of the errors and plots")
     parser.add_argument("--with-full", action="store_true", help="submit: also the full response of one MD frame")
     args = parser.parse_args(argv)
     from aiida import load_profile, orm
 
     load_profile()
+    if args.action == "link-existing":
+        print(f"{link_existing()} held-out structure(s) linked to what they came from")
+        return 0
+    if args.loop is None:
+        parser.error(f"{args.action} needs LOOP")
     loop = orm.load_node(args.loop)
     if args.action == "submit":
         submit(loop, args.with_full)

@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 
 from aiida import orm
+from aiida.engine import calcfunction
 
 # names pymatgen's Structure.from_file recognises and reads better than ASE (CIF symmetry, VASP, MP JSON)
 PYMATGEN_SUFFIXES = (".cif", ".mcif", ".vasp", ".poscar", ".json", ".cssr", ".res")
@@ -106,3 +107,41 @@ def as_structure_namespace(structures):
                              "give each starting structure once")
         seen[identity] = index
     return {structure_key(structure, index): structure for index, structure in enumerate(converted)}
+
+
+# Structures made from other nodes are made by calcfunctions, so that the graph links each to what it came from
+# (a held-out label then traces back to the MD run that produced its structure).
+
+def _periodic_copy(atoms):
+    """`atoms` with only its species, positions and cell, periodic along a, b and c (no MD arrays or info)."""
+    from ase import Atoms
+    return Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
+
+
+@calcfunction
+def trajectory_frame(trajectory, index):
+    """Step `index` of a TrajectoryData (an MD run's frames) as a periodic StructureData of its own."""
+    return orm.StructureData(ase=_periodic_copy(trajectory.get_step_structure(index.value).get_ase()))
+
+
+@calcfunction
+def strained_structure(structure, strain, displacement_A, seed):
+    """`structure` with its cell multiplied by the 3×3 `strain` (atoms following, fractional coordinates kept), then
+    every coordinate moved by a uniform random amount in ±`displacement_A` from generator `seed`."""
+    atoms = _periodic_copy(structure.get_ase())
+    atoms.set_cell(atoms.cell.array @ np.asarray(strain.get_list(), dtype=float), scale_atoms=True)
+    atoms.positions += np.random.default_rng(seed.value).uniform(-displacement_A.value, displacement_A.value,
+                                                                 size=atoms.positions.shape)
+    return orm.StructureData(ase=atoms)
+
+
+@calcfunction
+def structure_difference(made, existing):
+    """Record that `existing`, a structure made before structures were made by calcfunctions, equals `made` (one
+    made now by a calcfunction from what `existing` came from): the largest differences of positions and cell (Å).
+    The record links the two in the graph; it does not claim they are equal, it says by how much they are not."""
+    first, second = made.get_ase(), existing.get_ase()
+    if first.get_chemical_symbols() != second.get_chemical_symbols():
+        raise ValueError(f"structures {made.uuid} and {existing.uuid} have different atoms")
+    return orm.Dict({"max_position_difference_A": float(np.max(np.abs(first.positions - second.positions))),
+                     "max_cell_difference_A": float(np.max(np.abs(first.cell.array - second.cell.array)))})

@@ -7,6 +7,8 @@ Examples:
     polmodel provenance sources 1234              # the published files (repository, commit, sha256) behind model 1234
     polmodel provenance learning-curve 890        # the iterations of active-learning loop 890
     polmodel provenance graph 890 --output loop.svg   # loop 890 drawn: one box per labelling/training/exploration
+    polmodel provenance check-archive campaign.aiida  # exit 1 if a cached run's original is not in the archive
+    polmodel provenance reproduce-cached campaign.aiida  # after importing it: rerun those with caching off
 """
 import re
 
@@ -38,6 +40,13 @@ def add_arguments(parser):
     graph = sub.add_parser("graph", help="draw a loop: each iteration's labelling, training, exploration as one node")
     graph.add_argument("node", help="pk or UUID of an ActiveLearningWorkChain, or of a ModelData one of its trainings made")
     graph.add_argument("--output", default=None, help="FILE.svg, .png, .pdf or .dot (default: loop_<pk>.svg)")
+    check = sub.add_parser("check-archive", help="an archive file's cached calculations: is each one's original run "
+                                                 "(or a rerun that reproduces it) in the archive? exit 1 if not")
+    check.add_argument("archive", help="a file written by `verdi archive create` (read, not imported)")
+    reproduce = sub.add_parser("reproduce-cached", help="rerun with caching off, in the profile the archive was "
+                                                        "imported into, every cached calculation of it whose "
+                                                        "original is missing (then export again)")
+    reproduce.add_argument("archive", help="the archive file that was imported")
 
 
 GRAPH_FORMATS = (".svg", ".png", ".pdf", ".dot")
@@ -54,9 +63,29 @@ def _check_inputs(args):
     load_aiida_profile(args.profile)
 
 
+def _check_archive(args):
+    """check-archive reads the file itself and needs no profile: 0 when every cached run's original is there."""
+    from polmodel.cli import check_input_file
+    check_input_file(args.archive, "archive")
+    from aiida.common.exceptions import CorruptStorage, IncompatibleStorageSchema
+
+    from polmodel.workflows.cached_runs import cached_runs_in_archive
+    try:
+        report = cached_runs_in_archive(args.archive)
+    except CorruptStorage as error:
+        raise InputError(f"archive {args.archive} is not an AiiDA archive ({error})") from error
+    except IncompatibleStorageSchema as error:
+        raise InputError(f"archive {args.archive} has an older format: `verdi archive migrate` it first "
+                         f"({str(error).splitlines()[0]})") from error
+    print(report.summary())
+    return 0 if report.whole else 1
+
+
 def run(args):
     from polmodel.cli import InputError
 
+    if args.question == "check-archive":
+        return _check_archive(args)
     if args.question == "graph" and args.output:
         if not args.output.endswith(GRAPH_FORMATS):
             raise InputError(f"--output {args.output}: the drawing is written as {', '.join(GRAPH_FORMATS)}")
@@ -88,6 +117,12 @@ def run(args):
             frames, description = provenance.labelled_frames(args.node)
             write_frames(args.output, frames)
             print(f"wrote {len(frames)} labelled frame(s) of {description} to {args.output}")
+        elif args.question == "reproduce-cached":
+            from polmodel.cli import check_input_file
+            from polmodel.workflows.cached_runs import reproduce_missing_originals
+            check_input_file(args.archive, "archive")
+            reruns = reproduce_missing_originals(args.archive)
+            print(f"{len(reruns)} cached calculation(s) rerun with caching off")
         elif args.question == "learning-curve":
             print(provenance.format_learning_curve(provenance.learning_curve(args.workchain)))
         else:
