@@ -5,7 +5,7 @@ derivatives, model files) → training, dynamics (calculator, MD, LAMMPS), analy
 active_learning (the loop's pure decisions), runtime (device, memory) and cli (the `polmodel` command). The AiiDA
 plugins and workflows install as polmodel.plugins and polmodel.workflows. Importing this package never imports AiiDA.
 """
-__version__ = "0.1.0"
+from polmodel._version import __version__  # noqa: F401
 
 
 def __getattr__(name):

@@ -87,7 +87,7 @@ def test_fix_external_forces_energy_dipole_virial_equal_the_calculator(model):
 def _run_driver(tmp_path, ranks, model_path, structure_path, steps, field, ensemble="nve", name=None, extra=(), options=()):
     name = name or f"ranks{ranks}"
     dipole_path, final_path = tmp_path / f"{name}.txt", tmp_path / f"{name}.xyz"
-    command = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "polmodel.dynamics.lammps_driver",
+    command = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "polmodel.cli", "lammps",
                "--model", str(model_path), "--structure", str(structure_path), "--steps", str(steps),
                "--timestep", "1.0", "--ensemble", ensemble, "--temperature", "600",
                "--field", json.dumps(field.as_dict()),
@@ -267,8 +267,8 @@ def test_mliap_unified_contract_on_a_faked_data_object(model, ranks):
 
 @requires_lammps
 def test_driver_rejects_bad_input_before_starting_lammps(saved, tmp_path, capsys):
-    from polmodel.dynamics.lammps_driver import main
-    arguments = ["--model", str(saved[0]), "--structure", str(saved[1]), "--steps", "10",
+    from polmodel.cli import main
+    arguments = ["lammps", "--model", str(saved[0]), "--structure", str(saved[1]), "--steps", "10",
                  "--dipole-output", str(tmp_path / "d.txt")]
     assert main(arguments + ["--timestep", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "polmodel lammps: --timestep must be positive, got -1.0"

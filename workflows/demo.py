@@ -142,7 +142,7 @@ def write_learning_curve(loop, directory):
 
 def write_heldout_errors(model_path, directory):
     from polmodel import load
-    from polmodel.cli.evaluate import evaluate_frames
+    from polmodel.training.train import evaluate_frames
     from polmodel.workflows.quartz import heldout_frames
 
     frames, labels = heldout_frames()

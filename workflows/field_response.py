@@ -31,8 +31,9 @@ from aiida.plugins import CalculationFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
-from polmodel.active_learning.selection import MIN_INTERATOMIC_DISTANCE, closest_pair
+from polmodel.active_learning.selection import closest_pair
 from polmodel.data import units
+from polmodel.data.domain import MIN_INTERATOMIC_DISTANCE
 
 from . import response_functions
 from .protocol_utils import PW_NAMELISTS, merge_overrides

@@ -155,7 +155,7 @@ def lattice_polarization_quantum(cell, valence_charges):
 
 
 def dielectric_from_polarizability(polarizability, volume):
-    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³ (polmodel.analysis.spectra holds the formula)."""
+    """ε∞ = 1 + α/(ε0 Ω) with α in e·Å²/V and Ω in Å³ (polmodel/data/dielectric.py holds the formula)."""
     return spectra.dielectric_from_polarizability(polarizability, volume)
 
 

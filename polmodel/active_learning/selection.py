@@ -1,6 +1,6 @@
 """Choosing the frames of an exploration that are worth a DFT label (docs/design.md "Uncertainty and selection").
 
-Pure numpy + ASE. A frame is
+Pure numpy + ASE (and polmodel.data's distance limit). A frame is
 - *accurate* when its largest atomic force deviation is below the lower trust level and its polarization and
   Born-charge spreads are below their thresholds: the ensemble already agrees there;
 - *failed* when its force deviation is at or above the upper trust level, or two atoms are closer than
@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# the distance limit is shared with PolCalculator, so it lives below both
+from polmodel.data.domain import MIN_INTERATOMIC_DISTANCE
+
 ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
 RANDOM_DRAW, LARGEST_SPREAD_FIRST = "random", "largest-spread-first"
 DRAWS = (RANDOM_DRAW, LARGEST_SPREAD_FIRST)
-#: Å; atoms closer than this are a collapsed structure, not one to label with DFT (also the DFT input check)
-MIN_INTERATOMIC_DISTANCE = 0.5
 
 
 @dataclass(frozen=True)

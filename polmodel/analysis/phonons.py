@@ -152,6 +152,7 @@ def model_force_constants(calculator, atoms):
 
     The cell is periodic with its images moving together, so Φ is the Γ-point sum over images.
     """
+    # torch and the model's response only here: the rest of this module (ph.x's force constants) is numpy
     import torch
 
     from polmodel.data import keys

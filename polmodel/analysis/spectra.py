@@ -18,6 +18,9 @@ import math
 
 import numpy as np
 
+from polmodel.analysis.phonons import as_dielectric_tensor
+# ε∞ from α lives below the model (polmodel/data/dielectric.py, which nn.response uses too); it is part of this API
+from polmodel.data.dielectric import dielectric_from_polarizability  # noqa: F401
 from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
 
 # SI constants (CODATA 2018), used only to put spectra in absolute units.
@@ -34,22 +37,6 @@ QUANTUM_CORRECTION_STATEMENT = (
     "harmonic quantum correction Q = βħω/(1−exp(−βħω)) applied once, to the classical dipole correlation in "
     "α n = ω(1−exp(−βħω))/(6ħ ε_vac c V) · Q · C̃_cl (net: βω²/(6 ε_vac c V) · C̃_cl, exact for a harmonic crystal)"
 )
-
-
-# --- ε∞ ------------------------------------------------------------------------------------------------------
-def dielectric_from_polarizability(polarizability, volume):
-    """ε∞ = 1 + α/(ε_vac Ω): α (..., 3, 3) e·Å²/V, Ω Å³ (a number, or an array/tensor broadcastable against α,
-    e.g. shape (G, 1, 1) for a batch). NumPy arrays or torch tensors; the one home of this formula."""
-    if hasattr(polarizability, "new_tensor"):  # torch: stay on the tensor's device, dtype and graph
-        identity = polarizability.new_tensor(np.eye(3))
-    else:
-        polarizability = np.asarray(polarizability, dtype=float)
-        if polarizability.shape[-2:] != (3, 3):
-            raise ValueError(f"polarizability must be (..., 3, 3), got {polarizability.shape}")
-        if not np.all(np.asarray(volume) > 0):
-            raise ValueError(f"volume must be positive, got {volume}")
-        identity = np.eye(3)
-    return identity + polarizability / (EPSILON0_E_PER_V_ANGSTROM * volume)
 
 
 # --- quantum correction ----------------------------------------------------------------------------------------
@@ -199,8 +186,6 @@ def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_
     many contiguous block means instead (low whenever a block is not much longer than the correlation time).
     Returns (ε0 (3, 3), error (3, 3)); `blocked_mean_error(dipole_fluctuation_products(dipoles))` gives the flags.
     """
-    from polmodel.analysis.phonons import as_dielectric_tensor
-
     dipoles = np.asarray(dipoles, dtype=float)
     if dipoles.ndim != 2 or dipoles.shape[1] != 3 or len(dipoles) < 2:
         raise ValueError(f"dipoles must be a (T, 3) series with T >= 2, got shape {dipoles.shape}")

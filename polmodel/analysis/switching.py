@@ -8,7 +8,7 @@ that series from a `polmodel md` P(t) file, and `switching_cycle` analyses the c
 """
 import numpy as np
 
-from polmodel.analysis.observables import _pyplot, hysteresis_loop
+from polmodel.analysis.observables import NoSwitchingError, _pyplot, hysteresis_loop
 from polmodel.data.units import E_PER_ANGSTROM2_IN_UC_PER_CM2, V_PER_ANGSTROM_IN_MV_PER_CM
 
 #: the loop's landmarks (keys of `hysteresis_loop`) and the unit each is reported in
@@ -43,8 +43,6 @@ def switching_cycle(times_fs, fields, polarizations, *, hold_fs, period_fs, axis
     """The P–E loop of the first field cycle after the hold [hold_fs, hold_fs + period_fs], from the P(t) rows
     sampled with `sampled_like_lammps`: `hysteresis_loop`'s dict (V/Å, e/Å²) plus its `times_fs`. Raises
     polmodel.analysis.observables.NoSwitchingError when the run does not switch or is not a full cycle yet."""
-    from polmodel.analysis.observables import NoSwitchingError
-
     times, sampled_fields, sampled_polarizations = sampled_like_lammps(times_fs, fields, polarizations,
                                                                        window_fs=window_fs, every_fs=every_fs)
     end = hold_fs + period_fs

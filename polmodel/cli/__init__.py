@@ -1,8 +1,8 @@
 """`polmodel` command line: one sub-command per job.
 
-Each sub-command is a module of this package (train.py, evaluate.py, md.py, switch.py, analyze.py, provenance.py,
-launch.py) that defines `add_arguments(parser)` and `run(args)`; this module holds `main` and the input checks they
-share.
+Each sub-command is a module of this package (train.py, evaluate.py, domain.py, md.py, switch.py, lammps.py,
+analyze.py, provenance.py, launch.py) that defines `add_arguments(parser)` and `run(args)`; this module holds `main`
+and the input checks they share.
 Start-up stays light: this module and the sub-command modules import only the standard library (and numpy) at module
 level, and `main` imports only the module of the sub-command it runs; torch, ASE and AiiDA are imported inside each
 `run`. Every `run` first checks its inputs with the helpers below and raises `InputError`, which `main` prints as one
@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "domain": "polmodel.cli.domain",
     "md": "polmodel.cli.md",
     "switch": "polmodel.cli.switch",
+    "lammps": "polmodel.cli.lammps",
     "analyze": "polmodel.cli.analyze",
     "provenance": "polmodel.cli.provenance",
     "launch": "polmodel.cli.launch",

@@ -63,19 +63,11 @@ def run(args):
 
 
 def evaluate_frames(model, frames, plots_dir=None):
-    """{"num_frames", "errors": MAE/RMSE per labelled quantity, "plots": parity plot paths} of a model or ensemble
-    on labelled frames; ValueError when the frames carry no label to compare with."""
-    from polmodel.training.train import metrics_from_pairs, predict_pairs
+    """polmodel.training.train.evaluate_frames, its home; also here for scripts that take it from the command
+    (benchmarks/quartz_heldout.py). Imported when called: torch stays out of `polmodel --help`."""
+    from polmodel.training.train import evaluate_frames as evaluate
 
-    pairs = predict_pairs(model, frames)
-    if not pairs:
-        raise ValueError("the frames hold no labels (energy, forces, dipole, ...) to compare with")
-    result = {"num_frames": len(frames), "errors": metrics_from_pairs(pairs), "plots": []}
-    if plots_dir:
-        from polmodel.training.parity_plots import write_parity_plots
-
-        result["plots"] = [os.path.abspath(path) for path in write_parity_plots(pairs, plots_dir)]
-    return result
+    return evaluate(model, frames, plots_dir)
 
 
 def print_errors(errors):

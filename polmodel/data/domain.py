@@ -18,6 +18,9 @@ import numpy as np
 
 from polmodel.data.neighbors import neighbor_list
 
+#: Å; atoms closer than this are a collapsed structure, not one to label with DFT (also the DFT input check): the
+#: default of PolCalculator's min_distance and of the loop's selection (polmodel/active_learning/selection.py)
+MIN_INTERATOMIC_DISTANCE = 0.5
 #: a pair closer than this fraction of its shortest training distance is outside the domain
 SHORTEST_DISTANCE_FRACTION = 0.85
 #: typical nearest-neighbour distances (per pair) outside this range of the training ones are outside the domain

@@ -137,7 +137,7 @@ def align_dipole_branches(frames):
     model is still decided against the model's prediction: that part is the fallback, as no model-free reference
     exists.
     """
-    from polmodel.data.polarization import fold_dipole_difference
+    from polmodel.data.polarization import fold_dipole_difference  # imports torch; the rest of frames.py is numpy
 
     frames = [frame.copy() for frame in frames]
     groups = {}

@@ -16,9 +16,12 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from polmodel.active_learning.selection import MIN_INTERATOMIC_DISTANCE
 from polmodel.data import keys
+from polmodel.data.domain import MIN_INTERATOMIC_DISTANCE, model_domain, outside_domain
+from polmodel.data.graphs import atoms_to_graph, species_indices
+from polmodel.data.neighbors import neighbor_list
 from polmodel.dynamics.fields import validate_field_vector
+from polmodel.nn.chunked import chunked_response, default_memory_limit_gb, plan_for_cell
 from polmodel.nn.response import FIELD_COUPLINGS, compute_response, first_order_field_response
 from polmodel.runtime.allocator import keep_heap_if_requested
 
@@ -80,7 +83,7 @@ def _checked_dtype(dtype):
 def _load_model(model_or_path):
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path
-    from polmodel.nn.serialization import load
+    from polmodel.nn.serialization import load  # the model classes import e3nn (seconds): only for a file
     return load(model_or_path)
 
 
@@ -148,7 +151,6 @@ class PolCalculator(Calculator):
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
         self.model = model.eval()
         if memory_limit_gb is None:
-            from polmodel.nn.chunked import default_memory_limit_gb
             memory_limit_gb = default_memory_limit_gb(self.device)
         self.memory_limit_gb = float(memory_limit_gb)
         if self.device.type == "cpu":
@@ -201,8 +203,6 @@ class PolCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        from polmodel.data.graphs import atoms_to_graph  # deferred: keeps `import polmodel.dynamics.calculator` light
-
         atoms = self.atoms
         periodic = bool(np.all(atoms.pbc))
         if not periodic and np.any(atoms.pbc):
@@ -232,6 +232,7 @@ class PolCalculator(Calculator):
             data = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
                     for key, value in data.items()}
             if self.is_ensemble:
+                # polmodel.nn.ensemble imports the model classes (e3nn, seconds); an ensemble here has loaded them
                 from polmodel.nn.ensemble import ensemble_response
                 response = ensemble_response(self.model, data, response_function, **flags)
             else:
@@ -243,8 +244,6 @@ class PolCalculator(Calculator):
         """The notes (polmodel/data/domain.py) on where `atoms`, a field of magnitude `field_max` (V/Å) and MD at
         `temperature_K` lie outside the model's training domain; warned or refused as `outside_domain` says. Empty
         for models saved without their domain."""
-        from polmodel.data.domain import model_domain, outside_domain
-
         domain = model_domain(self.model)
         notes = outside_domain(atoms, domain, field_max, temperature_K) if domain else []
         if notes and self.outside_domain != "ignore":
@@ -258,7 +257,6 @@ class PolCalculator(Calculator):
         """Raise OverlappingAtomsError when two atoms of `atoms` are closer than `min_distance` (what every
         calculation checks first), without evaluating the model: a neighbour list at `min_distance` only."""
         if self.min_distance > 0.0:
-            from polmodel.data.neighbors import neighbor_list
             self._refuse_overlapping_atoms(atoms, *neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc,
                                                                  self.min_distance))
 
@@ -285,8 +283,6 @@ class PolCalculator(Calculator):
 
     def _chunked_response(self, atoms, efield, flags):
         """The response by chunks (polmodel/nn/chunked.py) when the cell needs more than memory_limit_gb, else None."""
-        from polmodel.data.graphs import species_indices
-        from polmodel.nn.chunked import chunked_response, plan_for_cell
         plan = plan_for_cell(self.model, atoms.positions, atoms.cell[:], atoms.pbc, self.memory_limit_gb,
                              dtype=self.dtype, device=self.device, born_charges=flags["born_charges"],
                              polarizability=flags["polarizability"])

@@ -1,6 +1,6 @@
 """Molecular dynamics in LAMMPS across MPI ranks with a polmodel model, through `fix external`.
 
-    mpiexec -n 2 python -m polmodel.dynamics.lammps_driver --model model.pt --structure start.xyz --steps 1000 \
+    mpiexec -n 2 polmodel lammps --model model.pt --structure start.xyz --steps 1000 \
         --timestep 1 --ensemble nvt --temperature 300 \
         --field '{"kind": "cosine", "amplitude": 0.02, "period_fs": 500, "axis": [0, 0, 1]}' \
         --dipole-output dipole.txt --interval 10
@@ -46,12 +46,13 @@ Frames: LAMMPS wants a lower-triangular (rotated) cell. `LammpsFrame` holds the 
 and the field are rotated into LAMMPS's frame, and forces and the dipole rotated back into the ASE frame of the
 input structure when reported. Units: LAMMPS `metal` (eV, Å, ps, g/mol); fields V/Å; dipole e·Å.
 """
-import argparse
 import sys
 
+import ase.io
 import numpy as np
 import torch
 from ase import units
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from polmodel.data import keys
 from polmodel.data.graphs import species_indices
@@ -299,79 +300,31 @@ class LammpsSimulation:
 
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="python -m polmodel.dynamics.lammps_driver",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model file written by `polmodel train` (one model)")
-    parser.add_argument("--structure", required=True, help="starting structure (ASE-readable; last frame)")
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
-    parser.add_argument("--ensemble", choices=("nve", "nvt", "npt"), default="nve")
-    parser.add_argument("--temperature", type=float, default=300.0,
-                        help="K: thermostat target, and initial Maxwell-Boltzmann velocities when the structure "
-                             "has none (default 300)")
-    parser.add_argument("--pressure", type=float, default=0.0, help="bar, for npt (default 0)")
-    parser.add_argument("--tdamp", type=float, default=100.0, help="fs (default 100)")
-    parser.add_argument("--pdamp", type=float, default=1000.0, help="fs (default 1000)")
-    parser.add_argument("--field", default='{"kind": "static", "vector": [0, 0, 0]}',
-                        help="field protocol, JSON object or file (polmodel.dynamics.fields; V/Å; default zero)")
-    parser.add_argument("--dipole-output", default="dipole.txt", help="P(t) table written by rank 0")
-    parser.add_argument("--interval", type=int, default=1, help="write P(t) every K steps (default 1)")
-    parser.add_argument("--final-structure", default=None, help="extended XYZ of the last step (rank 0)")
-    parser.add_argument("--lammps-command", action="append", default=[],
-                        help="extra LAMMPS command(s) before `run` (repeatable), e.g. 'thermo 100'")
-    parser.add_argument("--skin", type=float, default=DEFAULT_SKIN, help="neighbour skin, Å (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--screen", action="store_true", help="let LAMMPS print its log to the screen")
-    return parser
+def run_lammps(model, atoms, field_protocol, steps, *, timestep_fs=1.0, ensemble="nve", temperature_K=300.0,
+               pressure_bar=0.0, tdamp_fs=100.0, pdamp_fs=1000.0, dipole_output="dipole.txt", interval=1,
+               final_structure=None, lammps_commands=(), skin=DEFAULT_SKIN, seed=0, screen=False):
+    """Run `steps` steps of LAMMPS MD of `atoms` with `model` under `field_protocol` on the MPI ranks this process
+    belongs to (what `polmodel lammps`, polmodel/cli/lammps.py, runs after checking its inputs).
 
-
-def _check_arguments(args):
-    from polmodel.cli import InputError
-    if args.steps < 0:
-        raise InputError(f"--steps must be >= 0, got {args.steps}")
-    if not args.timestep > 0:
-        raise InputError(f"--timestep must be positive, got {args.timestep}")
-    if args.interval < 1:
-        raise InputError(f"--interval must be >= 1, got {args.interval}")
-    if not args.skin > 0:
-        raise InputError(f"--skin must be positive, got {args.skin}")
-
-
-def run(args):
-    import ase.io
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-
-    from polmodel.cli import InputError
-    from polmodel.dynamics.fields import field_protocol_from_json
-    from polmodel.nn.serialization import load
-
-    _check_arguments(args)
-    try:
-        field_protocol = field_protocol_from_json(args.field)
-    except ValueError as error:
-        raise InputError(str(error)) from error
-    try:
-        atoms = ase.io.read(args.structure, index=-1)
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot read --structure {args.structure!r}: {error}") from error
-    model = load(args.model)
+    Atoms without velocities start from a Maxwell-Boltzmann draw at `temperature_K` (seeded by `seed`). Rank 0
+    writes the P(t) table to `dipole_output` every `interval` steps and, with `final_structure`, the last step as
+    extended XYZ. `lammps_commands` are extra LAMMPS commands run before `run`."""
     if atoms.get_velocities() is None or not np.any(atoms.get_velocities()):
-        MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
         Stationary(atoms)
     MPI, _ = import_lammps()
     comm = MPI.COMM_WORLD
-    dipole_file = open(args.dipole_output, "w", encoding="utf-8") if comm.rank == 0 else None
+    dipole_file = open(dipole_output, "w", encoding="utf-8") if comm.rank == 0 else None
     try:
         if dipole_file is not None:
             dipole_file.write(DIPOLE_HEADER)
-        simulation = LammpsSimulation(model, atoms, field_protocol, args.timestep, skin=args.skin, comm=comm,
-                                      dipole_file=dipole_file, interval=args.interval, screen=args.screen)
-        simulation.add_integrator(args.ensemble, args.temperature, args.pressure, args.tdamp, args.pdamp)
-        for text in args.lammps_command:
+        simulation = LammpsSimulation(model, atoms, field_protocol, timestep_fs, skin=skin, comm=comm,
+                                      dipole_file=dipole_file, interval=interval, screen=screen)
+        simulation.add_integrator(ensemble, temperature_K, pressure_bar, tdamp_fs, pdamp_fs)
+        for text in lammps_commands:
             simulation.command(text)
-        simulation.run(args.steps)
-        if args.final_structure:
+        simulation.run(steps)
+        if final_structure:
             positions, velocities = simulation.gather("x"), simulation.gather("v")
             if comm.rank == 0:
                 final = atoms.copy()
@@ -380,23 +333,16 @@ def run(args):
                 final.set_velocities(velocities / _ASE_VELOCITY_TO_A_PER_PS)
                 final.info.update(energy=simulation.callback.energy, dipole=simulation.callback.dipole.tolist(),
                                   efield=simulation.callback.efield.tolist(), step=int(simulation.callback.step))
-                ase.io.write(args.final_structure, final, format="extxyz")
+                ase.io.write(final_structure, final, format="extxyz")
         simulation.close()
     finally:
         if dipole_file is not None:
             dipole_file.close()
 
 
-def main(argv=None):
-    from polmodel.cli import InputError
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except InputError as error:
-        print(f"polmodel lammps: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # the command line is `polmodel lammps` (polmodel/cli/lammps.py): the library below the command does not import it
+    print("python -m polmodel.dynamics.lammps_driver is now `polmodel lammps` (or `python -m polmodel.cli lammps`), "
+          "with the same options, e.g. mpiexec -n 2 polmodel lammps --model model.pt --structure start.xyz --steps "
+          "1000", file=sys.stderr)
+    sys.exit(2)

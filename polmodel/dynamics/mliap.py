@@ -69,7 +69,7 @@ class PolMLIAP(MLIAPUnified):
 
     @classmethod
     def from_file(cls, path, **kwargs):
-        from polmodel.nn.serialization import load
+        from polmodel.nn.serialization import load  # the model classes import e3nn (seconds): only for a file
         return cls(load(path), **kwargs)
 
     @property

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from polmodel.dynamics.fields import CosineField
+from polmodel.dynamics.md import run_md
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,6 @@ def run_switching(atoms, calculator, protocol, *, seed, directory, progress=True
     """Run, or continue where it stopped, the switching run with velocity seed `seed` in `directory`; returns
     its trajectory path. The calculator's coupling (network or first-order) is recorded with the run;
     spread_threshold: as run_md's (ensembles: warn once where the force spread passes it)."""
-    from polmodel.dynamics.md import run_md
-
     path = run_path(directory, seed)
     run_md(atoms, calculator, protocol.field, steps=protocol.steps, timestep_fs=protocol.timestep_fs,
            temperature_K=protocol.temperature_K, thermostat="nose-hoover", friction=1.0 / protocol.thermostat_time_fs,

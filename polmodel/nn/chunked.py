@@ -330,6 +330,7 @@ def chunked_response(model, positions, cell, pbc, species_index, efield, *, grid
     out larger than the budget (a denser region than the plan's average) is split in two before it is
     evaluated. Returns compute_response's dict for a single graph.
     """
+    # response imports this module: the allowed cycle (docs/design.md "Rooms and imports")
     from polmodel.nn.response import compute_response, response_from_derivatives
 
     parameter = next(model.parameters())
@@ -422,7 +423,7 @@ def chunked_graph_response(model, data, memory_limit_gb, **flags):
     """compute_response(..., memory_limit_gb=...) of a (batched) graph dictionary: one shot when every graph
     fits the budget, else `chunked_response` per graph, concatenated (per-atom entries along atoms, per-graph
     entries along graphs)."""
-    from polmodel.nn.response import compute_response
+    from polmodel.nn.response import compute_response  # response imports this module: the allowed cycle
 
     batch = data[keys.BATCH]
     dtype, device = data[keys.POSITIONS].dtype, data[keys.POSITIONS].device

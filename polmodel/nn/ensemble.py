@@ -1,8 +1,12 @@
 """A committee of PolModels; its spread over members is the uncertainty used for active learning."""
+import os
+
 import torch
 
 from polmodel.data import keys
 from polmodel.data.polarization import fold_dipole_difference
+from polmodel.nn.model import members_from_payload
+from polmodel.nn.model_file import read_payload, write_model_file
 from polmodel.nn.response import cell_volume, compute_response, periodic_graphs
 
 # quantities whose member spread is reported as `<key>_std`
@@ -37,18 +41,15 @@ class PolEnsemble(torch.nn.Module):
         return len(self.members)
 
     def save(self, path):
-        """Write the ensemble file (polmodel.nn.serialization format, with its content hash)."""
-        from polmodel.nn.serialization import save
-
-        save(self, path)
+        """Write the ensemble file (polmodel/nn/model_file.py format, with its content hash)."""
+        write_model_file("ensemble", list(self.members), path)
 
     @classmethod
     def load(cls, path):
         """Read an ensemble file, or a single-model file as an ensemble of one; `ModelFileError` naming the file
         if it is corrupt, truncated or not a polmodel file."""
-        from polmodel.nn.serialization import load_ensemble
-
-        return load_ensemble(path)
+        path = os.fspath(path)
+        return PolEnsemble(members_from_payload(path, read_payload(path)))
 
     def forward(self, data):
         """Mean energy over members (ENERGY, ATOMIC_ENERGY), so that the ensemble is itself an energy model."""

@@ -23,7 +23,7 @@ messages, the gate) fed only gated vectors that a scalar readout drops, so those
 gradient of E; and nothing let α be anisotropic at a centrosymmetric site (no polar vector exists there, and
 the field entered a scalar only as |ε|²). Now every weight element reaches E (tests/test_model.py), ε·v_i gives
 Born charges and the contractions with Y²(ε̃) an anisotropic α. Files written before (field_readout 0, no
-field_scale) load with their old layout and scale 1 V/Å (polmodel/nn/serialization.py), bit-identically.
+field_scale) load with their old layout and scale 1 V/Å (`_build_member` at the end of this file), bit-identically.
 The gate and the readout's MLP make the energy nonlinear in ε. Because the field is always coupled (also at
 ε = 0), the cost of E + F + P at finite field is the cost of E + F at zero field.
 Why the last layer by default: every receptive field is the same (num_layers cutoffs) wherever the field is
@@ -39,6 +39,7 @@ polmodel/nn/edge_inputs.py uses to make Born charges cheaper.
 """
 import contextlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ from e3nn.nn import Gate
 
 from polmodel.data import keys
 from polmodel.nn.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
+from polmodel.nn.model_file import ModelFileError, attach_domain_record, read_payload, write_model_file
 
 DEFAULT_HYPERPARAMETERS = {
     "num_features": 32,          # channels per irrep of the node features
@@ -466,18 +468,20 @@ class PolModel(torch.nn.Module):
         return self.energy_from_edges(data, self.edge_harmonics(vectors), self.radial_weights(lengths))
 
     def save(self, path):
-        """Write the model file (polmodel.nn.serialization format, with its content hash)."""
-        from polmodel.nn.serialization import save
-
-        save(self, path)
+        """Write the model file (polmodel/nn/model_file.py format, with its content hash)."""
+        write_model_file("model", [self], path)
 
     @classmethod
     def load(cls, path):
         """Read a single-model file; `ModelFileError` naming the file if it is corrupt, truncated, not a polmodel
         file or an ensemble file."""
-        from polmodel.nn.serialization import load_model
-
-        return load_model(path)
+        path = os.fspath(path)
+        payload = read_payload(path)
+        members = members_from_payload(path, payload)
+        if payload["kind"] == "ensemble":
+            raise ModelFileError(f"{path}: holds an ensemble of {len(members)} models, not a single model; "
+                                 f"read it with PolEnsemble.load")
+        return members[0]
 
     def _field_invariants(self, last_layer_output, node_field):
         """(N, 3u): the scalar features, the vector features dotted with Y¹(ε̃) and the rank-2 ones (the 2e block,
@@ -528,3 +532,35 @@ class PolModel(torch.nn.Module):
         out[keys.ATOMIC_ENERGY] = atomic_energy
         out[keys.ENERGY] = energy
         return out
+
+
+# --- from a model file (polmodel/nn/model_file.py) --------------------------------------------------------------
+def _build_member(path, species, cutoff, hyperparameters, state_dict):
+    # files written before the field_layers hyperparameter existed couple the field in every layer
+    # and files written before field_readout existed couple the field through the gate only (field_scale: above)
+    hyperparameters = {"field_layers": hyperparameters.get("num_layers", DEFAULT_HYPERPARAMETERS["num_layers"]),
+                       "field_readout": 0, **hyperparameters}
+    try:
+        model = PolModel(species, cutoff, **hyperparameters)
+        dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
+        if len(dtypes) == 1:
+            model = model.to(dtypes.pop())
+        model.load_state_dict(state_dict, strict=True)
+    except Exception as error:
+        raise ModelFileError(f"{path}: the stored weights do not fit the stored architecture ({error})") from error
+    return model
+
+
+def members_from_payload(path, payload):
+    """The PolModels of a model file read by `read_payload` (one for kind "model"), each with its training settings
+    and, where it was saved without one, the training domain recorded beside the file; ModelFileError if the
+    weights do not fit the architecture."""
+    members = []
+    for architecture, training, state_dict in zip(payload["architecture"], payload["training"],
+                                                  payload["state_dicts"]):
+        member = _build_member(path, payload["species"], payload["cutoff"], architecture, state_dict)
+        if training is not None:
+            member.training_options = training
+        members.append(member)
+    attach_domain_record(path, members)
+    return members

@@ -15,8 +15,8 @@ E(ε) = E(0) - ΩP(0)·ε.
 """
 import torch
 
-from polmodel.analysis.spectra import dielectric_from_polarizability
 from polmodel.data import keys
+from polmodel.data.dielectric import dielectric_from_polarizability
 from polmodel.nn.edge_inputs import atom_gradients, edge_inputs, edge_vector_gradients, strain_gradients
 
 
@@ -48,7 +48,7 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     (polmodel/nn/chunked.py; exact to round-off); its neighbour list is rebuilt per chunk, the one in `data` unused.
     """
     if memory_limit_gb is not None:
-        from polmodel.nn.chunked import chunked_graph_response
+        from polmodel.nn.chunked import chunked_graph_response  # chunked imports this module (its chunks)
         if training:
             raise ValueError("memory_limit_gb is for evaluation; training needs the whole graph")
         return chunked_graph_response(model, data, memory_limit_gb, stress=stress, born_charges=born_charges,

@@ -1,65 +1,18 @@
-"""Model and ensemble files: torch.save of a plain dictionary, read back with torch.load(weights_only=True).
+"""Model and ensemble files: save any model or ensemble, load whichever a file holds.
 
-Layout (format_version 2):
-    format "polmodel", format_version 2, kind "model" | "ensemble", polmodel_version,
-    species [str], cutoff float, one entry per member (a model is one member) in each of
-    architecture [dict]: the PolModel constructor keywords (`PolModel(species, cutoff, **architecture)`),
-    training [dict | None]: the optimisation settings the member was trained with (polmodel.training.train), if any,
-    state_dicts [dict of tensors],
-    content_hash: sha256 over the JSON of (kind, species, cutoff, architecture, training) and every state-dict
-    tensor (name, dtype, shape, bytes) in sorted name order.
-format_version 1 files (before the split) hold the architecture under "hyperparameters" and no training settings,
-with the hash over (kind, species, cutoff, hyperparameters); they still load.
-Nothing in the file is code, so loading never executes anything; the hash catches altered weights.
-
-The methods `PolModel.save` / `PolModel.load` / `PolEnsemble.save` / `PolEnsemble.load` call `save` and the
-type-checked loaders `load_model` / `load_ensemble` here. Every unusable file raises `ModelFileError` naming it.
+The file format (layout, content hash, format_version 1 files) is polmodel/nn/model_file.py; building PolModels
+from a file is polmodel/nn/model.py (`members_from_payload`, which also fills in what files written before a
+hyperparameter existed lack). This module sits above both and above PolEnsemble, so nothing below imports it:
+`PolModel.save` / `PolModel.load` / `PolEnsemble.save` / `PolEnsemble.load` go to model_file directly, and `load_model`
+/ `load_ensemble` here are those type-checked loaders. Every unusable file raises `ModelFileError` naming it.
 """
-import hashlib
-import json
 import os
 
-import torch
-
-import polmodel
 from polmodel.nn.ensemble import PolEnsemble
-from polmodel.nn.model import DEFAULT_HYPERPARAMETERS, PolModel
-
-FORMAT = "polmodel"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-# the key that holds the members' PolModel keywords, by format_version
-_ARCHITECTURE_KEY = {1: "hyperparameters", 2: "architecture"}
-
-
-class ModelFileError(ValueError):
-    """A file that is not a readable, intact polmodel model file."""
-
-
-def file_sha256(path):
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def content_hash(kind, species, cutoff, architecture, state_dicts, training=None, format_version=FORMAT_VERSION):
-    """sha256 of the architecture description, the training settings and the weights (independent of torch's
-    container format). format_version 1 hashed the architecture under "hyperparameters" and had no training."""
-    digest = hashlib.sha256()
-    header = {"kind": kind, "species": list(species), "cutoff": float(cutoff),
-              _ARCHITECTURE_KEY[format_version]: architecture}
-    if format_version >= 2:
-        header["training"] = training
-    digest.update(json.dumps(header, sort_keys=True).encode())
-    for state_dict in state_dicts:
-        for name in sorted(state_dict):
-            tensor = state_dict[name].detach().cpu().contiguous()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+from polmodel.nn.model import PolModel, members_from_payload
+# the file format's public names, here as well, where the callers of save/load look for them
+from polmodel.nn.model_file import (FORMAT, FORMAT_VERSION, READABLE_VERSIONS, ModelFileError,  # noqa: F401
+                                    content_hash, file_sha256, read_payload, write_model_file)
 
 
 def _members(model_or_ensemble):
@@ -73,139 +26,24 @@ def _members(model_or_ensemble):
 def save(model_or_ensemble, path):
     """Write a model or an ensemble to `path`; a member's `training_options` (set by polmodel.training.train) are
     stored as its training settings."""
-    kind, members = _members(model_or_ensemble)
-    species, cutoff = members[0].species, members[0].cutoff
-    architecture = [dict(member.hyperparameters) for member in members]
-    training = [_json_copy(getattr(member, "training_options", None)) for member in members]
-    state_dicts = [{name: tensor.detach().cpu().clone() for name, tensor in member.state_dict().items()}
-                   for member in members]
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "polmodel_version": polmodel.__version__,
-        "species": list(species),
-        "cutoff": float(cutoff),
-        "architecture": architecture,
-        "training": training,
-        "state_dicts": state_dicts,
-        "content_hash": content_hash(kind, species, cutoff, architecture, state_dicts, training),
-    }
-    # written beside the target and moved into place: a failed or interrupted write leaves no truncated file
-    path = os.fspath(path)
-    temporary = f"{path}.{os.getpid()}.partial"
-    try:
-        torch.save(payload, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _json_copy(value):
-    return None if value is None else json.loads(json.dumps(value))
-
-
-def _read_payload(path):
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{path}: not a file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for unreadable files
-        raise ModelFileError(f"{path}: not a readable polmodel file (torch.load failed: "
-                             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: a torch file, but not a polmodel model file (no format '{FORMAT}')")
-    version = payload.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise ModelFileError(f"{path}: unsupported polmodel format_version {version!r} "
-                             f"(this polmodel reads versions {list(READABLE_VERSIONS)})")
-    required = ("kind", "species", "cutoff", _ARCHITECTURE_KEY[version], "state_dicts", "content_hash")
-    missing = [name for name in required if name not in payload]
-    if missing:
-        raise ModelFileError(f"{path}: polmodel file lacks {', '.join(missing)}")
-    if payload["kind"] not in ("model", "ensemble"):
-        raise ModelFileError(f"{path}: unknown kind {payload['kind']!r} (expected 'model' or 'ensemble')")
-    architecture, state_dicts = payload[_ARCHITECTURE_KEY[version]], payload["state_dicts"]
-    training = payload.get("training") if version >= 2 else None
-    if training is None and isinstance(state_dicts, list):
-        training = [None] * len(state_dicts)
-    if (not isinstance(architecture, list) or not isinstance(state_dicts, list) or not isinstance(training, list)
-            or not len(architecture) == len(state_dicts) == len(training) or not state_dicts
-            or (payload["kind"] == "model" and len(state_dicts) != 1)):
-        raise ModelFileError(f"{path}: inconsistent member lists in polmodel file")
-    try:
-        expected = content_hash(payload["kind"], payload["species"], payload["cutoff"], architecture, state_dicts,
-                                payload.get("training"), format_version=version)
-    except Exception as error:
-        raise ModelFileError(f"{path}: malformed polmodel file ({error})") from error
-    if expected != payload["content_hash"]:
-        raise ModelFileError(f"{path}: content hash mismatch (stored {payload['content_hash'][:12]}…, "
-                             f"computed {expected[:12]}…): the weights or settings were altered or corrupted")
-    payload["architecture"], payload["training"] = architecture, training
-    return payload
-
-
-def _build_member(path, species, cutoff, hyperparameters, state_dict):
-    # files written before the field_layers hyperparameter existed couple the field in every layer
-    # and files written before field_readout existed couple the field through the gate only (field_scale: model.py)
-    hyperparameters = {"field_layers": hyperparameters.get("num_layers", DEFAULT_HYPERPARAMETERS["num_layers"]),
-                       "field_readout": 0, **hyperparameters}
-    try:
-        model = PolModel(species, cutoff, **hyperparameters)
-        dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
-        if len(dtypes) == 1:
-            model = model.to(dtypes.pop())
-        model.load_state_dict(state_dict, strict=True)
-    except Exception as error:
-        raise ModelFileError(f"{path}: the stored weights do not fit the stored architecture ({error})") from error
-    return model
+    write_model_file(*_members(model_or_ensemble), path)
 
 
 def load(path):
     """Read a file written by `save`; returns a PolModel or a PolEnsemble (ModelFileError if unusable)."""
     path = os.fspath(path)
-    payload = _read_payload(path)
-    members = []
-    for architecture, training, state_dict in zip(payload["architecture"], payload["training"],
-                                                  payload["state_dicts"]):
-        member = _build_member(path, payload["species"], payload["cutoff"], architecture, state_dict)
-        if training is not None:
-            member.training_options = training
-        members.append(member)
-    _attach_domain_record(path, members)
+    payload = read_payload(path)
+    members = members_from_payload(path, payload)
     if payload["kind"] == "model":
         return members[0]
     return PolEnsemble(members)
 
 
-def _attach_domain_record(path, members):
-    """Members saved without a training domain take the one recorded beside the file, if any
-    (polmodel/data/domain.py `write_domain_record`); the file itself stays as it was written."""
-    from polmodel.data.domain import read_domain_record
-
-    if all("domain" in (getattr(member, "training_options", None) or {}) for member in members):
-        return
-    try:
-        domain = read_domain_record(path)
-    except (ValueError, OSError) as error:
-        raise ModelFileError(str(error)) from error
-    if domain is not None:
-        for member in members:
-            member.training_options = {**(getattr(member, "training_options", None) or {}), "domain": domain}
-
-
 def load_model(path):
     """A single PolModel from `path`; ModelFileError if the file is unusable or holds an ensemble."""
-    loaded = load(path)
-    if isinstance(loaded, PolEnsemble):
-        raise ModelFileError(f"{os.fspath(path)}: holds an ensemble of {len(loaded)} models, not a single model; "
-                             f"read it with PolEnsemble.load")
-    return loaded
+    return PolModel.load(path)
 
 
 def load_ensemble(path):
     """A PolEnsemble from `path`; a single-model file gives an ensemble of one (ModelFileError if unusable)."""
-    loaded = load(path)
-    return loaded if isinstance(loaded, PolEnsemble) else PolEnsemble([loaded])
+    return PolEnsemble.load(path)

@@ -3,7 +3,8 @@
 `train_model(train_frames, valid_frames, config) -> (model, history)` trains one model; `train_ensemble(frames,
 config, size, bootstrap) -> (PolEnsemble, metrics)` trains `size` members with seeds seed, seed+1, ... on one
 train/validation split (optionally each on a bootstrap resample of the training frames); `evaluate(model,
-frames)` gives MAE/RMSE per quantity in `polmodel.training.losses.QUANTITY_UNITS`.
+frames)` gives MAE/RMSE per quantity in `polmodel.training.losses.QUANTITY_UNITS` (`evaluate_frames` adds parity
+plots).
 
 Before training, per-species reference energies are fitted by least squares on composition → energy and the
 energy scale is set to the RMS force component, so the network only learns a residual of order one; a warm start
@@ -45,6 +46,7 @@ from polmodel.runtime.allocator import keep_heap_if_requested
 from polmodel.runtime.devices import resolve_device, to_device
 from polmodel.training.losses import QUANTITIES, QUANTITY_UNITS, LossWeights, TargetBatch, paired_values, predict, \
     weighted_loss
+from polmodel.training.parity_plots import write_parity_plots
 
 SCHEDULERS = ("plateau", "cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -271,7 +273,7 @@ def _frames_species(frames):
 
 def _warm_start_model(initial_model, frames, config):
     """A copy of `initial_model` in the run's dtype, after checking that it can be trained on `frames`."""
-    from polmodel.nn.model import PolModel
+    from polmodel.nn.model import PolModel  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
     if not isinstance(initial_model, PolModel):
         raise TypeError(f"initial_model must be a PolModel, got {type(initial_model).__name__}")
@@ -298,6 +300,7 @@ def _warm_start_model(initial_model, frames, config):
 def initialize_model(train_frames, config, species=None, initial_model=None):
     """The model training starts from: a copy of `initial_model` (warm start), or seeded weights with the
     neighbour normalization, reference energies and energy scale fitted to the frames."""
+    # e3nn (torch._dynamo, ~2 s to import): only when needed
     from polmodel.nn.model import PolModel, field_scale_from_fields
 
     train_frames = normalize_frames(train_frames)
@@ -600,7 +603,7 @@ def _model_device(model_or_ensemble):
 
 
 def _ensemble_members(model_or_ensemble):
-    from polmodel.nn.model import PolModel
+    from polmodel.nn.model import PolModel  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
     return None if isinstance(model_or_ensemble, PolModel) else list(model_or_ensemble.members)
 
@@ -619,7 +622,7 @@ def predict_pairs(model_or_ensemble, frames, batch_size=16):
     for data, targets in frame_set.batches(batch_size):
         data = to_device(data, device)
         if members:
-            from polmodel.nn.ensemble import ensemble_response
+            from polmodel.nn.ensemble import ensemble_response  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
             prediction = ensemble_response(model_or_ensemble, data, **targets.response_flags())
         else:
@@ -645,6 +648,19 @@ def metrics_from_pairs(pairs):
 def evaluate(model_or_ensemble, frames, batch_size=16):
     """MAE/RMSE per labelled quantity of a model or ensemble on `frames` (counts are label components)."""
     return metrics_from_pairs(predict_pairs(model_or_ensemble, frames, batch_size))
+
+
+def evaluate_frames(model, frames, plots_dir=None):
+    """{"num_frames", "errors": MAE/RMSE per labelled quantity, "plots": parity plot paths} of a model or ensemble
+    on labelled frames; ValueError when the frames carry no label to compare with. `polmodel evaluate` and the
+    demo's held-out errors (polmodel.workflows.demo) report it."""
+    pairs = predict_pairs(model, frames)
+    if not pairs:
+        raise ValueError("the frames hold no labels (energy, forces, dipole, ...) to compare with")
+    result = {"num_frames": len(frames), "errors": metrics_from_pairs(pairs), "plots": []}
+    if plots_dir:
+        result["plots"] = [os.path.abspath(path) for path in write_parity_plots(pairs, plots_dir)]
+    return result
 
 
 # --- ensembles -----------------------------------------------------------------------------------------------
@@ -680,7 +696,7 @@ def train_ensemble(frames, config, size, bootstrap=False, initial_model=None, ch
     "validation": ensemble-mean metrics, "members": [{"seed", "validation", "best_epoch", "stopped",
     "wall_time_s", "resumed_from_epoch"}, ...], "warm_start": bool}.
     """
-    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.ensemble import PolEnsemble  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
     if size < 1:
         raise ValueError(f"ensemble size must be >= 1, got {size}")
