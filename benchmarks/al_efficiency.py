@@ -59,15 +59,16 @@ from polmodel.active_learning.exploration import (ExplorationStage, covered_fiel
 from polmodel.active_learning.initial_structures import perturbed_structures  # noqa: E402
 from polmodel.active_learning.selection import (ENERGY_FORCES, FULL, SelectionCriteria,  # noqa: E402
                                                 adapt_trust_window, assign_label_tiers, full_response_spread,
-                                                select_candidates)
+                                                pw_runs_per_label, select_candidates)
+from polmodel.data.frames import frame_efield  # noqa: E402
 
 REPEAT = (2, 1, 1)  # 4-atom toy cell: seconds per training on one loaded core
-HYPERPARAMETERS = {"num_features": 4, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
-                   "readout_hidden": 4}
+ARCHITECTURE = {"num_features": 4, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
+                "readout_hidden": 4}
 STAGES = [ExplorationStage((150.0,), 0.0, 100), ExplorationStage((300.0,), 0.05, 150),
           ExplorationStage((600.0,), 0.1, 200)]
 FIELD_SHAPES = [{"kind": "cosine", "amplitude": 1.0, "period_fs": 100.0, "axis": [1, 1, 1]}]
-FULL_COST = 10
+FULL_COST = pw_runs_per_label(FULL)
 
 
 def parse_arguments(argv=None):
@@ -118,7 +119,7 @@ def training_config(args, seed, epochs=None):
     predicted ~0 forces, their members agreed everywhere, and the loop selected nothing."""
     from polmodel.training.train import TrainingConfig
 
-    return TrainingConfig(cutoff=4.5, architecture=HYPERPARAMETERS, epochs=epochs or args.epochs,
+    return TrainingConfig(cutoff=4.5, architecture=ARCHITECTURE, epochs=epochs or args.epochs,
                           batch_size=2, learning_rate=args.learning_rate, scheduler=args.scheduler,
                           patience=epochs or args.epochs,
                           validation_fraction=0.0, seed=seed, quiet=True)
@@ -198,7 +199,7 @@ def response_spread(frame):
 def plan_and_label(frames, order, args, source, spread, min_full_spread=0.0):
     """Labels of frames[order] under the tier rule within the budget, `spread` (one per frame of `order`) deciding
     the full response; returns (new labelled frames, pw.x runs)."""
-    efields = [frames[i].info.get("efield", np.zeros(3)) for i in order]
+    efields = [frame_efield(frames[i]) for i in order]
     plans = assign_label_tiers(efields, spread, args.budget, FULL_COST, args.max_full, min_full_spread)
     labelled = []
     for plan in plans:
@@ -216,7 +217,7 @@ def run_seed(args, seed, workdir, log):
     initial = []
     for index, atoms in enumerate([reference, *perturbed_structures(reference, args.initial, 0.03, 0.1, seed=seed)]):
         initial.extend(label(atoms, args.given_tier if index == 0 else ENERGY_FORCES, (), f"initial-{index}"))
-    initial_runs = (FULL_COST if args.given_tier == FULL else 1) + args.initial
+    initial_runs = pw_runs_per_label(args.given_tier) + args.initial
     loop_data, random_data = list(initial), list(initial)
     curves = {"loop": [], "random": []}
     runs = {"loop": initial_runs, "random": initial_runs}

@@ -1,6 +1,6 @@
 """LAMMPS + polmodel through `fix external` (polmodel/dynamics/lammps_driver.py): atom-steps/s on 1 vs 2 MPI ranks.
 
-The same cubic BaTiO3 supercell (random-weight PolModel with default hyperparameters unless told otherwise,
+The same cubic BaTiO3 supercell (random-weight PolModel of the default architecture unless told otherwise,
 float32, rattled, 300 K NVE under a static field) is run by `mpiexec -n R` of this script in worker mode; each
 worker times `run --steps` after an untimed `run 2` (set-up, first neighbour lists) between two barriers, and
 rank 0 prints the time. Also printed: the atoms each rank evaluates (owned + ghosts): the ghost shell of
@@ -80,7 +80,7 @@ def main():
         return worker(args)
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    print(f"BaTiO3 {args.repeat}^3 cells ({5 * args.repeat ** 3} atoms), PolModel default hyperparameters, cutoff "
+    print(f"BaTiO3 {args.repeat}^3 cells ({5 * args.repeat ** 3} atoms), PolModel default architecture, cutoff "
           f"{args.cutoff} Å, float32, 1 torch thread per rank, {args.steps} timed NVE steps; "
           f"CPU cores: {os.cpu_count()} (shared with other jobs: timings are noisy)")
     print(f"{'ranks':>5} {'s/step':>9} {'atom-steps/s':>13} {'speed-up':>9}  atoms evaluated per rank (owned+ghost)")

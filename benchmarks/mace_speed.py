@@ -1,9 +1,10 @@
 """Speed and memory of a MACE model comparable to a benchmarks/model_speed.py run, on the same BaTiO3 cells.
 
-Reads model_speed.py's --json file (polmodel's hyperparameters, cutoff, supercells, device, threads and times)
-and builds mace.modules.MACE with the same channels, lmax, layers and cutoff (random weights); times E+F from
-its own forward(compute_force=True), including the neighbour list (the same vesin call as PolCalculator), the
-way model_speed.py times polmodel (benchmarks/measurement.py), and prints MACE's figures beside polmodel's (a).
+Reads model_speed.py's --json file (polmodel's architecture under "hyperparameters", cutoff, supercells, device,
+threads and times) and builds mace.modules.MACE with the same channels, lmax, layers and cutoff (random weights);
+times E+F from its own forward(compute_force=True), including the neighbour list (the same vesin call as
+PolCalculator), the way model_speed.py times polmodel (benchmarks/measurement.py), and prints MACE's figures beside
+polmodel's (a).
 
 mace-torch pins e3nn 0.4.4 and polmodel a newer e3nn, so this runs in an environment of its own: `make bench`
 builds .venv-bench (torch, mace-torch, polmodel without its dependencies for the neighbour list) and runs
@@ -24,24 +25,24 @@ from polmodel.data.neighbors import neighbor_list  # noqa: E402
 from polmodel.runtime.allocator import keep_freed_memory_in_heap  # noqa: E402
 
 
-def build_mace(hyperparameters, cutoff, device):
+def build_mace(architecture, cutoff, device):
     # mace before e3nn: mace's import sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, without which e3nn 0.4.4 cannot load
     # its Wigner constants under torch >= 2.6
     from mace.modules import MACE, RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock
     from e3nn import o3
-    f, lmax = hyperparameters["num_features"], hyperparameters["lmax"]
+    f, lmax = architecture["num_features"], architecture["lmax"]
     # node features up to polmodel's feature lmax (when it has one), edge harmonics up to its lmax
-    feature_lmax = hyperparameters.get("feature_lmax", lmax)
+    feature_lmax = architecture.get("feature_lmax", lmax)
     hidden = o3.Irreps([(f, (l, (-1) ** l)) for l in range(feature_lmax + 1)])
-    model = MACE(r_max=cutoff, num_bessel=hyperparameters["num_radial"],
-                 num_polynomial_cutoff=hyperparameters["polynomial_degree"], max_ell=lmax,
+    model = MACE(r_max=cutoff, num_bessel=architecture["num_radial"],
+                 num_polynomial_cutoff=architecture["polynomial_degree"], max_ell=lmax,
                  interaction_cls=RealAgnosticResidualInteractionBlock,
-                 interaction_cls_first=RealAgnosticInteractionBlock, num_interactions=hyperparameters["num_layers"],
+                 interaction_cls_first=RealAgnosticInteractionBlock, num_interactions=architecture["num_layers"],
                  num_elements=len(SPECIES), hidden_irreps=hidden,
-                 MLP_irreps=o3.Irreps(f"{hyperparameters['readout_hidden']}x0e"),
-                 atomic_energies=np.zeros(len(SPECIES)), avg_num_neighbors=hyperparameters["avg_num_neighbors"],
+                 MLP_irreps=o3.Irreps(f"{architecture['readout_hidden']}x0e"),
+                 atomic_energies=np.zeros(len(SPECIES)), avg_num_neighbors=architecture["avg_num_neighbors"],
                  atomic_numbers=[8, 22, 56], correlation=3, gate=torch.nn.functional.silu,
-                 radial_MLP=[hyperparameters["radial_hidden"]] * 3)
+                 radial_MLP=[architecture["radial_hidden"]] * 3)
     return model.to(device).eval()
 
 
@@ -73,12 +74,12 @@ def main(argv=None):
     torch.set_num_threads(polmodel_run["threads"])
     device = torch.device(polmodel_run["device"])
     keep_freed_memory_in_heap()     # as PolCalculator(keep_heap=True) in model_speed.py
-    hyperparameters, cutoff = polmodel_run["hyperparameters"], polmodel_run["cutoff"]
+    architecture, cutoff = polmodel_run["hyperparameters"], polmodel_run["cutoff"]
     torch.manual_seed(0)
-    mace = build_mace(hyperparameters, cutoff, device)
+    mace = build_mace(architecture, cutoff, device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, cutoff {cutoff} Å; "
-          f"MACE: hidden irreps {hyperparameters['num_features']}x(0..{hyperparameters['feature_lmax']}), "
-          f"max_ell {hyperparameters['lmax']}, {hyperparameters['num_layers']} interactions, correlation 3 "
+          f"MACE: hidden irreps {architecture['num_features']}x(0..{architecture['feature_lmax']}), "
+          f"max_ell {architecture['lmax']}, {architecture['num_layers']} interactions, correlation 3 "
           f"({sum(p.numel() for p in mace.parameters())} parameters)")
     header = (f"{'atoms':>8} {'MACE ms':>10} {'polmodel a ms':>14} {'a/MACE':>7} {'mem MACE MiB':>13} "
               f"{'mem a MiB':>10} {'wall MACE ms':>13}")

@@ -108,7 +108,7 @@ def main(argv=None):
     finite_field = PolCalculator(model, efield=(0.0, 0.0, args.field), device=device, keep_heap=True)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cutoff {args.cutoff} Å, polmodel {model.hyperparameters} ({count(model)} parameters)")
+          f"cutoff {args.cutoff} Å, polmodel {model.architecture} ({count(model)} parameters)")
 
     base = ("energy", "forces", "dipole", "polarization")
     rows = []
@@ -134,7 +134,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"device": str(device), "threads": torch.get_num_threads(), "repeats": args.repeats,
-                       "cutoff": args.cutoff, "species": SPECIES, "hyperparameters": model.hyperparameters,
+                       "cutoff": args.cutoff, "species": SPECIES, "hyperparameters": model.architecture,
                        "rows": rows}, handle, indent=1)
 
 

@@ -24,9 +24,8 @@ SETUP_PROFILES_DIRECTORY = pathlib.Path(__file__).resolve().parent.parent / "set
 PROFILE_NAME = "polmodel"
 COMPUTER_LABEL = "localhost"
 CODE_FILES = {"pw": "code_pw.yaml", "ph": "code_ph.yaml", "polmodel": "code_polmodel.yaml"}
-#: Seconds between scheduler polls of ``localhost``. aiida's 0.1 s default for a local computer kept the daemon
-#: worker at 93 % of a core with twelve pw.x jobs running (a `ps` and a storage commit per job per poll), i.e. half
-#: of a two-core machine; jobs here last seconds to minutes, so a 2 s poll costs nothing and frees that core.
+#: Seconds between scheduler polls of ``localhost``: aiida's 0.1 s default keeps the daemon worker busy polling, and
+#: jobs here last seconds to minutes (benchmarks/README.md "Scheduler poll interval").
 JOB_POLL_INTERVAL_S = 2.0
 
 

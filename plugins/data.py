@@ -19,6 +19,8 @@ class FramesData(orm.Data):
         """Build the node from a list of `ase.Atoms` carrying the labels of docs/conventions.md in `info` / `arrays`."""
         import ase.io
 
+        from polmodel.data.frames import frame_efield
+
         frames = list(frames)
         handle = io.StringIO()
         ase.io.write(handle, frames, format="extxyz")
@@ -26,7 +28,7 @@ class FramesData(orm.Data):
         node.base.repository.put_object_from_bytes(handle.getvalue().encode(), FRAMES_FILENAME)
         node.base.attributes.set("count", len(frames))
         node.base.attributes.set("species", sorted({s for atoms in frames for s in atoms.get_chemical_symbols()}))
-        node.base.attributes.set("fields", [list(map(float, atoms.info.get("efield", (0.0, 0.0, 0.0)))) for atoms in frames])
+        node.base.attributes.set("fields", [list(map(float, frame_efield(atoms))) for atoms in frames])
         node.base.attributes.set("sources", sorted({str(atoms.info["source"]) for atoms in frames if "source" in atoms.info}))
         return node
 
@@ -146,7 +148,8 @@ def _sha256_of_bytes(content):
 
 
 def describe_model(model_or_ensemble):
-    """The searchable facts of a loaded `PolModel` / `PolEnsemble`: kind, species, cutoff, hyperparameters, size."""
+    """The searchable facts of a loaded `PolModel` / `PolEnsemble`: kind, species, cutoff, architecture, size. The
+    architecture is stored under the attribute "hyperparameters", the key of every archived ModelData node."""
     members = getattr(model_or_ensemble, "members", None)
     if members is not None:
         first = members[0]
@@ -155,14 +158,14 @@ def describe_model(model_or_ensemble):
             "ensemble_size": len(members),
             "species": list(first.species),
             "cutoff": float(first.cutoff),
-            "hyperparameters": dict(first.hyperparameters),
+            "hyperparameters": dict(first.architecture),
         }
     return {
         "kind": "model",
         "ensemble_size": 1,
         "species": list(model_or_ensemble.species),
         "cutoff": float(model_or_ensemble.cutoff),
-        "hyperparameters": dict(model_or_ensemble.hyperparameters),
+        "hyperparameters": dict(model_or_ensemble.architecture),
     }
 
 
@@ -206,8 +209,14 @@ class ModelData(orm.Data):
         return self.base.attributes.get("cutoff")
 
     @property
-    def hyperparameters(self):
+    def architecture(self):
+        """The PolModel keywords of the (first) member, from the attribute "hyperparameters" (its stored name)."""
         return self.base.attributes.get("hyperparameters")
+
+    @property
+    def hyperparameters(self):
+        """Alias of `architecture`, its name in earlier releases."""
+        return self.architecture
 
     @property
     def metrics(self):

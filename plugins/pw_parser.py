@@ -38,7 +38,7 @@ __all__ = (
     "strip_empty_electric_field",
 )
 
-HARTREE_EV = 2.0 * units.RYDBERG_EV  # pw.x's XML is in Hartree atomic units
+HARTREE_EV = units.HARTREE_EV  # pw.x's XML is in Hartree atomic units
 _FLOAT = r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eEdD][-+]?\d+)?"
 _BAND_EDGES = re.compile(rf"highest occupied, lowest unoccupied level \(ev\):\s+({_FLOAT})\s+({_FLOAT})")
 _HIGHEST_ONLY = re.compile(rf"highest occupied level \(ev\):\s+({_FLOAT})")

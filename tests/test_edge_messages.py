@@ -5,7 +5,6 @@ import torch
 from mixins_model import make_test_model
 from e3nn import o3
 from polmodel.nn.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
-from polmodel.nn.model import PolModel
 
 # (node irreps, edge harmonics lmax, kept output irreps): the model's two layers at feature_lmax 1 and 2, and
 # higher harmonics than the model uses, so every branch of EdgeMessages.forward (scalar harmonic, scalar
@@ -79,21 +78,3 @@ def test_gather_and_sum_first_and_second_derivatives():
     assert torch.autograd.gradgradcheck(lambda r: sum_over_receivers(r, index, 6) ** 2, (rows,))
     assert torch.autograd.gradcheck(lambda a: gather_senders(a, index) ** 2, (atoms,))
     assert torch.autograd.gradgradcheck(lambda a: gather_senders(a, index) ** 2, (atoms,))
-
-
-def test_state_dict_with_the_former_e3nn_edge_product_constants_loads():
-    """Model files written while the edge product was e3nn's TensorProduct hold its constant buffers."""
-    model = make_test_model()
-    state = model.state_dict()
-    for index, layer in enumerate(model.layers):
-        messages = layer.edge_messages
-        irreps_out, instructions = uvu_paths(messages.irreps_in, messages.irreps_sh,
-                                             {ir for _, ir in messages.irreps_out})
-        former = o3.TensorProduct(messages.irreps_in, messages.irreps_sh, irreps_out, instructions,
-                                  shared_weights=False, internal_weights=False)
-        state.update({f"layers.{index}.edge_tp.{name}": value for name, value in former.state_dict().items()})
-    assert any(".edge_tp." in name for name in state)
-    rebuilt = PolModel(model.species, model.cutoff, **model.hyperparameters).double()
-    rebuilt.load_state_dict(state, strict=True)
-    for name, value in model.state_dict().items():
-        assert torch.equal(rebuilt.state_dict()[name], value), name

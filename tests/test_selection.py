@@ -17,7 +17,10 @@ from polmodel.active_learning.selection import (
     classify,
     fingerprint,
     fingerprint_distance,
+    TIERS,
+    cheap_tier,
     is_converged,
+    pw_runs_per_label,
     remove_near_duplicates,
     select_candidates,
     shortest_pair_distances,
@@ -131,6 +134,19 @@ def test_the_adaptive_window_follows_the_validation_error():
     assert classify([0.2], adapt_trust_window(criteria, 0.1))[0] == ACCURATE
     with pytest.raises(ValueError):
         adapt_trust_window(criteria, float("nan"))
+
+
+def test_the_tiers_and_their_pw_x_costs_have_one_home():
+    """The tiers and what a label of each costs in pw.x runs are written once, here; the workchain and the loop
+    import them (FieldResponseWorkChain's `tier` input, FULL_LABEL_COST, the cheap tier of a candidate)."""
+    from polmodel.workflows import active_learning, field_response
+
+    assert TIERS == (ENERGY_FORCES, FIELD_FRAMES, FULL) == ("energy_forces", "field_frames", "full")
+    assert field_response.TIERS is TIERS and field_response.pw_runs_per_label is pw_runs_per_label
+    assert cheap_tier(np.zeros(3))[2] == pw_runs_per_label(ENERGY_FORCES) == 1
+    assert cheap_tier([0.0, 0.0, 0.05])[2] == pw_runs_per_label(FIELD_FRAMES, [[0.0, 0.0, 0.05]]) == 2
+    assert active_learning.FULL_LABEL_COST == pw_runs_per_label(FULL) == 10
+    assert pw_runs_per_label(FULL, string_extrapolation=True) == 16
 
 
 def test_label_tiers_follow_the_sampled_field_and_the_budget():

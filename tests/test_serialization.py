@@ -160,46 +160,47 @@ def test_tampered_weight_fails_the_hash(saved_model):
         load(saved_model)
 
 
-def as_format_version_1(path):
-    """Rewrite a model file into the form written before the architecture/training split: the PolModel keywords
-    under "hyperparameters", no training settings, the hash over (kind, species, cutoff, hyperparameters)."""
-    from polmodel.nn.serialization import content_hash
-
-    payload = torch.load(path, weights_only=True)
+def test_a_format_version_1_file_is_refused(saved_model):
+    """format_version 1 (the architecture under "hyperparameters", no training settings) is no longer read: no model
+    file there is has it (the shipped ones: test_the_shipped_model_files_load_with_their_recorded_domain)."""
+    payload = torch.load(saved_model, weights_only=True)
     payload["format_version"] = 1
     payload["hyperparameters"] = payload.pop("architecture")
     del payload["training"]
-    payload["content_hash"] = content_hash(payload["kind"], payload["species"], payload["cutoff"],
-                                           payload["hyperparameters"], payload["state_dicts"], format_version=1)
-    torch.save(payload, path)
-    return payload
+    torch.save(payload, saved_model)
+    with pytest.raises(ModelFileError, match=r"format_version 1 \(this polmodel reads versions \[2\]\)"):
+        load(saved_model)
 
 
-def test_file_from_before_field_layers_couples_the_field_in_every_layer(tmp_path):
-    """Files written before the field_layers hyperparameter existed hold models that coupled the field in every
-    layer; they load as such, and answer as the model that was saved."""
-    from polmodel.nn.serialization import content_hash
+def test_upgrade_payload_gives_members_saved_without_a_domain_the_one_recorded_beside_the_file(saved_model):
+    """The one upgrade a file still gets (data/quartz/ensemble.pt and data/allegro_pol/*.pt were saved before the
+    training domain was stored): members without a domain take the record's, a member's own domain wins, and the
+    file itself is left as it was."""
+    import hashlib
+    import json
 
-    model = make_test_model(seed=6, num_layers=2, field_layers=2)
-    path = tmp_path / "old.pt"
-    save(model, path)
-    payload = as_format_version_1(path)
-    del payload["hyperparameters"][0]["field_layers"]
-    payload["content_hash"] = content_hash(payload["kind"], payload["species"], payload["cutoff"],
-                                           payload["hyperparameters"], payload["state_dicts"], format_version=1)
-    torch.save(payload, path)
-    loaded = load(path)
-    assert loaded.hyperparameters["field_layers"] == 2
-    atoms = distorted_perovskite()
-    for name, value in _outputs(model, atoms).items():
-        # round-off identical: in the full suite the loaded copy's forces once differed from the original's in the
-        # last bit (3 of 15 components, 1.5e-15 relative), the same weights in other memory; a Z* element 500 times
-        # below the largest once differed by 3.5e-18 (1.4e-13 of itself): the tolerance scales with each output
-        np.testing.assert_allclose(_outputs(loaded, atoms)[name], value, rtol=1e-13,
-                                   atol=1e-13 * np.abs(value).max(), err_msg=name)
+    from polmodel.nn.model_file import read_payload, upgrade_payload
+
+    domain = {"pairs": {}, "density": None, "field_max": 0.1, "cutoff": 3.0, "sampled_temperature_K": 300.0}
+    written = saved_model.read_bytes()
+    assert read_payload(str(saved_model))["training"] == [None]
+    record = {"domain": domain, "model": {"file": saved_model.name, "sha256": hashlib.sha256(written).hexdigest()}}
+    Path(f"{saved_model}.domain.json").write_text(json.dumps(record))
+    assert read_payload(str(saved_model))["training"] == [{"domain": domain}]
+    assert load(saved_model).training_options == {"domain": domain} and saved_model.read_bytes() == written
+    own = {"training": [{"epochs": 3, "domain": {"field_max": 1.0}}]}
+    assert upgrade_payload(own, str(saved_model))["training"] == [{"epochs": 3, "domain": {"field_max": 1.0}}]
+    mixed = {"training": [{"epochs": 3}, None]}
+    assert upgrade_payload(mixed, str(saved_model))["training"] == [{"epochs": 3, "domain": domain}, {"domain": domain}]
 
 
-def test_architecture_and_training_are_stored_apart_and_old_hyperparameters_files_load(tmp_path):
+@pytest.mark.parametrize("path", ["data/quartz/ensemble.pt", "data/allegro_pol/SiO2.pt", "data/allegro_pol/BaTiO3.pt"])
+def test_the_shipped_model_files_load_with_their_recorded_domain(path):
+    model = load(Path(__file__).resolve().parents[1] / path)
+    assert all("domain" in member.training_options for member in model.members)
+
+
+def test_architecture_and_training_are_stored_apart(tmp_path):
     model = make_test_model(seed=2)
     model.training_options = {"learning_rate": 0.01, "epochs": 3, "seed": 2}
     path = tmp_path / "new.pt"
@@ -210,17 +211,6 @@ def test_architecture_and_training_are_stored_apart_and_old_hyperparameters_file
     assert payload["training"] == [model.training_options]
     assert "learning_rate" not in payload["architecture"][0]
     assert PolModel.load(path).training_options == model.training_options
-
-    as_format_version_1(path)
-    old = PolModel.load(path)
-    assert not hasattr(old, "training_options")
-    _assert_same_model(old, model)
-    # an old file whose hash does not match its (old-form) contents is still refused
-    payload = torch.load(path, weights_only=True)
-    payload["hyperparameters"][0]["num_features"] += 1
-    torch.save(payload, path)
-    with pytest.raises(ModelFileError, match="content hash mismatch"):
-        PolModel.load(path)
 
 
 def test_training_settings_are_under_the_hash(saved_model):
@@ -294,30 +284,7 @@ def test_method_api_names_the_file_of_a_corrupt_truncated_or_foreign_file(tmp_pa
             loader(path)
 
 
-def test_file_from_before_the_field_readout_and_scale_loads_its_old_architecture(tmp_path):
-    """Files written before field_readout and the field scale existed hold the gate-only field coupling and saw
-    the field in V/Å; they load as such (field_readout 0, field_scale 1) and answer as before, to rounding."""
-    from polmodel.nn.serialization import content_hash
-
-    model = make_test_model(seed=6, field_readout=0)
-    path = tmp_path / "old.pt"
-    save(model, path)
-    payload = as_format_version_1(path)
-    del payload["hyperparameters"][0]["field_readout"]
-    del payload["state_dicts"][0]["field_scale"]
-    payload["content_hash"] = content_hash(payload["kind"], payload["species"], payload["cutoff"],
-                                           payload["hyperparameters"], payload["state_dicts"], format_version=1)
-    torch.save(payload, path)
-    loaded = load(path)
-    assert loaded.hyperparameters["field_readout"] == 0 and float(loaded.field_scale) == 1.0
-    atoms = distorted_perovskite()
-    for name, value in _outputs(model, atoms).items():
-        # round-off identical: in the full suite the loaded copy's forces once differed from the original's in the
-        # last bit (3 of 15 components, 1.5e-15 relative), the same weights in other memory; a Z* element 500 times
-        # below the largest once differed by 3.5e-18 (1.4e-13 of itself): the tolerance scales with each output
-        np.testing.assert_allclose(_outputs(loaded, atoms)[name], value, rtol=1e-13,
-                                   atol=1e-13 * np.abs(value).max(), err_msg=name)
-    # and a model with the field readout keeps its own scale through a file
+def test_a_model_keeps_its_field_scale_through_a_file(tmp_path):
     scaled = make_test_model(seed=6, field_scale=0.04)
     save(scaled, tmp_path / "new.pt")
     assert float(load(tmp_path / "new.pt").field_scale) == 0.04

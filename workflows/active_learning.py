@@ -23,26 +23,42 @@ Convergence (DP-GEN's accurate ratio): in the last stage, the share of explored 
 (candidates and failed) falls below `candidate_fraction_threshold`; otherwise the loop stops after
 `max_iterations` trainings.
 """
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction, if_, while_
 from aiida.plugins import WorkflowFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin
 
 from polmodel.active_learning.exploration import next_stage
+from polmodel.active_learning.selection import FULL, pw_runs_per_label
 from polmodel.plugins.data import FramesData, ModelData, merge_frames
 from polmodel.workflows.explore import ExploreWorkChain
 from polmodel.workflows.train_ensemble import TrainEnsembleWorkChain
 
+if TYPE_CHECKING:
+    import pathlib
+
+    from aiida.engine import ExitCode, ProcessBuilder
+    from aiida.engine.processes.workchains.workchain import WorkChainSpec
+
+    from polmodel.workflows.structures import StructureLike
+
 FIELD_RESPONSE_ENTRY_POINT = "polmodel.dft.field_response"
 
 
-#: pw.x runs of one full field-response label under the `fast` protocol: zero-field SCF, three Berry-phase runs and
-#: six lelfield SCFs at ±ε along x, y, z (16 where the protocol adds string extrapolation: balanced, stringent).
-FULL_LABEL_COST = 10
+#: pw.x runs of one full field-response label under the `fast` protocol, which has no string extrapolation (the
+#: `balanced` loop protocol sets `full_label_cost` to pw_runs_per_label(FULL, string_extrapolation=True), 16).
+FULL_LABEL_COST = pw_runs_per_label(FULL)
 
 
+# A calcfunction's parameters are annotated orm.Data: AiiDA makes the annotations the valid types of its ports, and
+# Data is what they were before they had any.
 @calcfunction
-def initial_structures(parameters, **structures):
+def initial_structures(parameters: orm.Data, **structures: orm.StructureData) -> dict[str, orm.StructureData]:
     """Each given structure (key `<key>_000`) and its strained and displaced copies (`<key>_001`, ...)."""
     from polmodel.active_learning.initial_structures import perturbed_structures
 
@@ -57,26 +73,26 @@ def initial_structures(parameters, **structures):
     return result
 
 
-def is_given_structure(key):
+def is_given_structure(key: str) -> bool:
     """Whether a key of `initial_structures` names a given structure (`<key>_000`) rather than a copy of one."""
     return key.rsplit("_", 1)[-1] == "000"
 
 
 @calcfunction
-def plan_candidate_labels(candidates, budget, full_cost, max_full, min_full_spread=None):
+def plan_candidate_labels(candidates: orm.Data, budget: orm.Data, full_cost: orm.Data, max_full: orm.Data,
+                          min_full_spread: orm.Data | None = None) -> dict[str, orm.Data]:
     """The label plan of the candidates within `budget` pw.x runs
     (`polmodel.active_learning.selection.assign_label_tiers`; a full response only above `min_full_spread`, when
     given): one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key
     the tier, the field vectors, the pw.x runs and, where the candidate records it, the MD temperature it was
     sampled at: a StructureData has no place for it, and the loop gives it to the label's frames when it merges
     them)."""
-    import numpy as np
-
     from polmodel.active_learning.selection import assign_label_tiers
     from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY
+    from polmodel.data.frames import frame_efield
 
     frames = candidates.get_atoms()
-    efields = [np.asarray(frame.info.get("efield", np.zeros(3)), dtype=float) for frame in frames]
+    efields = [frame_efield(frame) for frame in frames]
     spread = [float(frame.info.get("response_spread", 0.0)) for frame in frames]
     plans = assign_label_tiers(efields, spread, budget.value, full_cost.value, max_full.value,
                                min_full_spread.value if min_full_spread is not None else 0.0)
@@ -94,8 +110,9 @@ def plan_candidate_labels(candidates, budget, full_cost, max_full, min_full_spre
 
 
 @calcfunction
-def exploration_conditions(dataset, metrics, explore_fields, schedule, stage, margin, parameters, selection,
-                           iteration):
+def exploration_conditions(dataset: orm.Data, metrics: orm.Data, explore_fields: orm.Data, schedule: orm.Data,
+                           stage: orm.Data, margin: orm.Data, parameters: orm.Data, selection: orm.Data,
+                           iteration: orm.Data) -> dict[str, orm.Data]:
     """The MD conditions and the trust window of one exploration.
 
     fields: the shapes of `explore_fields` at peak min(stage amplitude, largest labelled field + margin);
@@ -134,7 +151,8 @@ def exploration_conditions(dataset, metrics, explore_fields, schedule, stage, ma
 
 
 @calcfunction
-def summarize_iteration(iteration, dataset, metrics, statistics, threshold, conditions, stage, last_stage):
+def summarize_iteration(iteration: orm.Data, dataset: orm.Data, metrics: orm.Data, statistics: orm.Data,
+                        threshold: orm.Data, conditions: orm.Data, stage: orm.Data, last_stage: orm.Data) -> orm.Dict:
     """The record of one iteration: dataset size, validation errors, candidate fraction, converged or not."""
     from polmodel.active_learning.selection import is_converged
     from polmodel.plugins.parsers import validation_errors
@@ -159,17 +177,17 @@ def summarize_iteration(iteration, dataset, metrics, statistics, threshold, cond
 
 
 @calcfunction
-def collect_learning_curve(**iterations):
+def collect_learning_curve(**iterations: orm.Dict) -> orm.Dict:
     """The iteration records in order, as one Dict `{"iterations": [...]}`."""
     return orm.Dict({"iterations": [iterations[key].get_dict() for key in sorted(iterations)]})
 
 
-def format_errors(validation):
+def format_errors(validation: Mapping[str, Mapping[str, float]]) -> str:
     """Short text of validation MAEs for reports, e.g. 'energy 1.2e-03, forces 4.5e-02'."""
     return ", ".join(f"{quantity} {entry['mae']:.3g}" for quantity, entry in sorted(validation.items())) or "n/a"
 
 
-def stage_after(loop):
+def stage_after(loop: orm.WorkChainNode) -> int:
     """The exploration stage the finished `loop` would explore next: its last iteration's stage, advanced when
     that iteration's accurate fraction reached the stage threshold (as `inspect_explore` decides)."""
     records = loop.outputs.learning_curve.get_dict()["iterations"]
@@ -178,7 +196,7 @@ def stage_after(loop):
     return next_stage(last["stage"], last["accurate_fraction"], loop.inputs.stage_threshold.value, len(stages))
 
 
-def last_candidates(loop):
+def last_candidates(loop: orm.WorkChainNode) -> FramesData | None:
     """The candidates of `loop`'s last exploration (FramesData), or None when it explored nothing."""
     explorations = loop.base.links.get_outgoing(link_label_filter="explore_iteration_%").all()
     if not explorations:
@@ -191,7 +209,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     """Active learning of a field-aware model ensemble on DFT labels from `polmodel.dft.field_response`."""
 
     @classmethod
-    def define(cls, spec):
+    def define(cls, spec: WorkChainSpec) -> None:
         super().define(spec)
         spec.input_namespace(
             "structures", valid_type=orm.StructureData, dynamic=True,
@@ -278,7 +296,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         spec.exit_code(451, "ERROR_EXPLORATION_FAILED", message="exploration in iteration {iteration} failed: {child}")
 
     # ------------------------------------------------------------------------------------------------ setup
-    def setup(self):
+    def setup(self) -> ExitCode | None:
         """Context, and the checks of inputs that would only fail later: structures, schedule, budget."""
         from polmodel.active_learning.exploration import ExplorationStage, field_peak, validate_schedule
 
@@ -329,15 +347,16 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         self.ctx.stages = [stage.as_dict() for stage in stages]
         return None
 
-    def should_label_initial(self):
+    def should_label_initial(self) -> bool:
         return "initial_frames" not in self.inputs
 
-    def label_workchain(self):
+    def label_workchain(self) -> type[WorkChain]:
         """The labelling workchain class. Loop-logic tests override this with an analytic toy oracle of the same
         interface (tests/toy_oracle.py); production loops always label with DFT."""
         return WorkflowFactory(FIELD_RESPONSE_ENTRY_POINT)
 
-    def label_builder(self, structure, tier, field_vectors=()):
+    def label_builder(self, structure: orm.StructureData, tier: str,
+                      field_vectors: Iterable[Sequence[float]] = ()) -> ProcessBuilder:
         """The builder of one label of `structure` at `tier` (FieldResponseWorkChain from its protocol); a
         `field_frames` label gets its field vectors (V/Å)."""
         label = self.inputs.label
@@ -352,7 +371,8 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             kwargs["options"] = label.options.get_dict()
         return self.label_workchain().get_builder_from_protocol(label.code, structure, **kwargs)
 
-    def submit_labels(self, structures, plan, prefix):
+    def submit_labels(self, structures: Mapping[str, orm.StructureData], plan: Mapping[str, Mapping[str, Any]],
+                      prefix: str) -> ToContext:
         """Submit one label per structure at the tier of `plan` ({key: {"tier", "field_vectors"}}); a structure
         the label workchain refuses (e.g. overlapping atoms from an MD run that went astray) is reported and
         skipped, like a failed label."""
@@ -375,7 +395,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         self.report(f"submitted {len(futures)} labels ({prefix}; tiers {', '.join(tiers)})")
         return ToContext(**futures)
 
-    def run_initial_labels(self):
+    def run_initial_labels(self) -> ToContext:
         """Label each structure with `initial_data.given_tier` and its perturbed copies with `initial_data.tier` (by
         default both the cheapest: one zero-field SCF each)."""
         settings = self.inputs.initial_data
@@ -386,14 +406,14 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         plan = {key: {"tier": given_tier if is_given_structure(key) else copy_tier} for key in structures}
         return self.submit_labels(structures, plan, "label_initial")
 
-    def should_label_pending(self):
+    def should_label_pending(self) -> bool:
         return "pending_candidates" in self.inputs and self.inputs.pending_candidates.count > 0
 
-    def run_pending_labels(self):
+    def run_pending_labels(self) -> ToContext:
         """Label the candidates a previous loop selected but stopped before labelling, at their planned tiers."""
         return self.label_candidates(self.inputs.pending_candidates, "label_pending")
 
-    def inspect_labels(self):
+    def inspect_labels(self) -> None:
         """Merge the frames of every finished label into the dataset; a failed label is reported and skipped."""
         new_sets = {}
         for key in self.ctx.label_keys:
@@ -418,7 +438,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         self.ctx.dataset = merge_frames(**to_merge)
         self.report(f"dataset now holds {self.ctx.dataset.count} frames (FramesData<{self.ctx.dataset.pk}>)")
 
-    def check_initial_set(self):
+    def check_initial_set(self) -> ExitCode | None:
         """An empty start cannot train a model: refuse with a clear exit code."""
         if self.ctx.dataset is None:
             return self.exit_codes.ERROR_EMPTY_INITIAL_SET.format(reason="every initial DFT label failed")
@@ -432,10 +452,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         return None
 
     # ------------------------------------------------------------------------------------------------ loop
-    def should_iterate(self):
+    def should_iterate(self) -> bool:
         return not self.ctx.converged and self.ctx.iteration < self.inputs.max_iterations.value
 
-    def run_train(self):
+    def run_train(self) -> ToContext:
         self.ctx.iteration += 1
         inputs = self.exposed_inputs(TrainEnsembleWorkChain, "train")
         inputs["frames"] = self.ctx.dataset
@@ -453,7 +473,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         self.report(f"iteration {self.ctx.iteration}: training on {self.ctx.dataset.count} frames")
         return ToContext(train=self.submit(TrainEnsembleWorkChain, **inputs))
 
-    def inspect_train(self):
+    def inspect_train(self) -> ExitCode | None:
         node = self.ctx.train
         if not node.is_finished_ok or "model" not in node.outputs:
             child = f"{node.process_label}<{node.pk}> exit status {node.exit_status}"
@@ -462,7 +482,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         self.ctx.metrics = node.outputs.metrics
         return None
 
-    def run_explore(self):
+    def run_explore(self) -> ToContext:
         """Explore the current stage: conditions and trust window from a calcfunction (fresh seeds each time)."""
         explore = self.inputs.explore
         conditions = exploration_conditions(
@@ -486,7 +506,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         inputs["metadata"]["call_link_label"] = f"explore_iteration_{self.ctx.iteration:02d}"
         return ToContext(explore=self.submit(ExploreWorkChain, **inputs))
 
-    def inspect_explore(self):
+    def inspect_explore(self) -> ExitCode | None:
         """Record the iteration (dataset size, validation errors, candidate fraction) and decide convergence."""
         node = self.ctx.explore
         if not node.is_finished_ok:
@@ -523,7 +543,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         )
         return None
 
-    def should_label_candidates(self):
+    def should_label_candidates(self) -> bool:
         return (
             not self.ctx.converged
             and self.ctx.iteration < self.inputs.max_iterations.value
@@ -531,11 +551,11 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             and self.ctx.candidates.count > 0
         )
 
-    def run_candidate_labels(self):
+    def run_candidate_labels(self) -> ToContext:
         """Label the candidates at their planned tiers within the iteration's budget of pw.x runs."""
         return self.label_candidates(self.ctx.candidates, f"label_iter{self.ctx.iteration:02d}")
 
-    def label_candidates(self, candidates, prefix):
+    def label_candidates(self, candidates: FramesData, prefix: str) -> ToContext:
         limits = ({"min_full_spread": self.inputs.full_label_born_spread}
                   if "full_label_born_spread" in self.inputs else {})
         result = plan_candidate_labels(candidates, self.inputs.label_budget, self.inputs.full_label_cost,
@@ -546,7 +566,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         return self.submit_labels(result, plan["labels"], prefix)
 
     # ------------------------------------------------------------------------------------------------ results
-    def results(self):
+    def results(self) -> None:
         if not self.ctx.summaries:
             return
         self.out("model", self.ctx.model)
@@ -557,8 +577,9 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
 
     # ------------------------------------------------------------------------------------------------ continuing
     @classmethod
-    def get_builder_continuing(cls, previous, max_iterations=None, label_pending=True, pw_code=None,
-                               polmodel_code=None):
+    def get_builder_continuing(cls, previous: orm.ProcessNode | int | str, max_iterations: int | None = None,
+                               label_pending: bool = True, pw_code: orm.AbstractCode | str | None = None,
+                               polmodel_code: orm.AbstractCode | str | None = None) -> ProcessBuilder:
         """A builder that goes on where the finished loop `previous` (a node or its pk/uuid) stopped: its inputs,
         its labelled frames (`initial_frames`), its last ensemble as the warm start (`initial_model`), the
         exploration stage its last iteration earned (`initial_stage`), and the candidates its last exploration
@@ -609,14 +630,17 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
 
     # ------------------------------------------------------------------------------------------------ protocols
     @classmethod
-    def get_protocol_filepath(cls):
+    def get_protocol_filepath(cls) -> pathlib.Path:
         import pathlib
 
         return pathlib.Path(__file__).parent / "protocols" / "active_learning.yaml"
 
     @classmethod
-    def get_builder_from_protocol(cls, pw_code, polmodel_code, structures, protocol=None, overrides=None,
-                                  pseudo_family=None, options=None):
+    def get_builder_from_protocol(cls, pw_code: orm.AbstractCode | str, polmodel_code: orm.AbstractCode | str,
+                                  structures: StructureLike | list[StructureLike] | tuple[StructureLike, ...]
+                                  | dict[str, StructureLike], protocol: str | None = None,
+                                  overrides: Mapping[str, Any] | None = None, pseudo_family: str | None = None,
+                                  options: Mapping[str, Any] | None = None) -> ProcessBuilder:
         """A builder of the loop on `structures` at `protocol` ('fast' | 'balanced' | 'stringent', see
         protocols/active_learning.yaml).
 

@@ -43,7 +43,7 @@ DEMO = {
     # two trainings: the warm-started ensemble explores 600 K and its candidates are labelled; the second
     # training includes them and explores again (the last iteration labels nothing)
     "max_iterations": 2,
-    # warm start from the campaign's ensemble: 60 epochs (an epoch of one member takes about 1 s here)
+    # warm start from the campaign's ensemble: 60 epochs fit the demo's time (benchmarks/README.md "Demos")
     "epochs": 60,
     # pw.x runs per labelling: at most one full response (10 runs) beside the cheap tiers
     "label_budget": 14,

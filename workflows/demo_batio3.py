@@ -9,7 +9,7 @@ the same loop again), prints the loop's progress, and finally writes ./report-ba
 plots of the last training (E, F, P, Z*), the model's Born charges against DFT, and a P–E loop of the final
 model under a cyclic field (one more MdCalculation, so the loop is in the provenance graph too).
 
-The parameters below are sized for about 40 minutes on 2 cores (41–42 min measured), DFT being most of it:
+The parameters below are sized for about 40 minutes on 2 cores (benchmarks/README.md "Demos"), DFT being most of it:
 5-atom cells, 'fast' DFT with a 3x3x3 k-point grid and 75 % cutoffs (Born charges to a few tenths of e,
 docs/conventions.md). The two given cells (ideal and randomly displaced) get the full field response (zero-field
 SCF, Berry-phase and finite-field runs: 10 pw.x runs each), so that the first model already has Born charges and
@@ -40,16 +40,12 @@ DEMO = {
     # of e at this k density, and they depend far less on the cutoff.
     "label": {"protocol": "fast", "overrides": {"scf": {"kpoints_distance": 0.6},
                                                 "meta_parameters": {"cutoff_factor": 0.75}}},
-    # Born charges from the start; without them the first demo of this loop (2026-11-26) never saw a Z* label:
-    # both of its full labels went to collapsed MD frames that DFT found metallic
+    # Born charges from the start: the MD frames that get full labels may be ones DFT cannot label
     "given_tier": "full",
     "ensemble_size": 3,
-    # Patience 100 epochs: an earlier demo's members sat on a plateau for ~35 epochs before the Born charges were
-    # found (30 stopped one at epoch 33 with Z* ≈ 0); on this demo's final dataset their validation error halves
-    # at epoch 13–16 (benchmarks/field_model.py, 2026-11-26). An epoch takes about 0.1 s here. Training stops on
-    # epochs and patience only, never on wall time: a wall-clock cap made the dataset and the errors depend on the
-    # machine's load (14 → 28 → 42 frames on one run, 14 → 28 → 35 on another). 300 MD steps with
-    # Born-charge spreads took 71 s, so MD is 150 steps.
+    # Patience 100 epochs: members can sit on a plateau for tens of epochs before they find the Born charges.
+    # Training stops on epochs and patience only, never on wall time, which would make the dataset depend on the
+    # machine's load; MD is 150 steps to fit the demo's time (benchmarks/README.md "Demos").
     "train": {"epochs": 300, "validation_fraction": 0.15,
               "hyperparameters": {"num_features": 8, "lmax": 2, "num_layers": 1, "num_radial": 6, "radial_hidden": 16,
                                   "readout_hidden": 8, "cutoff": 4.5, "batch_size": 4, "patience": 100}},

@@ -8,7 +8,11 @@ mode effective charges, IR intensities) and `static_dielectric_tensor` (ε0 = ε
 from ph.x's dynamical matrix file and Z* by polmodel.analysis.phonons (what dynmat.x does; tests/test_dfpt.py checks the
 two agree).
 """
+from __future__ import annotations
+
 import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiida import orm
@@ -22,13 +26,18 @@ from polmodel.data import units
 from .field_response import _RUN_SPECIFIC, validate_ground_state_inputs
 from .response_functions import acoustic_sum_rule_residual
 
+if TYPE_CHECKING:
+    from aiida.engine import ExitCode, ProcessBuilder
+    from aiida.engine.processes.workchains.workchain import WorkChainSpec
+    from numpy.typing import NDArray
+
 PwBaseWorkChain = WorkflowFactory("quantumespresso.pw.base")
 PhBaseWorkChain = WorkflowFactory("quantumespresso.ph.base")
 
 _FLOAT = r"[-+]?\d+\.\d+"
 
 
-def parse_ph_dielectric(stdout):
+def parse_ph_dielectric(stdout: str) -> NDArray[np.float64] | None:
     """ε∞ (3, 3) from ph.x's "Dielectric constant in cartesian axis" block (last one), or None."""
     blocks = re.findall(
         rf"Dielectric constant in cartesian axis\s*\n\s*\n((?:\s*\(\s*{_FLOAT}\s+{_FLOAT}\s+{_FLOAT}\s*\)\s*\n){{3}})",
@@ -39,7 +48,7 @@ def parse_ph_dielectric(stdout):
     return np.array([[float(x) for x in re.findall(_FLOAT, line)] for line in blocks[-1].strip().splitlines()])
 
 
-def parse_ph_born_charges(stdout, num_atoms):
+def parse_ph_born_charges(stdout: str, num_atoms: int) -> NDArray[np.float64] | None:
     """Z* (N, 3, 3) [i, a, b] = ∂F_ib/∂ε_a from ph.x's "Effective charges (d Force / dE)" block, or None.
 
     ph.x prints, for each atom, rows Ex, Ey, Ez: row a holds ∂F_b/∂E_a for b = x, y, z.
@@ -53,12 +62,12 @@ def parse_ph_born_charges(stdout, num_atoms):
     return np.array(rows[: 3 * num_atoms], dtype=float).reshape(num_atoms, 3, 3)
 
 
-# ph.x writes masses in Rydberg atomic units (m_e = 1/2): amu_ry = 911.444243 per amu.
-AMU_IN_RY_MASS = 911.44424310865645
-FORCE_CONSTANT_RY_PER_BOHR2_IN_EV_PER_A2 = units.RYDBERG_EV / units.BOHR_ANGSTROM ** 2
+# ph.x's units (polmodel/data/units.py)
+AMU_IN_RY_MASS = units.AMU_IN_RY_MASS
+FORCE_CONSTANT_RY_PER_BOHR2_IN_EV_PER_A2 = units.FORCE_CONSTANT_RY_PER_BOHR2_IN_EV_PER_A2
 
 
-def parse_ph_dynamical_matrix(text):
+def parse_ph_dynamical_matrix(text: str) -> dict[str, Any] | None:
     """The Γ force constants and masses of a ph.x dynamical-matrix file (`fildyn`), or None.
 
     Returns a dict: `force_constants` (N, 3, N, 3) eV/Å² = ∂²E/∂R_ia∂R_jb (the real part; at Γ the imaginary
@@ -96,7 +105,7 @@ def parse_ph_dynamical_matrix(text):
             "species": [type_names[t] for t in atom_types]}
 
 
-def _dynamical_matrix_file(retrieved):
+def _dynamical_matrix_file(retrieved: orm.FolderData) -> str | None:
     """Text of the Γ dynamical matrix among ph.x's retrieved files (DYN_MAT/dynamical-matrix-1; -0 lists q)."""
     repository = retrieved.base.repository
     if "DYN_MAT" not in repository.list_object_names():
@@ -107,8 +116,11 @@ def _dynamical_matrix_file(retrieved):
     return repository.get_object_content(f"DYN_MAT/{names[0]}", mode="r")
 
 
+# A calcfunction's parameters are annotated orm.Data: AiiDA makes the annotations the valid types of its ports, and
+# Data is what they were before they had any.
 @calcfunction
-def extract_gamma_phonons(structure, retrieved, born_effective_charges, dielectric_tensor):
+def extract_gamma_phonons(structure: orm.Data, retrieved: orm.Data, born_effective_charges: orm.Data,
+                          dielectric_tensor: orm.Data) -> dict[str, orm.ArrayData]:
     """Γ TO modes, mode charges, IR intensities and ε0 = ε∞ + Σ_m S_m/(ε_vac Ω ω_m²) from ph.x's dynamical
     matrix and Z*, with the acoustic sum rule imposed on both (polmodel.analysis.phonons); the frequencies without
     it are kept beside them (`wavenumbers_raw`, what dynmat.x prints with asr='no')."""
@@ -134,7 +146,7 @@ def extract_gamma_phonons(structure, retrieved, born_effective_charges, dielectr
 
 
 @calcfunction
-def extract_dfpt_tensors(structure, retrieved):
+def extract_dfpt_tensors(structure: orm.Data, retrieved: orm.Data) -> dict[str, orm.Data]:
     """Z*, ε∞ and the ASR residual from a ph.x run's retrieved stdout."""
     stdout = retrieved.base.repository.get_object_content("aiida.out", mode="r")
     dielectric = parse_ph_dielectric(stdout)
@@ -148,7 +160,7 @@ def extract_dfpt_tensors(structure, retrieved):
     }
 
 
-def validate_inputs(inputs, _):
+def validate_inputs(inputs: Mapping[str, Any], _: object) -> str | None:
     message = validate_ground_state_inputs(inputs)
     if message:
         return message
@@ -162,7 +174,7 @@ class DfptWorkChain(WorkChain):
     """ph.x Born charges and ε∞ of an insulator at the same settings as `FieldResponseWorkChain`."""
 
     @classmethod
-    def define(cls, spec):
+    def define(cls, spec: WorkChainSpec) -> None:
         super().define(spec)
         spec.input("structure", valid_type=orm.StructureData)
         spec.expose_inputs(PwBaseWorkChain, namespace="scf", exclude=("clean_workdir", "pw.structure", "pw.parent_folder"))
@@ -189,7 +201,9 @@ class DfptWorkChain(WorkChain):
                        message="ph.x ran with trans but left no readable dynamical matrix.")
 
     @classmethod
-    def get_builder_from_field_response(cls, field_response_builder, ph_code, options=None, phonons=True):
+    def get_builder_from_field_response(cls, field_response_builder: ProcessBuilder, ph_code: orm.AbstractCode | str,
+                                        options: Mapping[str, Any] | None = None,
+                                        phonons: bool = True) -> ProcessBuilder:
         """A builder with the scf settings of a `FieldResponseWorkChain` builder: same structure, cutoffs, k-points.
 
         phonons: also compute the Γ phonons (`trans=.true.`; roughly 3N more perturbations than `epsil` alone)."""
@@ -212,7 +226,7 @@ class DfptWorkChain(WorkChain):
         builder.ph.ph.metadata.options = dict(options or source.pw.metadata.options)
         return builder
 
-    def run_scf(self):
+    def run_scf(self) -> ToContext:
         """Plain scf with the shared settings (ph.x needs the ground state, symmetry on)."""
         inputs = AttributeDict(self.exposed_inputs(PwBaseWorkChain, namespace="scf"))
         inputs.pw = AttributeDict(inputs.pw)
@@ -229,12 +243,12 @@ class DfptWorkChain(WorkChain):
         self.report(f"launching scf PwBaseWorkChain<{node.pk}>")
         return ToContext(scf=node)
 
-    def inspect_scf(self):
+    def inspect_scf(self) -> ExitCode | None:
         if not self.ctx.scf.is_finished_ok:
             return self.exit_codes.ERROR_SCF_FAILED
         return None
 
-    def run_ph(self):
+    def run_ph(self) -> ToContext:
         """ph.x at Γ with epsil: ε∞ and Z* from the electric-field perturbation only."""
         inputs = AttributeDict(self.exposed_inputs(PhBaseWorkChain, namespace="ph"))
         inputs.ph = AttributeDict(inputs.ph)
@@ -250,12 +264,12 @@ class DfptWorkChain(WorkChain):
         self.report(f"launching ph.x PhBaseWorkChain<{node.pk}>")
         return ToContext(ph=node)
 
-    def inspect_ph(self):
+    def inspect_ph(self) -> ExitCode | None:
         if not self.ctx.ph.is_finished_ok:
             return self.exit_codes.ERROR_PH_FAILED
         return None
 
-    def results(self):
+    def results(self) -> ExitCode | None:
         calculation = [c for c in self.ctx.ph.called if isinstance(c, orm.CalcJobNode)][-1]
         try:
             tensors = extract_dfpt_tensors(

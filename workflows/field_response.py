@@ -20,8 +20,12 @@ fields: metals are refused right after the first zero-field pw.x run (`Insulator
 any restart), a field above the Zener limit is halved before it is applied, and a field run that does not converge
 halves every field and reruns all of them (bounded), then exits with a clear code.
 """
+from __future__ import annotations
+
 import math
 import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiida import orm
@@ -31,7 +35,7 @@ from aiida.plugins import CalculationFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
-from polmodel.active_learning.selection import closest_pair
+from polmodel.active_learning.selection import TIERS, closest_pair, pw_runs_per_label  # noqa: F401 (part of this API)
 from polmodel.data import units
 from polmodel.data.domain import MIN_INTERATOMIC_DISTANCE
 
@@ -40,10 +44,16 @@ from .protocol_utils import PW_NAMELISTS, merge_overrides
 from .response_functions import FIELD_LABELS, band_gap, field_run_label
 from .scheduler_restarts import resubmit_jobs_ended_by_the_scheduler
 
-PwCalculation = CalculationFactory("quantumespresso.pw")
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from aiida.engine import ExitCode, ProcessBuilder
+    from aiida.engine.processes.workchains.workchain import WorkChainSpec
+    from aiida_pseudo.data.pseudo import PseudoPotentialData
+    from numpy.typing import NDArray
 
-#: The label tiers, cheapest first (docs/design.md "Label tiers").
-TIERS = ("energy_forces", "field_frames", "full")
+    from .structures import StructureLike
+
+PwCalculation = CalculationFactory("quantumespresso.pw")
 
 PARSER_NAME = "polmodel.pw"
 EMPTY_BANDS = 4  # empty bands in the zero-field scf, enough to see the lowest unoccupied level
@@ -58,7 +68,7 @@ _RUN_SPECIFIC = {
 # --- input validation (pure, reused by the DFPT chain) -----------------------------------------------------------
 
 
-def validate_structure(structure, _=None):
+def validate_structure(structure: orm.StructureData, _: object = None) -> str | None:
     """Refuse structures with overlapping atoms or without full periodicity."""
     if not all(structure.pbc):
         return "the structure must be periodic in all three directions for Berry-phase polarization"
@@ -72,7 +82,7 @@ def validate_structure(structure, _=None):
     return None
 
 
-def validate_pw_code(code, _=None):
+def validate_pw_code(code: orm.AbstractCode, _: object = None) -> str | None:
     """The code must run pw.x through the `quantumespresso.pw` plugin."""
     plugin = code.default_calc_job_plugin if code is not None else None
     if plugin != "quantumespresso.pw":
@@ -80,7 +90,7 @@ def validate_pw_code(code, _=None):
     return None
 
 
-def validate_pseudos(structure, pseudos):
+def validate_pseudos(structure: orm.StructureData, pseudos: Mapping[str, PseudoPotentialData]) -> str | None:
     """Every kind needs a pseudopotential whose element matches."""
     missing = sorted(set(structure.get_kind_names()) - set(pseudos))
     if missing:
@@ -92,7 +102,7 @@ def validate_pseudos(structure, pseudos):
     return None
 
 
-def validate_ground_state_inputs(inputs):
+def validate_ground_state_inputs(inputs: Mapping[str, Any]) -> str | None:
     """The checks every pw.x-based response workchain shares: structure, pw code, pseudopotentials."""
     structure = inputs["structure"]
     for message in (
@@ -105,7 +115,7 @@ def validate_ground_state_inputs(inputs):
     return None
 
 
-def validate_field_vectors(field_vectors, tier):
+def validate_field_vectors(field_vectors: Iterable[object] | None, tier: str) -> str | None:
     """Field vectors are finite, non-zero 3-vectors (V/Å); `field_frames` needs at least one, `energy_forces` none."""
     vectors = list(field_vectors) if field_vectors is not None else []
     if tier == "energy_forces" and vectors:
@@ -124,12 +134,12 @@ def validate_field_vectors(field_vectors, tier):
     return None
 
 
-def number_of_electrons(structure, pseudos):
+def number_of_electrons(structure: orm.StructureData, pseudos: Mapping[str, PseudoPotentialData]) -> float:
     """Valence electrons of the cell from the pseudopotentials' z_valence."""
     return sum(float(pseudos[site.kind_name].z_valence) for site in structure.sites)
 
 
-def validate_electron_count(structure, pseudos):
+def validate_electron_count(structure: orm.StructureData, pseudos: Mapping[str, PseudoPotentialData]) -> str | None:
     """Fixed occupations of spin-degenerate bands need an even number of valence electrons."""
     try:
         count = number_of_electrons(structure, pseudos)
@@ -141,7 +151,7 @@ def validate_electron_count(structure, pseudos):
     return None
 
 
-def validate_inputs(inputs, _):
+def validate_inputs(inputs: Mapping[str, Any], _: object) -> str | None:
     """Validate the whole input namespace: structure, code, pseudopotentials, electrons, tier, fields, settings."""
     message = validate_ground_state_inputs(inputs)
     if message:
@@ -184,34 +194,24 @@ FIRST_RUN_ELECTRON_MAXSTEP = 40
 PW_DEFAULT_ELECTRON_MAXSTEP = 100
 
 
-def zener_field_limit(band_gap, cell, mesh):
+def zener_field_limit(band_gap: float, cell: npt.ArrayLike, mesh: npt.ArrayLike) -> float:
     """Largest field (V/Å) before Zener tunnelling across a Berry string: E_gap / (e · max_i N_i |a_i|)."""
     lengths = np.linalg.norm(np.asarray(cell, dtype=float), axis=1) * np.asarray(mesh)
     return band_gap / float(lengths.max())
 
 
-def axis_field_vectors(magnitudes):
+def axis_field_vectors(magnitudes: Iterable[float]) -> list[list[float]]:
     """+m·x̂, +m·ŷ, +m·ẑ for each magnitude m (V/Å): the field runs that give one-sided Z* and α at m."""
     return [(m * np.eye(3)[axis]).tolist() for m in magnitudes for axis in range(3)]
 
 
-def protocol_field_vectors(tier, field_magnitude, field_magnitudes):
+def protocol_field_vectors(tier: str, field_magnitude: float, field_magnitudes: Iterable[float]) -> list[list[float]]:
     """The fields (V/Å) a tier labels when none are given: `field_frames` the axes at `field_magnitude` (one-sided
     Z*, α) and at each of `field_magnitudes`; `full` the axes at each of `field_magnitudes` beside its ±ε runs."""
     if tier == "energy_forces":
         return []
     leading = [field_magnitude] if tier == "field_frames" else []
     return axis_field_vectors(leading + list(field_magnitudes))
-
-
-def pw_runs_per_label(tier, field_vectors=(), string_extrapolation=False):
-    """pw.x runs one label of `tier` with `field_vectors` costs, before any restart or field halving (budgets in pw.x
-    runs): 1 zero-field scf, 1 per field vector, and for `full` 3 Berry-phase nscf and 6 ±ε runs (12 with the
-    string extrapolation)."""
-    runs = 1 + len(field_vectors)
-    if tier == "full":
-        runs += 3 + 6 * (2 if string_extrapolation else 1)
-    return runs
 
 
 class ResubmittingPwBaseWorkChain(PwBaseWorkChain):
@@ -233,7 +233,7 @@ class InsulatorPwBaseWorkChain(ResubmittingPwBaseWorkChain):
     """
 
     @classmethod
-    def define(cls, spec):
+    def define(cls, spec: WorkChainSpec) -> None:
         super().define(spec)
         spec.input(
             "min_band_gap", valid_type=orm.Float, default=lambda: orm.Float(0.1),
@@ -250,7 +250,7 @@ class InsulatorPwBaseWorkChain(ResubmittingPwBaseWorkChain):
             message="The cell is metallic or nearly metallic: gap {gap} eV < {minimum} eV after the first pw.x run.",
         )
 
-    def setup(self):
+    def setup(self) -> None:
         """The stock setup, then the first run's SCF steps capped (the full limit is kept for the restarts)."""
         super().setup()
         electrons = self.ctx.inputs.parameters["ELECTRONS"]
@@ -261,7 +261,7 @@ class InsulatorPwBaseWorkChain(ResubmittingPwBaseWorkChain):
             self.ctx.full_electron_maxstep = full
 
     @process_handler(priority=700)
-    def handle_metal(self, calculation):
+    def handle_metal(self, calculation: orm.CalcJobNode) -> ProcessHandlerReport | None:
         """Strategy: read the gap of every finished pw.x run (converged or not: pw.x writes the band edges to its XML
         either way) and stop at once when it is below `min_band_gap`: no restart can make a metal an insulator. A
         run with a gap gets back the full electron_maxstep for whatever restart the stock handlers decide."""
@@ -286,7 +286,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
     """DFT labels of one insulator from pw.x at one of three tiers: E, F, stress; plus fields; plus Z*, α, P."""
 
     @classmethod
-    def define(cls, spec):
+    def define(cls, spec: WorkChainSpec) -> None:
         super().define(spec)
         spec.input("structure", valid_type=orm.StructureData, help="The insulator to label.")
         spec.expose_inputs(
@@ -401,11 +401,12 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
     # --- protocols -----------------------------------------------------------------------------------------------
 
     @classmethod
-    def get_protocol_filepath(cls):
+    def get_protocol_filepath(cls) -> pathlib.Path:
         return pathlib.Path(__file__).parent / "protocols" / "field_response.yaml"
 
     @classmethod
-    def get_protocol_inputs_checked(cls, protocol=None, overrides=None):
+    def get_protocol_inputs_checked(cls, protocol: str | None = None, overrides: Mapping[str, Any] | None = None
+                                    ) -> dict[str, Any]:
         """The protocol's inputs with `overrides` merged in; an override key that matches nothing raises ValueError
         (`protocol_utils.merge_overrides`)."""
         return merge_overrides(
@@ -414,8 +415,10 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         )
 
     @classmethod
-    def get_builder_from_protocol(cls, code, structure, protocol=None, overrides=None, pseudo_family=None, options=None,
-                                  tier=None, field_vectors=None):
+    def get_builder_from_protocol(cls, code: orm.AbstractCode | str, structure: StructureLike, protocol: str | None = None,
+                                  overrides: Mapping[str, Any] | None = None, pseudo_family: str | None = None,
+                                  options: Mapping[str, Any] | None = None, tier: str | None = None,
+                                  field_vectors: Sequence[Sequence[float]] | None = None) -> ProcessBuilder:
         """A builder for `structure` (StructureData, ase.Atoms or pymatgen Structure) at `protocol` ('fast' | 'balanced' | 'stringent'), see protocols/*.yaml.
 
         Cutoffs are the family's recommended ones times the protocol's `cutoff_factor`; `overrides` is merged last and
@@ -497,7 +500,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
 
     # --- outline ---------------------------------------------------------------------------------------------------
 
-    def setup(self):
+    def setup(self) -> ExitCode | None:
         """Fix one explicit k-mesh for every run (Berry strings and the Zener limit depend on it), the field runs of
         the tier, and the coarser mesh of the string extrapolation if one is asked for."""
         from aiida_quantumespresso.calculations.functions.create_kpoints_from_distance import (
@@ -542,10 +545,11 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             self.ctx.mesh_coarse = mesh_coarse
         return None
 
-    def is_full_tier(self):
+    def is_full_tier(self) -> bool:
         return self.ctx.tier == "full"
 
-    def _base_inputs(self, parameters, label, kpoints=None):
+    def _base_inputs(self, parameters: Mapping[str, Any], label: str, kpoints: orm.KpointsData | None = None
+                     ) -> AttributeDict:
         """PwBaseWorkChain inputs sharing the scf namespace, with `parameters`, the polmodel parser and the fixed
         k-mesh (or `kpoints`)."""
         inputs = AttributeDict(self.exposed_inputs(PwBaseWorkChain, namespace="scf"))
@@ -561,26 +565,28 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         inputs.metadata = {"call_link_label": label}
         return inputs
 
-    def _parameters(self, control=None, system=None, electrons=None):
+    def _parameters(self, control: Mapping[str, Any] | None = None, system: Mapping[str, Any] | None = None,
+                    electrons: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         parameters = {namelist: dict(values) for namelist, values in self.ctx.pw_parameters.items()}
         for namelist, values in (("CONTROL", control), ("SYSTEM", system), ("ELECTRONS", electrons)):
             parameters.setdefault(namelist, {}).update(values or {})
         parameters["SYSTEM"]["occupations"] = "fixed"
         return parameters
 
-    def _lelfield(self, field):
+    def _lelfield(self, field: npt.ArrayLike) -> tuple[dict[str, Any], dict[str, Any]]:
         """CONTROL and ELECTRONS of a `lelfield` scf at `field` (3,) V/Å (zero field included)."""
         control = {"calculation": "scf", "lelfield": True, "nberrycyc": self.ctx.nberrycyc, "tprnfor": True}
         electrons = {"efield_cart": units.field_v_per_angstrom_to_ry(np.asarray(field, dtype=float)).tolist()}
         return control, electrons
 
-    def run_zero_field(self):
+    def run_zero_field(self) -> ToContext:
         """Zero-field scf: energy, forces, stress, and a few empty bands to measure the gap; `field_frames` makes it a
         zero-field `lelfield` run, whose cell dipole is on the branch of the field runs (one-sided α). Checked by hand
         on displaced AlAs (pw.x 6.7, 3x3x3, 20 Ry): the same energy (1e-8 Ry), stress (0.01 kbar) and forces
         (4e-7 Ry/bohr) as the plain scf."""
         n_electrons = number_of_electrons(self.inputs.structure, self.inputs.scf.pw.pseudos)
         self.ctx.occupied_bands = int(math.ceil(n_electrons / 2))
+        electrons: dict[str, Any]
         control, electrons = {"calculation": "scf", "tprnfor": True}, {}
         if self.ctx.tier == "field_frames":
             control, electrons = self._lelfield(np.zeros(3))
@@ -594,7 +600,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         self.report(f"launching zero-field scf InsulatorPwBaseWorkChain<{node.pk}>")
         return ToContext(zero_field=node)
 
-    def inspect_zero_field(self):
+    def inspect_zero_field(self) -> ExitCode | None:
         """Refuse metals and near-metals; halve the fields above the Zener limit until they fit (bounded)."""
         workchain = self.ctx.zero_field
         minimum = self.inputs.min_band_gap.value
@@ -623,16 +629,16 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
                             f"{self.ctx.field_scale:.4g} of the requested")
         return None
 
-    def _largest_field(self):
+    def _largest_field(self) -> float:
         """The largest |ε| (V/Å) any field run of this label applies."""
         return max(float(np.linalg.norm(field)) for field, _ in self._field_runs().values())
 
-    def _halve_fields(self):
+    def _halve_fields(self) -> None:
         self.ctx.field_magnitude /= 2
         self.ctx.field_scale /= 2
         self.ctx.field_halvings += 1
 
-    def run_berry_phases(self):
+    def run_berry_phases(self) -> None:
         """nscf Berry phase along each lattice vector, strings as dense as the scf mesh (pw.x needs nscf in 6.7)."""
         for gdir in (1, 2, 3):
             nppstr = (self.ctx.mesh[gdir - 1] if self.ctx.mesh is not None else 4) + 1
@@ -643,10 +649,10 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             self.report(f"launching Berry-phase nscf gdir={gdir} {node.process_label}<{node.pk}>")
             self.to_context(**{f"berry_phase_{gdir}": node})
 
-    def should_run_field_runs(self):
+    def should_run_field_runs(self) -> bool:
         return self.ctx.run_field
 
-    def _field_runs(self):
+    def _field_runs(self) -> dict[str, tuple[NDArray[np.float64], orm.KpointsData]]:
         """{context key: (field (3,) V/Å, k-points)} of every field run at the current field scale: `<prefix>_<label>`
         for the ±ε runs of `full`, `field_vector_<i>` for the requested field vectors."""
         runs = {}
@@ -657,11 +663,11 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             runs[field_run_label(index)] = (self.ctx.field_scale * np.asarray(vector, dtype=float), self.ctx.kpoints)
         return runs
 
-    def _field_run_keys(self):
+    def _field_run_keys(self) -> list[str]:
         """Context keys of all field runs (see `_field_runs`)."""
         return list(self._field_runs())
 
-    def run_field_runs(self):
+    def run_field_runs(self) -> None:
         """lelfield scf at every field of the label (from scratch: each run stands on its own)."""
         for key, (field, kpoints) in self._field_runs().items():
             control, electrons = self._lelfield(field)
@@ -670,7 +676,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             self.report(f"launching {key} ({np.round(field, 5).tolist()} V/Å) {node.process_label}<{node.pk}>")
             self.to_context(**{key: node})
 
-    def inspect_field_runs(self):
+    def inspect_field_runs(self) -> ExitCode | None:
         """Accept the field runs, or halve the fields after an electronic breakdown and rerun them (bounded)."""
         self.ctx.run_field = False
         failed = [key for key in self._field_run_keys() if not self.ctx[key].is_finished_ok]
@@ -681,7 +687,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             return self.exit_codes.ERROR_FIELD_RUN_FAILED.format(details=details)
         return self.handle_field_breakdown(failed)
 
-    def handle_field_breakdown(self, failed):
+    def handle_field_breakdown(self, failed: Sequence[str]) -> ExitCode | None:
         """Strategy: SCF divergence under field is Zener breakdown or a too-strong perturbation; halve every field and
         rerun all field runs (differences need one scale), at most `max_field_halvings` times in total."""
         if self.ctx.field_halvings >= self.inputs.max_field_halvings.value:
@@ -693,7 +699,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         return None
 
     @staticmethod
-    def _is_field_breakdown(workchain):
+    def _is_field_breakdown(workchain: orm.WorkChainNode) -> bool:
         """Whether a failed field run failed in its electronic self-consistency (not a setup or code error)."""
         breakdown = {
             PwCalculation.exit_codes.ERROR_ELECTRONIC_CONVERGENCE_NOT_REACHED.status,
@@ -705,7 +711,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         calculations = [child for child in workchain.called if child.process_type == PwCalculation.build_process_type()]
         return bool(calculations) and calculations[-1].exit_status in breakdown
 
-    def inspect_berry_phases(self):
+    def inspect_berry_phases(self) -> ExitCode | None:
         for gdir in (1, 2, 3):
             workchain = self.ctx[f"berry_phase_{gdir}"]
             if not workchain.is_finished_ok:
@@ -716,7 +722,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
                 return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no Berry phase in gdir={gdir}")
         return None
 
-    def _check_field_labels(self):
+    def _check_field_labels(self) -> ExitCode | None:
         """ERROR_MISSING_LABELS unless every field run (and a `lelfield` zero-field run) has its parsed dipole."""
         keys = self._field_run_keys() + (["zero_field"] if self.ctx.tier == "field_frames" else [])
         for key in keys:
@@ -724,7 +730,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
                 return self.exit_codes.ERROR_MISSING_LABELS.format(details=f"no finite-field dipole in {key}")
         return None
 
-    def results(self):
+    def results(self) -> ExitCode | None:
         """`full`: derive everything through calcfunctions and attach the outputs."""
         missing = self._check_field_labels()
         if missing:
@@ -762,7 +768,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             return self.exit_codes.ERROR_UNPHYSICAL_DIELECTRIC.format(details=defect)
         return None
 
-    def results_of_cheaper_tiers(self):
+    def results_of_cheaper_tiers(self) -> ExitCode | None:
         """`energy_forces` and `field_frames`: the frames, and one-sided Z*, α, ε∞ where c·x̂, c·ŷ, c·ẑ were run."""
         missing = self._check_field_labels()
         if missing:
@@ -794,11 +800,11 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
                 return self.exit_codes.ERROR_UNPHYSICAL_DIELECTRIC.format(details=defect)
         return None
 
-    def _band_gap_output(self):
+    def _band_gap_output(self) -> orm.Float:
         return response_functions.compute_band_gap(
             self.ctx.zero_field.outputs.output_parameters, metadata={"call_link_label": "compute_band_gap"})
 
-    def _pw_outputs(self, keys):
+    def _pw_outputs(self, keys: Iterable[str]) -> dict[str, orm.Data]:
         """`parameters_<key>` and `trajectory_<key>` of the pw.x runs in context under `keys`, for the calcfunctions."""
         outputs = {}
         for key in keys:
@@ -807,7 +813,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             outputs[f"trajectory_{key}"] = run.output_trajectory
         return outputs
 
-    def _field_outputs(self, prefix):
+    def _field_outputs(self, prefix: str) -> dict[str, orm.Data]:
         """`parameters_<label>` and `trajectory_<label>` of the ±ε runs `<prefix>_<label>`, for the calcfunctions."""
         outputs = {}
         for label in FIELD_LABELS:
@@ -816,7 +822,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
             outputs[f"trajectory_{label}"] = run.output_trajectory
         return outputs
 
-    def _extrapolate_polarizability(self, polarization, field_magnitude, dense):
+    def _extrapolate_polarizability(self, polarization: orm.ArrayData, field_magnitude: orm.Float,
+                                    dense: Mapping[str, orm.ArrayData]) -> dict[str, orm.Data]:
         """α and ε∞ from the dense- and coarse-mesh field runs, extrapolated to dense Berry strings."""
         coarse = response_functions.compute_field_response(
             self.inputs.structure, polarization, field_magnitude, **self._field_outputs("coarse_field"),
@@ -833,7 +840,7 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
                     f"{self.ctx.mesh_coarse}: {diagonal['extrapolated']} extrapolated to dense Berry strings")
         return extrapolated
 
-    def on_terminated(self):
+    def on_terminated(self) -> None:
         """Clean the remote folders of all pw.x runs if `clean_workdir` is set."""
         super().on_terminated()
         if not self.inputs.clean_workdir.value:

@@ -179,9 +179,8 @@ def extrapolate_to_dense_strings(value_dense, value_coarse, mesh_dense, mesh_coa
     """Richardson extrapolation of a finite-field response to infinitely dense Berry strings.
 
     pw.x's `lelfield` couples the field through a finite-difference dψ/dk along the strings, so a polarizability
-    computed on an N-point string is low by ~c/N² (measured on MgO: ε∞ 2.77, 2.93, 2.99, 3.03 at 4, 6, 8, 10 k per
-    direction, ph.x 3.09). Two meshes give the limit: value = value_∞ − c·h with h = Σ_i 1/N_i², exact when the
-    coarse mesh is a uniform scaling of the dense one.
+    computed on an N-point string is low by ~c/N² (benchmarks/README.md "Berry-phase strings"). Two meshes give the
+    limit: value = value_∞ − c·h with h = Σ_i 1/N_i², exact when the coarse mesh is a uniform scaling of the dense one.
     """
     h_dense, h_coarse = string_density_error(mesh_dense), string_density_error(mesh_coarse)
     if not h_coarse > h_dense:

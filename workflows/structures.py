@@ -7,11 +7,19 @@ symmetry operations and partial-occupancy checks, VASP POSCAR/CONTCAR, Materials
 everything else (extended XYZ, Quantum ESPRESSO input/output, ASE trajectories, ...).
 """
 import pathlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aiida import orm
 from aiida.engine import calcfunction
+
+if TYPE_CHECKING:
+    from ase import Atoms
+    from pymatgen.core import IStructure
+
+    #: what `to_structure_data` converts (a pymatgen Structure is an IStructure)
+    StructureLike = orm.StructureData | Atoms | IStructure
 
 # names pymatgen's Structure.from_file recognises and reads better than ASE (CIF symmetry, VASP, MP JSON)
 PYMATGEN_SUFFIXES = (".cif", ".mcif", ".vasp", ".poscar", ".json", ".cssr", ".res")

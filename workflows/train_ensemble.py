@@ -8,6 +8,10 @@ laptop K parallel trainings would only compete for the same cores. The restart l
 crashed training retry with a new seed, resumes an interrupted one from its checkpoint and resubmits one that the
 scheduler ended without a checkpoint unchanged.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from aiida import orm
 from aiida.engine import BaseRestartWorkChain, ProcessHandlerReport, process_handler, while_
 from aiida.plugins import CalculationFactory
@@ -15,6 +19,10 @@ from aiida.plugins import CalculationFactory
 from polmodel.plugins.data import FramesData, ModelData
 
 from .scheduler_restarts import resubmit_jobs_ended_by_the_scheduler
+
+if TYPE_CHECKING:
+    from aiida.engine import ExitCode
+    from aiida.engine.processes.workchains.workchain import WorkChainSpec
 
 TrainCalculation = CalculationFactory("polmodel.train")
 
@@ -25,7 +33,7 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
     _process_class = TrainCalculation
 
     @classmethod
-    def define(cls, spec):
+    def define(cls, spec: WorkChainSpec) -> None:
         super().define(spec)
         spec.expose_inputs(TrainCalculation, namespace="train", exclude=("frames", "initial_model"))
         spec.input("frames", valid_type=FramesData, help="Labelled training frames.")
@@ -46,7 +54,7 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
         spec.exit_code(401, "ERROR_NO_FRAMES", message="the training set holds no frames")
         spec.exit_code(402, "ERROR_INVALID_ENSEMBLE_SIZE", message="ensemble_size must be >= 1, got {size}")
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.ctx.inputs = self.exposed_inputs(TrainCalculation, "train")
         self.ctx.inputs["frames"] = self.inputs.frames
@@ -58,7 +66,7 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
         self.ctx.parameters = parameters
         self.ctx.inputs["parameters"] = orm.Dict(parameters)
 
-    def validate_frames(self):
+    def validate_frames(self) -> ExitCode | None:
         """Refuse an empty set or a non-positive ensemble size before any job is submitted."""
         if not self.inputs.frames.count:
             return self.exit_codes.ERROR_NO_FRAMES
@@ -67,7 +75,7 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
         return None
 
     @process_handler(priority=600, exit_codes=[TrainCalculation.exit_codes.ERROR_INTERRUPTED])
-    def handle_interrupted_training(self, node):
+    def handle_interrupted_training(self, node: orm.CalcJobNode) -> ProcessHandlerReport:
         """The trainer stopped before writing a model but left its training state (killed, machine lost): resume
         from that state with the same seed and settings, so the result is that of an uninterrupted run."""
         self.ctx.inputs["checkpoint"] = node.outputs.checkpoint
@@ -79,7 +87,7 @@ class TrainEnsembleWorkChain(BaseRestartWorkChain):
     handle_job_ended_by_the_scheduler = resubmit_jobs_ended_by_the_scheduler(priority=550)
 
     @process_handler(priority=500, exit_codes=[TrainCalculation.exit_codes.ERROR_MISSING_OUTPUT])
-    def handle_crashed_training(self, node):
+    def handle_crashed_training(self, node: orm.CalcJobNode) -> ProcessHandlerReport:
         """The trainer crashed without writing a model (e.g. a diverging loss): retry once more with a new seed,
         which changes the initial weights and the validation split; the restart limit bounds the retries."""
         self.ctx.parameters["seed"] = self.ctx.parameters.get("seed", 0) + 1000

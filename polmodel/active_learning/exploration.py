@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from polmodel.data.frames import frame_efield
+
 
 @dataclass(frozen=True)
 class ExplorationStage:
@@ -107,5 +109,5 @@ def stage_field_protocols(protocols, stage_amplitude, covered, margin):
 
 def covered_field(frames):
     """The largest field magnitude (V/Å) among labelled frames (`info['efield']`; a frame without one is at zero)."""
-    magnitudes = [float(np.linalg.norm(frame.info.get("efield", np.zeros(3)))) for frame in frames]
+    magnitudes = [float(np.linalg.norm(frame_efield(frame))) for frame in frames]
     return max(magnitudes, default=0.0)

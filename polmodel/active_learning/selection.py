@@ -342,6 +342,17 @@ ENERGY_FORCES, FIELD_FRAMES, FULL = "energy_forces", "field_frames", "full"
 TIERS = (ENERGY_FORCES, FIELD_FRAMES, FULL)
 
 
+def pw_runs_per_label(tier, field_vectors=(), string_extrapolation=False):
+    """pw.x runs one label of `tier` with `field_vectors` costs, before any restart or field halving (budgets in pw.x
+    runs): 1 zero-field scf, 1 per field vector, and for `full` 3 Berry-phase nscf and 6 ±ε runs (12 with the
+    string extrapolation). The one home of the tiers' costs: `energy_forces` 1, `field_frames` at one field 2,
+    `full` 10 (16 with the string extrapolation)."""
+    runs = 1 + len(field_vectors)
+    if tier == FULL:
+        runs += 3 + 6 * (2 if string_extrapolation else 1)
+    return runs
+
+
 @dataclass(frozen=True)
 class LabelPlan:
     """How one selected frame is labelled: its tier, the field vectors of a `field_frames` label, its pw.x runs."""
@@ -358,8 +369,9 @@ def cheap_tier(efield, field_tolerance=1e-8):
     SCF), so that the labels follow the field range the exploration reaches."""
     efield = np.asarray(efield if efield is not None else np.zeros(3), dtype=float)
     if np.linalg.norm(efield) <= field_tolerance:
-        return ENERGY_FORCES, (), 1
-    return FIELD_FRAMES, (tuple(float(x) for x in efield),), 2
+        return ENERGY_FORCES, (), pw_runs_per_label(ENERGY_FORCES)
+    fields = (tuple(float(x) for x in efield),)
+    return FIELD_FRAMES, fields, pw_runs_per_label(FIELD_FRAMES, fields)
 
 
 def full_response_spread(max_born_charge_std, polarization_std_norm):

@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 
+from polmodel.data.frames import frame_efield
 from polmodel.data.units import E_PER_ANGSTROM2_IN_UC_PER_CM2, V_PER_ANGSTROM_IN_MV_PER_CM
 
 # Trajectory settings that `polmodel md` writes into the first frame's info (polmodel/dynamics/md.py, `run_settings`).
@@ -40,7 +41,7 @@ def trajectory_conditions(frames):
             protocol = json.loads(protocol)
         except json.JSONDecodeError:
             protocol = {"kind": protocol}
-    fields = [np.asarray(frame.info.get("efield", np.zeros(3)), dtype=float) for frame in frames]
+    fields = [frame_efield(frame) for frame in frames]
     target = info.get(SETTINGS_PREFIX + "temperature_K")
     return {
         "thermostat": info.get(SETTINGS_PREFIX + "thermostat"),

@@ -11,17 +11,10 @@ import math
 
 import numpy as np
 
-from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
+from polmodel.data.units import (DEBYE_PER_ANGSTROM_SQUARED_PER_AMU_IN_KM_PER_MOL,
+                                 E_SQUARED_IN_DEBYE_PER_ANGSTROM_SQUARED, EIGENVALUE_TO_WAVENUMBER,
+                                 EPSILON0_E_PER_V_ANGSTROM)
 
-# ω² of the mass-weighted dynamical matrix is in eV/(Å²·amu); ω/(2πc) in cm⁻¹.
-_EV = 1.602176634e-19
-_AMU = 1.66053906660e-27
-_SPEED_OF_LIGHT_CM_PER_S = 2.99792458e10
-EIGENVALUE_TO_WAVENUMBER = math.sqrt(_EV / (1e-20 * _AMU)) / (2.0 * math.pi * _SPEED_OF_LIGHT_CM_PER_S)
-# 1 e = 4.80320 D/Å: mode charges squared in e²/amu → (D/Å)²/amu, the unit dynmat.x prints IR activities in.
-E_SQUARED_IN_DEBYE_PER_ANGSTROM_SQUARED = (1.602176634e-29 / 3.33564095198e-30) ** 2
-# 1 (D/Å)²/amu = 42.2561 km/mol (the integrated molar absorption coefficient of a harmonic mode).
-DEBYE_PER_ANGSTROM_SQUARED_PER_AMU_IN_KM_PER_MOL = 42.2561
 # Squared overlap with the rigid translations above which a mode counts as acoustic.
 ACOUSTIC_OVERLAP = 0.9
 

@@ -21,18 +21,14 @@ import numpy as np
 from polmodel.analysis.phonons import as_dielectric_tensor
 # ε∞ from α lives below the model (polmodel/data/dielectric.py, which nn.response uses too); it is part of this API
 from polmodel.data.dielectric import dielectric_from_polarizability  # noqa: F401
-from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
-
-# SI constants (CODATA 2018), used only to put spectra in absolute units.
-_E = 1.602176634e-19            # C
-_AMU = 1.66053906660e-27        # kg
-_HBAR = 1.054571817e-34         # J s
-_KB = 1.380649e-23              # J/K
-_C = 2.99792458e8               # m/s
-_EPS0 = 8.8541878128e-12        # F/m
-_E_ANGSTROM = _E * 1e-10        # C m
-# 1/fs -> cm⁻¹: ν̃ = f / c.
-INVERSE_FS_IN_WAVENUMBER = 1.0e15 / (100.0 * _C)
+from polmodel.data.units import AMU_KG as _AMU
+from polmodel.data.units import BOLTZMANN_EV_PER_K, EPSILON0_E_PER_V_ANGSTROM, INVERSE_FS_IN_WAVENUMBER
+from polmodel.data.units import BOLTZMANN_J_PER_K as _KB
+from polmodel.data.units import E_ANGSTROM_IN_C_M as _E_ANGSTROM
+from polmodel.data.units import ELEMENTARY_CHARGE_C as _E
+from polmodel.data.units import HBAR_J_S as _HBAR
+from polmodel.data.units import SPEED_OF_LIGHT_M_PER_S as _C
+from polmodel.data.units import VACUUM_PERMITTIVITY_F_PER_M as _EPS0
 QUANTUM_CORRECTION_STATEMENT = (
     "harmonic quantum correction Q = βħω/(1−exp(−βħω)) applied once, to the classical dipole correlation in "
     "α n = ω(1−exp(−βħω))/(6ħ ε_vac c V) · Q · C̃_cl (net: βω²/(6 ε_vac c V) · C̃_cl, exact for a harmonic crystal)"
@@ -192,7 +188,7 @@ def static_dielectric_from_fluctuations(dipoles, volume, temperature_K, epsilon_
     if not (volume > 0 and temperature_K > 0):
         raise ValueError(f"volume and temperature must be positive, got {volume}, {temperature_K}")
     products = dipole_fluctuation_products(dipoles)
-    scale = EPSILON0_E_PER_V_ANGSTROM * volume * 8.617333262e-5 * temperature_K  # k_B in eV/K
+    scale = EPSILON0_E_PER_V_ANGSTROM * volume * BOLTZMANN_EV_PER_K * temperature_K
     epsilon_static = as_dielectric_tensor(epsilon_inf) + products.mean(axis=0) / scale
     if blocks is not None:
         return epsilon_static, block_error(products, blocks) / scale

@@ -186,7 +186,7 @@ def build_parser(argv=None):
 def default_threads():
     """CPU threads for this process when OMP_NUM_THREADS is unset: the cores not already busy (cores available to
     it minus the 1-minute load average, at least 1). torch's own default takes every core, and on a loaded machine
-    its threads then wait on each other (`polmodel md` ran 9x slower on a busy 2-core machine)."""
+    its threads then wait on each other (benchmarks/README.md "Threads")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         busy = int(round(os.getloadavg()[0]))

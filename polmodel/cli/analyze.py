@@ -173,6 +173,7 @@ def _load_calculator(path):
 # --- analyses --------------------------------------------------------------------------------------------------
 def _epsilon_inf(args, frames, calculator):
     if calculator is not None:
+        from polmodel.data.frames import frame_efield
         if len(frames[0]) == 0:
             raise InputError("--model computes ε∞ at the trajectory's positions, which a P(t) file does not hold: "
                              "give the extended-XYZ trajectory, or --epsilon-inf")
@@ -180,7 +181,7 @@ def _epsilon_inf(args, frames, calculator):
         tensors = []
         for index in chosen:
             atoms = frames[index].copy()
-            calculator.set(efield=np.asarray(atoms.info.get("efield", np.zeros(3)), dtype=float))
+            calculator.set(efield=frame_efield(atoms))
             atoms.calc = calculator
             tensors.append(calculator.get_property("dielectric_tensor", atoms))
         return np.mean(tensors, axis=0), f"model polarizability averaged over {len(chosen)} frames"

@@ -2,9 +2,9 @@
 
 `polmodel train FRAMES.xyz --output model.pt [--ensemble K] [--bootstrap] [--seed S] [--epochs N]
 [--hyperparameters JSON_FILE_OR_STRING] [--metrics metrics.json] [--plots DIR] [--validation-fraction F]
-[--initial-model FILE] [--checkpoint PATH] [--quiet]`. The hyperparameters JSON may hold PolModel keywords
-(num_features, lmax, ...; also under "architecture" or the old "hyperparameters") and any TrainingConfig option
-(cutoff, learning_rate, batch_size, loss_weights, ema_decay, checkpoint_every, ...); the command-line flags win.
+[--initial-model FILE] [--checkpoint PATH] [--quiet]`. The --hyperparameters JSON may hold the architecture (PolModel
+keywords: num_features, lmax, ...; also under "architecture" or its alias "hyperparameters") and any TrainingConfig
+option (cutoff, learning_rate, batch_size, loss_weights, ema_decay, checkpoint_every, ...); the command-line flags win.
 --initial-model starts from a previous model or ensemble file (member k of the new ensemble from member k mod M);
 --checkpoint saves the training state there (one file per member of an ensemble: PATH's stem + .memberK) and
 resumes from it when it exists, so a killed job started again with the same command ends as if never killed.
@@ -55,13 +55,13 @@ def load_options(text):
 
 def build_config(args):
     """TrainingConfig from --hyperparameters (model keys go to `architecture`) and the command-line flags."""
-    from polmodel.nn.model import DEFAULT_HYPERPARAMETERS
+    from polmodel.nn.model import DEFAULT_ARCHITECTURE
     from polmodel.training.train import TrainingConfig
 
     options = load_options(args.hyperparameters)
-    model_options = {name: options.pop(name) for name in list(options) if name in DEFAULT_HYPERPARAMETERS}
-    options["architecture"] = {**options.pop("hyperparameters", {}), **options.get("architecture", {}),
-                               **model_options}
+    model_options = {name: options.pop(name) for name in list(options) if name in DEFAULT_ARCHITECTURE}
+    # the nested "hyperparameters" alias of "architecture" is TrainingConfig.from_dict's to merge (beneath both)
+    options["architecture"] = {**options.get("architecture", {}), **model_options}
     for flag, name in (("seed", "seed"), ("epochs", "epochs"), ("validation_fraction", "validation_fraction"),
                        ("device", "device")):
         if getattr(args, flag) is not None:

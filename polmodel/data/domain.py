@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from polmodel.data.frames import frame_efield
 from polmodel.data.neighbors import neighbor_list
 
 #: Å; atoms closer than this are a collapsed structure, not one to label with DFT (also the DFT input check): the
@@ -30,10 +31,8 @@ DENSITY_RANGE = (0.75, 1.3)
 #: fields beyond this multiple of the largest labelled one are outside the domain
 FIELD_FACTOR = 2.0
 #: MD temperatures beyond this multiple of the highest temperature the training frames were sampled at are outside
-#: the domain. 2x is already past the edge: the α-quartz loop, converged at 300 K (all 80 explored frames within its
-#: trust level), retrained on the same frames was unsure of 11 of 80 frames at 600 K (README, `make demo`). Thermal
-#: displacements grow as sqrt(T): at 1.5x they are 1.22x the sampled ones, so the warning comes before that measured
-#: edge, while a run some tens of kelvin above the sampled temperature stays quiet.
+#: the domain: below the 2x at which a converged loop was already unsure, above a run some tens of kelvin hotter
+#: (benchmarks/README.md "Training domain temperature").
 TEMPERATURE_FACTOR = 1.5
 #: the frame info key of the MD temperature (K) a labelled structure was sampled at
 SAMPLED_TEMPERATURE_KEY = "sampled_temperature_K"
@@ -84,9 +83,7 @@ def training_domain(frames, cutoff):
         density = _density(atoms)
         if density is not None:
             densities.append(density)
-        efield = atoms.info.get("efield")
-        if efield is not None:
-            fields.append(float(np.linalg.norm(efield)))
+        fields.append(float(np.linalg.norm(frame_efield(atoms))))   # a frame without a field is at zero
         if atoms.info.get(SAMPLED_TEMPERATURE_KEY) is not None:
             temperatures.append(float(atoms.info[SAMPLED_TEMPERATURE_KEY]))
     pairs = {}

@@ -8,11 +8,19 @@ ASE's extxyz reader moves the labels it recognises (energy, forces, stress, dipo
 into a SinglePointCalculator and turns the stress into Voigt order; `normalize_frame` puts them back where
 docs/conventions.md says they live, so every label is read through the accessors below whatever produced the Atoms.
 """
+from __future__ import annotations
+
 import io
 import os
 import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ase import Atoms
+    from numpy.typing import NDArray
 
 # label name -> (where it lives, shape with "N" for the number of atoms)
 INFO_LABELS = {
@@ -36,49 +44,49 @@ class FrameError(ValueError):
 
 
 # --- label accessors (None when the label is absent) ---------------------------------------------------------
-def frame_energy(atoms):
+def frame_energy(atoms: Atoms) -> float | None:
     value = atoms.info.get("energy")
     return None if value is None else float(value)
 
 
-def frame_efield(atoms):
+def frame_efield(atoms: Atoms) -> NDArray[np.float64]:
     """The frame's homogeneous field in V/Å; a frame without `efield` is at zero field."""
     value = atoms.info.get("efield")
     return np.zeros(3) if value is None else np.asarray(value, dtype=float).reshape(3)
 
 
-def frame_stress(atoms):
+def frame_stress(atoms: Atoms) -> NDArray[np.float64] | None:
     value = atoms.info.get("stress")
     return None if value is None else np.asarray(value, dtype=float).reshape(3, 3)
 
 
-def frame_dipole(atoms):
+def frame_dipole(atoms: Atoms) -> NDArray[np.float64] | None:
     value = atoms.info.get("dipole")
     return None if value is None else np.asarray(value, dtype=float).reshape(3)
 
 
-def frame_polarization_quantum(atoms):
+def frame_polarization_quantum(atoms: Atoms) -> NDArray[np.float64] | None:
     value = atoms.info.get("polarization_quantum")
     return None if value is None else np.asarray(value, dtype=float).reshape(3, 3)
 
 
-def frame_polarizability(atoms):
+def frame_polarizability(atoms: Atoms) -> NDArray[np.float64] | None:
     value = atoms.info.get("polarizability")
     return None if value is None else np.asarray(value, dtype=float).reshape(3, 3)
 
 
-def frame_forces(atoms):
+def frame_forces(atoms: Atoms) -> NDArray[np.float64] | None:
     value = atoms.arrays.get("forces")
     return None if value is None else np.asarray(value, dtype=float).reshape(len(atoms), 3)
 
 
-def frame_born_charges(atoms):
+def frame_born_charges(atoms: Atoms) -> NDArray[np.float64] | None:
     """Born effective charges as (N, 3, 3) [i, a, b] = ∂F_ib/∂ε_a, or None."""
     value = atoms.arrays.get("born_effective_charges")
     return None if value is None else np.asarray(value, dtype=float).reshape(len(atoms), 3, 3)
 
 
-def frame_source(atoms):
+def frame_source(atoms: Atoms) -> str | None:
     value = atoms.info.get("source")
     return None if value is None else str(value)
 
@@ -87,20 +95,20 @@ def frame_source(atoms):
 _MD_RECORD_KEYS = ("step", "time_fs", "kinetic_energy", "temperature")
 
 
-def model_prediction_frames(frames):
+def model_prediction_frames(frames: Sequence[Atoms]) -> list[int]:
     """Indices of the frames that are records of a `polmodel md` run (step, time, kinetic energy, temperature in
     their info): their energies and forces are a model's predictions, not labels."""
     return [index for index, frame in enumerate(frames) if all(key in frame.info for key in _MD_RECORD_KEYS)]
 
 
 # --- branch continuity of the dipole labels ------------------------------------------------------------------
-def structure_key(frame):
+def structure_key(frame: Atoms) -> tuple[tuple[int, ...] | bytes, ...]:
     """Frames of one structure (same species, cell and positions, at any field) share this key."""
     rounded = [np.round(np.asarray(array, dtype=float), 6) + 0.0 for array in (frame.cell.array, frame.positions)]
     return (tuple(int(z) for z in frame.numbers),) + tuple(array.tobytes() for array in rounded)
 
 
-def _trajectory_position(frame):
+def _trajectory_position(frame: Atoms) -> tuple[str, int] | None:
     """(trajectory id, frame index) from `info['origin']` = "<trajectory UUID>:<frame index>", or None."""
     origin = frame.info.get("origin")
     if origin is None or ":" not in str(origin):
@@ -112,15 +120,21 @@ def _trajectory_position(frame):
         return None
 
 
-def _move_dipole(frame, shift):
+def _move_dipole(frame: Atoms, shift: NDArray[np.float64]) -> None:
     """Move a frame's dipole label by `shift` (whole quanta) and its enthalpy with it: pw.x's E contains −ε·ΩP on
     the branch ΩP is reported on, so E changes by −ε·shift."""
-    frame.info["dipole"] = frame_dipole(frame) + shift
-    if frame_energy(frame) is not None:
-        frame.info["energy"] = frame_energy(frame) - float(frame_efield(frame) @ shift)
+    frame.info["dipole"] = _dipole_of(frame) + shift
+    energy = frame_energy(frame)
+    if energy is not None:
+        frame.info["energy"] = energy - float(frame_efield(frame) @ shift)
 
 
-def align_dipole_branches(frames):
+def _dipole_of(frame: Atoms) -> NDArray[np.float64]:
+    """The dipole label of a frame known to carry one."""
+    return cast("NDArray[np.float64]", frame_dipole(frame))
+
+
+def align_dipole_branches(frames: Iterable[Atoms]) -> list[Atoms]:
     """Copies of `frames` with the dipole labels of each structure, and of each trajectory, on one branch.
 
     The reference never depends on a model (docs/design.md "Branch alignment of dipoles"):
@@ -140,7 +154,7 @@ def align_dipole_branches(frames):
     from polmodel.data.polarization import fold_dipole_difference  # imports torch; the rest of frames.py is numpy
 
     frames = [frame.copy() for frame in frames]
-    groups = {}
+    groups: dict[tuple[tuple[int, ...] | bytes, ...], list[Atoms]] = {}
     for frame in frames:
         if frame_dipole(frame) is not None and frame_polarization_quantum(frame) is not None:
             groups.setdefault(structure_key(frame), []).append(frame)
@@ -149,13 +163,13 @@ def align_dipole_branches(frames):
         reference = next((frame for frame in group if not np.any(frame_efield(frame))), group[0])
         for frame in group:
             if frame is not reference:
-                difference = frame_dipole(frame) - frame_dipole(reference)
+                difference = _dipole_of(frame) - _dipole_of(reference)
                 _move_dipole(frame, fold_dipole_difference(difference, frame_polarization_quantum(frame)) - difference)
         position = next(filter(None, map(_trajectory_position, group)), None)
         references.append((position, reference, group))
 
     branch_of_group = list(range(len(references)))
-    trajectories = {}
+    trajectories: dict[str, list[tuple[int, int]]] = {}
     for index, (position, _, _) in enumerate(references):
         if position is not None:
             trajectories.setdefault(position[0], []).append((position[1], index))
@@ -164,7 +178,7 @@ def align_dipole_branches(frames):
         for (_, previous), (_, current) in zip(members, members[1:]):
             _, anchor, _ = references[previous]
             _, reference, group = references[current]
-            difference = frame_dipole(reference) - frame_dipole(anchor)
+            difference = _dipole_of(reference) - _dipole_of(anchor)
             shift = fold_dipole_difference(difference, frame_polarization_quantum(reference)) - difference
             for frame in group:
                 _move_dipole(frame, shift)
@@ -176,11 +190,11 @@ def align_dipole_branches(frames):
 
 
 # --- normalisation and validation ----------------------------------------------------------------------------
-def _where(index):
+def _where(index: int | None) -> str:
     return "frame" if index is None else f"frame {index}"
 
 
-def _as_label_array(value, name, shape, index):
+def _as_label_array(value: object, name: str, shape: tuple[int, ...], index: int | None) -> NDArray[np.float64]:
     try:
         array = np.asarray(value, dtype=float)
     except (TypeError, ValueError) as error:
@@ -200,7 +214,7 @@ def _as_label_array(value, name, shape, index):
     return array
 
 
-def normalize_frame(atoms, index=None):
+def normalize_frame(atoms: Atoms, index: int | None = None) -> Atoms:
     """Return a validated copy of `atoms` with every label in `info`/`arrays` as docs/conventions.md specifies.
 
     Accepts the Atoms that `ase.io.read` returns (labels inside a SinglePointCalculator, stress in Voigt order)
@@ -245,13 +259,13 @@ def normalize_frame(atoms, index=None):
     return frame
 
 
-def normalize_frames(frames):
+def normalize_frames(frames: Iterable[Atoms]) -> list[Atoms]:
     """`normalize_frame` on every frame; errors name the frame's position in the list."""
     return [normalize_frame(atoms, index) for index, atoms in enumerate(frames)]
 
 
 # --- files ---------------------------------------------------------------------------------------------------
-def read_frames(path):
+def read_frames(path: str | os.PathLike[str]) -> list[Atoms]:
     """Read labelled frames from an extended-XYZ file, validated (raises `FrameError` with the reason)."""
     import ase.io
 
@@ -272,7 +286,7 @@ def read_frames(path):
         raise FrameError(f"{path!s}: {error}") from error
 
 
-def _check_position_columns(text, path):
+def _check_position_columns(text: str, path: str | os.PathLike[str]) -> None:
     """ASE fills absent positions with zeros; a frame whose Properties lack `pos` must fail instead."""
     lines = text.splitlines()
     line, frame = 0, 0
@@ -292,7 +306,7 @@ def _check_position_columns(text, path):
         frame += 1
 
 
-def write_frames(path, frames):
+def write_frames(path: str | os.PathLike[str], frames: Iterable[Atoms]) -> None:
     """Write labelled frames as extended XYZ with the labels in `info`/`arrays` (validated first)."""
     import ase.io
 

@@ -3,7 +3,12 @@ import numpy as np
 import torch
 
 from polmodel.data import keys
+from polmodel.data.frames import frame_efield
 from polmodel.data.neighbors import neighbor_list
+
+#: A graph dictionary as `atoms_to_graph` and `collate` make it (keys in polmodel/data/keys.py, every value a tensor):
+#: what the model and its derivatives (polmodel.nn.response) take, and give back with their outputs added.
+Graph = dict[str, torch.Tensor]
 
 
 class UnknownSpeciesError(ValueError):
@@ -37,7 +42,7 @@ def atoms_to_graph(atoms, species, cutoff, efield=None, dtype=torch.float32):
     positions = np.asarray(atoms.get_positions(), dtype=np.float64)
     index = species_indices(atoms.get_chemical_symbols(), species)
     if efield is None:
-        efield = atoms.info.get("efield", np.zeros(3))
+        efield = frame_efield(atoms)
     efield = np.asarray(efield, dtype=np.float64).reshape(-1)
     if efield.shape != (3,) or not np.all(np.isfinite(efield)):
         raise ValueError(f"efield must be 3 finite numbers (V/Å), got {efield.tolist()}")

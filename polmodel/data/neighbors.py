@@ -14,8 +14,8 @@ def _compute(calculator, **arguments):
     """`calculator.compute(...)` without its memory leak: vesin's NumPy output goes through
     `numpy.ctypeslib.as_array(pointer, shape)`, which makes a ctypes array type for every new pair count, and
     ctypes keeps each such type for good as a key of its pointer-type cache. MD meets a new pair count at almost
-    every step (every chunk's, on the chunked path), so a run grew by ~0.6 KB per step on a 5-atom cell
-    (tests/test_md_streaming.py). The cache entries this call added are dropped again; the returned arrays
+    every step (every chunk's, on the chunked path), so a run's memory grew with its length (tests/test_md_streaming.py;
+    benchmarks/README.md "Neighbour lists"). The cache entries this call added are dropped again; the returned arrays
     keep their own types alive for as long as they live."""
     cache = getattr(ctypes, "_pointer_type_cache", None)
     before = set(cache) if cache is not None else None

@@ -6,9 +6,14 @@ polarization come from one backward pass and are always computed together; Born 
 need second derivatives and are computed only when asked for (`calculate(properties=[...])` or the getters),
 so `get_forces` never pays for them.
 """
+from __future__ import annotations
+
 import copy
 import difflib
+import os
 import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,6 +29,13 @@ from polmodel.dynamics.fields import validate_field_vector
 from polmodel.nn.chunked import chunked_response, default_memory_limit_gb, plan_for_cell
 from polmodel.nn.response import FIELD_COUPLINGS, compute_response, first_order_field_response
 from polmodel.runtime.allocator import keep_heap_if_requested
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from numpy.typing import NDArray
+
+    from polmodel.data.graphs import Graph
+    from polmodel.nn.ensemble import PolEnsemble
 
 _BASE_PROPERTIES = ["energy", "free_energy", "forces", "stress", "dipole", "polarization"]
 _SECOND_ORDER = {"born_effective_charges": "born_charges", "polarizability": "polarizability",
@@ -55,7 +67,7 @@ class OutsideDomainError(ValueError):
 _OUTSIDE_DOMAIN_ACTIONS = ("warn", "refuse", "ignore")
 
 
-def _refuse_unknown(names, where):
+def _refuse_unknown(names: set[str], where: str) -> None:
     """TypeError naming each unknown keyword (and the likely intended one): ASE would keep it and ignore it."""
     if not names:
         return
@@ -70,17 +82,17 @@ def _refuse_unknown(names, where):
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _checked_dtype(dtype):
+def _checked_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """None, or torch.float32 / torch.float64 (also by name); the model's derivatives need one of them."""
     if dtype is None or dtype in _DTYPES.values():
-        return dtype
+        return cast("torch.dtype | None", dtype)
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"dtype must be float32 or float64 (torch dtype or name), got {dtype!r}: lower precisions "
                      "cannot carry the second derivatives (Born charges, polarizability)")
 
 
-def _load_model(model_or_path):
+def _load_model(model_or_path: torch.nn.Module | str | os.PathLike[str]) -> torch.nn.Module:
     if isinstance(model_or_path, torch.nn.Module):
         return model_or_path
     from polmodel.nn.serialization import load  # the model classes import e3nn (seconds): only for a file
@@ -120,11 +132,13 @@ class PolCalculator(Calculator):
     (`polmodel md` calls it before the first step).
     """
 
-    default_parameters = {"efield": (0.0, 0.0, 0.0)}
+    default_parameters: dict[str, Any] = {"efield": (0.0, 0.0, 0.0)}
 
-    def __init__(self, model_or_ensemble_or_path, efield=(0.0, 0.0, 0.0), dtype=None, device=None,
-                 min_distance=MIN_INTERATOMIC_DISTANCE, keep_heap=None, memory_limit_gb=None, coupling="network",
-                 outside_domain="warn", **kwargs):
+    def __init__(self, model_or_ensemble_or_path: torch.nn.Module | str | os.PathLike[str],
+                 efield: npt.ArrayLike = (0.0, 0.0, 0.0), dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None, min_distance: float = MIN_INTERATOMIC_DISTANCE,
+                 keep_heap: bool | None = None, memory_limit_gb: float | None = None, coupling: str = "network",
+                 outside_domain: str = "warn", **kwargs: Any) -> None:
         _refuse_unknown(set(kwargs) - _ASE_CONSTRUCTOR_ARGUMENTS, "PolCalculator()")
         if coupling not in FIELD_COUPLINGS:
             raise ValueError(f"coupling must be one of {', '.join(FIELD_COUPLINGS)}, got {coupling!r}")
@@ -156,21 +170,21 @@ class PolCalculator(Calculator):
         if self.device.type == "cpu":
             keep_heap_if_requested(keep_heap)
         self.is_ensemble = hasattr(model, "members")
-        self.species = list(model.species)
-        self.cutoff = float(model.cutoff)
+        self.species = list(cast("Sequence[str]", model.species))
+        self.cutoff = float(cast(float, model.cutoff))
         if self.min_distance >= self.cutoff:
             raise ValueError(f"min_distance {self.min_distance} Å must be below the model's cutoff {self.cutoff} Å")
         base = [name for name in _BASE_PROPERTIES if not (coupling == "first-order" and name == "stress")]
         self.implemented_properties = base + list(_SECOND_ORDER) + (_ENSEMBLE_SPREAD if self.is_ensemble else [])
         # The field the cached results were computed at (it can differ from the parameter after
         # `set_field_for_next_positions`).
-        self.results_efield = None
+        self.results_efield: NDArray[np.float64] | None = None
 
     @property
-    def efield(self):
+    def efield(self) -> NDArray[np.float64]:
         return np.array(self.parameters["efield"], dtype=float)
 
-    def set(self, **kwargs):
+    def set(self, **kwargs: Any) -> dict[str, Any]:
         _refuse_unknown(set(kwargs) - set(self.default_parameters), "PolCalculator.set()")
         if "efield" in kwargs:
             kwargs["efield"] = tuple(validate_field_vector(kwargs["efield"], "efield").tolist())
@@ -179,7 +193,7 @@ class PolCalculator(Calculator):
             self.reset()  # every result depends on the field (ASE's base class keeps results by default)
         return changed
 
-    def set_field_for_next_positions(self, efield):
+    def set_field_for_next_positions(self, efield: npt.ArrayLike) -> None:
         """Set the field for the next evaluation at new positions, keeping the cached results.
 
         For time-dependent fields in MD: the cached results belong to the current positions and the field at
@@ -189,11 +203,11 @@ class PolCalculator(Calculator):
         """
         self.parameters["efield"] = tuple(validate_field_vector(efield, "efield").tolist())
 
-    def reset(self):
+    def reset(self) -> None:
         super().reset()
         self.results_efield = None
 
-    def get_property(self, name, atoms=None, allow_calculation=True):
+    def get_property(self, name: str, atoms: Atoms | None = None, allow_calculation: bool = True) -> Any:
         if atoms is not None and not isinstance(atoms, Atoms):
             raise TypeError(f"PolCalculator evaluates one ase.Atoms at a time, got {type(atoms).__name__}")
         if name in _ENSEMBLE_SPREAD and not self.is_ensemble:
@@ -201,9 +215,10 @@ class PolCalculator(Calculator):
                                               "single model")
         return super().get_property(name, atoms, allow_calculation)
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+    def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
+                  system_changes: Sequence[str] = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
-        atoms = self.atoms
+        atoms = cast(Atoms, self.atoms)  # set by Calculator.calculate
         periodic = bool(np.all(atoms.pbc))
         if not periodic and np.any(atoms.pbc):
             raise ValueError(f"PolCalculator supports fully periodic or fully open cells, got pbc={atoms.pbc}")
@@ -234,13 +249,13 @@ class PolCalculator(Calculator):
             if self.is_ensemble:
                 # polmodel.nn.ensemble imports the model classes (e3nn, seconds); an ensemble here has loaded them
                 from polmodel.nn.ensemble import ensemble_response
-                response = ensemble_response(self.model, data, response_function, **flags)
+                response = ensemble_response(cast("PolEnsemble", self.model), data, response_function, **flags)
             else:
                 response = response_function(self.model, data, **flags)
         self.results.update(self._to_results(response))
         self.results_efield = efield
 
-    def check_domain(self, atoms, field_max=0.0, temperature_K=None):
+    def check_domain(self, atoms: Atoms, field_max: float = 0.0, temperature_K: float | None = None) -> list[str]:
         """The notes (polmodel/data/domain.py) on where `atoms`, a field of magnitude `field_max` (V/Å) and MD at
         `temperature_K` lie outside the model's training domain; warned or refused as `outside_domain` says. Empty
         for models saved without their domain."""
@@ -253,14 +268,15 @@ class PolCalculator(Calculator):
             warnings.warn(message, OutsideDomainWarning, stacklevel=3)
         return notes
 
-    def check_atoms(self, atoms):
+    def check_atoms(self, atoms: Atoms) -> None:
         """Raise OverlappingAtomsError when two atoms of `atoms` are closer than `min_distance` (what every
         calculation checks first), without evaluating the model: a neighbour list at `min_distance` only."""
         if self.min_distance > 0.0:
             self._refuse_overlapping_atoms(atoms, *neighbor_list(atoms.positions, atoms.cell[:], atoms.pbc,
                                                                  self.min_distance))
 
-    def _refuse_overlapping_atoms(self, atoms, edge_index, cell_shift):
+    def _refuse_overlapping_atoms(self, atoms: Atoms, edge_index: NDArray[np.int64],
+                                  cell_shift: NDArray[np.float64]) -> None:
         """Raise OverlappingAtomsError when two atoms are closer than `min_distance`.
 
         The closest pair is read from a neighbour list (the graph's, O(edges), or one at `min_distance` on the
@@ -281,7 +297,7 @@ class PolCalculator(Calculator):
                 f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {lengths[closest]:.3f} Å apart "
                 f"(< min_distance {self.min_distance} Å): overlapping atoms, where the model has no meaning")
 
-    def _chunked_response(self, atoms, efield, flags):
+    def _chunked_response(self, atoms: Atoms, efield: NDArray[np.float64], flags: Mapping[str, bool]) -> Graph | None:
         """The response by chunks (polmodel/nn/chunked.py) when the cell needs more than memory_limit_gb, else None."""
         plan = plan_for_cell(self.model, atoms.positions, atoms.cell[:], atoms.pbc, self.memory_limit_gb,
                              dtype=self.dtype, device=self.device, born_charges=flags["born_charges"],
@@ -293,7 +309,7 @@ class PolCalculator(Calculator):
                                 species_indices(atoms.get_chemical_symbols(), self.species), efield, grid=plan.grid,
                                 memory_limit_gb=self.memory_limit_gb, dtype=self.dtype, device=self.device, **flags)
 
-    def _to_results(self, response):
+    def _to_results(self, response: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         results = {}
         for suffix in ("", "_std"):
             for key, name in _PER_GRAPH.items():

@@ -51,16 +51,15 @@ import sys
 import ase.io
 import numpy as np
 import torch
-from ase import units
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from polmodel.data import keys
 from polmodel.data.graphs import species_indices
 from polmodel.data.neighbors import neighbor_list
+from polmodel.data.units import ASE_VELOCITY_IN_ANGSTROM_PER_PS
 
 FIX_ID = "polmodel"
 DEFAULT_SKIN = 1.0  # Å
-_ASE_VELOCITY_TO_A_PER_PS = units.fs * 1000.0  # ASE velocities are Å per ASE time unit; LAMMPS metal: Å/ps
 
 
 def import_lammps():
@@ -79,7 +78,7 @@ def import_lammps():
 
 def ghost_cutoff(model, skin=DEFAULT_SKIN):
     """Communication cutoff (Å) that makes every owned atom's energy exact: the receptive field + the skin."""
-    return model.hyperparameters["num_layers"] * float(model.cutoff) + skin
+    return model.architecture["num_layers"] * float(model.cutoff) + skin
 
 
 class LammpsFrame:
@@ -122,7 +121,7 @@ class ModelCallback:
         self.natoms = natoms
         self.dtype = dtype
         self.cutoff = float(model.cutoff)
-        self.num_layers = model.hyperparameters["num_layers"]
+        self.num_layers = model.architecture["num_layers"]
         self.dipole_file, self.interval = dipole_file, interval
         self.last_written_step = None
         self.energy = self.dipole = self.efield = self.step = None
@@ -250,7 +249,7 @@ class LammpsSimulation:
             lmp.command(f"mass {index} {float(atomic_masses[atomic_numbers[symbol]])!r}")
         scaled = atoms.cell.scaled_positions(atoms.positions) % 1.0
         positions = scaled @ self.frame.lower
-        velocities = self.frame.to_lammps(atoms.get_velocities()) * _ASE_VELOCITY_TO_A_PER_PS
+        velocities = self.frame.to_lammps(atoms.get_velocities()) * ASE_VELOCITY_IN_ANGSTROM_PER_PS
         lmp.create_atoms(self.natoms, list(range(1, self.natoms + 1)), type_index.tolist(),
                          positions.ravel().tolist(), velocities.ravel().tolist())
         if lmp.get_natoms() != self.natoms:
@@ -330,7 +329,7 @@ def run_lammps(model, atoms, field_protocol, steps, *, timestep_fs=1.0, ensemble
                 final = atoms.copy()
                 final.set_cell(simulation.frame.to_ase(simulation._current_lower()))  # npt moves it
                 final.positions = positions
-                final.set_velocities(velocities / _ASE_VELOCITY_TO_A_PER_PS)
+                final.set_velocities(velocities / ASE_VELOCITY_IN_ANGSTROM_PER_PS)
                 final.info.update(energy=simulation.callback.energy, dipole=simulation.callback.dipole.tolist(),
                                   efield=simulation.callback.efield.tolist(), step=int(simulation.callback.step))
                 ase.io.write(final_structure, final, format="extxyz")

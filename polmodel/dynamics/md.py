@@ -25,15 +25,43 @@ Trust: with an ensemble, the largest atomic force spread is checked at every ste
 `force_spread_exceeded_step` in every frame written from then on; with `stop_on_spread` the run stops there
 and writes that step's frame (off the `interval` grid when it falls between frames) with `stopped_on_spread`.
 """
+from __future__ import annotations
+
 import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from polmodel.dynamics.polarization_log import PolarizationLog, polarization_log_path
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import torch
+    from ase import Atoms
+    from ase.md.langevin import Langevin
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
+    from ase.md.nvtberendsen import NVTBerendsen
+    from ase.md.verlet import VelocityVerlet
+    from numpy.typing import NDArray
+    from tqdm import tqdm
+
+    from polmodel.dynamics.calculator import PolCalculator
+
+    # the integrators of THERMOSTATS (`_build_dynamics`)
+    MolecularDynamics = VelocityVerlet | Langevin | NoseHooverChainNVT | NVTBerendsen | IsotropicMTKNPT
+
+
+class FieldProtocol(Protocol):
+    """A field protocol (polmodel/dynamics/fields.py): the field (3,) V/Å at a time in fs, and its JSON-able record."""
+
+    def __call__(self, time_fs: float) -> NDArray[np.float64]: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
 
 # ASE is imported inside the functions: `polmodel md --help` reads THERMOSTATS and should not pay for ASE.
 THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
@@ -66,11 +94,11 @@ class ForceSpreadWarning(UserWarning):
 _CALCULATOR_KEYS = ("energy", "free_energy", "dipole", "polarization", "stress")
 
 
-def checkpoint_path(trajectory_path):
+def checkpoint_path(trajectory_path: str | os.PathLike[str]) -> Path:
     return Path(f"{trajectory_path}.restart.npz")
 
 
-def read_trajectory(path, index=":"):
+def read_trajectory(path: str | Path, index: int | str = ":") -> list[Atoms]:
     """Frames of a `run_md` trajectory with every per-frame quantity in `atoms.info` / `atoms.arrays`."""
     import ase.io
     frames = ase.io.read(path, index=index, format="extxyz")
@@ -87,7 +115,8 @@ def read_trajectory(path, index=":"):
     return frames
 
 
-def _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng, pressure_GPa):
+def _build_dynamics(atoms: Atoms, thermostat: str, timestep_fs: float, temperature_K: float, friction: float,
+                    rng: np.random.Generator, pressure_GPa: float) -> MolecularDynamics:
     from ase import units as ase_units
     from ase.md.langevin import Langevin
     from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
@@ -112,26 +141,26 @@ def _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng
     raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
 
 
-def _thermostat_state(dynamics):
+def _thermostat_state(dynamics: MolecularDynamics) -> dict[str, list[float]]:
     thermostat = getattr(dynamics, "_thermostat", None)
     if thermostat is None:
         return {}
     return {"eta": thermostat._eta.tolist(), "p_eta": thermostat._p_eta.tolist()}
 
 
-def _restore_thermostat_state(dynamics, state):
+def _restore_thermostat_state(dynamics: MolecularDynamics, state: Mapping[str, Any] | None) -> None:
     thermostat = getattr(dynamics, "_thermostat", None)
     if thermostat is not None and state:
         thermostat._eta = np.array(state["eta"])
         thermostat._p_eta = np.array(state["p_eta"])
 
 
-def max_force_spread(forces_std):
+def max_force_spread(forces_std: npt.ArrayLike) -> float:
     """eV/Å: the largest atomic force spread (norm over components) from the (N, 3) per-component spreads."""
     return float(np.linalg.norm(np.asarray(forces_std), axis=1).max())
 
 
-def _frame(atoms, calculator, step, time_fs, born_spread):
+def _frame(atoms: Atoms, calculator: PolCalculator, step: int, time_fs: float, born_spread: bool) -> Atoms:
     """A copy of `atoms` (positions, momenta) with this step's results in info/arrays."""
     from ase import Atoms
 
@@ -162,7 +191,8 @@ def _frame(atoms, calculator, step, time_fs, born_spread):
     return frame
 
 
-def _write_checkpoint(path, atoms, step, time_fs, dynamics, rng):
+def _write_checkpoint(path: Path, atoms: Atoms, step: int, time_fs: float, dynamics: MolecularDynamics,
+                      rng: np.random.Generator) -> None:
     state = {"thermostat": _thermostat_state(dynamics), "rng": rng.bit_generator.state}
     temporary = Path(f"{path}.tmp.npz")
     np.savez(temporary, step=step, time_fs=time_fs, positions=atoms.get_positions(),
@@ -170,10 +200,11 @@ def _write_checkpoint(path, atoms, step, time_fs, dynamics, rng):
     os.replace(temporary, path)
 
 
-def run_settings(protocol, *, thermostat, timestep_fs, temperature_K, friction, pressure_GPa, interval,
-                 polarization_interval=1, coupling="network"):
+def run_settings(protocol: FieldProtocol, *, thermostat: str, timestep_fs: float, temperature_K: float, friction: float,
+                 pressure_GPa: float, interval: int, polarization_interval: int = 1,
+                 coupling: str = "network") -> dict[str, Any]:
     """The settings a trajectory is made with, as first-frame info entries (what a restart must repeat)."""
-    settings = {"field": json.dumps(protocol.as_dict(), sort_keys=True), "thermostat": thermostat,
+    settings: dict[str, Any] = {"field": json.dumps(protocol.as_dict(), sort_keys=True), "thermostat": thermostat,
                 "timestep_fs": float(timestep_fs), "interval": int(interval)}
     if coupling != "network":   # recorded only when not the default, so older trajectories still continue
         settings["coupling"] = coupling
@@ -186,7 +217,7 @@ def run_settings(protocol, *, thermostat, timestep_fs, temperature_K, friction, 
     return {_SETTINGS_PREFIX + name: value for name, value in settings.items()}
 
 
-def check_restart(trajectory_path, atoms, settings):
+def check_restart(trajectory_path: str | Path, atoms: Atoms, settings: Mapping[str, Any]) -> None:
     """Raise when the trajectory at `trajectory_path` cannot be continued from `atoms` with `settings`
     (`run_settings`): other atoms, other settings, or a file that is not a `run_md` trajectory.
 
@@ -216,14 +247,14 @@ def check_restart(trajectory_path, atoms, settings):
                                    ": give another output file, or start over with no restart")
 
 
-def _same_setting(old, new):
+def _same_setting(old: object, new: object) -> bool:
     numbers = (int, float, np.integer, np.floating)
     if isinstance(old, numbers) and isinstance(new, numbers):
         return bool(np.isclose(float(old), float(new), rtol=1e-12, atol=0.0))  # extxyz round trip of floats
     return old == new
 
 
-def saved_step(trajectory_path):
+def saved_step(trajectory_path: str | os.PathLike[str]) -> int:
     """The step a restart of the trajectory at `trajectory_path` would continue from (0 when nothing is saved)."""
     checkpoint = checkpoint_path(trajectory_path)
     if not checkpoint.exists():
@@ -232,7 +263,7 @@ def saved_step(trajectory_path):
         return int(saved["step"])
 
 
-def _resume(atoms, trajectory_path, timestep_fs):
+def _resume(atoms: Atoms, trajectory_path: str | Path, timestep_fs: float) -> tuple[int, dict[str, Any]]:
     """Put the saved state on `atoms`: the checkpoint's when it is at or after the last frame (it is written
     with every frame and every `checkpoint_interval` steps), else the last frame's; returns (step, extra state)."""
     frames = read_trajectory(trajectory_path, index=-1)
@@ -255,7 +286,7 @@ def _resume(atoms, trajectory_path, timestep_fs):
     return step, state
 
 
-def spread_threshold_of(model):
+def spread_threshold_of(model: torch.nn.Module) -> tuple[float, str]:
     """(threshold eV/Å, source text) for MD with `model`: SPREAD_THRESHOLD_PER_VALIDATION_RMSE times the mean
     validation force RMSE its members were saved with (`polmodel train` records it), else DEFAULT_SPREAD_THRESHOLD."""
     members = getattr(model, "members", [model])
@@ -278,7 +309,7 @@ def spread_threshold_of(model):
 MAX_TIMESTEP_FS_PER_SQRT_AMU = 1.25
 
 
-def check_timestep(timestep_fs, masses):
+def check_timestep(timestep_fs: float, masses: npt.ArrayLike) -> None:
     """ValueError when the timestep is beyond MAX_TIMESTEP_FS_PER_SQRT_AMU × √(lightest mass)."""
     lightest = float(np.min(masses))
     limit = MAX_TIMESTEP_FS_PER_SQRT_AMU * np.sqrt(lightest)
@@ -287,8 +318,9 @@ def check_timestep(timestep_fs, masses):
                          f"Verlet integration blows up; use at most {limit:.2g} fs")
 
 
-def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, friction, interval, pressure_GPa=0.0,
-                        spread_threshold=None, polarization_interval=1, seed=0):
+def check_run_arguments(*, steps: int, timestep_fs: float, temperature_K: float, thermostat: str, friction: float,
+                        interval: int, pressure_GPa: float = 0.0, spread_threshold: float | None = None,
+                        polarization_interval: int = 1, seed: int = 0) -> None:
     """ValueError for settings `run_md` cannot run with (checked before any work)."""
     if int(seed) != seed or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
@@ -313,10 +345,12 @@ def check_run_arguments(*, steps, timestep_fs, temperature_K, thermostat, fricti
         raise ValueError(f"the force-spread threshold must be a positive number of eV/Å, got {spread_threshold}")
 
 
-def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300.0, thermostat="nve",
-           friction=0.01, interval=10, trajectory_path="md.xyz", born_spread=False, restart=True, progress=True,
-           seed=0, pressure_GPa=0.0, spread_threshold=DEFAULT_SPREAD_THRESHOLD, stop_on_spread=False,
-           polarization_interval=1, checkpoint_interval=None):
+def run_md(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol, *, steps: int, timestep_fs: float,
+           temperature_K: float = 300.0, thermostat: str = "nve", friction: float = 0.01, interval: int = 10,
+           trajectory_path: str | os.PathLike[str] = "md.xyz", born_spread: bool = False, restart: bool = True,
+           progress: bool = True, seed: int = 0, pressure_GPa: float = 0.0,
+           spread_threshold: float | None = DEFAULT_SPREAD_THRESHOLD, stop_on_spread: bool = False,
+           polarization_interval: int = 1, checkpoint_interval: int | None = None) -> Atoms:
     """Run MD of `atoms` with `calculator` (a PolCalculator) under the field protocol `protocol`.
 
     steps: the total length of the run in steps; a restarted run continues from the trajectory's last frame
@@ -363,7 +397,7 @@ def run_md(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K=300
 
 
 @contextlib.contextmanager
-def _exclusive(trajectory_path):
+def _exclusive(trajectory_path: Path) -> Iterator[None]:
     """Hold `<trajectory>.lock` while the run writes: a second process on the same trajectory (the same command
     started twice) would interleave its rows and checkpoints with the first's; it gets RunInProgressError."""
     import fcntl
@@ -383,9 +417,12 @@ def _exclusive(trajectory_path):
         handle.close()
 
 
-def _run_locked(atoms, calculator, protocol, *, steps, timestep_fs, temperature_K, thermostat, friction, interval,
-                trajectory_path, born_spread, restart, progress, seed, pressure_GPa, spread_threshold, stop_on_spread,
-                polarization_interval, checkpoint_interval, rng, checkpoint, polarization_path):
+def _run_locked(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol, *, steps: int, timestep_fs: float,
+                temperature_K: float, thermostat: str, friction: float, interval: int, trajectory_path: Path,
+                born_spread: bool, restart: bool, progress: bool, seed: int, pressure_GPa: float,
+                spread_threshold: float | None, stop_on_spread: bool, polarization_interval: int,
+                checkpoint_interval: int | None, rng: np.random.Generator, checkpoint: Path,
+                polarization_path: Path) -> Atoms:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     settings = run_settings(protocol, thermostat=thermostat, timestep_fs=timestep_fs, temperature_K=temperature_K,
@@ -452,8 +489,10 @@ def _run_locked(atoms, calculator, protocol, *, steps, timestep_fs, temperature_
     return final
 
 
-def _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_log, bar, *, step, remaining,
-               timestep_fs, interval, born_spread, trajectory_path, checkpoint, checkpoint_interval):
+def _integrate(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol, dynamics: MolecularDynamics,
+               rng: np.random.Generator, watch: _SpreadWatch, polarization_log: PolarizationLog, bar: tqdm | None, *,
+               step: int, remaining: int, timestep_fs: float, interval: int, born_spread: bool,
+               trajectory_path: Path, checkpoint: Path, checkpoint_interval: int) -> int:
     """The MD loop of `run_md`: every step goes to the P(t) file and every `interval`-th to the trajectory as
     it is made; nothing is kept. Returns the last step."""
     import ase.io
@@ -492,12 +531,12 @@ class _SpreadWatch:
     so it costs nothing): one ForceSpreadWarning at the first step above the threshold, remembered for the
     frames, and a stop there when asked."""
 
-    def __init__(self, threshold, stop):
+    def __init__(self, threshold: float | None, stop: bool) -> None:
         self.threshold, self.stop = threshold, bool(stop)
-        self.exceeded_step = None
+        self.exceeded_step: int | None = None
         self.stopped = False
 
-    def check(self, calculator, step):
+    def check(self, calculator: PolCalculator, step: int) -> None:
         if self.threshold is None or self.exceeded_step is not None:
             return
         spread = max_force_spread(calculator.results["forces_std"])
@@ -509,8 +548,8 @@ class _SpreadWatch:
                           f"{self.threshold:g} eV/Å, so the model is extrapolating; {action}",
                           ForceSpreadWarning, stacklevel=3)
 
-    def record(self):
-        record = {}
+    def record(self) -> dict[str, int | bool]:
+        record: dict[str, int | bool] = {}
         if self.exceeded_step is not None:
             record["force_spread_exceeded_step"] = self.exceeded_step
         if self.stopped:

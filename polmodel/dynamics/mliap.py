@@ -75,7 +75,7 @@ class PolMLIAP(MLIAPUnified):
     @property
     def ghost_cutoff(self):
         """The smallest `comm_modify cutoff` (without skin) for exact local energies."""
-        return self.model.hyperparameters["num_layers"] * float(self.model.cutoff)
+        return self.model.architecture["num_layers"] * float(self.model.cutoff)
 
     def compute_descriptors(self, data):
         """Unused by the unified interface (the model computes its own descriptors)."""

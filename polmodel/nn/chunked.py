@@ -22,10 +22,10 @@ E, F, stress, ΩP, Z*, α to 1e-10 relative in float64, with chunks that cut per
 a cell narrower than twice the halo, and an open cluster). The per-chunk derivatives are those of
 polmodel/nn/response.py (compute_response), run on the chunk's cluster with the energy restricted to own atoms.
 
-Memory. A chunk's peak memory is dominated by its edge tensors: `BYTES_PER_EDGE` (measured, see there) times its
-edges, and the number of chunks is the smallest grid whose largest chunk fits the budget. A chunk is checked
-again once its neighbour list is known and split in two if it is larger than planned. A budget too small for
-a chunk of atomic size is a `MemoryBudgetError` before any work.
+Memory. A chunk's peak memory is dominated by its edge tensors: `BYTES_PER_EDGE` (measured: benchmarks/README.md
+"Memory per edge") times its edges, and the number of chunks is the smallest grid whose largest chunk fits the
+budget. A chunk is checked again once its neighbour list is known and split in two if it is larger than planned. A
+budget too small for a chunk of atomic size is a `MemoryBudgetError` before any work.
 """
 import logging
 import math
@@ -38,13 +38,9 @@ import torch
 from polmodel.data import keys
 from polmodel.data.neighbors import open_boundary_pairs
 
-# Peak bytes per edge of one model call, float32, default-sized model (num_features 32, lmax 2, radial_hidden 64).
-# Measured with benchmarks/scale.py (5 Å cutoff, ~50 edges per atom): compute_response alone (--measure-memory,
-# 3,645-atom BaTiO3) raises the peak resident memory by 5.8, 17.4 and 13.2 KB per edge for E+F+P, + Born charges,
-# + α; a whole one-shot PolCalculator call (neighbour list, and the heap it keeps, polmodel/runtime/allocator.py) by
-# 440 KB per atom = 8.8 KB per edge; the chunks of a 10⁶-atom BaTiO3 call (740k edges, 24k images each) by
-# ~7.8 GB = 10.5 KB per edge (halo images are a third of a chunk's atoms). The constants are the last, with the
-# same ratios for the second-order properties. On an H200 the GPU memory used was ~35% below them.
+# Peak bytes per edge of one model call, float32, default-sized model (num_features 32, lmax 2, radial_hidden 64):
+# the largest measured, that of the chunks of a 10⁶-atom cell, so that a plan does not underestimate a chunk
+# (benchmarks/README.md "Memory per edge").
 BYTES_PER_EDGE = {"first_order": 10.5e3, "born_charges": 31.5e3, "polarizability": 24.0e3}
 _log = logging.getLogger(__name__)
 # the default budget: this fraction of the memory available (when the calculator is made)
@@ -93,14 +89,14 @@ def cell_geometry(positions, cell, pbc):
 
 def halo_width(model):
     """L·rc (Å): the reach of one atom's energy."""
-    return model.hyperparameters["num_layers"] * float(model.cutoff) + _HALO_MARGIN
+    return model.architecture["num_layers"] * float(model.cutoff) + _HALO_MARGIN
 
 
 def bytes_per_edge(model, dtype, born_charges=False, polarizability=False):
     """Estimated peak bytes per edge of one call (float32 default model measured; scaled by width and dtype)."""
     kind = "born_charges" if born_charges else "polarizability" if polarizability else "first_order"
-    width = model.hyperparameters["num_features"] * model.hyperparameters["feature_lmax"] / 32.0
-    radial = model.hyperparameters["radial_hidden"] / 64.0
+    width = model.architecture["num_features"] * model.architecture["feature_lmax"] / 32.0
+    radial = model.architecture["radial_hidden"] / 64.0
     scale = max(width, radial, 0.25)   # small test models are still charged a quarter of the default
     return BYTES_PER_EDGE[kind] * scale * torch.tensor([], dtype=dtype).element_size() / 4.0
 
@@ -156,7 +152,7 @@ def estimated_chunk_bytes(model, geometry, grid, dtype, born_charges=False, pola
     per_edge = bytes_per_edge(model, dtype, born_charges, polarizability)
     if grid is None:
         return num_atoms * _neighbors_per_atom(geometry, num_atoms, cutoff) * per_edge
-    receivers_reach = (model.hyperparameters["num_layers"] - 1) * cutoff + _HALO_MARGIN
+    receivers_reach = (model.architecture["num_layers"] - 1) * cutoff + _HALO_MARGIN
     return _chunk_edges(geometry, num_atoms, cutoff, receivers_reach, grid) * per_edge
 
 
@@ -180,8 +176,8 @@ def plan_chunks(model, geometry, memory_limit_gb, dtype, born_charges=False, pol
 
     The widest chunk direction is halved until a chunk fits, so a grid is a power of two along each axis. When the
     chunks that fit are so narrow that their halos make the call cost more than MAX_CHUNK_OVERHEAD times the
-    one-shot call (a 2,560-atom float64 call with Born charges at 0.6 GB ran 24 CPU minutes against one), a
-    ChunkOverheadWarning says how much, and which budget avoids it."""
+    one-shot call (benchmarks/README.md "Chunk overhead"), a ChunkOverheadWarning says how much, and which budget
+    avoids it."""
     cutoff = float(model.cutoff)
     budget = float(memory_limit_gb) * 1e9
     one_shot = estimated_chunk_bytes(model, geometry, None, dtype, born_charges, polarizability)
@@ -205,7 +201,7 @@ def plan_chunks(model, geometry, memory_limit_gb, dtype, born_charges=False, pol
             raise MemoryBudgetError(
                 f"memory_limit_gb={memory_limit_gb:g} is too small: even a chunk {_MIN_CHUNK_WIDTH} Å wide needs "
                 f"about {estimate / 1e9:.3g} GB with its halo of {halo_width(model):.3g} Å "
-                f"({model.hyperparameters['num_layers']} layers × {cutoff:g} Å cutoff); give at least that")
+                f"({model.architecture['num_layers']} layers × {cutoff:g} Å cutoff); give at least that")
         grid[axis] *= 2
 
 
@@ -255,7 +251,7 @@ def build_chunk(geometry, positions, model, low, high, owner_of_atom, chunk_inde
     image_positions = positions[atoms] + (shifts - wrap[atoms]) @ geometry.lattice if geometry.periodic \
         else positions[atoms].copy()
     own = np.all(shifts == 0, axis=1) & (owner_of_atom[atoms] == chunk_index)
-    receivers_reach = ((model.hyperparameters["num_layers"] - 1) * cutoff + _HALO_MARGIN) / geometry.widths
+    receivers_reach = ((model.architecture["num_layers"] - 1) * cutoff + _HALO_MARGIN) / geometry.widths
     image_fractional = geometry.fractional[atoms] + shifts
     receives = np.all((image_fractional >= low - receivers_reach) & (image_fractional < high + receivers_reach),
                       axis=1)
@@ -312,7 +308,7 @@ def plan_for_cell(model, positions, cell, pbc, memory_limit_gb=None, *, dtype, d
     """`plan_chunks` for one cell; memory_limit_gb None means `default_memory_limit_gb(device)`.
 
     An energy model whose reach is unknown (not a PolModel: no num_layers) is always evaluated in one shot."""
-    if "num_layers" not in getattr(model, "hyperparameters", {}):
+    if "num_layers" not in getattr(model, "architecture", {}):
         return ChunkPlan((1, 1, 1), True, float("nan"))
     if memory_limit_gb is None:
         memory_limit_gb = default_memory_limit_gb(device)

@@ -10,9 +10,8 @@ Here each path has its own edge tensors from the start: the sender's features ar
 (N rows, not E) and then gathered, each path's weights come from their own columns of the radial network, and
 each path's messages are summed onto the atoms before they are joined into e3nn's layout. Edge tensors are
 channel-last, (E, 2l+1, u), so that products and the reductions of their backwards run over u contiguous floats.
-Measured for the whole default model on a 1080-atom BaTiO3 cell (one thread), e3nn's TensorProduct → this:
-forward 112 → 71 ms, first backward 212 → 117 ms, each Born-charge pass 332 → 152 ms; the module alone is
-compared by benchmarks/edge_messages_speed.py.
+Every pass of the model (forward, backward, Born charges) is faster this way than with e3nn's module
+(benchmarks/README.md "Edge messages").
 Per path (x the sender's irrep block (E, 2l1+1, u), Y the edge harmonic (E, 2l2+1), C the Wigner 3j symbol
 times the path weight):   m[e, k, u] = w[e, u] Σ_ij C[i, j, k] x[e, i, u] Y[e, j].
 """
@@ -26,9 +25,9 @@ from e3nn import o3
 class _SumOverReceivers(torch.autograd.Function):
     """Σ of edge rows onto their receiving atoms: index_add, with `_GatherSenders` as its backward.
 
-    torch's own backward of index_add is index_select, which on the CPU gathers (E, C) rows about four times
-    slower than `grad[index]` (measured: 16 vs 4.5 ms for 54k edges × 128 channels, one thread). Both backwards
-    are differentiable torch functions, so second derivatives use the same fast pair.
+    torch's own backward of index_add is index_select, which on the CPU gathers (E, C) rows several times slower
+    than `grad[index]` (benchmarks/README.md "Edge messages"). Both backwards are differentiable torch functions,
+    so second derivatives use the same fast pair.
     """
 
     @staticmethod
@@ -127,8 +126,8 @@ class EdgeMessages(torch.nn.Module):
 
         Their per-edge 3×3 matrix Σ_j C[i, j, k] Y²_j(r̂) is a y y^T + b 1 with y = Y¹(r̂), so the product is
         a y (y · x) + b x: two contractions over the three components instead of a batched 3×3 matrix product,
-        which on the CPU costs 15 ms for 54k edges × 32 channels against 1 ms for an elementwise product. a and b
-        are fitted here on random directions and the fit is required to be exact.
+        which on the CPU is an order of magnitude slower (benchmarks/README.md "Edge messages"). a and b are fitted
+        here on random directions and the fit is required to be exact.
         """
         l1_positions = [i_sh for i_sh, (_, ir) in enumerate(self.irreps_sh) if ir.l == 1]
         if not l1_positions:

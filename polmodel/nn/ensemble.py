@@ -1,5 +1,9 @@
 """A committee of PolModels; its spread over members is the uncertainty used for active learning."""
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -7,16 +11,20 @@ from polmodel.data import keys
 from polmodel.data.polarization import fold_dipole_difference
 from polmodel.nn.model import members_from_payload
 from polmodel.nn.model_file import read_payload, write_model_file
-from polmodel.nn.response import cell_volume, compute_response, periodic_graphs
+from polmodel.nn.response import ResponseFunction, cell_volume, compute_response, periodic_graphs
+
+if TYPE_CHECKING:
+    from polmodel.data.graphs import Graph
+    from polmodel.nn.model import PolModel
 
 # quantities whose member spread is reported as `<key>_std`
 SPREAD_KEYS = (keys.ENERGY, keys.FORCES, keys.DIPOLE, keys.POLARIZATION, keys.BORN_CHARGES, keys.POLARIZABILITY)
 
 
 class PolEnsemble(torch.nn.Module):
-    """Models with the same species and cutoff (they may differ in hyperparameters and weights)."""
+    """Models with the same species and cutoff (they may differ in architecture and weights)."""
 
-    def __init__(self, members):
+    def __init__(self, members: Iterable[PolModel]) -> None:
         super().__init__()
         members = list(members)
         if not members:
@@ -30,28 +38,28 @@ class PolEnsemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
 
     @property
-    def species(self):
-        return self.members[0].species
+    def species(self) -> list[str]:
+        return cast("PolModel", self.members[0]).species
 
     @property
-    def cutoff(self):
-        return self.members[0].cutoff
+    def cutoff(self) -> float:
+        return cast("PolModel", self.members[0]).cutoff
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.members)
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the ensemble file (polmodel/nn/model_file.py format, with its content hash)."""
         write_model_file("ensemble", list(self.members), path)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike[str]) -> PolEnsemble:
         """Read an ensemble file, or a single-model file as an ensemble of one; `ModelFileError` naming the file
         if it is corrupt, truncated or not a polmodel file."""
         path = os.fspath(path)
         return PolEnsemble(members_from_payload(path, read_payload(path)))
 
-    def forward(self, data):
+    def forward(self, data: Graph) -> Graph:
         """Mean energy over members (ENERGY, ATOMIC_ENERGY), so that the ensemble is itself an energy model."""
         outputs = [member(data) for member in self.members]
         out = dict(data)
@@ -60,7 +68,7 @@ class PolEnsemble(torch.nn.Module):
         return out
 
 
-def onto_first_member_branch(dipoles, cell, periodic):
+def onto_first_member_branch(dipoles: torch.Tensor, cell: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
     """Member dipoles (K, G, 3) moved by whole e·R_i onto the branch of member 0 (periodic graphs only).
 
     Members are trained against folded dipoles, so each may settle on another branch of the multivalued ΩP; any
@@ -74,7 +82,8 @@ def onto_first_member_branch(dipoles, cell, periodic):
     return torch.where(periodic.view(1, -1, 1), aligned, dipoles)
 
 
-def ensemble_response(ensemble, data, response_function=compute_response, **flags):
+def ensemble_response(ensemble: PolEnsemble, data: Graph, response_function: ResponseFunction = compute_response,
+                      **flags: bool) -> Graph:
     """`response_function` (compute_response, or another function of polmodel.nn.response with its signature, such as
     first_order_field_response) of every member; mean under the standard keys, population std as `<key>_std`.
 

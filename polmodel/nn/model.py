@@ -5,8 +5,8 @@ harmonics of r_ij times a learned radial function (Bessel basis × polynomial cu
 "uvu" tensor product with the sender's features (polmodel/nn/edge_messages.py: e3nn's arithmetic, laid out for cheap
 second derivatives); messages are summed over neighbours, normalized by a constant average neighbour count, and
 mixed by linears and a gate with a residual connection. Node features are 0e + 1o (feature_lmax 1) by default,
-with edge harmonics up to l = 2; feature_lmax 2 adds 2e node features at about twice the cost (E+F+P on a
-135-atom cell, one thread: 25 vs 55 ms).
+with edge harmonics up to l = 2; feature_lmax 2 adds 2e node features at about twice the cost
+(benchmarks/README.md "Model cost").
 
 The homogeneous field enters as ε̃ = ε / field_scale (a buffer in V/Å, set by training from the frames' RMS
 field, like the energy scale, so that the labelled fields sit at |ε̃| ≈ 0.1 whatever their size in V/Å; see
@@ -22,24 +22,26 @@ Why: before the readout contracted the field, the last layer's vector outputs (o
 messages, the gate) fed only gated vectors that a scalar readout drops, so those weights had an exactly zero
 gradient of E; and nothing let α be anisotropic at a centrosymmetric site (no polar vector exists there, and
 the field entered a scalar only as |ε|²). Now every weight element reaches E (tests/test_model.py), ε·v_i gives
-Born charges and the contractions with Y²(ε̃) an anisotropic α. Files written before (field_readout 0, no
-field_scale) load with their old layout and scale 1 V/Å (`_build_member` at the end of this file), bit-identically.
+Born charges and the contractions with Y²(ε̃) an anisotropic α. `field_readout` 0 keeps the gate-only coupling
+(benchmarks/field_model.py compares the two).
 The gate and the readout's MLP make the energy nonlinear in ε. Because the field is always coupled (also at
 ε = 0), the cost of E + F + P at finite field is the cost of E + F at zero field.
 Why the last layer by default: every receptive field is the same (num_layers cutoffs) wherever the field is
 coupled, but a field coupled before a layer's edge messages makes each Born-charge pass differentiate those
-messages' backward as well. Measured (1080-atom BaTiO3, one thread, Born charges over E+F+P): 2.69× with the
-field in the last layer, 3.23× in both layers (compute_response). `field_layers=num_layers` couples it in
-every layer.
+messages' backward as well (benchmarks/README.md "Model cost"). `field_layers=num_layers` couples it in every layer.
 
 Edge vectors are computed inside `forward` from POSITIONS, CELL and EDGE_CELL_SHIFT, so the energy is
 differentiable w.r.t. positions, cell (strain) and field; see polmodel/nn/response.py for the derivatives. The
 positions enter only through the edges' harmonics and radial weights (`energy_from_edges`), which
 polmodel/nn/edge_inputs.py uses to make Born charges cheaper.
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -52,9 +54,15 @@ from e3nn.nn import Gate
 
 from polmodel.data import keys
 from polmodel.nn.edge_messages import EdgeMessages, gather_senders, sum_over_receivers, uvu_paths
-from polmodel.nn.model_file import ModelFileError, attach_domain_record, read_payload, write_model_file
+from polmodel.nn.model_file import ModelFileError, read_payload, write_model_file
 
-DEFAULT_HYPERPARAMETERS = {
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from polmodel.data.graphs import Graph
+
+#: The PolModel constructor keywords, the model's "architecture" (as TrainingConfig and model files name it).
+DEFAULT_ARCHITECTURE = {
     "num_features": 32,          # channels per irrep of the node features
     "lmax": 2,                   # of the edge spherical harmonics
     "feature_lmax": 1,           # of the node features (0e + 1o by default; 2 adds 2e features, ~2× slower)
@@ -66,16 +74,12 @@ DEFAULT_HYPERPARAMETERS = {
     "polynomial_degree": 6,      # of the smooth cutoff envelope
     "avg_num_neighbors": None,   # None: estimated from the cutoff at a typical solid density
     "field_readout": 1,          # 1: the readout contracts the last layer's l > 0 features with the field (every
-                                 # weight reaches E); 0: the layout of files written before (field through the gate)
+                                 # weight reaches E); 0: the field through the gate only
 }
-# The labelled fields sit at |ε̃| ≈ 0.1 field scales: the field's share of a solid's energy at the fields DFT is run
-# at is a few per cent, and an untrained model's field terms are ~|ε̃| of its structural ones. Measured on the toy
-# potential (tests/toy_potential.py): with the labelled fields at |ε̃| ≈ 1, force learning stalls for over 40 epochs;
-# at 0.1 forces learn about as with the field in V/Å and the Born charges' error halves after 7 epochs (0.5: 6 epochs,
-# forces ~5 epochs later). An untrained model's Z* is then ~1 % of the labels' (its forces ~1 % too: the untrained
-# network is soft in R); an extra gain of 3–30 on the readout's ε̃·v terms made it O(1) but delayed force learning by
-# 5–70 epochs, as large early field-term gradients fill Adam's second moments, while Z* halves within 4–5 of ~130
-# epochs without it (tests/test_training.py::test_fitting_born_charges_starts_at_once).
+#: The name of DEFAULT_ARCHITECTURE in earlier releases, kept for callers.
+DEFAULT_HYPERPARAMETERS = DEFAULT_ARCHITECTURE
+# The labelled fields sit at |ε̃| ≈ 0.1 field scales: larger ones stall force learning, and there the forces and Born
+# charges learn together (benchmarks/README.md "Field scale in training").
 LABELLED_FIELD_IN_SCALES = 0.1
 # V/Å: the reference field when the training frames are all at zero field (their Z* and α come from ±ε runs at
 # about 0.05 V/Å). A model built directly sees the field in V/Å (scale 1) until `set_field_scale`.
@@ -84,13 +88,13 @@ DEFAULT_FIELD_SCALE = 0.05 / LABELLED_FIELD_IN_SCALES
 _TYPICAL_NUMBER_DENSITY = 0.07
 
 
-def _natural_irreps(multiplicity, lmax):
+def _natural_irreps(multiplicity: int, lmax: int) -> o3.Irreps:
     """multiplicity × (0e + 1o + 2e + ...): the parities a polar vector's spherical harmonics produce."""
     return o3.Irreps([(multiplicity, (l, (-1) ** l)) for l in range(lmax + 1)])
 
 
 @contextlib.contextmanager
-def _plain_fx_codegen():
+def _plain_fx_codegen() -> Iterator[None]:
     """Build e3nn modules as plain torch.fx code (e3nn's "eager" jit mode) instead of TorchScript or inductor.
 
     TorchScript's profiling executor re-optimizes a module after its first calls, which changes the rounding of
@@ -109,26 +113,28 @@ def _plain_fx_codegen():
 class BesselBasis(torch.nn.Module):
     """sqrt(2/rc) sin(nπr/rc)/r, n = 1..num_radial, times a polynomial envelope that goes smoothly to 0 at rc."""
 
-    def __init__(self, cutoff, num_radial, polynomial_degree):
+    frequencies: torch.Tensor  # a buffer
+
+    def __init__(self, cutoff: float, num_radial: int, polynomial_degree: int) -> None:
         super().__init__()
         self.cutoff = float(cutoff)
         self.p = float(polynomial_degree)
         self.register_buffer("frequencies", math.pi / self.cutoff * torch.arange(1, num_radial + 1,
                                                                                   dtype=torch.get_default_dtype()))
 
-    def envelope(self, r):
+    def envelope(self, r: torch.Tensor) -> torch.Tensor:
         x = r / self.cutoff
         p = self.p
         value = (1.0 - (p + 1.0) * (p + 2.0) / 2.0 * x ** p + p * (p + 2.0) * x ** (p + 1.0)
                  - p * (p + 1.0) / 2.0 * x ** (p + 2.0))
         return value * (x < 1.0)
 
-    def forward(self, r):
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
         r = r.unsqueeze(-1)
         bessel = math.sqrt(2.0 / self.cutoff) * torch.sin(self.frequencies * r) / r
         return bessel * self.envelope(r)
 
-    def with_slope(self, r):
+    def with_slope(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(basis, d basis / dr), both (E, num_radial)."""
         r = r.unsqueeze(-1)
         kr = self.frequencies * r
@@ -147,7 +153,7 @@ class RadialNetwork(torch.nn.Module):
     arithmetic (unit variances, no output activation) with its parameter names (`layer0.weight`, ...), which model
     files hold; it is written out here because the slope pass below needs each layer's matrix and activation."""
 
-    def __init__(self, widths, activation):
+    def __init__(self, widths: Sequence[int], activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.activation = normalize2mom(activation)
         self.num_layers = len(widths) - 1
@@ -156,29 +162,29 @@ class RadialNetwork(torch.nn.Module):
             layer.weight = torch.nn.Parameter(torch.randn(width_in, width_out))
             setattr(self, f"layer{index}", layer)
 
-    def matrices(self):
+    def matrices(self) -> list[torch.Tensor]:
         """Each layer's weight divided by √(its input width), first to last."""
         weights = [getattr(self, f"layer{index}").weight for index in range(self.num_layers)]
         return [weight / weight.shape[0] ** 0.5 for weight in weights]
 
-    def hidden(self, x):
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden layer's output."""
         for matrix in self.matrices()[:-1]:
             x = self.activation(x @ matrix)
         return x
 
-    def hidden_with_slope(self, x, slope):
+    def hidden_with_slope(self, x: torch.Tensor, slope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden output, its derivative along a direction of the input given by `slope`), forward mode."""
         for matrix in self.matrices()[:-1]:
             with forward_ad.dual_level():
                 x, slope = forward_ad.unpack_dual(self.activation(forward_ad.make_dual(x @ matrix, slope @ matrix)))
         return x, slope
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hidden(x) @ self.matrices()[-1]
 
 
-def field_scale_from_fields(efields, default=DEFAULT_FIELD_SCALE):
+def field_scale_from_fields(efields: npt.ArrayLike, default: float = DEFAULT_FIELD_SCALE) -> float:
     """The reference field (V/Å) for a set of frame fields (M, 3): the RMS magnitude of the non-zero ones divided
     by LABELLED_FIELD_IN_SCALES, so that the labelled fields sit at |ε̃| ≈ 0.1 whatever their size in V/Å;
     `default` when every field is zero."""
@@ -188,20 +194,6 @@ def field_scale_from_fields(efields, default=DEFAULT_FIELD_SCALE):
     return float(finite.square().mean().sqrt()) / LABELLED_FIELD_IN_SCALES if len(finite) else float(default)
 
 
-def _field_scale_of_files_before_it(module, state_dict, prefix, *args):
-    """Models saved before the field scale existed saw the field in V/Å: a scale of 1 V/Å answers as they did
-    (ε / 1 is exact, so their numbers are unchanged to the bit)."""
-    if prefix + "field_scale" not in state_dict:
-        state_dict[prefix + "field_scale"] = torch.ones_like(module.field_scale)
-
-
-def _drop_e3nn_edge_product_constants(module, state_dict, prefix, *args):
-    """Model files written before EdgeMessages replaced e3nn's TensorProduct hold that module's constants (an
-    empty weight, an output mask, Wigner symbols) under `edge_tp.`; they carry no learned state."""
-    for name in [name for name in state_dict if name.startswith(prefix + "edge_tp.")]:
-        del state_dict[name]
-
-
 class FieldProduct(torch.nn.Module):
     """Per atom, the 'uvu' product of the node features with the field's harmonics, one learned weight per path
     and channel shared by all atoms: e3nn's TensorProduct arithmetic (its "component" normalization, path weight
@@ -209,7 +201,7 @@ class FieldProduct(torch.nn.Module):
     model built in float32 and moved to float64 is equivariant to float64 precision (e3nn's module stores them
     as buffers rounded at construction)."""
 
-    def __init__(self, irreps_in, irreps_field, allowed):
+    def __init__(self, irreps_in: o3.Irreps | str, irreps_field: o3.Irreps | str, allowed: set[o3.Irrep]) -> None:
         super().__init__()
         self.irreps_in, self.irreps_field = o3.Irreps(irreps_in), o3.Irreps(irreps_field)
         self.irreps_out, instructions = uvu_paths(self.irreps_in, self.irreps_field, allowed)
@@ -219,9 +211,9 @@ class FieldProduct(torch.nn.Module):
         self._exact_couplings = [
             o3.wigner_3j(self.irreps_in[i_in].ir.l, self.irreps_field[i_field].ir.l, ir_out.l, dtype=torch.float64)
             * math.sqrt(ir_out.dim) for (i_in, i_field), (_, ir_out) in zip(self.paths, self.irreps_out)]
-        self._cast_couplings = {}
+        self._cast_couplings: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
 
-    def forward(self, features, field):
+    def forward(self, features: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
         """features (N, irreps_in.dim), field (N, irreps_field.dim) -> (N, irreps_out.dim)."""
         key = (features.dtype, features.device)
         if key not in self._cast_couplings:
@@ -239,7 +231,7 @@ class FieldProduct(torch.nn.Module):
         return torch.cat(outputs, dim=-1)
 
 
-def _reachable(irreps_hidden, irreps_in, irreps_other):
+def _reachable(irreps_hidden: o3.Irreps, irreps_in: o3.Irreps, irreps_other: o3.Irreps) -> o3.Irreps:
     """The blocks of `irreps_hidden` whose irrep appears in in ⊗ other or in `irreps_in` itself."""
     produced = {ir_out for _, ir_in in irreps_in for _, ir_other in irreps_other for ir_out in ir_in * ir_other}
     produced |= {ir for _, ir in irreps_in}
@@ -249,8 +241,9 @@ def _reachable(irreps_hidden, irreps_in, irreps_other):
 class InteractionBlock(torch.nn.Module):
     """One message-passing layer with field coupling; `irreps_out` = the hidden irreps."""
 
-    def __init__(self, irreps_in, irreps_hidden, irreps_sh, irreps_field, num_radial, radial_hidden, couple_field,
-                 field_projected_messages=False, exact_field_product=True):
+    def __init__(self, irreps_in: o3.Irreps, irreps_hidden: o3.Irreps, irreps_sh: o3.Irreps, irreps_field: o3.Irreps,
+                 num_radial: int, radial_hidden: int, couple_field: bool, field_projected_messages: bool = False,
+                 exact_field_product: bool = True) -> None:
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         # Only the hidden irreps this layer can produce are kept: the messages and the self-connection reach
@@ -282,7 +275,7 @@ class InteractionBlock(torch.nn.Module):
         if self.couple_field and exact_field_product:
             self.field_tp = FieldProduct(irreps_mixed, irreps_field, allowed_out)
             self.linear_field = o3.Linear(self.field_tp.irreps_out, self.gate.irreps_in)
-        elif self.couple_field:      # the layout of files written before the field readout
+        elif self.couple_field:      # field_readout 0: e3nn's TensorProduct, whose parameter names its files hold
             irreps_field_out, field_instructions = uvu_paths(irreps_mixed, irreps_field, allowed_out)
             self.field_tp = o3.TensorProduct(irreps_mixed, irreps_field, irreps_field_out,
                                                   field_instructions, shared_weights=True, internal_weights=True)
@@ -290,13 +283,12 @@ class InteractionBlock(torch.nn.Module):
         self.linear_mix = o3.Linear(irreps_mixed, self.gate.irreps_in)
         self.self_connection = o3.Linear(self.irreps_in, irreps_mixed)
         self.residual = self.irreps_in == self.irreps_out
-        self.register_load_state_dict_pre_hook(_drop_e3nn_edge_product_constants)
 
-    def _radial_output_columns(self):
+    def _radial_output_columns(self) -> tuple[torch.Tensor, ...]:
         """The last radial layer's matrix, split into one block of columns per edge-message path."""
         return self.radial.matrices()[-1].split(self.edge_messages.multiplicity, dim=1)
 
-    def path_weights(self, edge_radial):
+    def path_weights(self, edge_radial: torch.Tensor) -> list[torch.Tensor]:
         """The radial network's output, one (E, u) tensor per edge-message path.
 
         Each path's weights are a product with its own columns of the last layer, so no edge tensor is sliced
@@ -305,13 +297,16 @@ class InteractionBlock(torch.nn.Module):
         hidden = self.radial.hidden(edge_radial)
         return [hidden @ columns for columns in self._radial_output_columns()]
 
-    def path_weights_with_slope(self, edge_radial, edge_radial_slope):
+    def path_weights_with_slope(self, edge_radial: torch.Tensor, edge_radial_slope: torch.Tensor
+                                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(path_weights, their derivatives along the edge length): two lists of (E, u), one tensor per path."""
         hidden, slope = self.radial.hidden_with_slope(edge_radial, edge_radial_slope)
         columns = self._radial_output_columns()
         return [hidden @ block for block in columns], [slope @ block for block in columns]
 
-    def forward(self, node_features, node_field, edge_sh, path_weights, edge_index, avg_num_neighbors):
+    def forward(self, node_features: torch.Tensor, node_field: torch.Tensor, edge_sh: torch.Tensor,
+                path_weights: Sequence[torch.Tensor], edge_index: torch.Tensor, avg_num_neighbors: float
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The layer's output features; with `field_projected_messages` also (N, u) invariants
         q_i = Σ_j w_ij s_j ((r̂_ij·ε̃)² - |ε̃|²/3) / avg_num_neighbors, s_j the sender's scalar features.
         `node_field` (N, 9): |ε̃|², Y¹(ε̃), Y²(ε̃) of each atom's graph."""
@@ -342,33 +337,56 @@ class InteractionBlock(torch.nn.Module):
 class PolModel(torch.nn.Module):
     """E(R, cell, ε): the electric enthalpy of each graph in a batch (keys in polmodel/data/keys.py).
 
-    `PolModel(species, cutoff, **hyperparameters)`; the defaults are in DEFAULT_HYPERPARAMETERS.
-    `.hyperparameters` holds the keyword arguments (JSON-able), so `PolModel(m.species, m.cutoff,
-    **m.hyperparameters)` rebuilds the architecture; energy scale and reference energies are buffers and travel
-    with the state dict.
+    `PolModel(species, cutoff, **architecture)`; the defaults are in DEFAULT_ARCHITECTURE.
+    `.architecture` holds the keyword arguments (JSON-able), so `PolModel(m.species, m.cutoff, **m.architecture)`
+    rebuilds the model; energy scale and reference energies are buffers and travel with the state dict.
+    `.hyperparameters` is the name of `.architecture` in earlier releases, kept as an alias.
     """
 
-    def __init__(self, species, cutoff, **hyperparameters):
+    # set by _build (declared here for type checkers)
+    species: list[str]
+    cutoff: float
+    architecture: dict[str, float]
+    irreps_sh: o3.Irreps
+    irreps_field: o3.Irreps
+    embedding: o3.Linear
+    radial_basis: BesselBasis
+    field_readout: bool
+    layers: torch.nn.ModuleList
+    readout_in: o3.Linear
+    readout_out: o3.Linear
+    energy_scale: torch.Tensor
+    reference_energies: torch.Tensor
+    field_scale: torch.Tensor
+    # the training settings a model file stores (polmodel.training.train sets them; absent on a model built here)
+    training_options: dict[str, Any]
+
+    def __init__(self, species: Sequence[str], cutoff: float, **architecture: float | None) -> None:
         super().__init__()
         with _plain_fx_codegen():
-            self._build(species, cutoff, hyperparameters)
+            self._build(species, cutoff, architecture)
 
-    def _build(self, species, cutoff, hyperparameters):
-        unknown = set(hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
+    @property
+    def hyperparameters(self) -> dict[str, float]:
+        """The name of `architecture` in earlier releases, kept as an alias (the same dict)."""
+        return self.architecture
+
+    def _build(self, species: Sequence[str], cutoff: float, architecture: Mapping[str, float | None]) -> None:
+        unknown = set(architecture) - set(DEFAULT_ARCHITECTURE)
         if unknown:
-            raise TypeError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")
+            raise TypeError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(DEFAULT_ARCHITECTURE)}")
         species = [str(symbol) for symbol in species]
         if not species or len(set(species)) != len(species):
             raise ValueError(f"species must be a non-empty list of distinct symbols, got {species}")
         if not float(cutoff) > 0:
             raise ValueError(f"cutoff must be positive, got {cutoff}")
-        hp = {**DEFAULT_HYPERPARAMETERS, **hyperparameters}
+        hp: dict[str, Any] = {**DEFAULT_ARCHITECTURE, **architecture}
         if hp["avg_num_neighbors"] is None:
             hp["avg_num_neighbors"] = 4.0 / 3.0 * math.pi * float(cutoff) ** 3 * _TYPICAL_NUMBER_DENSITY
         hp = {name: (float(value) if name == "avg_num_neighbors" else int(value)) for name, value in hp.items()}
         self.species = species
         self.cutoff = float(cutoff)
-        self.hyperparameters = hp
+        self.architecture = hp
 
         f, lmax = hp["num_features"], hp["lmax"]
         if lmax < 1 or hp["feature_lmax"] < 1:
@@ -415,21 +433,20 @@ class PolModel(torch.nn.Module):
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.get_default_dtype()))
         self.register_buffer("reference_energies", torch.zeros(len(species), dtype=torch.get_default_dtype()))
         self.register_buffer("field_scale", torch.ones((), dtype=torch.get_default_dtype()))
-        self.register_load_state_dict_pre_hook(_field_scale_of_files_before_it)
 
     # --- scales -------------------------------------------------------------------------------------------------
-    def set_energy_scale(self, scale):
+    def set_energy_scale(self, scale: float) -> None:
         """Multiply the learned per-atom energy by `scale` (eV), e.g. the force RMS of the training set."""
         self.energy_scale.fill_(float(scale))
 
-    def set_field_scale(self, value):
+    def set_field_scale(self, value: float) -> None:
         """The reference field (V/Å) the network divides ε by, e.g. `field_scale_from_fields` of the training
         frames; inputs and outputs stay in V/Å."""
         if not float(value) > 0:
             raise ValueError(f"field_scale must be positive, got {value}")
         self.field_scale.fill_(float(value))
 
-    def set_reference_energies(self, energies):
+    def set_reference_energies(self, energies: Mapping[str, float]) -> None:
         """Per-species constant energies (dict symbol -> eV) added to each atom; species not given stay 0."""
         unknown = set(energies) - set(self.species)
         if unknown:
@@ -437,14 +454,14 @@ class PolModel(torch.nn.Module):
         values = torch.tensor([float(energies.get(symbol, 0.0)) for symbol in self.species])
         self.reference_energies.copy_(values.to(self.reference_energies))
 
-    def set_avg_num_neighbors(self, value):
+    def set_avg_num_neighbors(self, value: float) -> None:
         """The constant that normalizes the neighbour sum (e.g. polmodel.data.graphs.average_num_neighbors(graphs))."""
         if not float(value) > 0:
             raise ValueError(f"avg_num_neighbors must be positive, got {value}")
-        self.hyperparameters["avg_num_neighbors"] = float(value)
+        self.architecture["avg_num_neighbors"] = float(value)
 
     # --- energy -------------------------------------------------------------------------------------------------
-    def edge_vectors(self, data):
+    def edge_vectors(self, data: Graph) -> torch.Tensor:
         """r_ij = r_j - r_i + S @ cell[batch[i]] (differentiable w.r.t. positions and cell)."""
         positions, cell = data[keys.POSITIONS], data[keys.CELL]
         receivers, senders = data[keys.EDGE_INDEX][0], data[keys.EDGE_INDEX][1]
@@ -452,27 +469,27 @@ class PolModel(torch.nn.Module):
         shift = torch.einsum("ek,ekl->el", data[keys.EDGE_CELL_SHIFT], edge_cell)
         return positions[senders] - positions[receivers] + shift
 
-    def edge_harmonics(self, vectors):
+    def edge_harmonics(self, vectors: torch.Tensor) -> torch.Tensor:
         """(E, irreps_sh.dim): spherical harmonics of the edge directions ("component" normalization)."""
         return o3.spherical_harmonics(self.irreps_sh, vectors, normalize=True, normalization="component")
 
-    def radial_weights(self, lengths):
+    def radial_weights(self, lengths: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per layer, the radial weights of its edge-message paths: a list (layers) of lists (paths) of (E, u)."""
         edge_radial = self.radial_basis(lengths)
-        return [layer.path_weights(edge_radial) for layer in self.layers]
+        return [cast(InteractionBlock, layer).path_weights(edge_radial) for layer in self.layers]
 
-    def forward(self, data):
+    def forward(self, data: Graph) -> Graph:
         """Return a shallow copy of `data` with ATOMIC_ENERGY (N,) and ENERGY (G,) added."""
         vectors = self.edge_vectors(data)
         lengths = torch.linalg.norm(vectors, dim=-1)
         return self.energy_from_edges(data, self.edge_harmonics(vectors), self.radial_weights(lengths))
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the model file (polmodel/nn/model_file.py format, with its content hash)."""
         write_model_file("model", [self], path)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike[str]) -> PolModel:
         """Read a single-model file; `ModelFileError` naming the file if it is corrupt, truncated, not a polmodel
         file or an ensemble file."""
         path = os.fspath(path)
@@ -483,7 +500,8 @@ class PolModel(torch.nn.Module):
                                  f"read it with PolEnsemble.load")
         return members[0]
 
-    def _field_invariants(self, last_layer_output, node_field):
+    def _field_invariants(self, last_layer_output: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                          node_field: torch.Tensor) -> torch.Tensor:
         """(N, 3u): the scalar features, the vector features dotted with Y¹(ε̃) and the rank-2 ones (the 2e block,
         or the field-projected messages without one) with Y²(ε̃), per channel. Every l > 0 output of the last
         layer reaches the energy this way, and the rank-2 term lets α be anisotropic at a centrosymmetric site."""
@@ -492,7 +510,8 @@ class PolModel(torch.nn.Module):
         num_atoms = features.shape[0]
         harmonics = {1: node_field[:, 1:4], 2: node_field[:, 4:9]}
         invariants = []
-        for (mul, ir), block in zip(self.layers[-1].irreps_out, self.layers[-1].irreps_out.slices()):
+        irreps_out = cast(InteractionBlock, self.layers[-1]).irreps_out
+        for (mul, ir), block in zip(irreps_out, irreps_out.slices()):
             x = features[:, block]
             if ir.l > 0:
                 x = (x.reshape(num_atoms, mul, ir.dim) * harmonics[ir.l].unsqueeze(1)).sum(-1)
@@ -501,7 +520,8 @@ class PolModel(torch.nn.Module):
             invariants.append(projected)
         return torch.cat(invariants, dim=-1)
 
-    def energy_from_edges(self, data, edge_sh, path_weights):
+    def energy_from_edges(self, data: Graph, edge_sh: torch.Tensor,
+                          path_weights: Sequence[Sequence[torch.Tensor]]) -> Graph:
         """The energy given the edges' harmonics and radial weights (`edge_harmonics`, `radial_weights`): the
         positions enter only through these, which polmodel/nn/edge_inputs.py uses for cheap Born charges."""
         batch = data[keys.BATCH]
@@ -517,7 +537,7 @@ class PolModel(torch.nn.Module):
 
         one_hot = torch.nn.functional.one_hot(species_index, len(self.species)).to(edge_sh.dtype)
         features = self.embedding(one_hot)
-        avg = self.hyperparameters["avg_num_neighbors"]
+        avg = self.architecture["avg_num_neighbors"]
         for layer, layer_weights in zip(self.layers, path_weights):
             features = layer(features, node_field, edge_sh, layer_weights, data[keys.EDGE_INDEX], avg)
 
@@ -535,13 +555,10 @@ class PolModel(torch.nn.Module):
 
 
 # --- from a model file (polmodel/nn/model_file.py) --------------------------------------------------------------
-def _build_member(path, species, cutoff, hyperparameters, state_dict):
-    # files written before the field_layers hyperparameter existed couple the field in every layer
-    # and files written before field_readout existed couple the field through the gate only (field_scale: above)
-    hyperparameters = {"field_layers": hyperparameters.get("num_layers", DEFAULT_HYPERPARAMETERS["num_layers"]),
-                       "field_readout": 0, **hyperparameters}
+def _build_member(path: str, species: Sequence[str], cutoff: float, architecture: Mapping[str, Any],
+                  state_dict: Mapping[str, torch.Tensor]) -> PolModel:
     try:
-        model = PolModel(species, cutoff, **hyperparameters)
+        model = PolModel(species, cutoff, **architecture)
         dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
         if len(dtypes) == 1:
             model = model.to(dtypes.pop())
@@ -551,10 +568,10 @@ def _build_member(path, species, cutoff, hyperparameters, state_dict):
     return model
 
 
-def members_from_payload(path, payload):
+def members_from_payload(path: str, payload: Mapping[str, Any]) -> list[PolModel]:
     """The PolModels of a model file read by `read_payload` (one for kind "model"), each with its training settings
-    and, where it was saved without one, the training domain recorded beside the file; ModelFileError if the
-    weights do not fit the architecture."""
+    (for a file saved without a training domain, with the one recorded beside it: `upgrade_payload`);
+    ModelFileError if the weights do not fit the architecture."""
     members = []
     for architecture, training, state_dict in zip(payload["architecture"], payload["training"],
                                                   payload["state_dicts"]):
@@ -562,5 +579,4 @@ def members_from_payload(path, payload):
         if training is not None:
             member.training_options = training
         members.append(member)
-    attach_domain_record(path, members)
     return members

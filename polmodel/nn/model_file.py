@@ -8,9 +8,12 @@ Layout (format_version 2):
     state_dicts [dict of tensors],
     content_hash: sha256 over the JSON of (kind, species, cutoff, architecture, training) and every state-dict
     tensor (name, dtype, shape, bytes) in sorted name order.
-format_version 1 files (before the split) hold the architecture under "hyperparameters" and no training settings,
-with the hash over (kind, species, cutoff, hyperparameters); they still load.
 Nothing in the file is code, so loading never executes anything; the hash catches altered weights.
+
+Only format_version 2 is read: every model file there is (data/quartz, data/allegro_pol and the model nodes of their
+provenance archives) has it, with every architecture keyword written out. `upgrade_payload` is the one place that
+brings a file written by an earlier polmodel up to what the code expects; it does one thing, for files written
+before the training domain was stored (the shipped ones): their members take the domain recorded beside the file.
 
 This module knows the file, not the classes: it writes the members it is given and reads back a checked payload.
 Building PolModels from a payload is polmodel/nn/model.py's `members_from_payload`; `PolModel.save/.load`,
@@ -28,9 +31,7 @@ from polmodel.data.domain import read_domain_record
 
 FORMAT = "polmodel"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-# the key that holds the members' PolModel keywords, by format_version
-_ARCHITECTURE_KEY = {1: "hyperparameters", 2: "architecture"}
+READABLE_VERSIONS = (2,)
 
 
 class ModelFileError(ValueError):
@@ -46,14 +47,12 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def content_hash(kind, species, cutoff, architecture, state_dicts, training=None, format_version=FORMAT_VERSION):
+def content_hash(kind, species, cutoff, architecture, state_dicts, training=None):
     """sha256 of the architecture description, the training settings and the weights (independent of torch's
-    container format). format_version 1 hashed the architecture under "hyperparameters" and had no training."""
+    container format)."""
     digest = hashlib.sha256()
-    header = {"kind": kind, "species": list(species), "cutoff": float(cutoff),
-              _ARCHITECTURE_KEY[format_version]: architecture}
-    if format_version >= 2:
-        header["training"] = training
+    header = {"kind": kind, "species": list(species), "cutoff": float(cutoff), "architecture": architecture,
+              "training": training}
     digest.update(json.dumps(header, sort_keys=True).encode())
     for state_dict in state_dicts:
         for name in sorted(state_dict):
@@ -64,11 +63,11 @@ def content_hash(kind, species, cutoff, architecture, state_dicts, training=None
 
 
 def write_model_file(kind, members, path):
-    """Write `members` (PolModels: species, cutoff, hyperparameters, state_dict) as a file of `kind` ("model" or
+    """Write `members` (PolModels: species, cutoff, architecture, state_dict) as a file of `kind` ("model" or
     "ensemble") to `path`; a member's `training_options` (set by polmodel.training.train) are stored as its training
     settings."""
     species, cutoff = members[0].species, members[0].cutoff
-    architecture = [dict(member.hyperparameters) for member in members]
+    architecture = [dict(member.architecture) for member in members]
     training = [_json_copy(getattr(member, "training_options", None)) for member in members]
     state_dicts = [{name: tensor.detach().cpu().clone() for name, tensor in member.state_dict().items()}
                    for member in members]
@@ -102,7 +101,7 @@ def _json_copy(value):
 
 def read_payload(path):
     """The checked contents of the file at `path` (str), with "architecture" and "training" as lists of one entry
-    per member whatever the format_version; ModelFileError if the file is unusable."""
+    per member, upgraded by `upgrade_payload`; ModelFileError if the file is unusable."""
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: not a file")
     try:
@@ -116,41 +115,43 @@ def read_payload(path):
     if version not in READABLE_VERSIONS:
         raise ModelFileError(f"{path}: unsupported polmodel format_version {version!r} "
                              f"(this polmodel reads versions {list(READABLE_VERSIONS)})")
-    required = ("kind", "species", "cutoff", _ARCHITECTURE_KEY[version], "state_dicts", "content_hash")
+    required = ("kind", "species", "cutoff", "architecture", "training", "state_dicts", "content_hash")
     missing = [name for name in required if name not in payload]
     if missing:
         raise ModelFileError(f"{path}: polmodel file lacks {', '.join(missing)}")
     if payload["kind"] not in ("model", "ensemble"):
         raise ModelFileError(f"{path}: unknown kind {payload['kind']!r} (expected 'model' or 'ensemble')")
-    architecture, state_dicts = payload[_ARCHITECTURE_KEY[version]], payload["state_dicts"]
-    training = payload.get("training") if version >= 2 else None
-    if training is None and isinstance(state_dicts, list):
-        training = [None] * len(state_dicts)
+    architecture, training, state_dicts = payload["architecture"], payload["training"], payload["state_dicts"]
     if (not isinstance(architecture, list) or not isinstance(state_dicts, list) or not isinstance(training, list)
             or not len(architecture) == len(state_dicts) == len(training) or not state_dicts
             or (payload["kind"] == "model" and len(state_dicts) != 1)):
         raise ModelFileError(f"{path}: inconsistent member lists in polmodel file")
     try:
         expected = content_hash(payload["kind"], payload["species"], payload["cutoff"], architecture, state_dicts,
-                                payload.get("training"), format_version=version)
+                                training)
     except Exception as error:
         raise ModelFileError(f"{path}: malformed polmodel file ({error})") from error
     if expected != payload["content_hash"]:
         raise ModelFileError(f"{path}: content hash mismatch (stored {payload['content_hash'][:12]}…, "
                              f"computed {expected[:12]}…): the weights or settings were altered or corrupted")
-    payload["architecture"], payload["training"] = architecture, training
-    return payload
+    return upgrade_payload(payload, path)
 
 
-def attach_domain_record(path, members):
-    """Members saved without a training domain take the one recorded beside the file, if any
-    (polmodel/data/domain.py `write_domain_record`); the file itself stays as it was written."""
-    if all("domain" in (getattr(member, "training_options", None) or {}) for member in members):
-        return
+def upgrade_payload(payload, path):
+    """A checked payload (`read_payload`) brought up to what the code expects of a file written today; the one
+    place that knows what earlier polmodels wrote differently. The file itself stays as it was written.
+
+    - Written before the training domain was stored (data/quartz/ensemble.pt, data/allegro_pol/*.pt and the model
+      nodes of their provenance archives, which must stay byte-identical): members saved without a domain take
+      the one recorded beside the file, if any (polmodel/data/domain.py `write_domain_record`).
+    """
+    training = payload["training"]
+    if all("domain" in (entry or {}) for entry in training):
+        return payload
     try:
         domain = read_domain_record(path)
     except (ValueError, OSError) as error:
         raise ModelFileError(str(error)) from error
     if domain is not None:
-        for member in members:
-            member.training_options = {**(getattr(member, "training_options", None) or {}), "domain": domain}
+        payload["training"] = [{**(entry or {}), "domain": domain} for entry in training]
+    return payload

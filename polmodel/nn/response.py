@@ -13,25 +13,49 @@ Two couplings to the field (FIELD_COUPLINGS): "network" evaluates E(R, h, ε) at
 Allegro-pol's MD does (`first_order_field_response`):  F(ε) = F(0) + Z*ᵀε,  ΩP(ε) = ΩP(0) + αε,
 E(ε) = E(0) - ΩP(0)·ε.
 """
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, cast
+
 import torch
 
 from polmodel.data import keys
 from polmodel.data.dielectric import dielectric_from_polarizability
 from polmodel.nn.edge_inputs import atom_gradients, edge_inputs, edge_vector_gradients, strain_gradients
 
+if TYPE_CHECKING:
+    from polmodel.data.graphs import Graph
 
-def cell_volume(cell):
+
+class ResponseFunction(Protocol):
+    """The signature of `compute_response` and `first_order_field_response`: (model, graph, flags) -> response."""
+
+    def __call__(self, model: torch.nn.Module, data: Graph, *, stress: bool = ..., born_charges: bool = ...,
+                 polarizability: bool = ..., training: bool = ..., memory_limit_gb: float | None = ...) -> Graph: ...
+
+
+class EdgeEnergyModel(Protocol):
+    """An energy model whose positions enter only through its edges' harmonics and radial weights (PolModel):
+    polmodel/nn/edge_inputs.py differentiates it through those."""
+
+    def energy_from_edges(self, data: Graph, edge_sh: torch.Tensor,
+                          path_weights: Sequence[Sequence[torch.Tensor]]) -> Graph: ...
+
+
+def cell_volume(cell: torch.Tensor) -> torch.Tensor:
     """|det h| per graph (zero for the zero cell of open boundaries)."""
     return torch.linalg.det(cell).abs()
 
 
-def periodic_graphs(data):
+def periodic_graphs(data: Graph) -> torch.Tensor:
     """(G,) bool: graphs periodic in all three directions (they have a stress and a polarization)."""
     return data[keys.PBC].all(dim=-1)
 
 
-def compute_response(model, data, *, stress=True, born_charges=False, polarizability=False, training=False,
-                     memory_limit_gb=None):
+def compute_response(model: torch.nn.Module, data: Graph, *, stress: bool = True, born_charges: bool = False,
+                     polarizability: bool = False, training: bool = False,
+                     memory_limit_gb: float | None = None) -> Graph:
     """Energy and its derivatives for a (batched) graph dictionary.
 
     Returns a dict with ENERGY (G,), ATOMIC_ENERGY (N,), FORCES (N, 3), DIPOLE (G, 3); STRESS (G, 3, 3) and
@@ -56,7 +80,7 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
     periodic = periodic_graphs(data)
     compute_stress = stress and bool(periodic.any())
     if born_charges and not training and hasattr(model, "energy_from_edges"):
-        raw = _derivatives_through_edge_inputs(model, data, compute_stress, polarizability)
+        raw = _derivatives_through_edge_inputs(cast(EdgeEnergyModel, model), data, compute_stress, polarizability)
     else:
         raw = _derivatives_through_positions(model, data, compute_stress, born_charges, polarizability, training)
     return response_from_derivatives(raw, data, compute_stress=compute_stress, born_charges=born_charges,
@@ -66,8 +90,9 @@ def compute_response(model, data, *, stress=True, born_charges=False, polarizabi
 FIELD_COUPLINGS = ("network", "first-order")
 
 
-def first_order_field_response(model, data, *, stress=False, born_charges=False, polarizability=False,
-                               training=False, memory_limit_gb=None):
+def first_order_field_response(model: torch.nn.Module, data: Graph, *, stress: bool = False,
+                               born_charges: bool = False, polarizability: bool = False, training: bool = False,
+                               memory_limit_gb: float | None = None) -> Graph:
     """compute_response's ENERGY, ATOMIC_ENERGY, FORCES, DIPOLE (and POLARIZATION for periodic graphs) with the
     field data[EFIELD] applied to first order about ε = 0 (module docstring).
 
@@ -91,7 +116,7 @@ def first_order_field_response(model, data, *, stress=False, born_charges=False,
     zero_field[keys.EFIELD] = field
     if hasattr(model, "energy_from_edges"):
         out, forces, dipole, born_times_field, alpha_times_field = _first_order_through_edge_inputs(
-            model, zero_field, applied)
+            cast(EdgeEnergyModel, model), zero_field, applied)
     else:
         out, forces, dipole, born_times_field, alpha_times_field = _first_order_through_positions(
             model, zero_field, applied)
@@ -104,12 +129,13 @@ def first_order_field_response(model, data, *, stress=False, born_charges=False,
     return result
 
 
-def _gradients_or_zeros(output, leaves):
+def _gradients_or_zeros(output: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     gradients = torch.autograd.grad(output, leaves, allow_unused=True)
     return [torch.zeros_like(leaf) if gradient is None else gradient for gradient, leaf in zip(gradients, leaves)]
 
 
-def _first_order_through_positions(model, data, applied):
+def _first_order_through_positions(model: torch.nn.Module, data: Graph, applied: torch.Tensor
+                                   ) -> tuple[Graph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(model output, F(0), ΩP(0), Z*ᵀε, αε) with the positions and the (zero) field data[EFIELD] as leaves:
     ∂(ΩP(0)·ε)/∂R_ib = Σ_a ε_a Z*[i, a, b] and ∂(ΩP(0)·ε)/∂ε_b = (αε)_b (α is symmetric)."""
     positions = data[keys.POSITIONS].detach().requires_grad_(True)
@@ -124,7 +150,8 @@ def _first_order_through_positions(model, data, applied):
     return out, -energy_gradient.detach(), dipole.detach(), born_times_field, alpha_times_field
 
 
-def _first_order_through_edge_inputs(model, data, applied):
+def _first_order_through_edge_inputs(model: EdgeEnergyModel, data: Graph, applied: torch.Tensor
+                                     ) -> tuple[Graph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """As `_first_order_through_positions`, with the edges' harmonics and radial weights as the leaves
     (polmodel/nn/edge_inputs.py): the second pass stops at the edges and is chained to the atoms once."""
     inputs = edge_inputs(model, data)
@@ -134,7 +161,8 @@ def _first_order_through_edge_inputs(model, data, applied):
     field = data[keys.EFIELD]
     out = model.energy_from_edges(data, harmonics, weights)
     leaves = [harmonics, *flat_weights, field]
-    gradients = torch.autograd.grad(out[keys.ENERGY].sum(), leaves, create_graph=True, allow_unused=True)
+    gradients: Sequence[torch.Tensor] = torch.autograd.grad(out[keys.ENERGY].sum(), leaves, create_graph=True,
+                                                            allow_unused=True)
     gradients = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(gradients, leaves)]
     dipole = -gradients[-1]
     harmonics_gradient, *weight_gradients = [g.detach() for g in gradients[:-1]]
@@ -146,7 +174,8 @@ def _first_order_through_edge_inputs(model, data, applied):
     return out, forces, dipole.detach(), born_times_field, second[-1]
 
 
-def response_from_derivatives(raw, data, *, compute_stress, born_charges, polarizability, training):
+def response_from_derivatives(raw: Graph, data: Graph, *, compute_stress: bool, born_charges: bool,
+                              polarizability: bool, training: bool) -> Graph:
     """compute_response's dict from the raw derivatives (ENERGY, ATOMIC_ENERGY, FORCES, DIPOLE; VIRIAL,
     BORN_CHARGES, POLARIZABILITY as computed): polarization, stress and ε∞ from the cell (data's CELL, PBC)."""
     periodic = periodic_graphs(data)
@@ -176,12 +205,13 @@ def response_from_derivatives(raw, data, *, compute_stress, born_charges, polari
     return result
 
 
-def _field_leaf(data):
+def _field_leaf(data: Graph) -> torch.Tensor:
     efield = data[keys.EFIELD]
     return efield if efield.requires_grad else efield.detach().requires_grad_(True)
 
 
-def _dipole_derivatives(dipole, targets, keep_graph):
+def _dipole_derivatives(dipole: torch.Tensor, targets: Sequence[torch.Tensor], keep_graph: bool
+                        ) -> list[list[torch.Tensor]]:
     """Per field direction a, ∂(ΩP_a)/∂target for each target (zeros where unused): three reverse passes."""
     rows = []
     for a in range(3):
@@ -192,7 +222,8 @@ def _dipole_derivatives(dipole, targets, keep_graph):
     return rows
 
 
-def _derivatives_through_positions(model, data, compute_stress, born_charges, polarizability, training):
+def _derivatives_through_positions(model: torch.nn.Module, data: Graph, compute_stress: bool, born_charges: bool,
+                                   polarizability: bool, training: bool) -> Graph:
     """Forces, dipole and virial from one backward pass with positions, field and strain as the leaves; Born
     charges and α as derivatives of the dipole, also w.r.t. those leaves."""
     second_order = born_charges or polarizability
@@ -232,7 +263,8 @@ def _derivatives_through_positions(model, data, compute_stress, born_charges, po
     return raw
 
 
-def _derivatives_through_edge_inputs(model, data, compute_stress, polarizability):
+def _derivatives_through_edge_inputs(model: EdgeEnergyModel, data: Graph, compute_stress: bool,
+                                     polarizability: bool) -> Graph:
     """As `_derivatives_through_positions` with Born charges, but with the edges' harmonics and radial weights
     as the leaves (polmodel/nn/edge_inputs.py): the three dipole passes stop at the edges, and their chain rule to
     the positions is one contraction for the three together. Not differentiable w.r.t. the parameters."""
@@ -247,7 +279,8 @@ def _derivatives_through_edge_inputs(model, data, compute_stress, polarizability
     energy = out[keys.ENERGY]
 
     edge_leaves = [harmonics, *flat_weights]
-    gradients = torch.autograd.grad(energy.sum(), edge_leaves + [efield], create_graph=True, allow_unused=True)
+    gradients: Sequence[torch.Tensor] = torch.autograd.grad(energy.sum(), edge_leaves + [efield], create_graph=True,
+                                                            allow_unused=True)
     gradients = [torch.zeros_like(t) if g is None else g for g, t in zip(gradients, edge_leaves + [efield])]
     dipole = -gradients[-1]
     # forces and virial are results, not part of the graph the dipole passes run through
@@ -267,7 +300,8 @@ def _derivatives_through_edge_inputs(model, data, compute_stress, polarizability
     return raw
 
 
-def _per_layer(flat, nested_like):
+def _per_layer(flat: Sequence[torch.Tensor], nested_like: Sequence[Sequence[torch.Tensor]]
+               ) -> list[list[torch.Tensor]]:
     """Regroup a flat list of per-path tensors into the per-layer nesting of `nested_like`."""
     grouped, start = [], 0
     for layer in nested_like:

@@ -2,9 +2,8 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on
 free. A model call on a cell of a few thousand atoms allocates many edge tensors of that size (E × channels
-floats, E ≈ 50 N), so each one arrives as new, kernel-zeroed pages: measured on 2,560-atom BaTiO3 with one
-thread, E+F+P took 2.26 s with glibc's defaults and 1.12 s with the heap kept, and the time per atom grew with
-the cell (the N^1.14 scaling in benchmarks/model_speed.py) instead of staying flat. torch has no caching
+floats, E ≈ 50 N), so each one arrives as new, kernel-zeroed pages, which about doubles the time of a call on a few
+thousand atoms and makes the time per atom grow with the cell (benchmarks/README.md "Heap"). torch has no caching
 allocator on the CPU, so this is left to the C library: `keep_freed_memory_in_heap` turns mmap off for
 malloc and stops the heap from being trimmed, so freed blocks are reused by the next tensors.
 

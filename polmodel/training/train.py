@@ -26,6 +26,8 @@ What a long campaign needs:
 - branch continuity of the dipole labels (polmodel.data.frames.align_dipole_branches) before every training set is used;
   batches keep the frames of one structure together so that they are moved onto the model's branch as one.
 """
+from __future__ import annotations
+
 import contextlib
 import copy
 import hashlib
@@ -33,7 +35,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -47,6 +51,20 @@ from polmodel.runtime.devices import resolve_device, to_device
 from polmodel.training.losses import QUANTITIES, QUANTITY_UNITS, LossWeights, TargetBatch, paired_values, predict, \
     weighted_loss
 from polmodel.training.parity_plots import write_parity_plots
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from ase import Atoms
+    from numpy.typing import NDArray
+
+    from polmodel.data.graphs import Graph
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+
+#: per quantity, (labels, predictions) as flat arrays (`predict_pairs`)
+Pairs = dict[str, tuple["NDArray[Any]", "NDArray[Any]"]]
+#: per quantity, {"mae", "rmse", "count", "unit"} (`metrics_from_pairs`)
+Metrics = dict[str, dict[str, Any]]
 
 SCHEDULERS = ("plateau", "cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -62,8 +80,8 @@ class TrainingConfig:
     """Everything that determines a training run (JSON-able through `as_dict` / `from_dict`)."""
 
     cutoff: float = 5.0                        # Å
-    architecture: dict = field(default_factory=dict)      # PolModel keyword arguments
-    species: list = None                       # None: the species of the frames, sorted
+    architecture: dict[str, Any] = field(default_factory=dict)      # PolModel keyword arguments
+    species: list[str] | None = None           # None: the species of the frames, sorted
     loss_weights: LossWeights = field(default_factory=LossWeights)
     learning_rate: float = 5e-3
     min_learning_rate: float = 1e-5
@@ -78,13 +96,13 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"                        # cpu, cuda, cuda:N or auto (polmodel.runtime.devices)
-    max_time_s: float = None                   # wall-clock limit of one model's training (in this process)
-    ema_decay: float = 0.99                    # weight average for validation and the result; None: raw weights
+    max_time_s: float | None = None                   # wall-clock limit of one model's training (in this process)
+    ema_decay: float | None = 0.99                    # weight average for validation and the result; None: raw weights
     balance_field_magnitudes: bool = True      # frame weights 1/(frames in the frame's |ε| bin)
     checkpoint_every: int = 1                  # epochs between checkpoints (when a checkpoint path is given)
     quiet: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):
             self.loss_weights = LossWeights(**self.loss_weights)
         if self.scheduler not in SCHEDULERS:
@@ -102,10 +120,10 @@ class TrainingConfig:
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def training_options(self):
+    def training_options(self) -> dict[str, Any]:
         """The optimisation settings (everything but the architecture, species and cutoff): what a model file
         stores under "training"."""
         options = self.as_dict()
@@ -114,8 +132,10 @@ class TrainingConfig:
         return options
 
     @classmethod
-    def from_dict(cls, values):
-        """From a JSON-able dict; the PolModel keywords may still come under their old key "hyperparameters"."""
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
+        """From a JSON-able dict. The PolModel keywords may also come under "hyperparameters", a key users write (in
+        `polmodel train --hyperparameters` JSON and loop protocols): kept as an alias of "architecture", which wins
+        where both name a keyword; this is the one place that reads it."""
         values = dict(values)
         if "hyperparameters" in values:
             values["architecture"] = {**values.pop("hyperparameters"), **values.get("architecture", {})}
@@ -127,9 +147,9 @@ class TrainingConfig:
 
 
 # --- preparation ---------------------------------------------------------------------------------------------
-def _draw_validation(groups, wanted, rng):
+def _draw_validation(groups: Sequence[Sequence[int]], wanted: float, rng: np.random.Generator) -> list[int]:
     """Indices of whole groups, in random order, until about `wanted` frames (at least one group, never all)."""
-    chosen = []
+    chosen: list[int] = []
     for position, group in enumerate(rng.permutation(len(groups))):
         if position == len(groups) - 1 or (chosen and len(chosen) + 0.5 * len(groups[group]) > wanted):
             break
@@ -137,7 +157,8 @@ def _draw_validation(groups, wanted, rng):
     return chosen
 
 
-def split_frames(frames, validation_fraction, seed):
+def split_frames(frames: Iterable[Atoms], validation_fraction: float, seed: int
+                 ) -> tuple[list[Atoms], list[Atoms]]:
     """Seeded (train, validation) split by structure: all frames of one structure (e.g. the zero-field and ±ε frames
     of one DFT label) land on the same side, so validation measures unseen structures, not unseen fields.
 
@@ -151,10 +172,10 @@ def split_frames(frames, validation_fraction, seed):
     if not validation_fraction > 0 or len(frames) < 2:
         return frames, []
     wanted = validation_fraction * len(frames)
-    groups = {}
+    by_structure: dict[tuple[tuple[int, ...] | bytes, ...], list[int]] = {}
     for index, frame in enumerate(frames):
-        groups.setdefault(structure_key(frame), []).append(index)
-    groups = list(groups.values())
+        by_structure.setdefault(structure_key(frame), []).append(index)
+    groups = list(by_structure.values())
     valid_indices = _draw_validation(groups, wanted, np.random.default_rng(seed)) if len(groups) > 1 else []
     if not valid_indices or len(valid_indices) > max(2.0 * wanted, 1.0):
         singletons = [[index] for index in range(len(frames))]
@@ -165,7 +186,7 @@ def split_frames(frames, validation_fraction, seed):
     return train, valid
 
 
-def fit_reference_energies(frames, species):
+def fit_reference_energies(frames: Sequence[Atoms], species: Sequence[str]) -> dict[str, float]:
     """Per-species energies (dict symbol -> eV) minimizing Σ (E - Σ_s n_s e_s)² over frames with an energy.
 
     Zero-field frames are used when there are any (finite-field enthalpies carry the field terms). With
@@ -183,19 +204,19 @@ def fit_reference_energies(frames, species):
     return {symbol: float(value) for symbol, value in zip(species, solution)}
 
 
-def fit_energy_scale(frames, reference_energies):
+def fit_energy_scale(frames: Sequence[Atoms], reference_energies: Mapping[str, float]) -> float:
     """RMS force component of the frames; without forces, the RMS per-atom energy residual; 1 eV as a floor case."""
     forces = [frame_forces(f) for f in frames if frame_forces(f) is not None]
     if forces:
-        rms = float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
+        rms = float(np.sqrt(np.mean(np.concatenate(cast("list[NDArray[np.float64]]", forces)) ** 2)))
     else:
-        residuals = [(frame_energy(f) - sum(reference_energies[s] for s in f.get_chemical_symbols())) / len(f)
-                     for f in frames if frame_energy(f) is not None]
+        residuals = [(cast(float, frame_energy(f)) - sum(reference_energies[s] for s in f.get_chemical_symbols()))
+                     / len(f) for f in frames if frame_energy(f) is not None]
         rms = float(np.sqrt(np.mean(np.square(residuals)))) if residuals else 0.0
     return rms if rms > 1e-8 else 1.0
 
 
-def field_magnitude_weights(frames):
+def field_magnitude_weights(frames: Sequence[Atoms]) -> NDArray[np.float64] | None:
     """(n,) frame weights, mean 1, inversely proportional to the number of frames in each frame's |ε| bin.
 
     Zero field (|ε| < ZERO_FIELD V/Å) is its own bin; other fields fall in bins a factor FIELD_BIN_RATIO wide in
@@ -223,31 +244,33 @@ class FrameSet:
     frames.
     """
 
-    def __init__(self, frames, species, cutoff, dtype, frame_weights=None):
+    def __init__(self, frames: Iterable[Atoms], species: Sequence[str], cutoff: float, dtype: torch.dtype,
+                 frame_weights: npt.ArrayLike | None = None) -> None:
         self.frames = list(frames)
         self.frame_weights = None if frame_weights is None else np.asarray(frame_weights, dtype=float)
         self.graphs = [atoms_to_graph(frame, species, cutoff, efield=frame_efield(frame), dtype=dtype)
                        for frame in self.frames]
-        groups = {}
+        groups: dict[tuple[tuple[int, ...] | bytes, ...], list[int]] = {}
         for index, frame in enumerate(self.frames):
             groups.setdefault(structure_key(frame), []).append(index)
         self.groups = list(groups.values())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.frames)
 
-    def batch(self, indices):
+    def batch(self, indices: Iterable[int]) -> tuple[Graph, TargetBatch]:
         indices = list(indices)
         weights = None if self.frame_weights is None else self.frame_weights[indices]
         return (collate([self.graphs[i] for i in indices]),
                 TargetBatch([self.frames[i] for i in indices], frame_weights=weights))
 
-    def batches(self, batch_size, generator=None):
+    def batches(self, batch_size: int, generator: torch.Generator | None = None
+                ) -> Iterator[tuple[Graph, TargetBatch]]:
         """Batches of whole structures, at most `batch_size` frames unless one structure has more; shuffled
         (by structure) when a generator is given."""
         order = (torch.randperm(len(self.groups), generator=generator).tolist() if generator is not None
                  else list(range(len(self.groups))))
-        batch = []
+        batch: list[int] = []
         for group in order:
             if batch and len(batch) + len(self.groups[group]) > batch_size:
                 yield self.batch(batch)
@@ -257,7 +280,8 @@ class FrameSet:
             yield self.batch(batch)
 
 
-def training_frame_set(frames, species, config):
+def training_frame_set(frames: Iterable[Atoms] | None, species: Sequence[str], config: TrainingConfig
+                       ) -> FrameSet | None:
     """The FrameSet a training run builds from `frames`: dipole branches aligned (align_dipole_branches), frames
     weighted by field magnitude when `config.balance_field_magnitudes`; None for no frames."""
     frames = align_dipole_branches(normalize_frames(frames or []))
@@ -267,11 +291,11 @@ def training_frame_set(frames, species, config):
     return FrameSet(frames, species, config.cutoff, DTYPES[config.dtype], weights)
 
 
-def _frames_species(frames):
+def _frames_species(frames: Iterable[Atoms]) -> list[str]:
     return sorted({symbol for frame in frames for symbol in frame.get_chemical_symbols()})
 
 
-def _warm_start_model(initial_model, frames, config):
+def _warm_start_model(initial_model: PolModel, frames: Sequence[Atoms], config: TrainingConfig) -> PolModel:
     """A copy of `initial_model` in the run's dtype, after checking that it can be trained on `frames`."""
     from polmodel.nn.model import PolModel  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
@@ -287,17 +311,18 @@ def _warm_start_model(initial_model, frames, config):
     if float(config.cutoff) != float(initial_model.cutoff):
         raise ValueError(f"cutoff {config.cutoff} Å was requested, but the initial model has {initial_model.cutoff} Å")
     conflicting = sorted(name for name, value in config.architecture.items()
-                         if name != "avg_num_neighbors" and initial_model.hyperparameters.get(name) != value)
+                         if name != "avg_num_neighbors" and initial_model.architecture.get(name) != value)
     if conflicting:
         raise ValueError(f"architecture options {conflicting} differ from the initial model's "
-                         f"({ {name: initial_model.hyperparameters.get(name) for name in conflicting} })")
-    model = PolModel(initial_model.species, initial_model.cutoff, **initial_model.hyperparameters)
+                         f"({ {name: initial_model.architecture.get(name) for name in conflicting} })")
+    model = PolModel(initial_model.species, initial_model.cutoff, **initial_model.architecture)
     model = model.to(DTYPES[config.dtype])
     model.load_state_dict(initial_model.state_dict())
     return model
 
 
-def initialize_model(train_frames, config, species=None, initial_model=None):
+def initialize_model(train_frames: Iterable[Atoms], config: TrainingConfig, species: Sequence[str] | None = None,
+                     initial_model: PolModel | None = None) -> PolModel:
     """The model training starts from: a copy of `initial_model` (warm start), or seeded weights with the
     neighbour normalization, reference energies and energy scale fitted to the frames."""
     # e3nn (torch._dynamo, ~2 s to import): only when needed
@@ -330,12 +355,12 @@ class WeightAverage:
     not change them.
     """
 
-    def __init__(self, model, decay):
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = float(decay)
         self.num_updates = 0
         self.averages = [parameter.detach().clone() for parameter in model.parameters()]
 
-    def update(self, model):
+    def update(self, model: torch.nn.Module) -> None:
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         with torch.no_grad():
@@ -343,7 +368,7 @@ class WeightAverage:
                 average.lerp_(parameter.detach(), 1.0 - decay)
 
     @contextlib.contextmanager
-    def applied_to(self, model):
+    def applied_to(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Inside the block, `model` holds the averaged weights; its own weights are restored afterwards."""
         raw = [parameter.detach().clone() for parameter in model.parameters()]
         with torch.no_grad():
@@ -356,10 +381,10 @@ class WeightAverage:
                 for parameter, value in zip(model.parameters(), raw):
                     parameter.copy_(value)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "num_updates": self.num_updates, "averages": [a.clone() for a in self.averages]}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
         with torch.no_grad():
             for average, value in zip(self.averages, state["averages"]):
@@ -367,13 +392,15 @@ class WeightAverage:
 
 
 # --- one model -----------------------------------------------------------------------------------------------
-def _epoch_loss(model, frame_set, weights, batch_size):
+def _epoch_loss(model: torch.nn.Module, frame_set: FrameSet, weights: LossWeights, batch_size: int
+                ) -> tuple[float, dict[str, float]]:
     """Validation pass (no parameter update, on the model's device): (loss, {quantity: RMSE}). The loss is the
     frame-weighted mean of the batch losses; a quantity's RMSE (in the loss's units) is the root of its batch mean
     squared errors averaged over the frames of the batches that carry it."""
     device = _model_device(model)
     total, count = 0.0, 0
-    squared, counted = {}, {}
+    squared: dict[str, float] = {}
+    counted: dict[str, int] = {}
     for data, targets in frame_set.batches(batch_size):
         prediction = predict(model, to_device(data, device), targets)
         loss, terms = weighted_loss(paired_values(prediction, targets), weights, targets)
@@ -386,7 +413,8 @@ def _epoch_loss(model, frame_set, weights, batch_size):
     return total / count, {quantity: math.sqrt(squared[quantity] / counted[quantity]) for quantity in squared}
 
 
-def _make_scheduler(optimizer, config):
+def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig
+                    ) -> torch.optim.lr_scheduler.LRScheduler | None:
     if config.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.scheduler_factor,
                                                           patience=config.scheduler_patience,
@@ -404,7 +432,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed here (unreadable, or written for other frames or settings)."""
 
 
-def _run_fingerprint(config, train_frames, valid_frames, initial_model):
+def _run_fingerprint(config: TrainingConfig, train_frames: Sequence[Atoms], valid_frames: Sequence[Atoms],
+                     initial_model: PolModel | None) -> str:
     """sha256 of what determines a run's result: the settings (not how it runs), the frames, the initial weights."""
     digest = hashlib.sha256()
     settings = {name: value for name, value in config.as_dict().items() if name not in RUN_OPTIONS}
@@ -426,14 +455,14 @@ def _run_fingerprint(config, train_frames, valid_frames, initial_model):
     return digest.hexdigest()
 
 
-def _write_checkpoint(path, state):
+def _write_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
     """torch.save to a temporary file, then an atomic rename: a kill while writing leaves the last checkpoint."""
     temporary = f"{path}.tmp"
     torch.save(state, temporary)
     os.replace(temporary, path)
 
 
-def _read_checkpoint(path, fingerprint):
+def _read_checkpoint(path: str | os.PathLike[str], fingerprint: str | None) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for unreadable files
@@ -446,11 +475,13 @@ def _read_checkpoint(path, fingerprint):
     return state
 
 
-def _state_to(state_dict, device):
+def _state_to(state_dict: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     return {name: tensor.to(device) for name, tensor in state_dict.items()}
 
 
-def train_model(train_frames, valid_frames, config, species=None, initial_model=None, checkpoint=None):
+def train_model(train_frames: Iterable[Atoms], valid_frames: Iterable[Atoms] | None, config: TrainingConfig,
+                species: Sequence[str] | None = None, initial_model: PolModel | None = None,
+                checkpoint: str | os.PathLike[str] | None = None) -> tuple[PolModel, dict[str, Any]]:
     """Train one PolModel; returns (model with the best validation weights, history dict).
 
     Without validation frames the training loss decides early stopping. With an EMA (`config.ema_decay`) the
@@ -475,7 +506,7 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
         keep_heap_if_requested()   # opt-in: a process-wide setting (polmodel/runtime/allocator.py)
     model = initialize_model(train_frames, config, species or _frames_species(train_frames + valid_frames),
                              initial_model=initial_model).to(device)
-    train_set = training_frame_set(train_frames, model.species, config)
+    train_set = cast(FrameSet, training_frame_set(train_frames, model.species, config))  # frames checked above
     valid_set = training_frame_set(valid_frames, model.species, config)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -484,14 +515,14 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
     average = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
     weights = config.loss_weights
 
-    def evaluated():
+    def evaluated() -> contextlib.AbstractContextManager[torch.nn.Module]:
         """The weights that are validated and returned: the average, or the raw weights."""
         return average.applied_to(model) if average is not None else contextlib.nullcontext(model)
 
     start = time.monotonic()
     with evaluated():
-        best = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    history = {"epochs": [], "stopped": "epochs", "initial_valid_rmse": {}}
+        best: dict[str, Any] = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    history: dict[str, Any] = {"epochs": [], "stopped": "epochs", "initial_valid_rmse": {}}
     first_epoch, earlier_time, finished, resumed_from = 1, 0.0, False, None
     fingerprint = _run_fingerprint(config, train_frames, valid_frames, initial_model) if checkpoint else None
     if checkpoint and os.path.exists(checkpoint):
@@ -510,8 +541,8 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
     elif valid_set:   # a fresh start: the untrained model's errors (a resumed run has them in its history)
         history["initial_valid_rmse"] = _epoch_loss(model, valid_set, weights, config.batch_size)[1]
 
-    def save_checkpoint(epoch, done):
-        _write_checkpoint(checkpoint, {
+    def save_checkpoint(epoch: int, done: bool) -> None:
+        _write_checkpoint(cast("str | os.PathLike[str]", checkpoint), {
             "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "finished": done,
             "model": _state_to(model.state_dict(), "cpu"), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -578,7 +609,8 @@ def train_model(train_frames, valid_frames, config, species=None, initial_model=
     return model, history
 
 
-def learning_milestones(history, quantity, converged_within=0.1):
+def learning_milestones(history: Mapping[str, Any], quantity: str, converged_within: float = 0.1
+                        ) -> tuple[int | None, int | None]:
     """(epoch at which the validation RMSE of `quantity` first fell to half its untrained value, epoch at which it
     first came within `converged_within` of its lowest value in the run) from `train_model`'s history; None where
     it never did or `quantity` was not validated."""
@@ -594,21 +626,21 @@ def learning_milestones(history, quantity, converged_within=0.1):
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
-def _model_dtype(model_or_ensemble):
+def _model_dtype(model_or_ensemble: torch.nn.Module) -> torch.dtype:
     return next(model_or_ensemble.parameters()).dtype
 
 
-def _model_device(model_or_ensemble):
+def _model_device(model_or_ensemble: torch.nn.Module) -> torch.device:
     return next(model_or_ensemble.parameters()).device
 
 
-def _ensemble_members(model_or_ensemble):
+def _ensemble_members(model_or_ensemble: PolModel | PolEnsemble) -> list[PolModel] | None:
     from polmodel.nn.model import PolModel  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
-    return None if isinstance(model_or_ensemble, PolModel) else list(model_or_ensemble.members)
+    return None if isinstance(model_or_ensemble, PolModel) else cast("list[PolModel]", list(model_or_ensemble.members))
 
 
-def predict_pairs(model_or_ensemble, frames, batch_size=16):
+def predict_pairs(model_or_ensemble: PolModel | PolEnsemble, frames: Iterable[Atoms], batch_size: int = 16) -> Pairs:
     """{quantity: (labels, predictions)} as flat numpy arrays in QUANTITY_UNITS over all labelled entries.
 
     For an ensemble the prediction is the member mean (polmodel.nn.ensemble.ensemble_response).
@@ -617,14 +649,14 @@ def predict_pairs(model_or_ensemble, frames, batch_size=16):
     members = _ensemble_members(model_or_ensemble)
     reference = members[0] if members else model_or_ensemble
     frame_set = FrameSet(frames, reference.species, reference.cutoff, _model_dtype(model_or_ensemble))
-    collected = {}
+    collected: dict[str, tuple[list[NDArray[Any]], list[NDArray[Any]]]] = {}
     device = _model_device(model_or_ensemble)
     for data, targets in frame_set.batches(batch_size):
         data = to_device(data, device)
         if members:
             from polmodel.nn.ensemble import ensemble_response  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
-            prediction = ensemble_response(model_or_ensemble, data, **targets.response_flags())
+            prediction = ensemble_response(cast("PolEnsemble", model_or_ensemble), data, **targets.response_flags())
         else:
             prediction = predict(model_or_ensemble, data, targets)
         for quantity, (label, predicted) in paired_values(prediction, targets).items():
@@ -635,9 +667,9 @@ def predict_pairs(model_or_ensemble, frames, batch_size=16):
             if q in collected}
 
 
-def metrics_from_pairs(pairs):
+def metrics_from_pairs(pairs: Mapping[str, tuple[NDArray[Any], NDArray[Any]]]) -> Metrics:
     """{quantity: {"mae", "rmse", "count", "unit"}} from `predict_pairs` output."""
-    metrics = {}
+    metrics: Metrics = {}
     for quantity, (label, predicted) in pairs.items():
         error = predicted.astype(float) - label.astype(float)
         metrics[quantity] = {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error ** 2))),
@@ -645,12 +677,13 @@ def metrics_from_pairs(pairs):
     return metrics
 
 
-def evaluate(model_or_ensemble, frames, batch_size=16):
+def evaluate(model_or_ensemble: PolModel | PolEnsemble, frames: Iterable[Atoms], batch_size: int = 16) -> Metrics:
     """MAE/RMSE per labelled quantity of a model or ensemble on `frames` (counts are label components)."""
     return metrics_from_pairs(predict_pairs(model_or_ensemble, frames, batch_size))
 
 
-def evaluate_frames(model, frames, plots_dir=None):
+def evaluate_frames(model: PolModel | PolEnsemble, frames: Sequence[Atoms],
+                    plots_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """{"num_frames", "errors": MAE/RMSE per labelled quantity, "plots": parity plot paths} of a model or ensemble
     on labelled frames; ValueError when the frames carry no label to compare with. `polmodel evaluate` and the
     demo's held-out errors (polmodel.workflows.demo) report it."""
@@ -664,13 +697,14 @@ def evaluate_frames(model, frames, plots_dir=None):
 
 
 # --- ensembles -----------------------------------------------------------------------------------------------
-def bootstrap_sample(frames, seed):
+def bootstrap_sample(frames: Sequence[Atoms], seed: int) -> list[Atoms]:
     """As many frames as given, drawn with replacement (seeded)."""
     indices = np.random.default_rng(seed).integers(0, len(frames), size=len(frames))
     return [frames[i] for i in indices]
 
 
-def member_checkpoint_path(checkpoint, member, size):
+def member_checkpoint_path(checkpoint: str | os.PathLike[str] | None, member: int, size: int
+                           ) -> str | os.PathLike[str] | None:
     """The checkpoint file of ensemble member `member` (the path itself for a single model)."""
     if checkpoint is None or size == 1:
         return checkpoint
@@ -678,15 +712,17 @@ def member_checkpoint_path(checkpoint, member, size):
     return f"{root}.member{member}{extension}"
 
 
-def _initial_members(initial_model, size):
+def _initial_members(initial_model: PolModel | PolEnsemble | None, size: int) -> list[PolModel | None]:
     """Member k of the new ensemble starts from member k mod M of an initial ensemble of M (or from one model)."""
     if initial_model is None:
         return [None] * size
-    members = _ensemble_members(initial_model) or [initial_model]
+    members = _ensemble_members(initial_model) or [cast("PolModel", initial_model)]
     return [members[k % len(members)] for k in range(size)]
 
 
-def train_ensemble(frames, config, size, bootstrap=False, initial_model=None, checkpoint=None):
+def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, bootstrap: bool = False,
+                   initial_model: PolModel | PolEnsemble | None = None,
+                   checkpoint: str | os.PathLike[str] | None = None) -> tuple[PolEnsemble, dict[str, Any]]:
     """Train `size` members with seeds config.seed + k on one split; returns (PolEnsemble, metrics).
 
     `initial_model` (PolModel or PolEnsemble): warm start, member k from member k mod M. `checkpoint`: a path; each
