@@ -200,6 +200,17 @@ def frame_spreads(ensemble, frames, batch_size=8):
     return {"force": np.array(force), "born": np.array(born), "alpha": np.array(alpha)}
 
 
+def spread_error_ranking(ensemble, frames, spreads):
+    """Spearman rank correlation over `frames` between the ensemble's spread and its actual error there (force RMSE,
+    Z* RMSE of each frame): how well the spread orders frames by what labelling them would correct. Near 0 the
+    loop's order is no better than a random one, whatever the thresholds."""
+    from scipy.stats import spearmanr
+
+    errors = [test_errors(ensemble, [frame]) for frame in frames]
+    return {"force": float(spearmanr(spreads["force"], [error["forces"] for error in errors]).statistic),
+            "born": float(spearmanr(spreads["born"], [error["born_effective_charges"] for error in errors]).statistic)}
+
+
 # --- the two ways of choosing ----------------------------------------------------------------------------------------
 def loop_choice(frames, spreads, training_errors, args, seed):
     """The loop's labels for this iteration: [(index into `frames`, tier)], as the workchain decides them."""
@@ -265,7 +276,9 @@ def run_seed(args, seed, pool, test, species, log, target):
                 picked, criteria, statistics = loop_choice([pool[index] for index in open_indices], spreads,
                                                            current["training"], args, seed * 1000 + iteration)
                 picked = [(open_indices[index], tier) for index, tier in picked]
+                ranking = spread_error_ranking(current["ensemble"], [pool[index] for index in open_indices], spreads)
                 choices.append({"iteration": iteration, "window": [criteria.force_lower, None],
+                                "spread_error_spearman": ranking,
                                 "born_threshold": criteria.born_charge_threshold,
                                 "alpha_threshold": criteria.polarizability_threshold,
                                 "candidates": statistics["num_candidates"], "open": len(open_indices),
@@ -285,7 +298,9 @@ def run_seed(args, seed, pool, test, species, log, target):
             f"{method} {state[method]['runs']} runs, F {state[method]['curve'][-1][1]['forces']:.4f}, "
             f"Z* {state[method]['curve'][-1][1]['born_effective_charges']:.4f}" for method in ("loop", "random"))
             + (f" | loop picked {len(choices[-1]['picked'])} of {choices[-1]['candidates']} candidates "
-               f"({sum(tier == FULL for _, tier in choices[-1]['picked'])} full)" if choices else ""))
+               f"({sum(tier == FULL for _, tier in choices[-1]['picked'])} full); spread-error rank correlation "
+               f"F {choices[-1]['spread_error_spearman']['force']:.2f}, "
+               f"Z* {choices[-1]['spread_error_spearman']['born']:.2f}" if choices else ""))
     return {"loop": state["loop"]["curve"], "random": state["random"]["curve"], "loop_choices": choices}
 
 
@@ -392,6 +407,11 @@ def main(argv=None):
               f"{random_runs:6d}  {loop_runs / random_runs:5.2f}   {last_runs}, {loop_last['forces']:.4f}/"
               f"{random_then['forces']:.4f}, {loop_last['born_effective_charges']:.4f}/"
               f"{random_then['born_effective_charges']:.4f}; {full + args.initial}/{len(picked) - full}")
+    rankings = [choice["spread_error_spearman"] for result in results for choice in result["result"]["loop_choices"]
+                if "spread_error_spearman" in choice]
+    if rankings:
+        print(f"spread-error rank correlation over the loop's iterations (Spearman, open frames): forces "
+              f"{np.mean([r['force'] for r in rankings]):.2f}, Z* {np.mean([r['born'] for r in rankings]):.2f}")
     loop_mean = float(np.mean([row[0] for row in rows]))
     random_mean = float(np.mean([row[1] for row in rows]))
     unreached = "" if all(row[2] for row in rows) else " (a method missed the target in some seed: lower bounds)"
