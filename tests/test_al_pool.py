@@ -2,7 +2,6 @@
 random order, and the pw.x-run accounting, down to the table the benchmark prints."""
 import json
 import pathlib
-import re
 import sys
 
 import numpy as np
@@ -111,8 +110,8 @@ def test_the_printed_counts_are_the_sums_of_the_labels_taken_and_methods_stop_at
               "--quiet"]
     al_pool.main(common + ["--tolerance", "-0.99"])               # a target no method reaches: every iteration runs
     lines = capsys.readouterr().out.strip().splitlines()
-    match = re.fullmatch(r"labels to target: loop (\d+), random (\d+), ratio ([0-9.]+)", lines[-1])
-    assert match, lines[-1]
+    # neither method reaches it, so there is no ratio to give: lower bounds are not compared
+    assert lines[-1] == "labels to target: no seed where both methods reached the target", lines[-1]
     (seed_file,) = workdir.glob("*-0.json")
     curves = json.loads(seed_file.read_text())["result"]
     taken = [tier for choice in curves["loop_choices"] for _, tier in choice["picked"]]
@@ -120,7 +119,7 @@ def test_the_printed_counts_are_the_sums_of_the_labels_taken_and_methods_stop_at
     assert [runs for runs, _ in curves["random"]] == [8, 12, 16]      # one full frame (4 runs) fits in 5
     row = next(line for line in lines if line.lstrip().startswith("0 "))
     assert f"{curves['loop'][-1][0]}," in row                         # the table's count is the JSON's sum
-    assert int(match[2]) == 16 + 5                                    # not reached: last count plus one budget
+    assert f">{16 + 5:6d}" in row                                     # random not reached: a lower bound, last count + budget
     # a rerun reads the finished tasks instead of training again
     before = seed_file.stat().st_mtime_ns
     al_pool.main(common + ["--tolerance", "-0.99"])
