@@ -153,7 +153,9 @@ def link_existing(log=print):
     from polmodel.workflows.structures import (read_structures, strained_structure, structure_difference,
                                                trajectory_frame)
 
-    trajectories = orm.QueryBuilder().append(orm.TrajectoryData).all(flat=True)
+    # every trajectory's positions, read once for all the structures searched in them
+    trajectories = [(trajectory, trajectory.get_positions())
+                    for trajectory in orm.QueryBuilder().append(orm.TrajectoryData).all(flat=True)]
     linked, seen = 0, set()
     for node in sorted(orm.load_group(HELDOUT_GROUP).nodes, key=lambda node: node.pk):
         structure, key = node.inputs.structure, node.base.extras.get("heldout")
@@ -166,8 +168,7 @@ def link_existing(log=print):
         else:
             positions = structure.get_ase().positions
             remade = None
-            for trajectory in trajectories:
-                steps = trajectory.get_positions()
+            for trajectory, steps in trajectories:
                 if steps.shape[1:] != positions.shape:
                     continue
                 matching = np.flatnonzero(np.max(np.abs(steps - positions), axis=(1, 2)) < 1e-6)

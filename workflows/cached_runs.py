@@ -71,6 +71,13 @@ def _archive_storage(path):
     return SqliteZipBackend(SqliteZipBackend.create_profile(str(path)))
 
 
+def _cached_copies(storage) -> list[tuple[str, str]]:
+    """(copy uuid, original uuid) of every cached calculation in `storage`."""
+    return orm.QueryBuilder(backend=storage).append(
+        orm.CalculationNode, filters={"extras": {"has_key": CACHED_FROM_EXTRA}},
+        project=["uuid", f"extras.{CACHED_FROM_EXTRA}"]).all()
+
+
 def cached_runs_in_archive(path) -> CachedRunReport:
     """Read archive file `path` (without importing it) and sort its cached calculations: original present, reproduced
     (a rerun with caching off whose results agree within RESULT_TOLERANCES), or missing."""
@@ -81,8 +88,7 @@ def cached_runs_in_archive(path) -> CachedRunReport:
 
         report = CachedRunReport(archive=str(path))
         report.calculations = query().append(orm.CalculationNode).count()
-        copies = query().append(orm.CalculationNode, filters={"extras": {"has_key": CACHED_FROM_EXTRA}},
-                                project=["uuid", f"extras.{CACHED_FROM_EXTRA}"]).all()
+        copies = _cached_copies(storage)
         originals = {uuid for uuid, in query().append(
             orm.Node, filters={"uuid": {"in": [source for _, source in copies] or [""]}}, project="uuid").all()}
         reproductions = {}
@@ -135,9 +141,7 @@ def restore_cached_marks(path) -> int:
     archive `path` dropped (the same nodes, by UUID); returns how many were restored."""
     storage = _archive_storage(path)
     try:
-        copies = orm.QueryBuilder(backend=storage).append(
-            orm.CalculationNode, filters={"extras": {"has_key": CACHED_FROM_EXTRA}},
-            project=["uuid", f"extras.{CACHED_FROM_EXTRA}"]).all()
+        copies = _cached_copies(storage)
     finally:
         storage.close()
     for uuid, source in copies:

@@ -12,7 +12,7 @@ Examples:
 """
 import re
 
-from polmodel.cli import InputError, check_output_file, load_aiida_profile
+from polmodel.cli import InputError, check_input_file, check_output_file, load_aiida_profile
 
 # a node's pk (positive integer) or its UUID (or a unique prefix of one, as verdi accepts)
 _IDENTIFIER = re.compile(r"^([1-9][0-9]*|[0-9a-fA-F]{4,8}(-[0-9a-fA-F]{0,4}){0,3}(-[0-9a-fA-F]{0,12})?)$")
@@ -65,7 +65,6 @@ def _check_inputs(args):
 
 def _check_archive(args):
     """check-archive reads the file itself and needs no profile: 0 when every cached run's original is there."""
-    from polmodel.cli import check_input_file
     check_input_file(args.archive, "archive")
     from aiida.common.exceptions import CorruptStorage, IncompatibleStorageSchema
 
@@ -118,7 +117,6 @@ def run(args):
             write_frames(args.output, frames)
             print(f"wrote {len(frames)} labelled frame(s) of {description} to {args.output}")
         elif args.question == "reproduce-cached":
-            from polmodel.cli import check_input_file
             from polmodel.workflows.cached_runs import reproduce_missing_originals
             check_input_file(args.archive, "archive")
             reruns = reproduce_missing_originals(args.archive)
