@@ -159,7 +159,9 @@ def link_existing(log=print):
     linked, seen = 0, set()
     for node in sorted(orm.load_group(HELDOUT_GROUP).nodes, key=lambda node: node.pk):
         structure, key = node.inputs.structure, node.base.extras.get("heldout")
-        if structure.creator is not None or structure.uuid in seen:
+        already_linked = any(link.node.process_label == "structure_difference"
+                             for link in structure.base.links.get_outgoing().all())
+        if structure.creator is not None or already_linked or structure.uuid in seen:
             continue
         seen.add(structure.uuid)
         if key == "strained":
