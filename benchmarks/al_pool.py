@@ -178,18 +178,22 @@ def test_errors(ensemble, test):
 
 def frame_spreads(ensemble, frames, batch_size=8):
     """Per frame: the largest atomic force spread (eV/Å), the largest atomic Z* spread (e, norm over the 9
-    components) and the α spread (e·Å²/V, Frobenius norm): population std over the members."""
+    components) and the α spread (e·Å²/V, Frobenius norm): population std over the members; and, from the same
+    predictions, the ensemble mean's error against the frame's labels (force and Z* RMSE), which the loop never
+    reads (spread_error_ranking does)."""
     import torch
 
     from polmodel.data import keys
+    from polmodel.data.frames import frame_born_charges, frame_forces
     from polmodel.nn.ensemble import ensemble_response
     from polmodel.training.train import FrameSet
 
     member = ensemble.members[0]
     frame_set = FrameSet(frames, member.species, member.cutoff, next(ensemble.parameters()).dtype)
-    force, born, alpha = [], [], []
+    force, born, alpha, force_error, born_error = [], [], [], [], []
     for start in range(0, len(frames), batch_size):
-        data, _ = frame_set.batch(list(range(start, min(start + batch_size, len(frames)))))
+        indices = list(range(start, min(start + batch_size, len(frames))))
+        data, _ = frame_set.batch(indices)
         response = ensemble_response(ensemble, data, born_charges=True, polarizability=True)
         batch = data[keys.BATCH]
         graphs = int(batch.max()) + 1
@@ -200,29 +204,37 @@ def frame_spreads(ensemble, frames, batch_size=8):
             out.extend(largest.tolist())
         alpha.extend(torch.linalg.norm(response[f"{keys.POLARIZABILITY}_std"].detach().reshape(graphs, 9),
                                        dim=-1).tolist())
-    return {"force": np.array(force), "born": np.array(born), "alpha": np.array(alpha)}
+        predicted_forces = response[keys.FORCES].detach().numpy()
+        predicted_born = response[keys.BORN_CHARGES].detach().numpy().reshape(-1, 3, 3)
+        atoms = batch.numpy()
+        for graph, index in enumerate(indices):
+            mine = atoms == graph
+            force_error.append(float(np.sqrt(np.mean((predicted_forces[mine] - frame_forces(frames[index])) ** 2))))
+            born_error.append(float(np.sqrt(np.mean((predicted_born[mine] - frame_born_charges(frames[index])) ** 2))))
+    return {"force": np.array(force), "born": np.array(born), "alpha": np.array(alpha),
+            "force_error": np.array(force_error), "born_error": np.array(born_error)}
 
 
-def spread_error_ranking(ensemble, frames, spreads):
-    """Spearman rank correlation over `frames` between the ensemble's spread and its actual error there (force RMSE,
-    Z* RMSE of each frame): how well the spread orders frames by what labelling them would correct. Near 0 the
-    loop's order is no better than a random one, whatever the thresholds."""
+def spread_error_ranking(spreads):
+    """Spearman rank correlation over the frames of `spreads` (frame_spreads) between the ensemble's spread and its
+    actual error there (force RMSE, Z* RMSE of each frame): how well the spread orders frames by what labelling
+    them would correct. Near 0 the loop's order is no better than a random one, whatever the thresholds."""
     from scipy.stats import spearmanr
 
-    errors = [test_errors(ensemble, [frame]) for frame in frames]
-    return {"force": float(spearmanr(spreads["force"], [error["forces"] for error in errors]).statistic),
-            "born": float(spearmanr(spreads["born"], [error["born_effective_charges"] for error in errors]).statistic)}
+    return {"force": float(spearmanr(spreads["force"], spreads["force_error"]).statistic),
+            "born": float(spearmanr(spreads["born"], spreads["born_error"]).statistic)}
 
 
 # --- the two ways of choosing ----------------------------------------------------------------------------------------
-def loop_choice(frames, spreads, training_errors, args, seed):
-    """The loop's labels for this iteration: [(index into `frames`, tier)], as the workchain decides them."""
+def loop_choice(frames, spreads, training_errors, args, seed, previous=None):
+    """The loop's labels for this iteration: [(index into `frames`, tier)], as the workchain decides them (one
+    stage: `previous` is the last iteration's criteria, no level rises above them)."""
     criteria = SelectionCriteria(force_lower=0.0, force_upper=POOL_FORCE_UPPER, max_candidates=args.max_candidates,
                                  force_lower_factor=args.force_lower_factor,
                                  response_threshold_factor=args.response_factor, seed=seed, draw=args.draw)
     criteria = adapt_trust_window(criteria, training_errors.get("forces"),
                                   born_charge_rmse=training_errors.get("born_effective_charges"),
-                                  polarizability_rmse=training_errors.get("polarizability"))
+                                  polarizability_rmse=training_errors.get("polarizability"), previous=previous)
     selected, statistics = select_candidates(frames, spreads["force"], criteria, born_charge_std=spreads["born"],
                                              polarizability_std=spreads["alpha"])
     if not selected:
@@ -277,9 +289,11 @@ def run_seed(args, seed, pool, test, species, log, target):
                     continue
                 spreads = frame_spreads(current["ensemble"], [pool[index] for index in open_indices])
                 picked, criteria, statistics = loop_choice([pool[index] for index in open_indices], spreads,
-                                                           current["training"], args, seed * 1000 + iteration)
+                                                           current["training"], args, seed * 1000 + iteration,
+                                                           previous=current.get("criteria"))
+                current["criteria"] = criteria
                 picked = [(open_indices[index], tier) for index, tier in picked]
-                ranking = spread_error_ranking(current["ensemble"], [pool[index] for index in open_indices], spreads)
+                ranking = spread_error_ranking(spreads)
                 choices.append({"iteration": iteration, "window": [criteria.force_lower, None],
                                 "spread_error_spearman": ranking,
                                 "born_threshold": criteria.born_charge_threshold,

@@ -101,6 +101,35 @@ def test_frame_spreads_vanish_for_identical_members_and_not_for_different_ones(f
         assert np.all(same[name] < 1e-5) and np.all(different[name] > 1e-4), name
 
 
+def test_each_frames_error_is_the_held_out_error_of_that_frame_alone(frames):
+    import torch
+
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+
+    torch.manual_seed(1)
+    ensemble = PolEnsemble([PolModel(["O", "Si"], 4.0, num_features=4, num_layers=1, lmax=1) for _ in range(2)])
+    spreads = al_pool.frame_spreads(ensemble, frames[:3], batch_size=2)   # one batch of two frames, one of one
+    for index, frame in enumerate(frames[:3]):
+        alone = al_pool.test_errors(ensemble, [frame])
+        assert spreads["force_error"][index] == pytest.approx(alone["forces"], rel=1e-6)
+        assert spreads["born_error"][index] == pytest.approx(alone["born_effective_charges"], rel=1e-6)
+
+
+def test_a_level_does_not_rise_with_a_noisy_error_estimate_within_the_loop(frames):
+    spreads = planted_spreads(len(frames), 6, force=0.3)
+    first_picked, first, _ = al_pool.loop_choice(frames, spreads, TRAINING_ERRORS, arguments(), seed=0)
+    assert first_picked and first.force_lower == pytest.approx(0.2)
+    risen = {**TRAINING_ERRORS, "forces": 0.2}                 # the estimate doubled by chance: 2 × 0.2 > 0.3
+    alone, _, _ = al_pool.loop_choice(frames, spreads, risen, arguments(), seed=1)
+    kept, criteria, _ = al_pool.loop_choice(frames, spreads, risen, arguments(), seed=1, previous=first)
+    assert alone == [] and [index for index, _ in kept] == [6]
+    assert criteria.force_lower == pytest.approx(0.2)
+    fallen = {**TRAINING_ERRORS, "forces": 0.05}
+    _, lower, _ = al_pool.loop_choice(frames, spreads, fallen, arguments(), seed=2, previous=first)
+    assert lower.force_lower == pytest.approx(0.1)
+
+
 @pytest.mark.slow
 def test_the_printed_counts_are_the_sums_of_the_labels_taken_and_methods_stop_at_the_target(tmp_path, capsys):
     workdir = tmp_path / "work"

@@ -303,12 +303,13 @@ def test_al_unknown_species_in_exploration_structures(generate_al_workchain, al_
     assert "Pb" in exit_code.message
 
 
-def iterate_once(process, generate_fake_child, generate_fake_model_data, statistics):
+def iterate_once(process, generate_fake_child, generate_fake_model_data, statistics, force_rmse=0.2):
     """Run train -> inspect_train -> explore -> inspect_explore of one iteration with fake children."""
     recorder = SubmitRecorder(generate_fake_child)
     process.submit = recorder
     process.run_train()
-    metrics = orm.Dict({"validation": {"energy": {"mae": 0.01, "rmse": 0.02}, "forces": {"mae": 0.1, "rmse": 0.2}}})
+    metrics = orm.Dict({"validation": {"energy": {"mae": 0.01, "rmse": 0.02},
+                                       "forces": {"mae": 0.5 * force_rmse, "rmse": force_rmse}}})
     process.ctx.train = generate_fake_child({"model": generate_fake_model_data(), "metrics": metrics})
     assert process.inspect_train() is None
     process.run_explore()
@@ -559,6 +560,26 @@ def test_al_fresh_md_seeds_warm_start_and_adaptive_window(generate_al_workchain,
     # warm start: the second training starts from the first model; the first from scratch
     assert "initial_model" not in first.calls[0][1]
     assert second.calls[0][1]["initial_model"].uuid == model_1.uuid
+
+
+def test_al_lower_trust_level_never_rises_within_a_stage_and_starts_afresh_in_the_next(
+        generate_al_workchain, al_inputs, generate_frames_data, generate_fake_child, generate_fake_model_data):
+    schedule = [{"temperatures": [100.0], "field_amplitude": 0.0, "steps": 10},
+                {"temperatures": [300.0], "field_amplitude": 0.0, "steps": 10}]
+    inputs = al_inputs(initial_frames=generate_frames_data(4), schedule=orm.List(schedule),
+                       stage_threshold=orm.Float(0.8))
+    inputs["explore"]["selection"] = orm.Dict({"force_lower": 0.05, "force_upper": 2.0, "force_lower_factor": 3.0})
+    process = generate_al_workchain("polmodel.active_learning", inputs)
+    process.setup()
+    levels = []
+    for force_rmse, candidate_fraction in ((0.2, 0.4), (0.3, 0.4), (0.1, 0.03), (0.3, 0.4)):
+        recorder = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(candidate_fraction),
+                                force_rmse=force_rmse)
+        levels.append(explore_call(recorder)["selection"]["force_lower"])
+    # stage 0: 0.6, then not 0.9 but 0.6 (the estimate rose), then 0.3; the accurate fraction 0.97 moves the loop to
+    # stage 1, whose first level follows its own error again
+    assert levels == pytest.approx([0.6, 0.6, 0.3, 0.9])
+    assert process.ctx.stage == 1
 
 
 def test_al_schedule_advances_and_fields_follow_the_labels(generate_al_workchain, al_inputs, generate_fake_child,

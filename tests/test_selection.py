@@ -136,6 +136,18 @@ def test_the_adaptive_window_follows_the_validation_error():
         adapt_trust_window(criteria, float("nan"))
 
 
+def test_no_adapted_level_rises_above_the_previous_exploration_of_its_stage():
+    criteria = SelectionCriteria(force_lower=0.02, force_upper=1.0, force_lower_factor=3.0,
+                                 response_threshold_factor=2.0)
+    first = adapt_trust_window(criteria, 0.1, born_charge_rmse=0.05, polarizability_rmse=0.2)
+    risen = adapt_trust_window(criteria, 0.15, born_charge_rmse=0.08, polarizability_rmse=0.1, previous=first)
+    assert risen.force_lower == pytest.approx(0.3) and risen.born_charge_threshold == pytest.approx(0.1)
+    assert risen.polarizability_threshold == pytest.approx(0.2)           # α's fell: it follows
+    assert adapt_trust_window(criteria, 0.15).force_lower == pytest.approx(0.45)   # a new stage starts afresh
+    # a frame of force spread 0.4 stays a candidate after the estimate rose
+    assert classify([0.4], risen)[0] == CANDIDATE and classify([0.4], adapt_trust_window(criteria, 0.15))[0] == ACCURATE
+
+
 def test_the_tiers_and_their_pw_x_costs_have_one_home():
     """The tiers and what a label of each costs in pw.x runs are written once, here; the workchain and the loop
     import them (FieldResponseWorkChain's `tier` input, FULL_LABEL_COST, the cheap tier of a candidate)."""

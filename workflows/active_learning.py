@@ -112,13 +112,14 @@ def plan_candidate_labels(candidates: orm.Data, budget: orm.Data, full_cost: orm
 @calcfunction
 def exploration_conditions(dataset: orm.Data, metrics: orm.Data, explore_fields: orm.Data, schedule: orm.Data,
                            stage: orm.Data, margin: orm.Data, parameters: orm.Data, selection: orm.Data,
-                           iteration: orm.Data) -> dict[str, orm.Data]:
+                           iteration: orm.Data, previous_selection: orm.Dict | None = None) -> dict[str, orm.Data]:
     """The MD conditions and the trust window of one exploration.
 
     fields: the shapes of `explore_fields` at peak min(stage amplitude, largest labelled field + margin);
     temperatures and steps: the stage's; parameters: the MD parameters with the stage's steps and a seed of its
     own per iteration (base seed + 1000 × iteration); selection: the criteria with the lower trust level from the
-    validation force RMSE (`adapt_trust_window`), a random-draw seed of the iteration and, with
+    validation force RMSE (`adapt_trust_window`; not above `previous_selection`'s, the stage's last exploration's
+    criteria), a random-draw seed of the iteration and, with
     `min_distance_fraction`, the shortest distance of each species pair in the dataset (the closest approach a
     candidate may reach is that fraction of it).
     """
@@ -138,7 +139,8 @@ def exploration_conditions(dataset: orm.Data, metrics: orm.Data, explore_fields:
     if criteria.get("min_distance_fraction") is not None:
         criteria["labelled_pair_distances"] = shortest_pair_distances(labelled)
     force_rmse = validation_errors(metrics.get_dict()).get("forces", {}).get("rmse")
-    adapted = adapt_trust_window(SelectionCriteria.from_dict(criteria), force_rmse)
+    previous = SelectionCriteria.from_dict(previous_selection.get_dict()) if previous_selection is not None else None
+    adapted = adapt_trust_window(SelectionCriteria.from_dict(criteria), force_rmse, previous=previous)
     return {
         "fields": orm.List(fields),
         "temperatures": orm.List(list(current.temperatures)),
@@ -485,6 +487,7 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     def run_explore(self) -> ToContext:
         """Explore the current stage: conditions and trust window from a calcfunction (fresh seeds each time)."""
         explore = self.inputs.explore
+        same_stage = self.ctx.get("selection_stage") == self.ctx.stage
         conditions = exploration_conditions(
             dataset=self.ctx.dataset,
             metrics=self.ctx.metrics,
@@ -495,8 +498,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             parameters=explore.parameters,
             selection=explore.selection if "selection" in explore else orm.Dict({}),
             iteration=orm.Int(self.ctx.iteration),
+            **({"previous_selection": self.ctx.selection} if same_stage else {}),
         )
         self.ctx.conditions = conditions["summary"]
+        self.ctx.selection, self.ctx.selection_stage = conditions["selection"], self.ctx.stage
         inputs = self.exposed_inputs(ExploreWorkChain, "explore")
         for key in ("fields", "temperatures", "parameters", "selection"):
             inputs[key] = conditions[key]

@@ -18,8 +18,9 @@ largest spread first: the most uncertain frames of a trust window sit at its upp
 and a budget spent there teaches the model about the places MD should not go (DP-GEN draws at random too).
 
 The trust window adapts to the model (`adapt_trust_window`): the lower level is `force_lower_factor` times the
-current validation force RMSE, never below `force_lower` and never above half the upper level, so a model that
-has become more accurate asks for labels at smaller spreads, and a poor one does not flood the window.
+current validation force RMSE, never below `force_lower`, never above half the upper level and, within a stage,
+never above its value at the stage's last exploration, so a model that has become more accurate asks for labels
+at smaller spreads, a poor one does not flood the window, and a noisy error estimate does not close it.
 
 `assign_label_tiers` decides how each selected frame is labelled within a budget counted in pw.x runs.
 """
@@ -121,7 +122,8 @@ def _checked_error(value, name):
     return error
 
 
-def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, polarizability_rmse=None):
+def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, polarizability_rmse=None,
+                       previous=None):
     """The criteria with the lower trust level, and the response thresholds, set from the model's current errors.
 
     force_lower = clip(force_lower_factor × validation_force_rmse, criteria.force_lower, criteria.force_upper / 2):
@@ -129,6 +131,13 @@ def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, p
     With `response_threshold_factor`, the Z* and α thresholds become that factor times the model's Z* and α RMSE
     (where given and > 0), so the response, like the forces, is asked for where the members disagree by more
     than the model's own error. Quantities without a factor or an error keep their criteria.
+
+    `previous` (the criteria this function returned for the last exploration of the same stage) keeps every
+    adapted level from rising: no level is set above its previous value. The errors come from a validation part
+    of a few frames, whose estimate can rise from one iteration to the next by chance while the model, trained on
+    more labels, has not got worse; a level that followed it up could lie above every spread, and the loop would
+    find no candidate and call itself converged on noise (benchmarks/README.md "Pool-based active learning"). A
+    level held too low only asks for more labels.
     """
     from dataclasses import replace
 
@@ -142,6 +151,11 @@ def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, p
                             ("polarizability_threshold", polarizability_rmse)):
             if value is not None and _checked_error(value, name) > 0:
                 changes[name] = criteria.response_threshold_factor * float(value)
+    if previous is not None:
+        for name, value in changes.items():
+            earlier = getattr(previous, name)
+            if earlier is not None:
+                changes[name] = min(value, earlier)
     return replace(criteria, **changes) if changes else criteria
 
 
