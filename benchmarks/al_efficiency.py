@@ -117,7 +117,7 @@ def training_config(args, seed, epochs=None):
     """Small batches at a high learning rate and no validation split: with lr 1e-2, batches of 4 and one
     validation structure (often the ideal crystal, zero forces by symmetry) the tiny models of the first run
     predicted ~0 forces, their members agreed everywhere, and the loop selected nothing."""
-    from polmodel.training.train import TrainingConfig
+    from polmodel.training.config import TrainingConfig
 
     return TrainingConfig(cutoff=4.5, architecture=ARCHITECTURE, epochs=epochs or args.epochs,
                           batch_size=2, learning_rate=args.learning_rate, scheduler=args.scheduler,
@@ -162,7 +162,7 @@ def held_out_frames(args, seed):
 
 
 def errors(model, frames):
-    from polmodel.training.train import evaluate
+    from polmodel.training.evaluation import evaluate
 
     metrics = evaluate(model, frames)
     return metrics["forces"]["mae"], metrics["born_effective_charges"]["mae"]
@@ -172,7 +172,7 @@ def explore(ensemble, dataset, stage, args, seed, iteration, workdir):
     """Ensemble MD of the stage from the ideal crystal; returns explored frames (step 0 left out)."""
     from polmodel.dynamics.calculator import PolCalculator
     from polmodel.dynamics.fields import field_protocol_from_dict
-    from polmodel.dynamics.md import read_trajectory, run_md
+    from polmodel.dynamics.md import MDSettings, read_trajectory, run_md
 
     covered = covered_field(dataset)
     protocols = stage_field_protocols(FIELD_SHAPES, stage.field_amplitude, covered, args.field_margin)
@@ -181,11 +181,11 @@ def explore(ensemble, dataset, stage, args, seed, iteration, workdir):
         for temperature in stage.temperatures:
             path = Path(workdir) / f"md_{seed}_{iteration}_{index}_{int(temperature)}.xyz"
             calculator = PolCalculator(ensemble)
-            run_md(reference_crystal(REPEAT), calculator, field_protocol_from_dict(field), steps=stage.steps,
-                   timestep_fs=2.0, temperature_K=temperature, thermostat="langevin", friction=0.02, interval=5,
-                   trajectory_path=path, restart=False, progress=False,
-                   born_spread=bool(args.born_charge_threshold or args.full_label_born_spread),
-                   seed=1000 * seed + 10 * iteration + index)
+            settings = MDSettings(steps=stage.steps, timestep_fs=2.0, temperature_K=temperature, thermostat="langevin",
+                                  friction=0.02, interval=5, seed=1000 * seed + 10 * iteration + index,
+                                  born_spread=bool(args.born_charge_threshold or args.full_label_born_spread))
+            run_md(reference_crystal(REPEAT), calculator, field_protocol_from_dict(field), settings,
+                   trajectory_path=path, restart=False, progress=False)
             frames.extend(frame for frame in read_trajectory(path) if frame.info.get("step", 0) != 0)
     return frames
 
@@ -210,7 +210,7 @@ def plan_and_label(frames, order, args, source, spread, min_full_spread=0.0):
 
 
 def run_seed(args, seed, workdir, log):
-    from polmodel.training.train import train_ensemble
+    from polmodel.training.ensembles import train_ensemble
 
     reference = reference_crystal(REPEAT)
     held_out = held_out_frames(args, seed)

@@ -145,7 +145,7 @@ def label_runs(tier):
 
 # --- models --------------------------------------------------------------------------------------------------------
 def training_config(args, seed, epochs, validation_fraction):
-    from polmodel.training.train import TrainingConfig
+    from polmodel.training.config import TrainingConfig
 
     # the shipped cards' settings (data/allegro_pol/*.yaml): small response weights, batches of 2
     return TrainingConfig(architecture=dict(args.architecture), epochs=epochs, batch_size=2, learning_rate=0.01,
@@ -160,7 +160,7 @@ def train(frames, args, seed, epochs, initial=None, species=None, validation_fra
     methods keep `--validation-fraction` of their frames for validation, as the workchain's training does, and the
     trust window and the response thresholds follow those errors (the training frames' where too few frames make
     no validation part)."""
-    from polmodel.training.train import train_ensemble
+    from polmodel.training.ensembles import train_ensemble
 
     fraction = args.validation_fraction if validation_fraction is None else validation_fraction
     config = replace(training_config(args, seed, epochs, fraction), species=species)
@@ -169,7 +169,7 @@ def train(frames, args, seed, epochs, initial=None, species=None, validation_fra
 
 
 def test_errors(ensemble, test):
-    from polmodel.training.train import evaluate
+    from polmodel.training.evaluation import evaluate
 
     metrics = evaluate(ensemble, test)
     return {quantity: metrics[quantity]["rmse"] for quantity in ("energy", "forces", "born_effective_charges",
@@ -178,15 +178,17 @@ def test_errors(ensemble, test):
 
 def frame_spreads(ensemble, frames, batch_size=8):
     """Per frame: the largest atomic force spread (eV/Å), the largest atomic Z* spread (e, norm over the 9
-    components) and the α spread (e·Å²/V, Frobenius norm): population std over the members; and, from the same
+    components) and the α spread (e·Å²/V per atom, polmodel.data.spreads.polarizability_spread): population std
+    over the members; and, from the same
     predictions, the ensemble mean's error against the frame's labels (force and Z* RMSE), which the loop never
     reads (spread_error_ranking does)."""
     import torch
 
     from polmodel.data import keys
     from polmodel.data.frames import frame_born_charges, frame_forces
+    from polmodel.data.spreads import polarizability_spread
     from polmodel.nn.ensemble import ensemble_response
-    from polmodel.training.train import FrameSet
+    from polmodel.training.data import FrameSet
 
     member = ensemble.members[0]
     frame_set = FrameSet(frames, member.species, member.cutoff, next(ensemble.parameters()).dtype)
@@ -202,8 +204,9 @@ def frame_spreads(ensemble, frames, batch_size=8):
         for values, out in ((per_atom_force, force), (per_atom_born, born)):
             largest = torch.zeros(graphs, dtype=values.dtype).scatter_reduce(0, batch, values.detach(), "amax")
             out.extend(largest.tolist())
-        alpha.extend(torch.linalg.norm(response[f"{keys.POLARIZABILITY}_std"].detach().reshape(graphs, 9),
-                                       dim=-1).tolist())
+        alpha_std = response[f"{keys.POLARIZABILITY}_std"].detach().reshape(graphs, 3, 3).numpy()
+        alpha.extend(polarizability_spread(alpha_std[graph], len(frames[index]))
+                     for graph, index in enumerate(indices))
         predicted_forces = response[keys.FORCES].detach().numpy()
         predicted_born = response[keys.BORN_CHARGES].detach().numpy().reshape(-1, 3, 3)
         atoms = batch.numpy()

@@ -1,7 +1,7 @@
 """Our models against Allegro-pol's on the same frames no member of ours trained on.
 
 The frames are the validation part of the split the training made (the source card's `validation_fraction` and
-`seed`, `polmodel.training.train.split_frames`), read again from the card's published file. Allegro-pol's numbers
+`seed`, `polmodel.training.data.split_frames`), read again from the card's published file. Allegro-pol's numbers
 are its own predictions on the same frames (`*.train.allegro-pol.xyz.gz`, its parity file); those frames may have
 been in *its* training set, so its column is an upper bound of its accuracy, not a test error.
 
@@ -34,7 +34,7 @@ def read_card(path):
 
 def validation_frames(card):
     from polmodel.data.external import LabelMapping, read_external_frames
-    from polmodel.training.train import split_frames
+    from polmodel.training.data import split_frames
 
     mapping = LabelMapping.from_convention(card.get("convention", "polmodel"), card.get("mapping"))
     frames = read_external_frames(card["file"], mapping)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from polmodel.training.train import (TrainingConfig, evaluate, initialize_model, learning_milestones, split_frames,
-                                     train_model)
+from polmodel.training.config import TrainingConfig
+from polmodel.training.data import split_frames
+from polmodel.training.evaluation import evaluate, learning_milestones
+from polmodel.training.train import initialize_model, train_model
 
 BORN = "born_effective_charges"
 LAYOUTS = {"before": {"field_readout": 0}, "after": {}}

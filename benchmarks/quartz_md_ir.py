@@ -56,7 +56,7 @@ def main():
     import polmodel
     from polmodel.dynamics.calculator import PolCalculator
     from polmodel.dynamics.fields import StaticField
-    from polmodel.dynamics.md import read_trajectory, run_md
+    from polmodel.dynamics.md import MDSettings, read_trajectory, run_md
     from polmodel.dynamics.polarization_log import polarization_log_path, read_polarization_log
 
     start = time.perf_counter()
@@ -69,7 +69,7 @@ def main():
     zero_field = StaticField(np.zeros(3))
     equilibration, nve = workdir / "equilibration.xyz", workdir / "nve.xyz"
     equilibration_steps = round(args.equilibration_ps * 1000 / args.timestep)
-    common = dict(temperature_K=args.temperature, progress=False, seed=args.seed, spread_threshold=None)
+    common = dict(temperature_K=args.temperature, seed=args.seed, spread_threshold=None)   # MDSettings of both runs
 
     if nve.exists():
         atoms = read_trajectory(nve, index=-1)[0]   # run_md resumes from the trajectory's checkpoint
@@ -78,8 +78,9 @@ def main():
         warm_up = max(equilibration_steps // 10, 1)   # the first steps pay for loading and kernel selection
         for steps in (warm_up, equilibration_steps):
             warmed = time.perf_counter()
-            atoms = run_md(atoms, calculator, zero_field, steps=steps, thermostat="langevin", friction=0.01,
-                           interval=warm_up, trajectory_path=equilibration, timestep_fs=args.timestep, **common)
+            settings = MDSettings(steps=steps, timestep_fs=args.timestep, thermostat="langevin", friction=0.01,
+                                  interval=warm_up, **common)
+            atoms = run_md(atoms, calculator, zero_field, settings, trajectory_path=equilibration, progress=False)
     equilibrated = time.perf_counter()
     timestep = args.timestep
     if args.longest_timestep and args.wall_limit_s and not nve.exists():
@@ -98,9 +99,8 @@ def main():
         first_step = int(recorded[-1]) if first_step is None else first_step
         target = min(nve_steps, int(recorded[-1]) + args.chunk)
         chunk_start = time.perf_counter()
-        atoms = run_md(atoms, calculator, zero_field, steps=target, thermostat="nve", interval=args.chunk,
-                       trajectory_path=nve,
-                       timestep_fs=timestep, **common)
+        settings = MDSettings(steps=target, timestep_fs=timestep, thermostat="nve", interval=args.chunk, **common)
+        atoms = run_md(atoms, calculator, zero_field, settings, trajectory_path=nve, progress=False)
         done = target
         print(json.dumps({"nve_step": done, "chunk_s": round(time.perf_counter() - chunk_start, 1)}), flush=True)
 

@@ -26,16 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed_run(atoms, calculator, protocol, steps, directory, timers):
+    from dataclasses import replace
+
     from polmodel.dynamics.md import run_md
 
     for timer in timers:
         timer.seconds, timer.calls = 0.0, 0
     start = time.perf_counter()
-    run_md(atoms.copy(), calculator, protocol.field, steps=steps, timestep_fs=protocol.timestep_fs,
-           temperature_K=protocol.temperature_K, thermostat="nose-hoover", friction=1.0 / protocol.thermostat_time_fs,
-           interval=protocol.frame_interval, polarization_interval=protocol.polarization_interval,
-           checkpoint_interval=protocol.checkpoint_interval, trajectory_path=Path(directory) / "run.xyz", seed=0,
-           progress=False, spread_threshold=None)
+    settings = replace(protocol.md_settings(seed=0), steps=steps)   # a switching run's settings, `steps` long
+    run_md(atoms.copy(), calculator, protocol.field, settings, trajectory_path=Path(directory) / "run.xyz",
+           progress=False)
     return time.perf_counter() - start
 
 

@@ -11,6 +11,7 @@ from aiida import orm
 from aiida.common import datastructures
 from aiida.engine import CalcJob
 
+from polmodel.dynamics.md import MDSettings
 from polmodel.plugins.data import FRAMES_FILENAME, FramesData, ModelData
 
 TRAIN_PARAMETER_TYPES = {
@@ -36,7 +37,11 @@ MD_PARAMETER_TYPES = {
     "device": str,
 }
 MD_REQUIRED = ("steps", "timestep", "temperature", "field")
-THERMOSTATS = ("nve", "langevin", "nose-hoover", "berendsen", "npt")
+# parameter -> the MDSettings field that checks its value (`polmodel md` builds its settings from the same values)
+MD_SETTING_OF_PARAMETER = {"steps": "steps", "timestep": "timestep_fs", "temperature": "temperature_K",
+                           "thermostat": "thermostat", "friction": "friction", "interval": "interval",
+                           "born_spread": "born_spread", "seed": "seed"}
+MD_DEFAULT_THERMOSTAT = "langevin"   # `polmodel md`'s default
 # torch device of the run on the computer that executes it (checked there: a GPU is only known on that machine)
 DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 
@@ -113,19 +118,16 @@ def validate_md_parameters(node, _):
     missing = [key for key in MD_REQUIRED if key not in parameters]
     if missing:
         return f"MdCalculation parameters: missing required {missing}"
-    for key in ("steps", "timestep"):
-        if parameters[key] <= 0:
-            return f"MdCalculation parameters: `{key}` must be positive, got {parameters[key]}"
-    if parameters.get("interval", 1) < 1:
-        return f"MdCalculation parameters: `interval` must be >= 1, got {parameters['interval']}"
     message = _check_device(parameters, "MdCalculation parameters")
     if message:
         return message
-    if parameters["temperature"] < 0:
-        return f"MdCalculation parameters: `temperature` must be >= 0 K, got {parameters['temperature']}"
-    thermostat = parameters.get("thermostat", "langevin")
-    if thermostat not in THERMOSTATS:
-        return f"MdCalculation parameters: unknown thermostat {thermostat!r}; known: {list(THERMOSTATS)}"
+    settings = {field: parameters[key] for key, field in MD_SETTING_OF_PARAMETER.items() if key in parameters}
+    settings.setdefault("thermostat", MD_DEFAULT_THERMOSTAT)
+    try:
+        MDSettings(**settings)
+    except ValueError as error:
+        key = next((key for key, field in MD_SETTING_OF_PARAMETER.items() if str(error).startswith(field)), None)
+        return f"MdCalculation parameters: {error}" + (f" (parameter `{key}`)" if key else "")
     from polmodel.dynamics.fields import field_protocol_from_dict
 
     try:

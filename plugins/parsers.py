@@ -24,6 +24,7 @@ TRAJECTORY_FRAME_KEYS = {
     "polarization_std": (3,),
     "max_force_std": (),
     "max_born_charge_std": (),
+    "polarizability_spread": (),
 }
 TRAJECTORY_ATOM_KEYS = ("forces", "forces_std")
 

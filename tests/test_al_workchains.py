@@ -77,8 +77,9 @@ def al_inputs(polmodel_code, generate_code, structures):
     return factory
 
 
-def fake_trajectory(force_std, seed=0):
-    """A stored TrajectoryData as MdParser makes it, with the given per-frame max_force_std."""
+def fake_trajectory(force_std, seed=0, polarizability_spread=None):
+    """A stored TrajectoryData as MdParser makes it, with the given per-frame max_force_std (and, when given, the
+    per-frame polarizability_spread that MD with born_spread records)."""
     from polmodel.plugins.parsers import parse_trajectory_frames, trajectory_node
 
     frames = []
@@ -86,6 +87,8 @@ def fake_trajectory(force_std, seed=0):
         atoms = batio3_atoms(0.02 + 0.05 * index, seed=seed * 100 + index)
         atoms.info.update(step=index * 5, time_fs=index * 5.0, efield=[0, 0, 0.01], energy=-1.0, max_force_std=spread,
                           polarization=[0, 0, 0.1], polarization_std=[0, 0, 0.001])
+        if polarizability_spread is not None:
+            atoms.info.update(max_born_charge_std=0.01, polarizability_spread=polarizability_spread[index])
         frames.append(atoms)
     return trajectory_node(parse_trajectory_frames(frames)).store()
 
@@ -157,6 +160,26 @@ def test_explore_skips_failed_md_and_selects(generate_al_workchain, explore_inpu
         # and the temperature of the MD run it came from, which its labels carry into the model's domain
         assert atoms.info["sampled_temperature_K"] == 300.0
     process.results()
+
+
+def test_explore_selects_a_frame_where_the_members_agree_on_forces_and_disagree_on_alpha(
+        generate_al_workchain, explore_inputs, generate_fake_child):
+    selection = orm.Dict({"force_lower": 0.05, "force_upper": 2.0, "polarizability_threshold": 0.002})
+    process = generate_al_workchain("polmodel.explore", explore_inputs(temperatures=orm.List([300.0]),
+                                                                       selection=selection))
+    keys = [f"md_{key}" for key, *_ in process.md_runs()]
+    # every frame's forces agree (0.01 < 0.05); frame 2 of the first run disagrees on α (0.005 > 0.002)
+    for index, key in enumerate(keys):
+        alpha = [0.0, 0.001, 0.005] if index == 0 else [0.0, 0.001, 0.001]
+        process.ctx[key] = generate_fake_child({"trajectory": fake_trajectory([0.01] * 3, seed=index,
+                                                                              polarizability_spread=alpha)})
+    assert process.inspect_md() is None
+    process.select()
+    statistics = process.ctx.statistics.get_dict()
+    assert statistics["num_candidates"] == 1 and statistics["num_selected"] == 1
+    (candidate,) = process.ctx.candidates.get_atoms()
+    uuid = process.ctx.trajectories[sorted(process.ctx.trajectories)[0]].uuid
+    assert candidate.info["origin"] == f"{uuid}:2"
 
 
 def test_explore_all_md_failed(generate_al_workchain, explore_inputs, generate_fake_child):
@@ -303,13 +326,16 @@ def test_al_unknown_species_in_exploration_structures(generate_al_workchain, al_
     assert "Pb" in exit_code.message
 
 
-def iterate_once(process, generate_fake_child, generate_fake_model_data, statistics, force_rmse=0.2):
-    """Run train -> inspect_train -> explore -> inspect_explore of one iteration with fake children."""
+def iterate_once(process, generate_fake_child, generate_fake_model_data, statistics, force_rmse=0.2,
+                 response_rmse=None):
+    """Run train -> inspect_train -> explore -> inspect_explore of one iteration with fake children;
+    `response_rmse` ({quantity: RMSE}) adds validation errors of Z* and α to the fake training's metrics."""
     recorder = SubmitRecorder(generate_fake_child)
     process.submit = recorder
     process.run_train()
-    metrics = orm.Dict({"validation": {"energy": {"mae": 0.01, "rmse": 0.02},
-                                       "forces": {"mae": 0.5 * force_rmse, "rmse": force_rmse}}})
+    validation = {"energy": {"mae": 0.01, "rmse": 0.02}, "forces": {"mae": 0.5 * force_rmse, "rmse": force_rmse}}
+    validation.update({quantity: {"mae": 0.5 * rmse, "rmse": rmse} for quantity, rmse in (response_rmse or {}).items()})
+    metrics = orm.Dict({"validation": validation})
     process.ctx.train = generate_fake_child({"model": generate_fake_model_data(), "metrics": metrics})
     assert process.inspect_train() is None
     process.run_explore()
@@ -580,6 +606,24 @@ def test_al_lower_trust_level_never_rises_within_a_stage_and_starts_afresh_in_th
     # stage 1, whose first level follows its own error again
     assert levels == pytest.approx([0.6, 0.6, 0.3, 0.9])
     assert process.ctx.stage == 1
+
+
+def test_al_response_thresholds_follow_the_validation_errors_of_z_and_alpha(
+        generate_al_workchain, al_inputs, generate_frames_data, generate_fake_child, generate_fake_model_data):
+    inputs = al_inputs(initial_frames=generate_frames_data(4))
+    inputs["explore"]["selection"] = orm.Dict({"force_lower": 0.05, "force_upper": 2.0, "force_lower_factor": 3.0,
+                                               "response_threshold_factor": 2.0})
+    process = generate_al_workchain("polmodel.active_learning", inputs)
+    process.setup()
+    thresholds = []
+    for errors in ({"born_effective_charges": 0.1, "polarizability": 0.004},
+                   {"born_effective_charges": 0.05, "polarizability": 0.006}):
+        recorder = iterate_once(process, generate_fake_child, generate_fake_model_data, stats(0.4),
+                                response_rmse=errors)
+        selection = explore_call(recorder)["selection"].get_dict()
+        thresholds.append((selection["born_charge_threshold"], selection["polarizability_threshold"]))
+    # 2 × the model's Z* and α errors; the α estimate rose in the second iteration, its threshold did not
+    assert thresholds == [pytest.approx((0.2, 0.008)), pytest.approx((0.1, 0.008))]
 
 
 def test_al_schedule_advances_and_fields_follow_the_labels(generate_al_workchain, al_inputs, generate_fake_child,

@@ -36,6 +36,7 @@ _LIBRARY_USE = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import polmodel
     from polmodel import PolCalculator
+    import polmodel.training.config
     import polmodel.training.train
     from mixins_model import distorted_perovskite, make_test_model
     atoms = distorted_perovskite()
@@ -44,7 +45,7 @@ _LIBRARY_USE = textwrap.dedent("""
     if {train}:
         from toy_potential import make_toy_frames
         frames = make_toy_frames(1, seed=0)
-        polmodel.training.train.train_model(frames[:2], frames[2:], polmodel.training.train.TrainingConfig(
+        polmodel.training.train.train_model(frames[:2], frames[2:], polmodel.training.config.TrainingConfig(
             epochs=1, quiet=True, architecture=dict(num_features=4, lmax=1, num_layers=1)))
     print(large_malloc_is_mmapped())
 """)

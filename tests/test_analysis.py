@@ -10,7 +10,7 @@ from harmonic_crystal import equipartition_momenta, harmonic_crystal
 from polmodel.analysis import observables
 from polmodel.cli import main
 from polmodel.dynamics.fields import CosineField, StaticField
-from polmodel.dynamics.md import read_trajectory, run_md
+from polmodel.dynamics.md import MDSettings, read_trajectory, run_md
 
 
 def synthetic_loop(coercive, saturation=0.3, amplitude=0.05, width=0.004, cycles=3, samples=1200, virgin=True):
@@ -100,7 +100,7 @@ def test_plots_are_written(tmp_path):
 def harmonic_run(path, protocol=StaticField((0, 0, 0)), steps=400, settings=None, drop_settings=False):
     atoms, calculator = harmonic_crystal()
     atoms.set_momenta(equipartition_momenta(atoms, 300.0))
-    run_md(atoms, calculator, protocol, steps=steps, timestep_fs=1.0, thermostat="nve", interval=10,
+    run_md(atoms, calculator, protocol, MDSettings(steps=steps, timestep_fs=1.0, thermostat="nve", interval=10),
            trajectory_path=path, progress=False)
     if settings is not None or drop_settings:
         frames = read_trajectory(path)
@@ -165,7 +165,7 @@ def _restarted_with_another_interval(tmp_path):
     atoms.set_positions(frames[-1].positions)
     atoms.set_momenta(frames[-1].get_momenta())
     extra = tmp_path / "more.xyz"
-    run_md(atoms, calculator, StaticField((0, 0, 0)), steps=100, timestep_fs=1.0, interval=5,
+    run_md(atoms, calculator, StaticField((0, 0, 0)), MDSettings(steps=100, timestep_fs=1.0, interval=5),
            trajectory_path=extra, progress=False)
     more = read_trajectory(extra)[1:]
     for frame in more:

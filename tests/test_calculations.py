@@ -159,7 +159,12 @@ def test_md_hash_mismatch_is_refused_before_the_run(generate_al_calc_job, genera
     ({"field": {"kind": "sawtooth"}}, "unknown field protocol kind"),
     ({"steps": -1}, "steps"),
     ({"thermostat": "andersen"}, "thermostat"),
-    ({"temperature": -5.0}, "temperature"),
+    ({"temperature": -5.0}, r"temperature_K .*\(parameter `temperature`\)"),
+    # a thermostat needs a target above 0 K: refused here, not when the job has started
+    ({"temperature": 0.0}, r"positive number of K for the langevin thermostat, got 0.0 \(parameter `temperature`\)"),
+    ({"timestep": 0.0}, r"timestep_fs .*\(parameter `timestep`\)"),
+    ({"friction": -0.1}, r"friction .*\(parameter `friction`\)"),
+    ({"interval": 0}, r"interval .*\(parameter `interval`\)"),
     ({"device": "tpu"}, "device"),
 ])
 def test_md_bad_parameters_fail_at_submission(generate_al_calc_job, generate_fake_model_data, polmodel_code,
@@ -213,7 +218,7 @@ def test_md_parser_on_real_output(real_md_run, generate_calc_job_node, tmp_path)
     assert trajectory.numsteps == 4  # steps 0, 2, 4, 6
     names = set(trajectory.get_arraynames())
     assert {"polarization", "efield", "energy", "max_force_std", "polarization_std", "max_born_charge_std",
-            "forces"} <= names
+            "polarizability_spread", "forces"} <= names
     assert trajectory.get_array("polarization").shape == (4, 3)
     efield = trajectory.get_array("efield")
     times = trajectory.get_array("times")

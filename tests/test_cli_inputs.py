@@ -14,7 +14,7 @@ import torch
 from ase import Atoms
 
 from polmodel.cli import main
-from polmodel.dynamics.md import run_md
+from polmodel.dynamics.md import MDSettings, run_md
 
 SPECIES = ["Ba", "Ti", "O"]
 
@@ -69,8 +69,9 @@ def files(tmp_path_factory):
     (folder / "empty.xyz").write_text("")
     (folder / "a_folder").mkdir()
     (folder / "a_file").write_text("x")
-    run_md(_batio3(), PolCalculator(model), StaticField((0, 0, 0.01)), steps=2, timestep_fs=1.0, temperature_K=300.0,
-           thermostat="langevin", interval=1, trajectory_path=folder / "done.xyz", progress=False)
+    run_md(_batio3(), PolCalculator(model), StaticField((0, 0, 0.01)),
+           MDSettings(steps=2, timestep_fs=1.0, temperature_K=300.0, thermostat="langevin", interval=1),
+           trajectory_path=folder / "done.xyz", progress=False)
     return folder
 
 
@@ -119,12 +120,13 @@ MD_TABLE = [
     ("memory budget below one chunk", lambda f: _md(f, **{"--memory-limit-gb": 0.000001}), "--memory-limit-gb: "),
     ("negative steps", lambda f: _md(f, **{"--steps": -5}), "steps must be a non-negative integer, got -5"),
     ("steps not a number", lambda f: _md(f, **{"--steps": "abc"}), "argument --steps: invalid int value"),
-    ("negative timestep", lambda f: _md(f, **{"--timestep": -1}), "timestep must be a positive"),
-    ("NaN timestep", lambda f: _md(f, **{"--timestep": "nan"}), "timestep must be a positive"),
+    ("negative timestep", lambda f: _md(f, **{"--timestep": -1}), "timestep_fs must be a positive number of fs"),
+    ("NaN timestep", lambda f: _md(f, **{"--timestep": "nan"}), "timestep_fs must be a positive number of fs"),
     ("zero interval", lambda f: _md(f, **{"--interval": 0}), "interval must be a positive integer"),
-    ("negative temperature", lambda f: _md(f, **{"--temperature": -10}), "temperature must be >= 0 K"),
-    ("zero friction", lambda f: _md(f, **{"--friction": 0}), "needs a positive temperature and friction"),
-    ("infinite pressure", lambda f: _md(f, **{"--pressure": "inf"}), "pressure must be finite"),
+    ("negative temperature", lambda f: _md(f, **{"--temperature": -10}),
+     "temperature_K must be a positive number of K for the langevin thermostat, got -10"),
+    ("zero friction", lambda f: _md(f, **{"--friction": 0}), "friction must be a positive number of 1/fs, got 0"),
+    ("infinite pressure", lambda f: _md(f, **{"--pressure": "inf"}), "pressure_GPa must be a finite number of GPa"),
     ("unknown thermostat", lambda f: _md(f, **{"--thermostat": "andersen"}), "invalid choice: 'andersen'"),
     ("field not JSON", lambda f: _md(f, **{"--field": "{oops"}), "bad --field: field protocol is not valid JSON"),
     ("field key typo", lambda f: _md(f, **{"--field": '{"kind": "static", "vectr": [0, 0, 0.1]}'}),
@@ -233,7 +235,7 @@ def frames_file(files):
 def test_train_refuses_bad_input_before_training(row, files, frames_file, capsys, monkeypatch):
     _, argv, expected = row
     trained = []
-    monkeypatch.setattr("polmodel.training.train.train_ensemble", lambda *args, **kwargs: trained.append(True))
+    monkeypatch.setattr("polmodel.training.ensembles.train_ensemble", lambda *args, **kwargs: trained.append(True))
     status, captured = _run_main(argv(files), capsys)
     _assert_one_line_error(status, captured, expected)
     assert not trained   # nothing trained before the check (issue 17: 52 s of training lost on --output)
@@ -383,14 +385,14 @@ def test_a_model_that_cannot_be_saved_after_training_is_kept_elsewhere(files, fr
     doomed = tmp_path / "doomed"
     doomed.mkdir()
     monkeypatch.chdir(tmp_path)
-    real_train = __import__("polmodel.training.train", fromlist=["train_ensemble"]).train_ensemble
+    real_train = __import__("polmodel.training.ensembles", fromlist=["train_ensemble"]).train_ensemble
 
     def train_then_lose_the_folder(*args, **kwargs):
         result = real_train(*args, **kwargs)
         shutil.rmtree(doomed)
         return result
 
-    monkeypatch.setattr("polmodel.training.train.train_ensemble", train_then_lose_the_folder)
+    monkeypatch.setattr("polmodel.training.ensembles.train_ensemble", train_then_lose_the_folder)
     status, captured = _run_main(_train(files, "--epochs", "1", output=str(doomed / "model.pt")), capsys)
     assert status == 1
     line = captured.err.strip().splitlines()[-1]

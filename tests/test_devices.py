@@ -57,7 +57,9 @@ def test_to_device_moves_tensors_only():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_on_the_gpu_gives_the_cpu_model():
     from toy_potential import make_toy_frames
-    from polmodel.training.train import TrainingConfig, evaluate, train_model
+    from polmodel.training.config import TrainingConfig
+    from polmodel.training.evaluation import evaluate
+    from polmodel.training.train import train_model
 
     frames = make_toy_frames(3, seed=2)
     options = dict(cutoff=4.5, epochs=3, batch_size=4, dtype="float64", quiet=True,

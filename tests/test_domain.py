@@ -13,7 +13,8 @@ from polmodel.cli import main
 from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY, TEMPERATURE_FACTOR, outside_domain, training_domain
 from polmodel.dynamics.calculator import OutsideDomainError, OutsideDomainWarning, PolCalculator
 from polmodel.nn.serialization import load, save
-from polmodel.training.train import TrainingConfig, train_ensemble
+from polmodel.training.config import TrainingConfig
+from polmodel.training.ensembles import train_ensemble
 
 BOHR_IN_ANGSTROM = 0.529177
 

@@ -169,7 +169,7 @@ def field_response_inputs(alas_structure, pw_code, alas_lda_family):
 
 
 def _validate(builder):
-    from polmodel.workflows.field_response import validate_inputs
+    from polmodel.workflows.response_inputs import validate_inputs
 
     inputs = builder._inputs(prune=True)
     return validate_inputs(inputs, None)

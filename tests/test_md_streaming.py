@@ -15,7 +15,7 @@ import pytest
 
 from polmodel.dynamics.calculator import PolCalculator
 from polmodel.dynamics.fields import CosineField, StaticField
-from polmodel.dynamics.md import read_trajectory, run_md
+from polmodel.dynamics.md import MDSettings, read_trajectory, run_md
 from polmodel.dynamics.polarization_log import polarization_frames, polarization_log_path, read_polarization_log
 from test_md import batio3, series, tiny_model
 
@@ -27,11 +27,11 @@ def model():
     return tiny_model()
 
 
-def _run(model, path, steps, **options):
-    settings = dict(timestep_fs=1.0, temperature_K=400.0, thermostat="langevin", friction=0.05, interval=5,
-                    progress=False, seed=4)
-    return run_md(batio3(), PolCalculator(model), PROTOCOL, steps=steps, trajectory_path=path,
-                  **{**settings, **options})
+def _run(model, path, steps, restart=True, **options):
+    settings = MDSettings(steps=steps, timestep_fs=1.0, temperature_K=400.0, thermostat="langevin", friction=0.05,
+                          interval=5, seed=4, **options)
+    return run_md(batio3(), PolCalculator(model), PROTOCOL, settings, trajectory_path=path, restart=restart,
+                  progress=False)
 
 
 def _vectors(columns, name):
@@ -128,8 +128,8 @@ def memory_growth_per_step(directory, steps=460, early=260, late=450):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_md(batio3(), calculator, StaticField((0, 0, 0.01)), steps=steps, timestep_fs=1.0,
-                   temperature_K=300.0, thermostat="langevin", interval=100,
+            run_md(batio3(), calculator, StaticField((0, 0, 0.01)),
+                   MDSettings(steps=steps, timestep_fs=1.0, temperature_K=300.0, thermostat="langevin", interval=100),
                    trajectory_path=pathlib.Path(directory) / "m.xyz", progress=False)
     finally:
         tracemalloc.stop()
@@ -183,8 +183,9 @@ def test_analyses_read_the_polarization_file_like_the_trajectory(model, tmp_path
     from polmodel.cli import main
 
     path = tmp_path / "nve.xyz"
-    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0)), steps=40, timestep_fs=1.0, temperature_K=300.0,
-           thermostat="nve", interval=1, trajectory_path=path, progress=False)
+    run_md(batio3(), PolCalculator(model), StaticField((0, 0, 0)),
+           MDSettings(steps=40, timestep_fs=1.0, temperature_K=300.0, thermostat="nve", interval=1),
+           trajectory_path=path, progress=False)
     log = polarization_log_path(path)
     frames = polarization_frames(log)
     assert len(frames) == 41 and frames[0].info["md_thermostat"] == "nve"

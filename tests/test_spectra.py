@@ -10,7 +10,7 @@ from harmonic_crystal import equipartition_momenta, harmonic_crystal
 from polmodel.analysis import phonons, spectra
 from polmodel.data.units import EPSILON0_E_PER_V_ANGSTROM
 from polmodel.dynamics.fields import StaticField
-from polmodel.dynamics.md import read_trajectory, run_md
+from polmodel.dynamics.md import MDSettings, read_trajectory, run_md
 
 MASSES, CHARGES, SPRING, CELL = (4.5, 27.0), (1.5, -1.5), 20.0, 6.0
 TEMPERATURE = 300.0
@@ -30,8 +30,9 @@ def nve_run(tmp_path_factory):
     atoms, calculator = harmonic_crystal(MASSES, CHARGES, SPRING, CELL)
     atoms.set_momenta(equipartition_momenta(atoms, TEMPERATURE))
     path = tmp_path_factory.mktemp("nve") / "nve.xyz"
-    run_md(atoms, calculator, StaticField((0.0, 0.0, 0.0)), steps=10000, timestep_fs=1.0, thermostat="nve",
-           interval=10, trajectory_path=path, progress=False)
+    run_md(atoms, calculator, StaticField((0.0, 0.0, 0.0)),
+           MDSettings(steps=10000, timestep_fs=1.0, thermostat="nve", interval=10), trajectory_path=path,
+           progress=False)
     return path, read_trajectory(path)
 
 
@@ -96,8 +97,9 @@ def test_static_dielectric_from_a_small_static_field(tmp_path):
         atoms, calculator = harmonic_crystal(MASSES, CHARGES, SPRING, CELL)
         atoms.set_momenta(equipartition_momenta(atoms, TEMPERATURE, seed=1))
         path = tmp_path / f"field{magnitude}.xyz"
-        run_md(atoms, calculator, StaticField((0.0, 0.0, magnitude)), steps=3000, timestep_fs=1.0,
-               thermostat="nve", interval=10, trajectory_path=path, progress=False)
+        run_md(atoms, calculator, StaticField((0.0, 0.0, magnitude)),
+               MDSettings(steps=3000, timestep_fs=1.0, thermostat="nve", interval=10), trajectory_path=path,
+               progress=False)
         means[magnitude] = np.array([frame.info["dipole"] for frame in read_trajectory(path)])
     column, error = spectra.static_dielectric_from_field(means[0.01], means[0.0], (0, 0, 0.01), CELL ** 3, blocks=4)
     expected = 1.0 + sum(q * q for q in CHARGES) / (EPSILON0_E_PER_V_ANGSTROM * CELL ** 3 * SPRING)

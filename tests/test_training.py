@@ -6,9 +6,12 @@ import pytest
 import torch
 from ase import Atoms
 
-from polmodel.training.train import (TrainingConfig, _epoch_loss, bootstrap_sample, evaluate, fit_energy_scale,
-                                     fit_reference_energies, initialize_model, split_frames, train_model,
-                                     training_frame_set)
+from polmodel.training.config import TrainingConfig
+from polmodel.training.data import fit_energy_scale, fit_reference_energies, split_frames, training_frame_set
+from polmodel.training.ensembles import bootstrap_sample
+from polmodel.training.evaluation import evaluate
+from polmodel.training.loop import epoch_loss
+from polmodel.training.train import initialize_model, train_model
 from toy_potential import make_toy_frames
 
 TINY = dict(num_features=8, num_layers=1, radial_hidden=16, readout_hidden=8, lmax=1)
@@ -56,7 +59,7 @@ def _frames_of_structures(num_structures, fields_per_structure):
 
 
 def test_split_keeps_the_frames_of_one_structure_together_and_is_seeded():
-    from polmodel.training.train import structure_key
+    from polmodel.data.frames import structure_key
 
     frames = _frames_of_structures(10, 7)
     train, valid = split_frames(frames, 0.2, seed=3)
@@ -76,6 +79,24 @@ def test_split_keeps_the_frames_of_one_structure_together_and_is_seeded():
     train, valid = split_frames(frames[:7], 0.3, seed=0)
     assert len(valid) == 2 and len(train) == 5
     assert split_frames(frames, 0.0, seed=0) == (frames, [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_validation_part_holds_response_labels_when_two_structures_have_them(seed):
+    from polmodel.data.frames import frame_born_charges, structure_key
+
+    frames = _frames_of_structures(20, 1)
+    for index in (3, 11):        # a loop's dataset: most frames cheap (E, F), two with the full response
+        frames[index].arrays["born_effective_charges"] = np.stack([np.eye(3), -np.eye(3)])
+    train, valid = split_frames(frames, 0.1, seed=seed)
+    response = [frame_born_charges(frame) is not None for frame in valid]
+    assert sum(response) == 1 and sum(frame_born_charges(frame) is not None for frame in train) == 1
+    assert len(valid) <= 3 and not {structure_key(f) for f in train} & {structure_key(f) for f in valid}
+    # one structure with a response label stays in training: nothing is added
+    del frames[11].arrays["born_effective_charges"]
+    plain = _frames_of_structures(20, 1)
+    assert [len(part) for part in split_frames(frames, 0.1, seed=seed)] == \
+        [len(part) for part in split_frames(plain, 0.1, seed=seed)]
 
 
 def test_bootstrap_is_seeded_and_resamples():
@@ -104,18 +125,18 @@ def test_same_seed_gives_identical_weights_and_another_seed_differs(small_frames
                if t.dtype.is_floating_point and t.numel() > 1)
     # the model handed back carries the best validation weights of the run
     valid_set = training_frame_set(valid, first.species, _config())
-    assert _epoch_loss(first, valid_set, _config().loss_weights, 8)[0] == pytest.approx(history["best_valid_loss"],
-                                                                                  rel=1e-6)
+    assert epoch_loss(first, valid_set, _config().loss_weights, 8)[0] == pytest.approx(history["best_valid_loss"],
+                                                                                 rel=1e-6)
     assert history["best_valid_loss"] == min(e["valid_loss"] for e in history["epochs"])
     # per-quantity validation errors of every epoch and of the untrained model: the returned model's are its epoch's
     best = next(entry for entry in history["epochs"] if entry["epoch"] == history["best_epoch"])
-    rmse = _epoch_loss(first, valid_set, _config().loss_weights, 8)[1]
+    rmse = epoch_loss(first, valid_set, _config().loss_weights, 8)[1]
     assert set(best["valid_rmse"]) == set(history["initial_valid_rmse"]) == set(rmse) >= {"energy", "forces"}
     assert rmse == pytest.approx(best["valid_rmse"], rel=1e-6)
 
 
 def test_learning_milestones_read_the_validation_curve():
-    from polmodel.training.train import learning_milestones
+    from polmodel.training.evaluation import learning_milestones
 
     curve = [0.9, 0.6, 0.45, 0.2, 0.12, 0.105, 0.1, 0.1]
     history = {"initial_valid_rmse": {"born_effective_charges": 1.0},
@@ -161,7 +182,7 @@ def test_fitting_born_charges_starts_at_once():
     10 % of the epochs it needs to converge (within 10 % of its lowest). Measured 2026-11-26 with these settings:
     halved at epoch 5, converged at 136 (seed 1: 4, 122); the model before the field readout and field scale:
     7 / 120 and 6 / 109 (benchmarks/field_model.py --toy --toy-field 0.0364 --epochs 150)."""
-    from polmodel.training.train import learning_milestones
+    from polmodel.training.evaluation import learning_milestones
 
     fields = 0.0364 * np.eye(3)
     train, valid = make_toy_frames(16, seed=0, fields=fields), make_toy_frames(5, seed=1, fields=fields)
@@ -208,7 +229,7 @@ def test_cli_trains_an_ensemble_and_writes_model_metrics_and_plots(tmp_path, cap
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the metrics describe the saved ensemble: re-evaluating the loaded file on the same split reproduces them
     from polmodel.data.frames import read_frames
-    from polmodel.training.train import split_frames
+    from polmodel.training.data import split_frames
 
     _, valid = split_frames(read_frames(frames_path), 0.25, 3)
     again = evaluate(ensemble, valid)
@@ -242,7 +263,8 @@ class Killed(Exception):
 
 def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(
         small_frames, tmp_path, monkeypatch):
-    import polmodel.training.train as train
+    import polmodel.training.checkpoints as checkpoints
+    import polmodel.training.loop as loop
 
     train_frames, valid_frames = small_frames[:8], small_frames[8:]
     # float64, a scheduler that changes the learning rate every epoch, a weight average: every piece of state matters
@@ -251,7 +273,7 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_un
 
     checkpoint = tmp_path / "run.ckpt"
     validations = {"count": 0}
-    real_epoch_loss = train._epoch_loss
+    real_epoch_loss = loop.epoch_loss
 
     def killed_during_epoch_3(*args, **kwargs):
         validations["count"] += 1
@@ -259,10 +281,10 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_un
             raise Killed()
         return real_epoch_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_epoch_loss", killed_during_epoch_3)
+    monkeypatch.setattr(loop, "epoch_loss", killed_during_epoch_3)
     with pytest.raises(Killed):
         train_model(train_frames, valid_frames, config, checkpoint=checkpoint)
-    monkeypatch.setattr(train, "_epoch_loss", real_epoch_loss)
+    monkeypatch.setattr(loop, "epoch_loss", real_epoch_loss)
     assert checkpoint.exists()
 
     resumed, resumed_history = train_model(train_frames, valid_frames, config, checkpoint=checkpoint)
@@ -274,7 +296,7 @@ def test_a_killed_run_resumed_from_its_checkpoint_ends_with_the_weights_of_an_un
     again, again_history = train_model(train_frames, valid_frames, config, checkpoint=checkpoint)
     assert again_history["resumed_from_epoch"] == 4 and _same_weights(again, uninterrupted)
     # a checkpoint belongs to its frames and settings
-    with pytest.raises(train.CheckpointError, match="other frames, settings"):
+    with pytest.raises(checkpoints.CheckpointError, match="other frames, settings"):
         train_model(train_frames, valid_frames, _config(epochs=4, dtype="float64", seed=9), checkpoint=checkpoint)
 
 
@@ -305,7 +327,7 @@ def test_warm_start_starts_from_the_given_model(small_frames):
 
 def test_warm_started_ensemble_maps_members(small_frames):
     from polmodel.nn.ensemble import PolEnsemble
-    from polmodel.training.train import train_ensemble
+    from polmodel.training.ensembles import train_ensemble
 
     config = _config(dtype="float64", epochs=0, validation_fraction=0.0)
     initial = PolEnsemble([initialize_model(small_frames, _config(dtype="float64", seed=seed)) for seed in (1, 2)])
@@ -316,7 +338,7 @@ def test_warm_started_ensemble_maps_members(small_frames):
 
 
 def test_weight_average_stays_in_the_convex_hull_and_decay_zero_is_the_raw_weights():
-    from polmodel.training.train import WeightAverage
+    from polmodel.training.average import WeightAverage
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).double()
@@ -354,7 +376,7 @@ def test_validation_and_the_result_use_the_weight_average(small_frames):
     assert [e["train_loss"] for e in history["epochs"]] == [e["train_loss"] for e in raw_history["epochs"]]
     assert [e["valid_loss"] for e in history["epochs"]] != [e["valid_loss"] for e in raw_history["epochs"]]
     valid_set = training_frame_set(valid_frames, averaged.species, _config(dtype="float64"))
-    assert _epoch_loss(averaged, valid_set, _config().loss_weights, 8)[0] == history["best_valid_loss"]
+    assert epoch_loss(averaged, valid_set, _config().loss_weights, 8)[0] == history["best_valid_loss"]
 
 
 # --- frames weighted by field magnitude -------------------------------------------------------------------------------
@@ -365,7 +387,7 @@ def _at_field(frame, efield):
 
 
 def test_field_magnitude_weights_give_every_bin_the_same_total(small_frames):
-    from polmodel.training.train import field_magnitude_weights
+    from polmodel.training.data import field_magnitude_weights
 
     base = small_frames[0]
     fields = ([(0, 0, 0)] * 5 + [(0, 0, 1e-9)] + [(0.0364, 0, 0), (0, -0.0364, 0), (0, 0, 0.0364)]
@@ -383,7 +405,7 @@ def test_field_magnitude_weights_give_every_bin_the_same_total(small_frames):
 def test_training_loss_weights_frames_by_field_magnitude(small_frames):
     """The validation loss of energy-only frames is Σ w_f e_f² / Σ w_f with the field-magnitude weights, not the
     plain mean over frames."""
-    from polmodel.training.train import field_magnitude_weights
+    from polmodel.training.data import field_magnitude_weights
 
     base = small_frames[0]
     fields = [(0, 0, 0)] * 4 + [(0.05, 0, 0), (0, 0.15, 0)]
@@ -394,12 +416,12 @@ def test_training_loss_weights_frames_by_field_magnitude(small_frames):
     model = initialize_model(frames, config)
     balanced = training_frame_set(frames, model.species, config)
     plain = training_frame_set(frames, model.species, _config(dtype="float64", balance_field_magnitudes=False))
-    per_frame = np.array([_epoch_loss(model, training_frame_set([frame], model.species, config),
-                                      config.loss_weights, 8)[0] for frame in frames])
+    per_frame = np.array([epoch_loss(model, training_frame_set([frame], model.species, config),
+                                     config.loss_weights, 8)[0] for frame in frames])
     weights = field_magnitude_weights(frames)
-    assert _epoch_loss(model, balanced, config.loss_weights, 8)[0] == pytest.approx(np.sum(weights * per_frame)
-                                                                                / np.sum(weights), rel=1e-10)
-    assert _epoch_loss(model, plain, config.loss_weights, 8)[0] == pytest.approx(per_frame.mean(), rel=1e-10)
+    assert epoch_loss(model, balanced, config.loss_weights, 8)[0] == pytest.approx(np.sum(weights * per_frame)
+                                                                               / np.sum(weights), rel=1e-10)
+    assert epoch_loss(model, plain, config.loss_weights, 8)[0] == pytest.approx(per_frame.mean(), rel=1e-10)
     assert not np.isclose(np.sum(weights * per_frame) / np.sum(weights), per_frame.mean())
 
 

@@ -39,14 +39,16 @@ PLANTED = '''\
 import polmodel
 from ase import Atoms
 from polmodel.dynamics.fields import StaticField
-from polmodel.dynamics.md import run_md
-from polmodel.training.train import TrainingConfig, evaluate, train_model
+from polmodel.dynamics.md import MDSettings, run_md
+from polmodel.training.config import TrainingConfig
+from polmodel.training.evaluation import evaluate
+from polmodel.training.train import train_model
 
 
 def typed_use(path: str, frames: list[Atoms]) -> None:
     model = polmodel.load(path)
     calculator = polmodel.PolCalculator(model, efield=(0.0, 0.0, 0.01), dtype="float64")
-    run_md(frames[0], calculator, StaticField((0.0, 0.0, 0.01)), steps=10, timestep_fs=1.0)
+    run_md(frames[0], calculator, StaticField((0.0, 0.0, 0.01)), MDSettings(steps=10, timestep_fs=1.0))
     trained, history = train_model(frames, None, TrainingConfig(epochs=1))
     trained.save(path)
     print(evaluate(trained, frames)["forces"]["rmse"], history["best_epoch"])
@@ -54,6 +56,7 @@ def typed_use(path: str, frames: list[Atoms]) -> None:
 
 polmodel.load(3.5)  # planted: arg-type
 polmodel.PolModel(["Ba", "Ti", "O"], cutoff="5 Å")  # planted: arg-type
+MDSettings(steps="10", timestep_fs=1.0)  # planted: arg-type
 TrainingConfig(epochs=1).species.append("Ba")  # planted: union-attr
 
 

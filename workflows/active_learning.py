@@ -118,8 +118,9 @@ def exploration_conditions(dataset: orm.Data, metrics: orm.Data, explore_fields:
     fields: the shapes of `explore_fields` at peak min(stage amplitude, largest labelled field + margin);
     temperatures and steps: the stage's; parameters: the MD parameters with the stage's steps and a seed of its
     own per iteration (base seed + 1000 × iteration); selection: the criteria with the lower trust level from the
-    validation force RMSE (`adapt_trust_window`; not above `previous_selection`'s, the stage's last exploration's
-    criteria), a random-draw seed of the iteration and, with
+    validation force RMSE and, with `response_threshold_factor`, the Z* and α thresholds from their validation RMSE
+    (`adapt_trust_window`; not above `previous_selection`'s, the stage's last exploration's criteria), a random-draw
+    seed of the iteration and, with
     `min_distance_fraction`, the shortest distance of each species pair in the dataset (the closest approach a
     candidate may reach is that fraction of it).
     """
@@ -138,9 +139,11 @@ def exploration_conditions(dataset: orm.Data, metrics: orm.Data, explore_fields:
     criteria["seed"] = criteria.get("seed", 0) + iteration.value
     if criteria.get("min_distance_fraction") is not None:
         criteria["labelled_pair_distances"] = shortest_pair_distances(labelled)
-    force_rmse = validation_errors(metrics.get_dict()).get("forces", {}).get("rmse")
+    errors = validation_errors(metrics.get_dict())
     previous = SelectionCriteria.from_dict(previous_selection.get_dict()) if previous_selection is not None else None
-    adapted = adapt_trust_window(SelectionCriteria.from_dict(criteria), force_rmse, previous=previous)
+    adapted = adapt_trust_window(SelectionCriteria.from_dict(criteria), errors.get("forces", {}).get("rmse"),
+                                 born_charge_rmse=errors.get("born_effective_charges", {}).get("rmse"),
+                                 polarizability_rmse=errors.get("polarizability", {}).get("rmse"), previous=previous)
     return {
         "fields": orm.List(fields),
         "temperatures": orm.List(list(current.temperatures)),
@@ -213,6 +216,33 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     @classmethod
     def define(cls, spec: WorkChainSpec) -> None:
         super().define(spec)
+        cls.define_starting_point(spec)
+        cls.define_initial_data(spec)
+        cls.define_labelling(spec)
+        spec.expose_inputs(TrainEnsembleWorkChain, namespace="train", exclude=("frames", "initial_model"))
+        spec.expose_inputs(ExploreWorkChain, namespace="explore", exclude=("model", "structures"))
+        cls.define_exploration_stages(spec)
+        spec.outline(
+            cls.setup,
+            if_(cls.should_label_initial)(cls.run_initial_labels, cls.inspect_labels),
+            if_(cls.should_label_pending)(cls.run_pending_labels, cls.inspect_labels),
+            cls.check_initial_set,
+            while_(cls.should_iterate)(
+                cls.run_train,
+                cls.inspect_train,
+                cls.run_explore,
+                cls.inspect_explore,
+                if_(cls.should_label_candidates)(cls.run_candidate_labels, cls.inspect_labels),
+            ),
+            cls.results,
+        )
+        cls.define_outputs(spec)
+        cls.define_exit_codes(spec)
+
+    @staticmethod
+    def define_starting_point(spec: WorkChainSpec) -> None:
+        """What the loop starts from: structures, and optionally frames, a model, a stage and pending candidates of a
+        previous loop."""
         spec.input_namespace(
             "structures", valid_type=orm.StructureData, dynamic=True,
             help="Initial structures: labelled first, with perturbed copies (unless `initial_frames` is given), and "
@@ -225,6 +255,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                    help="Exploration stage (index into `schedule`) of the first iteration.")
         spec.input("pending_candidates", valid_type=FramesData, required=False,
                    help="Frames selected but not labelled by a previous loop: labelled before the first training.")
+
+    @staticmethod
+    def define_initial_data(spec: WorkChainSpec) -> None:
+        """The strained and displaced copies labelled before the first training, and their tiers."""
         spec.input_namespace("initial_data", help="Strained and displaced copies of each structure (DP-GEN init).")
         spec.input("initial_data.count", valid_type=orm.Int, default=lambda: orm.Int(6),
                    help="Copies per structure (0: the structures alone).")
@@ -240,6 +274,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                    help="Label tier of the given structures themselves (default: `tier`): `full` here gives the "
                         "first model Born charges and polarizability at one full label per structure, while their "
                         "copies stay at `tier`.")
+
+    @staticmethod
+    def define_labelling(spec: WorkChainSpec) -> None:
+        """How labels are made (the FieldResponseWorkChain's code, protocol and options) and what they may cost."""
         spec.input_namespace("label", help="Inputs of the DFT labelling (FieldResponseWorkChain protocol builder).")
         spec.input("label.code", valid_type=orm.AbstractCode, help="pw.x code.")
         spec.input("label.protocol", valid_type=orm.Str, default=lambda: orm.Str("fast"))
@@ -258,8 +296,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                    help="e; a candidate gets the full response only where its Born-charge spread exceeds this: "
                         "where the ensemble already agrees on Z*, a full label spends `full_label_cost` runs to "
                         "confirm it. Needs `born_spread` in `explore.parameters` (the MD records the spread).")
-        spec.expose_inputs(TrainEnsembleWorkChain, namespace="train", exclude=("frames", "initial_model"))
-        spec.expose_inputs(ExploreWorkChain, namespace="explore", exclude=("model", "structures"))
+
+    @staticmethod
+    def define_exploration_stages(spec: WorkChainSpec) -> None:
+        """The stages of exploration, when the loop moves on to the next, when it has converged and when it stops."""
         spec.input("schedule", valid_type=orm.List, required=False,
                    help="Exploration stages [{temperatures, field_amplitude (V/Å), steps}], never getting easier; "
                         "default one stage of `explore.temperatures`, the peak of `explore.fields` and "
@@ -268,26 +308,21 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
                    help="Accurate fraction of an iteration at which the next iteration explores the next stage.")
         spec.input("field_margin", valid_type=orm.Float, default=lambda: orm.Float(0.02),
                    help="V/Å beyond the largest labelled field that the exploration may apply.")
-        spec.input("candidate_fraction_threshold", valid_type=orm.Float, default=lambda: orm.Float(0.05))
-        spec.input("max_iterations", valid_type=orm.Int, default=lambda: orm.Int(5))
-        spec.outline(
-            cls.setup,
-            if_(cls.should_label_initial)(cls.run_initial_labels, cls.inspect_labels),
-            if_(cls.should_label_pending)(cls.run_pending_labels, cls.inspect_labels),
-            cls.check_initial_set,
-            while_(cls.should_iterate)(
-                cls.run_train,
-                cls.inspect_train,
-                cls.run_explore,
-                cls.inspect_explore,
-                if_(cls.should_label_candidates)(cls.run_candidate_labels, cls.inspect_labels),
-            ),
-            cls.results,
-        )
+        spec.input("candidate_fraction_threshold", valid_type=orm.Float, default=lambda: orm.Float(0.05),
+                   help="The loop has converged when, in the last stage, the untrusted share of an exploration "
+                        "(candidates and failed frames) is below this (DP-GEN's criterion).")
+        spec.input("max_iterations", valid_type=orm.Int, default=lambda: orm.Int(5),
+                   help="Iterations (train, explore, label) at most.")
+
+    @staticmethod
+    def define_outputs(spec: WorkChainSpec) -> None:
         spec.output("model", valid_type=ModelData, help="The last trained ensemble.")
         spec.output("dataset", valid_type=FramesData, help="All labelled frames gathered by the loop.")
         spec.output("learning_curve", valid_type=orm.Dict, help="The iteration records in order.")
         spec.output_namespace("iterations", valid_type=orm.Dict, dynamic=True, help="One record per iteration.")
+
+    @staticmethod
+    def define_exit_codes(spec: WorkChainSpec) -> None:
         # 400-449: inputs that cannot start a loop.
         spec.exit_code(401, "ERROR_NO_STRUCTURES", message="no initial structures were given")
         spec.exit_code(402, "ERROR_EMPTY_INITIAL_SET", message="the initial labelled set is empty: {reason}")

@@ -142,7 +142,7 @@ def write_learning_curve(loop, directory):
 
 def write_heldout_errors(model_path, directory):
     from polmodel import load
-    from polmodel.training.train import evaluate_frames
+    from polmodel.training.evaluation import evaluate_frames
     from polmodel.workflows.quartz import heldout_frames
 
     frames, labels = heldout_frames()
@@ -155,20 +155,24 @@ def write_heldout_errors(model_path, directory):
 def md_ir_spectrum(model_path, structure, directory):
     """Langevin equilibration, then NVE at zero field on a small supercell; the IR spectrum of its dipole series
     (harmonic quantum correction applied once)."""
+    from dataclasses import replace
+
     from polmodel import PolCalculator, load
     from polmodel.dynamics.fields import StaticField
-    from polmodel.dynamics.md import run_md
+    from polmodel.dynamics.md import MDSettings, run_md
     from polmodel.dynamics.polarization_log import polarization_log_path
 
     settings = DEMO["md_ir"]
     calculator = PolCalculator(load(model_path))
     atoms = structure.get_ase().repeat((settings["repeat"],) * 3)
-    common = dict(timestep_fs=settings["timestep_fs"], temperature_K=settings["temperature"], progress=False,
-                  spread_threshold=None, interval=500)
-    atoms = run_md(atoms, calculator, StaticField(np.zeros(3)), steps=settings["equilibration_steps"],
-                   thermostat="langevin", friction=0.01, trajectory_path=directory / "md_equilibration.xyz", **common)
-    run_md(atoms, calculator, StaticField(np.zeros(3)), steps=settings["nve_steps"], thermostat="nve",
-           trajectory_path=directory / "md_nve.xyz", **common)
+    equilibration = MDSettings(steps=settings["equilibration_steps"], timestep_fs=settings["timestep_fs"],
+                               temperature_K=settings["temperature"], thermostat="langevin", friction=0.01,
+                               interval=500, spread_threshold=None)
+    atoms = run_md(atoms, calculator, StaticField(np.zeros(3)), equilibration,
+                   trajectory_path=directory / "md_equilibration.xyz", progress=False)
+    run_md(atoms, calculator, StaticField(np.zeros(3)),
+           replace(equilibration, steps=settings["nve_steps"], thermostat="nve"),
+           trajectory_path=directory / "md_nve.xyz", progress=False)
     return spectrum_of_polarization_log(polarization_log_path(directory / "md_nve.xyz"))
 
 

@@ -23,7 +23,8 @@ from aiida.plugins import WorkflowFactory
 from polmodel.analysis import phonons
 from polmodel.data import units
 
-from .field_response import _RUN_SPECIFIC, validate_ground_state_inputs
+from .field_response import _RUN_SPECIFIC
+from .response_inputs import validate_ground_state_inputs
 from .response_functions import acoustic_sum_rule_residual
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ def select_from_trajectories(criteria, temperatures=None, **trajectories):
 
     rules = SelectionCriteria.from_dict(criteria.get_dict())
     run_temperatures = temperatures.get_dict() if temperatures is not None else {}
-    frames, force_std, polarization_std, born_std, origins, efields, sampled_at = [], [], [], [], [], [], []
+    frames, force_std, polarization_std, born_std, alpha_std, origins, efields, sampled_at = ([] for _ in range(8))
     for key in sorted(trajectories):
         trajectory = trajectories[key]
         names = trajectory.get_arraynames()
@@ -52,6 +52,9 @@ def select_from_trajectories(criteria, temperatures=None, **trajectories):
         polarization_std.append(spread[explored])
         born = trajectory.get_array("max_born_charge_std") if "max_born_charge_std" in names else np.zeros(count)
         born_std.append(born[explored])
+        alpha = (trajectory.get_array("polarizability_spread") if "polarizability_spread" in names
+                 else np.zeros(count))
+        alpha_std.append(alpha[explored])
         origins.extend(f"{trajectory.uuid}:{index}" for index in np.flatnonzero(explored))
         field = trajectory.get_array("efield").reshape(count, 3) if "efield" in names else np.zeros((count, 3))
         efields.extend(field[explored])
@@ -63,6 +66,7 @@ def select_from_trajectories(criteria, temperatures=None, **trajectories):
         rules,
         polarization_std=np.concatenate(polarization_std) if polarization_std else None,
         born_charge_std=np.concatenate(born_std) if born_std else None,
+        polarizability_std=np.concatenate(alpha_std) if alpha_std else None,
     )
     polarization_all = np.concatenate(polarization_std) if polarization_std else np.zeros(0)
     born_all = np.concatenate(born_std) if born_std else np.zeros(0)

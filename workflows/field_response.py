@@ -35,12 +35,13 @@ from aiida.plugins import CalculationFactory
 from aiida_quantumespresso.workflows.protocols.utils import ProtocolMixin, recursive_merge
 from aiida_quantumespresso.workflows.pw.base import PwBaseWorkChain
 
-from polmodel.active_learning.selection import TIERS, closest_pair, pw_runs_per_label  # noqa: F401 (part of this API)
+from polmodel.active_learning.selection import TIERS, pw_runs_per_label  # noqa: F401 (part of this API)
 from polmodel.data import units
-from polmodel.data.domain import MIN_INTERATOMIC_DISTANCE
 
 from . import response_functions
 from .protocol_utils import PW_NAMELISTS, merge_overrides
+from .response_inputs import (number_of_electrons, validate_electron_count, validate_field_vectors, validate_inputs,
+                              validate_pw_code, validate_structure)
 from .response_functions import FIELD_LABELS, band_gap, field_run_label
 from .scheduler_restarts import resubmit_jobs_ended_by_the_scheduler
 
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from aiida.engine import ExitCode, ProcessBuilder
     from aiida.engine.processes.workchains.workchain import WorkChainSpec
-    from aiida_pseudo.data.pseudo import PseudoPotentialData
     from numpy.typing import NDArray
 
     from .structures import StructureLike
@@ -63,128 +63,6 @@ _RUN_SPECIFIC = {
     "SYSTEM": ("nbnd",),
     "ELECTRONS": ("efield_cart", "efield_phase", "startingwfc", "startingpot"),
 }
-
-
-# --- input validation (pure, reused by the DFPT chain) -----------------------------------------------------------
-
-
-def validate_structure(structure: orm.StructureData, _: object = None) -> str | None:
-    """Refuse structures with overlapping atoms or without full periodicity."""
-    if not all(structure.pbc):
-        return "the structure must be periodic in all three directions for Berry-phase polarization"
-    atoms = structure.get_ase()
-    closest, i, j = closest_pair(atoms)
-    if closest < MIN_INTERATOMIC_DISTANCE:
-        return (
-            f"atoms {i} ({atoms[i].symbol}) and {j} ({atoms[j].symbol}) are {closest:.3f} Å apart "
-            f"(< {MIN_INTERATOMIC_DISTANCE} Å): overlapping atoms"
-        )
-    return None
-
-
-def validate_pw_code(code: orm.AbstractCode, _: object = None) -> str | None:
-    """The code must run pw.x through the `quantumespresso.pw` plugin."""
-    plugin = code.default_calc_job_plugin if code is not None else None
-    if plugin != "quantumespresso.pw":
-        return f"code `{code.full_label}` runs `{plugin}`, but `quantumespresso.pw` (pw.x) is needed"
-    return None
-
-
-def validate_pseudos(structure: orm.StructureData, pseudos: Mapping[str, PseudoPotentialData]) -> str | None:
-    """Every kind needs a pseudopotential whose element matches."""
-    missing = sorted(set(structure.get_kind_names()) - set(pseudos))
-    if missing:
-        return f"no pseudopotential for kind(s) {', '.join(missing)}"
-    for kind in structure.kinds:
-        element = getattr(pseudos[kind.name], "element", None)
-        if element is not None and element != kind.symbol:
-            return f"pseudopotential for kind `{kind.name}` is for element {element}, not {kind.symbol}"
-    return None
-
-
-def validate_ground_state_inputs(inputs: Mapping[str, Any]) -> str | None:
-    """The checks every pw.x-based response workchain shares: structure, pw code, pseudopotentials."""
-    structure = inputs["structure"]
-    for message in (
-        validate_structure(structure),
-        validate_pw_code(inputs["scf"]["pw"]["code"]),
-        validate_pseudos(structure, inputs["scf"]["pw"].get("pseudos", {})),
-    ):
-        if message:
-            return message
-    return None
-
-
-def validate_field_vectors(field_vectors: Iterable[object] | None, tier: str) -> str | None:
-    """Field vectors are finite, non-zero 3-vectors (V/Å); `field_frames` needs at least one, `energy_forces` none."""
-    vectors = list(field_vectors) if field_vectors is not None else []
-    if tier == "energy_forces" and vectors:
-        return "the `energy_forces` tier runs no field: give no `field_vectors` (or choose `field_frames`)"
-    if tier == "field_frames" and not vectors:
-        return "the `field_frames` tier needs at least one field vector"
-    for index, vector in enumerate(vectors):
-        try:
-            array = np.asarray(vector, dtype=float)
-        except (TypeError, ValueError):
-            return f"field vector {index} ({vector!r}) is not three numbers"
-        if array.shape != (3,) or not np.all(np.isfinite(array)):
-            return f"field vector {index} ({vector!r}) is not three finite numbers (V/Å)"
-        if not np.any(array):
-            return f"field vector {index} is zero: the zero-field run is always made"
-    return None
-
-
-def number_of_electrons(structure: orm.StructureData, pseudos: Mapping[str, PseudoPotentialData]) -> float:
-    """Valence electrons of the cell from the pseudopotentials' z_valence."""
-    return sum(float(pseudos[site.kind_name].z_valence) for site in structure.sites)
-
-
-def validate_electron_count(structure: orm.StructureData, pseudos: Mapping[str, PseudoPotentialData]) -> str | None:
-    """Fixed occupations of spin-degenerate bands need an even number of valence electrons."""
-    try:
-        count = number_of_electrons(structure, pseudos)
-    except (AttributeError, KeyError, TypeError):
-        return None  # pseudopotentials without z_valence: left to pw.x
-    if abs(count - round(count)) > 1e-6 or round(count) % 2:
-        return (f"{count:g} valence electrons cannot fill spin-degenerate bands with fixed occupations: metal or open "
-                "shell, refused")
-    return None
-
-
-def validate_inputs(inputs: Mapping[str, Any], _: object) -> str | None:
-    """Validate the whole input namespace: structure, code, pseudopotentials, electrons, tier, fields, settings."""
-    message = validate_ground_state_inputs(inputs)
-    if message:
-        return message
-    message = validate_electron_count(inputs["structure"], inputs["scf"]["pw"].get("pseudos", {}))
-    if message:
-        return message
-    tier = inputs["tier"].value
-    if tier not in TIERS:
-        return f"unknown tier `{tier}`: one of {', '.join(TIERS)}"
-    field_vectors = inputs["field_vectors"].get_list() if "field_vectors" in inputs else None
-    message = validate_field_vectors(field_vectors, tier)
-    if message:
-        return message
-    if inputs["field_magnitude"].value <= 0:
-        return "`field_magnitude` must be positive"
-    if "string_extrapolation_scale" in inputs:
-        if not 0 < inputs["string_extrapolation_scale"].value < 1:
-            return "`string_extrapolation_scale` must lie strictly between 0 and 1"
-        kpoints = inputs["scf"].get("kpoints")
-        if kpoints is not None and "mesh" not in kpoints.base.attributes.keys():
-            return "`string_extrapolation_scale` needs a k-point mesh (or `kpoints_distance`), not an explicit list"
-    parameters = inputs["scf"]["pw"]["parameters"].get_dict()
-    if parameters.get("SYSTEM", {}).get("occupations", "fixed") != "fixed":
-        return "Berry-phase and finite-field runs need `occupations='fixed'` (insulators only)"
-    if parameters.get("SYSTEM", {}).get("nspin", 1) != 1:
-        return "only spin-unpolarized insulators are supported"
-    settings = inputs["scf"]["pw"].get("settings")
-    cmdline = settings.get_dict().get("cmdline", []) if settings is not None else []
-    for flag in ("-nk", "-npools", "-npool"):
-        if flag in cmdline and int(cmdline[cmdline.index(flag) + 1]) != 1:
-            return "k-point pools are not supported by pw.x's Berry-phase and finite-field code"
-    return None
 
 
 #: SCF steps of a zero-field run's first pw.x attempt (InsulatorPwBaseWorkChain): the oxides of this project converge
@@ -288,44 +166,9 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
     @classmethod
     def define(cls, spec: WorkChainSpec) -> None:
         super().define(spec)
-        spec.input("structure", valid_type=orm.StructureData, help="The insulator to label.")
-        spec.expose_inputs(
-            PwBaseWorkChain,
-            namespace="scf",
-            exclude=("clean_workdir", "pw.structure", "pw.parent_folder"),
-            namespace_options={"help": "Shared settings of every pw.x run (cutoffs, k-points, pseudos, options)."},
-        )
-        spec.input(
-            "tier", valid_type=orm.Str, default=lambda: orm.Str("full"),
-            help=f'Label tier, one of {", ".join(TIERS)} (docs/design.md "Label tiers").',
-        )
-        spec.input(
-            "field_vectors", valid_type=orm.List, required=False,
-            help="Fields (V/Å, [x, y, z] each) at which one lelfield scf and one frame each are made: the fields of "
-                 "`field_frames`, extra frames for `full`.",
-        )
-        spec.input("field_magnitude", valid_type=orm.Float, default=lambda: orm.Float(0.0364),
-                   help="|ε| of the ±ε runs of the `full` tier, V/Å.")
-        spec.input(
-            "max_field_halvings", valid_type=orm.Int, default=lambda: orm.Int(3),
-            help="How often the fields may be halved (Zener limit or unconverged field runs) before giving up.",
-        )
-        spec.input(
-            "min_band_gap", valid_type=orm.Float, default=lambda: orm.Float(0.1),
-            help="Cells with a smaller zero-field gap (eV) are refused as metallic or nearly metallic.",
-        )
-        spec.input(
-            "zener_margin", valid_type=orm.Float, default=lambda: orm.Float(0.5),
-            help="Fraction of the estimated Zener limit E_gap/(e·L_string) that the field may reach.",
-        )
-        spec.input(
-            "string_extrapolation_scale", valid_type=orm.Float, required=False,
-            help="If given (0 < s < 1), the ±ε runs are repeated on the k-mesh scaled by s and α, ε∞ are "
-                 "extrapolated to dense Berry strings (about 1.5x the cost of the field runs for s = 0.75).",
-        )
-        spec.input("clean_workdir", valid_type=orm.Bool, default=lambda: orm.Bool(False))
+        cls.define_ground_state_inputs(spec)
+        cls.define_field_inputs(spec)
         spec.inputs.validator = validate_inputs
-
         spec.outline(
             cls.setup,
             cls.run_zero_field,
@@ -344,7 +187,55 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
                 cls.results_of_cheaper_tiers,
             ),
         )
+        cls.define_outputs(spec)
+        cls.define_exit_codes(spec)
 
+    @staticmethod
+    def define_ground_state_inputs(spec: WorkChainSpec) -> None:
+        """The structure, the shared pw.x settings, the tier and the zero-field run's gap check."""
+        spec.input("structure", valid_type=orm.StructureData, help="The insulator to label.")
+        spec.expose_inputs(
+            PwBaseWorkChain,
+            namespace="scf",
+            exclude=("clean_workdir", "pw.structure", "pw.parent_folder"),
+            namespace_options={"help": "Shared settings of every pw.x run (cutoffs, k-points, pseudos, options)."},
+        )
+        spec.input(
+            "tier", valid_type=orm.Str, default=lambda: orm.Str("full"),
+            help=f'Label tier, one of {", ".join(TIERS)} (docs/design.md "Label tiers").',
+        )
+        spec.input(
+            "min_band_gap", valid_type=orm.Float, default=lambda: orm.Float(0.1),
+            help="Cells with a smaller zero-field gap (eV) are refused as metallic or nearly metallic.",
+        )
+        spec.input("clean_workdir", valid_type=orm.Bool, default=lambda: orm.Bool(False))
+
+    @staticmethod
+    def define_field_inputs(spec: WorkChainSpec) -> None:
+        """The fields of the finite-field runs, how far they may go and how they are reduced."""
+        spec.input(
+            "field_vectors", valid_type=orm.List, required=False,
+            help="Fields (V/Å, [x, y, z] each) at which one lelfield scf and one frame each are made: the fields of "
+                 "`field_frames`, extra frames for `full`.",
+        )
+        spec.input("field_magnitude", valid_type=orm.Float, default=lambda: orm.Float(0.0364),
+                   help="|ε| of the ±ε runs of the `full` tier, V/Å.")
+        spec.input(
+            "max_field_halvings", valid_type=orm.Int, default=lambda: orm.Int(3),
+            help="How often the fields may be halved (Zener limit or unconverged field runs) before giving up.",
+        )
+        spec.input(
+            "zener_margin", valid_type=orm.Float, default=lambda: orm.Float(0.5),
+            help="Fraction of the estimated Zener limit E_gap/(e·L_string) that the field may reach.",
+        )
+        spec.input(
+            "string_extrapolation_scale", valid_type=orm.Float, required=False,
+            help="If given (0 < s < 1), the ±ε runs are repeated on the k-mesh scaled by s and α, ε∞ are "
+                 "extrapolated to dense Berry strings (about 1.5x the cost of the field runs for s = 0.75).",
+        )
+
+    @staticmethod
+    def define_outputs(spec: WorkChainSpec) -> None:
         spec.output("frames", valid_type=orm.Data, help="The labelled frames (polmodel.data.frames), zero field first.")
         spec.output("band_gap", valid_type=orm.Float, help="Gap (eV) of the zero-field run.")
         spec.output(
@@ -368,6 +259,8 @@ class FieldResponseWorkChain(ProtocolMixin, WorkChain):
         spec.output("field_magnitude", valid_type=orm.Float, required=False,
                     help="|ε| of the ±ε runs actually used (V/Å), after any halving (`full`).")
 
+    @staticmethod
+    def define_exit_codes(spec: WorkChainSpec) -> None:
         # 400s: the zero-field ground state
         spec.exit_code(401, "ERROR_ZERO_FIELD_SCF_FAILED", message="The zero-field scf PwBaseWorkChain failed.")
         spec.exit_code(

@@ -44,7 +44,7 @@ class SelectionCriteria:
     force_upper: float = 0.5
     polarization_threshold: float | None = None
     born_charge_threshold: float | None = None
-    polarizability_threshold: float | None = None  # e·Å²/V, of the Frobenius norm of the α spread
+    polarizability_threshold: float | None = None  # e·Å²/V per atom, of polmodel.data.spreads.polarizability_spread
     max_candidates: int = 10
     similarity_tolerance: float = 0.05
     fingerprint_cutoff: float = 5.0

@@ -63,9 +63,9 @@ def run(args):
 
 
 def evaluate_frames(model, frames, plots_dir=None):
-    """polmodel.training.train.evaluate_frames, its home; also here for scripts that take it from the command
+    """polmodel.training.evaluation.evaluate_frames, its home; also here for scripts that take it from the command
     (benchmarks/quartz_heldout.py). Imported when called: torch stays out of `polmodel --help`."""
-    from polmodel.training.train import evaluate_frames as evaluate
+    from polmodel.training.evaluation import evaluate_frames as evaluate
 
     return evaluate(model, frames, plots_dir)
 

@@ -61,16 +61,18 @@ def add_arguments(parser):
 
 
 def _check_inputs(args):
-    """Everything `run` needs, checked before MD starts: (model, atoms, protocol, device); InputError if bad.
+    """Everything `run` needs, checked before MD starts: (model, atoms, protocol, device, MD settings); InputError
+    if bad. The settings' spread_threshold is --spread-threshold, None where the model's is to be taken (`run`).
 
     The checks that need no heavy import (numbers, files, the field protocol) come first."""
-    from polmodel.dynamics.md import check_run_arguments
+    from polmodel.dynamics.md import MDSettings
 
     try:
-        check_run_arguments(steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
-                            thermostat=args.thermostat, friction=args.friction, interval=args.interval,
-                            pressure_GPa=args.pressure, spread_threshold=args.spread_threshold,
-                            polarization_interval=args.polarization_interval, seed=args.seed)
+        settings = MDSettings(steps=args.steps, timestep_fs=args.timestep, temperature_K=args.temperature,
+                              thermostat=args.thermostat, friction=args.friction, pressure_GPa=args.pressure,
+                              seed=args.seed, interval=args.interval, polarization_interval=args.polarization_interval,
+                              born_spread=args.born_spread, spread_threshold=args.spread_threshold,
+                              stop_on_spread=args.stop_on_spread)
     except ValueError as error:
         raise InputError(str(error)) from error
     if args.memory_limit_gb is not None and not (math.isfinite(args.memory_limit_gb) and args.memory_limit_gb > 0):
@@ -102,7 +104,7 @@ def _check_inputs(args):
         raise InputError("--memory-limit-gb applies to a single model: an ensemble is evaluated whole")
     if args.born_spread and not hasattr(model, "members"):
         raise InputError("--born-spread needs an ensemble (it is the spread over members); --model is one model")
-    return model, atoms, protocol, device
+    return model, atoms, protocol, device, settings
 
 
 def _read_structure(path):
@@ -124,16 +126,18 @@ def _show_warning_as_one_line(message, category, filename, lineno, file=None, li
 def run(args):
     from polmodel.runtime.allocator import keep_freed_memory_in_heap
     keep_freed_memory_in_heap()   # this process is ours: the measured speed-up on large cells (runtime/allocator.py)
-    model, atoms, protocol, device = _check_inputs(args)
+    model, atoms, protocol, device, settings = _check_inputs(args)
+
+    import dataclasses
 
     import torch
 
     from polmodel.dynamics.calculator import OverlappingAtomsError, PolCalculator
     from polmodel.dynamics.md import RestartMismatchError, RunInProgressError, run_md, spread_threshold_of
 
-    spread_threshold = args.spread_threshold
-    if spread_threshold is None and hasattr(model, "members"):
+    if settings.spread_threshold is None and hasattr(model, "members"):
         spread_threshold, source = spread_threshold_of(model)
+        settings = dataclasses.replace(settings, spread_threshold=spread_threshold)
         if not args.quiet:
             print(f"force-spread threshold {spread_threshold:.3g} eV/Å: {source}", file=sys.stderr)
     dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
@@ -151,12 +155,8 @@ def run(args):
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning_as_one_line
-            final = run_md(atoms, calculator, protocol, steps=args.steps, timestep_fs=args.timestep,
-                           temperature_K=args.temperature, thermostat=args.thermostat, friction=args.friction,
-                           interval=args.interval, trajectory_path=args.output, born_spread=args.born_spread,
-                           restart=not args.no_restart, progress=not args.quiet, seed=args.seed,
-                           pressure_GPa=args.pressure, spread_threshold=spread_threshold,
-                           stop_on_spread=args.stop_on_spread, polarization_interval=args.polarization_interval)
+            final = run_md(atoms, calculator, protocol, settings, trajectory_path=args.output,
+                           restart=not args.no_restart, progress=not args.quiet)
     except RestartMismatchError as error:  # run_md checks a restart before it touches anything
         raise InputError(f"{error} (--no-restart)") from error
     except RunInProgressError as error:

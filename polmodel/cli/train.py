@@ -56,7 +56,7 @@ def load_options(text):
 def build_config(args):
     """TrainingConfig from --hyperparameters (model keys go to `architecture`) and the command-line flags."""
     from polmodel.nn.model import DEFAULT_ARCHITECTURE
-    from polmodel.training.train import TrainingConfig
+    from polmodel.training.config import TrainingConfig
 
     options = load_options(args.hyperparameters)
     model_options = {name: options.pop(name) for name in list(options) if name in DEFAULT_ARCHITECTURE}
@@ -118,8 +118,10 @@ def run(args):
     from polmodel.data.frames import read_frames
     from polmodel.nn import serialization
     from polmodel.runtime.devices import resolve_device
+    from polmodel.training.data import split_frames
+    from polmodel.training.ensembles import train_ensemble
+    from polmodel.training.evaluation import predict_pairs
     from polmodel.training.parity_plots import write_parity_plots
-    from polmodel.training.train import predict_pairs, split_frames, train_ensemble
 
     try:
         config = build_config(args)

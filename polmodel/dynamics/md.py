@@ -5,11 +5,16 @@ For a time-dependent field the field of every force evaluation is the protocol's
 positions being evaluated: before step n → n+1 the calculator is told the field at t_{n+1}, while the cached
 forces at t_n (computed at ε(t_n)) stay valid for the first half kick.
 
+`run_md(atoms, calculator, protocol, settings, trajectory_path=..., restart=..., progress=...)`: what the run is
+(length, integrator, thermostat, what it records and how often) is one `MDSettings`, checked when it is made; where
+it writes and whether it continues are run_md's own keywords.
+
 Output: an extended-XYZ trajectory, one frame every `interval` steps (frame 0 is the start) and one at the last
 step when it falls between (`--steps 15 --interval 10` ends at step 15), each frame's info
 holding time_fs, step, efield, energy (enthalpy, eV), kinetic_energy, temperature, dipole, polarization (periodic
-cells), and for ensembles energy_std, polarization_std, max_force_std, max_born_charge_std (with born_spread),
-arrays forces and forces_std. The first frame also holds the run's settings (`md_*` keys: field protocol,
+cells), and for ensembles energy_std, polarization_std, max_force_std, and with born_spread the response's
+spreads max_born_charge_std (e, the largest atom's, norm over its 9 components) and polarizability_spread
+(e·Å²/V per atom, polmodel.active_learning.selection.polarizability_spread); arrays forces and forces_std. The first frame also holds the run's settings (`md_*` keys: field protocol,
 thermostat, timestep, temperature, friction, pressure, interval) and, for ensembles, `force_spread_threshold`;
 a restart with other settings is refused (RestartMismatchError), since appending it would give a trajectory
 that no single run made.
@@ -31,12 +36,14 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from polmodel.data.spreads import polarizability_spread
 from polmodel.dynamics.polarization_log import PolarizationLog, polarization_log_path
 
 if TYPE_CHECKING:
@@ -75,6 +82,8 @@ DEFAULT_SPREAD_THRESHOLD = 0.5
 SPREAD_THRESHOLD_PER_VALIDATION_RMSE = 5.0
 # the run settings a restart must share with the trajectory it continues (first-frame info keys)
 _SETTINGS_PREFIX = "md_"
+# what counts as a number in settings (bool is an int too: MDSettings refuses it where a number is meant)
+_NUMBER_TYPES = (int, float, np.integer, np.floating)
 
 
 class RestartMismatchError(ValueError):
@@ -187,6 +196,8 @@ def _frame(atoms: Atoms, calculator: PolCalculator, step: int, time_fs: float, b
         if born_spread:
             born_std = np.array(calculator.get_property("born_effective_charges_std", atoms))
             info["max_born_charge_std"] = float(np.linalg.norm(born_std.reshape(len(atoms), 9), axis=1).max())
+            alpha_std = calculator.get_property("polarizability_std", atoms)
+            info["polarizability_spread"] = polarizability_spread(alpha_std, len(atoms))
     frame.info = info
     return frame
 
@@ -200,21 +211,20 @@ def _write_checkpoint(path: Path, atoms: Atoms, step: int, time_fs: float, dynam
     os.replace(temporary, path)
 
 
-def run_settings(protocol: FieldProtocol, *, thermostat: str, timestep_fs: float, temperature_K: float, friction: float,
-                 pressure_GPa: float, interval: int, polarization_interval: int = 1,
-                 coupling: str = "network") -> dict[str, Any]:
+def run_settings(protocol: FieldProtocol, settings: MDSettings, *, coupling: str = "network") -> dict[str, Any]:
     """The settings a trajectory is made with, as first-frame info entries (what a restart must repeat)."""
-    settings: dict[str, Any] = {"field": json.dumps(protocol.as_dict(), sort_keys=True), "thermostat": thermostat,
-                "timestep_fs": float(timestep_fs), "interval": int(interval)}
+    thermostat = settings.thermostat
+    record: dict[str, Any] = {"field": json.dumps(protocol.as_dict(), sort_keys=True), "thermostat": thermostat,
+                              "timestep_fs": float(settings.timestep_fs), "interval": int(settings.interval)}
     if coupling != "network":   # recorded only when not the default, so older trajectories still continue
-        settings["coupling"] = coupling
-    if polarization_interval != 1:   # recorded only when not the default, so older trajectories still continue
-        settings["polarization_interval"] = int(polarization_interval)
+        record["coupling"] = coupling
+    if settings.polarization_interval != 1:   # recorded only when not the default, so older trajectories still continue
+        record["polarization_interval"] = int(settings.polarization_interval)
     if thermostat != "nve":   # NVE ignores these, so changing them on restart changes nothing
-        settings.update({"temperature_K": float(temperature_K), "friction": float(friction)})
+        record.update({"temperature_K": float(settings.temperature_K), "friction": float(settings.friction)})
     if thermostat == "npt":
-        settings["pressure_GPa"] = float(pressure_GPa)
-    return {_SETTINGS_PREFIX + name: value for name, value in settings.items()}
+        record["pressure_GPa"] = float(settings.pressure_GPa)
+    return {_SETTINGS_PREFIX + name: value for name, value in record.items()}
 
 
 def check_restart(trajectory_path: str | Path, atoms: Atoms, settings: Mapping[str, Any]) -> None:
@@ -248,8 +258,7 @@ def check_restart(trajectory_path: str | Path, atoms: Atoms, settings: Mapping[s
 
 
 def _same_setting(old: object, new: object) -> bool:
-    numbers = (int, float, np.integer, np.floating)
-    if isinstance(old, numbers) and isinstance(new, numbers):
+    if isinstance(old, _NUMBER_TYPES) and isinstance(new, _NUMBER_TYPES):
         return bool(np.isclose(float(old), float(new), rtol=1e-12, atol=0.0))  # extxyz round trip of floats
     return old == new
 
@@ -318,82 +327,137 @@ def check_timestep(timestep_fs: float, masses: npt.ArrayLike) -> None:
                          f"Verlet integration blows up; use at most {limit:.2g} fs")
 
 
-def check_run_arguments(*, steps: int, timestep_fs: float, temperature_K: float, thermostat: str, friction: float,
-                        interval: int, pressure_GPa: float = 0.0, spread_threshold: float | None = None,
-                        polarization_interval: int = 1, seed: int = 0) -> None:
-    """ValueError for settings `run_md` cannot run with (checked before any work)."""
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    if thermostat not in THERMOSTATS:
-        raise ValueError(f"unknown thermostat {thermostat!r}; expected one of {', '.join(THERMOSTATS)}")
-    if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps}")
-    if int(interval) != interval or interval < 1:
-        raise ValueError(f"interval must be a positive integer, got {interval}")
-    if int(polarization_interval) != polarization_interval or polarization_interval < 1:
-        raise ValueError(f"polarization_interval must be a positive integer, got {polarization_interval}")
-    if not (np.isfinite(timestep_fs) and timestep_fs > 0):
-        raise ValueError(f"timestep must be a positive number of fs, got {timestep_fs}")
-    if not (np.isfinite(temperature_K) and temperature_K >= 0):
-        raise ValueError(f"temperature must be >= 0 K, got {temperature_K}")
-    if thermostat != "nve" and not (temperature_K > 0 and np.isfinite(friction) and friction > 0):
-        raise ValueError(f"the {thermostat} thermostat needs a positive temperature and friction, got "
-                         f"{temperature_K} K and {friction} 1/fs")
-    if not np.isfinite(pressure_GPa):
-        raise ValueError(f"pressure must be finite, got {pressure_GPa}")
-    if spread_threshold is not None and not (np.isfinite(spread_threshold) and spread_threshold > 0):
-        raise ValueError(f"the force-spread threshold must be a positive number of eV/Å, got {spread_threshold}")
+def _number(value: object) -> float | None:
+    """`value` as a float when it is a real number (not a bool, a string or None), else None."""
+    if isinstance(value, _NUMBER_TYPES) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
-def run_md(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol, *, steps: int, timestep_fs: float,
-           temperature_K: float = 300.0, thermostat: str = "nve", friction: float = 0.01, interval: int = 10,
-           trajectory_path: str | os.PathLike[str] = "md.xyz", born_spread: bool = False, restart: bool = True,
-           progress: bool = True, seed: int = 0, pressure_GPa: float = 0.0,
-           spread_threshold: float | None = DEFAULT_SPREAD_THRESHOLD, stop_on_spread: bool = False,
-           polarization_interval: int = 1, checkpoint_interval: int | None = None) -> Atoms:
-    """Run MD of `atoms` with `calculator` (a PolCalculator) under the field protocol `protocol`.
+def _whole(name: str, value: object, smallest: int) -> int:
+    """`value` as an int when it is a whole number >= `smallest` (5 and 5.0 are; True, 5.5 and "5" are not)."""
+    number = _number(value)
+    if number is None or not (np.isfinite(number) and number.is_integer() and number >= smallest):
+        kind = "a non-negative" if smallest == 0 else "a positive"
+        raise ValueError(f"{name} must be {kind} integer, got {value}")
+    return int(value) if isinstance(value, (int, np.integer)) else int(number)   # exact beyond 2**53 (a seed)
 
-    steps: the total length of the run in steps; a restarted run continues from the trajectory's last frame
-    up to the same total. timestep_fs: fs. temperature_K: thermostat target, and the Maxwell–Boltzmann
-    temperature for the initial velocities when `atoms` has none. thermostat: one of THERMOSTATS.
-    friction: 1/fs, the Langevin friction or the inverse relaxation time of the other thermostats (the NPT
-    barostat relaxes 10× slower). interval: write a frame every `interval` steps. polarization_interval: write
-    a row of `<trajectory>.polarization.csv` every this many steps (polmodel/dynamics/polarization_log.py).
-    checkpoint_interval: also save the exact restart state every this many steps (default: with the frames only),
-    so that a long run with sparse frames loses little work when killed.
-    born_spread: also record the ensemble spread of the Born charges (costs a second-derivative pass per frame).
+
+def _real(name: str, value: object, requirement: str, allowed: Callable[[float], bool]) -> float:
+    """`value` as a float when it is a number that `allowed` accepts, else ValueError naming `name`."""
+    number = _number(value)
+    if number is None or not allowed(number):
+        raise ValueError(f"{name} must be {requirement}, got {value}")
+    return number
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class MDSettings:
+    """What an MD run of `run_md` is: its length, integrator and thermostat, what it records and how often.
+
+    Every field is checked when the settings are made (ValueError naming the field), so bad settings are refused
+    before any work; what needs the atoms or the calculator (the timestep against the lightest mass, npt on a
+    periodic cell, born_spread with an ensemble) `run_md` checks. JSON-able through `as_dict` / `from_dict`.
+    The field protocol, the calculator (and its coupling) and where the output goes are `run_md`'s other arguments.
+    """
+
+    steps: int                      # the total length of the run; a restart continues up to the same total
+    timestep_fs: float              # fs
+    temperature_K: float = 300.0    # K: the thermostat's target, and the Maxwell-Boltzmann temperature of the
+    #                                 initial velocities when the atoms have none
+    thermostat: str = "nve"         # one of THERMOSTATS
+    friction: float = 0.01          # 1/fs: the Langevin friction, or the inverse relaxation time of the other
+    #                                 thermostats (the NPT barostat relaxes 10x slower); NVE does not use it
+    pressure_GPa: float = 0.0       # GPa, npt only
+    seed: int = 0                   # initial velocities and Langevin noise
+    interval: int = 10              # steps between trajectory frames
+    polarization_interval: int = 1  # steps between rows of `<trajectory>.polarization.csv`
+    checkpoint_interval: int | None = None  # steps between exact restart states besides those of the frames
+    #                                         (None: with the frames only); a long run with sparse frames loses
+    #                                         little work when killed
+    born_spread: bool = False       # also record the ensemble's Z* and α spreads (second-derivative passes a frame)
+    spread_threshold: float | None = DEFAULT_SPREAD_THRESHOLD  # eV/Å: the ensemble force spread above which the
+    #                                 run warns once and records it (None: no check); module docstring
+    stop_on_spread: bool = False    # stop at the step the spread passes spread_threshold instead of going on
+
+    def __post_init__(self) -> None:
+        checked: dict[str, Any] = {"seed": _whole("seed", self.seed, 0)}
+        if self.thermostat not in THERMOSTATS:
+            raise ValueError(f"thermostat must be one of {', '.join(THERMOSTATS)}; got {self.thermostat!r}")
+        checked["steps"] = _whole("steps", self.steps, 0)
+        for name in ("interval", "polarization_interval"):
+            checked[name] = _whole(name, getattr(self, name), 1)
+        checked["timestep_fs"] = _real("timestep_fs", self.timestep_fs, "a positive number of fs",
+                                       lambda value: bool(np.isfinite(value)) and value > 0)
+        positive = self.thermostat != "nve"   # a thermostat needs a target above 0 K
+        checked["temperature_K"] = _real(
+            "temperature_K", self.temperature_K,
+            f"a positive number of K for the {self.thermostat} thermostat" if positive else "a number >= 0 K",
+            lambda value: bool(np.isfinite(value)) and (value > 0 if positive else value >= 0))
+        checked["friction"] = _real("friction", self.friction, "a positive number of 1/fs",
+                                    lambda value: bool(np.isfinite(value)) and value > 0)
+        checked["pressure_GPa"] = _real("pressure_GPa", self.pressure_GPa, "a finite number of GPa",
+                                        lambda value: bool(np.isfinite(value)))
+        if self.spread_threshold is not None:
+            checked["spread_threshold"] = _real("spread_threshold", self.spread_threshold,
+                                                "a positive number of eV/Å or None",
+                                                lambda value: bool(np.isfinite(value)) and value > 0)
+        if self.checkpoint_interval is not None:
+            checked["checkpoint_interval"] = _whole("checkpoint_interval", self.checkpoint_interval, 1)
+        for name in ("born_spread", "stop_on_spread"):
+            checked[name] = _flag(name, getattr(self, name))
+        for name, value in checked.items():   # plain int / float / bool, as JSON and the record want them
+            object.__setattr__(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> MDSettings:
+        """From a JSON-able dict of the fields; unknown or missing keys are refused, naming them."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown MD settings {unknown}; known: {known}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+        if missing:
+            raise ValueError(f"MD settings need {missing}")
+        return cls(**values)
+
+
+def run_md(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol, settings: MDSettings, *,
+           trajectory_path: str | os.PathLike[str] = "md.xyz", restart: bool = True, progress: bool = True) -> Atoms:
+    """Run MD of `atoms` with `calculator` (a PolCalculator) under the field protocol `protocol` with `settings`.
+
+    trajectory_path: the trajectory to write; its P(t) file, restart state and lock lie beside it.
     restart: continue an existing trajectory (False: overwrite it); a trajectory made with other settings
-    (`run_settings`) raises RestartMismatchError. seed: initial velocities and Langevin noise.
-    spread_threshold: eV/Å, the ensemble force spread above which the run warns once and records it (None: no
-    check); stop_on_spread: stop at that step instead of going on (module docstring).
+    (`run_settings`) raises RestartMismatchError. progress: show a progress bar.
     Returns the final atoms (a copy without calculator); its info has `force_spread_exceeded_step` when the
     spread passed the threshold and `stopped_on_spread` when the run stopped for it. A second process on the same
     trajectory raises RunInProgressError before it touches anything.
     """
-    check_run_arguments(steps=steps, timestep_fs=timestep_fs, temperature_K=temperature_K, thermostat=thermostat,
-                        friction=friction, interval=interval, pressure_GPa=pressure_GPa,
-                        spread_threshold=spread_threshold, polarization_interval=polarization_interval, seed=seed)
-    check_timestep(timestep_fs, atoms.get_masses())
-    if thermostat == "npt" and not np.all(atoms.pbc):
+    if not isinstance(settings, MDSettings):
+        raise TypeError(f"settings must be an MDSettings (MDSettings.from_dict reads a dict), got "
+                        f"{type(settings).__name__}")
+    check_timestep(settings.timestep_fs, atoms.get_masses())
+    if settings.thermostat == "npt" and not np.all(atoms.pbc):
         raise ValueError("the npt thermostat needs a periodic cell (a volume to hold at pressure)")
-    if checkpoint_interval is not None and (int(checkpoint_interval) != checkpoint_interval or checkpoint_interval < 1):
-        raise ValueError(f"checkpoint_interval must be a positive integer, got {checkpoint_interval}")
-    if born_spread and not calculator.is_ensemble:
+    if settings.born_spread and not calculator.is_ensemble:
         raise ValueError("born_spread needs an ensemble calculator (it is the spread over members)")
-    steps, interval = int(steps), int(interval)
     trajectory_path = Path(trajectory_path)
     checkpoint = checkpoint_path(trajectory_path)
     polarization_path = polarization_log_path(trajectory_path)
     atoms = atoms.copy()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings.seed)
     with _exclusive(trajectory_path):
-        return _run_locked(atoms, calculator, protocol, steps=steps, timestep_fs=timestep_fs,
-                           temperature_K=temperature_K, thermostat=thermostat, friction=friction, interval=interval,
-                           trajectory_path=trajectory_path, born_spread=born_spread, restart=restart,
-                           progress=progress, seed=seed, pressure_GPa=pressure_GPa, spread_threshold=spread_threshold,
-                           stop_on_spread=stop_on_spread, polarization_interval=polarization_interval,
-                           checkpoint_interval=checkpoint_interval, rng=rng, checkpoint=checkpoint,
-                           polarization_path=polarization_path)
+        return _run_locked(atoms, calculator, protocol, settings, trajectory_path=trajectory_path, restart=restart,
+                           progress=progress, rng=rng, checkpoint=checkpoint, polarization_path=polarization_path)
 
 
 @contextlib.contextmanager
@@ -417,21 +481,16 @@ def _exclusive(trajectory_path: Path) -> Iterator[None]:
         handle.close()
 
 
-def _run_locked(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol, *, steps: int, timestep_fs: float,
-                temperature_K: float, thermostat: str, friction: float, interval: int, trajectory_path: Path,
-                born_spread: bool, restart: bool, progress: bool, seed: int, pressure_GPa: float,
-                spread_threshold: float | None, stop_on_spread: bool, polarization_interval: int,
-                checkpoint_interval: int | None, rng: np.random.Generator, checkpoint: Path,
+def _run_locked(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol, settings: MDSettings, *,
+                trajectory_path: Path, restart: bool, progress: bool, rng: np.random.Generator, checkpoint: Path,
                 polarization_path: Path) -> Atoms:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
-    settings = run_settings(protocol, thermostat=thermostat, timestep_fs=timestep_fs, temperature_K=temperature_K,
-                            friction=friction, pressure_GPa=pressure_GPa, interval=interval,
-                            polarization_interval=polarization_interval,
-                            coupling=getattr(calculator, "coupling", "network"))
+    timestep_fs, temperature_K = settings.timestep_fs, settings.temperature_K
+    recorded = run_settings(protocol, settings, coupling=getattr(calculator, "coupling", "network"))
     resuming = restart and trajectory_path.exists() and trajectory_path.stat().st_size > 0
     if resuming:
-        check_restart(trajectory_path, atoms, settings)
+        check_restart(trajectory_path, atoms, recorded)
         step, state = _resume(atoms, trajectory_path, timestep_fs)
         if "rng" in state:
             rng.bit_generator.state = state["rng"]
@@ -448,37 +507,39 @@ def _run_locked(atoms: Atoms, calculator: PolCalculator, protocol: FieldProtocol
     time_fs = step * timestep_fs
     atoms.calc = calculator
     calculator.set(efield=protocol(time_fs))
-    dynamics = _build_dynamics(atoms, thermostat, timestep_fs, temperature_K, friction, rng, pressure_GPa)
+    dynamics = _build_dynamics(atoms, settings.thermostat, timestep_fs, temperature_K, settings.friction, rng,
+                               settings.pressure_GPa)
     _restore_thermostat_state(dynamics, state.get("thermostat"))
 
     import ase.io
 
     atoms.get_forces()  # cache the starting forces at the starting field before the protocol moves on
-    watch = _SpreadWatch(spread_threshold if calculator.is_ensemble else None, stop_on_spread)
+    watch = _SpreadWatch(settings.spread_threshold if calculator.is_ensemble else None, settings.stop_on_spread)
     watch.check(calculator, step)
     if resuming:
-        polarization_log = PolarizationLog.resume(polarization_path, step, atoms, settings, polarization_interval)
+        polarization_log = PolarizationLog.resume(polarization_path, step, atoms, recorded,
+                                                  settings.polarization_interval)
     else:
-        polarization_log = PolarizationLog.start(polarization_path, atoms, settings, polarization_interval)
+        polarization_log = PolarizationLog.start(polarization_path, atoms, recorded, settings.polarization_interval)
         polarization_log.write(step, time_fs, atoms, calculator)
-        first = _frame(atoms, calculator, step, time_fs, born_spread)
-        first.info.update(settings)
+        first = _frame(atoms, calculator, step, time_fs, settings.born_spread)
+        first.info.update(recorded)
         if watch.threshold is not None:
             first.info["force_spread_threshold"] = float(watch.threshold)
         first.info.update(watch.record())
         ase.io.write(trajectory_path, first, format="extxyz")
         _write_checkpoint(checkpoint, atoms, step, time_fs, dynamics, rng)
 
-    remaining = max(steps - step, 0)
+    remaining = max(settings.steps - step, 0)
     bar = None
     if progress and remaining:
         from tqdm import tqdm
         bar = tqdm(total=remaining, desc="md", unit="step")
     try:
         step = _integrate(atoms, calculator, protocol, dynamics, rng, watch, polarization_log, bar, step=step,
-                          remaining=remaining, timestep_fs=timestep_fs, interval=interval,
-                          born_spread=born_spread, trajectory_path=trajectory_path, checkpoint=checkpoint,
-                          checkpoint_interval=int(checkpoint_interval or interval))
+                          remaining=remaining, timestep_fs=timestep_fs, interval=settings.interval,
+                          born_spread=settings.born_spread, trajectory_path=trajectory_path, checkpoint=checkpoint,
+                          checkpoint_interval=settings.checkpoint_interval or settings.interval)
     finally:
         polarization_log.close()
         if bar is not None:

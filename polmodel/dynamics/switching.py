@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from polmodel.dynamics.fields import CosineField
-from polmodel.dynamics.md import run_md
+from polmodel.dynamics.md import MDSettings, run_md
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,14 @@ class SwitchingProtocol:
         """Steps of one run: the hold and one full cycle."""
         return int(round((self.hold_fs + self.period_fs) / self.timestep_fs))
 
+    def md_settings(self, *, seed, spread_threshold=None):
+        """The `run_md` settings of one run of this protocol with velocity seed `seed` (Nosé–Hoover NVT, the
+        protocol's intervals); spread_threshold as MDSettings' (None: no check)."""
+        return MDSettings(steps=self.steps, timestep_fs=self.timestep_fs, temperature_K=self.temperature_K,
+                          thermostat="nose-hoover", friction=1.0 / self.thermostat_time_fs, seed=seed,
+                          interval=self.frame_interval, polarization_interval=self.polarization_interval,
+                          checkpoint_interval=self.checkpoint_interval, spread_threshold=spread_threshold)
+
     def as_dict(self):
         data = asdict(self)
         data["axis"] = list(self.axis)
@@ -83,11 +91,8 @@ def run_path(directory, seed):
 def run_switching(atoms, calculator, protocol, *, seed, directory, progress=True, spread_threshold=None):
     """Run, or continue where it stopped, the switching run with velocity seed `seed` in `directory`; returns
     its trajectory path. The calculator's coupling (network or first-order) is recorded with the run;
-    spread_threshold: as run_md's (ensembles: warn once where the force spread passes it)."""
+    spread_threshold: as MDSettings' (ensembles: warn once where the force spread passes it)."""
     path = run_path(directory, seed)
-    run_md(atoms, calculator, protocol.field, steps=protocol.steps, timestep_fs=protocol.timestep_fs,
-           temperature_K=protocol.temperature_K, thermostat="nose-hoover", friction=1.0 / protocol.thermostat_time_fs,
-           interval=protocol.frame_interval, polarization_interval=protocol.polarization_interval,
-           checkpoint_interval=protocol.checkpoint_interval, trajectory_path=path, seed=seed, progress=progress,
-           spread_threshold=spread_threshold)
+    run_md(atoms, calculator, protocol.field, protocol.md_settings(seed=seed, spread_threshold=spread_threshold),
+           trajectory_path=path, progress=progress)
     return path

@@ -358,7 +358,7 @@ class PolModel(torch.nn.Module):
     energy_scale: torch.Tensor
     reference_energies: torch.Tensor
     field_scale: torch.Tensor
-    # the training settings a model file stores (polmodel.training.train sets them; absent on a model built here)
+    # the training settings a model file stores (polmodel.training sets them; absent on a model built here)
     training_options: dict[str, Any]
 
     def __init__(self, species: Sequence[str], cutoff: float, **architecture: float | None) -> None:

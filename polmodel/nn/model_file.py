@@ -4,7 +4,7 @@ Layout (format_version 2):
     format "polmodel", format_version 2, kind "model" | "ensemble", polmodel_version,
     species [str], cutoff float, one entry per member (a model is one member) in each of
     architecture [dict]: the PolModel constructor keywords (`PolModel(species, cutoff, **architecture)`),
-    training [dict | None]: the optimisation settings the member was trained with (polmodel.training.train), if any,
+    training [dict | None]: the optimisation settings the member was trained with (polmodel.training), if any,
     state_dicts [dict of tensors],
     content_hash: sha256 over the JSON of (kind, species, cutoff, architecture, training) and every state-dict
     tensor (name, dtype, shape, bytes) in sorted name order.
@@ -64,7 +64,7 @@ def content_hash(kind, species, cutoff, architecture, state_dicts, training=None
 
 def write_model_file(kind, members, path):
     """Write `members` (PolModels: species, cutoff, architecture, state_dict) as a file of `kind` ("model" or
-    "ensemble") to `path`; a member's `training_options` (set by polmodel.training.train) are stored as its training
+    "ensemble") to `path`; a member's `training_options` (set by polmodel.training) are stored as its training
     settings."""
     species, cutoff = members[0].species, members[0].cutoff
     architecture = [dict(member.architecture) for member in members]

@@ -27,7 +27,7 @@ def _members(model_or_ensemble: PolModel | PolEnsemble) -> tuple[str, list[PolMo
 
 
 def save(model_or_ensemble: PolModel | PolEnsemble, path: str | os.PathLike[str]) -> None:
-    """Write a model or an ensemble to `path`; a member's `training_options` (set by polmodel.training.train) are
+    """Write a model or an ensemble to `path`; a member's `training_options` (set by polmodel.training) are
     stored as its training settings."""
     write_model_file(*_members(model_or_ensemble), path)
 

@@ -16,7 +16,7 @@ common integer combination of quanta, the one that fits them best together, so n
 put on another branch than the rest; a frame without a group is folded on its own against the prediction
 (the fallback).
 
-Frames may carry weights (`TargetBatch(frames, frame_weights=...)`, e.g. polmodel.training.train's field-magnitude
+Frames may carry weights (`TargetBatch(frames, frame_weights=...)`, e.g. polmodel.training.data's field-magnitude
 balance): each quantity's mean squared error is then the weighted mean over its labelled entries, a per-atom
 entry weighted by its frame's weight.
 """

@@ -1,0 +1,103 @@
+"""Ensembles of differently seeded members, whose disagreement is the uncertainty that MD's trust check and the
+loop's selection act on (polmodel/nn/ensemble.py).
+
+All members share one train/validation split, so that their validation metrics and the ensemble's describe the same
+held-out structures; they differ by their seeds (config.seed + k: initial weights and batch order) and, on request,
+by a bootstrap resample of the training frames. A warm start maps the members of an initial ensemble onto the new
+ones (member k from member k mod M), so that the loop's next iteration starts from the last one even when the
+ensemble size changes. Each member keeps its training domain and validation metrics with it, because MD sets its
+trust limit from them.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from polmodel.data.domain import training_domain
+from polmodel.data.frames import normalize_frames
+from polmodel.training.checkpoints import member_checkpoint_path
+from polmodel.training.config import TrainingConfig
+from polmodel.training.data import frames_species, split_frames
+from polmodel.training.evaluation import ensemble_members, evaluate
+from polmodel.training.train import train_model
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+
+
+def bootstrap_sample(frames: Sequence[Atoms], seed: int) -> list[Atoms]:
+    """As many frames as given, drawn with replacement (seeded)."""
+    indices = np.random.default_rng(seed).integers(0, len(frames), size=len(frames))
+    return [frames[i] for i in indices]
+
+
+def _initial_members(initial_model: PolModel | PolEnsemble | None, size: int) -> list[PolModel | None]:
+    """Member k of the new ensemble starts from member k mod M of an initial ensemble of M (or from one model)."""
+    if initial_model is None:
+        return [None] * size
+    members = ensemble_members(initial_model) or [cast("PolModel", initial_model)]
+    return [members[k % len(members)] for k in range(size)]
+
+
+def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, bootstrap: bool = False,
+                   initial_model: PolModel | PolEnsemble | None = None,
+                   checkpoint: str | os.PathLike[str] | None = None) -> tuple[PolEnsemble, dict[str, Any]]:
+    """Train `size` members with seeds config.seed + k on one split; returns (PolEnsemble, metrics).
+
+    `initial_model` (PolModel or PolEnsemble): warm start, member k from member k mod M. `checkpoint`: a path; each
+    member k checkpoints to `member_checkpoint_path(checkpoint, k, size)` (see train_model), so a killed ensemble
+    run resumes with the member it was training, and finished members are read back, not retrained.
+    metrics = {"num_train", "num_validation", "evaluated_on": "validation" | "train" (no validation frames),
+    "validation": ensemble-mean metrics, "members": [{"seed", "validation", "best_epoch", "stopped",
+    "wall_time_s", "resumed_from_epoch"}, ...], "warm_start": bool}.
+    """
+    from polmodel.nn.ensemble import PolEnsemble  # e3nn (torch._dynamo, ~2 s to import): only when needed
+
+    if size < 1:
+        raise ValueError(f"ensemble size must be >= 1, got {size}")
+    frames = normalize_frames(frames)
+    train_frames, valid_frames = split_frames(frames, config.validation_fraction, config.seed)
+    species = list(config.species or frames_species(frames))
+    evaluation_frames = valid_frames or train_frames
+    members, member_metrics = [], []
+    for k, initial in enumerate(_initial_members(initial_model, size)):
+        member_config = replace(config, seed=config.seed + k)
+        member_train = bootstrap_sample(train_frames, member_config.seed) if bootstrap else train_frames
+        model, history = train_model(member_train, valid_frames, member_config, species=species,
+                                     initial_model=initial, checkpoint=member_checkpoint_path(checkpoint, k, size))
+        members.append(model)
+        member_metrics.append(_member_record(member_config.seed, model, history, evaluation_frames))
+    evaluated_on = "validation" if valid_frames else "train"
+    _keep_domain_and_validation(members, member_metrics, train_frames, evaluated_on)
+    ensemble = PolEnsemble(members)
+    metrics = {"num_train": len(train_frames), "num_validation": len(valid_frames),
+               "evaluated_on": evaluated_on, "bootstrap": bool(bootstrap),
+               "warm_start": initial_model is not None,
+               "validation": evaluate(ensemble, evaluation_frames), "members": member_metrics}
+    return ensemble, metrics
+
+
+def _member_record(seed: int, model: PolModel, history: dict[str, Any], evaluation_frames: Sequence[Atoms]
+                   ) -> dict[str, Any]:
+    """A member's entry of the ensemble's metrics: its seed, its own validation metrics and how its run ended."""
+    return {"seed": seed, "validation": evaluate(model, evaluation_frames), "best_epoch": history["best_epoch"],
+            "stopped": history["stopped"], "wall_time_s": history["wall_time_s"],
+            "resumed_from_epoch": history["resumed_from_epoch"]}
+
+
+def _keep_domain_and_validation(members: Sequence[PolModel], records: Sequence[dict[str, Any]],
+                                train_frames: Sequence[Atoms], evaluated_on: str) -> None:
+    """Each member's `training_options` gain the training domain and the member's validation metrics."""
+    # saved with each member: what the structures and fields it was trained on look like (polmodel/data/domain.py)
+    domain = training_domain(train_frames, members[0].cutoff)
+    for member, record in zip(members, records):
+        # saved with the member: MD sets its default trust limit from it (polmodel.dynamics.md.spread_threshold_of)
+        member.training_options = {**member.training_options, "domain": domain, "validation": {
+            "evaluated_on": evaluated_on, "metrics": record["validation"]}}

@@ -1,0 +1,117 @@
+"""Errors of a trained model or ensemble against labels, in the units of `polmodel.training.losses.QUANTITY_UNITS`:
+what `polmodel train` and `polmodel evaluate` report, what an ensemble member stores as its validation metrics, and
+how fast a run learned (`learning_milestones`). An ensemble is judged by its member mean, the prediction MD and the
+loop use.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+
+from polmodel.data.frames import normalize_frames
+from polmodel.runtime.devices import to_device
+from polmodel.training.data import FrameSet
+from polmodel.training.losses import QUANTITIES, QUANTITY_UNITS, paired_values, predict
+from polmodel.training.parity_plots import write_parity_plots
+
+if TYPE_CHECKING:
+    from ase import Atoms
+    from numpy.typing import NDArray
+
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+
+#: per quantity, (labels, predictions) as flat arrays (`predict_pairs`)
+Pairs = dict[str, tuple["NDArray[Any]", "NDArray[Any]"]]
+#: per quantity, {"mae", "rmse", "count", "unit"} (`metrics_from_pairs`)
+Metrics = dict[str, dict[str, Any]]
+
+
+def _model_dtype(model_or_ensemble: torch.nn.Module) -> torch.dtype:
+    return next(model_or_ensemble.parameters()).dtype
+
+
+def model_device(model_or_ensemble: torch.nn.Module) -> torch.device:
+    return next(model_or_ensemble.parameters()).device
+
+
+def ensemble_members(model_or_ensemble: PolModel | PolEnsemble) -> list[PolModel] | None:
+    from polmodel.nn.model import PolModel  # e3nn (torch._dynamo, ~2 s to import): only when needed
+
+    return None if isinstance(model_or_ensemble, PolModel) else cast("list[PolModel]", list(model_or_ensemble.members))
+
+
+def predict_pairs(model_or_ensemble: PolModel | PolEnsemble, frames: Iterable[Atoms], batch_size: int = 16) -> Pairs:
+    """{quantity: (labels, predictions)} as flat numpy arrays in QUANTITY_UNITS over all labelled entries.
+
+    For an ensemble the prediction is the member mean (polmodel.nn.ensemble.ensemble_response).
+    """
+    frames = normalize_frames(frames)
+    members = ensemble_members(model_or_ensemble)
+    reference = members[0] if members else model_or_ensemble
+    frame_set = FrameSet(frames, reference.species, reference.cutoff, _model_dtype(model_or_ensemble))
+    collected: dict[str, tuple[list[NDArray[Any]], list[NDArray[Any]]]] = {}
+    device = model_device(model_or_ensemble)
+    for data, targets in frame_set.batches(batch_size):
+        data = to_device(data, device)
+        if members:
+            from polmodel.nn.ensemble import ensemble_response  # e3nn (torch._dynamo, ~2 s to import): only when needed
+
+            prediction = ensemble_response(cast("PolEnsemble", model_or_ensemble), data, **targets.response_flags())
+        else:
+            prediction = predict(model_or_ensemble, data, targets)
+        for quantity, (label, predicted) in paired_values(prediction, targets).items():
+            collected.setdefault(quantity, ([], []))
+            collected[quantity][0].append(label.detach().cpu().numpy().ravel())
+            collected[quantity][1].append(predicted.detach().cpu().numpy().ravel())
+    return {q: (np.concatenate(collected[q][0]), np.concatenate(collected[q][1])) for q in QUANTITIES
+            if q in collected}
+
+
+def metrics_from_pairs(pairs: Mapping[str, tuple[NDArray[Any], NDArray[Any]]]) -> Metrics:
+    """{quantity: {"mae", "rmse", "count", "unit"}} from `predict_pairs` output."""
+    metrics: Metrics = {}
+    for quantity, (label, predicted) in pairs.items():
+        error = predicted.astype(float) - label.astype(float)
+        metrics[quantity] = {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error ** 2))),
+                             "count": int(error.size), "unit": QUANTITY_UNITS[quantity]}
+    return metrics
+
+
+def evaluate(model_or_ensemble: PolModel | PolEnsemble, frames: Iterable[Atoms], batch_size: int = 16) -> Metrics:
+    """MAE/RMSE per labelled quantity of a model or ensemble on `frames` (counts are label components)."""
+    return metrics_from_pairs(predict_pairs(model_or_ensemble, frames, batch_size))
+
+
+def evaluate_frames(model: PolModel | PolEnsemble, frames: Sequence[Atoms],
+                    plots_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """{"num_frames", "errors": MAE/RMSE per labelled quantity, "plots": parity plot paths} of a model or ensemble
+    on labelled frames; ValueError when the frames carry no label to compare with. `polmodel evaluate` and the
+    demo's held-out errors (polmodel.workflows.demo) report it."""
+    pairs = predict_pairs(model, frames)
+    if not pairs:
+        raise ValueError("the frames hold no labels (energy, forces, dipole, ...) to compare with")
+    result = {"num_frames": len(frames), "errors": metrics_from_pairs(pairs), "plots": []}
+    if plots_dir:
+        result["plots"] = [os.path.abspath(path) for path in write_parity_plots(pairs, plots_dir)]
+    return result
+
+
+def learning_milestones(history: Mapping[str, Any], quantity: str, converged_within: float = 0.1
+                        ) -> tuple[int | None, int | None]:
+    """(epoch at which the validation RMSE of `quantity` first fell to half its untrained value, epoch at which it
+    first came within `converged_within` of its lowest value in the run) from `train_model`'s history; None where
+    it never did or `quantity` was not validated."""
+    initial = history.get("initial_valid_rmse", {}).get(quantity)
+    curve = [(entry["epoch"], entry.get("valid_rmse", {}).get(quantity)) for entry in history["epochs"]]
+    curve = [(epoch, value) for epoch, value in curve if value is not None]
+    if initial is None or not curve:
+        return None, None
+    lowest = min(value for _, value in curve)
+    halved = next((epoch for epoch, value in curve if value <= 0.5 * initial), None)
+    converged = next(epoch for epoch, value in curve if value <= (1.0 + converged_within) * lowest)
+    return halved, converged
