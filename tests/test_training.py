@@ -502,3 +502,55 @@ def test_polmodel_evaluate_reports_errors_on_frames_it_did_not_train_on(real_tra
                                ([str(real_train_run / "frames.xyz"), "held_out.xyz"], "model: ")):
         result = subprocess.run(executable + arguments, cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _polarizability_scaled(frames, factor):
+    """Copies of `frames` with their α labels times `factor`: a material whose α is small in the loss's units."""
+    scaled = []
+    for frame in frames:
+        frame = frame.copy()
+        if "polarizability" in frame.info:
+            frame.info["polarizability"] = np.asarray(frame.info["polarizability"]) * factor
+        scaled.append(frame)
+    return scaled
+
+
+def test_label_variance_normalization_divides_each_weight_by_its_labels_spread():
+    from polmodel.training.losses import LossWeights, label_variances
+
+    frames = make_toy_frames(6, seed=3, response_fraction=1.0)
+    references = fit_reference_energies(frames, ["Cl", "Na"])
+    variances = label_variances(frames, references)
+    assert set(variances) == {"energy", "forces", "stress", "born_effective_charges", "polarizability"}
+    forces = np.concatenate([frame.arrays["forces"].ravel() for frame in frames])
+    assert variances["forces"] == pytest.approx(np.var(forces))
+    # α labels 100x smaller: a variance 10^4 smaller, so a weight 10^4 larger, and the same loss term
+    small = label_variances(_polarizability_scaled(frames, 0.01), references)
+    assert small["polarizability"] == pytest.approx(1e-4 * variances["polarizability"])
+    assert small["forces"] == variances["forces"]
+    weights = LossWeights().divided_by(small)
+    assert weights.polarizability == pytest.approx(1.0 / small["polarizability"])
+    assert weights.dipole == LossWeights().dipole          # a dipole's spread is its branches': left as given
+    with pytest.raises(ValueError, match="loss_normalization"):
+        TrainingConfig(loss_normalization="by-feel")
+
+
+@pytest.mark.slow
+def test_with_normalized_weights_a_small_polarizability_is_learned_and_without_them_it_is_not():
+    """α labels 100x below the toy's (as α-quartz's per-atom α is small beside its forces): with the weights as
+    given the α term vanishes beside the force term and α is not learned; divided by the labels' variances, every
+    quantity counts by how much of its spread the model misses."""
+    frames = _polarizability_scaled(make_toy_frames(16, seed=1, response_fraction=1.0), 0.01)
+    valid = _polarizability_scaled(make_toy_frames(6, seed=2, response_fraction=1.0), 0.01)
+    spread = np.std(np.concatenate([np.asarray(frame.info["polarizability"]).ravel() / len(frame) for frame in valid
+                                    if "polarizability" in frame.info]))
+    relative = {}
+    uniform = {quantity: 1.0 for quantity in ("energy", "forces", "stress", "dipole", "born_effective_charges",
+                                              "polarizability")}
+    for normalization, weights in (("none", {}), ("label_variance", {"loss_weights": uniform})):
+        config = _config(epochs=10, batch_size=4, validation_fraction=0.0, loss_normalization=normalization,
+                         **weights)
+        model, history = train_model(frames, valid, config)
+        relative[normalization] = evaluate(model, valid)["polarizability"]["rmse"] / spread
+        assert ("loss_weights" in history) == (normalization != "none")
+    assert relative["label_variance"] < 0.3 < 1.0 < relative["none"]

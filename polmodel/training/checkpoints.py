@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from polmodel.training.config import RUN_OPTIONS
+from polmodel.training.losses import LossWeights
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -37,11 +38,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed here (unreadable, or written for other frames or settings)."""
 
 
+#: TrainingConfig options added after checkpoints of this format were written: left out of the fingerprint at these
+#: values (their defaults, which those checkpoints' runs had), so that those checkpoints still resume
+LATER_OPTIONS = {"loss_normalization": "none"}
+
+
 def run_fingerprint(config: TrainingConfig, train_frames: Sequence[Atoms], valid_frames: Sequence[Atoms],
                     initial_model: PolModel | None) -> str:
     """sha256 of what determines a run's result: the settings (not how it runs), the frames, the initial weights."""
     digest = hashlib.sha256()
-    settings = {name: value for name, value in config.as_dict().items() if name not in RUN_OPTIONS}
+    settings = {name: value for name, value in config.as_dict().items() if name not in RUN_OPTIONS
+                and not (name in LATER_OPTIONS and value == LATER_OPTIONS[name])}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for frames in (train_frames, valid_frames):
         digest.update(f"|{len(frames)}|".encode())
@@ -115,6 +122,7 @@ class TrainingState:
     resumed_from: int | None = None            # the epoch of the checkpoint this session started from
     earlier_time_s: float = 0.0                # wall-clock time of the sessions before this one
     started: float = field(default_factory=time.monotonic)
+    loss_weights: LossWeights = field(default_factory=LossWeights)   # as the loss applies them (after normalization)
 
     def evaluated(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """The weights that are validated and returned: the average, or the raw weights."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from polmodel.training.losses import LossWeights
+from polmodel.training.losses import LOSS_NORMALIZATIONS, LossWeights
 
 SCHEDULERS = ("plateau", "cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -27,6 +27,8 @@ class TrainingConfig:
     architecture: dict[str, Any] = field(default_factory=dict)      # PolModel keyword arguments
     species: list[str] | None = None           # None: the species of the frames, sorted
     loss_weights: LossWeights = field(default_factory=LossWeights)
+    # "label_variance": each weight divided by the variance of its quantity's training labels (LossWeights.divided_by)
+    loss_normalization: str = "none"
     learning_rate: float = 5e-3
     min_learning_rate: float = 1e-5
     epochs: int = 200
@@ -49,6 +51,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.loss_weights, dict):
             self.loss_weights = LossWeights(**self.loss_weights)
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.dtype not in DTYPES:

@@ -21,14 +21,14 @@ from polmodel.runtime.devices import to_device
 from polmodel.training.average import WeightAverage
 from polmodel.training.checkpoints import TrainingState
 from polmodel.training.evaluation import model_device
-from polmodel.training.losses import paired_values, predict, weighted_loss
+from polmodel.training.losses import LossWeights, paired_values, predict, weighted_loss
 
 if TYPE_CHECKING:
     from polmodel.data.graphs import Graph
     from polmodel.training.checkpoints import CheckpointFile
     from polmodel.training.config import TrainingConfig
     from polmodel.training.data import FrameSet
-    from polmodel.training.losses import LossWeights, TargetBatch
+    from polmodel.training.losses import TargetBatch
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig
@@ -44,14 +44,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig
     return None
 
 
-def start_training(model: torch.nn.Module, config: TrainingConfig, device: torch.device) -> TrainingState:
-    """A fresh run's state: Adam, the scheduler, the batch order seeded with `config.seed`, the weight average, and
-    the initial weights as the best so far."""
+def start_training(model: torch.nn.Module, config: TrainingConfig, device: torch.device,
+                   loss_weights: LossWeights | None = None) -> TrainingState:
+    """A fresh run's state: Adam, the scheduler, the batch order seeded with `config.seed`, the weight average, the
+    initial weights as the best so far, and the loss weights as applied (`config.loss_weights` unless given)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = make_scheduler(optimizer, config)
     generator = torch.Generator().manual_seed(config.seed)
     average = WeightAverage(model, config.ema_decay) if config.ema_decay is not None else None
-    state = TrainingState(model, optimizer, scheduler, generator, average, device)
+    state = TrainingState(model, optimizer, scheduler, generator, average, device,
+                          loss_weights=config.loss_weights if loss_weights is None else loss_weights)
     with state.evaluated():
         state.best = {"loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     return state
@@ -80,14 +82,14 @@ def epoch_loss(model: torch.nn.Module, frame_set: FrameSet, weights: LossWeights
 
 def untrained_errors(state: TrainingState, valid_set: FrameSet, config: TrainingConfig) -> dict[str, float]:
     """The validation RMSE per quantity before the first epoch (a fresh run's `initial_valid_rmse`)."""
-    return epoch_loss(state.model, valid_set, config.loss_weights, config.batch_size)[1]
+    return epoch_loss(state.model, valid_set, state.loss_weights, config.batch_size)[1]
 
 
 def take_step(state: TrainingState, data: Graph, targets: TargetBatch, config: TrainingConfig) -> float:
     """One optimizer step on one batch (and the weight average's update after it); the batch's loss."""
     state.optimizer.zero_grad(set_to_none=True)
     prediction = predict(state.model, to_device(data, state.device), targets, training=True)
-    loss, _ = weighted_loss(paired_values(prediction, targets), config.loss_weights, targets)
+    loss, _ = weighted_loss(paired_values(prediction, targets), state.loss_weights, targets)
     loss.backward()
     if config.gradient_clip:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.gradient_clip)
@@ -113,7 +115,7 @@ def validate(state: TrainingState, valid_set: FrameSet | None, config: TrainingC
     """(loss, {quantity: RMSE}) of the validated weights, which become the best state when their loss is the lowest
     so far; without validation frames the epoch's training loss stands for the validation loss."""
     with state.evaluated() as model:
-        valid_loss, valid_rmse = (epoch_loss(model, valid_set, config.loss_weights, config.batch_size) if valid_set
+        valid_loss, valid_rmse = (epoch_loss(model, valid_set, state.loss_weights, config.batch_size) if valid_set
                                   else (train_loss, {}))
         if valid_loss < state.best["loss"]:
             state.best = {"loss": valid_loss, "epoch": state.epoch, "state": copy.deepcopy(model.state_dict())}

@@ -64,6 +64,42 @@ class LossWeights:
     def of(self, quantity):
         return getattr(self, quantity)
 
+    def divided_by(self, variances):
+        """These weights with each quantity's divided by its label variance (`label_variances`): the term then is
+        the quantity's squared error relative to its spread in the data, and the weights say how much each
+        quantity counts, whatever its unit. Quantities without a variance keep their weight."""
+        return LossWeights(**{quantity: weight / variances[quantity] if variances.get(quantity) else weight
+                              for quantity, weight in self.as_dict().items()})
+
+
+#: TrainingConfig.loss_normalization: "none" (the weights as given, in QUANTITY_UNITS) or "label_variance"
+LOSS_NORMALIZATIONS = ("none", "label_variance")
+
+
+def label_variances(frames, reference_energies):
+    """{quantity: variance of its labels over `frames`, in QUANTITY_UNITS} for energy (per atom, after the
+    per-species reference energies: what the network learns), forces, stress, Z* and α (per atom); quantities
+    with fewer than two labelled entries are left out. The dipole is left out too: a Berry-phase dipole is defined
+    only up to a quantum, and the spread of its labels says more about their branches than about the data."""
+    targets = TargetBatch(frames)
+    variances = {}
+    for quantity in (keys.ENERGY, keys.FORCES, keys.STRESS, keys.BORN_CHARGES, keys.POLARIZABILITY):
+        if quantity not in targets.values:
+            continue
+        values = targets.values[quantity].double()
+        if quantity in (keys.ENERGY, keys.POLARIZABILITY):
+            index = targets.index[quantity]
+            atoms = targets.num_atoms[index].double().view(-1, *([1] * (values.dim() - 1)))
+            if quantity == keys.ENERGY:
+                reference = torch.tensor([sum(reference_energies[symbol] for symbol in frames[g].get_chemical_symbols())
+                                          for g in index.tolist()], dtype=torch.float64)
+                values = values - reference
+            values = values / atoms
+        values = values.reshape(-1)
+        if values.numel() > 1:
+            variances[quantity] = float(values.var(unbiased=False))
+    return variances
+
 
 class TargetBatch:
     """Labels of a batch of frames as tensors, with per-frame / per-atom masks of what is labelled.

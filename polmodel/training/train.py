@@ -27,7 +27,7 @@ from polmodel.training.config import DTYPES, TrainingConfig
 from polmodel.training.data import (FrameSet, fit_energy_scale, fit_reference_energies, frames_species,
                                     training_frame_set)
 from polmodel.training.loop import start_training, train_epochs, untrained_errors
-from polmodel.training.losses import TargetBatch
+from polmodel.training.losses import LossWeights, TargetBatch, label_variances
 
 if TYPE_CHECKING:
     import os
@@ -100,6 +100,17 @@ def _checked_frames(train_frames: Iterable[Atoms], valid_frames: Iterable[Atoms]
     return train_frames, valid_frames
 
 
+def _applied_loss_weights(model: PolModel, train_frames: Sequence[Atoms], config: TrainingConfig) -> LossWeights:
+    """The weights the loss applies: `config.loss_weights`, or with `loss_normalization` "label_variance" each divided
+    by the variance of its training labels (energies after the model's reference energies), so that every quantity
+    counts by how much of its spread the model misses, not by the size of its unit: with the weights as given, the
+    α term (e·Å²/V per atom) sat about 100x below the force term at the errors the α-quartz loop reached."""
+    if config.loss_normalization == "none":
+        return config.loss_weights
+    references = {symbol: float(energy) for symbol, energy in zip(model.species, model.reference_energies)}
+    return config.loss_weights.divided_by(label_variances(train_frames, references))
+
+
 def _training_device(config: TrainingConfig) -> torch.device:
     device: torch.device = resolve_device(config.device)
     if device.type == "cpu":
@@ -127,7 +138,9 @@ def train_model(train_frames: Iterable[Atoms], valid_frames: Iterable[Atoms] | N
                              initial_model=initial_model).to(device)
     train_set = cast(FrameSet, training_frame_set(train_frames, model.species, config))  # frames checked above
     valid_set = training_frame_set(valid_frames, model.species, config)
-    state = start_training(model, config, device)
+    state = start_training(model, config, device, _applied_loss_weights(model, train_frames, config))
+    if config.loss_normalization != "none":
+        state.history["loss_weights"] = state.loss_weights.as_dict()
     run = (CheckpointFile(checkpoint, run_fingerprint(config, train_frames, valid_frames, initial_model))
            if checkpoint else None)
     if run is not None and run.exists():
