@@ -156,7 +156,8 @@ def training_config(args, seed, epochs, validation_fraction):
 
 
 def train(frames, args, seed, epochs, initial=None, species=None, validation_fraction=None):
-    """(ensemble, its validation RMSE per quantity) after `epochs` epochs from `initial` (or from scratch); the
+    """(ensemble, its validation RMSE per quantity and its spread calibration under "calibration") after `epochs`
+    epochs from `initial` (or from scratch); the
     methods keep `--validation-fraction` of their frames for validation, as the workchain's training does, and the
     trust window and the response thresholds follow those errors (the training frames' where too few frames make
     no validation part)."""
@@ -165,7 +166,8 @@ def train(frames, args, seed, epochs, initial=None, species=None, validation_fra
     fraction = args.validation_fraction if validation_fraction is None else validation_fraction
     config = replace(training_config(args, seed, epochs, fraction), species=species)
     ensemble, metrics = train_ensemble(frames, config, args.members, initial_model=initial)
-    return ensemble, {quantity: values["rmse"] for quantity, values in metrics["validation"].items()}
+    errors = {quantity: values["rmse"] for quantity, values in metrics["validation"].items()}
+    return ensemble, {**errors, "calibration": metrics.get("calibration")}
 
 
 def test_errors(ensemble, test):
@@ -237,7 +239,8 @@ def loop_choice(frames, spreads, training_errors, args, seed, previous=None):
                                  response_threshold_factor=args.response_factor, seed=seed, draw=args.draw)
     criteria = adapt_trust_window(criteria, training_errors.get("forces"),
                                   born_charge_rmse=training_errors.get("born_effective_charges"),
-                                  polarizability_rmse=training_errors.get("polarizability"), previous=previous)
+                                  polarizability_rmse=training_errors.get("polarizability"), previous=previous,
+                                  calibration=training_errors.get("calibration"))
     selected, statistics = select_candidates(frames, spreads["force"], criteria, born_charge_std=spreads["born"],
                                              polarizability_std=spreads["alpha"])
     if not selected:

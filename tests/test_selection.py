@@ -250,3 +250,19 @@ def test_convergence_counts_failed_frames_as_untrusted():
     assert is_converged(stats, 0.05)
     assert not is_converged(dict(stats, failed_fraction=0.04), 0.05)
     assert not is_converged({"num_frames": 0, "candidate_fraction": 0.0, "failed_fraction": 0.0}, 0.05)
+
+
+def test_a_measured_spread_to_error_ratio_puts_each_level_into_spread_units():
+    criteria = SelectionCriteria(force_lower=0.02, force_upper=10.0, force_lower_factor=2.0,
+                                 response_threshold_factor=2.0)
+    calibration = {"forces": {"ratio": 0.25}, "born_effective_charges": {"ratio": 0.5}}
+    plain = adapt_trust_window(criteria, 0.4, born_charge_rmse=0.2, polarizability_rmse=0.01)
+    scaled = adapt_trust_window(criteria, 0.4, born_charge_rmse=0.2, polarizability_rmse=0.01,
+                                calibration=calibration)
+    assert plain.force_lower == pytest.approx(0.8) and scaled.force_lower == pytest.approx(0.2)
+    assert scaled.born_charge_threshold == pytest.approx(0.2)
+    assert scaled.polarizability_threshold == pytest.approx(plain.polarizability_threshold)   # no ratio: as is
+    # members that disagree by a quarter of their error: a frame of spread 0.5 is a candidate only when calibrated
+    assert classify([0.5], plain)[0] == ACCURATE and classify([0.5], scaled)[0] == CANDIDATE
+    # the floor still holds
+    assert adapt_trust_window(criteria, 0.4, calibration={"forces": {"ratio": 0.0}}).force_lower == 0.02

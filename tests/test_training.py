@@ -1,4 +1,5 @@
 """Training on toy frames: reference fit, validation error going down, seeds, early stopping, ensembles, CLI."""
+import copy
 import json
 
 import numpy as np
@@ -554,3 +555,28 @@ def test_with_normalized_weights_a_small_polarizability_is_learned_and_without_t
         relative[normalization] = evaluate(model, valid)["polarizability"]["rmse"] / spread
         assert ("loss_weights" in history) == (normalization != "none")
     assert relative["label_variance"] < 0.3 < 1.0 < relative["none"]
+
+
+def test_spread_calibration_measures_the_members_spread_against_the_ensembles_error():
+    from polmodel.data.spreads import largest_atom_norm
+    from polmodel.dynamics.calculator import PolCalculator
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.nn.model import PolModel
+    from polmodel.training.evaluation import spread_calibration
+
+    frames = [frame for frame in make_toy_frames(3, seed=4, response_fraction=1.0) if "born_effective_charges"
+              in frame.arrays]
+    torch.manual_seed(0)
+    first, second = (PolModel(["Cl", "Na"], 4.0, **TINY).double() for _ in range(2))
+    same = spread_calibration(PolEnsemble([first, copy.deepcopy(first)]), frames)
+    assert same["forces"]["spread"] < 1e-12 and same["forces"]["error"] > 0
+    calibration = spread_calibration(PolEnsemble([first, second]), frames)
+    assert set(calibration) == {"forces", "born_effective_charges", "polarizability"}
+    # the error of each frame is that of the ensemble mean, as the calculator predicts it
+    errors = []
+    for frame in frames:
+        atoms = frame.copy()
+        atoms.calc = PolCalculator(PolEnsemble([first, second]), efield=frame.info.get("efield", (0.0, 0.0, 0.0)))
+        errors.append(largest_atom_norm(atoms.get_forces() - frame.arrays["forces"]))
+    assert calibration["forces"]["error"] == pytest.approx(np.mean(errors), rel=1e-6)
+    assert calibration["forces"]["ratio"] == pytest.approx(calibration["forces"]["spread"] / np.mean(errors))

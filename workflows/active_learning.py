@@ -118,9 +118,9 @@ def exploration_conditions(dataset: orm.Data, metrics: orm.Data, explore_fields:
     fields: the shapes of `explore_fields` at peak min(stage amplitude, largest labelled field + margin);
     temperatures and steps: the stage's; parameters: the MD parameters with the stage's steps and a seed of its
     own per iteration (base seed + 1000 × iteration); selection: the criteria with the lower trust level from the
-    validation force RMSE and, with `response_threshold_factor`, the Z* and α thresholds from their validation RMSE
-    (`adapt_trust_window`; not above `previous_selection`'s, the stage's last exploration's criteria), a random-draw
-    seed of the iteration and, with
+    validation force RMSE and, with `response_threshold_factor`, the Z* and α thresholds from their validation RMSE,
+    each scaled by the training's measured spread / error (`adapt_trust_window`; not above `previous_selection`'s,
+    the stage's last exploration's criteria), a random-draw seed of the iteration and, with
     `min_distance_fraction`, the shortest distance of each species pair in the dataset (the closest approach a
     candidate may reach is that fraction of it).
     """
@@ -143,7 +143,8 @@ def exploration_conditions(dataset: orm.Data, metrics: orm.Data, explore_fields:
     previous = SelectionCriteria.from_dict(previous_selection.get_dict()) if previous_selection is not None else None
     adapted = adapt_trust_window(SelectionCriteria.from_dict(criteria), errors.get("forces", {}).get("rmse"),
                                  born_charge_rmse=errors.get("born_effective_charges", {}).get("rmse"),
-                                 polarizability_rmse=errors.get("polarizability", {}).get("rmse"), previous=previous)
+                                 polarizability_rmse=errors.get("polarizability", {}).get("rmse"), previous=previous,
+                                 calibration=metrics.get_dict().get("calibration"))
     return {
         "fields": orm.List(fields),
         "temperatures": orm.List(list(current.temperatures)),

@@ -122,8 +122,13 @@ def _checked_error(value, name):
     return error
 
 
+#: the quantity names of a calibration (polmodel.training.evaluation.spread_calibration) behind each level
+CALIBRATED_LEVELS = {"force_lower": "forces", "born_charge_threshold": "born_effective_charges",
+                     "polarizability_threshold": "polarizability"}
+
+
 def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, polarizability_rmse=None,
-                       previous=None):
+                       previous=None, calibration=None):
     """The criteria with the lower trust level, and the response thresholds, set from the model's current errors.
 
     force_lower = clip(force_lower_factor × validation_force_rmse, criteria.force_lower, criteria.force_upper / 2):
@@ -138,19 +143,28 @@ def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, p
     more labels, has not got worse; a level that followed it up could lie above every spread, and the loop would
     find no candidate and call itself converged on noise (benchmarks/README.md "Pool-based active learning"). A
     level held too low only asks for more labels.
+
+    `calibration` (the training's `spread_calibration`: per quantity the members' mean spread and the ensemble's
+    mean error on its validation frames, in the forms MD records) puts each level into spread units: the level is
+    multiplied by that quantity's spread / error. A level follows the error, but it is compared with a spread, and
+    the spread of a small ensemble lies several times below its error: uncalibrated, a level of 2 × the error lay
+    above every frame's spread, and the loop took nothing from its first ensemble on (benchmarks/README.md
+    "Pool-based active learning").
     """
     from dataclasses import replace
 
     changes = {}
+    ratio = {name: float((calibration or {}).get(quantity, {}).get("ratio", 1.0))
+             for name, quantity in CALIBRATED_LEVELS.items()}
     if criteria.force_lower_factor is not None and validation_force_rmse is not None:
         error = _checked_error(validation_force_rmse, "force")
-        changes["force_lower"] = min(max(criteria.force_lower_factor * error, criteria.force_lower),
-                                     0.5 * criteria.force_upper)
+        changes["force_lower"] = min(max(criteria.force_lower_factor * error * ratio["force_lower"],
+                                         criteria.force_lower), 0.5 * criteria.force_upper)
     if criteria.response_threshold_factor is not None:
         for name, value in (("born_charge_threshold", born_charge_rmse),
                             ("polarizability_threshold", polarizability_rmse)):
             if value is not None and _checked_error(value, name) > 0:
-                changes[name] = criteria.response_threshold_factor * float(value)
+                changes[name] = criteria.response_threshold_factor * float(value) * ratio[name]
     if previous is not None:
         for name, value in changes.items():
             earlier = getattr(previous, name)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from polmodel.data.spreads import polarizability_spread
+from polmodel.data.spreads import largest_atom_norm, polarizability_spread
 from polmodel.dynamics.polarization_log import PolarizationLog, polarization_log_path
 
 if TYPE_CHECKING:
@@ -164,11 +164,6 @@ def _restore_thermostat_state(dynamics: MolecularDynamics, state: Mapping[str, A
         thermostat._p_eta = np.array(state["p_eta"])
 
 
-def max_force_spread(forces_std: npt.ArrayLike) -> float:
-    """eV/Å: the largest atomic force spread (norm over components) from the (N, 3) per-component spreads."""
-    return float(np.linalg.norm(np.asarray(forces_std), axis=1).max())
-
-
 def _frame(atoms: Atoms, calculator: PolCalculator, step: int, time_fs: float, born_spread: bool) -> Atoms:
     """A copy of `atoms` (positions, momenta) with this step's results in info/arrays."""
     from ase import Atoms
@@ -190,12 +185,12 @@ def _frame(atoms: Atoms, calculator: PolCalculator, step: int, time_fs: float, b
         info["energy_std"] = float(calculator.get_property("energy_std", atoms))
         forces_std = np.array(calculator.get_property("forces_std", atoms))
         frame.arrays["forces_std"] = forces_std
-        info["max_force_std"] = max_force_spread(forces_std)
+        info["max_force_std"] = largest_atom_norm(forces_std)
         if np.all(atoms.pbc):
             info["polarization_std"] = np.array(calculator.get_property("polarization_std", atoms))
         if born_spread:
             born_std = np.array(calculator.get_property("born_effective_charges_std", atoms))
-            info["max_born_charge_std"] = float(np.linalg.norm(born_std.reshape(len(atoms), 9), axis=1).max())
+            info["max_born_charge_std"] = largest_atom_norm(born_std)
             alpha_std = calculator.get_property("polarizability_std", atoms)
             info["polarizability_spread"] = polarizability_spread(alpha_std, len(atoms))
     frame.info = info
@@ -600,7 +595,7 @@ class _SpreadWatch:
     def check(self, calculator: PolCalculator, step: int) -> None:
         if self.threshold is None or self.exceeded_step is not None:
             return
-        spread = max_force_spread(calculator.results["forces_std"])
+        spread = largest_atom_norm(calculator.results["forces_std"])
         if spread > self.threshold:
             self.exceeded_step = int(step)
             self.stopped = self.stop

@@ -22,7 +22,7 @@ from polmodel.data.frames import normalize_frames
 from polmodel.training.checkpoints import member_checkpoint_path
 from polmodel.training.config import TrainingConfig
 from polmodel.training.data import frames_species, split_frames
-from polmodel.training.evaluation import ensemble_members, evaluate
+from polmodel.training.evaluation import ensemble_members, evaluate, spread_calibration
 from polmodel.training.train import train_model
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, b
     run resumes with the member it was training, and finished members are read back, not retrained.
     metrics = {"num_train", "num_validation", "evaluated_on": "validation" | "train" (no validation frames),
     "validation": ensemble-mean metrics, "members": [{"seed", "validation", "best_epoch", "stopped",
-    "wall_time_s", "resumed_from_epoch"}, ...], "warm_start": bool}.
+    "wall_time_s", "resumed_from_epoch"}, ...], "warm_start": bool, "calibration": the members' spread against the
+    ensemble's error on the same frames (`spread_calibration`; ensembles of two or more)}.
     """
     from polmodel.nn.ensemble import PolEnsemble  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
@@ -81,6 +82,8 @@ def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, b
                "evaluated_on": evaluated_on, "bootstrap": bool(bootstrap),
                "warm_start": initial_model is not None,
                "validation": evaluate(ensemble, evaluation_frames), "members": member_metrics}
+    if size > 1:
+        metrics["calibration"] = spread_calibration(ensemble, evaluation_frames)
     return ensemble, metrics
 
 

@@ -82,6 +82,55 @@ def metrics_from_pairs(pairs: Mapping[str, tuple[NDArray[Any], NDArray[Any]]]) -
     return metrics
 
 
+def spread_calibration(ensemble: PolEnsemble, frames: Sequence[Atoms], batch_size: int = 8
+                       ) -> dict[str, dict[str, float]]:
+    """How far the members disagree where the ensemble's error is known: per quantity (forces, Z*, α) the mean over
+    the labelled `frames` of the per-frame spread and of the per-frame error of the member mean, in the forms MD
+    records and selection compares (polmodel.data.spreads: the largest atomic force and Z* norms, α per atom and
+    component), and `ratio` = spread / error. Selection scales its error-following levels by the ratio
+    (polmodel.active_learning.selection.adapt_trust_window): a small ensemble's spread lies well below its error,
+    and a level of 2 × the error then lies above every frame's spread."""
+    from polmodel.data import keys
+    from polmodel.data.frames import frame_born_charges, frame_forces, frame_polarizability
+    from polmodel.data.spreads import largest_atom_norm, polarizability_spread
+    from polmodel.nn.ensemble import ensemble_response  # e3nn (torch._dynamo, ~2 s to import): only when needed
+
+    frames = normalize_frames(frames)
+    members = cast("list[PolModel]", list(ensemble.members))
+    frame_set = FrameSet(frames, members[0].species, members[0].cutoff, _model_dtype(ensemble))
+    device = model_device(ensemble)
+    labels = {keys.FORCES: frame_forces, keys.BORN_CHARGES: frame_born_charges,
+              keys.POLARIZABILITY: frame_polarizability}
+    found: dict[str, tuple[list[float], list[float]]] = {quantity: ([], []) for quantity in labels}
+    for start in range(0, len(frames), batch_size):
+        indices = list(range(start, min(start + batch_size, len(frames))))
+        data, _ = frame_set.batch(indices)
+        response = ensemble_response(ensemble, to_device(data, device), born_charges=True, polarizability=True)
+        atoms_of = data[keys.BATCH].cpu().numpy()
+        for graph, index in enumerate(indices):
+            frame, mine = frames[index], atoms_of == graph
+            for quantity, label_of in labels.items():
+                label = label_of(frame)
+                if label is None:
+                    continue
+                mean = response[quantity].detach().cpu().numpy()
+                std = response[f"{quantity}_std"].detach().cpu().numpy()
+                if quantity == keys.POLARIZABILITY:
+                    spread = polarizability_spread(std[graph], len(frame))
+                    error = polarizability_spread(mean[graph] - label, len(frame))
+                else:
+                    spread = largest_atom_norm(std[mine])
+                    error = largest_atom_norm(mean[mine].reshape(label.shape) - label)
+                found[quantity][0].append(spread)
+                found[quantity][1].append(error)
+    calibration = {}
+    for quantity, (spreads, errors) in found.items():
+        if spreads and np.mean(errors) > 0:
+            calibration[quantity] = {"spread": float(np.mean(spreads)), "error": float(np.mean(errors)),
+                                     "ratio": float(np.mean(spreads) / np.mean(errors)), "frames": len(spreads)}
+    return calibration
+
+
 def evaluate(model_or_ensemble: PolModel | PolEnsemble, frames: Iterable[Atoms], batch_size: int = 16) -> Metrics:
     """MAE/RMSE per labelled quantity of a model or ensemble on `frames` (counts are label components)."""
     return metrics_from_pairs(predict_pairs(model_or_ensemble, frames, batch_size))
