@@ -137,3 +137,9 @@ def test_other_settings_in_the_same_output_are_refused(tiny_model_file, tmp_path
     command[command.index("--coupling") + 1] = "first-order"
     assert main(command) == 2
     assert "coupling was network and is now first-order" in capsys.readouterr().err
+    # runs begun with another model under the same file name (before a retraining) are other runs too
+    command[command.index("--coupling") + 1] = "network"
+    settings = json.loads((tmp_path / "runs" / "settings.json").read_text())
+    (tmp_path / "runs" / "settings.json").write_text(json.dumps({**settings, "model_sha256": "0" * 64}))
+    assert main(command) == 2
+    assert f"model_sha256 was {'0' * 64}" in capsys.readouterr().err

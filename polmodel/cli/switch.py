@@ -10,8 +10,10 @@ Example (Allegro-pol's protocol at 300 K, first-order coupling, 3 runs):
     polmodel switch --model data/allegro_pol/BaTiO3.pt --structure data/allegro_pol/BaTiO3-1080-pbe.xyz
         --output runs/300K-first-order --temperature 300 --coupling first-order --seeds 0 1 2
 """
+import hashlib
 import json
 import sys
+from pathlib import Path
 
 from polmodel.cli import (EXIT_INTERRUPTED, InputError, check_input_file, check_output_file, check_structure,
                           load_model_file)
@@ -95,8 +97,11 @@ def _check_inputs(args):
 
 
 def _run_settings(args, protocol):
+    # the model file's content, not only its path: a retrained model under the same name would otherwise go on
+    # with runs another model began
+    model_sha256 = hashlib.sha256(Path(args.model).read_bytes()).hexdigest()
     return {"protocol": protocol.as_dict(), "coupling": args.coupling, "model": str(args.model),
-            "member": args.member, "structure": str(args.structure)}
+            "model_sha256": model_sha256, "member": args.member, "structure": str(args.structure)}
 
 
 def _check_settings_file(output, args, protocol):
