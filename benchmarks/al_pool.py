@@ -15,8 +15,9 @@ runs:
 - loop: the ensemble (`--members`, warm-started from its last weights each iteration) predicts forces, Z* and α
   on every frame not taken yet; the frames are classified and drawn exactly as the workchain draws explored
   frames (polmodel.active_learning.selection: a candidate when its largest atomic force spread lies in the trust
-  window, whose lower level is `--force-lower-factor` × the ensemble's current validation force RMSE, or when its
-  Z* or α spread exceeds `--response-factor` × the ensemble's validation Z* or α RMSE; candidates drawn at random,
+  window, whose lower level is `--force-lower-factor` × the ensemble's current validation force error, or when its
+  Z* or α spread exceeds `--response-factor` × the ensemble's validation Z* or α error, each error in spread units
+  (adapt_trust_window with the training's spread_calibration); candidates drawn at random,
   near-duplicates removed), and labelled within the budget: the cheap part for each, the response part too for
   the `--max-full` frames whose response spread is largest above its threshold (`response_spread_ratio`). The
   upper trust level is set out of reach (`POOL_FORCE_UPPER`): in MD it marks frames that went where no structure
@@ -77,10 +78,11 @@ def parse_arguments(argv=None):
     # budget of 20; `balanced` and `stringent` allow 80 %): at 4 full labels of 4 runs in 16 they took all of it, and
     # the loop was random order under another name (benchmarks/README.md "Pool-based active learning").
     parser.add_argument("--max-full", type=int, default=2, help="frames per iteration that get the response part")
-    parser.add_argument("--force-lower-factor", type=float, default=2.0,
-                        help="lower trust level / validation force RMSE (the protocols' 2.0)")
-    parser.add_argument("--response-factor", type=float, default=2.0,
-                        help="Z* and α thresholds / the ensemble's Z* and α RMSE")
+    parser.add_argument("--force-lower-factor", type=float, default=1.0,
+                        help="lower trust level / the ensemble's validation force error, in spread units (the "
+                             "protocols' 1.0)")
+    parser.add_argument("--response-factor", type=float, default=1.0,
+                        help="Z* and α thresholds / the ensemble's Z* and α error, in spread units")
     parser.add_argument("--draw", choices=("random", "largest-spread-first"), default="random",
                         help="the loop's order among candidates: the workchain's seeded random draw (default) or "
                              "largest spread (relative to its level) first")
@@ -178,51 +180,21 @@ def test_errors(ensemble, test):
                                                                  "polarizability") if quantity in metrics}
 
 
-def frame_spreads(ensemble, frames, batch_size=8):
-    """Per frame: the largest atomic force spread (eV/Å), the largest atomic Z* spread (e, norm over the 9
-    components) and the α spread (e·Å²/V per atom, polmodel.data.spreads.polarizability_spread): population std
-    over the members; and, from the same
-    predictions, the ensemble mean's error against the frame's labels (force and Z* RMSE), which the loop never
-    reads (spread_error_ranking does)."""
-    import torch
+def frame_spreads(ensemble, frames):
+    """Per frame the spreads the loop sees (largest atomic force and Z* spread, α spread per atom and component) and,
+    from the same predictions, the ensemble mean's error in the same forms, which the loop never reads
+    (spread_error_ranking does): polmodel.training.evaluation.frame_spreads under the short names used here."""
+    from polmodel.training.evaluation import frame_spreads as measured_spreads
 
-    from polmodel.data import keys
-    from polmodel.data.frames import frame_born_charges, frame_forces
-    from polmodel.data.spreads import polarizability_spread
-    from polmodel.nn.ensemble import ensemble_response
-    from polmodel.training.data import FrameSet
-
-    member = ensemble.members[0]
-    frame_set = FrameSet(frames, member.species, member.cutoff, next(ensemble.parameters()).dtype)
-    force, born, alpha, force_error, born_error = [], [], [], [], []
-    for start in range(0, len(frames), batch_size):
-        indices = list(range(start, min(start + batch_size, len(frames))))
-        data, _ = frame_set.batch(indices)
-        response = ensemble_response(ensemble, data, born_charges=True, polarizability=True)
-        batch = data[keys.BATCH]
-        graphs = int(batch.max()) + 1
-        per_atom_force = torch.linalg.norm(response[f"{keys.FORCES}_std"], dim=-1)
-        per_atom_born = torch.linalg.norm(response[f"{keys.BORN_CHARGES}_std"].reshape(-1, 9), dim=-1)
-        for values, out in ((per_atom_force, force), (per_atom_born, born)):
-            largest = torch.zeros(graphs, dtype=values.dtype).scatter_reduce(0, batch, values.detach(), "amax")
-            out.extend(largest.tolist())
-        alpha_std = response[f"{keys.POLARIZABILITY}_std"].detach().reshape(graphs, 3, 3).numpy()
-        alpha.extend(polarizability_spread(alpha_std[graph], len(frames[index]))
-                     for graph, index in enumerate(indices))
-        predicted_forces = response[keys.FORCES].detach().numpy()
-        predicted_born = response[keys.BORN_CHARGES].detach().numpy().reshape(-1, 3, 3)
-        atoms = batch.numpy()
-        for graph, index in enumerate(indices):
-            mine = atoms == graph
-            force_error.append(float(np.sqrt(np.mean((predicted_forces[mine] - frame_forces(frames[index])) ** 2))))
-            born_error.append(float(np.sqrt(np.mean((predicted_born[mine] - frame_born_charges(frames[index])) ** 2))))
-    return {"force": np.array(force), "born": np.array(born), "alpha": np.array(alpha),
-            "force_error": np.array(force_error), "born_error": np.array(born_error)}
+    measured = measured_spreads(ensemble, frames)
+    forces, born, alpha = (measured[name] for name in ("forces", "born_effective_charges", "polarizability"))
+    return {"force": forces["spread"], "born": born["spread"], "alpha": alpha["spread"],
+            "force_error": forces["error"], "born_error": born["error"]}
 
 
 def spread_error_ranking(spreads):
     """Spearman rank correlation over the frames of `spreads` (frame_spreads) between the ensemble's spread and its
-    actual error there (force RMSE, Z* RMSE of each frame): how well the spread orders frames by what labelling
+    actual error there (largest atomic force and Z* error of each frame): how well the spread orders frames by what labelling
     them would correct. Near 0 the loop's order is no better than a random one, whatever the thresholds."""
     from scipy.stats import spearmanr
 

@@ -255,14 +255,17 @@ def test_convergence_counts_failed_frames_as_untrusted():
 def test_a_measured_spread_to_error_ratio_puts_each_level_into_spread_units():
     criteria = SelectionCriteria(force_lower=0.02, force_upper=10.0, force_lower_factor=2.0,
                                  response_threshold_factor=2.0)
-    calibration = {"forces": {"ratio": 0.25}, "born_effective_charges": {"ratio": 0.5}}
+    # errors in the spread's form (largest atomic norm), larger than the per-component RMSE given beside them
+    calibration = {"forces": {"error": 1.2, "ratio": 0.25}, "born_effective_charges": {"error": 0.6, "ratio": 0.5}}
     plain = adapt_trust_window(criteria, 0.4, born_charge_rmse=0.2, polarizability_rmse=0.01)
     scaled = adapt_trust_window(criteria, 0.4, born_charge_rmse=0.2, polarizability_rmse=0.01,
                                 calibration=calibration)
-    assert plain.force_lower == pytest.approx(0.8) and scaled.force_lower == pytest.approx(0.2)
-    assert scaled.born_charge_threshold == pytest.approx(0.2)
-    assert scaled.polarizability_threshold == pytest.approx(plain.polarizability_threshold)   # no ratio: as is
-    # members that disagree by a quarter of their error: a frame of spread 0.5 is a candidate only when calibrated
-    assert classify([0.5], plain)[0] == ACCURATE and classify([0.5], scaled)[0] == CANDIDATE
+    assert plain.force_lower == pytest.approx(0.8) and scaled.force_lower == pytest.approx(2.0 * 1.2 * 0.25)
+    assert scaled.born_charge_threshold == pytest.approx(2.0 * 0.6 * 0.5)
+    assert scaled.polarizability_threshold == pytest.approx(plain.polarizability_threshold)   # no calibration: as is
+    # members that disagree by a quarter of their error: a frame of spread 0.7 is a candidate only when calibrated
+    assert classify([0.7], plain)[0] == ACCURATE and classify([0.7], scaled)[0] == CANDIDATE
     # the floor still holds
-    assert adapt_trust_window(criteria, 0.4, calibration={"forces": {"ratio": 0.0}}).force_lower == 0.02
+    assert adapt_trust_window(criteria, 0.4, calibration={"forces": {"error": 1.0, "ratio": 0.0}}).force_lower == 0.02
+    with pytest.raises(ValueError, match="finite"):
+        adapt_trust_window(criteria, 0.4, calibration={"forces": {"error": float("nan"), "ratio": 0.5}})

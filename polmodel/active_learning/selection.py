@@ -18,7 +18,7 @@ largest spread first: the most uncertain frames of a trust window sit at its upp
 and a budget spent there teaches the model about the places MD should not go (DP-GEN draws at random too).
 
 The trust window adapts to the model (`adapt_trust_window`): the lower level is `force_lower_factor` times the
-current validation force RMSE, never below `force_lower`, never above half the upper level and, within a stage,
+current validation force error (in spread units when the training measured its spread / error), never below `force_lower`, never above half the upper level and, within a stage,
 never above its value at the stage's last exploration, so a model that has become more accurate asks for labels
 at smaller spreads, a poor one does not flood the window, and a noisy error estimate does not close it.
 
@@ -49,8 +49,9 @@ class SelectionCriteria:
     similarity_tolerance: float = 0.05
     fingerprint_cutoff: float = 5.0
     min_distance: float = MIN_INTERATOMIC_DISTANCE
-    force_lower_factor: float | None = None   # adaptive lower level = factor × validation force RMSE (eV/Å)
-    # adaptive Z* and α thresholds = factor × the model's current Z* and α RMSE (adapt_trust_window)
+    # adaptive lower level = factor × the validation force error, in spread units where measured (adapt_trust_window)
+    force_lower_factor: float | None = None
+    # adaptive Z* and α thresholds = factor × the model's current Z* and α error, likewise
     response_threshold_factor: float | None = None
     seed: int = 0                             # of the random draw among the candidates
     # RANDOM_DRAW: candidates in a seeded random order (explored MD frames); LARGEST_SPREAD_FIRST: in the order of
@@ -145,32 +146,42 @@ def adapt_trust_window(criteria, validation_force_rmse, born_charge_rmse=None, p
     level held too low only asks for more labels.
 
     `calibration` (the training's `spread_calibration`: per quantity the members' mean spread and the ensemble's
-    mean error on its validation frames, in the forms MD records) puts each level into spread units: the level is
-    multiplied by that quantity's spread / error. A level follows the error, but it is compared with a spread, and
-    the spread of a small ensemble lies several times below its error: uncalibrated, a level of 2 × the error lay
-    above every frame's spread, and the loop took nothing from its first ensemble on (benchmarks/README.md
-    "Pool-based active learning").
+    mean error on its validation frames, both in the form MD records and the level is compared with) puts each
+    level into spread units: the level becomes factor × that error × spread / error. A level follows the error, but
+    it is compared with a spread, and the spread of a small ensemble lies several times below its error:
+    uncalibrated, a level of 2 × the error lay above every frame's spread, and the loop took nothing from its first
+    ensemble on (benchmarks/README.md "Pool-based active learning"). The error is the calibration's, not the RMSE
+    given: the RMSE is per component, the spread a frame's largest atomic norm, and a level built from the one and
+    compared with the other sat 2–4 × lower than its factor says (every explored frame of the toy loop a candidate).
+    Without a calibration the factor bridges those forms, as it always has.
     """
     from dataclasses import replace
 
     changes = {}
-    ratio = {name: float((calibration or {}).get(quantity, {}).get("ratio", 1.0))
-             for name, quantity in CALIBRATED_LEVELS.items()}
     if criteria.force_lower_factor is not None and validation_force_rmse is not None:
-        error = _checked_error(validation_force_rmse, "force")
-        changes["force_lower"] = min(max(criteria.force_lower_factor * error * ratio["force_lower"],
-                                         criteria.force_lower), 0.5 * criteria.force_upper)
+        level = _spread_level(criteria.force_lower_factor, validation_force_rmse, "force_lower", calibration)
+        changes["force_lower"] = min(max(level, criteria.force_lower), 0.5 * criteria.force_upper)
     if criteria.response_threshold_factor is not None:
         for name, value in (("born_charge_threshold", born_charge_rmse),
                             ("polarizability_threshold", polarizability_rmse)):
             if value is not None and _checked_error(value, name) > 0:
-                changes[name] = criteria.response_threshold_factor * float(value) * ratio[name]
+                changes[name] = _spread_level(criteria.response_threshold_factor, value, name, calibration)
     if previous is not None:
         for name, value in changes.items():
             earlier = getattr(previous, name)
             if earlier is not None:
                 changes[name] = min(value, earlier)
     return replace(criteria, **changes) if changes else criteria
+
+
+def _spread_level(factor, rmse, name, calibration):
+    """factor × the error, in spread units: with a calibration of the level's quantity, its error and spread / error
+    (both in the form of the spread the level is compared with); without, the RMSE as given."""
+    measured = (calibration or {}).get(CALIBRATED_LEVELS[name])
+    if not measured:
+        return factor * _checked_error(rmse, name)
+    error = _checked_error(measured["error"], name)
+    return factor * error * float(measured["ratio"])
 
 
 def _spread_norm(spread, count):

@@ -82,14 +82,12 @@ def metrics_from_pairs(pairs: Mapping[str, tuple[NDArray[Any], NDArray[Any]]]) -
     return metrics
 
 
-def spread_calibration(ensemble: PolEnsemble, frames: Sequence[Atoms], batch_size: int = 8
-                       ) -> dict[str, dict[str, float]]:
-    """How far the members disagree where the ensemble's error is known: per quantity (forces, Z*, α) the mean over
-    the labelled `frames` of the per-frame spread and of the per-frame error of the member mean, in the forms MD
-    records and selection compares (polmodel.data.spreads: the largest atomic force and Z* norms, α per atom and
-    component), and `ratio` = spread / error. Selection scales its error-following levels by the ratio
-    (polmodel.active_learning.selection.adapt_trust_window): a small ensemble's spread lies well below its error,
-    and a level of 2 × the error then lies above every frame's spread."""
+def frame_spreads(ensemble: PolEnsemble, frames: Sequence[Atoms], batch_size: int = 8
+                  ) -> dict[str, dict[str, NDArray[np.float64]]]:
+    """Per quantity (forces, Z*, α) and per frame, the members' spread and the member mean's error against the
+    frame's label, in the forms MD records and selection compares (polmodel.data.spreads: the largest atomic force
+    and Z* norms, α per atom and component): {quantity: {"spread": (F,), "error": (F,)}}, the error NaN where the
+    frame has no such label. The spread needs no label: it is what the loop sees of a frame before labelling it."""
     from polmodel.data import keys
     from polmodel.data.frames import frame_born_charges, frame_forces, frame_polarizability
     from polmodel.data.spreads import largest_atom_norm, polarizability_spread
@@ -101,33 +99,45 @@ def spread_calibration(ensemble: PolEnsemble, frames: Sequence[Atoms], batch_siz
     device = model_device(ensemble)
     labels = {keys.FORCES: frame_forces, keys.BORN_CHARGES: frame_born_charges,
               keys.POLARIZABILITY: frame_polarizability}
-    found: dict[str, tuple[list[float], list[float]]] = {quantity: ([], []) for quantity in labels}
+    found: dict[str, dict[str, list[float]]] = {quantity: {"spread": [], "error": []} for quantity in labels}
     for start in range(0, len(frames), batch_size):
         indices = list(range(start, min(start + batch_size, len(frames))))
         data, _ = frame_set.batch(indices)
         response = ensemble_response(ensemble, to_device(data, device), born_charges=True, polarizability=True)
         atoms_of = data[keys.BATCH].cpu().numpy()
+        predicted = {quantity: (response[quantity].detach().cpu().numpy(),
+                                response[f"{quantity}_std"].detach().cpu().numpy()) for quantity in labels}
         for graph, index in enumerate(indices):
             frame, mine = frames[index], atoms_of == graph
             for quantity, label_of in labels.items():
+                mean, std = predicted[quantity]
                 label = label_of(frame)
-                if label is None:
-                    continue
-                mean = response[quantity].detach().cpu().numpy()
-                std = response[f"{quantity}_std"].detach().cpu().numpy()
                 if quantity == keys.POLARIZABILITY:
                     spread = polarizability_spread(std[graph], len(frame))
-                    error = polarizability_spread(mean[graph] - label, len(frame))
+                    error = np.nan if label is None else polarizability_spread(mean[graph] - label, len(frame))
                 else:
                     spread = largest_atom_norm(std[mine])
-                    error = largest_atom_norm(mean[mine].reshape(label.shape) - label)
-                found[quantity][0].append(spread)
-                found[quantity][1].append(error)
+                    error = np.nan if label is None else largest_atom_norm(mean[mine].reshape(label.shape) - label)
+                found[quantity]["spread"].append(spread)
+                found[quantity]["error"].append(error)
+    return {quantity: {name: np.asarray(values, dtype=float) for name, values in columns.items()}
+            for quantity, columns in found.items()}
+
+
+def spread_calibration(ensemble: PolEnsemble, frames: Sequence[Atoms], batch_size: int = 8
+                       ) -> dict[str, dict[str, float]]:
+    """How far the members disagree where the ensemble's error is known: per quantity (forces, Z*, α) the mean over
+    the labelled `frames` of the per-frame spread and error (`frame_spreads`), and `ratio` = spread / error.
+    Selection scales its error-following levels by the ratio (polmodel.active_learning.selection.
+    adapt_trust_window): a small ensemble's spread lies well below its error, and a level of 2 × the error then
+    lies above every frame's spread."""
     calibration = {}
-    for quantity, (spreads, errors) in found.items():
-        if spreads and np.mean(errors) > 0:
-            calibration[quantity] = {"spread": float(np.mean(spreads)), "error": float(np.mean(errors)),
-                                     "ratio": float(np.mean(spreads) / np.mean(errors)), "frames": len(spreads)}
+    for quantity, columns in frame_spreads(ensemble, frames, batch_size).items():
+        labelled = np.isfinite(columns["error"])
+        if labelled.any() and np.mean(columns["error"][labelled]) > 0:
+            spread, error = float(np.mean(columns["spread"][labelled])), float(np.mean(columns["error"][labelled]))
+            calibration[quantity] = {"spread": spread, "error": error, "ratio": spread / error,
+                                     "frames": int(labelled.sum())}
     return calibration
 
 
