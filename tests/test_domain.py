@@ -207,3 +207,26 @@ def test_polmodel_domain_records_a_file_without_one_and_a_changed_file_drops_its
     save(bare.members[0], model_path)                                  # another file under the same name
     with pytest.warns(StaleDomainRecordWarning, match="another version"):
         assert "domain" not in load(model_path).training_options
+
+
+def test_a_labelled_field_of_zero_field_frames_enters_the_saved_domain_and_leaves_the_weights_and_resumes_alone():
+    from polmodel.training.checkpoints import run_fingerprint
+
+    frames = make_toy_frames(3, seed=2, repeat=(2, 2, 2))
+    for frame in frames:
+        frame.info.pop("efield", None)        # published frames: response labels, no field of their own
+    config = TrainingConfig(cutoff=3.5, epochs=1, seed=0, architecture={"num_features": 4, "lmax": 1}, quiet=True)
+    labelled = TrainingConfig(**{**config.as_dict(), "labelled_field": 0.0036})
+    plain, _ = train_ensemble(frames, config, size=1)
+    marked, _ = train_ensemble(frames, labelled, size=1)
+    assert plain.members[0].training_options["domain"]["field_max"] == 0.0
+    assert marked.members[0].training_options["domain"]["field_max"] == pytest.approx(0.0036)
+    for first, second in zip(plain.members[0].parameters(), marked.members[0].parameters()):
+        assert torch.equal(first, second)
+    # a training stopped before the option existed resumes with it: it is not in the checkpoint's fingerprint
+    assert run_fingerprint(config, frames, [], None) == run_fingerprint(labelled, frames, [], None)
+    # a field inside the labelled one is inside the domain; MD at 0.003 V/Å is not refused
+    assert outside_domain(frames[0], marked.members[0].training_options["domain"], field_max=0.003) == []
+    assert outside_domain(frames[0], plain.members[0].training_options["domain"], field_max=0.003) != []
+    with pytest.raises(ValueError, match="labelled_field"):
+        TrainingConfig(labelled_field=-1.0)

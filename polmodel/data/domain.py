@@ -95,6 +95,14 @@ def training_domain(frames, cutoff):
             SAMPLED_TEMPERATURE_KEY: max(temperatures) if temperatures else None}
 
 
+def with_labelled_field(domain, labelled_field):
+    """`domain` with field_max at least `labelled_field` (V/Å; None: as it is): zero-field frames whose Z* and α
+    were differentiated at that field were labelled there, though they record no field of their own."""
+    if labelled_field is None:
+        return domain
+    return {**domain, "field_max": max(domain["field_max"], float(labelled_field))}
+
+
 def outside_domain(atoms, domain, field_max=None, temperature_K=None):
     """Sentences naming what in `atoms` (and in a field of magnitude `field_max`, V/Å, and MD at `temperature_K`)
     lies outside `domain`; empty when everything is inside. Domains saved without a sampled temperature (older
@@ -181,9 +189,7 @@ def write_domain_record(model_path, frames, cutoff, frames_path, sampled_tempera
     from (the frames file's sha256 and frame count, the model file's sha256). `sampled_temperature_K` (K) and
     `labelled_field` (V/Å) set the sampled temperature and the largest labelled field where the frames record none
     (zero-field frames whose Z* and α come from finite differences at that field). Returns the record."""
-    domain = training_domain(frames, cutoff)
-    if labelled_field is not None and domain["field_max"] == 0.0:
-        domain["field_max"] = float(labelled_field)
+    domain = with_labelled_field(training_domain(frames, cutoff), labelled_field)
     if sampled_temperature_K is not None and domain[SAMPLED_TEMPERATURE_KEY] is None:
         domain[SAMPLED_TEMPERATURE_KEY] = float(sampled_temperature_K)
     record = {"domain": domain,

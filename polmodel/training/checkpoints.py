@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from polmodel.training.config import RUN_OPTIONS
+from polmodel.training.config import RECORD_OPTIONS, RUN_OPTIONS
 from polmodel.training.losses import LossWeights
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def run_fingerprint(config: TrainingConfig, train_frames: Sequence[Atoms], valid
                     initial_model: PolModel | None) -> str:
     """sha256 of what determines a run's result: the settings (not how it runs), the frames, the initial weights."""
     digest = hashlib.sha256()
-    settings = {name: value for name, value in config.as_dict().items() if name not in RUN_OPTIONS
+    settings = {name: value for name, value in config.as_dict().items() if name not in RUN_OPTIONS + RECORD_OPTIONS
                 and not (name in LATER_OPTIONS and value == LATER_OPTIONS[name])}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for frames in (train_frames, valid_frames):

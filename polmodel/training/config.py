@@ -5,6 +5,7 @@ from this one dataclass, so that one JSON object names a run everywhere and an u
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -17,6 +18,8 @@ SCHEDULERS = ("plateau", "cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # TrainingConfig options that change how a run is executed, not its result (left out of checkpoint fingerprints)
 RUN_OPTIONS = ("device", "quiet", "max_time_s", "checkpoint_every")
+# TrainingConfig options recorded with the trained model that change none of its weights (also left out)
+RECORD_OPTIONS = ("labelled_field",)
 
 
 @dataclass
@@ -46,6 +49,10 @@ class TrainingConfig:
     ema_decay: float | None = 0.99                    # weight average for validation and the result; None: raw weights
     balance_field_magnitudes: bool = True      # frame weights 1/(frames in the frame's |ε| bin)
     checkpoint_every: int = 1                  # epochs between checkpoints (when a checkpoint path is given)
+    # V/Å: the field of the labels' finite differences where the frames record no field of their own (published
+    # zero-field frames whose Z* and α were differentiated at that field); the training domain's field_max is at
+    # least this, so MD at such fields is not called outside the labels
+    labelled_field: float | None = None
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -65,6 +72,8 @@ class TrainingConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
+        if self.labelled_field is not None and not (math.isfinite(self.labelled_field) and self.labelled_field > 0):
+            raise ValueError(f"labelled_field must be a positive field in V/Å or None, got {self.labelled_field}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from polmodel.data.domain import training_domain
+from polmodel.data.domain import training_domain, with_labelled_field
 from polmodel.data.frames import normalize_frames
 from polmodel.training.checkpoints import member_checkpoint_path
 from polmodel.training.config import TrainingConfig
@@ -76,7 +76,7 @@ def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, b
         members.append(model)
         member_metrics.append(_member_record(member_config.seed, model, history, evaluation_frames))
     evaluated_on = "validation" if valid_frames else "train"
-    _keep_domain_and_validation(members, member_metrics, train_frames, evaluated_on)
+    _keep_domain_and_validation(members, member_metrics, train_frames, evaluated_on, config.labelled_field)
     ensemble = PolEnsemble(members)
     metrics = {"num_train": len(train_frames), "num_validation": len(valid_frames),
                "evaluated_on": evaluated_on, "bootstrap": bool(bootstrap),
@@ -96,10 +96,11 @@ def _member_record(seed: int, model: PolModel, history: dict[str, Any], evaluati
 
 
 def _keep_domain_and_validation(members: Sequence[PolModel], records: Sequence[dict[str, Any]],
-                                train_frames: Sequence[Atoms], evaluated_on: str) -> None:
+                                train_frames: Sequence[Atoms], evaluated_on: str,
+                                labelled_field: float | None = None) -> None:
     """Each member's `training_options` gain the training domain and the member's validation metrics."""
     # saved with each member: what the structures and fields it was trained on look like (polmodel/data/domain.py)
-    domain = training_domain(train_frames, members[0].cutoff)
+    domain = with_labelled_field(training_domain(train_frames, members[0].cutoff), labelled_field)
     for member, record in zip(members, records):
         # saved with the member: MD sets its default trust limit from it (polmodel.dynamics.md.spread_threshold_of)
         member.training_options = {**member.training_options, "domain": domain, "validation": {
