@@ -180,6 +180,35 @@ def test_explore_selects_a_frame_where_the_members_agree_on_forces_and_disagree_
     (candidate,) = process.ctx.candidates.get_atoms()
     uuid = process.ctx.trajectories[sorted(process.ctx.trajectories)[0]].uuid
     assert candidate.info["origin"] == f"{uuid}:2"
+    assert "response_spread_ratio" not in candidate.info     # a fixed threshold: the tiers rank by Z* spread
+
+
+def test_a_candidate_whose_members_disagree_on_alpha_beyond_its_level_gets_the_full_response(
+        generate_al_workchain, explore_inputs, generate_fake_child):
+    """Thresholds that follow the errors (`response_threshold_factor`): the exploration measures each candidate's
+    response spread against its level, and the label plan gives the full response only where it is above."""
+    from polmodel.workflows.active_learning import plan_candidate_labels
+
+    selection = orm.Dict({"force_lower": 0.05, "force_upper": 2.0, "polarizability_threshold": 0.002,
+                          "response_threshold_factor": 2.0})
+    process = generate_al_workchain("polmodel.explore", explore_inputs(temperatures=orm.List([300.0]),
+                                                                       selection=selection))
+    keys = [f"md_{key}" for key, *_ in process.md_runs()]
+    # the first run: frame 1 a candidate by its forces only (0.1 > 0.05, α 0.001), frame 2 by α only (0.005)
+    for index, key in enumerate(keys):
+        forces, alpha = ([0.01, 0.1, 0.01], [0.0, 0.001, 0.005]) if index == 0 else ([0.01] * 3, [0.0, 0.001, 0.001])
+        process.ctx[key] = generate_fake_child({"trajectory": fake_trajectory(forces, seed=index,
+                                                                              polarizability_spread=alpha)})
+    assert process.inspect_md() is None
+    process.select()
+    candidates = process.ctx.candidates
+    ratios = sorted(atoms.info["response_spread_ratio"] for atoms in candidates.get_atoms())
+    assert ratios == pytest.approx([0.5, 2.5])
+    plan = plan_candidate_labels(candidates, orm.Int(20), orm.Int(10), orm.Int(2))["plan"].get_dict()
+    tiers = {round(atoms.info["response_spread_ratio"], 6): plan["labels"][f"structure_{index:03d}"]["tier"]
+             for index, atoms in enumerate(candidates.get_atoms())}
+    # two full labels allowed and in the budget: only the frame beyond its α level gets one
+    assert tiers == {2.5: "full", 0.5: "field_frames"}
 
 
 def test_explore_all_md_failed(generate_al_workchain, explore_inputs, generate_fake_child):

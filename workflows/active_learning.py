@@ -82,8 +82,9 @@ def is_given_structure(key: str) -> bool:
 def plan_candidate_labels(candidates: orm.Data, budget: orm.Data, full_cost: orm.Data, max_full: orm.Data,
                           min_full_spread: orm.Data | None = None) -> dict[str, orm.Data]:
     """The label plan of the candidates within `budget` pw.x runs
-    (`polmodel.active_learning.selection.assign_label_tiers`; a full response only above `min_full_spread`, when
-    given): one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key
+    (`polmodel.active_learning.selection.assign_label_tiers`; a full response only above `min_full_spread` of the
+    Born-charge spread, when given, else, where the exploration measured each candidate's response spread against
+    its Z* and α thresholds (`response_spread_ratio`), only where that ratio is above 1): one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key
     the tier, the field vectors, the pw.x runs and, where the candidate records it, the MD temperature it was
     sampled at: a StructureData has no place for it, and the loop gives it to the label's frames when it merges
     them)."""
@@ -93,9 +94,12 @@ def plan_candidate_labels(candidates: orm.Data, budget: orm.Data, full_cost: orm
 
     frames = candidates.get_atoms()
     efields = [frame_efield(frame) for frame in frames]
-    spread = [float(frame.info.get("response_spread", 0.0)) for frame in frames]
-    plans = assign_label_tiers(efields, spread, budget.value, full_cost.value, max_full.value,
-                               min_full_spread.value if min_full_spread is not None else 0.0)
+    if min_full_spread is None and frames and all("response_spread_ratio" in frame.info for frame in frames):
+        spread, least = [float(frame.info["response_spread_ratio"]) for frame in frames], 1.0
+    else:
+        spread = [float(frame.info.get("response_spread", 0.0)) for frame in frames]
+        least = min_full_spread.value if min_full_spread is not None else 0.0
+    plans = assign_label_tiers(efields, spread, budget.value, full_cost.value, max_full.value, least)
     result, plan = {}, {}
     for entry in plans:
         key = f"structure_{entry.index:03d}"

@@ -20,13 +20,18 @@ def select_from_trajectories(criteria, temperatures=None, **trajectories):
     Each candidate's `info['origin']` is "<trajectory UUID>:<frame index>", `info['efield']` the field (V/Å) it was
     sampled at (its label follows that field), and `info['response_spread']` its Born-charge spread (e) where the
     MD recorded one, else the norm of its polarization spread (e/Å²), which decides who gets the full response
-    label (`polmodel.active_learning.selection.assign_label_tiers`). `temperatures` (a Dict: trajectory key ->
+    label (`polmodel.active_learning.selection.assign_label_tiers`); where the Z* and α thresholds follow the
+    model's errors (`response_threshold_factor`), also `info['response_spread_ratio']`, its largest Z* or α spread
+    over its threshold (`response_spread_ratio`), which then decides instead: a full label only where the members
+    disagree on the response beyond its level, the rule benchmarks/al_pool.py measured. Fixed thresholds keep the
+    ranking by Z* spread. `temperatures` (a Dict: trajectory key ->
     the MD run's temperature in K) gives each candidate `info['sampled_temperature_K']`, which its labels carry into
     the dataset and a model trained on them into its domain (polmodel/data/domain.py). A trajectory's frame at
     step 0 is its starting structure, which the loop has labelled already (the demo once spent a DFT label on it):
     it is neither classified nor counted.
     """
-    from polmodel.active_learning.selection import SelectionCriteria, full_response_spread, select_candidates
+    from polmodel.active_learning.selection import (SelectionCriteria, full_response_spread, response_spread_ratio,
+                                                    select_candidates)
     from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY
     from polmodel.plugins.parsers import trajectory_frames
 
@@ -70,11 +75,17 @@ def select_from_trajectories(criteria, temperatures=None, **trajectories):
     )
     polarization_all = np.concatenate(polarization_std) if polarization_std else np.zeros(0)
     born_all = np.concatenate(born_std) if born_std else np.zeros(0)
+    alpha_all = np.concatenate(alpha_std) if alpha_std else np.zeros(0)
+    # spreads the MD did not record are zeros here: their ratio is 0, they upgrade nobody
+    ratio = (response_spread_ratio(rules, born_all, alpha_all) if rules.response_threshold_factor is not None
+             else None)
     candidates = []
     for index in selected:
         atoms = frames[index].copy()
         atoms.info = {"origin": origins[index], "efield": np.asarray(efields[index], dtype=float),
                       "response_spread": full_response_spread(born_all[index], polarization_all[index])}
+        if ratio is not None:
+            atoms.info["response_spread_ratio"] = float(ratio[index])
         if sampled_at[index] is not None:
             atoms.info[SAMPLED_TEMPERATURE_KEY] = float(sampled_at[index])
         candidates.append(atoms)
