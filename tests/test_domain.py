@@ -154,10 +154,14 @@ def test_md_at_3000_k_with_a_300_k_model_warns_before_the_first_step_or_refuses(
 
 
 # --- model files saved without their domain: the record beside them -------------------------------------------------
-SHIPPED = {"data/quartz/ensemble.pt": 300.0, "data/allegro_pol/SiO2.pt": 600.0, "data/allegro_pol/BaTiO3.pt": None}
+#: shipped model files without a stored domain (trained before models stored one), and their sampled temperature
+RECORDED = {"data/quartz/ensemble.pt": 300.0, "data/allegro_pol/SiO2.pt": 600.0,
+            "data/allegro_pol/switching/BaTiO3-2026-12-03.pt": None}
+#: shipped model files that store their training domain, and the largest field they were labelled at (V/Å)
+STORED = {"data/allegro_pol/BaTiO3.pt": 0.0036}
 
 
-@pytest.mark.parametrize("model_path, sampled", sorted(SHIPPED.items()))
+@pytest.mark.parametrize("model_path, sampled", sorted(RECORDED.items()))
 def test_every_shipped_model_knows_its_domain_from_the_record_written_for_that_very_file(model_path, sampled):
     import hashlib
     import pathlib
@@ -169,6 +173,16 @@ def test_every_shipped_model_knows_its_domain_from_the_record_written_for_that_v
     domain = load(root / model_path).members[0].training_options["domain"]
     assert domain == record["domain"] and domain[SAMPLED_TEMPERATURE_KEY] == sampled
     assert domain["field_max"] > 0
+
+
+@pytest.mark.parametrize("model_path, field", sorted(STORED.items()))
+def test_a_shipped_model_that_stores_its_domain_holds_the_field_of_its_labels_and_has_no_record(model_path, field):
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert not (root / f"{model_path}.domain.json").exists()
+    for member in load(root / model_path).members:
+        assert member.training_options["domain"]["field_max"] == pytest.approx(field)
 
 
 def test_the_shipped_quartz_ensemble_names_a_cell_in_bohr_before_the_first_step(tmp_path, capsys):
