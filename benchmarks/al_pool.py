@@ -194,8 +194,8 @@ def frame_spreads(ensemble, frames):
 
 def spread_error_ranking(spreads):
     """Spearman rank correlation over the frames of `spreads` (frame_spreads) between the ensemble's spread and its
-    actual error there (largest atomic force and Z* error of each frame): how well the spread orders frames by what labelling
-    them would correct. Near 0 the loop's order is no better than a random one, whatever the thresholds."""
+    actual error there (largest atomic force and Z* error of each frame): how well the spread orders frames by what
+    labelling them would correct. Near 0 the loop's order is no better than a random one, whatever the thresholds."""
     from scipy.stats import spearmanr
 
     return {"force": float(spearmanr(spreads["force"], spreads["force_error"]).statistic),

@@ -84,10 +84,10 @@ def plan_candidate_labels(candidates: orm.Data, budget: orm.Data, full_cost: orm
     """The label plan of the candidates within `budget` pw.x runs
     (`polmodel.active_learning.selection.assign_label_tiers`; a full response only above `min_full_spread` of the
     Born-charge spread, when given, else, where the exploration measured each candidate's response spread against
-    its Z* and α thresholds (`response_spread_ratio`), only where that ratio is above 1): one StructureData per labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key
-    the tier, the field vectors, the pw.x runs and, where the candidate records it, the MD temperature it was
-    sampled at: a StructureData has no place for it, and the loop gives it to the label's frames when it merges
-    them)."""
+    its Z* and α thresholds (`response_spread_ratio`), only where that ratio is above 1): one StructureData per
+    labelled candidate, keyed `structure_000`, ..., and `plan` (a Dict with per key the tier, the field vectors,
+    the pw.x runs and, where the candidate records it, the MD temperature it was sampled at: a StructureData has no
+    place for it, and the loop gives it to the label's frames when it merges them)."""
     from polmodel.active_learning.selection import assign_label_tiers
     from polmodel.data.domain import SAMPLED_TEMPERATURE_KEY
     from polmodel.data.frames import frame_efield

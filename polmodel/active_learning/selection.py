@@ -18,9 +18,10 @@ largest spread first: the most uncertain frames of a trust window sit at its upp
 and a budget spent there teaches the model about the places MD should not go (DP-GEN draws at random too).
 
 The trust window adapts to the model (`adapt_trust_window`): the lower level is `force_lower_factor` times the
-current validation force error (in spread units when the training measured its spread / error), never below `force_lower`, never above half the upper level and, within a stage,
-never above its value at the stage's last exploration, so a model that has become more accurate asks for labels
-at smaller spreads, a poor one does not flood the window, and a noisy error estimate does not close it.
+current validation force error (in spread units when the training measured its spread / error), never below
+`force_lower`, never above half the upper level and, within a stage, never above its value at the stage's last
+exploration, so a model that has become more accurate asks for labels at smaller spreads, a poor one does not flood
+the window, and a noisy error estimate does not close it.
 
 `assign_label_tiers` decides how each selected frame is labelled within a budget counted in pw.x runs.
 """
