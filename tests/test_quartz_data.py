@@ -64,6 +64,10 @@ def test_demo_goes_on_from_the_shipped_loop_and_the_model_matches_phx(aiida_prof
     assert builder.label.code.pk == pw.pk and builder.train.train.code.pk == polmodel_code.pk
     assert builder.initial_frames.uuid == campaign.outputs.dataset.uuid
     assert builder.train.train.parameters["epochs"] == demo.DEMO["epochs"]
+    campaign_selection = campaign.inputs.explore.selection.get_dict()
+    assert builder.explore.selection.get_dict() == {**campaign_selection,
+                                                    "force_lower_factor": demo.DEMO["force_lower_factor"]}
+    assert campaign_selection["force_lower_factor"] != demo.DEMO["force_lower_factor"]
 
     records = demo.write_learning_curve(campaign, tmp_path)
     assert [record["loop"] for record in records] == [1, 1, 1, 2, 3]
