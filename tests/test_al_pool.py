@@ -106,11 +106,10 @@ def test_each_frames_error_is_the_held_out_error_of_that_frame_alone(frames):
 
     from polmodel.nn.ensemble import PolEnsemble
     from polmodel.nn.model import PolModel
+    from polmodel.training.evaluation import predict_pairs
 
     torch.manual_seed(1)
     ensemble = PolEnsemble([PolModel(["O", "Si"], 4.0, num_features=4, num_layers=1, lmax=1) for _ in range(2)])
-    from polmodel.training.evaluation import predict_pairs
-
     spreads = al_pool.frame_spreads(ensemble, frames[:3])     # the three frames in one batch
     for index, frame in enumerate(frames[:3]):
         alone = predict_pairs(ensemble, [frame])                # the frame alone: its labels and the member mean

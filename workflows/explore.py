@@ -65,17 +65,17 @@ def select_from_trajectories(criteria, temperatures=None, **trajectories):
         efields.extend(field[explored])
         sampled_at.extend([run_temperatures.get(key)] * int(explored.sum()))
 
+    # per explored frame, over all runs (None without runs: nothing is classified, selected or indexed then)
+    polarization_all, born_all, alpha_all = (np.concatenate(spreads) if spreads else None
+                                             for spreads in (polarization_std, born_std, alpha_std))
     selected, statistics = select_candidates(
         frames,
         np.concatenate(force_std) if force_std else np.zeros(0),
         rules,
-        polarization_std=np.concatenate(polarization_std) if polarization_std else None,
-        born_charge_std=np.concatenate(born_std) if born_std else None,
-        polarizability_std=np.concatenate(alpha_std) if alpha_std else None,
+        polarization_std=polarization_all,
+        born_charge_std=born_all,
+        polarizability_std=alpha_all,
     )
-    polarization_all = np.concatenate(polarization_std) if polarization_std else np.zeros(0)
-    born_all = np.concatenate(born_std) if born_std else np.zeros(0)
-    alpha_all = np.concatenate(alpha_std) if alpha_std else np.zeros(0)
     # spreads the MD did not record are zeros here: their ratio is 0, they upgrade nobody
     ratio = (response_spread_ratio(rules, born_all, alpha_all) if rules.response_threshold_factor is not None
              else None)

@@ -18,8 +18,8 @@ def add_arguments(parser):
     parser.add_argument("--sampled-temperature", type=float, default=None, metavar="K",
                         help="the highest MD temperature the frames were sampled at, where they do not record it")
     parser.add_argument("--labelled-field", type=float, default=None, metavar="V/Å",
-                        help="the largest field the labels were taken at, where the frames record none (e.g. the "
-                             "finite-difference field of Z* and α in zero-field frames)")
+                        help="the field the labels were taken at (e.g. the finite-difference field of Z* and α in "
+                             "zero-field frames): the domain's largest field is at least this")
     parser.add_argument("--note", default=None, help="where the frames and the temperature come from (kept in the "
                         "record)")
 

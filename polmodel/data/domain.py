@@ -186,9 +186,10 @@ def read_domain_record(model_path):
 def write_domain_record(model_path, frames, cutoff, frames_path, sampled_temperature_K=None, labelled_field=None,
                         note=None):
     """Measure the domain of `frames` (read from `frames_path`) and write it beside `model_path` with where it came
-    from (the frames file's sha256 and frame count, the model file's sha256). `sampled_temperature_K` (K) and
-    `labelled_field` (V/Å) set the sampled temperature and the largest labelled field where the frames record none
-    (zero-field frames whose Z* and α come from finite differences at that field). Returns the record."""
+    from (the frames file's sha256 and frame count, the model file's sha256). `sampled_temperature_K` (K) sets the
+    sampled temperature where the frames record none; `labelled_field` (V/Å) raises the largest field to at least
+    that (`with_labelled_field`: zero-field frames whose Z* and α come from finite differences at that field).
+    Returns the record."""
     domain = with_labelled_field(training_domain(frames, cutoff), labelled_field)
     if sampled_temperature_K is not None and domain[SAMPLED_TEMPERATURE_KEY] is None:
         domain[SAMPLED_TEMPERATURE_KEY] = float(sampled_temperature_K)

@@ -97,7 +97,7 @@ def _member_record(seed: int, model: PolModel, history: dict[str, Any], evaluati
 
 def _keep_domain_and_validation(members: Sequence[PolModel], records: Sequence[dict[str, Any]],
                                 train_frames: Sequence[Atoms], evaluated_on: str,
-                                labelled_field: float | None = None) -> None:
+                                labelled_field: float | None) -> None:
     """Each member's `training_options` gain the training domain and the member's validation metrics."""
     # saved with each member: what the structures and fields it was trained on look like (polmodel/data/domain.py)
     domain = with_labelled_field(training_domain(train_frames, members[0].cutoff), labelled_field)
