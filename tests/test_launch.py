@@ -178,8 +178,9 @@ def test_launch_refuses_bad_input(structure_files, tmp_path, pw_code, polmodel_c
     cases = [
         (["999999"], "continue 999999: no loop 999999"),
         ([str(pw_code.pk)], "is not an active-learning loop"),
-        (["1", str(structure_files["cif"])], "takes one finished loop"),
-        (["1", "--protocol", "fast"], "takes one finished loop"),
+        (["1", "--protocol", "fast"], "takes the finished loop's protocol"),
+        (["1", "--overrides", "{not json"], "--overrides: neither JSON"),
+        (["1", str(tmp_path / "missing.cif")], "missing.cif: no such file"),
         (["1", "--max-iterations", "0"], "--max-iterations must be >= 1"),
     ]
     for extra, message in cases:

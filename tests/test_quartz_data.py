@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 QUARTZ = pathlib.Path(__file__).resolve().parent.parent / "data" / "quartz"
+LOOP3 = "0a57ec92-bed2-4340-9943-26b15a2a87f3"   # converged at 300 K under fields (data/quartz/README.md)
 
 pytestmark = pytest.mark.skipif(not (QUARTZ / "campaign.aiida").is_file(), reason="no shipped quartz archive")
 
@@ -44,6 +45,60 @@ def test_shipped_archive_imports_with_provenance_to_the_pw_runs(aiida_profile_fo
     # a continuation can be built from the imported loop (codes are this machine's)
     builder = ActiveLearningWorkChain.get_builder_continuing(loop.uuid, max_iterations=1)
     assert builder.initial_frames.uuid == loop.outputs.dataset.uuid
+
+
+@pytest.mark.aiida
+def test_campaign_goes_on_with_overrides_and_more_starting_cells(aiida_profile_for_import, generate_code, tmp_path):
+    """`get_builder_continuing` with data/quartz/loop4.yaml (the loop's input ports) and extra structures: Dict inputs
+    merged (the previous keys stay), others replaced, new cells beside the old; a misspelt or mistyped override is
+    refused before a node is stored; `polmodel launch continue LOOP CELL --overrides` builds the same inputs."""
+    import yaml
+    from aiida import orm
+    from aiida.tools.archive import import_archive
+
+    from polmodel.cli import build_parser
+    from polmodel.cli.launch import build, read_overrides
+    from polmodel.workflows.active_learning import ActiveLearningWorkChain
+    from polmodel.workflows.structures import read_structures
+
+    generate_code("pw"), generate_code("polmodel")
+    import_archive(QUARTZ / "campaign.aiida")
+    loop3 = orm.load_node(LOOP3)
+    overrides = read_overrides(str(QUARTZ / "loop4.yaml"))
+    cell = read_structures(QUARTZ / "alpha_quartz.cif")[0].get_ase()
+    cell.set_cell(cell.cell.array * 1.01, scale_atoms=True)
+    builder = ActiveLearningWorkChain.get_builder_continuing(loop3, pw_code="pw@localhost",
+                                                             polmodel_code="polmodel@localhost",
+                                                             overrides=overrides, structures=[cell])
+    assert builder.schedule.get_list() == yaml.safe_load((QUARTZ / "loop4.yaml").read_text())["schedule"]
+    assert builder.initial_stage.value == 2 and builder.max_full_labels.value == 2
+    selection = builder.explore.selection.get_dict()
+    assert selection["response_threshold_factor"] == 1.0 and selection["force_lower_factor"] == 1.0
+    assert selection["max_candidates"] == loop3.inputs.explore.selection["max_candidates"]   # kept
+    parameters = builder.train.train.parameters.get_dict()
+    assert parameters["hyperparameters"]["loss_weights"] == {"polarizability": 200.0, "dipole": 100.0}
+    assert parameters["hyperparameters"]["num_features"] == 16   # kept
+    assert sorted(builder.structures) == ["O2Si_000", "O2Si_001"]
+    assert np.allclose(builder.structures["O2Si_001"].get_ase().cell.array, cell.cell.array)
+
+    stored = orm.QueryBuilder().append(orm.Node).count()
+    for bad, message in (({"max_ful_labels": 2}, "unknown key `max_ful_labels`"),
+                         ({"explore": {"selection": 1.0}}, "`explore.selection`.*a mapping is expected"),
+                         ({"max_full_labels": 2.5}, "`max_full_labels`.*an integer is expected"),
+                         ({"schedule": {"stage": 1}}, "`schedule`.*a list is expected")):
+        with pytest.raises(ValueError, match=message):
+            ActiveLearningWorkChain.get_builder_continuing(loop3, overrides=bad)
+    with pytest.raises(ValueError, match="O2Si_000 are the previous loop's"):
+        ActiveLearningWorkChain.get_builder_continuing(loop3, structures={"O2Si_000": cell})
+    assert orm.QueryBuilder().append(orm.Node).count() == stored
+
+    cif = tmp_path / "strained.extxyz"
+    cell.write(cif)
+    [(_, from_cli)] = build(build_parser().parse_args(
+        ["launch", "continue", loop3.uuid, str(cif), "--overrides", str(QUARTZ / "loop4.yaml")]))
+    assert from_cli.explore.selection.get_dict() == selection
+    assert from_cli.train.train.parameters.get_dict() == parameters
+    assert sorted(from_cli.structures) == ["O2Si_000", "O2Si_001"]
 
 
 @pytest.mark.aiida

@@ -624,7 +624,9 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
     @classmethod
     def get_builder_continuing(cls, previous: orm.ProcessNode | int | str, max_iterations: int | None = None,
                                label_pending: bool = True, pw_code: orm.AbstractCode | str | None = None,
-                               polmodel_code: orm.AbstractCode | str | None = None) -> ProcessBuilder:
+                               polmodel_code: orm.AbstractCode | str | None = None,
+                               overrides: Mapping[str, Any] | None = None,
+                               structures: StructureLike | list[StructureLike] | None = None) -> ProcessBuilder:
         """A builder that goes on where the finished loop `previous` (a node or its pk/uuid) stopped: its inputs,
         its labelled frames (`initial_frames`), its last ensemble as the warm start (`initial_model`), the
         exploration stage its last iteration earned (`initial_stage`), and the candidates its last exploration
@@ -634,7 +636,12 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
         the previous loop's output nodes, so the provenance of every later model reaches the original pw.x runs.
         `max_iterations` (trainings of the new loop) defaults to the previous loop's. `pw_code` and `polmodel_code`
         (codes or labels) replace the previous loop's codes: after an import they belong to the other machine.
-        ValueError when `previous` is not a finished active-learning loop with a model and a dataset.
+        `overrides` change inputs of the new loop, in the shape of its input ports (`override_builder_inputs`: `Dict`
+        inputs merged, others replaced), e.g. `{"schedule": [...], "initial_stage": 2, "explore": {"selection":
+        {"response_threshold_factor": 1.0}}}`. `structures` (as in `get_builder_from_protocol`) join the previous
+        loop's as MD starting points (they are not labelled first: the loop starts from its frames).
+        ValueError when `previous` is not a finished active-learning loop with a model and a dataset, or for an
+        override that names no input or does not fit it, or a structure key the previous loop already has.
         """
         from aiida.common.exceptions import NotExistent
 
@@ -666,6 +673,21 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             builder.explore.md.code = polmodel_code
         if max_iterations is not None:
             builder.max_iterations = orm.Int(max_iterations)
+        if structures is not None:
+            from .structures import as_structure_namespace, structure_key
+
+            added = as_structure_namespace(structures)
+            if not isinstance(structures, dict):   # numbered after the previous loop's
+                added = {structure_key(node, len(builder.structures) + index): node
+                         for index, node in enumerate(added.values())}
+            clashes = sorted(set(added) & set(builder.structures))
+            if clashes:
+                raise ValueError(f"structure keys {', '.join(clashes)} are the previous loop's already")
+            builder.structures = {**dict(builder.structures), **added}
+        if overrides:
+            from .protocol_utils import override_builder_inputs
+
+            override_builder_inputs(builder, dict(overrides), where="continuation overrides")
         pending = last_candidates(previous)
         if label_pending and pending is not None and pending.count:
             builder.pending_candidates = pending

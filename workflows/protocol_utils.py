@@ -12,7 +12,7 @@ code behind it and are not checked, except for the top-level keys listed in `clo
 from aiida_quantumespresso.workflows.protocols.utils import recursive_merge
 from plumpy import PortNamespace
 
-__all__ = ("merge_overrides", "unknown_override_keys", "PW_NAMELISTS")
+__all__ = ("merge_overrides", "override_builder_inputs", "unknown_override_keys", "PW_NAMELISTS")
 
 #: The namelists pw.x reads; a misspelt one in `pw.parameters` would be dropped by aiida-quantumespresso's writer.
 PW_NAMELISTS = ("CONTROL", "SYSTEM", "ELECTRONS", "IONS", "CELL", "FCP", "RISM")
@@ -64,3 +64,78 @@ def merge_overrides(inputs, overrides, spec=None, closed_values=None, where="pro
         raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {names} in {where}: matches no protocol input "
                          "or input port (misspelt?)")
     return recursive_merge(inputs, overrides)
+
+
+def _scalar_inputs():
+    from aiida import orm
+
+    return {orm.Int: (int, "an integer"), orm.Float: (float, "a number"), orm.Str: (str, "a string"),
+            orm.Bool: (bool, "true or false")}
+
+
+def _holds(python_type, value):
+    """Whether `value` (from JSON or YAML) is a value of `python_type` without a lossy conversion."""
+    if python_type is bool or isinstance(value, bool):
+        return python_type is bool and isinstance(value, bool)
+    if python_type is int:
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if python_type is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, python_type)
+
+
+def override_builder_inputs(builder, overrides, where="overrides"):
+    """Replace inputs of a filled `builder` by `overrides`, a nested mapping in the shape of the process's input
+    ports (as `verdi process show` lists them); returns the builder.
+
+    A `Dict` input is merged recursively with its override (keys it does not have are added: they belong to the
+    code behind the port), any other input (`Int`, `Float`, `Str`, `Bool`, `List`) is replaced by a node of the port's
+    type made from the value. Checked before anything changes: a key that names no port, a namespace given a
+    non-mapping, or a value the port's type cannot hold raises `ValueError` naming its dotted path.
+    """
+    from aiida import orm
+
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(overrides).__name__}")
+    scalar_inputs = _scalar_inputs()
+    replacements = []
+
+    def collect(values, namespace, current, prefix):
+        for key, value in values.items():
+            path = f"{prefix}{key}"
+            if key not in namespace:
+                raise ValueError(f"unknown key `{path}` in {where}: matches no input port (misspelt?)")
+            port = namespace[key]
+            if isinstance(port, PortNamespace):
+                if not isinstance(value, dict):
+                    raise ValueError(f"`{path}` in {where} is a namespace of inputs: give a mapping")
+                collect(value, port, current[key], f"{path}.")
+                continue
+            valid_type = port.valid_type[0] if isinstance(port.valid_type, tuple) else port.valid_type
+            existing = current[key] if key in current else None
+            try:
+                if valid_type is orm.Dict:
+                    if not isinstance(value, dict):
+                        raise TypeError("a mapping is expected")
+                    merged = recursive_merge(existing.get_dict() if existing is not None else {}, value)
+                    node = orm.Dict(merged)
+                elif valid_type is orm.List:
+                    if not isinstance(value, list):
+                        raise TypeError("a list is expected")
+                    node = orm.List(value)
+                elif valid_type in scalar_inputs:
+                    python_type, expected = scalar_inputs[valid_type]
+                    if not _holds(python_type, value):
+                        raise TypeError(f"{expected} is expected")
+                    node = valid_type(python_type(value))
+                else:
+                    raise TypeError(f"inputs of type {getattr(valid_type, '__name__', valid_type)} are not "
+                                    "overridable from text")
+            except TypeError as error:
+                raise ValueError(f"`{path}` in {where}: {error}, got {value!r}") from error
+            replacements.append((current, key, node))
+
+    collect(overrides, builder._port_namespace, builder, "")
+    for namespace, key, node in replacements:
+        namespace[key] = node
+    return builder

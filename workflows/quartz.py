@@ -123,3 +123,54 @@ def dfpt_reference(model_path, dfpt=None):
     if "gamma_phonons" in dfpt.outputs:
         result["gamma"] = gamma_modes_against_dfpt(dfpt, calculator, atoms, model_born, model_eps)
     return result
+
+
+def epsilon_inf_references():
+    """Every DFT ε∞ of α-quartz in the profile, as `[(name, how, ase.Atoms, ε∞ (3, 3))]`: each finished ph.x
+    DfptWorkChain of group quartz/dfpt (one per structure: the pw.x-relaxed positions, the CIF positions, the
+    held-out strained cell), and each held-out `full` label of group quartz/heldout (ε∞ from its finite-field α)."""
+    from aiida import orm
+
+    from polmodel.data.dielectric import dielectric_from_polarizability
+
+    references, seen = [], set()
+    for node in sorted(orm.load_group(DFPT_GROUP).nodes, key=lambda node: node.ctime, reverse=True):
+        if node.process_label != "DfptWorkChain" or not node.is_finished_ok or node.inputs.structure.uuid in seen:
+            continue
+        structure = node.inputs.structure
+        seen.add(structure.uuid)
+        name = node.base.extras.get("heldout", None) or ("relaxed" if structure.creator else "cif")
+        references.append((name, f"ph.x DfptWorkChain {node.uuid}", structure.get_ase(),
+                           node.outputs.dielectric_tensor.get_array("dielectric_tensor")))
+    for node in sorted(orm.load_group(HELDOUT_GROUP).nodes, key=lambda node: node.pk):
+        if node.base.extras.get("tier", None) != "full" or not node.is_finished_ok:
+            continue
+        for frame in node.outputs.frames.get_atoms():
+            if "polarizability" in frame.info:
+                epsilon = dielectric_from_polarizability(np.asarray(frame.info["polarizability"]).reshape(3, 3),
+                                                         frame.get_volume())
+                references.append((f"{node.base.extras.get('heldout')}", f"pw.x finite-field α, "
+                                   f"FieldResponseWorkChain {node.uuid}", frame, epsilon))
+    return references
+
+
+def epsilon_inf_against_dft(model_paths, references=None):
+    """ε∞ [⊥, ∥] of each model file (`{name: path}`) on each DFT reference (`epsilon_inf_references()`), with the
+    relative errors (%), as a list of rows."""
+    from ase import Atoms
+
+    from polmodel import PolCalculator, load
+
+    references = epsilon_inf_references() if references is None else references
+    calculators = {name: PolCalculator(load(path)) for name, path in model_paths.items()}
+    rows = []
+    for name, how, atoms, dft in references:
+        bare = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
+        row = {"structure": name, "dft": how, "dft_eps_inf": perpendicular_parallel(dft)}
+        for model, calculator in calculators.items():
+            bare.calc = calculator
+            eps = perpendicular_parallel(np.asarray(calculator.get_property("dielectric_tensor", bare)))
+            row[model] = {"eps_inf": eps, "error_percent": [100.0 * (m - d) / d for m, d in
+                                                            zip(eps, row["dft_eps_inf"])]}
+        rows.append(row)
+    return rows

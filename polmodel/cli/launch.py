@@ -11,6 +11,7 @@ Examples:
     polmodel launch field-response frames.extxyz --overrides '{"scf": {"kpoints_distance": 0.3}}'
     polmodel launch dfpt POSCAR --ph-code ph@cluster --pw-code pw@cluster --daemon
     polmodel launch continue 1234 --max-iterations 2 --daemon
+    polmodel launch continue 1234 strained.cif --overrides data/quartz/loop4.yaml --daemon
     polmodel launch train data/allegro_pol/SiO2.yaml --output SiO2.pt
     polmodel launch train data/allegro_pol/SiO2.yaml --resume 5678 --output SiO2.pt   # 5678: a stopped training
       (after `verdi archive import loop.aiida` on another machine, too: the new loop starts from the old one's
@@ -29,8 +30,10 @@ PROTOCOLS = ("fast", "balanced", "stringent")
 _PROTOCOL_FILES = {"active-learning": "active_learning.yaml", "field-response": "field_response.yaml",
                    "dfpt": "field_response.yaml"}
 _POSITIONAL_MEANING = {
-    "continue": "STRUCTURE_FILE is the finished loop's pk or uuid; the new loop takes its settings and "
-                "--max-iterations.",
+    "continue": "the first STRUCTURE_FILE is the finished loop's pk or uuid, further ones extra MD starting points; "
+                "the new loop takes its settings, --max-iterations, and --overrides in the shape of the loop's input "
+                "ports (`verdi process show LOOP` lists them), e.g. '{\"max_full_labels\": 2, \"explore\": "
+                "{\"selection\": {\"response_threshold_factor\": 1.0}}}' (Dict inputs are merged, others replaced).",
     "train": "STRUCTURE_FILE is one source card (YAML: the published file, its origin, the label mapping and the "
              "training settings; data/allegro_pol/SiO2.yaml is one). --output writes the model, --resume goes on.",
 }
@@ -90,14 +93,15 @@ def add_arguments(parser):
                         help="the workflow to start; `continue`: a new active-learning loop from a finished one")
     parser.add_argument("structure_files", nargs="+", metavar="STRUCTURE_FILE",
                         help="structure files (every structure in each file is used); for `continue` the finished "
-                             "loop's pk or uuid; for `train` one source card (YAML)")
+                             "loop's pk or uuid, then extra MD starting points; for `train` one source card (YAML)")
     parser.add_argument("--max-iterations", type=int, default=None,
                         help="continue: trainings of the new loop (default: the previous loop's)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=None, help="protocol (default: the workflow's)")
     parser.add_argument("--daemon", action="store_true", help="submit to the daemon instead of running here")
     parser.add_argument("--profile", default=None, help="AiiDA profile (default: the default profile)")
     parser.add_argument("--overrides", default=None,
-                        help="JSON text or a .json/.yaml file, in the shape of the workflow's protocol file")
+                        help="JSON text or a .json/.yaml file, in the shape of the workflow's protocol file "
+                             "(continue: of the loop's input ports)")
     parser.add_argument("--pw-code", default="pw@localhost", help="pw.x code (default: pw@localhost)")
     parser.add_argument("--ph-code", default="ph@localhost", help="ph.x code for dfpt (default: ph@localhost)")
     parser.add_argument("--polmodel-code", default="polmodel@localhost",
@@ -195,20 +199,25 @@ def build(args):
 
 
 def build_continuation(args):
-    """The builder of a loop that goes on from a finished one (ActiveLearningWorkChain.get_builder_continuing)."""
-    if len(args.structure_files) != 1 or args.overrides or args.protocol or args.pseudo_family:
-        raise InputError("continue LOOP takes one finished loop (pk or uuid) and its structures and settings: "
-                         "no structure files, --protocol, --overrides or --pseudo-family")
-    loop = args.structure_files[0]
+    """The builder of a loop that goes on from a finished one (ActiveLearningWorkChain.get_builder_continuing): the
+    first positional is the loop, further structure files are extra MD starting points, --overrides changes the
+    new loop's inputs in the shape of its input ports."""
+    if args.protocol or args.pseudo_family:
+        raise InputError("continue LOOP takes the finished loop's protocol and pseudopotentials: no --protocol or "
+                         "--pseudo-family (its inputs change through --overrides, in the shape of the loop's ports)")
+    loop, extra_files = args.structure_files[0], args.structure_files[1:]
     if args.max_iterations is not None and args.max_iterations < 1:
         raise InputError(f"--max-iterations must be >= 1, got {args.max_iterations}")
+    overrides = read_overrides(args.overrides)
+    structures = [structure for _, structure in read_structure_files(extra_files)] if extra_files else None
     from polmodel.workflows.active_learning import ActiveLearningWorkChain
 
     pw_code = load_code(args.pw_code, "--pw-code")
     polmodel_code = load_code(args.polmodel_code, "--polmodel-code")
     try:
         builder = ActiveLearningWorkChain.get_builder_continuing(loop, args.max_iterations, pw_code=pw_code,
-                                                                 polmodel_code=polmodel_code)
+                                                                 polmodel_code=polmodel_code, overrides=overrides,
+                                                                 structures=structures)
     except ValueError as error:
         raise InputError(f"continue {loop}: {error}") from error
     return (f"active learning continuing loop {loop}", builder)
