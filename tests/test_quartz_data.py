@@ -8,6 +8,7 @@ import pytest
 
 QUARTZ = pathlib.Path(__file__).resolve().parent.parent / "data" / "quartz"
 LOOP3 = "0a57ec92-bed2-4340-9943-26b15a2a87f3"   # converged at 300 K under fields (data/quartz/README.md)
+LOOP4 = "fee7f3b0-1f6d-46a5-bb81-23bb2b1e4345"   # loop 3 going on at 300/600 K from three cells (loop4.yaml)
 
 pytestmark = pytest.mark.skipif(not (QUARTZ / "campaign.aiida").is_file(), reason="no shipped quartz archive")
 
@@ -36,15 +37,22 @@ def test_shipped_archive_imports_with_provenance_to_the_pw_runs(aiida_profile_fo
     import_archive(QUARTZ / "campaign.aiida")
     loops = orm.QueryBuilder().append(ActiveLearningWorkChain,
                                       filters={"attributes.exit_status": 0}).all(flat=True)
-    assert loops, "the archive holds no finished active-learning loop"
-    loop = max(loops, key=lambda node: node.ctime)
+    assert {loop.uuid for loop in loops} >= {LOOP3, LOOP4}
+    # the shipped ensemble is loop 3's (data/quartz/README.md says why not loop 4's)
+    loop = orm.load_node(LOOP3)
     runs = pw_runs_for_model(loop.outputs.model)
     assert len(runs) >= 10 and all(run.is_finished_ok for run in runs)
     shipped = hashlib.sha256((QUARTZ / "ensemble.pt").read_bytes()).hexdigest()
     assert hashlib.sha256(loop.outputs.model.get_content()).hexdigest() == shipped
+    # loop 4 went on from it: warm start from its ensemble, its frames first, and more labels after
+    loop4 = orm.load_node(LOOP4)
+    assert loop4.inputs.initial_model.uuid == loop.outputs.model.uuid
+    assert loop4.inputs.initial_frames.uuid == loop.outputs.dataset.uuid
+    assert loop4.outputs.dataset.count > loop.outputs.dataset.count
+    assert set(pw_runs_for_model(loop4.outputs.model)) > set(runs)
     # a continuation can be built from the imported loop (codes are this machine's)
-    builder = ActiveLearningWorkChain.get_builder_continuing(loop.uuid, max_iterations=1)
-    assert builder.initial_frames.uuid == loop.outputs.dataset.uuid
+    builder = ActiveLearningWorkChain.get_builder_continuing(loop4.uuid, max_iterations=1)
+    assert builder.initial_frames.uuid == loop4.outputs.dataset.uuid
 
 
 @pytest.mark.aiida
@@ -107,7 +115,7 @@ def test_demo_goes_on_from_the_shipped_loop_and_the_model_matches_phx(aiida_prof
     """The demo's continuation of the imported campaign (one stage hotter, this machine's codes), its learning curve
     across the three shipped loops, and the shipped ensemble against the shipped ph.x reference."""
     from polmodel.workflows import demo
-    from polmodel.workflows.quartz import dfpt_reference
+    from polmodel.workflows.quartz import dfpt_reference, epsilon_inf_against_dft
 
     pw, polmodel_code = generate_code("pw"), generate_code("polmodel")
     campaign = demo.import_campaign()
@@ -136,6 +144,15 @@ def test_demo_goes_on_from_the_shipped_loop_and_the_model_matches_phx(aiida_prof
     modes = reference["gamma"]["ir_active_modes"]
     assert len(modes) >= 8 and all(mode["pattern_overlap"] > 0.9 for mode in modes)
     assert all(abs(mode["model_cm-1"] - mode["ph.x_cm-1"]) < 25.0 for mode in modes)
+
+    # every DFT ε∞ of the archive, one row per structure: ph.x (relaxed, CIF, held-out strained cell) and the
+    # finite-field α of the held-out full responses (300 K and 600 K MD frames)
+    rows = {row["structure"]: row for row in epsilon_inf_against_dft({"shipped": QUARTZ / "ensemble.pt"})}
+    assert {"relaxed", "cif", "strained", "md_2", "md600K_2"} <= set(rows)
+    assert rows["relaxed"]["dft_eps_inf"] == pytest.approx(reference["epsilon_inf"]["ph.x"])
+    assert rows["relaxed"]["shipped"]["eps_inf"] == pytest.approx(reference["epsilon_inf"]["model"])
+    # two DFT methods on nearby structures: pw.x's finite-field α of a 300 K frame against ph.x at the minimum
+    assert np.allclose(rows["md_2"]["dft_eps_inf"], rows["relaxed"]["dft_eps_inf"], rtol=0.02)
 
 
 @pytest.mark.parametrize("archive", [QUARTZ / "campaign.aiida", QUARTZ.parent / "allegro_pol" / "provenance.aiida"])
