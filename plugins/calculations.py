@@ -20,6 +20,7 @@ TRAIN_PARAMETER_TYPES = {
     "epochs": int,
     "hyperparameters": dict,
     "bootstrap": bool,
+    "retrain_outliers": bool,
     "validation_fraction": float,
     "device": str,
     "checkpoint": bool,
@@ -231,6 +232,8 @@ class TrainCalculation(_PolmodelCalculation):
             cmdline += ["--ensemble", str(parameters["ensemble_size"])]
         if parameters.get("bootstrap"):
             cmdline.append("--bootstrap")
+        if parameters.get("retrain_outliers"):
+            cmdline.append("--retrain-outliers")
         for key, flag in (("seed", "--seed"), ("epochs", "--epochs"), ("validation_fraction", "--validation-fraction"),
                           ("device", "--device")):
             if key in parameters:

@@ -580,3 +580,39 @@ def test_spread_calibration_measures_the_members_spread_against_the_ensembles_er
         errors.append(largest_atom_norm(atoms.get_forces() - frame.arrays["forces"]))
     assert calibration["forces"]["error"] == pytest.approx(np.mean(errors), rel=1e-6)
     assert calibration["forces"]["ratio"] == pytest.approx(calibration["forces"]["spread"] / np.mean(errors))
+
+
+def test_member_outliers_names_the_member_whose_error_the_others_do_not_share():
+    from polmodel.training.ensembles import OUTLIER_FACTOR, member_outliers
+
+    def errors(alpha, forces):
+        return {"polarizability": {"rmse": alpha}, "forces": {"rmse": forces}}
+
+    # the α-quartz campaign's loop 4 members on their training frames' α labels
+    assert member_outliers([errors(0.029, 0.09), errors(0.0040, 0.08), errors(0.0023, 0.085)]) == {
+        0: ["polarizability"]}
+    assert member_outliers([errors(0.029, 0.09), errors(0.0040, 0.08)]) == {0: ["polarizability"]}
+    just_below = 0.99 * OUTLIER_FACTOR * 0.004
+    assert member_outliers([errors(just_below, 0.09), errors(0.004, 0.08), errors(0.004, 0.085)]) == {}
+    assert member_outliers([errors(0.029, 0.09)]) == {}
+
+
+def test_an_outlier_member_is_named_and_trained_again_from_scratch(small_frames):
+    """Two trained members and an untrained one: the untrained one's training-frame errors are outliers. Training
+    0 epochs keeps the members as they are, so the retraining from scratch (also 0 epochs) cannot cure it: it is
+    tried, recorded and not kept, and the member stays named."""
+    from polmodel.nn.ensemble import PolEnsemble
+    from polmodel.training.ensembles import train_ensemble
+
+    frames = make_toy_frames(8, seed=5, response_fraction=1.0)
+    trained = [train_model(frames, [], _config(epochs=25, seed=seed, validation_fraction=0.0))[0] for seed in (1, 2)]
+    initial = PolEnsemble(trained + [initialize_model(frames, _config(seed=3))])
+    config = _config(epochs=0, validation_fraction=0.0)
+    _, metrics = train_ensemble(frames, config, size=3, initial_model=initial)
+    assert set(metrics["outlier_members"]) == {"2"} and "polarizability" in metrics["outlier_members"]["2"]
+    assert all("train" in record and "retrained" not in record for record in metrics["members"])
+    ensemble, metrics = train_ensemble(frames, config, size=3, initial_model=initial, retrain_outliers=True)
+    retrained = metrics["members"][2]["retrained"]
+    assert retrained["kept"] is False and retrained["seed"] == config.seed + 2 + 3
+    assert "polarizability" in retrained["reason"] and set(metrics["outlier_members"]) == {"2"}
+    assert _same_weights(ensemble.members[2], initial.members[2])

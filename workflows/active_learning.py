@@ -522,6 +522,10 @@ class ActiveLearningWorkChain(ProtocolMixin, WorkChain):
             return self.exit_codes.ERROR_TRAINING_FAILED.format(iteration=self.ctx.iteration, child=child)
         self.ctx.model = node.outputs.model
         self.ctx.metrics = node.outputs.metrics
+        for member, quantities in node.outputs.metrics.get_dict().get("outlier_members", {}).items():
+            self.report(f"iteration {self.ctx.iteration}: member {member}'s error on its training frames of "
+                        f"{', '.join(quantities)} is an outlier among the members' (train.train.parameters."
+                        "retrain_outliers trains such a member again from scratch)")
         return None
 
     def run_explore(self) -> ToContext:

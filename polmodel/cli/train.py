@@ -19,6 +19,9 @@ def add_arguments(parser):
     parser.add_argument("--output", required=True, help="model file to write (polmodel format)")
     parser.add_argument("--ensemble", type=int, default=1, metavar="K", help="number of members (default 1)")
     parser.add_argument("--bootstrap", action="store_true", help="train each member on a bootstrap resample")
+    parser.add_argument("--retrain-outliers", action="store_true",
+                        help="train a member again from scratch when its error on the training frames is an outlier "
+                             "among the members' (polmodel.training.ensembles.OUTLIER_FACTOR)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the split and of the first member")
     parser.add_argument("--epochs", type=int, default=None, help="maximum number of epochs")
     parser.add_argument("--hyperparameters", default=None, metavar="JSON_FILE_OR_STRING",
@@ -119,7 +122,7 @@ def run(args):
     from polmodel.nn import serialization
     from polmodel.runtime.devices import resolve_device
     from polmodel.training.data import split_frames
-    from polmodel.training.ensembles import train_ensemble
+    from polmodel.training.ensembles import OUTLIER_FACTOR, train_ensemble
     from polmodel.training.evaluation import predict_pairs
     from polmodel.training.parity_plots import write_parity_plots
 
@@ -136,7 +139,8 @@ def run(args):
 
     try:
         model, metrics = train_ensemble(frames, config, size=args.ensemble, bootstrap=args.bootstrap,
-                                        initial_model=initial_model, checkpoint=args.checkpoint)
+                                        initial_model=initial_model, checkpoint=args.checkpoint,
+                                        retrain_outliers=args.retrain_outliers)
     except ValueError as error:  # e.g. frames without any label, a model option PolModel rejects, a foreign checkpoint
         print(f"polmodel train: {error}", file=sys.stderr)
         return 2
@@ -158,6 +162,11 @@ def run(args):
     if args.metrics:
         with open(args.metrics, "w") as handle:
             json.dump(metrics, handle, indent=2)
+    for member, quantities in metrics.get("outlier_members", {}).items():   # a warning even with --quiet
+        print(f"polmodel train: member {member}'s error on its training frames of {', '.join(quantities)} is above "
+              f"{OUTLIER_FACTOR:g}x the other members' ("
+              + ("it stayed so after a retraining from scratch" if "retrained" in metrics["members"][int(member)]
+                 else "--retrain-outliers trains it again from scratch") + ")", file=sys.stderr)
     if not args.quiet:
         summary = ", ".join(f"{q} MAE {m['mae']:.3g} {m['unit']}" for q, m in metrics["validation"].items())
         print(f"wrote {args.output} ({metrics['num_train']} train / {metrics['num_validation']} validation frames): "

@@ -7,6 +7,13 @@ by a bootstrap resample of the training frames. A warm start maps the members of
 ones (member k from member k mod M), so that the loop's next iteration starts from the last one even when the
 ensemble size changes. Each member keeps its training domain and validation metrics with it, because MD sets its
 trust limit from them.
+
+A member can fail where the others learn: the α-quartz campaign's member 0 carried, warm start after warm start, an
+α 17–43 % off DFT while its two siblings were within 8 %, and a validation split with one α-labelled frame did not
+show it. So every member is also measured on (up to HEALTH_FRAMES of) its training frames, and a member whose error
+on a quantity there is above OUTLIER_FACTOR times the median of the others' is named in the metrics
+(`outlier_members`); with `retrain_outliers` it is trained again from scratch with a new seed and replaces the old
+one when it is no longer an outlier.
 """
 from __future__ import annotations
 
@@ -38,6 +45,40 @@ def bootstrap_sample(frames: Sequence[Atoms], seed: int) -> list[Atoms]:
     return [frames[i] for i in indices]
 
 
+#: a member whose training-frame RMSE of a quantity is above this many times the median of the other members' RMSE
+#: did not learn what they learned from the same frames (the quartz member above: 7-13x)
+OUTLIER_FACTOR = 4.0
+#: training frames the members are measured on (seeded choice; all when fewer)
+HEALTH_FRAMES = 64
+
+
+def member_outliers(errors: Sequence[dict[str, dict[str, float]]], factor: float = OUTLIER_FACTOR
+                    ) -> dict[int, list[str]]:
+    """{member index: [quantities]} of the members whose RMSE (errors[k][quantity]["rmse"], one dict per member as
+    `evaluate` returns) is above `factor` times the median RMSE of the other members; empty for fewer than two."""
+    outliers: dict[int, list[str]] = {}
+    if len(errors) < 2:
+        return outliers
+    for k, own in enumerate(errors):
+        for quantity, values in own.items():
+            others = [errors[j][quantity]["rmse"] for j in range(len(errors)) if j != k and quantity in errors[j]]
+            if others and values["rmse"] > factor * float(np.median(others)):
+                outliers.setdefault(k, []).append(quantity)
+    return outliers
+
+
+def health_frames(train_frames: Sequence[Atoms], seed: int) -> list[Atoms]:
+    """The training frames the members' health is measured on: all, or HEALTH_FRAMES of them chosen with `seed`,
+    those with response labels (the quantities with fewest labels) first."""
+    if len(train_frames) <= HEALTH_FRAMES:
+        return list(train_frames)
+    order = np.random.default_rng(seed).permutation(len(train_frames))
+    responses = [i for i in order if "polarizability" in train_frames[i].info
+                 or "born_effective_charges" in train_frames[i].arrays]
+    rest = [i for i in order if i not in set(responses)]
+    return [train_frames[i] for i in (responses + rest)[:HEALTH_FRAMES]]
+
+
 def _initial_members(initial_model: PolModel | PolEnsemble | None, size: int) -> list[PolModel | None]:
     """Member k of the new ensemble starts from member k mod M of an initial ensemble of M (or from one model)."""
     if initial_model is None:
@@ -48,7 +89,8 @@ def _initial_members(initial_model: PolModel | PolEnsemble | None, size: int) ->
 
 def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, bootstrap: bool = False,
                    initial_model: PolModel | PolEnsemble | None = None,
-                   checkpoint: str | os.PathLike[str] | None = None) -> tuple[PolEnsemble, dict[str, Any]]:
+                   checkpoint: str | os.PathLike[str] | None = None,
+                   retrain_outliers: bool = False) -> tuple[PolEnsemble, dict[str, Any]]:
     """Train `size` members with seeds config.seed + k on one split; returns (PolEnsemble, metrics).
 
     `initial_model` (PolModel or PolEnsemble): warm start, member k from member k mod M. `checkpoint`: a path; each
@@ -56,8 +98,11 @@ def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, b
     run resumes with the member it was training, and finished members are read back, not retrained.
     metrics = {"num_train", "num_validation", "evaluated_on": "validation" | "train" (no validation frames),
     "validation": ensemble-mean metrics, "members": [{"seed", "validation", "best_epoch", "stopped",
-    "wall_time_s", "resumed_from_epoch"}, ...], "warm_start": bool, "calibration": the members' spread against the
-    ensemble's error on the same frames (`spread_calibration`; ensembles of two or more)}.
+    "wall_time_s", "resumed_from_epoch", "train": metrics on the health frames, "retrained": {...} where one was},
+    ...], "warm_start": bool, "calibration": the members' spread against the ensemble's error on the same frames
+    (`spread_calibration`; ensembles of two or more), "outlier_members": {index: [quantities]} after any retraining
+    (module docstring)}. `retrain_outliers`: train an outlier member again from scratch (seed config.seed + k +
+    size), and keep the new one when it is no longer an outlier.
     """
     from polmodel.nn.ensemble import PolEnsemble  # e3nn (torch._dynamo, ~2 s to import): only when needed
 
@@ -75,16 +120,51 @@ def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, b
                                      initial_model=initial, checkpoint=member_checkpoint_path(checkpoint, k, size))
         members.append(model)
         member_metrics.append(_member_record(member_config.seed, model, history, evaluation_frames))
+    checked = health_frames(train_frames, config.seed)
+    for record, model in zip(member_metrics, members):
+        record["train"] = evaluate(model, checked)
+    outliers = member_outliers([record["train"] for record in member_metrics])
+    if retrain_outliers:
+        for k, quantities in sorted(outliers.items()):
+            _retrain_from_scratch(k, quantities, members, member_metrics, train_frames, valid_frames, checked,
+                                  config, species, size, bootstrap, checkpoint)
+        outliers = member_outliers([record["train"] for record in member_metrics])
     evaluated_on = "validation" if valid_frames else "train"
     _keep_domain_and_validation(members, member_metrics, train_frames, evaluated_on, config.labelled_field)
     ensemble = PolEnsemble(members)
     metrics = {"num_train": len(train_frames), "num_validation": len(valid_frames),
                "evaluated_on": evaluated_on, "bootstrap": bool(bootstrap),
                "warm_start": initial_model is not None,
-               "validation": evaluate(ensemble, evaluation_frames), "members": member_metrics}
+               "validation": evaluate(ensemble, evaluation_frames), "members": member_metrics,
+               "outlier_members": {str(k): quantities for k, quantities in outliers.items()}}
     if size > 1:
         metrics["calibration"] = spread_calibration(ensemble, evaluation_frames)
     return ensemble, metrics
+
+
+def _retrain_from_scratch(k: int, quantities: list[str], members: list[PolModel], records: list[dict[str, Any]],
+                          train_frames: Sequence[Atoms], valid_frames: Sequence[Atoms], checked: Sequence[Atoms],
+                          config: TrainingConfig, species: list[str], size: int, bootstrap: bool,
+                          checkpoint: str | os.PathLike[str] | None) -> None:
+    """Member k trained again without a warm start and with a new seed; it replaces the old one (model and record)
+    when it is no longer an outlier among the others. The record says what was tried either way."""
+    member_config = replace(config, seed=config.seed + k + size)
+    member_train = bootstrap_sample(train_frames, member_config.seed) if bootstrap else train_frames
+    path = member_checkpoint_path(checkpoint, k, size)
+    path = None if path is None else f"{os.fspath(path)}.scratch"
+    model, history = train_model(member_train, valid_frames, member_config, species=species, checkpoint=path)
+    record = _member_record(member_config.seed, model, history, valid_frames or train_frames)
+    record["train"] = evaluate(model, checked)
+    errors = [r["train"] for r in records]
+    errors[k] = record["train"]
+    kept = k not in member_outliers(errors)
+    summary = {"reason": quantities, "seed": member_config.seed, "kept": kept,
+               "train_rmse_before": {q: records[k]["train"][q]["rmse"] for q in quantities},
+               "train_rmse_after": {q: record["train"][q]["rmse"] for q in quantities}}
+    if kept:
+        members[k], records[k] = model, {**record, "retrained": summary}
+    else:
+        records[k]["retrained"] = summary
 
 
 def _member_record(seed: int, model: PolModel, history: dict[str, Any], evaluation_frames: Sequence[Atoms]
