@@ -4,9 +4,10 @@
 
 On the profile made by `make setup` (core.sqlite_dos + ZeroMQ broker, `pw@localhost`, `polmodel@localhost`, the
 ld1.x pseudopotential family) it
-1. imports `data/quartz/campaign.aiida` (three active-learning loops with every pw.x run, held-out labels, the
+1. imports `data/quartz/campaign.aiida` (four active-learning loops with every pw.x run, held-out labels, the
    ph.x reference) unless the profile has it;
-2. submits one more loop that goes on from the campaign's converged loop (`get_builder_continuing`: its dataset,
+2. submits one more loop that goes on from the campaign's converged loop 3, whose ensemble is the shipped one
+   (`get_builder_continuing`: its dataset,
    its ensemble as the warm start) at a new exploration stage, 600 K: the shipped model was converged at 300 K,
    so its ensemble disagrees on some hotter frames, and those are labelled with real pw.x, trained on, and
    explored again (two iterations, DEMO below); interrupting this script never stops the loop, and re-running it
