@@ -75,7 +75,8 @@ def health_frames(train_frames: Sequence[Atoms], seed: int) -> list[Atoms]:
     order = np.random.default_rng(seed).permutation(len(train_frames))
     responses = [i for i in order if "polarizability" in train_frames[i].info
                  or "born_effective_charges" in train_frames[i].arrays]
-    rest = [i for i in order if i not in set(responses)]
+    chosen = set(responses)
+    rest = [i for i in order if i not in chosen]
     return [train_frames[i] for i in (responses + rest)[:HEALTH_FRAMES]]
 
 
@@ -114,12 +115,10 @@ def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, b
     evaluation_frames = valid_frames or train_frames
     members, member_metrics = [], []
     for k, initial in enumerate(_initial_members(initial_model, size)):
-        member_config = replace(config, seed=config.seed + k)
-        member_train = bootstrap_sample(train_frames, member_config.seed) if bootstrap else train_frames
-        model, history = train_model(member_train, valid_frames, member_config, species=species,
-                                     initial_model=initial, checkpoint=member_checkpoint_path(checkpoint, k, size))
+        model, record = _train_member(config.seed + k, initial, train_frames, valid_frames, config, species,
+                                      bootstrap, member_checkpoint_path(checkpoint, k, size))
         members.append(model)
-        member_metrics.append(_member_record(member_config.seed, model, history, evaluation_frames))
+        member_metrics.append(record)
     checked = health_frames(train_frames, config.seed)
     for record, model in zip(member_metrics, members):
         record["train"] = evaluate(model, checked)
@@ -142,23 +141,32 @@ def train_ensemble(frames: Iterable[Atoms], config: TrainingConfig, size: int, b
     return ensemble, metrics
 
 
+def _train_member(seed: int, initial: PolModel | None, train_frames: Sequence[Atoms], valid_frames: Sequence[Atoms],
+                  config: TrainingConfig, species: list[str], bootstrap: bool,
+                  checkpoint: str | os.PathLike[str] | None) -> tuple[PolModel, dict[str, Any]]:
+    """One member with seed `seed`, warm-started from `initial` (None: from scratch), on the training frames or their
+    bootstrap resample: (model, its record, validated on the validation frames or, without them, the training ones)."""
+    member_train = bootstrap_sample(train_frames, seed) if bootstrap else train_frames
+    model, history = train_model(member_train, valid_frames, replace(config, seed=seed), species=species,
+                                 initial_model=initial, checkpoint=checkpoint)
+    return model, _member_record(seed, model, history, valid_frames or train_frames)
+
+
 def _retrain_from_scratch(k: int, quantities: list[str], members: list[PolModel], records: list[dict[str, Any]],
                           train_frames: Sequence[Atoms], valid_frames: Sequence[Atoms], checked: Sequence[Atoms],
                           config: TrainingConfig, species: list[str], size: int, bootstrap: bool,
                           checkpoint: str | os.PathLike[str] | None) -> None:
     """Member k trained again without a warm start and with a new seed; it replaces the old one (model and record)
     when it is no longer an outlier among the others. The record says what was tried either way."""
-    member_config = replace(config, seed=config.seed + k + size)
-    member_train = bootstrap_sample(train_frames, member_config.seed) if bootstrap else train_frames
+    seed = config.seed + k + size
     path = member_checkpoint_path(checkpoint, k, size)
     path = None if path is None else f"{os.fspath(path)}.scratch"
-    model, history = train_model(member_train, valid_frames, member_config, species=species, checkpoint=path)
-    record = _member_record(member_config.seed, model, history, valid_frames or train_frames)
+    model, record = _train_member(seed, None, train_frames, valid_frames, config, species, bootstrap, path)
     record["train"] = evaluate(model, checked)
     errors = [r["train"] for r in records]
     errors[k] = record["train"]
     kept = k not in member_outliers(errors)
-    summary = {"reason": quantities, "seed": member_config.seed, "kept": kept,
+    summary = {"reason": quantities, "seed": seed, "kept": kept,
                "train_rmse_before": {q: records[k]["train"][q]["rmse"] for q in quantities},
                "train_rmse_after": {q: record["train"][q]["rmse"] for q in quantities}}
     if kept:
