@@ -8,7 +8,8 @@
                                                         # and with ph.x phonons the Γ IR modes and harmonic ε0
     python benchmarks/quartz_heldout.py dfpt-strained LOOP  # ph.x ε∞ and Z* of the held-out strained cell
     python benchmarks/quartz_heldout.py epsilon --model old=A.pt --model new=B.pt  # ε∞ of model files against
-                                                        # every DFT ε∞ in the profile (ph.x; held-out full labels)
+                                                        # every DFT ε∞ in the profile (ph.x; held-out full labels);
+                                                        # --members: each member of an ensemble too
     python benchmarks/quartz_heldout.py continue LOOP --overrides data/quartz/loop4.yaml  # the campaign goes on
                                                         # from LOOP, also exploring from two other strained cells
 
@@ -190,15 +191,32 @@ def continue_campaign(loop, overrides_path):
     return node
 
 
-def epsilon(models, output):
-    """ε∞ [⊥, ∥] of each NAME=FILE model against every DFT ε∞ (polmodel.workflows.quartz.epsilon_inf_against_dft)."""
+def member_files(paths, directory):
+    """{NAME[k]: file} of member k of each ensemble in `paths` ({NAME: file}), written to `directory`: the members
+    compared one by one, where one member's α can pull the ensemble's mean (data/quartz/README.md, loop 4)."""
+    from polmodel import load
+
+    files = {}
+    for name, path in paths.items():
+        for k, member in enumerate(getattr(load(path), "members", [])):
+            files[f"{name}[{k}]"] = directory / f"{name}_member{k}.pt"
+            member.save(files[f"{name}[{k}]"])
+    return files
+
+
+def epsilon(models, output, members=False):
+    """ε∞ [⊥, ∥] of each NAME=FILE model against every DFT ε∞ (polmodel.workflows.quartz.epsilon_inf_against_dft);
+    with `members` also of each member of an ensemble, as NAME[k]."""
     from polmodel.workflows.quartz import epsilon_inf_against_dft
 
     paths = dict(model.split("=", 1) for model in models)
-    rows = epsilon_inf_against_dft(paths)
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "epsilon_inf.json").write_text(json.dumps({"models": paths, "rows": rows}, indent=2))
+    if members:
+        paths.update(member_files(paths, output))
+    rows = epsilon_inf_against_dft(paths)
+    models = {name: str(path) for name, path in paths.items()}
+    (output / "epsilon_inf.json").write_text(json.dumps({"models": models, "rows": rows}, indent=2))
     for row in rows:
         cells = "  ".join(f"{name} {row[name]['eps_inf'][0]:.3f}/{row[name]['eps_inf'][1]:.3f} "
                           f"({row[name]['error_percent'][0]:+.1f}%/{row[name]['error_percent'][1]:+.1f}%)"
@@ -295,6 +313,7 @@ def main(argv=None):
     parser.add_argument("--overrides", help="continue: the new loop's overrides (YAML, e.g. data/quartz/loop4.yaml)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE",
                         help="epsilon: a model or ensemble file to compare (repeatable)")
+    parser.add_argument("--members", action="store_true", help="epsilon: each member of an ensemble too")
     args = parser.parse_args(argv)
     from aiida import load_profile, orm
 
@@ -305,7 +324,7 @@ def main(argv=None):
     if args.action == "epsilon":
         if not args.model or not all("=" in model for model in args.model):
             parser.error("epsilon needs --model NAME=FILE (one or more)")
-        epsilon(args.model, args.output)
+        epsilon(args.model, args.output, args.members)
         return 0
     if args.loop is None:
         parser.error(f"{args.action} needs LOOP")

@@ -155,10 +155,10 @@ def test_md_at_3000_k_with_a_300_k_model_warns_before_the_first_step_or_refuses(
 
 # --- model files saved without their domain: the record beside them -------------------------------------------------
 #: shipped model files without a stored domain (trained before models stored one), and their sampled temperature
-RECORDED = {"data/quartz/ensemble.pt": 300.0, "data/allegro_pol/SiO2.pt": 600.0,
+RECORDED = {"data/quartz/loop3_ensemble.pt": 300.0, "data/allegro_pol/SiO2.pt": 600.0,
             "data/allegro_pol/switching/BaTiO3-2026-12-03.pt": None}
 #: shipped model files that store their training domain, and the largest field they were labelled at (V/Å)
-STORED = {"data/allegro_pol/BaTiO3.pt": 0.0036}
+STORED = {"data/allegro_pol/BaTiO3.pt": 0.0036, "data/quartz/ensemble.pt": 0.0364}
 
 
 @pytest.mark.parametrize("model_path, sampled", sorted(RECORDED.items()))

@@ -4,11 +4,10 @@
 
 On the profile made by `make setup` (core.sqlite_dos + ZeroMQ broker, `pw@localhost`, `polmodel@localhost`, the
 ld1.x pseudopotential family) it
-1. imports `data/quartz/campaign.aiida` (four active-learning loops with every pw.x run, held-out labels, the
+1. imports `data/quartz/campaign.aiida` (five active-learning loops with every pw.x run, held-out labels, the
    ph.x reference) unless the profile has it;
-2. submits one more loop that goes on from the campaign's converged loop 3, whose ensemble is the shipped one
-   (`get_builder_continuing`: its dataset,
-   its ensemble as the warm start) at a new exploration stage, 600 K: the shipped model was converged at 300 K,
+2. submits one more loop that goes on from the campaign's converged loop 3 (`get_builder_continuing`: its
+   dataset, its ensemble as the warm start) at a new exploration stage, 600 K: loop 3 was converged at 300 K,
    so its ensemble disagrees on some hotter frames, and those are labelled with real pw.x, trained on, and
    explored again (two iterations, DEMO below); interrupting this script never stops the loop, and re-running it
    follows the same loop again;
@@ -32,7 +31,8 @@ from polmodel.workflows.demo_runner import (copy_parity_plots, find_marked_loop,
 
 QUARTZ_DATA = pathlib.Path(__file__).resolve().parent.parent / "data" / "quartz"
 CAMPAIGN_ARCHIVE = QUARTZ_DATA / "campaign.aiida"
-# P(t) of 20 ps NVE at 300 K of the shipped ensemble on 5x5x5 cells (benchmarks/quartz_md_ir.py)
+# P(t) of 20 ps NVE at 300 K of loop 3's ensemble (data/quartz/loop3_ensemble.pt) on 5x5x5 cells
+# (benchmarks/quartz_md_ir.py)
 SHIPPED_MD = QUARTZ_DATA / "md_nve_1125_atoms.polarization.csv.gz"
 CAMPAIGN_LOOP = "0a57ec92-bed2-4340-9943-26b15a2a87f3"   # loop 3, converged at 300 K (data/quartz/README.md)
 DEMO_EXTRA = "polmodel_quartz_demo"   # node extra that marks the demo's loop (value: DEMO_VERSION)

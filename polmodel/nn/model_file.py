@@ -141,7 +141,7 @@ def upgrade_payload(payload, path):
     """A checked payload (`read_payload`) brought up to what the code expects of a file written today; the one
     place that knows what earlier polmodels wrote differently. The file itself stays as it was written.
 
-    - Written before the training domain was stored (data/quartz/ensemble.pt, data/allegro_pol/*.pt and the model
+    - Written before the training domain was stored (data/quartz/loop3_ensemble.pt, data/allegro_pol/*.pt and the model
       nodes of their provenance archives, which must stay byte-identical): members saved without a domain take
       the one recorded beside the file, if any (polmodel/data/domain.py `write_domain_record`).
     """
