@@ -195,10 +195,11 @@ def member_files(paths, directory):
     """{NAME[k]: file} of member k of each ensemble in `paths` ({NAME: file}), written to `directory`: the members
     compared one by one, where one member's α can pull the ensemble's mean (data/quartz/README.md, loop 4)."""
     from polmodel import load
+    from polmodel.training.evaluation import ensemble_members
 
     files = {}
     for name, path in paths.items():
-        for k, member in enumerate(getattr(load(path), "members", [])):
+        for k, member in enumerate(ensemble_members(load(path)) or []):
             files[f"{name}[{k}]"] = directory / f"{name}_member{k}.pt"
             member.save(files[f"{name}[{k}]"])
     return files

@@ -48,14 +48,15 @@ def test_shipped_archive_imports_with_provenance_to_the_pw_runs(aiida_profile_fo
         shipped = hashlib.sha256((QUARTZ / name).read_bytes()).hexdigest()
         assert hashlib.sha256(orm.load_node(uuid).outputs.model.get_content()).hexdigest() == shipped
     # each loop went on from the last: warm start from its ensemble, its frames first, and more labels after
-    previous = loop
+    previous, previous_runs = loop, set(runs)
     for uuid in (LOOP4, LOOP5):
         going_on = orm.load_node(uuid)
+        going_on_runs = set(pw_runs_for_model(going_on.outputs.model))
         assert going_on.inputs.initial_model.uuid == previous.outputs.model.uuid
         assert going_on.inputs.initial_frames.uuid == previous.outputs.dataset.uuid
         assert going_on.outputs.dataset.count > previous.outputs.dataset.count
-        assert set(pw_runs_for_model(going_on.outputs.model)) > set(pw_runs_for_model(previous.outputs.model))
-        previous = going_on
+        assert going_on_runs > previous_runs
+        previous, previous_runs = going_on, going_on_runs
     # a continuation can be built from the imported loop (codes are this machine's)
     builder = ActiveLearningWorkChain.get_builder_continuing(LOOP5, max_iterations=1)
     assert builder.initial_frames.uuid == previous.outputs.dataset.uuid

@@ -194,8 +194,9 @@ def test_upgrade_payload_gives_members_saved_without_a_domain_the_one_recorded_b
     assert upgrade_payload(mixed, str(saved_model))["training"] == [{"epochs": 3, "domain": domain}, {"domain": domain}]
 
 
-@pytest.mark.parametrize("path", ["data/quartz/ensemble.pt", "data/quartz/loop3_ensemble.pt", "data/allegro_pol/SiO2.pt",
-                                  "data/allegro_pol/BaTiO3.pt", "data/allegro_pol/switching/BaTiO3-2026-12-03.pt"])
+@pytest.mark.parametrize("path", ["data/quartz/ensemble.pt", "data/quartz/loop3_ensemble.pt",
+                                  "data/allegro_pol/SiO2.pt", "data/allegro_pol/BaTiO3.pt",
+                                  "data/allegro_pol/switching/BaTiO3-2026-12-03.pt"])
 def test_the_shipped_model_files_load_with_their_recorded_domain(path):
     model = load(Path(__file__).resolve().parents[1] / path)
     assert all("domain" in member.training_options for member in model.members)
