@@ -4,7 +4,7 @@
 
 On the profile made by `make setup` (core.sqlite_dos + ZeroMQ broker, `pw@localhost`, `polmodel@localhost`, the
 ld1.x pseudopotential family) it
-1. imports `data/quartz/campaign.aiida` (five active-learning loops with every pw.x run, held-out labels, the
+1. imports `data/quartz/campaign.aiida` (seven active-learning loops with every pw.x run, held-out labels, the
    ph.x reference) unless the profile has it;
 2. submits one more loop that goes on from the campaign's converged loop 3 (`get_builder_continuing`: its
    dataset, its ensemble as the warm start) at a new exploration stage, 600 K: loop 3 was converged at 300 K,
