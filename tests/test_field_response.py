@@ -652,7 +652,7 @@ MGO_LATTICE_ANGSTROM = 4.21
 # pseudopotentials, 60 Ry) behaves alike: 9.7 % at 4x4x4, 4.0 % at 6x6x6. The workchain's string extrapolation
 # removes the c/N^2 term from a second set of field runs on a coarser mesh: 8x8x8 with 6x6x6 gives 3.081 (0.4 % from
 # ph.x), 6x6x6 with 4x4x4 3.052 (1.7 % from ph.x's 6x6x6 3.106). The test runs the 6x6x6/4x4x4 pair: the same
-# workflow as the `balanced` protocol's 8x8x8/6x6x6 at less than half the pw.x and ph.x time (the suite's longest test).
+# workflow as the `balanced` protocol's 8x8x8/6x6x6 at less than half the pw.x time per field run (table above).
 MGO_E2E_OVERRIDES = {
     "scf": {"kpoints_distance": 0.45,  # |b| = 2π√3/a = 2.585 / Å: a 6x6x6 mesh
             "pw": {"parameters": {"CONTROL": {"nberrycyc": 1}, "ELECTRONS": {"conv_thr": 1.0e-10}}}},
